@@ -1,0 +1,138 @@
+"""Weighted low-rank factorisation in closed form (numpy/scipy only).
+
+Every method solves   min ‖P (W − A B) Q‖_F   over rank-r products A [K,r] B [r,N]:
+
+    SVD(P W Q) = U Σ Vᵀ,   A = P⁻¹ U_r Σ_r^½,   B = Σ_r^½ V_rᵀ Q⁻¹,   error² = Σ_{i>r} σ_i².
+
+P and Q are a diagonal scaling or a Cholesky factor of a Gram matrix (P = Lᵀ on the input side,
+Q = L on the output side, where L Lᵀ = Gram), applied and undone by triangular solves, never inverses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from .errors import FwlrError
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """One side's weighting: a positive diagonal, or a lower-triangular Cholesky factor of a Gram matrix."""
+
+    diag: np.ndarray | None = None
+    chol: np.ndarray | None = None
+
+    def apply_left(self, W: np.ndarray) -> np.ndarray:  # P W
+        return self.diag[:, None] * W if self.diag is not None else self.chol.T @ W
+
+    def solve_left(self, U: np.ndarray) -> np.ndarray:  # P⁻¹ U
+        if self.diag is not None:
+            return U / self.diag[:, None]
+        return scipy.linalg.solve_triangular(self.chol, U, lower=True, trans="T", check_finite=False)
+
+    def apply_right(self, W: np.ndarray) -> np.ndarray:  # W Q
+        return W * self.diag[None, :] if self.diag is not None else W @ self.chol
+
+    def solve_right(self, Vt: np.ndarray) -> np.ndarray:  # Vt Q⁻¹
+        if self.diag is not None:
+            return Vt / self.diag[None, :]
+        return scipy.linalg.solve_triangular(self.chol, Vt.T, lower=True, trans="T", check_finite=False).T
+
+
+def diagonal_scaling(values: np.ndarray, floor: float = 1e-6) -> Scaling:
+    """diag(values), with zero or negative entries (dead channels) lifted to floor · max so it stays invertible."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise FwlrError("importance values contain NaN or Inf; check the calibration data for NaN/Inf inputs.")
+    top = float(values.max()) if values.size and values.max() > 0 else 1.0
+    return Scaling(diag=np.maximum(values, floor * top))
+
+
+def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
+    """Cholesky factor of gram + λ·mean(diag)·I; λ starts at `damping` and grows ×10 until positive definite.
+
+    Rank-deficient Grams (duplicated or dead channels) are common in real activations; the damping keeps
+    the factors finite and acts as a small ridge toward the unweighted solution.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    if not np.all(np.isfinite(gram)):
+        raise FwlrError("activation statistics contain NaN or Inf; check the calibration data for NaN/Inf inputs.")
+    gram = 0.5 * (gram + gram.T)
+    scale = float(np.mean(np.diag(gram)))
+    if scale <= 0:
+        return Scaling(diag=np.ones(gram.shape[0]))
+    eye = np.eye(gram.shape[0])
+    lam = damping
+    for _ in range(16):
+        try:
+            chol = scipy.linalg.cholesky(gram + lam * scale * eye, lower=True, check_finite=False)
+            return Scaling(chol=chol)
+        except np.linalg.LinAlgError:
+            lam = max(lam * 10.0, 1e-10)
+    raise FwlrError("the activation Gram matrix could not be made positive definite; use --method svd or asvd.")
+
+
+@dataclass
+class Decomposition:
+    """The SVD of the weighted weight P W Q; any rank's factors and error follow from it without recomputing."""
+
+    U: np.ndarray  # [K, p]
+    s: np.ndarray  # [p], descending
+    Vt: np.ndarray  # [p, N]
+    left: Scaling | None
+    right: Scaling | None
+
+    @property
+    def energy(self) -> np.ndarray:
+        """σ² per component: the weighted error each one removes."""
+        return self.s**2
+
+    def dropped_energy(self, rank: int) -> float:
+        return float(np.sum(self.energy[rank:]))
+
+    def relative_error(self, rank: int) -> float:
+        total = float(np.sum(self.energy))
+        return self.dropped_energy(rank) / total if total > 0 else 0.0
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        """A [K, rank], B [rank, N] with the singular values split evenly between them."""
+        root = np.sqrt(self.s[:rank])
+        A = self.U[:, :rank] * root[None, :]
+        B = root[:, None] * self.Vt[:rank]
+        if self.left is not None:
+            A = self.left.solve_left(A)
+        if self.right is not None:
+            B = self.right.solve_right(B)
+        return A, B
+
+
+def weighted_svd(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> Decomposition:
+    """Decompose P W Q once (float64). Raises FwlrError rather than returning anything made up."""
+    M = np.asarray(W, dtype=np.float64)
+    if not np.all(np.isfinite(M)):
+        raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (exclude it with --exclude).")
+    if left is not None:
+        M = left.apply_left(M)
+    if right is not None:
+        M = right.apply_right(M)
+    U, s, Vt = _svd(M)
+    return Decomposition(U=U, s=s, Vt=Vt, left=left, right=right)
+
+
+def _svd(M: np.ndarray):
+    try:
+        return scipy.linalg.svd(M, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    except np.linalg.LinAlgError:
+        pass
+    try:  # the slower driver converges where gesdd does not
+        return scipy.linalg.svd(M, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+    except np.linalg.LinAlgError:
+        raise FwlrError("the SVD did not converge for this weight; exclude it with --exclude.") from None
+
+
+def bias_shift(mean_input: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """E[x]ᵀ (W − A B): the mean output the factorisation loses, to fold back into the bias."""
+    return mean_input @ W - (mean_input @ A) @ B

@@ -1,0 +1,123 @@
+"""What a compression run did, as data (for --json) and as terminal tables."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from .sites import Skipped, walk_graphs
+
+
+@dataclass
+class SiteResult:
+    name: str
+    weight: str
+    op_type: str
+    K: int
+    N: int
+    rank: int | None  # None = kept dense
+    params_before: int
+    params_after: int
+    weighted_error: float | None = None  # dropped σ² in the method's weighted norm
+    relative_error: float | None = None  # dropped / total weighted energy
+    note: str = ""
+
+
+@dataclass
+class Report:
+    method: str
+    allocation: str
+    budget: dict
+    sites: list[SiteResult] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+    ops_before: dict = field(default_factory=dict)
+    ops_after: dict = field(default_factory=dict)
+    file_size_before: int | None = None
+    file_size_after: int | None = None
+    warnings: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    validation: dict | None = None
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def site_params_before(self) -> int:
+        return sum(s.params_before for s in self.sites)
+
+    @property
+    def site_params_after(self) -> int:
+        return sum(s.params_after for s in self.sites)
+
+    @property
+    def factorised(self) -> int:
+        return sum(1 for s in self.sites if s.rank is not None)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["skipped"] = [asdict(s) for s in self.skipped]
+        data["site_params_before"] = self.site_params_before
+        data["site_params_after"] = self.site_params_after
+        return data
+
+    def format(self) -> str:
+        """Per-site table, then the before/after summary (onnxslim style)."""
+        parts = [self.format_sites(), "", self.format_summary()]
+        if self.skipped:
+            parts += ["", f"{len(self.skipped)} MatMul/Gemm node(s) not factorised; `onnx-fwlr inspect` lists why."]
+        parts += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(parts)
+
+    def format_sites(self) -> str:
+        rows = []
+        for s in self.sites:
+            rows.append([
+                s.name, f"{s.K}x{s.N}", "dense" if s.rank is None else str(s.rank),
+                f"{s.params_before:,}", f"{s.params_after:,}",
+                "" if s.relative_error is None else f"{s.relative_error:.4f}",
+                "" if s.weighted_error is None else f"{s.weighted_error:.4g}",
+            ])
+        headers = ["site", "K x N", "rank", "params before", "params after", "rel. error", "weighted error"]
+        return format_table(headers, rows, align="lllrrrr")
+
+    def format_summary(self) -> str:
+        def ratio(a, b):
+            return f"{b / a:.3f}" if a else ""
+
+        rows = [
+            ["factorised weights (params)", f"{self.site_params_before:,}", f"{self.site_params_after:,}",
+             ratio(self.site_params_before, self.site_params_after)],
+            ["model parameters", f"{self.model_params_before:,}", f"{self.model_params_after:,}",
+             ratio(self.model_params_before, self.model_params_after)],
+        ]
+        if self.file_size_before is not None and self.file_size_after is not None:
+            rows.append(["file size (bytes)", f"{self.file_size_before:,}", f"{self.file_size_after:,}",
+                         ratio(self.file_size_before, self.file_size_after)])
+        for op in sorted(set(self.ops_before) | set(self.ops_after)):
+            before, after = self.ops_before.get(op, 0), self.ops_after.get(op, 0)
+            if before != after or op in ("MatMul", "Gemm"):
+                rows.append([f"{op} nodes", str(before), str(after), ""])
+        title = f"method {self.method}, allocation {self.allocation}, {self.factorised}/{len(self.sites)} sites factorised"
+        return title + "\n" + format_table(["", "before", "after", "ratio"], rows, align="lrrr")
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Node count per op type over the main graph and every subgraph."""
+    counts = collections.Counter(node.op_type for graph in walk_graphs(model) for node in graph.node)
+    return dict(sorted(counts.items()))
+
+
+def format_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A plain aligned text table; `align` holds 'l' or 'r' per column."""
+    align = align or "l" * len(headers)
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+
+    def line(cells):
+        out = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align)]
+        return "  ".join(out).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])

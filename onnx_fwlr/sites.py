@@ -1,0 +1,260 @@
+"""Finding the weights that can be factorised: every MatMul/Gemm whose weight operand is a 2-D float constant.
+
+A *site* is one weight, seen in the ONNX convention `Y = X @ W`, `W [K, N]`, with every node that uses it.
+Graphs are visited in one deterministic order (main graph, then subgraphs depth-first), and a site refers to
+graphs and nodes by their index in that order, so the same indices find them again in a copy of the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """One node that multiplies an activation by the weight."""
+
+    graph_index: int
+    node_index: int
+    node_name: str
+    op_type: str
+    input: str  # the activation X (before any transA)
+    output: str
+    trans_a: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
+    bias: str | None = None
+
+
+@dataclass
+class Site:
+    """A constant weight, normalised to [K, N], and every use of it."""
+
+    weight: str
+    graph_index: int  # graph that owns the initializer or Constant node
+    constant_node: int | None  # index of the Constant node holding it, None for an initializer
+    K: int
+    N: int
+    dtype: str
+    transposed: bool  # stored as [N, K] (Gemm transB=1)
+    uses: list[WeightUse] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return self.K * self.N
+
+    @property
+    def name(self) -> str:
+        """The name users see: the first node using the weight (or the weight when unnamed)."""
+        return self.uses[0].node_name or self.weight
+
+
+@dataclass(frozen=True)
+class Skipped:
+    node: str
+    op_type: str
+    weight: str | None
+    reason: str
+
+
+def walk_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
+    """Main graph first, then every subgraph depth-first, in node and attribute order."""
+    graphs: list[onnx.GraphProto] = []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        graphs.append(graph)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+
+    visit(model.graph)
+    return graphs
+
+
+def _constants(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None, onnx.TensorProto]]:
+    """name -> (graph index, Constant node index or None, tensor) for every initializer and Constant node."""
+    found: dict[str, tuple[int, int | None, onnx.TensorProto]] = {}
+    for g_index, graph in enumerate(graphs):
+        for tensor in graph.initializer:
+            found[tensor.name] = (g_index, None, tensor)
+        for n_index, node in enumerate(graph.node):
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        found[node.output[0]] = (g_index, n_index, attr.t)
+    return found
+
+
+def _consumers(graphs: list[onnx.GraphProto]) -> dict[str, list[tuple[int, int]]]:
+    """name -> (graph index, node index) of every node reading it; graph outputs count as node index -1."""
+    readers: dict[str, list[tuple[int, int]]] = {}
+    for g_index, graph in enumerate(graphs):
+        for n_index, node in enumerate(graph.node):
+            for name in set(node.input):
+                if name:
+                    readers.setdefault(name, []).append((g_index, n_index))
+            # A subgraph reading an outer name is visited as its own graph, so its nodes appear above.
+        for out in graph.output:
+            readers.setdefault(out.name, []).append((g_index, -1))
+    return readers
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def find_sites(
+    model: onnx.ModelProto, include: str | None = None, exclude: str | None = None
+) -> tuple[list[Site], list[Skipped]]:
+    """All factorisable sites and every MatMul/Gemm that is not one, with the reason."""
+    graphs = walk_graphs(model)
+    constants = _constants(graphs)
+    readers = _consumers(graphs)
+    candidates: dict[str, list[tuple[WeightUse, bool]]] = {}
+    skipped: list[Skipped] = []
+
+    for g_index, graph in enumerate(graphs):
+        for n_index, node in enumerate(graph.node):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+                continue
+            label = node.name or node.output[0]
+            x_name, w_name = node.input[0], node.input[1]
+            if w_name not in constants:
+                reason = (
+                    "the left operand is the constant; only X @ W with W constant is factorised"
+                    if x_name in constants
+                    else "both operands are computed at run time (no constant weight)"
+                )
+                skipped.append(Skipped(label, node.op_type, None, reason))
+                continue
+            if x_name in constants:
+                skipped.append(Skipped(label, node.op_type, w_name, "both operands are constants (fold them instead)"))
+                continue
+            is_gemm = node.op_type == "Gemm"
+            use = WeightUse(
+                graph_index=g_index,
+                node_index=n_index,
+                node_name=node.name,
+                op_type=node.op_type,
+                input=x_name,
+                output=node.output[0],
+                trans_a=bool(_attr(node, "transA", 0)) if is_gemm else False,
+                alpha=float(_attr(node, "alpha", 1.0)) if is_gemm else 1.0,
+                beta=float(_attr(node, "beta", 1.0)) if is_gemm else 1.0,
+                bias=(node.input[2] if is_gemm and len(node.input) > 2 and node.input[2] else None),
+            )
+            transposed = bool(_attr(node, "transB", 0)) if is_gemm else False
+            candidates.setdefault(w_name, []).append((use, transposed))
+
+    sites: list[Site] = []
+    for w_name, uses in candidates.items():
+        site, reason = _make_site(w_name, uses, constants[w_name], readers.get(w_name, []))
+        first = uses[0][0]
+        if site is None:
+            skipped.append(Skipped(first.node_name or first.output, first.op_type, w_name, reason))
+        elif not _selected(site, include, exclude):
+            skipped.append(Skipped(site.name, first.op_type, w_name, "excluded by --include/--exclude"))
+        else:
+            sites.append(site)
+    return sites, skipped
+
+
+def _make_site(w_name, uses, constant, readers) -> tuple[Site | None, str]:
+    g_index, const_node, tensor = constant
+    dims = list(tensor.dims)
+    if tensor.data_type not in FLOAT_TYPES:
+        kind = onnx.TensorProto.DataType.Name(tensor.data_type).lower()
+        return None, f"weight is {kind}, not floating point (quantised or integer weights are left alone)"
+    if len(dims) != 2:
+        return None, f"weight is {len(dims)}-D {dims}, not a 2-D matrix"
+    if len({transposed for _, transposed in uses}) > 1:
+        return None, "weight is used both transposed and not (Gemm transB differs between its uses)"
+    use_nodes = {(use.graph_index, use.node_index) for use, _ in uses}
+    others = [r for r in readers if r not in use_nodes]
+    if others:
+        return None, "weight is also read by other nodes or is a graph output, so its dense copy must stay"
+    if any(use.op_type == "MatMul" and use.input == w_name for use, _ in uses):
+        return None, "weight multiplies itself"
+    transposed = uses[0][1]
+    K, N = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
+    if K + N >= K * N:
+        return None, f"[{K}x{N}] is too small: no rank r satisfies r(K+N) < KN, so factorising cannot pay"
+    site = Site(
+        weight=w_name,
+        graph_index=g_index,
+        constant_node=const_node,
+        K=K,
+        N=N,
+        dtype=FLOAT_TYPES[tensor.data_type],
+        transposed=transposed,
+        uses=[use for use, _ in uses],
+    )
+    return site, ""
+
+
+def _selected(site: Site, include: str | None, exclude: str | None) -> bool:
+    names = [site.weight] + [use.node_name for use in site.uses]
+    if include and not any(re.search(include, n) for n in names):
+        return False
+    if exclude and any(re.search(exclude, n) for n in names):
+        return False
+    return True
+
+
+def weight_matrix(model: onnx.ModelProto, site: Site) -> np.ndarray:
+    """The weight as a float64 [K, N] array (transposed back when stored as [N, K])."""
+    graph = walk_graphs(model)[site.graph_index]
+    if site.constant_node is None:
+        tensor = next(t for t in graph.initializer if t.name == site.weight)
+    else:
+        node = graph.node[site.constant_node]
+        tensor = next(a.t for a in node.attribute if a.name == "value")
+    values = numpy_helper.to_array(tensor).astype(np.float64)
+    return values.T if site.transposed else values
+
+
+def model_parameters(model: onnx.ModelProto) -> int:
+    """Number of floating-point constant elements (initializers and Constant nodes, subgraphs included)."""
+    total = 0
+    for graph in walk_graphs(model):
+        for tensor in graph.initializer:
+            if tensor.data_type in FLOAT_TYPES:
+                total += int(np.prod(tensor.dims, dtype=np.int64))
+        for node in graph.node:
+            if node.op_type == "Constant":
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        if attr.t.data_type in FLOAT_TYPES:
+                            total += int(np.prod(attr.t.dims, dtype=np.int64))
+    return total
+
+
+def validate_regex(pattern: str | None, option: str) -> None:
+    """A bad regex is a user error, not a traceback."""
+    from .errors import FwlrError
+
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise FwlrError(f"{option} '{pattern}' is not a valid regular expression ({exc}); fix the pattern.") from None

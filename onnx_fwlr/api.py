@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -16,10 +17,13 @@ from tqdm.auto import tqdm
 from . import allocation as alloc
 from . import factorize
 from .errors import FwlrError
+from .calibration import collect_activation_stats
+from .data import open_data
 from .modelio import load_model
 from .report import Report, SiteResult, op_counts
 from .rewrite import Factors, apply_factors
 from .sites import Site, find_sites, model_parameters, validate_regex, weight_matrix
+from .stats import Statistics, model_fingerprint
 
 # Which statistics each method needs from calibration.
 METHODS = {
@@ -69,14 +73,19 @@ def compress(
     allocation: str = "uniform",
     include: str | None = None,
     exclude: str | None = None,
+    calibration=None,
     stats=None,
+    batch_size: int = 32,
+    mask_input: str | None = None,
+    shapes: dict | None = None,
     bias_correction: bool | None = None,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
 
-    The input (path or ModelProto) is never modified. `stats` are calibration statistics
-    (onnx_fwlr.stats.Statistics) for the methods that need them.
+    The input (path or ModelProto) is never modified. Methods other than svd need statistics: give
+    `calibration` data (a .npz path, a folder of them, an iterable of feed dicts, a CalibrationDataReader,
+    or "random" for a smoke test) or precomputed `stats` (a Statistics object or the path of a stats file).
     """
     check_options(method, allocation, ratio, rank)
     validate_regex(include, "--include")
@@ -96,15 +105,22 @@ def compress(
         return model, report
     if bias_correction is None:
         bias_correction = "activations" in METHODS[method]
-    _check_stats(method, stats, sites)
     timings["load"] = time.perf_counter() - start
+    start = time.perf_counter()
+    stats = _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, progress)
+    if stats is not None:
+        report.calibration = dict(stats.meta)
+        timings["calibrate"] = time.perf_counter() - start
+        if stats.meta.get("smoke_test"):
+            report.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
 
     start = time.perf_counter()
     decompositions = {}
     for site in tqdm(sites, desc="decompose", unit="site", disable=not progress, leave=False):
         W = weight_matrix(model, site)
-        left, right = scalings(method, site, stats)
-        decompositions[site.weight] = (W, factorize.weighted_svd(W, left, right))
+        site_method = method if _has_stats(method, site, stats) else "svd"
+        left, right = scalings(site_method, site, stats)
+        decompositions[site.weight] = (W, factorize.weighted_svd(W, left, right), site_method)
     timings["decompose"] = time.perf_counter() - start
 
     shapes = [(s.K, s.N) for s in sites]
@@ -117,23 +133,28 @@ def compress(
                 "or --allocation uniform."
             )
         energies = [decompositions[s.weight][1].energy for s in sites]
+        if any(decompositions[s.weight][2] != method for s in sites):
+            raise FwlrError("--allocation global needs gradient statistics for every site; some have none "
+                            "(inside subgraphs?): use --allocation uniform or --exclude them.")
         ranks = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
     else:
         ranks = alloc.uniform_ranks(shapes, ratio)
 
     factors = {}
     for site, site_rank in zip(sites, ranks):
-        W, dec = decompositions[site.weight]
+        W, dec, site_method = decompositions[site.weight]
         result = SiteResult(
             name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N, rank=site_rank,
             params_before=site.params, params_after=alloc.site_params(site.K, site.N, site_rank),
         )
+        if site_method != method:
+            result.note = "no calibration statistics reach this site (inside a subgraph?): plain svd"
         if site_rank is None:
             result.note = "kept dense: factorising at this budget would not save parameters"
         else:
             A, B = dec.factors(site_rank)
             shift = None
-            if bias_correction and stats is not None:
+            if bias_correction and stats is not None and stats.has_activations(site):
                 shift = factorize.bias_shift(stats.mean_input(site), W, A, B)
             factors[site.weight] = Factors(A, B, shift)
             result.weighted_error = dec.dropped_energy(site_rank)
@@ -178,13 +199,32 @@ def scalings(method: str, site: Site, stats) -> tuple[factorize.Scaling | None, 
     raise FwlrError(f"unknown method '{method}'.")
 
 
-def _check_stats(method: str, stats, sites: list[Site]) -> None:
+def _has_stats(method: str, site: Site, stats) -> bool:
     needs = METHODS[method]
-    if not needs:
-        return
-    if stats is None:
-        raise FwlrError(f"--method {method} needs calibration data; pass --calib DATA (or --stats FILE).")
-    stats.require(sites, needs, method)
+    return (("activations" not in needs or stats.has_activations(site))
+            and ("gradients" not in needs or stats.has_gradients(site)))
+
+
+def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, progress):
+    """The statistics the method needs: loaded, given, or measured now; None for svd without data."""
+    needs = METHODS[method]
+    fingerprint = None
+    if isinstance(stats, (str, os.PathLike)):
+        fingerprint = model_fingerprint(model)
+        stats = Statistics.load(stats, expect_fingerprint=fingerprint)
+    if stats is None and calibration is not None and needs:
+        batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes)
+        if "gradients" in needs:
+            from .fisher_stats import collect_fisher_stats
+
+            stats = collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress)
+        else:
+            stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
+    if needs:
+        if stats is None:
+            raise FwlrError(f"--method {method} needs calibration data; pass --calib DATA (or --stats FILE).")
+        stats.require(sites, needs, method)
+    return stats
 
 
 def _versions() -> dict:
@@ -195,3 +235,52 @@ def _versions() -> dict:
 
     return {"onnx_fwlr": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__}
+
+
+def calibrate(
+    model: str | onnx.ModelProto,
+    calibration,
+    *,
+    fisher: bool = False,
+    include: str | None = None,
+    exclude: str | None = None,
+    batch_size: int = 32,
+    mask_input: str | None = None,
+    shapes: dict | None = None,
+    shard: tuple[int, int] | None = None,
+    progress: bool = True,
+    **fisher_options,
+) -> Statistics:
+    """Statistics for every site, to save and reuse across compress runs (and to merge across shards)."""
+    model = load_model(model)
+    validate_regex(include, "--include")
+    validate_regex(exclude, "--exclude")
+    sites, _ = find_sites(model, include, exclude)
+    if not sites:
+        raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")
+    batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes, shard=shard)
+    if fisher:
+        from .fisher_stats import collect_fisher_stats
+
+        return collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress, **fisher_options)
+    return collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
+
+
+def validate(
+    original: str | onnx.ModelProto,
+    compressed: str | onnx.ModelProto,
+    data,
+    *,
+    batch_size: int = 32,
+    outputs: list[str] | None = None,
+    progress: bool = True,
+):
+    """Compare both models on the same batches (labels from the data's `labels` key, when present)."""
+    from .validate import compare_models
+
+    reference = load_model(original) if not isinstance(original, onnx.ModelProto) else original
+    batches = open_data(data, reference, batch_size=batch_size)
+    labels = [lab for _, lab in batches if lab is not None]
+    feeds = (feed for feed, _ in batches)
+    return compare_models(original, compressed, feeds, labels=np.concatenate(labels) if labels else None,
+                          outputs=outputs, progress=progress)

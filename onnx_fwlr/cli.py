@@ -80,33 +80,224 @@ class Compress:
         p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data beside the model")
         p.add_argument("--write-unchanged", action="store_true",
                        help="write the output even when no site can be factorised")
+        _calibration_arguments(p)
+        p.add_argument("--stats", metavar="FILE", help="statistics from `onnx-fwlr calibrate` instead of --calib")
+        p.add_argument("--no-bias-correction", action="store_true",
+                       help="do not fold the mean output shift into a bias (on by default for asvd/whiten/kfac)")
+        p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")
+        _tolerance_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     @staticmethod
     def run(args) -> int:
-        from .api import compress
+        from .api import compress, validate
         from .modelio import check_output_path, file_size, save_model
 
         output = check_output_path(args.output, [args.model], args.force)
         model, report = compress(
             args.model, ratio=args.ratio, rank=args.rank, method=args.method, allocation=args.allocation,
-            include=args.include, exclude=args.exclude, progress=not args.quiet,
+            include=args.include, exclude=args.exclude, calibration=args.calib, stats=args.stats,
+            batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
+            bias_correction=False if args.no_bias_correction else None, progress=not args.quiet,
         )
         out = _out(args)
         report.file_size_before = file_size(args.model)
-        if report.sites or args.write_unchanged:
+        written = bool(report.sites) or args.write_unchanged
+        if written:
             save_model(model, output, external_data=True if args.external_data else None)
             report.file_size_after = file_size(output)
         out(report.format())
-        if report.sites or args.write_unchanged:
+        if written:
             out(f"wrote {output}")
+        code = 0
+        if args.val and written:
+            validation = validate(args.model, output, args.val, batch_size=args.batch_size, progress=not args.quiet)
+            code = _report_validation(validation, args, out)
+            report.validation = validation.to_dict()
         if args.json:
             _write_json(report.to_dict(), args.json)
+        return code
+
+
+def _calibration_arguments(p):
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data: .npz (keys = input names), a folder of .npz, or 'random' (smoke test)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime run (default 32)")
+    p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding (default: attention_mask)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1",
+                   help="sizes of symbolic input dimensions (for random data and profiling); repeatable")
+
+
+def _tolerance_arguments(p):
+    p.add_argument("--min-cosine", type=float, help="fail when an output's mean cosine falls below this")
+    p.add_argument("--max-rel-error", type=float, help="fail when an output's relative L2 error exceeds this")
+    p.add_argument("--max-accuracy-drop", type=float, help="fail when accuracy drops by more than this fraction")
+
+
+def _shapes(args):
+    from .profile import parse_shape_args
+
+    return parse_shape_args(args.shape) if args.shape else None
+
+
+def _report_validation(validation, args, out) -> int:
+    from .validate import format_validation
+
+    failures = validation.check(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
+                                max_accuracy_drop=args.max_accuracy_drop)
+    out(format_validation(validation, failures))
+    return 1 if failures else 0
+
+
+class Calibrate:
+    name = "calibrate"
+    help = "measure activation (and with --fisher, gradient) statistics once, to reuse with compress --stats"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("model", help="ONNX model file")
+        p.add_argument("-o", "--output", required=True, help="statistics file (.npz)")
+        _calibration_arguments(p)
+        p.add_argument("--fisher", action="store_true", help="also gradient statistics (for fwsvd, kfac, global)")
+        p.add_argument("--shard", metavar="I/N", help="use only the I-th of N interleaved parts of the batches")
+        p.add_argument("--include", help="regex: only sites whose node or weight name matches")
+        p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> int:
+        from .api import calibrate
+        from .modelio import check_output_path
+
+        output = check_output_path(args.output, [args.model], args.force)
+        if args.calib is None:
+            raise FwlrError("calibrate needs data; pass --calib DATA (.npz, a folder of .npz, or 'random').")
+        stats = calibrate(args.model, args.calib, fisher=args.fisher, include=args.include, exclude=args.exclude,
+                          batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
+                          shard=_parse_shard(args.shard), progress=not args.quiet)
+        stats.save(output)
+        meta = stats.meta
+        print(f"calibrated {len(stats.activations)} site input(s), {len(stats.gradients)} with gradients, on "
+              f"{meta.get('samples', 0)} samples in {meta.get('batches', 0)} batches "
+              f"({meta.get('seconds', 0):.1f} s); wrote {output}")
         return 0
 
 
-COMMANDS = [Inspect, Compress]
+def _parse_shard(text):
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise FwlrError(f"--shard '{text}' is not of the form I/N (e.g. 0/4).") from None
+    return index, count
+
+
+class MergeStats:
+    name = "merge-stats"
+    help = "add statistics computed on different data (shards) into one file"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("inputs", nargs="+", help="statistics files from `onnx-fwlr calibrate`")
+        p.add_argument("-o", "--output", required=True, help="merged statistics file")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+
+    @staticmethod
+    def run(args) -> int:
+        from .modelio import check_output_path
+        from .stats import Statistics
+
+        output = check_output_path(args.output, args.inputs, args.force)
+        merged = Statistics.load(args.inputs[0])
+        for path in args.inputs[1:]:
+            merged.merge(Statistics.load(path))
+        merged.save(output)
+        print(f"merged {len(args.inputs)} file(s), {merged.meta.get('samples', 0)} samples; wrote {output}")
+        return 0
+
+
+class Validate:
+    name = "validate"
+    help = "compare a compressed model with its original on the same data; exit 1 when a tolerance fails"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("original", help="the original ONNX model")
+        p.add_argument("compressed", help="the compressed ONNX model")
+        p.add_argument("--data", required=True, help=".npz (keys = input names, optional 'labels') or a folder")
+        p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
+        _tolerance_arguments(p)
+        p.add_argument("--json", metavar="FILE", help="write the metrics as JSON ('-' for stdout)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> int:
+        from .api import validate
+
+        validation = validate(args.original, args.compressed, args.data, batch_size=args.batch_size,
+                              progress=not args.quiet)
+        code = _report_validation(validation, args, _out(args))
+        if args.json:
+            _write_json(validation.to_dict(), args.json)
+        return code
+
+
+class Profile:
+    name = "profile"
+    help = "ONNX Runtime latency, memory, size, FLOPs and per-op time; --compare for a side-by-side table"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("model", help="ONNX model file")
+        p.add_argument("--compare", metavar="OTHER", help="a second model (e.g. the compressed one) to compare")
+        p.add_argument("--data", help=".npz whose first batch is the input (else --shape and synthetic inputs)")
+        p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1",
+                       help="input sizes for synthetic inputs; repeatable")
+        p.add_argument("--batch-size", type=int, default=32, help="batch taken from --data (default 32)")
+        p.add_argument("--runs", type=int, default=100, help="timed runs (default 100)")
+        p.add_argument("--warmup", type=int, default=10, help="untimed warm-up runs (default 10)")
+        p.add_argument("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
+        p.add_argument("--providers", default="CPUExecutionProvider",
+                       help="comma-separated execution providers (e.g. CUDAExecutionProvider,CPUExecutionProvider)")
+        p.add_argument("--save-test-data", metavar="DIR",
+                       help="write ONNX Runtime's test_data_set_0 layout (inputs and the original's outputs)")
+        p.add_argument("--json", metavar="FILE", help="write the numbers as JSON ('-' for stdout)")
+
+    @staticmethod
+    def run(args) -> int:
+        from .data import open_data
+        from .modelio import load_model
+        from .profile import compare_profiles, format_comparison, format_profile, profile_model, save_test_data
+        from .profile import synthetic_feed
+
+        structure = load_model(args.model)
+        if args.data:
+            feed, _ = next(iter(open_data(args.data, structure, batch_size=args.batch_size)))
+        else:
+            feed = synthetic_feed(structure, _shapes(args))
+        providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+        options = dict(runs=args.runs, warmup=args.warmup, threads=args.threads, providers=providers)
+        out = _out(args)
+        first = profile_model(args.model, feed, **options)
+        data = {"model": first}
+        if args.compare:
+            second = profile_model(args.compare, feed, **options)
+            data.update(compare=second, ratios=compare_profiles(first, second))
+            out(format_comparison(first, second))
+        else:
+            out(format_profile(first))
+        if args.save_test_data:
+            folder = save_test_data(args.model, feed, args.save_test_data)
+            out(f"wrote ONNX Runtime test data to {folder}")
+        if args.json:
+            _write_json(data, args.json)
+        return 0
+
+
+COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile]
 
 
 def build_parser() -> argparse.ArgumentParser:

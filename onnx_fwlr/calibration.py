@@ -1,0 +1,173 @@
+"""Activation statistics from one ONNX Runtime pass, reduced inside the graph.
+
+For every distinct site input X we append nodes that reduce X [..., K] to Xᵀ X [K, K], Σ x, Σ |x| and the
+position count, and ask ORT for those outputs only: memory does not grow with the data, and each batch is
+folded into float64 running sums at once. With an attention mask, positions are weighted by it (inputs of
+rank 3, [batch, seq, K], the layout of transformer exports) so padding does not pollute the statistics.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from tqdm.auto import tqdm
+
+from .data import Batches, find_mask_input
+from .errors import FwlrError
+from .modelio import max_runtime_ir_version
+from .sites import Site
+from .stats import Statistics, activation_key, model_fingerprint
+
+PREFIX = "fwlr_stats"
+
+
+def main_graph_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names the main graph can expose as outputs."""
+    graph = model.graph
+    names = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(node.output)
+    return names
+
+
+def activation_plan(model: onnx.ModelProto, sites: list[Site]) -> dict[str, tuple[str, bool, int]]:
+    """key -> (tensor, transposed, K) for every site input visible from the main graph."""
+    visible = main_graph_tensors(model)
+    plan = {}
+    for site in sites:
+        for use in site.uses:
+            if use.input in visible:
+                plan[activation_key(use)] = (use.input, use.trans_a, site.K)
+    return dict(sorted(plan.items()))
+
+
+def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - shape inference is a hint here, never a requirement
+        inferred = model
+    ranks = {}
+    for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            ranks[value.name] = len(value.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+
+
+def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> tuple[onnx.ModelProto, dict]:
+    """A copy of the model whose only outputs are the per-key reductions; returns it and key -> field -> output."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    graph = augmented.graph
+    ranks = _tensor_ranks(model)
+    opset = _opset(model)
+    nodes, inits, outputs = [], [], {}
+
+    def reduce_sum(x, out):
+        if opset >= 13:
+            nodes.append(helper.make_node("ReduceSum", [x, f"{PREFIX}/axis0"], [out], keepdims=0))
+        else:
+            nodes.append(helper.make_node("ReduceSum", [x], [out], axes=[0], keepdims=0))
+
+    inits.append(numpy_helper.from_array(np.array([0], np.int64), f"{PREFIX}/axis0"))
+    mask_column = None
+    if mask is not None:
+        mask_column = f"{PREFIX}/mask_column"
+        inits.append(numpy_helper.from_array(np.array([-1, 1], np.int64), f"{PREFIX}/col_shape"))
+        nodes.append(helper.make_node("Cast", [mask], [f"{PREFIX}/mask_f"], to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Reshape", [f"{PREFIX}/mask_f", f"{PREFIX}/col_shape"], [mask_column]))
+
+    for i, (key, (tensor, transposed, K)) in enumerate(plan.items()):
+        p = f"{PREFIX}/{i}"
+        x = tensor
+        nodes.append(helper.make_node("Cast", [x], [f"{p}/x32"], to=TensorProto.FLOAT))
+        x = f"{p}/x32"
+        if transposed:
+            nodes.append(helper.make_node("Transpose", [x], [f"{p}/xt"], perm=[1, 0]))
+            x = f"{p}/xt"
+        inits.append(numpy_helper.from_array(np.array([-1, K], np.int64), f"{p}/shape"))
+        nodes.append(helper.make_node("Reshape", [x, f"{p}/shape"], [f"{p}/rows"]))
+        rows = f"{p}/rows"
+        masked = mask_column is not None and not transposed and ranks.get(tensor) == 3
+        if masked:
+            nodes.append(helper.make_node("Mul", [rows, mask_column], [f"{p}/rows_m"]))
+            rows = f"{p}/rows_m"
+            reduce_sum(mask_column, f"{p}/count1")
+            nodes.append(helper.make_node("Reshape", [f"{p}/count1", f"{PREFIX}/scalar"], [f"{p}/count"]))
+        else:
+            nodes.append(helper.make_node("Shape", [rows], [f"{p}/rows_shape"]))
+            nodes.append(helper.make_node("Gather", [f"{p}/rows_shape", f"{PREFIX}/zero"], [f"{p}/n"], axis=0))
+            nodes.append(helper.make_node("Cast", [f"{p}/n"], [f"{p}/count"], to=TensorProto.FLOAT))
+        nodes.append(helper.make_node("Transpose", [rows], [f"{p}/rows_t"], perm=[1, 0]))
+        nodes.append(helper.make_node("MatMul", [f"{p}/rows_t", rows], [f"{p}/gram"]))
+        reduce_sum(rows, f"{p}/sum")
+        nodes.append(helper.make_node("Abs", [rows], [f"{p}/abs"]))
+        reduce_sum(f"{p}/abs", f"{p}/abs_sum")
+        outputs[key] = {name: f"{p}/{name}" for name in ("gram", "sum", "abs_sum", "count")}
+    inits.append(numpy_helper.from_array(np.array(0, np.int64), f"{PREFIX}/zero"))
+    inits.append(numpy_helper.from_array(np.array([], np.int64), f"{PREFIX}/scalar"))
+
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    del graph.output[:]
+    for key, fields in outputs.items():
+        for name in fields.values():
+            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+    augmented.ir_version = min(augmented.ir_version, max_runtime_ir_version())
+    return augmented, outputs
+
+
+def make_session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user needs one sentence
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FwlrError(f"ONNX Runtime could not load the model for calibration ({first}).") from None
+
+
+def collect_activation_stats(
+    model: onnx.ModelProto,
+    sites: list[Site],
+    batches: Batches,
+    mask_input: str | None = None,
+    progress: bool = True,
+    providers=("CPUExecutionProvider",),
+) -> Statistics:
+    """One ORT pass over the data; returns additive float64 statistics for every reachable site input."""
+    plan = activation_plan(model, sites)
+    mask = find_mask_input(batches.specs, mask_input)
+    stats = Statistics(model_fingerprint(model), meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
+                                                       "data": batches.description, "mask_input": mask})
+    if not plan:
+        return stats
+    augmented, outputs = build_stats_model(model, plan, mask)
+    session = make_session(augmented, providers)
+    names = [name for fields in outputs.values() for name in fields.values()]
+    start = time.perf_counter()
+    bar = tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False)
+    for index, (feed, _labels) in enumerate(bar):
+        try:
+            values = dict(zip(names, session.run(names, feed)))
+        except Exception as exc:  # noqa: BLE001
+            first = str(exc).strip().splitlines()[0]
+            raise FwlrError(f"ONNX Runtime failed on calibration batch {index} ({first}); check the data's shapes.") from None
+        for key, fields in outputs.items():
+            Statistics.fold(stats.activations.setdefault(key, {}), {f: values[n] for f, n in fields.items()})
+        stats.meta["samples"] += len(next(iter(feed.values()))) if feed else 0
+        stats.meta["batches"] += 1
+    if stats.meta["batches"] == 0:
+        raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
+    stats.meta["seconds"] = time.perf_counter() - start
+    return stats

@@ -1,0 +1,210 @@
+"""Calibration and validation data: where batches come from, and checking them against the model's inputs.
+
+Sources: a `.npz` file (keys = input names, leading axis = samples; an optional `labels` key), a folder of
+`.npz` files, any iterable of feed dicts, an ONNX Runtime CalibrationDataReader (`get_next()` returning a
+feed dict or None), or "random" (synthetic inputs from the model's types: a smoke test, never a measurement).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import FwlrError
+
+LABELS_KEY = "labels"
+MASK_NAMES = ("attention_mask",)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple  # ints for fixed dims, str or None for symbolic ones
+
+
+def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed (initializers listed as inputs by old exporters are optional)."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, np.dtype(dtype), dims))
+    return specs
+
+
+class Batches:
+    """An iterable of (feed, labels or None), checked against the model's inputs batch by batch."""
+
+    def __init__(self, source, specs: list[InputSpec], description: str, smoke_test: bool = False):
+        self._source = source  # a callable returning a fresh iterator of raw dicts
+        self.specs = specs
+        self.description = description
+        self.smoke_test = smoke_test
+
+    def __iter__(self) -> Iterator[tuple[dict, np.ndarray | None]]:
+        for index, raw in enumerate(self._source()):
+            yield check_batch(raw, self.specs, f"{self.description}, batch {index}")
+
+
+def open_data(
+    source,
+    model: onnx.ModelProto,
+    batch_size: int = 32,
+    shapes: dict | None = None,
+    random_batches: int = 8,
+    seed: int = 0,
+    limit: int | None = None,
+    shard: tuple[int, int] | None = None,
+) -> Batches:
+    """Turn any supported source into checked batches. `limit` caps the samples of .npz sources;
+    `shard=(i, n)` keeps the i-th of n interleaved parts of the batches (for calibration spread over processes)."""
+    specs = model_inputs(model)
+    if batch_size < 1:
+        raise FwlrError(f"--batch-size {batch_size} is out of range; it must be a positive integer.")
+    if isinstance(source, str) and source == "random":
+        return Batches(lambda: _random_batches(specs, shapes or {}, batch_size, random_batches, seed), specs,
+                       "random data (smoke test)", smoke_test=True)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(path.glob("*.npz"))
+            if not files:
+                raise FwlrError(f"{path}: folder holds no .npz files; put one batch per .npz file in it.")
+            make = lambda: (batch for f in files for batch in _npz_batches(f, batch_size, None))  # noqa: E731
+            return Batches(_sharded(make, shard), specs, str(path))
+        if not path.exists():
+            raise FwlrError(f"{path}: data file not found; check the path.")
+        if path.suffix != ".npz":
+            raise FwlrError(f"{path}: calibration data must be a .npz file (keys = input names) or a folder of them.")
+        return Batches(_sharded(lambda: _npz_batches(path, batch_size, limit), shard), specs, str(path))
+    if hasattr(source, "get_next"):
+        reader = source
+        return Batches(lambda: iter(reader.get_next, None), specs, "CalibrationDataReader")
+    if isinstance(source, dict):
+        raise FwlrError("pass calibration data as a list of feed dicts (or a .npz path), not a single dict.")
+    try:
+        items = list(source)
+    except TypeError:
+        raise FwlrError(
+            f"calibration data of type {type(source).__name__} is not supported; pass a .npz path, a folder, "
+            "an iterable of feed dicts or a CalibrationDataReader."
+        ) from None
+    return Batches(_sharded(lambda: iter(items), shard), specs, "feed dicts")
+
+
+def _sharded(make, shard):
+    if shard is None:
+        return make
+    index, count = shard
+    if not (count >= 1 and 0 <= index < count):
+        raise FwlrError(f"--shard {index}/{count} is invalid; use i/n with 0 <= i < n.")
+    return lambda: (batch for i, batch in enumerate(make()) if i % count == index)
+
+
+def _npz_batches(path: Path, batch_size: int, limit: int | None):
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to open means "not a usable npz"
+        raise FwlrError(f"{path}: could not be read as .npz ({exc}); save it with numpy.savez.") from None
+    with archive:
+        arrays = {key: archive[key] for key in archive.files}
+    if not arrays:
+        raise FwlrError(f"{path}: holds no arrays; save the model inputs under their input names.")
+    counts = {key: len(a) if a.ndim else 0 for key, a in arrays.items()}
+    n = min(counts.values())
+    if len(set(counts.values())) > 1:
+        raise FwlrError(
+            f"{path}: arrays disagree on the number of samples ({counts}); the leading axis must be samples in all."
+        )
+    if limit is not None:
+        n = min(n, limit)
+    for start in range(0, n, batch_size):
+        yield {key: a[start:start + batch_size] for key, a in arrays.items()}
+
+
+def check_batch(raw: dict, specs: list[InputSpec], where: str) -> tuple[dict, np.ndarray | None]:
+    """One batch made safe to feed: exact names, dtypes and ranks, no NaN/Inf; labels split off."""
+    if not isinstance(raw, dict):
+        raise FwlrError(f"{where}: expected a dict of input name -> array, got {type(raw).__name__}.")
+    raw = dict(raw)
+    labels = raw.pop(LABELS_KEY, None)
+    names = [s.name for s in specs]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise FwlrError(f"{where}: unknown input name(s) {unknown}; the model's inputs are {names}.")
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise FwlrError(f"{where}: missing input(s) {missing}; the model needs {names}.")
+    feed = {}
+    for spec in specs:
+        value = np.asarray(raw[spec.name])
+        if value.dtype != spec.dtype:
+            raise FwlrError(
+                f"{where}: input '{spec.name}' has dtype {value.dtype} but the model expects {spec.dtype}; "
+                f"convert it with .astype(numpy.{spec.dtype})."
+            )
+        if spec.shape and value.ndim != len(spec.shape):
+            raise FwlrError(
+                f"{where}: input '{spec.name}' has {value.ndim} dimensions {list(value.shape)} but the model expects "
+                f"{len(spec.shape)} {list(spec.shape)}."
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and got != want:
+                raise FwlrError(
+                    f"{where}: input '{spec.name}' has size {got} on axis {axis} but the model fixes it at {want}."
+                )
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            raise FwlrError(f"{where}: input '{spec.name}' contains NaN or Inf; clean the data before calibrating.")
+        feed[spec.name] = value
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise FwlrError(f"{where}: 'labels' must hold integer class indices, got dtype {labels.dtype}.")
+    return feed, labels
+
+
+def find_mask_input(specs: list[InputSpec], name: str | None = None) -> str | None:
+    """The attention-mask-like input whose zeros mark padding (by name, or the one the user names)."""
+    names = [s.name for s in specs]
+    if name is not None:
+        if name not in names:
+            raise FwlrError(f"--mask-input '{name}' is not an input of the model; its inputs are {names}.")
+        return name
+    return next((n for n in names if n in MASK_NAMES), None)
+
+
+def _random_batches(specs, shapes, batch_size, count, seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        feed = {}
+        for spec in specs:
+            dims = []
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, int) and dim > 0:
+                    dims.append(dim)
+                elif spec.name in shapes:
+                    dims.append(shapes[spec.name][axis])
+                elif axis == 0:
+                    dims.append(batch_size)
+                else:
+                    raise FwlrError(
+                        f"input '{spec.name}' has a symbolic dimension '{dim}' on axis {axis}; give its size with "
+                        f"--shape {spec.name}:d0,d1,... for random data."
+                    )
+            if spec.dtype.kind == "f":
+                feed[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+            elif spec.dtype.kind == "b":
+                feed[spec.name] = np.ones(dims, dtype=bool)
+            else:
+                feed[spec.name] = np.ones(dims, dtype=spec.dtype)
+        yield feed

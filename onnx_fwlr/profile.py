@@ -1,0 +1,649 @@
+"""Profile an ONNX model in ONNX Runtime: latency, peak memory, size, parameters, MatMul FLOPs, time per op.
+
+The measurements run in a fresh child Python process, so the peak resident memory belongs
+to this model alone and no earlier session in the caller's process skews the latency. Metric names follow
+ONNX Runtime's transformers benchmark (`average_latency_ms`, `latency_90_percentile`, `QPS`, ...).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from onnx_fwlr.errors import FwlrError
+
+# Element types counted as parameters: float weights, and the 8/4-bit integers quantised weights are stored in
+# (so an original and a quantised model compare fairly). Index/shape tensors (int32/int64) are not parameters.
+PARAMETER_TYPES = {
+    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4,
+}
+
+# Ops whose FLOPs we count, with the input positions of their two matrix operands.
+MATMUL_OPERANDS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "Gemm": (0, 1)}
+
+PROFILED_RUNS = 10  # enough for a stable per-op split; the profile JSON grows with runs x nodes
+TOP_NODES = 10
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def parse_shape_args(items):
+    """Parse `--shape name:d0,d1,...` strings into {name: [d0, d1, ...]}."""
+    shapes = {}
+    for item in items or []:
+        name, sep, dims_text = item.rpartition(":")
+        if not sep or not name or not dims_text.strip():
+            raise FwlrError(f"Shape '{item}' is malformed; write it as name:d0,d1,... (for example input_ids:1,128).")
+        try:
+            dims = [int(d) for d in dims_text.split(",")]
+        except ValueError:
+            raise FwlrError(
+                f"Shape '{item}' has a dimension that is not an integer; write it as name:d0,d1,... with whole numbers."
+            ) from None
+        if any(d < 0 for d in dims):
+            raise FwlrError(f"Shape '{item}' has a negative dimension; every dimension must be 0 or more.")
+        if name in shapes:
+            raise FwlrError(f"Input '{name}' is given more than one --shape; give each input once.")
+        shapes[name] = dims
+    return shapes
+
+
+def model_inputs(model):
+    """The graph inputs a caller must feed (older IRs also list initializers as inputs; those are skipped)."""
+    initializer_names = {init.name for init in model.graph.initializer}
+    return [inp for inp in model.graph.input if inp.name not in initializer_names]
+
+
+def _declared_dims(value_info):
+    """Declared dims of a tensor input: an int, or the symbolic name / None where the size is not fixed."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+
+
+def _resolve_shape(value_info, given):
+    """The concrete shape of one input: the declared one, with the user's --shape filling or overriding it."""
+    name = value_info.name
+    declared = _declared_dims(value_info)
+    if given is not None:
+        if declared is not None and len(given) != len(declared):
+            raise FwlrError(
+                f"--shape for input '{name}' has {len(given)} dimensions but the model declares {len(declared)}; "
+                f"give all {len(declared)}."
+            )
+        for i, (want, have) in enumerate(zip(declared or [], given)):
+            if isinstance(want, int) and want != have:
+                raise FwlrError(f"--shape for input '{name}' sets dimension {i} to {have} but the model fixes it at {want}.")
+        return list(given)
+    if declared is None:
+        raise FwlrError(f"Input '{name}' has no declared shape; pass --shape {name}:d0,d1,... to give it one.")
+    for i, dim in enumerate(declared):
+        if not isinstance(dim, int):
+            label = f"'{dim}'" if dim else "unnamed"
+            raise FwlrError(
+                f"Input '{name}' has a symbolic dimension {i} ({label}); pass --shape {name}:d0,d1,... with every dimension."
+            )
+    return declared
+
+
+def synthetic_feed(model, shapes=None, seed=0):
+    """Random inputs matching the model's declared inputs, for timing (not for judging accuracy).
+
+    Float inputs are N(0, 1); integer inputs are ones (valid token ids and attention masks); bool inputs are True.
+    Symbolic dimensions must be fixed through `shapes` ({input name: full shape}).
+    """
+    shapes = dict(shapes or {})
+    inputs = model_inputs(model)
+    unknown = sorted(set(shapes) - {inp.name for inp in inputs})
+    if unknown:
+        raise FwlrError(
+            f"--shape names input(s) {', '.join(unknown)} that the model does not have; its inputs are "
+            f"{', '.join(inp.name for inp in inputs)}."
+        )
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in inputs:
+        if not inp.type.HasField("tensor_type"):
+            raise FwlrError(f"Input '{inp.name}' is not a tensor (sequence/map/optional); profile cannot make data for it.")
+        dtype = _numpy_dtype(inp.name, inp.type.tensor_type.elem_type)
+        shape = _resolve_shape(inp, shapes.get(inp.name))
+        if dtype == np.bool_:
+            feed[inp.name] = np.ones(shape, dtype=np.bool_)
+        elif np.issubdtype(dtype, np.floating):
+            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            feed[inp.name] = np.ones(shape, dtype=dtype)
+    return feed
+
+
+def _numpy_dtype(name, elem_type):
+    """The numpy dtype ONNX Runtime accepts for an input's element type."""
+    supported = {
+        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
+        TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
+        TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32, TensorProto.UINT32: np.uint32,
+        TensorProto.INT64: np.int64, TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_,
+    }
+    if elem_type not in supported:
+        type_name = TensorProto.DataType.Name(elem_type) if elem_type else "undefined"
+        raise FwlrError(f"Input '{name}' has element type {type_name}, which profile cannot synthesise; feed real data instead.")
+    return np.dtype(supported[elem_type])
+
+
+def _check_feed(model, feed):
+    """Fail early, in plain words, when the feed does not match the model's inputs."""
+    names = [inp.name for inp in model_inputs(model)]
+    missing = [n for n in names if n not in feed]
+    extra = sorted(set(feed) - set(names))
+    if missing:
+        raise FwlrError(f"The inputs lack {', '.join(missing)}; the model needs {', '.join(names)}.")
+    if extra:
+        raise FwlrError(f"The inputs include {', '.join(extra)}, which the model does not have; it needs {', '.join(names)}.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Static facts: size and parameter count
+
+
+def _all_graphs(graph):
+    """The graph and every subgraph nested in If/Loop/Scan attributes, depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _all_graphs(sub)
+
+
+def _constant_tensors(graph):
+    """Initializers and Constant-node tensors of one graph (not its subgraphs)."""
+    tensors = list(graph.initializer)
+    tensors += [sparse.values for sparse in graph.sparse_initializer]
+    for node in graph.node:
+        if node.op_type == "Constant":
+            tensors += [attr.t for attr in node.attribute if attr.name == "value"]
+    return tensors
+
+
+def count_parameters(model):
+    """Number of weight elements (float and 8/4-bit integer constants), subgraphs included."""
+    total = 0
+    for graph in _all_graphs(model.graph):
+        for tensor in _constant_tensors(graph):
+            if tensor.data_type in PARAMETER_TYPES:
+                total += int(np.prod(tensor.dims, dtype=np.int64))
+    return total
+
+
+def file_size_bytes(model_path, model=None):
+    """Bytes on disk: the model file plus every external data file it references."""
+    model = model if model is not None else onnx.load(model_path, load_external_data=False)
+    folder = Path(model_path).parent
+    locations = set()
+    for graph in _all_graphs(model.graph):
+        for tensor in _constant_tensors(graph):
+            if tensor.data_location == TensorProto.EXTERNAL:
+                locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    size = Path(model_path).stat().st_size
+    for location in sorted(locations):
+        data_path = folder / location
+        if not data_path.is_file():
+            raise FwlrError(f"External data file {data_path} referenced by {model_path} is missing; keep it beside the model.")
+        size += data_path.stat().st_size
+    return size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MatMul FLOPs from measured shapes
+
+
+def matmul_flops(op_type, a_shape, b_shape, attributes=None):
+    """2*M*K*N for one MatMul/Gemm given its operand shapes (MatMul: NumPy matmul rules; Gemm: transA/transB)."""
+    attributes = attributes or {}
+    if op_type == "Gemm":
+        m, k = (a_shape[1], a_shape[0]) if attributes.get("transA", 0) else (a_shape[0], a_shape[1])
+        n = b_shape[0] if attributes.get("transB", 0) else b_shape[1]
+        return 2 * int(m) * int(k) * int(n)
+    a_shape, b_shape = list(a_shape), list(b_shape)
+    m = a_shape[-2] if len(a_shape) >= 2 else 1
+    k = a_shape[-1]
+    n = b_shape[-1] if len(b_shape) >= 2 else 1
+    batch = np.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
+    return 2 * int(np.prod(batch, dtype=np.int64)) * int(m) * int(k) * int(n)
+
+
+def _shape_probe_model(model):
+    """A copy of the model's structure whose outputs also expose every main-graph MatMul/Gemm operand.
+
+    Returns (probe model, matmul nodes of the main graph, count of matmul nodes inside subgraphs).
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    graph = probe.graph
+    constant_names = {init.name for init in graph.initializer} | {inp.name for inp in graph.input}
+    exposed = {out.name for out in graph.output}
+    nodes = [node for node in graph.node if node.op_type in MATMUL_OPERANDS]
+    for node in nodes:
+        for index in MATMUL_OPERANDS[node.op_type]:
+            name = node.input[index]
+            if name not in constant_names and name not in exposed:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+                exposed.add(name)
+    nested = sum(
+        node.op_type in MATMUL_OPERANDS
+        for sub in list(_all_graphs(model.graph))[1:]
+        for node in sub.node
+    )
+    return probe, nodes, nested
+
+
+def _measure_matmul_flops(ort, model_path, model, feed, providers):
+    """Run the model once with MatMul/Gemm operands exposed, and sum 2*M*K*N over the shapes seen."""
+    probe, nodes, nested = _shape_probe_model(model)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.add_session_config_entry(
+        "session.model_external_initializers_file_folder_path", str(Path(model_path).resolve().parent)
+    )
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=list(providers))
+    output_names = [out.name for out in session.get_outputs()]
+    shapes = dict(zip(output_names, (value.shape for value in session.run(None, feed))))
+    shapes.update({name: value.shape for name, value in feed.items()})
+    shapes.update({init.name: tuple(init.dims) for init in model.graph.initializer})
+    total = 0
+    for node in nodes:
+        a_index, b_index = MATMUL_OPERANDS[node.op_type]
+        attributes = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+        total += matmul_flops(node.op_type, shapes[node.input[a_index]], shapes[node.input[b_index]], attributes)
+    return total, len(nodes), nested
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measurement in a child process
+
+
+def _peak_rss_mb():
+    """This process's peak resident memory in MiB so far, or None where the OS does not report it (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024  # macOS: bytes, Linux: KiB
+
+
+def _session_options(ort, threads):
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def _open_session(ort, model_path, options, providers):
+    """An InferenceSession that really uses every requested provider, or a FwlrError saying what is available."""
+    session = ort.InferenceSession(model_path, options, providers=list(providers))
+    missing = [p for p in providers if p not in session.get_providers()]
+    if missing:
+        raise FwlrError(
+            f"ONNX Runtime could not use {', '.join(missing)} (the session fell back to {', '.join(session.get_providers())}); "
+            f"check the GPU drivers and the onnxruntime-gpu install."
+        )
+    return session
+
+
+def _latency_stats(seconds, batch_size):
+    """Latency summary in milliseconds, named as in ONNX Runtime's transformers benchmark."""
+    ms = np.asarray(seconds) * 1000.0
+    average = float(ms.mean())
+    return {
+        "average_latency_ms": average,
+        "latency_variance": float(ms.var()),
+        "latency_50_percentile": float(np.percentile(ms, 50)),
+        "latency_90_percentile": float(np.percentile(ms, 90)),
+        "latency_95_percentile": float(np.percentile(ms, 95)),
+        "latency_99_percentile": float(np.percentile(ms, 99)),
+        "QPS": batch_size * 1000.0 / average,
+    }
+
+
+def parse_ort_profile(events, skip_runs=0):
+    """Per-op-type and per-node kernel time (ms per run) from an ONNX Runtime profiling JSON event list.
+
+    Node events inside the first `skip_runs` model runs (warm-up) are left out.
+    """
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    start = runs[skip_runs]["ts"] if len(runs) > skip_runs else 0
+    counted_runs = max(len(runs) - skip_runs, 1)
+    by_op, by_node = {}, {}
+    for event in events:
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time") or event["ts"] < start:
+            continue
+        op = event.get("args", {}).get("op_name", "?")
+        node = event["name"][: -len("_kernel_time")] or f"<unnamed {op}>"
+        duration_ms = event["dur"] / 1000.0 / counted_runs
+        by_op[op] = by_op.get(op, 0.0) + duration_ms
+        key = (node, op)
+        by_node[key] = by_node.get(key, 0.0) + duration_ms
+    total = sum(by_op.values())
+    share = (lambda t: t / total) if total > 0 else (lambda t: 0.0)
+    op_types = [{"op_type": op, "time_ms": t, "share": share(t)} for op, t in sorted(by_op.items(), key=lambda kv: (-kv[1], kv[0]))]
+    nodes = [
+        {"node": node, "op_type": op, "time_ms": t, "share": share(t)}
+        for (node, op), t in sorted(by_node.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_NODES]
+    ]
+    return {"op_types": op_types, "top_nodes": nodes, "kernel_time_ms": total, "profiled_runs": counted_runs}
+
+
+def _op_profile(ort, model_path, feed, threads, providers):
+    """Per-op time from a separate profiled session, so profiling overhead stays out of the latency numbers."""
+    with tempfile.TemporaryDirectory(prefix="fwlr_profile_") as folder:
+        options = _session_options(ort, threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(folder, "ort")
+        session = _open_session(ort, model_path, options, providers)
+        for _ in range(1 + PROFILED_RUNS):  # first run is warm-up, skipped when parsing
+            session.run(None, feed)
+        profile_path = session.end_profiling()
+        with open(profile_path) as handle:
+            events = json.load(handle)
+        os.remove(profile_path)
+    return parse_ort_profile(events, skip_runs=1)
+
+
+def _measure(model_path, feed, runs, warmup, threads, providers, op_profile, batch_size):
+    """Everything profile_model reports; runs in the child. Latency first, so the RSS peak is the plain session's."""
+    import onnxruntime as ort
+
+    baseline = _peak_rss_mb()
+    session = _open_session(ort, model_path, _session_options(ort, threads), providers)
+    for _ in range(warmup):
+        session.run(None, feed)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        seconds.append(time.perf_counter() - start)
+    peak = _peak_rss_mb()
+    used_providers = session.get_providers()
+    del session
+
+    model = onnx.load(model_path, load_external_data=False)
+    flops, counted, nested = _measure_matmul_flops(ort, model_path, model, feed, providers)
+    result = {
+        "model": str(model_path),
+        "runs": runs,
+        "warmup": warmup,
+        "batch_size": batch_size,
+        **_latency_stats(seconds, batch_size),
+        "threads": threads,
+        "providers": used_providers,
+        "peak_rss_mb": peak,
+        "rss_growth_mb": None if peak is None else peak - baseline,
+        "file_size_bytes": file_size_bytes(model_path, model),
+        "parameters": count_parameters(model),
+        "matmul_flops": flops,
+        "matmul_nodes": counted,
+        "matmul_nodes_in_subgraphs": nested,
+    }
+    if op_profile:
+        result["op_profile"] = _op_profile(ort, model_path, feed, threads, providers)
+    return result
+
+
+def _child_entry(request_folder):
+    """Child-process entry: read request.json + feed.npz from the folder, write result.json there."""
+    folder = Path(request_folder)
+    request = json.loads((folder / "request.json").read_text())
+    with np.load(folder / "feed.npz") as arrays:
+        feed = {name: arrays[f"arr_{i}"] for i, name in enumerate(request.pop("input_names"))}
+    try:
+        outcome = {"result": _measure(feed=feed, **request)}
+    except FwlrError as error:
+        outcome = {"error": str(error)}
+    except Exception as error:  # ONNX Runtime failures (bad feed, unsupported op, ...) reach the user as one line
+        detail = " ".join(str(error).split())  # ORT messages span lines; the CLI shows one
+        outcome = {"error": f"ONNX Runtime failed while profiling {request['model_path']}: {type(error).__name__}: {detail}"}
+    (folder / "result.json").write_text(json.dumps(outcome))
+
+
+def _check_providers(providers):
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise FwlrError(
+            f"Execution provider {', '.join(missing)} is not available in this onnxruntime build; available: {', '.join(available)}."
+        )
+
+
+def profile_model(model_path, feed, runs=100, warmup=10, threads=None, providers=("CPUExecutionProvider",),
+                  op_profile=True, batch_size=None):
+    """Measure one model in a fresh child Python process and return a flat (JSON-ready) dict of metrics.
+
+    Keys: average_latency_ms, latency_{50,90,95,99}_percentile, latency_variance, QPS (batch_size / mean latency),
+    threads (None = ONNX Runtime's default), providers (those the session really used), peak_rss_mb (the child's
+    peak), rss_growth_mb (peak minus the child's footprint before the session was created), file_size_bytes
+    (model + external data), parameters, matmul_flops (2*M*K*N over main-graph MatMul/Gemm at this feed's shapes),
+    and op_profile (per-op-type and top-node kernel time) when requested.
+    batch_size defaults to the leading dimension of the first input.
+    """
+    model_path = str(model_path)
+    if not Path(model_path).is_file():
+        raise FwlrError(f"Model file {model_path} does not exist; check the path.")
+    if runs < 1 or warmup < 0:
+        raise FwlrError("Profiling needs runs >= 1 and warmup >= 0.")
+    providers = tuple(providers)
+    _check_providers(providers)
+    _check_feed(onnx.load(model_path, load_external_data=False), feed)
+    if batch_size is None:
+        first = next(iter(feed.values()), None)
+        batch_size = int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+
+    request = {
+        "model_path": str(Path(model_path).resolve()), "runs": runs, "warmup": warmup, "threads": threads,
+        "providers": list(providers), "op_profile": op_profile, "batch_size": batch_size, "input_names": list(feed),
+    }
+    return _run_child(request, feed)
+
+
+def _run_child(request, feed):
+    """Run _measure in a fresh Python interpreter and return its result.
+
+    A plain subprocess rather than multiprocessing: 'spawn' re-imports the caller's __main__, which breaks
+    scripts without an `if __name__ == "__main__"` guard and runs their code inside the measured process.
+    """
+    with tempfile.TemporaryDirectory(prefix="fwlr_profile_") as folder:
+        (Path(folder) / "request.json").write_text(json.dumps(request))
+        np.savez(Path(folder) / "feed.npz", *[np.asarray(value) for value in feed.values()])
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+        code = "import sys; from onnx_fwlr.profile import _child_entry; _child_entry(sys.argv[1])"
+        completed = subprocess.run([sys.executable, "-c", code, folder], env=env, capture_output=True, text=True)
+        result_path = Path(folder) / "result.json"
+        if completed.returncode != 0 or not result_path.is_file():
+            last_lines = " | ".join(completed.stderr.strip().splitlines()[-3:])
+            raise FwlrError(
+                f"The profiling process for {request['model_path']} died (exit code {completed.returncode}; "
+                f"{last_lines or 'no error output'}); if it ran out of memory, try a smaller --shape."
+            )
+        outcome = json.loads(result_path.read_text())
+    if "error" in outcome:
+        raise FwlrError(outcome["error"])
+    return outcome["result"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test data for onnxruntime_perf_test / onnx_test_runner
+
+
+def save_test_data(original_model_path, feed, out_dir):
+    """Write ONNX Runtime's test-data layout: out_dir/test_data_set_0/{input_i,output_i}.pb.
+
+    Inputs are written in the model's input order, outputs are the ORIGINAL model's results on them. Place the
+    compressed model beside it as out_dir/model.onnx, then `onnx_test_runner out_dir` checks it against the
+    original's outputs and `onnxruntime_perf_test out_dir/model.onnx` times it on the same inputs.
+    Returns the test_data_set_0 folder.
+    """
+    import onnxruntime as ort
+
+    model = onnx.load(str(original_model_path), load_external_data=False)
+    _check_feed(model, feed)
+    session = ort.InferenceSession(str(original_model_path), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, feed)
+    folder = Path(out_dir) / "test_data_set_0"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in list(folder.glob("input_*.pb")) + list(folder.glob("output_*.pb")):
+        stale.unlink()  # leftovers from a model with more inputs/outputs would confuse the test runner
+    for i, inp in enumerate(model_inputs(model)):
+        tensor = numpy_helper.from_array(np.asarray(feed[inp.name]), inp.name)
+        (folder / f"input_{i}.pb").write_bytes(tensor.SerializeToString())
+    for i, (meta, value) in enumerate(zip(session.get_outputs(), outputs)):
+        tensor = numpy_helper.from_array(np.asarray(value), meta.name)
+        (folder / f"output_{i}.pb").write_bytes(tensor.SerializeToString())
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text reports
+
+
+def format_table(headers, rows):
+    """A plain-text table: first column left-aligned, the others right-aligned, columns padded to fit."""
+    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _human(value, unit=""):
+    """1234567 -> '1.23M' (SI prefixes), for counts and FLOPs."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{prefix}{unit}"
+    return f"{value:g}{unit}"
+
+
+def _bytes(value):
+    for factor, unit in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value} B"
+
+
+# (label, key, formatter) for the headline metrics
+METRICS = [
+    ("latency mean", "average_latency_ms", lambda v: f"{v:.3f} ms"),
+    ("latency p50", "latency_50_percentile", lambda v: f"{v:.3f} ms"),
+    ("latency p90", "latency_90_percentile", lambda v: f"{v:.3f} ms"),
+    ("latency p99", "latency_99_percentile", lambda v: f"{v:.3f} ms"),
+    ("QPS", "QPS", lambda v: f"{v:.1f}"),
+    ("peak RSS", "peak_rss_mb", lambda v: "n/a" if v is None else f"{v:.1f} MiB"),
+    ("RSS growth", "rss_growth_mb", lambda v: "n/a" if v is None else f"{v:.1f} MiB"),
+    ("file size", "file_size_bytes", _bytes),
+    ("parameters", "parameters", _human),
+    ("MatMul FLOPs", "matmul_flops", _human),
+]
+
+TOP_OP_TYPES = 10
+
+
+def _settings_line(result):
+    threads = result["threads"] if result["threads"] is not None else "ORT default"
+    return (f"batch {result['batch_size']}, {result['runs']} runs after {result['warmup']} warm-up, "
+            f"threads {threads}, providers {', '.join(result['providers'])}")
+
+
+def _op_rows(op_profile, limit=TOP_OP_TYPES):
+    return [[row["op_type"], f"{row['time_ms']:.3f}", f"{100 * row['share']:.1f}%"] for row in op_profile["op_types"][:limit]]
+
+
+def format_profile(result):
+    """A plain-text report of one profile_model result."""
+    parts = [f"Profile of {result['model']}", _settings_line(result), ""]
+    rows = [[label, fmt(result[key])] for label, key, fmt in METRICS]
+    parts.append(format_table(["metric", "value"], rows))
+    if result.get("matmul_nodes_in_subgraphs"):
+        parts.append(f"({result['matmul_nodes_in_subgraphs']} MatMul/Gemm inside subgraphs not counted in FLOPs)")
+    if "op_profile" in result:
+        profile = result["op_profile"]
+        parts += ["", f"Time per op type (kernel time per run, {profile['profiled_runs']} profiled runs)"]
+        parts.append(format_table(["op type", "ms", "share"], _op_rows(profile)))
+        parts += ["", "Slowest nodes"]
+        node_rows = [[r["node"], r["op_type"], f"{r['time_ms']:.3f}", f"{100 * r['share']:.1f}%"] for r in profile["top_nodes"]]
+        parts.append(format_table(["node", "op type", "ms", "share"], node_rows))
+    return "\n".join(parts)
+
+
+def _ratio(a, b):
+    return b / a if a and b is not None else None
+
+
+def compare_profiles(a, b):
+    """{metric key: {"a", "b", "ratio": b / a}} for the headline metrics, plus "op_types" (ms and share per op type)."""
+    comparison = {key: {"a": a[key], "b": b[key], "ratio": _ratio(a[key], b[key])} for _, key, _ in METRICS}
+    if "op_profile" in a and "op_profile" in b:
+        a_ops = {row["op_type"]: row for row in a["op_profile"]["op_types"]}
+        b_ops = {row["op_type"]: row for row in b["op_profile"]["op_types"]}
+        empty = {"time_ms": 0.0, "share": 0.0}
+        order = sorted(set(a_ops) | set(b_ops), key=lambda op: (-a_ops.get(op, empty)["time_ms"], op))
+        comparison["op_types"] = {}
+        for op in order:
+            row_a, row_b = a_ops.get(op, empty), b_ops.get(op, empty)
+            comparison["op_types"][op] = {
+                "a": row_a["time_ms"], "b": row_b["time_ms"], "ratio": _ratio(row_a["time_ms"], row_b["time_ms"]),
+                "a_share": row_a["share"], "b_share": row_b["share"],
+            }
+    return comparison
+
+
+def _ratio_text(ratio):
+    if ratio is None:
+        return "n/a"
+    return f"{ratio:.3f}x" if ratio >= 0.001 else f"{ratio:.1e}x"
+
+
+def format_comparison(a, b, names=("original", "compressed")):
+    """Side-by-side plain-text report of two profile_model results, with ratios second / first."""
+    comparison = compare_profiles(a, b)
+    parts = [f"{names[0]}: {a['model']}", f"{names[1]}: {b['model']}", _settings_line(a)]
+    if _settings_line(b) != _settings_line(a):
+        parts.append(f"{names[1]} settings differ: {_settings_line(b)}")
+    parts.append("")
+    rows = [[label, fmt(a[key]), fmt(b[key]), _ratio_text(comparison[key]["ratio"])] for label, key, fmt in METRICS]
+    parts.append(format_table(["metric", names[0], names[1], "ratio"], rows))
+    latency_ratio = comparison["average_latency_ms"]["ratio"]
+    flop_ratio = comparison["matmul_flops"]["ratio"]
+    parts += [
+        "",
+        f"latency ratio {_ratio_text(latency_ratio)} vs MatMul FLOP ratio {_ratio_text(flop_ratio)}: "
+        f"the FLOP ratio is the physical limit of what factorisation can buy; the gap is time spent outside MatMul/Gemm "
+        f"or lost to smaller, less efficient matrix products.",
+    ]
+    if "op_types" in comparison:
+        parts += ["", "Time per op type (ms per run)"]
+        op_rows = [
+            [op, f"{v['a']:.3f}", f"{100 * v['a_share']:.1f}%", f"{v['b']:.3f}", f"{100 * v['b_share']:.1f}%",
+             _ratio_text(v["ratio"])]
+            for op, v in list(comparison["op_types"].items())[:TOP_OP_TYPES]
+        ]
+        headers = ["op type", f"{names[0]} ms", "share", f"{names[1]} ms", "share", "ratio"]
+        parts.append(format_table(headers, op_rows))
+    return "\n".join(parts)

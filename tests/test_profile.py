@@ -1,0 +1,279 @@
+"""Tests for onnx_fwlr.profile: inputs, FLOP counting from real shapes, ORT measurements, reports, test data."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.profile import (
+    compare_profiles,
+    count_parameters,
+    file_size_bytes,
+    format_comparison,
+    format_profile,
+    matmul_flops,
+    parse_ort_profile,
+    parse_shape_args,
+    profile_model,
+    save_test_data,
+    synthetic_feed,
+)
+
+B, T, K, N, P, Q = 2, 3, 4, 5, 6, 7
+RANK = 1  # of the factorised first weight in the "compressed" model
+
+
+def _model(factorised=False):
+    """x[B,T,K] -> MatMul W1 -> y[B,T,N]; y @ y^T (batched); Reshape(-1,N) -> Gemm(transB) -> Transpose -> Gemm(transA).
+
+    With factorised=True, W1 [K,N] becomes A1 [K,RANK] @ B1 [RANK,N].
+    """
+    rng = np.random.default_rng(0)
+
+    def weight(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    if factorised:
+        first = [helper.make_node("MatMul", ["x", "A1"], ["h"], name="mm_a"),
+                 helper.make_node("MatMul", ["h", "B1"], ["y"], name="mm_b")]
+        first_weights = [weight("A1", K, RANK), weight("B1", RANK, N)]
+    else:
+        first = [helper.make_node("MatMul", ["x", "W1"], ["y"], name="mm1")]
+        first_weights = [weight("W1", K, N)]
+    nodes = first + [
+        helper.make_node("Transpose", ["y"], ["yt"], name="tr1", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["y", "yt"], ["scores"], name="mm_batched"),
+        helper.make_node("Reshape", ["y", "flat_shape"], ["y2"], name="flatten"),
+        helper.make_node("Gemm", ["y2", "W2"], ["z"], name="gemm_tb", transB=1),
+        helper.make_node("Relu", ["z"], ["zr"], name="relu"),
+        helper.make_node("Transpose", ["zr"], ["zt"], name="tr2", perm=[1, 0]),
+        helper.make_node("Gemm", ["zt", "W3", "C3"], ["out"], name="gemm_ta", transA=1, alpha=0.5, beta=2.0),
+    ]
+    initializers = first_weights + [
+        weight("W2", P, N), weight("W3", P, Q), weight("C3", Q),
+        numpy_helper.from_array(np.array([-1, N], dtype=np.int64), "flat_shape"),
+    ]
+    graph = helper.make_graph(
+        nodes, "profile_test",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", T, K])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def _expected_flops(factorised=False):
+    first = 2 * B * T * RANK * (K + N) if factorised else 2 * B * T * K * N
+    return first + 2 * B * T * N * T + 2 * (B * T) * N * P + 2 * (B * T) * P * Q
+
+
+def _save(model, folder, name):
+    """Save with the weights in an external data file (the shape constant stays inline)."""
+    path = folder / f"{name}.onnx"
+    onnx.save(model, path, save_as_external_data=True, location=f"{name}.data", size_threshold=64)
+    return path
+
+
+@pytest.fixture(scope="module")
+def profiles(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("profile")
+    original = _save(_model(), folder, "original")
+    compressed = _save(_model(factorised=True), folder, "compressed")
+    feed = synthetic_feed(_model(), {"x": [B, T, K]})
+    return {
+        "folder": folder,
+        "original_path": original,
+        "feed": feed,
+        "original": profile_model(original, feed, runs=5, warmup=1),
+        "compressed": profile_model(compressed, feed, runs=5, warmup=1),
+    }
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+
+def test_parse_shape_args_reads_names_and_dims():
+    assert parse_shape_args(["x:2,3,4", "ids:1"]) == {"x": [2, 3, 4], "ids": [1]}
+    assert parse_shape_args(["scope:x:8"]) == {"scope:x": [8]}  # the name may itself hold a colon
+    assert parse_shape_args([]) == {}
+
+
+@pytest.mark.parametrize("item", ["x", "x:", ":2,3", "x:2,a", "x:2,,3", "x:-1"])
+def test_parse_shape_args_rejects_malformed(item):
+    with pytest.raises(FwlrError):
+        parse_shape_args([item])
+
+
+def test_parse_shape_args_rejects_repeated_name():
+    with pytest.raises(FwlrError, match="more than one"):
+        parse_shape_args(["x:1", "x:2"])
+
+
+def test_synthetic_feed_needs_symbolic_dims():
+    with pytest.raises(FwlrError) as error:
+        synthetic_feed(_model())
+    message = str(error.value)
+    assert "'x'" in message and "batch" in message and "--shape x:" in message
+
+
+def test_synthetic_feed_types_and_shapes():
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["o1"]), helper.make_node("Identity", ["mask"], ["o2"]),
+         helper.make_node("Identity", ["x"], ["o3"])],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("mask", TensorProto.BOOL, [2, 3]),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 100])],
+        [helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None) for name in ("o1", "o2", "o3")],
+    )
+    model = helper.make_model(graph)
+    feed = synthetic_feed(model, {"ids": [2, 3]}, seed=1)
+    assert feed["ids"].dtype == np.int64 and feed["ids"].shape == (2, 3) and (feed["ids"] == 1).all()
+    assert feed["mask"].dtype == np.bool_ and feed["mask"].all()
+    assert feed["x"].dtype == np.float16 and feed["x"].shape == (2, 100) and feed["x"].std() > 0.5
+    np.testing.assert_array_equal(feed["x"], synthetic_feed(model, {"ids": [2, 3]}, seed=1)["x"])
+    with pytest.raises(FwlrError, match="fixes it at 2"):
+        synthetic_feed(model, {"ids": [2, 3], "mask": [4, 3]})
+    with pytest.raises(FwlrError, match="declares 2"):
+        synthetic_feed(model, {"ids": [2, 3, 4]})
+    with pytest.raises(FwlrError, match="does not have"):
+        synthetic_feed(model, {"ids": [2, 3], "idz": [1]})
+
+
+# --- static counts ----------------------------------------------------------------------------------------
+
+
+def test_matmul_flops_formula():
+    assert matmul_flops("Gemm", [3, 4], [4, 5]) == 2 * 3 * 4 * 5
+    assert matmul_flops("Gemm", [4, 3], [5, 4], {"transA": 1, "transB": 1}) == 2 * 3 * 4 * 5
+    assert matmul_flops("MatMul", [2, 1, 3, 4], [5, 4, 6]) == 2 * (2 * 5) * 3 * 4 * 6  # broadcast batch dims
+    assert matmul_flops("MatMul", [4], [4, 6]) == 2 * 4 * 6  # vector @ matrix
+
+
+def test_count_parameters_includes_subgraphs():
+    then_graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(np.ones((3, 3), np.float32)))],
+        "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["e_w"], ["e"])], "else", [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones((2,), np.float32), "e_w")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["r"], then_branch=then_graph, else_branch=else_graph)], "main",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.zeros((4, 5), np.float32), "w"),
+         numpy_helper.from_array(np.zeros((6,), np.int64), "shape_not_a_weight")],
+    )
+    assert count_parameters(helper.make_model(graph)) == 20 + 9 + 2
+
+
+# --- measurements in ONNX Runtime ---------------------------------------------------------------------------
+
+
+def test_matmul_flops_counted_from_runtime_shapes(profiles):
+    assert profiles["original"]["matmul_flops"] == _expected_flops()
+    assert profiles["compressed"]["matmul_flops"] == _expected_flops(factorised=True)
+    assert profiles["original"]["matmul_nodes"] == 4
+
+
+def test_latency_fields_positive_and_ordered(profiles):
+    result = profiles["original"]
+    p50, p90, p95, p99 = (result[f"latency_{p}_percentile"] for p in (50, 90, 95, 99))
+    assert 0 < p50 <= p90 <= p95 <= p99
+    assert result["average_latency_ms"] > 0
+    assert result["QPS"] == pytest.approx(B * 1000.0 / result["average_latency_ms"])
+    assert result["providers"] == ["CPUExecutionProvider"]
+    assert result["peak_rss_mb"] > 0 and result["rss_growth_mb"] >= 0
+
+
+def test_size_and_parameters_include_external_data(profiles):
+    folder = profiles["folder"]
+    result = profiles["original"]
+    on_disk = (folder / "original.onnx").stat().st_size + (folder / "original.data").stat().st_size
+    assert (folder / "original.data").stat().st_size > 0
+    assert result["file_size_bytes"] == on_disk == file_size_bytes(folder / "original.onnx")
+    assert result["parameters"] == K * N + P * N + P * Q + Q
+
+
+def test_op_profile_has_matmul_and_gemm(profiles):
+    op_profile = profiles["original"]["op_profile"]
+    op_types = {row["op_type"] for row in op_profile["op_types"]}
+    assert {"MatMul", "Gemm"} <= op_types
+    assert sum(row["share"] for row in op_profile["op_types"]) == pytest.approx(1.0)
+    times = [row["time_ms"] for row in op_profile["top_nodes"]]
+    assert 0 < len(times) <= 10 and times == sorted(times, reverse=True)
+    text = format_profile(profiles["original"])
+    assert "MatMul" in text and "Gemm" in text and "latency p99" in text
+
+
+def test_unknown_provider_and_bad_feed_are_user_errors(profiles):
+    with pytest.raises(FwlrError, match="CPUExecutionProvider"):
+        profile_model(profiles["original_path"], profiles["feed"], providers=("NoSuchExecutionProvider",))
+    with pytest.raises(FwlrError, match="lack x"):
+        profile_model(profiles["original_path"], {})
+    wrong_rank = {"x": np.ones((B, K), np.float32)}
+    with pytest.raises(FwlrError, match="ONNX Runtime failed"):
+        profile_model(profiles["original_path"], wrong_rank, runs=1, warmup=0, op_profile=False)
+
+
+def test_parse_ort_profile_skips_warmup_and_averages():
+    def node(name, op, ts, dur):
+        return {"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [
+        {"cat": "Session", "name": "model_run", "ts": 0, "dur": 90},
+        node("a", "MatMul", 1, 80),  # warm-up run, skipped
+        {"cat": "Session", "name": "model_run", "ts": 100, "dur": 50},
+        node("a", "MatMul", 101, 30), node("b", "Relu", 131, 10),
+        {"cat": "Node", "name": "a_fence_before", "ts": 131, "dur": 5, "args": {"op_name": "MatMul"}},
+        {"cat": "Session", "name": "model_run", "ts": 200, "dur": 50},
+        node("a", "MatMul", 201, 50), node("b", "Relu", 251, 10),
+    ]
+    parsed = parse_ort_profile(events, skip_runs=1)
+    assert parsed["profiled_runs"] == 2
+    assert [(r["op_type"], r["time_ms"]) for r in parsed["op_types"]] == [("MatMul", 0.040), ("Relu", 0.010)]
+    assert parsed["op_types"][0]["share"] == pytest.approx(0.8)
+    assert parsed["top_nodes"][0]["node"] == "a"
+
+
+# --- comparison -------------------------------------------------------------------------------------------
+
+
+def test_comparison_ratios_and_table(profiles):
+    a, b = profiles["original"], profiles["compressed"]
+    comparison = compare_profiles(a, b)
+    assert comparison["matmul_flops"]["ratio"] == pytest.approx(_expected_flops(True) / _expected_flops())
+    assert comparison["parameters"]["ratio"] == pytest.approx(b["parameters"] / a["parameters"])
+    assert "MatMul" in comparison["op_types"] and "Gemm" in comparison["op_types"]
+    text = format_comparison(a, b, names=("before", "after"))
+    assert "before" in text and "after" in text and "physical limit" in text
+    table = text.split("\n\n")[1].splitlines()
+    assert table[0].startswith("metric") and len({len(line) for line in table}) == 1  # right-aligned columns
+
+
+# --- test data for onnx_test_runner -----------------------------------------------------------------------
+
+
+def test_save_test_data_round_trips(profiles, tmp_path):
+    folder = save_test_data(profiles["original_path"], profiles["feed"], tmp_path)
+    assert folder == tmp_path / "test_data_set_0"
+    x = onnx.load_tensor(str(folder / "input_0.pb"))
+    assert x.name == "x"
+    np.testing.assert_array_equal(numpy_helper.to_array(x), profiles["feed"]["x"])
+    expected = ort.InferenceSession(str(profiles["original_path"]), providers=["CPUExecutionProvider"]).run(
+        None, profiles["feed"]
+    )
+    names = ["out", "scores"]
+    for i, (name, value) in enumerate(zip(names, expected)):
+        tensor = onnx.load_tensor(str(folder / f"output_{i}.pb"))
+        assert tensor.name == name
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), value)
+    assert sorted(p.name for p in folder.iterdir()) == ["input_0.pb", "output_0.pb", "output_1.pb"]

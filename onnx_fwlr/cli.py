@@ -71,7 +71,13 @@ class Compress:
         p.add_argument("model", help="ONNX model file")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
         p.add_argument("--ratio", type=float, help="parameters kept in the factorised weights (0 < R <= 1)")
-        p.add_argument("--rank", type=int, help="one fixed rank for every site")
+        p.add_argument("--rank", action="append", default=[], metavar="N|NAME=N",
+                       help="one fixed rank for every site (N), or for one site (NAME=N, repeatable)")
+        p.add_argument("--target-size", metavar="BYTES", help="size of the output model, e.g. 20MB or 150000")
+        p.add_argument("--max-error", type=float,
+                       help="largest relative L2 output error on --val data; the smallest ratio meeting it is found")
+        p.add_argument("--keep-attention", action="store_true",
+                       help="keep Q/K/V/output projections dense (factorising them breaks ORT's Attention fusion)")
         p.add_argument("--method", default="svd", choices=list(METHODS), help="weighting (default: svd)")
         p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS), help="rank allocation")
         p.add_argument("--include", help="regex: only sites whose node or weight name matches")
@@ -95,9 +101,12 @@ class Compress:
         from .modelio import check_output_path, file_size, save_model
 
         output = check_output_path(args.output, [args.model], args.force)
+        rank, ranks = _parse_ranks(args.rank)
         model, report = compress(
-            args.model, ratio=args.ratio, rank=args.rank, method=args.method, allocation=args.allocation,
-            include=args.include, exclude=args.exclude, calibration=args.calib, stats=args.stats,
+            args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=_parse_size(args.target_size),
+            max_error=args.max_error, validation=args.val, method=args.method, allocation=args.allocation,
+            include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
+            calibration=args.calib, stats=args.stats,
             batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
             bias_correction=False if args.no_bias_correction else None, progress=not args.quiet,
         )
@@ -118,6 +127,36 @@ class Compress:
         if args.json:
             _write_json(report.to_dict(), args.json)
         return code
+
+
+def _parse_ranks(items: list[str]) -> tuple[int | None, dict]:
+    """`--rank 8` (every site) and `--rank fc1=8` (one site), in any mix."""
+    rank, ranks = None, {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            raise FwlrError(f"--rank '{item}' is not N or NAME=N with N an integer.") from None
+        if name:
+            ranks[name] = number
+        else:
+            rank = number
+    return rank, ranks
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise FwlrError(f"--target-size '{text}' is not a size; write e.g. 150000, 500KB, 20MB or 1.5GiB.")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
 def _calibration_arguments(p):
@@ -297,7 +336,54 @@ class Profile:
         return 0
 
 
-COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile]
+class Sweep:
+    name = "sweep"
+    help = "evaluate many budgets and methods from one calibration: table, JSON and PNG plots"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("model", help="ONNX model file")
+        p.add_argument("--calib", metavar="DATA", help="calibration data (needed by every method but svd)")
+        p.add_argument("--val", metavar="DATA", required=True, help="validation data the budgets are judged on")
+        p.add_argument("--ratios", default="0.9,0.7,0.5,0.3", help="comma-separated parameter ratios")
+        p.add_argument("--methods", default="svd,whiten", help="comma-separated methods")
+        p.add_argument("--allocations", default="uniform", help="comma-separated: uniform, global")
+        p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for sweep.json and the plots")
+        p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
+        p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding")
+        p.add_argument("--latency", action="store_true", help="also measure ONNX Runtime latency of each model")
+        p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
+        p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        p.add_argument("--json", metavar="FILE", help="also write the results as JSON here ('-' for stdout)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> int:
+        from .sweep import sweep, write_outputs
+
+        try:
+            ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        except ValueError:
+            raise FwlrError(f"--ratios '{args.ratios}' is not a comma-separated list of numbers.") from None
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+        result = sweep(args.model, args.calib, args.val, ratios=ratios, methods=split(args.methods),
+                       allocations=split(args.allocations), out_dir=args.output, batch_size=args.batch_size,
+                       mask_input=args.mask_input, latency=args.latency, save_models=args.save_models,
+                       progress=not args.quiet)
+        out = _out(args)
+        out(result.format())
+        try:
+            written = write_outputs(result, args.output, plots=not args.no_plots)
+        except FwlrError as exc:  # no matplotlib: the table and JSON still count
+            written = write_outputs(result, args.output, plots=False)
+            out(f"note: {exc}")
+        out("wrote " + ", ".join(written))
+        if args.json:
+            _write_json(result.to_dict(), args.json)
+        return 0
+
+
+COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile, Sweep]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,3 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-fwlr: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
+        sys.stderr.close()
+        return 0

@@ -109,7 +109,6 @@ def _consumers(graphs: list[onnx.GraphProto]) -> dict[str, list[tuple[int, int]]
             for name in set(node.input):
                 if name:
                     readers.setdefault(name, []).append((g_index, n_index))
-            # A subgraph reading an outer name is visited as its own graph, so its nodes appear above.
         for out in graph.output:
             readers.setdefault(out.name, []).append((g_index, -1))
     return readers
@@ -258,3 +257,64 @@ def validate_regex(pattern: str | None, option: str) -> None:
         re.compile(pattern)
     except re.error as exc:
         raise FwlrError(f"{option} '{pattern}' is not a valid regular expression ({exc}); fix the pattern.") from None
+
+
+# Ops that carry a projection's output into attention scores unchanged in meaning (bias, scaling, head split).
+_ATTENTION_PATH_OPS = {"Add", "Reshape", "Transpose", "Div", "Mul", "Cast", "Identity", "Squeeze", "Unsqueeze",
+                       "Split", "Slice"}
+_LAYOUT_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze"}
+
+
+def attention_projections(model: onnx.ModelProto, sites: list[Site], depth: int = 6) -> set[str]:
+    """Weights of Q/K/V and attention-output projections (main graph).
+
+    Q/K/V: the site's output reaches a MatMul of two computed operands (the attention scores or context)
+    through bias, scaling and head-reshaping ops. Output projection: the site's input comes from such a
+    MatMul through reshapes and transposes only. These are the sites whose factorisation breaks ONNX
+    Runtime's Attention fusion.
+    """
+    graph = model.graph
+    constants = {t.name for t in graph.initializer} | {
+        n.output[0] for n in graph.node if n.op_type == "Constant"
+    }
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def dynamic_matmul(node) -> bool:
+        return node.op_type == "MatMul" and not any(i in constants for i in node.input)
+
+    def feeds_attention(tensor: str) -> bool:
+        frontier, seen = [tensor], set()
+        for _ in range(depth):
+            next_frontier = []
+            for name in frontier:
+                for node in readers.get(name, []):
+                    if dynamic_matmul(node):
+                        return True
+                    if node.op_type in _ATTENTION_PATH_OPS and id(node) not in seen:
+                        seen.add(id(node))
+                        next_frontier.extend(node.output)
+            frontier = next_frontier
+        return False
+
+    def fed_by_attention(tensor: str) -> bool:
+        for _ in range(depth):
+            node = producer.get(tensor)
+            if node is None:
+                return False
+            if dynamic_matmul(node):
+                return True
+            if node.op_type not in _LAYOUT_OPS:
+                return False
+            tensor = node.input[0]
+        return False
+
+    found = set()
+    for site in sites:
+        for use in site.uses:
+            if use.graph_index == 0 and (feeds_attention(use.output) or fed_by_attention(use.input)):
+                found.add(site.weight)
+    return found

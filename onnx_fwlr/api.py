@@ -21,11 +21,12 @@ from . import allocation as alloc
 from . import factorize
 from .calibration import collect_activation_stats
 from .data import open_data
+from .decompose import decompose_sites
 from .errors import FwlrError
 from .modelio import load_model
 from .report import Report, SiteResult, op_counts
 from .rewrite import Factors, apply_factors
-from .sites import Site, Skipped, attention_projections, find_sites, model_parameters, validate_regex, weight_matrix
+from .sites import Site, Skipped, attention_projections, find_sites, model_parameters, validate_regex
 from .stats import Statistics, model_fingerprint
 
 # Which statistics each method needs from calibration.
@@ -182,13 +183,11 @@ def prepare(
         if prepared.stats.meta.get("smoke_test"):
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
     start = time.perf_counter()
-    for site in tqdm(sites, desc="decompose", unit="site", disable=not progress, leave=False):
-        W = weight_matrix(model, site)
-        site_method = method if _has_stats(method, site, prepared.stats) else "svd"
-        left, right = scalings(site_method, site, prepared.stats)
-        prepared.weights[site.weight] = W
-        prepared.decompositions[site.weight] = factorize.weighted_svd(W, left, right)
-        prepared.site_methods[site.weight] = site_method
+    prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
+    decomposed = decompose_sites(model, sites, prepared.site_methods, prepared.stats, scalings, progress=progress)
+    for weight, (W, dec) in decomposed.items():
+        prepared.weights[weight] = W
+        prepared.decompositions[weight] = dec
     prepared.timings["decompose"] = time.perf_counter() - start
     return prepared
 

@@ -108,7 +108,8 @@ class Compress:
             include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
             calibration=args.calib, stats=args.stats,
             batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
-            bias_correction=False if args.no_bias_correction else None, progress=not args.quiet,
+            bias_correction=False if args.no_bias_correction else None, fisher_options=_fisher_options(args),
+            progress=not args.quiet,
         )
         out = _out(args)
         report.file_size_before = file_size(args.model)
@@ -166,6 +167,16 @@ def _calibration_arguments(p):
     p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding (default: attention_mask)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1",
                    help="sizes of symbolic input dimensions (for random data and profiling); repeatable")
+    p.add_argument("--loss", choices=["ce", "mc", "gaussian"],
+                   help="Fisher loss: ce (needs a 'labels' key), mc (sampled from the model), gaussian (embeddings); "
+                        "default: ce with labels, else by the output's kind")
+    p.add_argument("--fisher-output", metavar="NAME", help="output the loss is defined on (default: first float one)")
+    p.add_argument("--fisher-samples", type=int, default=1, help="loss seeds per batch for mc/gaussian (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Fisher sampling (default 0)")
+
+
+def _fisher_options(args) -> dict:
+    return {"loss": args.loss, "output": args.fisher_output, "samples": args.fisher_samples, "seed": args.seed}
 
 
 def _tolerance_arguments(p):
@@ -215,7 +226,8 @@ class Calibrate:
             raise FwlrError("calibrate needs data; pass --calib DATA (.npz, a folder of .npz, or 'random').")
         stats = calibrate(args.model, args.calib, fisher=args.fisher, include=args.include, exclude=args.exclude,
                           batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
-                          shard=_parse_shard(args.shard), progress=not args.quiet)
+                          shard=_parse_shard(args.shard), progress=not args.quiet,
+                          **(_fisher_options(args) if args.fisher else {}))
         stats.save(output)
         meta = stats.meta
         print(f"calibrated {len(stats.activations)} site input(s), {len(stats.gradients)} with gradients, on "

@@ -1,0 +1,332 @@
+"""Reverse-mode differentiation of an ONNX graph: forward in ONNX Runtime, backward in numpy.
+
+``GradientRunner`` finds the nodes between the tensors we differentiate with respect to (``wrt``:
+graph inputs, intermediates or initializers) and one ``output``, exposes as extra ONNX Runtime
+outputs only the tensors their VJP rules read (a ``Shape`` node stands in where a rule reads only a
+shape), and walks those nodes backwards applying ``onnx_fwlr.vjp`` rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_SHAPE_SUFFIX = "__fwlr_shape"
+
+
+@dataclass
+class _Step:
+    """One node on the differentiated path, with what its rule reads."""
+
+    node: onnx.NodeProto
+    attrs: dict
+    wanted: frozenset          # input indices that need a cotangent
+    active_outputs: tuple      # output indices that can receive a cotangent
+    needs: Needs
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    attrs = {}
+    for a in node.attribute:
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            continue
+        value = onnx.helper.get_attribute_value(a)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        attrs[a.name] = value
+    return attrs
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names a node's subgraphs (If/Loop/Scan bodies) read."""
+    names: set[str] = set()
+    for a in node.attribute:
+        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            local = {i.name for i in g.input} | {i.name for i in g.initializer}
+            for n in g.node:
+                local |= set(n.output)
+            for n in g.node:
+                names |= {i for i in list(n.input) + sorted(_subgraph_inputs(n)) if i and i not in local}
+            names |= {o.name for o in g.output if o.name not in local}
+    return names
+
+
+def _has_subgraph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _casts_to_non_float(node: onnx.NodeProto) -> bool:
+    """Cast to an integer or boolean type: the result carries no gradient (even when types are unknown)."""
+    if node.op_type != "Cast":
+        return False
+    to = next((a.i for a in node.attribute if a.name == "to"), onnx.TensorProto.FLOAT)
+    return to not in _FLOAT_TYPES
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor that shape inference can type (best effort)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - typing is an optimisation, unknown types count as float
+        inferred = model
+    g = inferred.graph
+    types = {t.name: t.data_type for t in g.initializer}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def _clamp_ir_error(message: str) -> int | None:
+    match = re.search(r"max supported IR version:\s*(\d+)", message)
+    return int(match.group(1)) if match else None
+
+
+class GradientRunner:
+    """Forward pass in ONNX Runtime and reverse-mode gradients of ``output`` w.r.t. ``wrt`` tensors.
+
+    ``forward(feed)`` returns the exposed tensors; ``backward(values, seed)`` returns the cotangent of
+    every ``wrt`` tensor given the cotangent ``seed`` of ``output``. Gradients through ops without a rule
+    raise ``FwlrError`` at construction; they never silently become zero. The ONNX Runtime session is
+    created on the first ``forward`` (``session_options``: an ``onnxruntime.SessionOptions``, optional),
+    so a runner also serves to differentiate values computed elsewhere (``exposed_model``, ``fetch_names``).
+    """
+
+    def __init__(self, model: onnx.ModelProto, output: str, wrt: Sequence[str],
+                 providers: Sequence[str] = ("CPUExecutionProvider",),
+                 extra_outputs: Sequence[str] = (), session_options=None):
+        self.output = output
+        self.session_options = session_options
+        self.wrt = list(dict.fromkeys(wrt))
+        self.providers = list(providers)
+        self.opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 1)
+        graph = model.graph
+        self._initializers = {t.name: t for t in graph.initializer}
+        self._graph_inputs = [i.name for i in graph.input if i.name not in self._initializers]
+        self._constant_cache: dict[str, np.ndarray] = {}
+        self._types = _elem_types(model)
+        known = set(self._initializers) | {i.name for i in graph.input}
+        for n in graph.node:
+            known |= set(n.output)
+        missing = [name for name in [output, *self.wrt, *extra_outputs] if name not in known]
+        if missing:
+            raise FwlrError(f"Tensors {missing} are not in the model graph; pass names of graph inputs, "
+                            "initializers or node outputs.")
+        not_float = [w for w in [output, *self.wrt] if self._types.get(w, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES]
+        if not_float:
+            raise FwlrError(f"Tensors {not_float} are not floating point, so they have no gradient; "
+                            "differentiate with respect to float tensors (e.g. embeddings instead of token ids).")
+
+        self._steps = self._plan(graph)
+        self.exposed_model, self._fetch = self._expose(model, list(extra_outputs))
+        self._extra_constants = [n for n in extra_outputs if n in self._initializers]
+        self._session = None
+
+    # ------------------------------------------------------------ planning
+
+    def _active_tensors(self, graph, sources) -> tuple[set[str], list]:
+        """Tensors that depend differentiably on ``sources``, and nodes that read them."""
+        active = set(sources)
+        touched = []
+        for node in graph.node:
+            reads = [i for i, name in enumerate(node.input) if name in active]
+            implicit = bool(_subgraph_inputs(node) & active) if _has_subgraph(node) else False
+            if not reads and not implicit:
+                continue
+            if node.domain in _DEFAULT_DOMAINS and (node.op_type in NON_DIFFERENTIABLE or _casts_to_non_float(node)):
+                continue
+            rule = RULES.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+            if rule is not None and not implicit:
+                diff = range(len(node.input)) if rule.diff_inputs is None else rule.diff_inputs
+                reads = [i for i in reads if i in diff]
+                if not reads:
+                    continue
+            for o in node.output:
+                if o and self._types.get(o, onnx.TensorProto.FLOAT) in _FLOAT_TYPES:
+                    active.add(o)
+            touched.append((node, frozenset(reads)))
+        return active, touched
+
+    def _plan(self, graph) -> list[_Step]:
+        ancestors = {self.output}
+        for node in reversed(graph.node):
+            if any(o in ancestors for o in node.output):
+                ancestors |= {i for i in node.input if i} | _subgraph_inputs(node)
+        active, touched = self._active_tensors(graph, self.wrt)
+        steps, unsupported = [], []
+        for node, reads in touched:
+            on_path = tuple(k for k, o in enumerate(node.output) if o in active and o in ancestors)
+            if not on_path:
+                continue
+            rule = RULES.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+            handled = rule is not None and not _has_subgraph(node) and (
+                rule.grad_outputs is None or set(on_path) <= set(rule.grad_outputs))
+            if not handled:
+                unsupported.append(node)
+                continue
+            needs = rule.needs(reads, len(node.input))
+            steps.append(_Step(node, _attributes(node), reads, on_path, needs))
+        if unsupported:
+            self._raise_unsupported(graph, unsupported)
+        return steps
+
+    def _raise_unsupported(self, graph, nodes):
+        ops = sorted({(f"{n.domain}:" if n.domain not in _DEFAULT_DOMAINS else "") + n.op_type for n in nodes})
+        bad = {id(n) for n in nodes}
+        affected = [w for w in self.wrt if any(id(n) in bad for n, _ in self._active_tensors(graph, [w])[1])]
+        raise FwlrError(
+            f"Cannot differentiate {self.output!r} with respect to {affected}: the path goes through "
+            f"op types with no gradient rule ({', '.join(ops)}); use an activation-based method "
+            "(asvd or whiten) for this model, or choose tensors whose path avoids these ops.")
+
+    def _expose(self, model: onnx.ModelProto, extra: list[str]):
+        """A copy of the model whose outputs include every tensor the backward pass reads."""
+        value_names = [self.output, *extra]
+        shape_names = list(self.wrt)
+        for step in self._steps:
+            n_in = len(step.node.input)
+            value_names += [step.node.input[i] for i in step.needs.inputs if i < n_in]
+            shape_names += [step.node.input[i] for i in step.needs.input_shapes if i < n_in]
+            value_names += [step.node.output[i] for i in step.needs.outputs]
+        cheap = set(self._initializers) | set(self._graph_inputs)
+        values = [n for n in dict.fromkeys(value_names) if n and n not in cheap]
+        shapes = [n for n in dict.fromkeys(shape_names) if n and n not in cheap and n not in values]
+
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(model)
+        graph = exposed.graph
+        outputs = {o.name for o in graph.output}
+        for name in values:
+            if name not in outputs:
+                graph.output.append(self._value_info(name))
+        shape_outputs = []
+        for name in shapes:
+            shape_name = name + _SHAPE_SUFFIX
+            graph.node.append(onnx.helper.make_node("Shape", [name], [shape_name], name=shape_name))
+            graph.output.append(onnx.helper.make_tensor_value_info(shape_name, onnx.TensorProto.INT64, None))
+            shape_outputs.append(shape_name)
+        return exposed, values + shape_outputs
+
+    def _value_info(self, name: str) -> onnx.ValueInfoProto:
+        elem = self._types.get(name)
+        return onnx.helper.make_tensor_value_info(name, elem, None) if elem else onnx.ValueInfoProto(name=name)
+
+    @property
+    def fetch_names(self) -> list[str]:
+        """Outputs of ``exposed_model`` that ``forward`` fetches (run it elsewhere, e.g. in float64)."""
+        return list(self._fetch)
+
+    # ------------------------------------------------------------ running
+
+    def _make_session(self):
+        import onnxruntime as ort
+
+        options = self.session_options
+        if options is None:
+            options = ort.SessionOptions()
+            # numpy runs between ORT calls: spinning ORT threads would steal its cores.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model = self.exposed_model
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+        except Exception as err:  # noqa: BLE001 - retried only for a too-new IR version
+            max_ir = _clamp_ir_error(str(err))
+            if max_ir is None or model.ir_version <= max_ir:
+                raise
+        clamped = onnx.ModelProto()
+        clamped.CopyFrom(model)
+        clamped.ir_version = max_ir
+        return ort.InferenceSession(clamped.SerializeToString(), options, providers=self.providers)
+
+    def forward(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the model; returns the exposed tensors (``output``, what backward reads, extras)."""
+        if self._session is None:
+            self._session = self._make_session()
+        ort_feed = {k: v for k, v in feed.items() if k in self._graph_inputs}
+        results = self._session.run(self._fetch, ort_feed)
+        values = dict(ort_feed)
+        values.update(zip(self._fetch, results))
+        values.update((name, self._value({}, name)) for name in self._extra_constants)
+        return values
+
+    def _value(self, values, name: str) -> np.ndarray:
+        if name in values:
+            return values[name]
+        if name in self._initializers:
+            if name not in self._constant_cache:
+                self._constant_cache[name] = numpy_helper.to_array(self._initializers[name])
+            return self._constant_cache[name]
+        raise FwlrError(f"Tensor {name!r} is missing from the forward values; pass the dict that "
+                        "GradientRunner.forward returned.")
+
+    def _shape(self, values, name: str) -> tuple:
+        if name in values:
+            return values[name].shape
+        if name + _SHAPE_SUFFIX in values:
+            return tuple(int(d) for d in values[name + _SHAPE_SUFFIX])
+        if name in self._initializers:
+            return tuple(self._initializers[name].dims)
+        raise FwlrError(f"Shape of tensor {name!r} is missing from the forward values; pass the dict "
+                        "that GradientRunner.forward returned.")
+
+    def _rule_arrays(self, step: _Step, values):
+        node = step.node
+        ins = []
+        for i, name in enumerate(node.input):
+            if not name:
+                ins.append(None)
+            elif i in step.needs.inputs:
+                ins.append(self._value(values, name))
+            elif i in step.needs.input_shapes:
+                ins.append(shape_only(self._shape(values, name)))
+            else:
+                ins.append(None)
+        outs = [self._value(values, name) if k in step.needs.outputs else None
+                for k, name in enumerate(node.output)]
+        return ins, outs
+
+    def backward(self, values: Mapping[str, np.ndarray], seed: np.ndarray) -> dict[str, np.ndarray]:
+        """Cotangent of each ``wrt`` tensor, given ``seed`` = cotangent of ``output``.
+
+        Cotangents of tensors read by several nodes are summed; each is freed once its producer is done.
+        Computation happens in the seed's dtype where the rules allow (float64 seeds stay float64).
+        """
+        seed = np.asarray(seed)
+        expected = self._shape(values, self.output)
+        if seed.shape != tuple(expected):
+            raise FwlrError(f"The seed has shape {seed.shape} but {self.output!r} has shape {tuple(expected)}; "
+                            "pass a cotangent shaped like the output.")
+        keep = set(self.wrt)
+        cot: dict[str, np.ndarray] = {self.output: seed}
+        for step in reversed(self._steps):
+            node = step.node
+            grads = [cot.get(node.output[k]) if k in step.active_outputs else None
+                     for k in range(len(node.output))]
+            if all(g is None for g in grads):
+                continue
+            ins, outs = self._rule_arrays(step, values)
+            input_grads = RULES[node.op_type].vjp(ins, outs, step.attrs, grads, self.opset, step.wanted)
+            for name in node.output:
+                if name not in keep:
+                    cot.pop(name, None)
+            for i in step.wanted:
+                g = input_grads[i]
+                if g is None:
+                    continue
+                name = node.input[i]
+                cot[name] = cot[name] + g if name in cot else g
+        return {w: np.ascontiguousarray(cot[w]) if w in cot
+                else np.zeros(self._shape(values, w), dtype=seed.dtype) for w in self.wrt}

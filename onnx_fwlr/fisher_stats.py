@@ -1,0 +1,132 @@
+"""Gradient (Fisher) statistics from a calibration run: forward in ONNX Runtime, backward in numpy.
+
+One pass gives both the activation statistics of every site input (the same sums as calibration.py,
+computed from the exposed inputs) and, per site, the per-sample Fisher sums of its weight gradient
+dW_n = X_nᵀ G_n and the output-gradient Gram Σ g gᵀ, for fwsvd, kfac and loss-unit global allocation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from . import fisher
+from .backward import GradientRunner
+from .calibration import main_graph_tensors
+from .data import Batches, find_mask_input
+from .errors import FwlrError
+from .sites import Site
+from .stats import Statistics, activation_key, model_fingerprint
+
+
+def default_output(model: onnx.ModelProto, name: str | None) -> str:
+    """The output the loss is defined on: the one named, else the first floating-point output."""
+    outputs = [o.name for o in model.graph.output]
+    if name is not None:
+        if name not in outputs:
+            raise FwlrError(f"--fisher-output '{name}' is not an output of the model; its outputs are {outputs}.")
+        return name
+    for out in model.graph.output:
+        if out.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                              onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+            return out.name
+    raise FwlrError("the model has no floating-point output to define a loss on; use an activation-based method.")
+
+
+def _reachable_uses(model, sites):
+    """Site uses in the main graph (gradients do not enter subgraphs)."""
+    visible = main_graph_tensors(model)
+    return [(site, use) for site in sites for use in site.uses
+            if use.graph_index == 0 and use.input in visible and use.output in visible]
+
+
+def _rows(x: np.ndarray, transposed: bool) -> np.ndarray:
+    """The site input as [samples, positions, K] (a Gemm with transA reads X [K, M])."""
+    if transposed:
+        x = x.T
+    if x.ndim == 1:
+        return x.reshape(1, 1, -1)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def _activation_sums(x3: np.ndarray, mask: np.ndarray | None) -> dict:
+    rows = x3.reshape(-1, x3.shape[-1]).astype(np.float32, copy=False)
+    if mask is not None and x3.shape[:2] == mask.shape:
+        weights = mask.reshape(-1, 1).astype(np.float32)
+        rows = rows * weights
+        count = float(weights.sum())
+    else:
+        count = float(rows.shape[0])
+    return {"gram": rows.T @ rows, "sum": rows.sum(0, dtype=np.float64), "abs_sum": np.abs(rows).sum(0, dtype=np.float64),
+            "count": count}
+
+
+def collect_fisher_stats(
+    model: onnx.ModelProto,
+    sites: list[Site],
+    batches: Batches,
+    mask_input: str | None = None,
+    loss: str | None = None,
+    output: str | None = None,
+    samples: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    providers=("CPUExecutionProvider",),
+) -> Statistics:
+    """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
+
+    loss: 'ce' (labels), 'mc' (sampled from the model's own softmax) or 'gaussian' (ε ~ N(0, I) on the
+    output); default 'ce' with labels, else by the output's kind (fisher.default_loss). `samples` seeds
+    per batch for 'mc'/'gaussian'. Seeded, so reproducible.
+    """
+    if loss is not None and loss not in fisher.LOSSES:
+        raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
+    if samples < 1:
+        raise FwlrError(f"--fisher-samples {samples} is out of range; it must be a positive integer.")
+    out_name = default_output(model, output)
+    target = fisher.find_seed_target(model, out_name)
+    uses = _reachable_uses(model, sites)
+    if not uses:
+        raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use --method whiten.")
+    wrt = sorted({use.output for _, use in uses})
+    inputs = sorted({use.input for _, use in uses})
+    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    mask_name = find_mask_input(batches.specs, mask_input)
+    rng = np.random.default_rng(seed)
+    stats = Statistics(model_fingerprint(model), meta={
+        "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
+        "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
+    start = time.perf_counter()
+    chosen_loss = loss
+    for index, (feed, labels) in enumerate(tqdm(batches, desc="calibrate (fisher)", unit="batch",
+                                                disable=not progress, leave=False)):
+        values = runner.forward(feed)
+        z = values[target.tensor]
+        if chosen_loss is None:
+            chosen_loss = fisher.default_loss(target, z.shape, labels is not None)
+        mask = feed.get(mask_name) if mask_name else None
+        weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
+        seeds = fisher.make_seeds(chosen_loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight)
+        for key in {activation_key(use) for _, use in uses}:
+            use = next(u for _, u in uses if activation_key(u) == key)
+            Statistics.fold(stats.activations.setdefault(key, {}),
+                            _activation_sums(_rows(values[use.input], use.trans_a), mask))
+        for seed_value in seeds:
+            cotangents = runner.backward(values, seed_value)
+            for site, use in uses:
+                X = _rows(values[use.input], use.trans_a)
+                G = cotangents[use.output]
+                G = (G * use.alpha if use.alpha != 1.0 else G).reshape(X.shape[0], -1, G.shape[-1])
+                acc = stats.gradients.setdefault(site.weight, {})
+                fisher.accumulate_fisher(acc, X, G)
+        stats.meta["samples"] += len(z) if z.ndim else 1
+        stats.meta["batches"] += 1
+    if stats.meta["batches"] == 0:
+        raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
+    stats.meta.update(loss=chosen_loss, fisher_samples=samples, seconds=time.perf_counter() - start)
+    for acc in stats.gradients.values():
+        acc["grad_count"] = np.asarray(float(acc["grad_count"]))
+    return stats

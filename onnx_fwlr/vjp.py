@@ -1,0 +1,519 @@
+"""Vector-Jacobian products of ONNX operators, in numpy.
+
+Reverse-mode differentiation of an ONNX graph needs, for every op on the path from the tensors of
+interest to the loss, the map from output cotangents to input cotangents. Each op has one rule::
+
+    rule(inputs, outputs, attrs, grads, opset, wanted) -> list of input cotangents
+
+``inputs``/``outputs`` hold the forward arrays the rule reads (see ``Rule.needs``); an input whose
+shape alone is needed may be a zero-stride stand-in (``shape_only``), and anything not needed may be
+None. ``grads`` holds one cotangent per output (None = zero). ``wanted`` is the set of input indices
+whose cotangents the caller needs; the rule returns None for every other input. ``attrs`` holds plain
+Python values (ints, floats, lists, str).
+
+Pure numpy/scipy: no onnx import, so it can be tested and reused alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import numpy as np
+from scipy.special import erf
+
+# Ops whose outputs carry no gradient (constant, integer, boolean or piecewise-constant results).
+NON_DIFFERENTIABLE = frozenset({
+    "Constant", "ConstantOfShape", "Shape", "Size", "Range", "EyeLike", "NonZero",
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
+    "ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf",
+    "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot",
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+})
+
+
+class Needs(NamedTuple):
+    """What a rule reads from the forward pass, by input/output index."""
+
+    inputs: tuple[int, ...] = ()        # input values
+    input_shapes: tuple[int, ...] = ()  # inputs whose shape alone is read
+    outputs: tuple[int, ...] = ()       # output values
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One op's VJP and what it needs.
+
+    ``needs(wanted, n_inputs)`` lets a caller expose only the tensors the rule will read.
+    ``diff_inputs``: inputs that can carry a gradient (None = all). ``grad_outputs``: outputs whose
+    cotangent the rule handles (None = all); a gradient through any other output is unsupported.
+    """
+
+    vjp: Callable
+    needs: Callable[[frozenset, int], Needs]
+    diff_inputs: tuple[int, ...] | None = (0,)
+    grad_outputs: tuple[int, ...] | None = (0,)
+
+
+def shape_only(shape, dtype=np.float32) -> np.ndarray:
+    """A zero-memory array with the given shape, for rules that read only a tensor's shape."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(d) for d in shape))
+
+
+def unbroadcast(g: np.ndarray, shape) -> np.ndarray:
+    """Sum a cotangent down to ``shape``: the adjoint of multidirectional broadcasting."""
+    shape = tuple(shape)
+    if g.shape == shape:
+        return g
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, (gd, d) in enumerate(zip(g.shape, shape)) if d == 1 and gd != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+def _static(inputs=(), shapes=(), outputs=()):
+    return lambda wanted, n: Needs(tuple(inputs), tuple(shapes), tuple(outputs))
+
+
+def _all_inputs(values=False, outputs=()):
+    def needs(wanted, n):
+        return Needs(tuple(range(n)) if values else (), tuple(range(n)), tuple(outputs))
+    return needs
+
+
+def _each_wanted(ins, wanted, fn):
+    """Apply fn(index) to each wanted input index; None elsewhere."""
+    return [fn(i) if i in wanted else None for i in range(len(ins))]
+
+
+def _opt(ins, i):
+    return ins[i] if len(ins) > i and ins[i] is not None else None
+
+
+# ---------------------------------------------------------------- linear algebra
+
+def _matmul_needs(wanted, n):
+    values = ((1,) if 0 in wanted else ()) + ((0,) if 1 in wanted else ())
+    return Needs(tuple(sorted(values)), (0, 1))
+
+
+def _matmul(ins, outs, attrs, grads, opset, wanted):
+    a, b = ins
+    g = grads[0]
+    a_vec, b_vec = a.ndim == 1, b.ndim == 1
+    a_shape2 = (1,) + a.shape if a_vec else a.shape
+    b_shape2 = b.shape + (1,) if b_vec else b.shape
+    if b_vec:  # restore the dimensions numpy/ONNX drop for 1-D operands
+        g = g[..., None]
+    if a_vec:
+        g = g[..., None, :]
+    ga = gb = None
+    if 0 in wanted:
+        b2 = b.reshape(b_shape2)
+        if b2.ndim == 2:  # one large GEMM instead of a batched loop
+            ga = (g.reshape(-1, g.shape[-1]) @ b2.T).reshape(g.shape[:-1] + (b2.shape[0],))
+        else:
+            ga = g @ np.swapaxes(b2, -1, -2)
+        ga = unbroadcast(ga, a_shape2).reshape(a.shape)
+    if 1 in wanted:
+        a2 = a.reshape(a_shape2)
+        if len(b_shape2) == 2 and a2.ndim >= 2:  # sum over batch inside the GEMM
+            gb = a2.reshape(-1, a2.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+        else:
+            gb = unbroadcast(np.swapaxes(a2, -1, -2) @ g, b_shape2)
+        gb = gb.reshape(b.shape)
+    return [ga, gb]
+
+
+def _gemm_needs(wanted, n):
+    values = ((1,) if 0 in wanted else ()) + ((0,) if 1 in wanted else ())
+    return Needs(tuple(sorted(values)), tuple(range(n)))
+
+
+def _gemm(ins, outs, attrs, grads, opset, wanted):
+    a, b, c = ins[0], ins[1], _opt(ins, 2)
+    g = grads[0]
+    alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
+    trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
+    out = [None] * len(ins)
+    if 0 in wanted:
+        b_eff = b.T if trans_b else b
+        ga = alpha * (g @ b_eff.T)
+        out[0] = ga.T if trans_a else ga
+    if 1 in wanted:
+        a_eff = a.T if trans_a else a
+        gb = alpha * (a_eff.T @ g)
+        out[1] = gb.T if trans_b else gb
+    if 2 in wanted and c is not None:
+        out[2] = unbroadcast(beta * g, c.shape)
+    return out
+
+
+# ---------------------------------------------------------------- broadcasting arithmetic
+
+def _add(ins, outs, attrs, grads, opset, wanted):
+    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
+
+
+def _sub(ins, outs, attrs, grads, opset, wanted):
+    g = grads[0]
+    return _each_wanted(ins, wanted, lambda i: unbroadcast(g if i == 0 else -g, ins[i].shape))
+
+
+def _mul_needs(wanted, n):
+    values = ((1,) if 0 in wanted else ()) + ((0,) if 1 in wanted else ())
+    return Needs(tuple(sorted(values)), (0, 1))
+
+
+def _mul(ins, outs, attrs, grads, opset, wanted):
+    a, b = ins
+    g = grads[0]
+    return [unbroadcast(g * b, a.shape) if 0 in wanted else None,
+            unbroadcast(g * a, b.shape) if 1 in wanted else None]
+
+
+def _div_needs(wanted, n):
+    return Needs((0, 1) if 1 in wanted else (1,), (0, 1))
+
+
+def _div(ins, outs, attrs, grads, opset, wanted):
+    a, b = ins
+    g = grads[0]
+    return [unbroadcast(g / b, a.shape) if 0 in wanted else None,
+            unbroadcast(-g * a / (b * b), b.shape) if 1 in wanted else None]
+
+
+def _pow_needs(wanted, n):
+    return Needs((0, 1), (0, 1), (0,) if 1 in wanted else ())
+
+
+def _pow(ins, outs, attrs, grads, opset, wanted):
+    a, b = ins
+    g = grads[0]
+    ga = gb = None
+    if 0 in wanted:
+        ga = unbroadcast(g * b * np.power(a, b - 1), a.shape)
+    if 1 in wanted:
+        log_a = np.log(np.where(a > 0, a, 1))  # d/db a^b = a^b log a, taken as 0 where a <= 0
+        gb = unbroadcast(g * outs[0] * log_a, b.shape)
+    return [ga, gb]
+
+
+def _sum(ins, outs, attrs, grads, opset, wanted):
+    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
+
+
+def _mean(ins, outs, attrs, grads, opset, wanted):
+    n = len(ins)
+    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0] / n, ins[i].shape))
+
+
+def _extremum(ins, outs, attrs, grads, opset, wanted):
+    """Max/Min: the cotangent goes to the winning inputs, split equally between ties."""
+    y, g = outs[0], grads[0]
+    masks = [np.broadcast_to(x == y, y.shape) for x in ins]
+    count = np.sum(masks, axis=0)
+    return _each_wanted(ins, wanted, lambda i: unbroadcast(np.where(masks[i], g / count, 0), ins[i].shape))
+
+
+# ---------------------------------------------------------------- elementwise
+
+def _unary(derivative):
+    """Rule for y = f(x) given derivative(x, y) -> dy/dx."""
+    def rule(ins, outs, attrs, grads, opset, wanted):
+        if 0 not in wanted:
+            return [None] * len(ins)
+        x = ins[0]
+        y = outs[0] if outs else None
+        return [grads[0] * derivative(x, y, attrs)] + [None] * (len(ins) - 1)
+    return rule
+
+
+def _gelu_derivative(x, y, attrs):
+    if attrs.get("approximate", "none") == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x ** 3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _leaky_relu_derivative(x, y, attrs):
+    return np.where(x > 0, 1.0, attrs.get("alpha", 0.01)).astype(x.dtype)
+
+
+def _pass_through(ins, outs, attrs, grads, opset, wanted):
+    return [grads[0] if 0 in wanted else None] + [None] * (len(ins) - 1)
+
+
+def _neg(ins, outs, attrs, grads, opset, wanted):
+    return [-grads[0] if 0 in wanted else None]
+
+
+def _clip(ins, outs, attrs, grads, opset, wanted):
+    x, g = ins[0], grads[0]
+    lo, hi = _opt(ins, 1), _opt(ins, 2)
+    if opset < 11:
+        lo, hi = attrs.get("min"), attrs.get("max")
+    inside = np.ones(x.shape, dtype=bool)
+    if lo is not None:
+        inside &= x >= lo
+    if hi is not None:
+        inside &= x <= hi
+    out = [None] * len(ins)
+    if 0 in wanted:
+        out[0] = np.where(inside, g, 0)
+    if 1 in wanted and lo is not None:
+        out[1] = np.asarray(np.where(x < lo, g, 0).sum(), dtype=g.dtype).reshape(np.shape(lo))
+    if 2 in wanted and hi is not None:
+        out[2] = np.asarray(np.where(x > hi, g, 0).sum(), dtype=g.dtype).reshape(np.shape(hi))
+    return out
+
+
+# ---------------------------------------------------------------- softmax family and normalisation
+
+def _class_view(a: np.ndarray, attrs, opset):
+    """The array and axis a (Log)Softmax normalises over; opset < 13 coerces the input to 2-D."""
+    if opset >= 13:
+        return a, attrs.get("axis", -1)
+    axis = attrs.get("axis", 1) % a.ndim
+    rows = int(np.prod(a.shape[:axis], dtype=np.int64))
+    return a.reshape(rows, -1), 1
+
+
+def _softmax(ins, outs, attrs, grads, opset, wanted):
+    y, axis = _class_view(outs[0], attrs, opset)
+    g, _ = _class_view(grads[0], attrs, opset)
+    gx = y * (g - np.sum(g * y, axis=axis, keepdims=True))
+    return [gx.reshape(outs[0].shape)]
+
+
+def _log_softmax(ins, outs, attrs, grads, opset, wanted):
+    y, axis = _class_view(outs[0], attrs, opset)
+    g, _ = _class_view(grads[0], attrs, opset)
+    gx = g - np.exp(y) * np.sum(g, axis=axis, keepdims=True)
+    return [gx.reshape(outs[0].shape)]
+
+
+def _layer_norm(ins, outs, attrs, grads, opset, wanted):
+    """Single-output LayerNormalization; mean and 1/std are recomputed from X."""
+    x, scale, bias = ins[0], ins[1], _opt(ins, 2)
+    g = grads[0]
+    dtype = np.result_type(x.dtype, g.dtype, np.float32)
+    axes = tuple(range(attrs.get("axis", -1) % x.ndim, x.ndim))
+    x = x.astype(dtype, copy=False)
+    xc = x - x.mean(axis=axes, keepdims=True)
+    inv_std = 1.0 / np.sqrt((xc * xc).mean(axis=axes, keepdims=True) + attrs.get("epsilon", 1e-5))
+    xhat = xc * inv_std
+    out = [None] * len(ins)
+    if 2 in wanted and bias is not None:
+        out[2] = unbroadcast(g, bias.shape)
+    if 1 in wanted:
+        out[1] = unbroadcast(g * xhat, scale.shape)
+    if 0 in wanted:
+        gh = g * scale
+        out[0] = inv_std * (gh - gh.mean(axis=axes, keepdims=True)
+                            - xhat * (gh * xhat).mean(axis=axes, keepdims=True))
+    return out
+
+
+# ---------------------------------------------------------------- reductions
+
+def _reduce_axes(ins, attrs, rank):
+    """Normalised reduced axes, or None when the op is a no-op (empty axes + noop_with_empty_axes)."""
+    axes_in = _opt(ins, 1)
+    axes = [int(a) for a in np.ravel(axes_in)] if axes_in is not None else list(attrs.get("axes") or [])
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return None
+        return list(range(rank))
+    return sorted(a % rank for a in axes)
+
+
+def _reduce(mean: bool):
+    def rule(ins, outs, attrs, grads, opset, wanted):
+        x, g = ins[0], grads[0]
+        axes = _reduce_axes(ins, attrs, x.ndim)
+        if axes is None:
+            return [g] + [None] * (len(ins) - 1)
+        if not attrs.get("keepdims", 1):
+            g = np.expand_dims(g, tuple(axes))
+        if mean:
+            g = g / int(np.prod([x.shape[a] for a in axes], dtype=np.int64))
+        return [np.broadcast_to(g, x.shape)] + [None] * (len(ins) - 1)
+    return rule
+
+
+# ---------------------------------------------------------------- shape manipulation
+
+def _reshape_back(ins, outs, attrs, grads, opset, wanted):
+    return [grads[0].reshape(ins[0].shape)] + [None] * (len(ins) - 1)
+
+
+def _transpose(ins, outs, attrs, grads, opset, wanted):
+    g = grads[0]
+    perm = attrs.get("perm") or list(range(g.ndim))[::-1]
+    return [g.transpose(np.argsort(perm))]
+
+
+def _expand(ins, outs, attrs, grads, opset, wanted):
+    return [unbroadcast(grads[0], ins[0].shape), None]
+
+
+def _concat(ins, outs, attrs, grads, opset, wanted):
+    g = grads[0]
+    axis = attrs["axis"] % g.ndim
+    edges = np.cumsum([x.shape[axis] for x in ins])[:-1]
+    parts = np.split(g, edges, axis=axis)
+    return _each_wanted(ins, wanted, lambda i: parts[i])
+
+
+def _split(ins, outs, attrs, grads, opset, wanted):
+    x = ins[0]
+    axis = attrs.get("axis", 0) % x.ndim
+    dim, n = x.shape[axis], len(grads)
+    sizes = _opt(ins, 1)
+    if sizes is None:
+        sizes = attrs.get("split")
+    if sizes is None:  # equal parts, the last one smaller (num_outputs semantics)
+        chunk = -(-dim // n)
+        sizes = [chunk] * (n - 1) + [dim - chunk * (n - 1)]
+    dtype = next(g.dtype for g in grads if g is not None)
+    parts = []
+    for size, g in zip(np.ravel(sizes), grads):
+        if g is None:
+            shape = list(x.shape)
+            shape[axis] = int(size)
+            g = np.zeros(shape, dtype=dtype)
+        parts.append(g)
+    return [np.concatenate(parts, axis=axis)] + [None] * (len(ins) - 1)
+
+
+def _slice_index(shape, starts, ends, axes, steps):
+    """ONNX Slice parameters as a tuple of Python slices (clamping per the ONNX spec)."""
+    rank = len(shape)
+    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in np.ravel(axes)]
+    steps = [1] * len(axes) if steps is None else [int(s) for s in np.ravel(steps)]
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(np.ravel(starts), np.ravel(ends), axes, steps):
+        dim, start, end = shape[axis], int(start), int(end)
+        start = start + dim if start < 0 else start
+        end = end + dim if end < 0 else end
+        if step > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        index[axis] = slice(start, None if end < 0 else end, step)
+    return tuple(index)
+
+
+def _slice(ins, outs, attrs, grads, opset, wanted):
+    x, g = ins[0], grads[0]
+    if opset < 10:
+        index = _slice_index(x.shape, attrs["starts"], attrs["ends"], attrs.get("axes"), None)
+    else:
+        index = _slice_index(x.shape, ins[1], ins[2], _opt(ins, 3), _opt(ins, 4))
+    gx = np.zeros(x.shape, dtype=g.dtype)
+    gx[index] = g
+    return [gx] + [None] * (len(ins) - 1)
+
+
+def _gather(ins, outs, attrs, grads, opset, wanted):
+    """Scatter-add the cotangent back to the gathered rows (repeated indices accumulate)."""
+    data, indices, g = ins[0], np.asarray(ins[1]), grads[0]
+    axis = attrs.get("axis", 0) % data.ndim
+    indices = np.where(indices < 0, indices + data.shape[axis], indices)
+    gd = np.zeros(data.shape, dtype=g.dtype)
+    if axis == 0:
+        np.add.at(gd, indices.reshape(-1), g.reshape((indices.size,) + data.shape[1:]))
+    else:
+        np.add.at(gd, (slice(None),) * axis + (indices,), g)
+    return [gd, None]
+
+
+def _where(ins, outs, attrs, grads, opset, wanted):
+    cond, g = ins[0], grads[0]
+    out = [None, None, None]
+    if 1 in wanted:
+        out[1] = unbroadcast(np.where(cond, g, 0), ins[1].shape)
+    if 2 in wanted:
+        out[2] = unbroadcast(np.where(cond, 0, g), ins[2].shape)
+    return out
+
+
+# ---------------------------------------------------------------- registry
+
+def _d_sqrt(x, y, a): return 0.5 / y
+def _d_reciprocal(x, y, a): return -(y * y)
+def _d_exp(x, y, a): return y
+def _d_log(x, y, a): return 1.0 / x
+def _d_erf(x, y, a): return (2.0 / math.sqrt(math.pi)) * np.exp(-x * x)
+def _d_tanh(x, y, a): return 1.0 - y * y
+def _d_sigmoid(x, y, a): return y * (1.0 - y)
+def _d_relu(x, y, a): return (y > 0).astype(y.dtype)
+def _d_abs(x, y, a): return np.sign(x)
+
+
+_NEEDS_X = _static(inputs=(0,))
+_NEEDS_Y = _static(outputs=(0,))
+_NEEDS_SHAPE = _static(shapes=(0,))
+_NOTHING = _static()
+
+RULES: dict[str, Rule] = {
+    "MatMul": Rule(_matmul, _matmul_needs, (0, 1)),
+    "Gemm": Rule(_gemm, _gemm_needs, (0, 1, 2)),
+    "Add": Rule(_add, _static(shapes=(0, 1)), (0, 1)),
+    "Sub": Rule(_sub, _static(shapes=(0, 1)), (0, 1)),
+    "Mul": Rule(_mul, _mul_needs, (0, 1)),
+    "Div": Rule(_div, _div_needs, (0, 1)),
+    "Pow": Rule(_pow, _pow_needs, (0, 1)),
+    "Sum": Rule(_sum, _all_inputs(), None),
+    "Mean": Rule(_mean, _all_inputs(), None),
+    "Max": Rule(_extremum, _all_inputs(values=True, outputs=(0,)), None),
+    "Min": Rule(_extremum, _all_inputs(values=True, outputs=(0,)), None),
+    "Neg": Rule(_neg, _NOTHING),
+    "Abs": Rule(_unary(_d_abs), _NEEDS_X),
+    "Sqrt": Rule(_unary(_d_sqrt), _NEEDS_Y),
+    "Reciprocal": Rule(_unary(_d_reciprocal), _NEEDS_Y),
+    "Exp": Rule(_unary(_d_exp), _NEEDS_Y),
+    "Log": Rule(_unary(_d_log), _NEEDS_X),
+    "Erf": Rule(_unary(_d_erf), _NEEDS_X),
+    "Tanh": Rule(_unary(_d_tanh), _NEEDS_Y),
+    "Sigmoid": Rule(_unary(_d_sigmoid), _NEEDS_Y),
+    "Relu": Rule(_unary(_d_relu), _NEEDS_Y),
+    "LeakyRelu": Rule(_unary(_leaky_relu_derivative), _NEEDS_X),
+    "Gelu": Rule(_unary(_gelu_derivative), _NEEDS_X),
+    "Clip": Rule(_clip, _all_inputs(values=True), (0, 1, 2)),
+    "Softmax": Rule(_softmax, _NEEDS_Y),
+    "LogSoftmax": Rule(_log_softmax, _NEEDS_Y),
+    "LayerNormalization": Rule(_layer_norm, _static(inputs=(0, 1), shapes=(2,)), (0, 1, 2)),
+    "ReduceSum": Rule(_reduce(mean=False), _static(inputs=(1,), shapes=(0,))),
+    "ReduceMean": Rule(_reduce(mean=True), _static(inputs=(1,), shapes=(0,))),
+    "Reshape": Rule(_reshape_back, _NEEDS_SHAPE),
+    "Flatten": Rule(_reshape_back, _NEEDS_SHAPE),
+    "Squeeze": Rule(_reshape_back, _NEEDS_SHAPE),
+    "Unsqueeze": Rule(_reshape_back, _NEEDS_SHAPE),
+    "Transpose": Rule(_transpose, _NOTHING),
+    "Expand": Rule(_expand, _NEEDS_SHAPE),
+    "Concat": Rule(_concat, _all_inputs(), None),
+    "Split": Rule(_split, _static(inputs=(1,), shapes=(0,)), (0,), None),
+    "Slice": Rule(_slice, _static(inputs=(1, 2, 3, 4), shapes=(0,))),
+    "Gather": Rule(_gather, _static(inputs=(1,), shapes=(0,))),
+    "Where": Rule(_where, _static(inputs=(0,), shapes=(1, 2)), (1, 2)),
+    "Cast": Rule(_pass_through, _NOTHING),
+    "CastLike": Rule(_pass_through, _NOTHING),
+    "Identity": Rule(_pass_through, _NOTHING),
+    "Dropout": Rule(_pass_through, _NOTHING),  # inference mode: identity; the mask output is boolean
+}
+
+
+def vjp(op_type: str, inputs, outputs, attrs: dict, grads, opset: int, wanted=None) -> list:
+    """Input cotangents of one op (None for inputs not in ``wanted``; default: all differentiable)."""
+    rule = RULES[op_type]
+    if wanted is None:
+        diff = range(len(inputs)) if rule.diff_inputs is None else rule.diff_inputs
+        wanted = {i for i in diff if i < len(inputs) and inputs[i] is not None}
+    return rule.vjp(list(inputs), list(outputs), attrs, list(grads), opset, frozenset(wanted))

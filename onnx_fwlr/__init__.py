@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .api import compress  # noqa: E402
+from .api import calibrate, compress, validate  # noqa: E402
 from .errors import FwlrError  # noqa: E402
+from .modelio import load_model, save_model  # noqa: E402
 
-__all__ = ["compress", "FwlrError", "__version__"]
+__all__ = ["compress", "calibrate", "validate", "load_model", "save_model", "FwlrError", "__version__"]

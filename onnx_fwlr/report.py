@@ -77,7 +77,7 @@ class Report:
             rows.append([
                 s.name, f"{s.K}x{s.N}", "dense" if s.rank is None else str(s.rank),
                 f"{s.params_before:,}", f"{s.params_after:,}",
-                "" if s.relative_error is None else f"{s.relative_error:.4f}",
+                "" if s.relative_error is None else f"{s.relative_error:.3g}",
                 "" if s.weighted_error is None else f"{s.weighted_error:.4g}",
             ])
         headers = ["site", "K x N", "rank", "params before", "params after", "rel. error", "weighted error"]

@@ -1,5 +1,12 @@
 """Rewriting the graph: each factorised weight becomes two factor MatMuls, standard ops only.
 
+Three kinds of replacement, chosen by what `apply_factors` is given for a site:
+  - Factors(A, B) on a MatMul/Gemm: MatMul(X, A) → MatMul/Gemm(·, B) (the low-rank path);
+  - Factors(A, B) on an LSTM/GRU input weight: MatMul(X, A) feeding the op with W := B (recurrent.py);
+  - Structured (Kronecker sum or low rank, optionally doped) on a MatMul/Gemm: nodes from
+    structured_graph computing X @ W', with the Gemm semantics around them (transA → Transpose,
+    alpha → Mul, bias correction → Add, beta·C → Add).
+
 The protobuf is edited in place (nodes replaced where they stand, so topological order holds), which keeps
 every other field exactly as it was: inputs, outputs, opsets, metadata, value infos, doc strings.
 (A graphsurgeon import/export round-trip drops metadata_props, doc_string and unused value_info.)
@@ -13,7 +20,11 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .errors import FwlrError
+from .recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
 from .sites import Site, WeightUse, walk_graphs
+from .structured import KronSum, LowRank, Structured
+from .structured_graph import build_doped_kron, build_doped_low_rank, min_opset
 
 
 @dataclass
@@ -59,8 +70,20 @@ class _Namer:
         return name
 
 
-def apply_factors(model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors]) -> onnx.ModelProto:
-    """Replace every site in `factors` (keyed by weight name) in place; other sites are left dense."""
+def apply_factors(
+    model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors | Structured]
+) -> onnx.ModelProto:
+    """Replace every site in `factors` (keyed by weight name) in place; other sites are left dense.
+
+    A Structured replacement needs a newer default-domain opset than some models declare (16 with doping,
+    10 without); the model is upgraded with ONNX's version converter only when that leaves every node
+    reading and writing the same tensors, otherwise FwlrError says why.
+    """
+    chosen = [s for s in sites if s.weight in factors]
+    _check_replacements(chosen, factors)
+    needed = max((min_opset(factors[s.weight].nnz > 0) for s in chosen if isinstance(factors[s.weight], Structured)),
+                 default=0)
+    _ensure_opset(model, needed)
     graphs = walk_graphs(model)
     namer = _Namer(_all_names(graphs))
     opset = _default_opset(model)
@@ -72,6 +95,15 @@ def apply_factors(model: onnx.ModelProto, sites: list[Site], factors: dict[str, 
         if site.weight not in factors:
             continue
         f = factors[site.weight]
+        if isinstance(f, Structured) or is_recurrent(site):
+            builder = _structured_site if isinstance(f, Structured) else _recurrent_site
+            for (g_index, n_index), nodes in builder(site, f, graphs, namer).items():
+                replacements.setdefault(g_index, {})[n_index] = nodes
+            if site.constant_node is None:
+                removals.setdefault(site.graph_index, set()).add(site.weight)
+            else:
+                constant_nodes.setdefault(site.graph_index, set()).add(site.constant_node)
+            continue
         dtype = _storage_dtype(site)
         owner = graphs[site.graph_index]
         a_name, b_name = namer(f"{site.weight}/factor_A"), namer(f"{site.weight}/factor_B")
@@ -128,6 +160,150 @@ def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, op
         graph.initializer.append(numpy_helper.from_array(value, shift_name))
         nodes.append(helper.make_node("Add", [out, shift_name], [use.output], name=namer(f"{base}/bias_correction")))
     return nodes
+
+
+def _check_replacements(sites: list[Site], factors: dict) -> None:
+    for site in sites:
+        f = factors[site.weight]
+        if isinstance(f, Structured) and is_recurrent(site):
+            raise FwlrError(
+                f"{site.name}: an {site.uses[0].op_type} input weight can only take low-rank factors (the op reads a "
+                "dense W); use a low-rank method for it, or --exclude it."
+            )
+        if not isinstance(f, (Factors, Structured)):
+            raise FwlrError(f"{site.name}: replacement of type {type(f).__name__} is not Factors or Structured.")
+
+
+def _shift(f) -> np.ndarray | None:
+    return None if f.shift is None or not np.any(f.shift) else np.asarray(f.shift, dtype=np.float64)
+
+
+def _recurrent_site(site: Site, f: Factors, graphs, namer) -> dict[tuple[int, int], list[onnx.NodeProto]]:
+    """P and Q stored once (Q in the op's [dirs, gates·hidden, r] layout); every use gets MatMul(X, P) → op."""
+    dtype = _storage_dtype(site)
+    first = site.uses[0]
+    dirs = directions(graphs[first.graph_index].node[first.node_index])
+    p_name, q_name = namer(f"{site.weight}/factor_P"), namer(f"{site.weight}/factor_Q")
+    owner = graphs[site.graph_index]
+    owner.initializer.append(numpy_helper.from_array(np.asarray(f.A, dtype=dtype), p_name))
+    owner.initializer.append(numpy_helper.from_array(np.asarray(recurrent_layout(f.B, dirs), dtype=dtype), q_name))
+    shift = _shift(f)
+    swaps = {}
+    for use in site.uses:
+        graph = graphs[use.graph_index]
+        node = graph.node[use.node_index]
+        swaps[(use.graph_index, use.node_index)] = recurrent_use_nodes(node, use, p_name, q_name, shift, dtype,
+                                                                       graph, namer)
+    return swaps
+
+
+def _build_structure(rep: Structured, dtype, x: str, y: str, prefix: str, weight_prefix: str):
+    coo = () if rep.nnz == 0 else (rep.doping.rows, rep.doping.cols, rep.doping.vals)
+    if isinstance(rep.structure, KronSum):
+        return build_doped_kron(x, y, prefix, rep.structure.A, rep.structure.B, *coo, float_dtype=dtype,
+                                weight_prefix=weight_prefix)
+    if isinstance(rep.structure, LowRank):
+        return build_doped_low_rank(x, y, prefix, rep.structure.A, rep.structure.B, *coo, float_dtype=dtype,
+                                    weight_prefix=weight_prefix)
+    raise FwlrError(f"unknown structure {type(rep.structure).__name__}; expected KronSum or LowRank.")
+
+
+def _free_prefix(namer: "_Namer", wanted: str, names_of) -> str:
+    """`wanted`, or it with the first numeric suffix, such that no name it yields is taken; reserves them."""
+    candidate, i = wanted, 1
+    while True:
+        names = names_of(candidate)
+        if not any(n in namer.taken for n in names):
+            namer.taken.update(names)
+            return candidate
+        candidate, i = f"{wanted}_{i}", i + 1
+
+
+def _structured_site(site: Site, rep: Structured, graphs, namer) -> dict[tuple[int, int], list[onnx.NodeProto]]:
+    """Structure initializers once in the owning graph; per use, uniquely named nodes computing the Gemm/MatMul."""
+    dtype = _storage_dtype(site)
+    kind = "kron" if isinstance(rep.structure, KronSum) else "lowrank"
+
+    def initializers(weight_prefix):
+        return _build_structure(rep, dtype, "x", "y", "probe", weight_prefix)[1]
+
+    weight_prefix = _free_prefix(namer, f"{site.weight}/{kind}", lambda p: [t.name for t in initializers(p)])
+    graphs[site.graph_index].initializer.extend(initializers(weight_prefix))
+    shift = _shift(rep)
+    swaps = {}
+    for use in site.uses:
+
+        def names_of(prefix, use=use):
+            nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift)
+            outputs = [o for n in nodes for o in n.output if o != use.output]
+            return [n.name for n in nodes] + outputs + [t.name for t in inits]
+
+        prefix = _free_prefix(namer, f"{use.node_name or use.output}/{kind}", names_of)
+        nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift)
+        graphs[use.graph_index].initializer.extend(inits)
+        swaps[(use.graph_index, use.node_index)] = nodes
+    return swaps
+
+
+def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Structured, dtype, shift):
+    """Nodes (and per-use constants) computing the original node's output from its input.
+
+    Gemm: Y = alpha·op(X)·W + beta·C becomes [Transpose(X)] → X W' → ·alpha → +alpha·shift → +beta·C.
+    """
+    nodes, inits = [], []
+    x = use.input
+    if use.trans_a:
+        x = f"{prefix}/x_T"
+        nodes.append(helper.make_node("Transpose", [use.input], [x], name=f"{prefix}/transpose_x", perm=[1, 0]))
+    is_gemm = use.op_type == "Gemm"
+    steps = []  # (op, constant value or tensor name, role)
+    if is_gemm and use.alpha != 1.0:
+        steps.append(("Mul", np.asarray(use.alpha, dtype=dtype), "alpha"))
+    if shift is not None:
+        steps.append(("Add", np.asarray(shift * (use.alpha if is_gemm else 1.0), dtype=dtype), "bias_correction"))
+    scale_c = []
+    if is_gemm and use.bias is not None and use.beta != 0.0:
+        bias = use.bias
+        if use.beta != 1.0:
+            inits.append(numpy_helper.from_array(np.asarray(use.beta, dtype=dtype), f"{prefix}/beta"))
+            bias = f"{prefix}/beta_C"
+            scale_c.append(helper.make_node("Mul", [use.bias, f"{prefix}/beta"], [bias], name=f"{prefix}/scale_C"))
+        steps.append(("Add", bias, "C"))
+    y = use.output if not steps else f"{prefix}/xW"
+    nodes += _build_structure(rep, dtype, x, y, prefix, weight_prefix)[0] + scale_c
+    for i, (op, operand, role) in enumerate(steps):
+        if not isinstance(operand, str):
+            inits.append(numpy_helper.from_array(operand, f"{prefix}/{role}"))
+            operand = f"{prefix}/{role}"
+        out = use.output if i == len(steps) - 1 else f"{prefix}/{role}_out"
+        nodes.append(helper.make_node(op, [y, operand], [out], name=f"{prefix}/apply_{role}"))
+        y = out
+    return nodes, inits
+
+
+def _node_layout(model: onnx.ModelProto) -> list:
+    return [[(n.op_type, tuple(n.input), tuple(n.output)) for n in g.node] for g in walk_graphs(model)]
+
+
+def _ensure_opset(model: onnx.ModelProto, needed: int) -> None:
+    """Raise the default-domain opset to `needed` in place, when the version converter can do it safely."""
+    current = _default_opset(model)
+    if current >= needed:
+        return
+    from onnx import version_converter
+
+    why = f"the structured/doped rewrite needs opset {needed} (the model has {current})"
+    try:
+        converted = version_converter.convert_version(model, needed)
+    except Exception as exc:  # noqa: BLE001 - the converter raises many types; the user needs one sentence
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FwlrError(f"{why} and ONNX's version converter failed on it ({first}); re-export the model at "
+                        f"opset {needed} or newer, or use a plain low-rank method.") from None
+    if _node_layout(converted) != _node_layout(model):
+        raise FwlrError(f"{why}, and converting it would change its nodes; re-export the model at opset {needed} "
+                        "or newer, or use a plain low-rank method.")
+    converted.ir_version = max(converted.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
+    model.CopyFrom(converted)
 
 
 def _zero_c(graph, namer, base, opset, dtype) -> list[str]:

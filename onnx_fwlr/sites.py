@@ -228,6 +228,8 @@ def weight_matrix(model: onnx.ModelProto, site: Site) -> np.ndarray:
         node = graph.node[site.constant_node]
         tensor = next(a.t for a in node.attribute if a.name == "value")
     values = numpy_helper.to_array(tensor).astype(np.float64)
+    if values.ndim == 3:  # LSTM/GRU input weight [dirs, gates*hidden, input] -> [input, dirs*gates*hidden]
+        return values.transpose(2, 0, 1).reshape(values.shape[2], -1)
     return values.T if site.transposed else values
 
 

@@ -6,7 +6,8 @@ Convention as in ONNX MatMul: y = x @ W with W [K, N]; the Kronecker convention 
 W[i1*m2 + i2, j1*n2 + j2] = Σ_s A_s[i1, j1] B_s[i2, j2] with A_s [m1, n1], B_s [m2, n2].
 
 Errors are measured in the row-weighted Frobenius norm ‖diag(w) (W − W')‖_F, where w [K] weights the
-input features (e.g. √E[x_i²]); w = None means all ones.
+input features (e.g. √E[x_i²]); w = None means all ones. `dope` also takes a full input Gram metric
+‖Lᵀ (W − W')‖_F with L Lᵀ = E[x xᵀ] (the expected output error), see there for what is exact.
 
 Pure numpy; no ONNX here.
 """
@@ -64,6 +65,37 @@ class Coo:
         out = np.zeros(self.shape, dtype=np.float64)
         out[self.rows, self.cols] = self.vals
         return out
+
+
+@dataclass
+class Structured:
+    """One site's replacement W' = structure + doping, and an optional output shift (bias correction).
+
+    This is what the graph rewrite turns into ONNX nodes computing y = x @ W' (+ shift).
+    """
+
+    structure: KronSum | LowRank
+    doping: Coo | None = None
+    shift: np.ndarray | None = None  # [N], added to x @ W'
+
+    def dense(self) -> np.ndarray:
+        out = self.structure.dense()
+        if self.doping is not None and len(self.doping.vals):
+            out = out + self.doping.dense()
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return 0 if self.doping is None else len(self.doping.vals)
+
+    @property
+    def factor_entries(self) -> int:
+        return int(self.structure.A.size + self.structure.B.size)
+
+    @property
+    def params(self) -> int:
+        """Stored numbers: factor entries + doping values + two indices per doping entry."""
+        return self.factor_entries + 3 * self.nnz
 
 
 @dataclass(frozen=True)
@@ -340,6 +372,32 @@ def top_k_doping(residual: np.ndarray, k: int, row_weights=None) -> Coo:
     return Coo(rows, cols, residual[rows, cols].astype(np.float64), (K, N))
 
 
+def gram_error(E: np.ndarray, gram_chol: np.ndarray) -> float:
+    """‖Lᵀ E‖_F for L Lᵀ = G: the root of E[‖x E‖²] when G = E[x xᵀ]."""
+    return float(np.linalg.norm(gram_chol.T @ E))
+
+
+def refit_doping_values(residual: np.ndarray, support: Coo, gram_chol: np.ndarray) -> Coo:
+    """Best values on a fixed support in the Gram metric: per column j, G[S,S] d = (G r_j)[S].
+
+    With a non-diagonal G the entries of one column interact, so the residual values themselves are
+    not optimal; columns are independent, so each is one small positive definite solve.
+    """
+    if len(support.vals) == 0:
+        return support
+    G = gram_chol @ gram_chol.T
+    G_res = G @ residual
+    vals = np.empty(len(support.vals))
+    order = np.argsort(support.cols, kind="stable")
+    cols = support.cols[order]
+    starts = np.flatnonzero(np.r_[True, cols[1:] != cols[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(cols)]):
+        pick = order[start:stop]
+        rows, j = support.rows[pick], cols[start]
+        vals[pick] = np.linalg.solve(G[np.ix_(rows, rows)], G_res[rows, j])
+    return Coo(support.rows, support.cols, vals, support.shape)
+
+
 def dope(
     W: np.ndarray,
     approx_fn: Callable[[np.ndarray], object],
@@ -347,6 +405,7 @@ def dope(
     row_weights=None,
     max_iter: int = 20,
     tol: float = 1e-6,
+    gram_chol: np.ndarray | None = None,
 ) -> DopedFit:
     """W ≈ S + D with S = approx_fn(W − D) structured and D holding k entries.
 
@@ -356,6 +415,11 @@ def dope(
     loop stops after max_iter, when an iteration improves the weighted error by less than tol
     (relative), or when it gets worse (possible only if approx_fn is itself approximate); the best pair
     seen is returned.
+
+    gram_chol (L, lower triangular, L Lᵀ = G) switches the objective to ‖Lᵀ(W − S − D)‖_F and
+    row_weights is then ignored. The D step picks the support by the diagonal weights w_i = √G_ii (exact
+    only for diagonal G) and then solves the values on it exactly (refit_doping_values); history and the
+    stopping rule use the Gram metric.
     """
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
@@ -364,7 +428,13 @@ def dope(
         raise FwlrError(f"The doping count k must be between 0 and {W.size}, got {k}.")
     if max_iter < 1:
         raise FwlrError(f"max_iter must be at least 1, got {max_iter}.")
-    w = _checked_weights(row_weights, W.shape[0])
+    if gram_chol is not None:
+        gram_chol = np.asarray(gram_chol, dtype=np.float64)
+        if gram_chol.shape != (W.shape[0], W.shape[0]):
+            raise FwlrError(f"gram_chol must be [{W.shape[0]}, {W.shape[0]}], got {gram_chol.shape}; pass the input Gram's factor.")
+        w = np.linalg.norm(gram_chol, axis=1)
+    else:
+        w = _checked_weights(row_weights, W.shape[0])
     D = Coo(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), W.shape)
     best: tuple[object, Coo] | None = None
     history: list[float] = []
@@ -372,7 +442,11 @@ def dope(
         structure = approx_fn(W - D.dense())
         residual = W - _dense_of(structure)
         D_new = top_k_doping(residual, k, w)
-        err = weighted_error(residual, D_new.dense(), w)
+        if gram_chol is None:
+            err = weighted_error(residual, D_new.dense(), w)
+        else:
+            D_new = refit_doping_values(residual, D_new, gram_chol)
+            err = gram_error(residual - D_new.dense(), gram_chol)
         if history and err > history[-1]:
             break
         history.append(err)

@@ -1,8 +1,10 @@
 """ONNX node builders for doped structured matrices: y = x @ (Σ_s A_s⊗B_s + D) or y = x @ (A B + D).
 
 Every builder takes the input name x (shape [..., K], any number of leading dims), the output name y
-([..., N], same leading dims) and a name prefix; node, intermediate and initializer names are
-"{prefix}/<role>", so the same call always builds the same graph. Builders return (nodes, initializers)
+([..., N], same leading dims) and a name prefix; node and intermediate names are "{prefix}/<role>", and
+initializer names "{weight_prefix}/<role>" (weight_prefix defaults to prefix). Initializers depend only on
+the weight, never on x, so several uses of one weight built with one weight_prefix share them. The same
+call always builds the same graph. Builders return (nodes, initializers)
 for the caller to splice into its graph. Only standard ops are used; see `min_opset`.
 
 Kronecker convention is numpy.kron: A [s, m1, n1], B [s, m2, n2], K = m1·m2, N = n1·n2, and with x read
@@ -42,14 +44,15 @@ def kron_order(m1: int, m2: int, n1: int, n2: int, terms: int) -> str:
 class _Nodes:
     """Collects nodes and initializers under one name prefix."""
 
-    def __init__(self, prefix: str, float_dtype):
+    def __init__(self, prefix: str, float_dtype, weight_prefix: str | None = None):
         self.prefix = prefix
+        self.weight_prefix = weight_prefix or prefix
         self.float_dtype = np.dtype(float_dtype)
         self.nodes: list[NodeProto] = []
         self.initializers: list[TensorProto] = []
 
     def const(self, role: str, array: np.ndarray) -> str:
-        name = f"{self.prefix}/{role}"
+        name = f"{self.weight_prefix}/{role}"
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -117,12 +120,18 @@ def _doping_rows(b: _Nodes, x2d: str, rows, cols, vals, N: int, index_dtype) -> 
     Measured on ONNX Runtime CPU (K = N = 1024, T = 256, 1 % doping), this is ~5x faster than the
     element-wise form Gather(x, rows, axis=1) -> ScatterElements(axis=1), whose Gather and Scatter copy
     one float at a time; at T = 1 both are equal. reduction="add" because entries of D may share a column.
+    Half-precision weights keep their values in half precision but scatter in float32 (ONNX Runtime's CPU
+    ScatterND has no float16 kernel for reduction="add").
     """
+    half = b.float_dtype.itemsize < 4
     r = b.const("dope_rows", np.asarray(rows).astype(index_dtype))
     # ScatterND takes int64 indices only; store the narrow type and widen at run time (ORT folds this Cast).
     c_stored = b.const("dope_cols", np.asarray(cols).astype(index_dtype).reshape(-1, 1))
     c = b.op("Cast", [c_stored], "dope_cols_i64", to=TensorProto.INT64) if index_dtype != np.int64 else c_stored
     v = b.weight("dope_vals", np.asarray(vals).reshape(-1, 1))
+    if half:
+        v = b.op("Cast", [v], "dope_vals_f32", to=TensorProto.FLOAT)
+        x2d = b.op("Cast", [x2d], "dope_x_f32", to=TensorProto.FLOAT)
     x_t = b.op("Transpose", [x2d], "dope_x_T", perm=[1, 0])  # [K, T]
     picked = b.op("Gather", [x_t, r], "dope_x", axis=0)  # [nnz, T]
     updates = b.op("Mul", [picked, v], "dope_xv")
@@ -132,10 +141,13 @@ def _doping_rows(b: _Nodes, x2d: str, rows, cols, vals, N: int, index_dtype) -> 
         "ConstantOfShape",
         [b.op("Concat", [b.ints("dope_n", [N]), t], "dope_zeros_shape", axis=0)],
         "dope_zeros",
-        value=numpy_helper.from_array(np.zeros(1, dtype=b.float_dtype)),
+        value=numpy_helper.from_array(np.zeros(1, dtype=np.float32 if half else b.float_dtype)),
     )  # [N, T]
     y_t = b.op("ScatterND", [zeros, c, updates], "dope_scatter", reduction="add")
-    return b.op("Transpose", [y_t], "dope_y", perm=[1, 0])
+    y = b.op("Transpose", [y_t], "dope_y", perm=[1, 0])
+    if half:
+        y = b.op("Cast", [y], "dope_y_half", to=helper.np_dtype_to_tensor_dtype(b.float_dtype))
+    return y
 
 
 def _index_dtype(K: int, N: int, index_dtype):
@@ -162,7 +174,7 @@ def _check_kron(A: np.ndarray, B: np.ndarray) -> None:
 
 def build_doped_kron(
     x: str, y: str, prefix: str, A, B, rows=None, cols=None, vals=None,
-    order: str | None = None, float_dtype=np.float32, index_dtype=None,
+    order: str | None = None, float_dtype=np.float32, index_dtype=None, weight_prefix: str | None = None,
 ):
     """Nodes for y = x @ (Σ_s A_s⊗B_s + D); D as COO (rows into K, cols into N), omitted when empty.
 
@@ -172,7 +184,7 @@ def build_doped_kron(
     _check_kron(A, B)
     K, N = A.shape[1] * B.shape[1], A.shape[2] * B.shape[2]
     coo = _checked_coo(rows, cols, vals, K, N)
-    b = _Nodes(prefix, float_dtype)
+    b = _Nodes(prefix, float_dtype, weight_prefix)
     structured = _kron_rows(b, x, A, B, order)  # [T, n1, n2]
     if coo is not None:
         flat = b.op("Reshape", [structured, b.ints("flat_shape", [-1, N])], "kron_2d")
@@ -182,26 +194,31 @@ def build_doped_kron(
     return b.result()
 
 
-def build_kron_sum(x: str, y: str, prefix: str, A, B, order: str | None = None, float_dtype=np.float32):
+def build_kron_sum(
+    x: str, y: str, prefix: str, A, B, order: str | None = None, float_dtype=np.float32,
+    weight_prefix: str | None = None,
+):
     """Nodes for y = x @ Σ_s A_s⊗B_s (no doping)."""
-    return build_doped_kron(x, y, prefix, A, B, order=order, float_dtype=float_dtype)
+    return build_doped_kron(x, y, prefix, A, B, order=order, float_dtype=float_dtype, weight_prefix=weight_prefix)
 
 
 def build_doping(
-    x: str, y: str, prefix: str, rows, cols, vals, K: int, N: int, float_dtype=np.float32, index_dtype=None
+    x: str, y: str, prefix: str, rows, cols, vals, K: int, N: int, float_dtype=np.float32, index_dtype=None,
+    weight_prefix: str | None = None,
 ):
     """Nodes for y = x @ D alone, D [K, N] given as COO with at least one entry."""
     coo = _checked_coo(rows, cols, vals, K, N)
     if coo is None:
         raise FwlrError("The doping term has no entries; skip it instead of building an empty one.")
-    b = _Nodes(prefix, float_dtype)
+    b = _Nodes(prefix, float_dtype, weight_prefix)
     x2d = b.op("Reshape", [x, b.ints("x2d_shape", [-1, K])], "x2d")
     _restore_leading_dims(b, x, _doping_rows(b, x2d, *coo, N, _index_dtype(K, N, index_dtype)), N, y)
     return b.result()
 
 
 def build_doped_low_rank(
-    x: str, y: str, prefix: str, A, B, rows=None, cols=None, vals=None, float_dtype=np.float32, index_dtype=None
+    x: str, y: str, prefix: str, A, B, rows=None, cols=None, vals=None, float_dtype=np.float32, index_dtype=None,
+    weight_prefix: str | None = None,
 ):
     """Nodes for y = (x @ A) @ B + x @ D with A [K, r], B [r, N]; D as COO, omitted when empty."""
     A, B = np.asarray(A), np.asarray(B)
@@ -209,7 +226,7 @@ def build_doped_low_rank(
         raise FwlrError(f"Expected A [K, r] and B [r, N], got {A.shape} and {B.shape}.")
     K, N = A.shape[0], B.shape[1]
     coo = _checked_coo(rows, cols, vals, K, N)
-    b = _Nodes(prefix, float_dtype)
+    b = _Nodes(prefix, float_dtype, weight_prefix)
     if coo is None:
         xa = b.op("MatMul", [x, b.weight("A", A)], "xA")
         b.op("MatMul", [xa, b.weight("B", B)], "xAB", output=y)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,10 +24,10 @@ from .calibration import collect_activation_stats
 from .data import open_data
 from .decompose import decompose_sites
 from .errors import FwlrError
-from .modelio import load_model
+from .modelio import external_bytes, load_model
 from .report import Report, SiteResult, op_counts
 from .rewrite import Factors, apply_factors
-from .sites import Site, Skipped, attention_projections, find_sites, model_parameters, validate_regex
+from .sites import Site, Skipped, attention_projections, find_sites, model_parameters, validate_regex, weight_matrix
 from .stats import Statistics, model_fingerprint
 
 # Which statistics each method needs from calibration.
@@ -36,6 +37,7 @@ METHODS = {
     "whiten": ("activations",),
     "fwsvd": ("gradients",),
     "kfac": ("activations", "gradients"),
+    "kron": (),  # Kronecker sums (structured_sites); weighted like whiten when activation statistics exist
 }
 ALLOCATIONS = ("uniform", "global")
 
@@ -84,11 +86,32 @@ class Prepared:
     skipped: list[Skipped]
     method: str
     stats: Statistics | None
-    weights: dict = field(default_factory=dict)  # weight name -> float64 [K, N]
-    decompositions: dict = field(default_factory=dict)  # weight name -> factorize.Decomposition
+    weights: dict = field(default_factory=dict)  # weight name -> float64 [K, N] (SiteWeights: read on access)
+    decompositions: dict = field(default_factory=dict)  # weight name -> factorize.Decomposition (the cache)
     site_methods: dict = field(default_factory=dict)  # weight name -> method actually used
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    svd: str = "exact"  # exact | randomized | auto (factorize.use_randomized)
+    workers: int = 1  # processes for decomposition
+    progress: bool = True
+
+
+class SiteWeights(Mapping):
+    """weight name -> float64 [K, N], read from the model on each access (memory-mapped when it was loaded
+    lazily) instead of holding every weight in memory at once."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[Site]):
+        self._model = model
+        self._sites = {s.weight: s for s in sites}
+
+    def __getitem__(self, weight: str) -> np.ndarray:
+        return weight_matrix(self._model, self._sites[weight])
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
 
 
 def check_method(method: str, allocation: str) -> None:
@@ -124,6 +147,12 @@ def compress(
     shapes: dict | None = None,
     bias_correction: bool | None = None,
     fisher_options: dict | None = None,
+    sequential: bool = False,
+    methods: list[str] | None = None,
+    dope: float = 0.0,
+    kron_shape: tuple[int, int, int, int] | None = None,
+    svd: str = "auto",
+    workers: int = 1,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
@@ -132,17 +161,30 @@ def compress(
     `calibration` data (a .npz path, a folder of them, an iterable of feed dicts, a CalibrationDataReader,
     or "random" for a smoke test) or precomputed `stats` (a Statistics object or a stats file path).
     `max_error` searches the smallest ratio whose outputs stay within that relative L2 error on
-    `validation` data.
+    `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
+    partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
+    randomised SVD where the rank is known first and small (factorize.use_randomized); `workers` decomposes
+    sites in that many processes (same output bytes).
     """
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}))
     budget.check()
+    mix = list(methods) if methods else [method]
+    if len(mix) > 1 or "kron" in mix or dope or kron_shape is not None:
+        if sequential:
+            raise FwlrError("--sequential refits plain low-rank factors only; drop it with --method kron, --methods or --dope.")
+        return _compress_structured(
+            model, mix, budget, allocation, bias_correction, dope, kron_shape,
+            dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
+                 batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
+                 progress=progress))
+    method = mix[0]
     check_method(method, allocation)
     if max_error is not None and validation is None:
         raise FwlrError("--max-error needs validation data to measure the error on; pass --val DATA.")
     prepared = prepare(
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-        fisher_options=fisher_options, progress=progress,
+        fisher_options=fisher_options, svd=svd, workers=workers, progress=progress,
     )
     if bias_correction is None:
         bias_correction = "activations" in METHODS[method]
@@ -151,26 +193,39 @@ def compress(
     if max_error is not None:
         return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress)
     ranks_chosen = choose_ranks(prepared, budget, allocation)
-    return build(prepared, ranks_chosen, allocation, budget, bias_correction)
+    corrected = None
+    if sequential:
+        corrected = correct_sequentially(prepared, ranks_chosen, calibration, bias_correction, batch_size=batch_size,
+                                         mask_input=mask_input, shapes=shapes, progress=progress)
+    return build(prepared, ranks_chosen, allocation, budget, bias_correction, corrected=corrected)
 
 
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
-    batch_size=32, mask_input=None, shapes=None, fisher_options=None, progress=True,
+    batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, progress=True,
 ) -> Prepared:
-    """Load, find sites, gather statistics and decompose every site once."""
+    """Load, find sites, gather statistics and decompose every site once.
+
+    With svd="exact" every site is decomposed here (full spectra). With "auto" or "randomized" decomposition
+    waits until the ranks are known (build), so a randomised SVD can stop at the rank needed.
+    """
+    factorize.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
+    if workers < 1:
+        raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
     validate_regex(include, "--include")
     validate_regex(exclude, "--exclude")
     start = time.perf_counter()
     model = load_model(model)
-    sites, skipped = find_sites(model, include, exclude)
+    sites, skipped = _find_all_sites(model, include, exclude, fisher="gradients" in METHODS.get(method, ()))
     warnings = _unmatched_patterns(include, exclude, sites, skipped)
     if keep_attention:
         projections = attention_projections(model, sites)
         skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (--keep-attention)")
                     for s in sites if s.weight in projections]
         sites = [s for s in sites if s.weight not in projections]
-    prepared = Prepared(model, sites, skipped, method, None, warnings=warnings)
+    prepared = Prepared(model, sites, skipped, method, None, warnings=warnings, svd=svd, workers=workers,
+                        progress=progress)
+    prepared.weights = SiteWeights(model, sites)
     prepared.timings["load"] = time.perf_counter() - start
     if not sites:
         prepared.warnings.append("the model has no factorisable MatMul/Gemm weight; nothing was changed.")
@@ -182,14 +237,35 @@ def prepare(
         prepared.timings["calibrate"] = time.perf_counter() - start
         if prepared.stats.meta.get("smoke_test"):
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
-    start = time.perf_counter()
     prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
-    decomposed = decompose_sites(model, sites, prepared.site_methods, prepared.stats, scalings, progress=progress)
-    for weight, (W, dec) in decomposed.items():
-        prepared.weights[weight] = W
-        prepared.decompositions[weight] = dec
-    prepared.timings["decompose"] = time.perf_counter() - start
+    if svd == "exact":
+        ensure_decompositions(prepared)
     return prepared
+
+
+def ensure_decompositions(prepared: Prepared, ranks: list[int | None] | None = None) -> None:
+    """Fill the decomposition cache so every site can give its rank (ranks None = the whole spectrum).
+
+    An exact decomposition serves every rank; a randomised one serves ranks up to its own and is recomputed
+    only for a higher one. Sites kept dense (rank None in `ranks`) need nothing.
+    """
+    needed = {}
+    for i, site in enumerate(prepared.sites):
+        rank = None if ranks is None else ranks[i]
+        if ranks is not None and rank is None:
+            continue
+        cached = prepared.decompositions.get(site.weight)
+        if cached is not None and (cached.exact or (rank is not None and rank <= cached.max_rank)):
+            continue
+        needed[site.weight] = rank
+    if not needed:
+        return
+    start = time.perf_counter()
+    todo = [s for s in prepared.sites if s.weight in needed]
+    prepared.decompositions.update(decompose_sites(
+        prepared.model, todo, prepared.site_methods, prepared.stats, scalings, progress=prepared.progress,
+        ranks=needed, svd="exact" if ranks is None else prepared.svd, workers=prepared.workers))
+    prepared.timings["decompose"] = prepared.timings.get("decompose", 0.0) + time.perf_counter() - start
 
 
 def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[int | None]:
@@ -211,6 +287,7 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[in
             if any(prepared.site_methods[sites[i].weight] != prepared.method for i in free):
                 raise FwlrError("--allocation global needs gradient statistics for every site; some have none "
                                 "(inside subgraphs?): use --allocation uniform or --exclude them.")
+            ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
             chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
         else:
@@ -221,8 +298,12 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[in
 
 
 def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: Budget,
-          bias_correction: bool = False) -> tuple[onnx.ModelProto, Report]:
-    """The compressed model for these ranks, and its report. The prepared original stays untouched."""
+          bias_correction: bool = False, corrected=None) -> tuple[onnx.ModelProto, Report]:
+    """The compressed model for these ranks, and its report. The prepared original stays untouched.
+
+    `corrected`: the result of `correct_sequentially` for these ranks; its factors replace the closed-form ones.
+    """
+    ensure_decompositions(prepared, ranks)
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)
     report = Report(method=prepared.method, allocation=allocation, budget=budget.describe(),
@@ -234,10 +315,15 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     factors = {}
     for site, rank in zip(prepared.sites, ranks):
         result, site_factors = _site_result(prepared, site, rank, bias_correction)
+        if corrected is not None and site.weight in corrected.factors and site_factors is not None:
+            site_factors = corrected.factors[site.weight]
+            result.note = corrected.notes.get(site.weight, result.note)
         report.sites.append(result)
         if site_factors is not None:
             factors[site.weight] = site_factors
     apply_factors(model, prepared.sites, factors)
+    if corrected is not None:
+        report.timings["sequential"] = corrected.seconds
     report.model_params_after = model_parameters(model)
     report.ops_after = op_counts(model)
     report.versions = _versions()
@@ -265,6 +351,133 @@ def _site_result(prepared: Prepared, site: Site, rank: int | None, bias_correcti
     return result, Factors(A, B, shift)
 
 
+@dataclass
+class Corrected:
+    """Sequentially corrected factors per weight, with a report note per site."""
+
+    factors: dict
+    notes: dict
+    seconds: float
+
+
+def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibration, bias_correction: bool, *,
+                         batch_size: int = 32, mask_input=None, shapes=None, progress: bool = True) -> Corrected:
+    """Refit the factorised sites depth by depth on the partially compressed model (sequential.py)."""
+    from .sequential import sequential_factors
+
+    if calibration is None:
+        raise FwlrError("--sequential reads the calibration data once per depth; pass --calib DATA.")
+    ensure_decompositions(prepared, ranks)
+    start_time = time.perf_counter()
+    start = {}
+    for site, rank in zip(prepared.sites, ranks):
+        site_factors = _site_result(prepared, site, rank, bias_correction)[1]
+        if isinstance(site_factors, Factors):
+            start[site.weight] = site_factors
+    right = {s.weight: scalings(prepared.site_methods[s.weight], s, prepared.stats)[1] for s in prepared.sites
+             if s.weight in start}
+    batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
+    factors, results = sequential_factors(
+        prepared.model, prepared.sites, start, prepared.weights, right, batches,
+        mask_input=mask_input, bias_correction=bias_correction, progress=progress)
+    notes = {r.weight: (f"sequential: ridge {r.ridge:g}" if r.ridge is not None else "sequential: closed form kept")
+             + f", held-back rel. error {r.heldout_error_before:.3g} -> {r.heldout_error_after:.3g}" for r in results}
+    return Corrected(factors, notes, time.perf_counter() - start_time)
+
+
+def _find_all_sites(model, include, exclude, fisher: bool):
+    """MatMul/Gemm sites, then LSTM/GRU input weights (skipped with the reason under Fisher methods)."""
+    from .recurrent import find_recurrent_sites
+
+    sites, skipped = find_sites(model, include, exclude)
+    recurrent, recurrent_skipped = find_recurrent_sites(model, include, exclude)
+    if fisher:
+        recurrent_skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "the backward pass has no LSTM/GRU rule, so "
+                                      "no Fisher statistics reach this input weight; compress it with whiten or asvd")
+                              for s in recurrent]
+        recurrent = []
+    return sites + recurrent, skipped + recurrent_skipped
+
+
+def _compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options):
+    """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at
+    ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric."""
+    from .recurrent import is_recurrent
+    from .structured_sites import fit_structured_site, metric_options
+    from .sites import weight_matrix
+
+    unknown = [m for m in mix if m not in METHODS]
+    low_rank = [m for m in mix if m != "kron"]
+    if unknown or len(low_rank) > 1:
+        raise FwlrError(f"--methods {','.join(mix)}: give kron and at most one low-rank method of "
+                        f"{', '.join(m for m in METHODS if m not in ('kron', 'kfac'))} (e.g. whiten,kron).")
+    for m in low_rank:
+        metric_options(m)  # kfac has no structured fit: say so before calibrating
+    if allocation != "uniform" or budget.rank is not None or budget.ranks or budget.max_error is not None:
+        raise FwlrError("--method kron, --methods and --dope take --ratio or --target-size with uniform allocation; "
+                        "--rank, --max-error and --allocation global are for plain low-rank methods.")
+    if kron_shape is not None and "kron" not in mix:
+        raise FwlrError("--kron-shape only applies to Kronecker structures; add --method kron (or --methods ...,kron).")
+    has_stats = options["calibration"] is not None or options["stats"] is not None
+    weighting = low_rank[0] if low_rank else ("whiten" if has_stats else "svd")
+    prepared = prepare(model, method=weighting, svd="auto", **options)  # "auto": no low-rank decomposition needed
+    if bias_correction is None:
+        bias_correction = prepared.stats is not None
+    sites, stats = prepared.sites, prepared.stats
+    ratio = budget.ratio
+    if ratio is None and sites:
+        ratio = _ratio_for_size(prepared, budget.target_size, [None] * len(sites), list(range(len(sites))))
+    structures = ["kron" if m == "kron" else "lowrank" for m in mix]
+    pairs = []
+    for site in sites:
+        method = prepared.site_methods[site.weight]
+        recurrent = is_recurrent(site)
+        active = stats is not None and stats.has_activations(site)
+        fit = fit_structured_site(
+            weight_matrix(prepared.model, site), ["lowrank"] if recurrent else structures, ratio * site.K * site.N,
+            method=method, input_gram=stats.input_gram(site) if active else None,
+            fisher_row=stats.fisher_row(site) if stats is not None and stats.has_gradients(site) else None,
+            mean_input=stats.mean_input(site) if active and bias_correction else None,
+            dope=0.0 if recurrent else dope, kron_shape=None if recurrent else kron_shape,
+            itemsize={"float16": 2, "bfloat16": 2, "float64": 8}.get(site.dtype, 4))
+        result = SiteResult(name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
+                            rank=None, params_before=site.params, params_after=site.params,
+                            note="kept dense: no structure fits this budget with fewer stored numbers")
+        replacement = None
+        if fit is not None:
+            structure = fit.replacement.structure
+            result.rank = structure.A.shape[1] if fit.structure == "lowrank" else structure.A.shape[0]
+            result.params_after, result.weighted_error = fit.params, fit.error
+            result.relative_error = fit.relative_error
+            result.note = f"{fit.description}, {fit.bytes:,} bytes"
+            replacement = fit.replacement
+            if recurrent:
+                replacement = Factors(structure.A, structure.B, fit.replacement.shift)
+                result.note += "; recurrent weight R stays dense, low rank only (the op reads a dense W)"
+        if method != weighting:
+            result.note += "; no statistics reach this site: plain Frobenius fit"
+        pairs.append((result, replacement))
+    model_out, report = _assemble(prepared, allocation, budget, pairs)
+    report.method = ",".join(mix)
+    report.budget.update(dope=dope, weighting=weighting, **({"kron_shape": list(kron_shape)} if kron_shape else {}))
+    return model_out, report
+
+
+def _assemble(prepared: Prepared, allocation: str, budget: Budget, pairs) -> tuple[onnx.ModelProto, Report]:
+    """The model with each (SiteResult, replacement or None) applied, and its report."""
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    report = Report(method=prepared.method, allocation=allocation, budget=budget.describe(),
+                    skipped=list(prepared.skipped), warnings=list(prepared.warnings), timings=dict(prepared.timings),
+                    calibration=dict(prepared.stats.meta) if prepared.stats is not None else {})
+    report.model_params_before, report.ops_before = model_parameters(model), op_counts(model)
+    report.sites = [result for result, _ in pairs]
+    apply_factors(model, prepared.sites, {r.weight: f for r, f in pairs if f is not None})
+    report.model_params_after, report.ops_after = model_parameters(model), op_counts(model)
+    report.versions = _versions()
+    return model, report
+
+
 def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
     """Map override names (site, node or weight) to site indices; an unknown name is an error."""
     found = {}
@@ -281,7 +494,7 @@ def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
 def _ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
     """The parameter ratio of the free sites that makes the output about `target_size` bytes."""
     itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}
-    dense_bytes = prepared.model.ByteSize()
+    dense_bytes = prepared.model.ByteSize() + external_bytes(prepared.model)
     fixed_bytes = 0
     for i, site in enumerate(prepared.sites):
         size = itemsize.get(site.dtype, 4)
@@ -304,6 +517,7 @@ def _search_max_error(prepared, budget, allocation, bias_correction, validation,
     """Bisection over the ratio: the smallest one whose worst relative output error stays under max_error."""
     low, high, best = 0.0, 1.0, None
     history = []
+    ensure_decompositions(prepared)  # the search moves up and down in rank: decompose fully once
     for _ in tqdm(range(8), desc="search ratio", disable=not progress, leave=False):
         middle = (low + high) / 2
         trial = Budget(ratio=middle, ranks=budget.ranks)
@@ -407,7 +621,7 @@ def calibrate(
     model = load_model(model)
     validate_regex(include, "--include")
     validate_regex(exclude, "--exclude")
-    sites, _ = find_sites(model, include, exclude)
+    sites, _ = _find_all_sites(model, include, exclude, fisher=fisher)
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")
     batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes, shard=shard)

@@ -14,9 +14,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.modelio import runtime_source, tensor_array
 from onnx_fwlr.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
@@ -114,6 +114,7 @@ class GradientRunner:
         self.providers = list(providers)
         self.opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 1)
         graph = model.graph
+        self._model_ref = model  # lazily loaded initializers are read through it (modelio.tensor_array)
         self._initializers = {t.name: t for t in graph.initializer}
         self._graph_inputs = [i.name for i in graph.input if i.name not in self._initializers]
         self._constant_cache: dict[str, np.ndarray] = {}
@@ -241,7 +242,8 @@ class GradientRunner:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = self.exposed_model
         try:
-            return ort.InferenceSession(model.SerializeToString(), options, providers=self.providers)
+            with runtime_source(model) as source:  # a path for lazily loaded (external data) models
+                return ort.InferenceSession(source, options, providers=self.providers)
         except Exception as err:  # noqa: BLE001 - retried only for a too-new IR version
             max_ir = _clamp_ir_error(str(err))
             if max_ir is None or model.ir_version <= max_ir:
@@ -249,7 +251,8 @@ class GradientRunner:
         clamped = onnx.ModelProto()
         clamped.CopyFrom(model)
         clamped.ir_version = max_ir
-        return ort.InferenceSession(clamped.SerializeToString(), options, providers=self.providers)
+        with runtime_source(clamped) as source:
+            return ort.InferenceSession(source, options, providers=self.providers)
 
     def forward(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; returns the exposed tensors (``output``, what backward reads, extras)."""
@@ -267,7 +270,7 @@ class GradientRunner:
             return values[name]
         if name in self._initializers:
             if name not in self._constant_cache:
-                self._constant_cache[name] = numpy_helper.to_array(self._initializers[name])
+                self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name])
             return self._constant_cache[name]
         raise FwlrError(f"Tensor {name!r} is missing from the forward values; pass the dict that "
                         "GradientRunner.forward returned.")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .data import Batches, find_mask_input
 from .errors import FwlrError
-from .modelio import max_runtime_ir_version
+from .modelio import max_runtime_ir_version, runtime_source
 from .sites import Site
 from .stats import Statistics, activation_key, model_fingerprint
 
@@ -56,6 +56,12 @@ def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+def _seq_first_inputs(model: onnx.ModelProto) -> set[str]:
+    """Tensors read as X [seq, batch, input] by an LSTM/GRU/RNN (layout 0): the mask [batch, seq] needs them transposed."""
+    return {n.input[0] for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN")
+            and not any(a.name == "layout" and a.i == 1 for a in n.attribute)}
+
+
 def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
 
@@ -66,6 +72,7 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
     augmented.CopyFrom(model)
     graph = augmented.graph
     ranks = _tensor_ranks(model)
+    seq_first = _seq_first_inputs(model)
     opset = _opset(model)
     nodes, inits, outputs = [], [], {}
 
@@ -91,10 +98,13 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
         if transposed:
             nodes.append(helper.make_node("Transpose", [x], [f"{p}/xt"], perm=[1, 0]))
             x = f"{p}/xt"
+        masked = mask_column is not None and not transposed and ranks.get(tensor) == 3
+        if masked and tensor in seq_first:  # rows in [batch, seq] order, like the mask
+            nodes.append(helper.make_node("Transpose", [x], [f"{p}/batch_first"], perm=[1, 0, 2]))
+            x = f"{p}/batch_first"
         inits.append(numpy_helper.from_array(np.array([-1, K], np.int64), f"{p}/shape"))
         nodes.append(helper.make_node("Reshape", [x, f"{p}/shape"], [f"{p}/rows"]))
         rows = f"{p}/rows"
-        masked = mask_column is not None and not transposed and ranks.get(tensor) == 3
         if masked:
             nodes.append(helper.make_node("Mul", [rows, mask_column], [f"{p}/rows_m"]))
             rows = f"{p}/rows_m"
@@ -131,7 +141,10 @@ def make_session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), th
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        with runtime_source(model) as source:  # a path for lazily loaded (external data) models
+            return ort.InferenceSession(source, options, providers=list(providers))
+    except FwlrError:
+        raise
     except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user needs one sentence
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FwlrError(f"ONNX Runtime could not load the model for calibration ({first}).") from None

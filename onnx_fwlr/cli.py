@@ -79,6 +79,11 @@ class Compress:
         p.add_argument("--keep-attention", action="store_true",
                        help="keep Q/K/V/output projections dense (factorising them breaks ORT's Attention fusion)")
         p.add_argument("--method", default="svd", choices=list(METHODS), help="weighting (default: svd)")
+        p.add_argument("--methods", metavar="M,kron",
+                       help="per site, the structure with the lowest weighted error at the same budget (e.g. whiten,kron)")
+        p.add_argument("--dope", type=float, default=0.0, metavar="FRACTION",
+                       help="keep this fraction of each weight's entries as a sparse correction: W ~ structure + D")
+        p.add_argument("--kron-shape", metavar="m1xm2,n1xn2", help="force Kronecker factor shapes (K=m1*m2, N=n1*n2)")
         p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS), help="rank allocation")
         p.add_argument("--include", help="regex: only sites whose node or weight name matches")
         p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
@@ -88,12 +93,19 @@ class Compress:
                        help="write the output even when no site can be factorised")
         _calibration_arguments(p)
         p.add_argument("--stats", metavar="FILE", help="statistics from `onnx-fwlr calibrate` instead of --calib")
+        p.add_argument("--sequential", action="store_true",
+                       help="refit each site, depth by depth, to its input in the compressed model (reads --calib once per depth)")
         p.add_argument("--no-bias-correction", action="store_true",
                        help="do not fold the mean output shift into a bias (on by default for asvd/whiten/kfac)")
         p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")
+        p.add_argument("--refine", type=int, metavar="STEPS",
+                       help="then distil the factors against the original for up to STEPS Adam steps on --calib "
+                            "(validated on --val, else on 10%% of --calib held back)")
+        p.add_argument("--refine-lr", type=float, default=1e-4, help="peak learning rate of --refine (default 1e-4)")
         _tolerance_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        _decomposition_arguments(p)
 
     @staticmethod
     def run(args) -> int:
@@ -102,6 +114,8 @@ class Compress:
 
         output = check_output_path(args.output, [args.model], args.force)
         rank, ranks = _parse_ranks(args.rank)
+        if args.refine is not None and (args.calib is None or args.calib == "random"):
+            raise FwlrError("--refine trains on the calibration data; pass --calib DATA (.npz or a folder of .npz).")
         model, report = compress(
             args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=_parse_size(args.target_size),
             max_error=args.max_error, validation=args.val, method=args.method, allocation=args.allocation,
@@ -109,15 +123,28 @@ class Compress:
             calibration=args.calib, stats=args.stats,
             batch_size=args.batch_size, mask_input=args.mask_input, shapes=_shapes(args),
             bias_correction=False if args.no_bias_correction else None, fisher_options=_fisher_options(args),
-            progress=not args.quiet,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+            dope=args.dope, kron_shape=_parse_kron_shape(args.kron_shape), sequential=args.sequential,
+            svd=args.svd, workers=args.workers, progress=not args.quiet,
         )
         out = _out(args)
+        refined = None
+        if args.refine is not None and report.factorised:
+            from .refine import refine
+
+            model, refined = refine(args.model, model, args.calib, validation=args.val, steps=args.refine,
+                                    lr=args.refine_lr, batch_size=args.batch_size, seed=args.seed,
+                                    progress=not args.quiet)
         report.file_size_before = file_size(args.model)
         written = bool(report.sites) or args.write_unchanged
         if written:
             save_model(model, output, external_data=True if args.external_data else None)
             report.file_size_after = file_size(output)
         out(report.format())
+        if "weighting" in report.budget:  # structured/doped run: which structure each site got
+            out("\n".join(f"{site.name}: {site.note}" for site in report.sites))
+        if refined is not None:
+            out(refined.format())
         if written:
             out(f"wrote {output}")
         code = 0
@@ -126,8 +153,23 @@ class Compress:
             code = _report_validation(validation, args, out)
             report.validation = validation.to_dict()
         if args.json:
-            _write_json(report.to_dict(), args.json)
+            data = report.to_dict()
+            if refined is not None:
+                data["refine"] = refined.to_dict()
+            _write_json(data, args.json)
         return code
+
+
+def _parse_kron_shape(text: str | None):
+    """`--kron-shape 8x8,16x16` -> (m1, m2, n1, n2)."""
+    if text is None:
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*", text)
+    if not match or 0 in (shape := tuple(int(v) for v in match.groups())):
+        raise FwlrError(f"--kron-shape '{text}' is not m1xm2,n1xn2 with positive integers (e.g. 8x8,16x16).")
+    return shape
 
 
 def _parse_ranks(items: list[str]) -> tuple[int | None, dict]:
@@ -173,6 +215,14 @@ def _calibration_arguments(p):
     p.add_argument("--fisher-output", metavar="NAME", help="output the loss is defined on (default: first float one)")
     p.add_argument("--fisher-samples", type=int, default=1, help="loss seeds per batch for mc/gaussian (default 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the Fisher sampling (default 0)")
+
+
+def _decomposition_arguments(p):
+    p.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"],
+                   help="auto (default): randomised SVD where the rank is known and at most min(K,N)/4 with "
+                        "min(K,N) >= 1024, exact otherwise; see docs/large_models.md")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="decompose sites in N processes (same output bytes as 1; default 1)")
 
 
 def _fisher_options(args) -> dict:
@@ -365,6 +415,7 @@ class Sweep:
         p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding")
         p.add_argument("--latency", action="store_true", help="also measure ONNX Runtime latency of each model")
         p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
+        p.add_argument("--workers", type=int, default=1, help="processes for the per-site decompositions (default 1)")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON here ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -381,7 +432,7 @@ class Sweep:
         result = sweep(args.model, args.calib, args.val, ratios=ratios, methods=split(args.methods),
                        allocations=split(args.allocations), out_dir=args.output, batch_size=args.batch_size,
                        mask_input=args.mask_input, latency=args.latency, save_models=args.save_models,
-                       progress=not args.quiet)
+                       workers=args.workers, progress=not args.quiet)
         out = _out(args)
         out(result.format())
         try:
@@ -395,7 +446,70 @@ class Sweep:
         return 0
 
 
-COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile, Sweep]
+class Refine:
+    name = "refine"
+    help = "fine-tune the factors of a compressed model by distillation against the original (no training framework)"
+
+    @staticmethod
+    def add_arguments(p):
+        from .refine import LOSSES, SCHEDULES
+
+        p.add_argument("original", help="the original ONNX model (the teacher)")
+        p.add_argument("compressed", help="the compressed ONNX model whose factors are trained")
+        p.add_argument("-o", "--output", required=True, help="path of the refined model")
+        p.add_argument("--calib", metavar="DATA", required=True,
+                       help="training data: .npz (keys = input names, optional 'labels') or a folder of .npz")
+        p.add_argument("--val", metavar="DATA", help="validation data (default: 10%% of --calib held back)")
+        p.add_argument("--steps", type=int, default=200, help="Adam steps at most (default 200)")
+        p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+        p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
+        p.add_argument("--loss", choices=list(LOSSES),
+                       help="distillation loss: mse (hidden states, embeddings) or kl (logits); default by output kind")
+        p.add_argument("--output-name", dest="output_name", metavar="NAME",
+                       help="model output the loss is on (default: first float output)")
+        p.add_argument("--label-weight", type=float, default=0.0,
+                       help="weight of the cross-entropy with the data's labels (default 0)")
+        p.add_argument("--eval-every", type=int, default=10, help="steps between validations (default 10)")
+        p.add_argument("--patience", type=int, default=5,
+                       help="validations without improvement before stopping (default 5)")
+        p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine", help="learning-rate decay")
+        p.add_argument("--seed", type=int, default=0, help="seed of the batch order and held-back split")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+        p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+        p.add_argument("--plot", metavar="PNG", help="write the loss curve as a PNG (needs matplotlib)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> int:
+        from .modelio import check_output_path, save_model
+        from .refine import refine
+
+        output = check_output_path(args.output, [args.original, args.compressed], args.force)
+        model, report = refine(args.original, args.compressed, args.calib, validation=args.val, steps=args.steps,
+                               lr=args.lr, batch_size=args.batch_size, loss=args.loss, output=args.output_name,
+                               label_weight=args.label_weight, eval_every=args.eval_every, patience=args.patience,
+                               schedule=args.schedule, seed=args.seed, progress=not args.quiet)
+        save_model(model, output)
+        out = _out(args)
+        out(report.format())
+        out(f"wrote {output}")
+        _refine_plot(report, args.plot, out)
+        if args.json:
+            _write_json(report.to_dict(), args.json)
+        return 0
+
+
+def _refine_plot(report, path, out) -> None:
+    if not path:
+        return
+    try:
+        report.plot(path)
+        out(f"wrote {path}")
+    except FwlrError as exc:  # no matplotlib: the model and the table still count
+        out(f"note: {exc}")
+
+
+COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile, Sweep, Refine]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,25 +186,56 @@ def find_mask_input(specs: list[InputSpec], name: str | None = None) -> str | No
 def _random_batches(specs, shapes, batch_size, count, seed):
     rng = np.random.default_rng(seed)
     for _ in range(count):
-        feed = {}
-        for spec in specs:
-            dims = []
-            for axis, dim in enumerate(spec.shape):
-                if isinstance(dim, int) and dim > 0:
-                    dims.append(dim)
-                elif spec.name in shapes:
-                    dims.append(shapes[spec.name][axis])
-                elif axis == 0:
-                    dims.append(batch_size)
-                else:
-                    raise FwlrError(
-                        f"input '{spec.name}' has a symbolic dimension '{dim}' on axis {axis}; give its size with "
-                        f"--shape {spec.name}:d0,d1,... for random data."
-                    )
-            if spec.dtype.kind == "f":
-                feed[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
-            elif spec.dtype.kind == "b":
-                feed[spec.name] = np.ones(dims, dtype=bool)
-            else:
-                feed[spec.name] = np.ones(dims, dtype=spec.dtype)
-        yield feed
+        yield synthetic_feed(specs, shapes, batch_size, rng)
+
+
+def synthetic_feed(specs: list[InputSpec], shapes: dict | None, batch_size: int | None, seed) -> dict:
+    """One batch of random inputs from the declared types (a smoke test or a timing feed, never a measurement).
+
+    Floats are N(0, 1); integers and booleans are ones (valid token ids and attention masks). `shapes`
+    ({name: full shape}) fixes symbolic dims; otherwise a symbolic leading dim takes `batch_size` (None: it
+    must be given too). `seed` is an int or a numpy Generator (to draw several batches from one stream).
+    """
+    shapes = shapes or {}
+    names = [spec.name for spec in specs]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise FwlrError(f"--shape names input(s) {', '.join(unknown)} that the model does not have; its inputs are "
+                        f"{', '.join(names)}.")
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        dims = _synthetic_dims(spec, shapes.get(spec.name), batch_size)
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(dims).astype(spec.dtype)
+        elif spec.dtype.kind in "iub":
+            feed[spec.name] = np.ones(dims, dtype=spec.dtype)
+        else:
+            raise FwlrError(f"input '{spec.name}' has dtype {spec.dtype}, which cannot be synthesised; feed real data.")
+    return feed
+
+
+def _synthetic_dims(spec: InputSpec, given, batch_size: int | None) -> list[int]:
+    """The shape to synthesise: the --shape given for the input (checked against the declared one), else the
+    declared shape with a symbolic leading dim set to batch_size."""
+    if given is not None:
+        if spec.shape and len(given) != len(spec.shape):
+            raise FwlrError(f"--shape for input '{spec.name}' has {len(given)} dimensions but the model declares "
+                            f"{len(spec.shape)}; give all {len(spec.shape)}.")
+        for axis, (want, have) in enumerate(zip(spec.shape, given)):
+            if isinstance(want, int) and want > 0 and want != have:
+                raise FwlrError(f"--shape for input '{spec.name}' sets dimension {axis} to {have} but the model fixes "
+                                f"it at {want}.")
+        return list(given)
+    dims = []
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim > 0:
+            dims.append(dim)
+        elif axis == 0 and batch_size is not None:
+            dims.append(batch_size)
+        else:
+            raise FwlrError(
+                f"input '{spec.name}' has a symbolic dimension '{dim}' on axis {axis}; give its size with "
+                f"--shape {spec.name}:d0,d1,... for random data."
+            )
+    return dims

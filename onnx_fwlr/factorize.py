@@ -77,28 +77,47 @@ def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
 
 @dataclass
 class Decomposition:
-    """The SVD of the weighted weight P W Q; any rank's factors and error follow from it without recomputing."""
+    """The SVD of the weighted weight P W Q; any rank's factors and error follow from it without recomputing.
+
+    An exact decomposition holds every component. A randomised one holds only the leading `max_rank`; its
+    `total_energy` is still exact (‖PWQ‖_F² needs no SVD), so dropped energies and relative errors stay exact.
+    """
 
     U: np.ndarray  # [K, p]
     s: np.ndarray  # [p], descending
     Vt: np.ndarray  # [p, N]
     left: Scaling | None
     right: Scaling | None
+    total_energy: float | None = None  # ‖PWQ‖_F²; None = sum of s² (an exact, complete decomposition)
+    exact: bool = True
+
+    @property
+    def max_rank(self) -> int:
+        """The largest rank whose factors this decomposition can give."""
+        return len(self.s)
 
     @property
     def energy(self) -> np.ndarray:
         """σ² per component: the weighted error each one removes."""
         return self.s**2
 
+    @property
+    def total(self) -> float:
+        return float(np.sum(self.energy)) if self.total_energy is None else self.total_energy
+
     def dropped_energy(self, rank: int) -> float:
-        return float(np.sum(self.energy[rank:]))
+        if self.exact:
+            return float(np.sum(self.energy[rank:]))
+        self._check_rank(rank)
+        return max(self.total - float(np.sum(self.energy[:rank])), 0.0)
 
     def relative_error(self, rank: int) -> float:
-        total = float(np.sum(self.energy))
+        total = self.total
         return self.dropped_energy(rank) / total if total > 0 else 0.0
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         """A [K, rank], B [rank, N] with the singular values split evenly between them."""
+        self._check_rank(rank)
         root = np.sqrt(self.s[:rank])
         A = self.U[:, :rank] * root[None, :]
         B = root[:, None] * self.Vt[:rank]
@@ -108,9 +127,13 @@ class Decomposition:
             B = self.right.solve_right(B)
         return A, B
 
+    def _check_rank(self, rank: int) -> None:
+        if not self.exact and rank > self.max_rank:
+            raise ValueError(f"this randomised decomposition holds rank {self.max_rank}, not {rank}")
 
-def weighted_svd(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> Decomposition:
-    """Decompose P W Q once (float64). Raises FwlrError rather than returning anything made up."""
+
+def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> np.ndarray:
+    """P W Q in float64, refusing NaN/Inf."""
     M = np.asarray(W, dtype=np.float64)
     if not np.all(np.isfinite(M)):
         raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (exclude it with --exclude).")
@@ -118,8 +141,68 @@ def weighted_svd(W: np.ndarray, left: Scaling | None = None, right: Scaling | No
         M = left.apply_left(M)
     if right is not None:
         M = right.apply_right(M)
-    U, s, Vt = _svd(M)
+    return M
+
+
+def weighted_svd(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> Decomposition:
+    """Decompose P W Q once (float64). Raises FwlrError rather than returning anything made up."""
+    U, s, Vt = _svd(weighted_matrix(W, left, right))
     return Decomposition(U=U, s=s, Vt=Vt, left=left, right=right)
+
+
+# Randomised SVD (Halko, Martinsson & Tropp 2011, algorithms 4.4 and 5.1).
+OVERSAMPLE = 10
+POWER_ITERATIONS = 4
+
+
+def randomized_weighted_svd(
+    W: np.ndarray, rank: int, left: Scaling | None = None, right: Scaling | None = None, *,
+    seed: int = 0, oversample: int = OVERSAMPLE, power_iterations: int = POWER_ITERATIONS,
+) -> Decomposition:
+    """The leading `rank` components of P W Q from a random range sketch; far cheaper than a full SVD when
+    rank ≪ min(K, N). The same seed gives the same bytes. Falls back to the exact SVD when the sketch
+    would not be smaller than the matrix."""
+    M = weighted_matrix(W, left, right)
+    width = rank + oversample
+    if width >= min(M.shape):
+        return weighted_svd(W, left, right)
+    U, s, Vt = _randomized_svd(M, rank, width, seed, power_iterations)
+    return Decomposition(U=U, s=s, Vt=Vt, left=left, right=right,
+                         total_energy=float(np.sum(M * M)), exact=False)
+
+
+def _randomized_svd(M: np.ndarray, rank: int, width: int, seed: int, power_iterations: int):
+    rng = np.random.default_rng(seed)
+    sketch = M @ rng.standard_normal((M.shape[1], width))
+    Q = _orthonormal(sketch)
+    for _ in range(power_iterations):  # re-orthonormalise each half step so small σ are not lost to rounding
+        Q = _orthonormal(M @ _orthonormal(M.T @ Q))
+    small_U, s, Vt = _svd(Q.T @ M)  # [width, N]: cheap
+    return Q @ small_U[:, :rank], s[:rank], Vt[:rank]
+
+
+def _orthonormal(Y: np.ndarray) -> np.ndarray:
+    Q, _ = np.linalg.qr(Y)
+    return Q
+
+
+def use_randomized(K: int, N: int, rank: int | None, svd: str = "auto") -> bool:
+    """The rule for choosing the randomised SVD (measured; see docs/large_models.md).
+
+    exact: never; randomized: whenever a rank is known; auto: when the rank is known and at most a quarter of
+    min(K, N), and min(K, N) ≥ 1024 (below that LAPACK's full SVD is fast enough that the sketch does not pay).
+    """
+    if svd not in SVD_CHOICES:
+        raise FwlrError(f"unknown --svd '{svd}'; choose one of {', '.join(SVD_CHOICES)}.")
+    if rank is None or svd == "exact":
+        return False
+    if svd == "randomized":
+        return rank + OVERSAMPLE < min(K, N)
+    return min(K, N) >= AUTO_MIN_DIM and rank <= min(K, N) // 4
+
+
+SVD_CHOICES = ("auto", "exact", "randomized")
+AUTO_MIN_DIM = 1024
 
 
 def _svd(M: np.ndarray):

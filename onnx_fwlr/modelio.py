@@ -2,29 +2,46 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from .errors import FwlrError
 
 # Above this serialized size protobuf cannot hold the model in one message; keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+# Above this many bytes of external data a model is loaded lazily: structure in memory, weights read per site.
+LAZY_THRESHOLD = 1 << 30
+# Metadata entry that marks a lazily loaded model and names the folder its external data lives in. Copies of
+# the model (CopyFrom) carry it along; save_model removes it from what it writes.
+BASE_DIR_KEY = "onnx_fwlr.external_data_dir"
+ALIGNMENT = 65536  # tensors of 1 MB or more start at this boundary in written .data files (mmap-friendly)
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """A checked, independent copy of the model, with external data loaded into it."""
+def load_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool | None = None) -> onnx.ModelProto:
+    """A checked, independent copy of the model.
+
+    External data is loaded into it, unless `lazy` (None = when the external data exceeds LAZY_THRESHOLD):
+    then only the structure is in memory and weights are read from the .data files when needed
+    (tensor_array, save_model and runtime_source know how).
+    """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(source)
         _check_parsed(model, "the given ModelProto")
-        _run_checker(model, "the given ModelProto")
+        if external_base(model) is None:
+            _run_checker(model, "the given ModelProto")
+        else:  # lazily loaded: the checker reads the structure from a file beside the external data
+            with runtime_source(model) as path:
+                _run_checker(path, "the given ModelProto")
         return model
     path = Path(source)
     if not path.exists():
@@ -40,6 +57,12 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         ) from None
     _check_parsed(model, str(path))
     check_external_data(model, path.parent)
+    if lazy is None:
+        lazy = external_bytes(model) > LAZY_THRESHOLD
+    if lazy and external_bytes(model) > 0:
+        _run_checker(str(path), str(path))
+        _set_base(model, path.parent.resolve())
+        return model
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
@@ -55,9 +78,12 @@ def _check_parsed(model: onnx.ModelProto, label: str) -> None:
         )
 
 
-def _run_checker(model: onnx.ModelProto, label: str) -> None:
+def _run_checker(model: onnx.ModelProto | str, label: str) -> None:
+    """Check in memory, or by path (the C++ checker reads the file itself; nothing is materialised here)."""
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        model = _structure(model)
     try:
-        onnx.checker.check_model(model if model.ByteSize() < EXTERNAL_DATA_THRESHOLD else _structure(model))
+        onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise FwlrError(
             f"{label}: fails the ONNX checker ({_first_line(exc)}); the file may be truncated or malformed: "
@@ -71,6 +97,109 @@ def _structure(model: onnx.ModelProto) -> onnx.ModelProto:
     for tensor in external_data_helper._get_all_tensors(copy):
         tensor.ClearField("raw_data")
     return copy
+
+
+# --- lazily loaded models: weights stay in their .data files ------------------------------------------
+
+
+def external_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of tensor data the model keeps in external files."""
+    total = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            total += info.length or _nbytes(tensor)
+    return total
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def _set_base(model: onnx.ModelProto, base: Path) -> None:
+    _drop_base(model)
+    model.metadata_props.add(key=BASE_DIR_KEY, value=str(base))
+
+
+def _drop_base(model: onnx.ModelProto) -> None:
+    keep = [(p.key, p.value) for p in model.metadata_props if p.key != BASE_DIR_KEY]
+    del model.metadata_props[:]
+    for key, value in keep:
+        model.metadata_props.add(key=key, value=value)
+
+
+def external_base(model: onnx.ModelProto) -> Path | None:
+    """The folder of a lazily loaded model's external data; None when its weights are all in memory."""
+    for prop in model.metadata_props:
+        if prop.key == BASE_DIR_KEY:
+            return Path(prop.value)
+    return None
+
+
+def _external_span(model: onnx.ModelProto, tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    base = external_base(model)
+    if base is None:
+        raise FwlrError(f"tensor '{tensor.name}' refers to external data but the model was not loaded from a "
+                        "path; load it with onnx_fwlr.load_model(path).")
+    info = external_data_helper.ExternalDataInfo(tensor)
+    return base / info.location, int(info.offset or 0), int(info.length or _nbytes(tensor))
+
+
+def tensor_array(model: onnx.ModelProto, tensor: onnx.TensorProto, copy: bool = True) -> np.ndarray:
+    """The tensor's values. A lazily loaded tensor is memory-mapped at its offset (a read-only view when
+    copy=False, so only the pages used are read)."""
+    if not external_data_helper.uses_external_data(tensor):
+        return numpy_helper.to_array(tensor)
+    path, offset, length = _external_span(model, tensor)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    shape = tuple(tensor.dims)
+    if length == 0 or 0 in shape:
+        return np.zeros(shape, dtype=dtype)
+    values = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.array(values) if copy else values
+
+
+def iter_tensor_bytes(model: onnx.ModelProto, tensor: onnx.TensorProto, chunk: int = 1 << 24):
+    """The tensor's raw little-endian bytes in chunks: hashing or copying a huge tensor without holding it."""
+    if not external_data_helper.uses_external_data(tensor):
+        yield np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
+        return
+    path, offset, length = _external_span(model, tensor)
+    with open(path, "rb") as source:
+        source.seek(offset)
+        while length > 0:
+            block = source.read(min(chunk, length))
+            if not block:
+                raise FwlrError(f"external data file {path} ended early while reading '{tensor.name}'.")
+            length -= len(block)
+            yield block
+
+
+@contextlib.contextmanager
+def runtime_source(model: onnx.ModelProto):
+    """What to give onnxruntime.InferenceSession: the serialised bytes, or for a lazily loaded model the path
+    of a temporary copy of its structure written beside its external data (ORT reads external data only
+    relative to a model file, and protobuf cannot serialise more than 2 GB). Create the session inside."""
+    base = external_base(model)
+    if base is None:
+        yield model.SerializeToString()
+        return
+    structure = onnx.ModelProto()
+    structure.CopyFrom(model)
+    _drop_base(structure)
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fwlr-session-", suffix=".onnx", dir=base)
+    except OSError as exc:
+        raise FwlrError(f"could not write a temporary model file in {base} ({_first_line(exc)}); ONNX Runtime "
+                        "reads external data only beside a model file: make that folder writable.") from None
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(structure.SerializeToString())
+        yield name
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -149,33 +278,72 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside the output, then is moved into place.
 
-    external_data None = automatic (only when the model is too large for one protobuf message).
-    The data file is `<output name>.data`, written fresh (onnx appends to an existing one).
+    external_data None = automatic (when the model is too large for one protobuf message, or was loaded
+    lazily). The data file is `<output name>.data` (relative location), written fresh; lazily loaded
+    tensors are streamed from their source files in chunks, never held in memory whole.
     """
     out = Path(output)
+    lazy = external_base(model) is not None
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = lazy or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     runtime_compatible(model)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp_model = tmp_dir / out.name
         data_name = out.name + ".data"
+        to_save = onnx.ModelProto()
+        to_save.CopyFrom(model)
+        _drop_base(to_save)
         if external_data:
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            onnx.save_model(
-                to_save, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                location=data_name, size_threshold=1024,
-            )
-            os.replace(tmp_dir / data_name, out.parent / data_name)
+            _write_external(model, to_save, tmp_dir / data_name, data_name)
+            onnx.save_model(to_save, str(tmp_model))
+            data_out = out.parent / data_name
+            if data_out.exists():
+                data_out.unlink()  # never leave a stale file for a reader to append to or mistake
+            os.replace(tmp_dir / data_name, data_out)
         else:
-            onnx.save_model(model, str(tmp_model))
+            if lazy:
+                for tensor in external_data_helper._get_all_tensors(to_save):
+                    if external_data_helper.uses_external_data(tensor):
+                        tensor.raw_data = b"".join(iter_tensor_bytes(model, tensor))
+                        del tensor.external_data[:]
+                        tensor.data_location = onnx.TensorProto.DEFAULT
+            onnx.save_model(to_save, str(tmp_model))
         os.replace(tmp_model, out)
     except OSError as exc:
         raise FwlrError(f"could not write {out} ({_first_line(exc)}); check the folder's free space and rights.") from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+    if external_data and model.ByteSize() > EXTERNAL_DATA_THRESHOLD // 4:
+        _run_checker(str(out), str(out))  # large models are checked on the path, where the C++ checker reads it
     return out
+
+
+def _write_external(source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str,
+                    size_threshold: int = 1024) -> None:
+    """Move every tensor of `target` of size_threshold bytes or more into one fresh data file.
+
+    `source` is the model `target` was copied from: it knows where lazily loaded tensors live.
+    """
+    with open(data_path, "wb") as data:  # "wb" truncates: onnx.save would append to an existing file
+        for tensor in external_data_helper._get_all_tensors(target):
+            lazy = external_data_helper.uses_external_data(tensor)
+            if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
+                continue
+            length = _nbytes(tensor) if lazy else len(tensor.raw_data)
+            if length >= 1 << 20:
+                data.write(b"\0" * (-data.tell() % ALIGNMENT))
+            offset = data.tell()
+            if lazy:
+                for block in iter_tensor_bytes(source, tensor):
+                    data.write(block)
+            else:
+                data.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
 
 
 def file_size(path: str | os.PathLike) -> int:

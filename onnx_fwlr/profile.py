@@ -15,16 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import numpy_helper
 
+from onnx_fwlr import data
 from onnx_fwlr.errors import FwlrError
-
-# Element types counted as parameters: float weights, and the 8/4-bit integers quantised weights are stored in
-# (so an original and a quantised model compare fairly). Index/shape tensors (int32/int64) are not parameters.
-PARAMETER_TYPES = {
-    TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16,
-    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4,
-}
+from onnx_fwlr.modelio import file_size
+from onnx_fwlr.report import format_table
+from onnx_fwlr.sites import model_parameters, walk_graphs
 
 # Ops whose FLOPs we count, with the input positions of their two matrix operands.
 MATMUL_OPERANDS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "Gemm": (0, 1)}
@@ -58,152 +55,23 @@ def parse_shape_args(items):
     return shapes
 
 
-def model_inputs(model):
-    """The graph inputs a caller must feed (older IRs also list initializers as inputs; those are skipped)."""
-    initializer_names = {init.name for init in model.graph.initializer}
-    return [inp for inp in model.graph.input if inp.name not in initializer_names]
-
-
-def _declared_dims(value_info):
-    """Declared dims of a tensor input: an int, or the symbolic name / None where the size is not fixed."""
-    tensor_type = value_info.type.tensor_type
-    if not tensor_type.HasField("shape"):
-        return None
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
-
-
-def _resolve_shape(value_info, given):
-    """The concrete shape of one input: the declared one, with the user's --shape filling or overriding it."""
-    name = value_info.name
-    declared = _declared_dims(value_info)
-    if given is not None:
-        if declared is not None and len(given) != len(declared):
-            raise FwlrError(
-                f"--shape for input '{name}' has {len(given)} dimensions but the model declares {len(declared)}; "
-                f"give all {len(declared)}."
-            )
-        for i, (want, have) in enumerate(zip(declared or [], given)):
-            if isinstance(want, int) and want != have:
-                raise FwlrError(f"--shape for input '{name}' sets dimension {i} to {have} but the model fixes it at {want}.")
-        return list(given)
-    if declared is None:
-        raise FwlrError(f"Input '{name}' has no declared shape; pass --shape {name}:d0,d1,... to give it one.")
-    for i, dim in enumerate(declared):
-        if not isinstance(dim, int):
-            label = f"'{dim}'" if dim else "unnamed"
-            raise FwlrError(
-                f"Input '{name}' has a symbolic dimension {i} ({label}); pass --shape {name}:d0,d1,... with every dimension."
-            )
-    return declared
-
-
 def synthetic_feed(model, shapes=None, seed=0):
     """Random inputs matching the model's declared inputs, for timing (not for judging accuracy).
 
-    Float inputs are N(0, 1); integer inputs are ones (valid token ids and attention masks); bool inputs are True.
-    Symbolic dimensions must be fixed through `shapes` ({input name: full shape}).
+    Every symbolic dimension must be fixed through `shapes` ({input name: full shape}); see data.synthetic_feed.
     """
-    shapes = dict(shapes or {})
-    inputs = model_inputs(model)
-    unknown = sorted(set(shapes) - {inp.name for inp in inputs})
-    if unknown:
-        raise FwlrError(
-            f"--shape names input(s) {', '.join(unknown)} that the model does not have; its inputs are "
-            f"{', '.join(inp.name for inp in inputs)}."
-        )
-    rng = np.random.default_rng(seed)
-    feed = {}
-    for inp in inputs:
-        if not inp.type.HasField("tensor_type"):
-            raise FwlrError(f"Input '{inp.name}' is not a tensor (sequence/map/optional); profile cannot make data for it.")
-        dtype = _numpy_dtype(inp.name, inp.type.tensor_type.elem_type)
-        shape = _resolve_shape(inp, shapes.get(inp.name))
-        if dtype == np.bool_:
-            feed[inp.name] = np.ones(shape, dtype=np.bool_)
-        elif np.issubdtype(dtype, np.floating):
-            feed[inp.name] = rng.standard_normal(shape).astype(dtype)
-        else:
-            feed[inp.name] = np.ones(shape, dtype=dtype)
-    return feed
-
-
-def _numpy_dtype(name, elem_type):
-    """The numpy dtype ONNX Runtime accepts for an input's element type."""
-    supported = {
-        TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16,
-        TensorProto.INT8: np.int8, TensorProto.UINT8: np.uint8, TensorProto.INT16: np.int16,
-        TensorProto.UINT16: np.uint16, TensorProto.INT32: np.int32, TensorProto.UINT32: np.uint32,
-        TensorProto.INT64: np.int64, TensorProto.UINT64: np.uint64, TensorProto.BOOL: np.bool_,
-    }
-    if elem_type not in supported:
-        type_name = TensorProto.DataType.Name(elem_type) if elem_type else "undefined"
-        raise FwlrError(f"Input '{name}' has element type {type_name}, which profile cannot synthesise; feed real data instead.")
-    return np.dtype(supported[elem_type])
+    return data.synthetic_feed(data.model_inputs(model), shapes, batch_size=None, seed=seed)
 
 
 def _check_feed(model, feed):
     """Fail early, in plain words, when the feed does not match the model's inputs."""
-    names = [inp.name for inp in model_inputs(model)]
+    names = [spec.name for spec in data.model_inputs(model)]
     missing = [n for n in names if n not in feed]
     extra = sorted(set(feed) - set(names))
     if missing:
         raise FwlrError(f"The inputs lack {', '.join(missing)}; the model needs {', '.join(names)}.")
     if extra:
         raise FwlrError(f"The inputs include {', '.join(extra)}, which the model does not have; it needs {', '.join(names)}.")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Static facts: size and parameter count
-
-
-def _all_graphs(graph):
-    """The graph and every subgraph nested in If/Loop/Scan attributes, depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_graphs(sub)
-
-
-def _constant_tensors(graph):
-    """Initializers and Constant-node tensors of one graph (not its subgraphs)."""
-    tensors = list(graph.initializer)
-    tensors += [sparse.values for sparse in graph.sparse_initializer]
-    for node in graph.node:
-        if node.op_type == "Constant":
-            tensors += [attr.t for attr in node.attribute if attr.name == "value"]
-    return tensors
-
-
-def count_parameters(model):
-    """Number of weight elements (float and 8/4-bit integer constants), subgraphs included."""
-    total = 0
-    for graph in _all_graphs(model.graph):
-        for tensor in _constant_tensors(graph):
-            if tensor.data_type in PARAMETER_TYPES:
-                total += int(np.prod(tensor.dims, dtype=np.int64))
-    return total
-
-
-def file_size_bytes(model_path, model=None):
-    """Bytes on disk: the model file plus every external data file it references."""
-    model = model if model is not None else onnx.load(model_path, load_external_data=False)
-    folder = Path(model_path).parent
-    locations = set()
-    for graph in _all_graphs(model.graph):
-        for tensor in _constant_tensors(graph):
-            if tensor.data_location == TensorProto.EXTERNAL:
-                locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
-    size = Path(model_path).stat().st_size
-    for location in sorted(locations):
-        data_path = folder / location
-        if not data_path.is_file():
-            raise FwlrError(f"External data file {data_path} referenced by {model_path} is missing; keep it beside the model.")
-        size += data_path.stat().st_size
-    return size
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,7 +112,7 @@ def _shape_probe_model(model):
                 exposed.add(name)
     nested = sum(
         node.op_type in MATMUL_OPERANDS
-        for sub in list(_all_graphs(model.graph))[1:]
+        for sub in walk_graphs(model)[1:]
         for node in sub.node
     )
     return probe, nodes, nested
@@ -392,8 +260,8 @@ def _measure(model_path, feed, runs, warmup, threads, providers, op_profile, bat
         "providers": used_providers,
         "peak_rss_mb": peak,
         "rss_growth_mb": None if peak is None else peak - baseline,
-        "file_size_bytes": file_size_bytes(model_path, model),
-        "parameters": count_parameters(model),
+        "file_size_bytes": file_size(model_path),
+        "parameters": model_parameters(model),
         "matmul_flops": flops,
         "matmul_nodes": counted,
         "matmul_nodes_in_subgraphs": nested,
@@ -508,7 +376,7 @@ def save_test_data(original_model_path, feed, out_dir):
     folder.mkdir(parents=True, exist_ok=True)
     for stale in list(folder.glob("input_*.pb")) + list(folder.glob("output_*.pb")):
         stale.unlink()  # leftovers from a model with more inputs/outputs would confuse the test runner
-    for i, inp in enumerate(model_inputs(model)):
+    for i, inp in enumerate(data.model_inputs(model)):
         tensor = numpy_helper.from_array(np.asarray(feed[inp.name]), inp.name)
         (folder / f"input_{i}.pb").write_bytes(tensor.SerializeToString())
     for i, (meta, value) in enumerate(zip(session.get_outputs(), outputs)):
@@ -521,16 +389,9 @@ def save_test_data(original_model_path, feed, out_dir):
 # Text reports
 
 
-def format_table(headers, rows):
-    """A plain-text table: first column left-aligned, the others right-aligned, columns padded to fit."""
-    cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-
-    def line(row):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+def _table(headers, rows):
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    return format_table(headers, rows, align="l" + "r" * (len(headers) - 1))
 
 
 def _human(value, unit=""):
@@ -579,16 +440,16 @@ def format_profile(result):
     """A plain-text report of one profile_model result."""
     parts = [f"Profile of {result['model']}", _settings_line(result), ""]
     rows = [[label, fmt(result[key])] for label, key, fmt in METRICS]
-    parts.append(format_table(["metric", "value"], rows))
+    parts.append(_table(["metric", "value"], rows))
     if result.get("matmul_nodes_in_subgraphs"):
         parts.append(f"({result['matmul_nodes_in_subgraphs']} MatMul/Gemm inside subgraphs not counted in FLOPs)")
     if "op_profile" in result:
         profile = result["op_profile"]
         parts += ["", f"Time per op type (kernel time per run, {profile['profiled_runs']} profiled runs)"]
-        parts.append(format_table(["op type", "ms", "share"], _op_rows(profile)))
+        parts.append(_table(["op type", "ms", "share"], _op_rows(profile)))
         parts += ["", "Slowest nodes"]
         node_rows = [[r["node"], r["op_type"], f"{r['time_ms']:.3f}", f"{100 * r['share']:.1f}%"] for r in profile["top_nodes"]]
-        parts.append(format_table(["node", "op type", "ms", "share"], node_rows))
+        parts.append(_table(["node", "op type", "ms", "share"], node_rows))
     return "\n".join(parts)
 
 
@@ -628,7 +489,7 @@ def format_comparison(a, b, names=("original", "compressed")):
         parts.append(f"{names[1]} settings differ: {_settings_line(b)}")
     parts.append("")
     rows = [[label, fmt(a[key]), fmt(b[key]), _ratio_text(comparison[key]["ratio"])] for label, key, fmt in METRICS]
-    parts.append(format_table(["metric", names[0], names[1], "ratio"], rows))
+    parts.append(_table(["metric", names[0], names[1], "ratio"], rows))
     latency_ratio = comparison["average_latency_ms"]["ratio"]
     flop_ratio = comparison["matmul_flops"]["ratio"]
     parts += [
@@ -645,5 +506,5 @@ def format_comparison(a, b, names=("original", "compressed")):
             for op, v in list(comparison["op_types"].items())[:TOP_OP_TYPES]
         ]
         headers = ["op type", f"{names[0]} ms", "share", f"{names[1]} ms", "share", "ratio"]
-        parts.append(format_table(headers, op_rows))
+        parts.append(_table(headers, op_rows))
     return "\n".join(parts)

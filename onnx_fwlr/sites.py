@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT: "float32",
@@ -221,31 +220,75 @@ def _selected(site: Site, include: str | None, exclude: str | None) -> bool:
 
 def weight_matrix(model: onnx.ModelProto, site: Site) -> np.ndarray:
     """The weight as a float64 [K, N] array (transposed back when stored as [N, K])."""
+    return weight_ref(model, site).load()
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a site's weight is: in memory (`values`) or at `offset` in an external data file (`path`).
+
+    Small and picklable, so a worker process can read the weight itself (memory-mapped) instead of
+    receiving a copy.
+    """
+
+    transposed: bool
+    values: np.ndarray | None = None
+    path: str | None = None
+    offset: int = 0
+    dtype: np.dtype = np.dtype(np.float32)
+    shape: tuple = ()
+
+    def load(self) -> np.ndarray:
+        """float64 [K, N]."""
+        if self.values is not None:
+            raw = self.values
+        elif 0 in self.shape:
+            raw = np.zeros(self.shape)
+        else:
+            raw = np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=self.shape)
+        values = np.array(raw, dtype=np.float64)
+        del raw  # unmap before the caller works on the copy
+        if values.ndim == 3:  # LSTM/GRU input weight [dirs, gates*hidden, input] -> [input, dirs*gates*hidden]
+            return values.transpose(2, 0, 1).reshape(values.shape[2], -1)
+        return values.T if self.transposed else values
+
+
+def weight_ref(model: onnx.ModelProto, site: Site) -> WeightRef:
+    """A WeightRef for the site: lazily loaded weights (modelio.load_model(lazy=True)) stay on disk."""
+    from onnx import external_data_helper
+
+    from .modelio import _external_span, tensor_array
+
     graph = walk_graphs(model)[site.graph_index]
     if site.constant_node is None:
         tensor = next(t for t in graph.initializer if t.name == site.weight)
     else:
         node = graph.node[site.constant_node]
         tensor = next(a.t for a in node.attribute if a.name == "value")
-    values = numpy_helper.to_array(tensor).astype(np.float64)
-    if values.ndim == 3:  # LSTM/GRU input weight [dirs, gates*hidden, input] -> [input, dirs*gates*hidden]
-        return values.transpose(2, 0, 1).reshape(values.shape[2], -1)
-    return values.T if site.transposed else values
+    if external_data_helper.uses_external_data(tensor):
+        path, offset, _ = _external_span(model, tensor)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return WeightRef(site.transposed, path=str(path), offset=offset, dtype=dtype, shape=tuple(tensor.dims))
+    return WeightRef(site.transposed, values=tensor_array(model, tensor))
+
+
+# Element types counted as parameters: float weights, and the 8/4-bit integers quantised weights are stored in
+# (so an original and a quantised model compare fairly). Index/shape tensors (int32/int64) are not parameters.
+PARAMETER_TYPES = set(FLOAT_TYPES) | {
+    onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+}
 
 
 def model_parameters(model: onnx.ModelProto) -> int:
-    """Number of floating-point constant elements (initializers and Constant nodes, subgraphs included)."""
+    """Number of weight elements: float and 8/4-bit integer constants (initializers, sparse initializers and
+    Constant nodes, subgraphs included)."""
     total = 0
     for graph in walk_graphs(model):
-        for tensor in graph.initializer:
-            if tensor.data_type in FLOAT_TYPES:
-                total += int(np.prod(tensor.dims, dtype=np.int64))
+        tensors = list(graph.initializer) + [sparse.values for sparse in graph.sparse_initializer]
         for node in graph.node:
             if node.op_type == "Constant":
-                for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        if attr.t.data_type in FLOAT_TYPES:
-                            total += int(np.prod(attr.t.dims, dtype=np.int64))
+                tensors += [a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+        total += sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in PARAMETER_TYPES)
     return total
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import FwlrError
+from .modelio import iter_tensor_bytes
 from .sites import Site, walk_graphs
 
 FORMAT_VERSION = 1
@@ -37,7 +37,8 @@ def model_fingerprint(model: onnx.ModelProto) -> str:
             digest.update(f"{node.op_type}:{','.join(node.input)}>{','.join(node.output)};".encode())
         for tensor in sorted(graph.initializer, key=lambda t: t.name):
             digest.update(tensor.name.encode())
-            digest.update(np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes())
+            for block in iter_tensor_bytes(model, tensor):  # same bytes; lazily loaded tensors in chunks
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -171,7 +171,7 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
         shape = tuple(int(v) for v in kron_shape)
         m1, m2, n1, n2 = shape
         if m1 * m2 != K or n1 * n2 != N:
-            raise FwlrError(f"--kron-shape {','.join(map(str, shape))} does not factor the [{K}x{N}] weight: "
+            raise FwlrError(f"--kron-shape {m1}x{m2},{n1}x{n2} does not factor a [{K}x{N}] weight: "
                             f"need m1*m2 = {K} and n1*n2 = {N}.")
         candidates = [shape]
     else:
@@ -212,3 +212,44 @@ def fit_best(W: np.ndarray, structures, budget_params: float, **options) -> Site
     """
     fits = [fit for fit in (fit_site(W, s, budget_params, **options) for s in dict.fromkeys(structures)) if fit]
     return min(fits, key=lambda f: (f.error, f.params), default=None)
+
+
+def metric_options(method: str, input_gram=None, fisher_row=None) -> dict:
+    """fit_site's weighting keywords for a low-rank method's metric (DESIGN §3), so every structure of a
+    site is judged in the units that method would use.
+
+    whiten: the full input Gram; asvd: √diag(Gram); fwsvd: √(Fisher row); svd, or a statistic that is
+    missing: {} (plain Frobenius). kfac also weights the output side, which no structured fit supports.
+    """
+    if method == "kfac":
+        raise FwlrError("--dope, --method kron and --methods do not take kfac (its output-side weighting has no "
+                        "structured fit); use whiten or fwsvd with them.")
+    if method == "whiten" and input_gram is not None:
+        return {"gram": input_gram}
+    if method == "asvd" and input_gram is not None:
+        return {"row_weights": np.sqrt(np.maximum(np.diag(input_gram), 0.0))}
+    if method == "fwsvd" and fisher_row is not None:
+        return {"row_weights": np.sqrt(np.maximum(fisher_row, 0.0))}
+    return {}
+
+
+def fit_structured_site(
+    W: np.ndarray,
+    structures,
+    budget_params: float,
+    *,
+    method: str = "svd",
+    input_gram=None,
+    fisher_row=None,
+    mean_input=None,
+    dope: float = 0.0,
+    kron_shape=None,
+    itemsize: int = 4,
+) -> SiteFit | None:
+    """fit_best in the metric of the low-rank `method` (metric_options); with mean_input (E[x]) the
+    replacement also gets the bias correction shift = E[x]ᵀ (W − W'), exact in expectation."""
+    fit = fit_best(W, structures, budget_params, dope=dope, kron_shape=kron_shape, itemsize=itemsize,
+                   **metric_options(method, input_gram, fisher_row))
+    if fit is not None and mean_input is not None:
+        fit.replacement.shift = np.asarray(mean_input, dtype=np.float64) @ (np.asarray(W, np.float64) - fit.replacement.dense())
+    return fit

@@ -51,6 +51,7 @@ def sweep(
     model, calibration, validation, *, ratios: list[float], methods: list[str], allocations: list[str] = ("uniform",),
     out_dir: str | Path, batch_size: int = 32, mask_input: str | None = None, latency: bool = False,
     latency_runs: int = 20, save_models: bool = False, progress: bool = True, fisher_options: dict | None = None,
+    workers: int = 1,
 ) -> SweepResult:
     out = Path(out_dir)
     if not out.parent.exists():
@@ -74,7 +75,8 @@ def sweep(
         result.calibration = {k: v for k, v in stats.meta.items()}
     original_path = _model_path(model, original, out)
     for method in sorted({m for m, _ in configs}, key=methods.index):
-        prepared = prepare(original, method=method, stats=stats if METHODS[method] else None, progress=progress)
+        prepared = prepare(original, method=method, stats=stats if METHODS[method] else None, workers=workers,
+                           progress=progress)
         for allocation in [a for m, a in configs if m == method]:
             config = f"{method}/{allocation}"
             middle = sorted(ratios)[len(ratios) // 2]

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.modelio import max_runtime_ir_version
+from onnx_fwlr.modelio import external_base, max_runtime_ir_version, runtime_source
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 
@@ -351,6 +351,9 @@ def _session(model, providers: Sequence[str], role: str) -> ort.InferenceSession
     A model whose IR version is newer than the installed ONNX Runtime reads is run with the version lowered.
     """
     if isinstance(model, onnx.ModelProto):
+        if external_base(model) is not None:  # lazily loaded: ORT reads its external data beside a file
+            with runtime_source(model) as source:
+                return _session_from_bytes(source, providers, role)
         return _session_from_bytes(_serialize_for_runtime(model, role), providers, role)
     path = os.fspath(model)
     if not os.path.isfile(path):

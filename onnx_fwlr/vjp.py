@@ -347,6 +347,25 @@ def _reduce(mean: bool):
     return rule
 
 
+def _reduce_squares(root: bool):
+    """ReduceL2 (y = √Σx², dx = g·x/y, zero where y = 0) and ReduceSumSquare (y = Σx², dx = 2g·x)."""
+    def rule(ins, outs, attrs, grads, opset, wanted):
+        x, g = ins[0], grads[0]
+        axes = _reduce_axes(ins, attrs, x.ndim)
+        if axes is None:  # no-op: y = |x| for ReduceL2, x² for ReduceSumSquare
+            return [g * (np.sign(x) if root else 2 * x)] + [None] * (len(ins) - 1)
+        y = outs[0] if root else None
+        if not attrs.get("keepdims", 1):
+            g = np.expand_dims(g, tuple(axes))
+            y = np.expand_dims(y, tuple(axes)) if root else None
+        if root:
+            safe = np.where(y > 0, y, 1)
+            g = np.where(y > 0, g / safe, 0)
+            return [g * x] + [None] * (len(ins) - 1)
+        return [2 * g * x] + [None] * (len(ins) - 1)
+    return rule
+
+
 # ---------------------------------------------------------------- shape manipulation
 
 def _reshape_back(ins, outs, attrs, grads, opset, wanted):
@@ -492,6 +511,8 @@ RULES: dict[str, Rule] = {
     "LayerNormalization": Rule(_layer_norm, _static(inputs=(0, 1), shapes=(2,)), (0, 1, 2)),
     "ReduceSum": Rule(_reduce(mean=False), _static(inputs=(1,), shapes=(0,))),
     "ReduceMean": Rule(_reduce(mean=True), _static(inputs=(1,), shapes=(0,))),
+    "ReduceL2": Rule(_reduce_squares(root=True), _static(inputs=(0, 1), outputs=(0,))),
+    "ReduceSumSquare": Rule(_reduce_squares(root=False), _static(inputs=(0, 1))),
     "Reshape": Rule(_reshape_back, _NEEDS_SHAPE),
     "Flatten": Rule(_reshape_back, _NEEDS_SHAPE),
     "Squeeze": Rule(_reshape_back, _NEEDS_SHAPE),

@@ -6,11 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fwlr import data
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.modelio import file_size
 from onnx_fwlr.profile import (
     compare_profiles,
-    count_parameters,
-    file_size_bytes,
     format_comparison,
     format_profile,
     matmul_flops,
@@ -20,6 +20,7 @@ from onnx_fwlr.profile import (
     save_test_data,
     synthetic_feed,
 )
+from onnx_fwlr.sites import model_parameters
 
 B, T, K, N, P, Q = 2, 3, 4, 5, 6, 7
 RANK = 1  # of the factorised first weight in the "compressed" model
@@ -145,6 +146,15 @@ def test_synthetic_feed_types_and_shapes():
         synthetic_feed(model, {"ids": [2, 3], "idz": [1]})
 
 
+def test_shared_synthetic_feed_fills_the_batch_dim_and_draws_from_one_stream():
+    specs = data.model_inputs(_model())  # x [batch, T, K]
+    assert data.synthetic_feed(specs, None, batch_size=5, seed=0)["x"].shape == (5, T, K)
+    rng = np.random.default_rng(0)
+    first, second = (data.synthetic_feed(specs, None, 5, rng)["x"] for _ in range(2))
+    np.testing.assert_array_equal(first, data.synthetic_feed(specs, None, 5, 0)["x"])
+    assert not np.array_equal(first, second)
+
+
 # --- static counts ----------------------------------------------------------------------------------------
 
 
@@ -155,7 +165,7 @@ def test_matmul_flops_formula():
     assert matmul_flops("MatMul", [4], [4, 6]) == 2 * 4 * 6  # vector @ matrix
 
 
-def test_count_parameters_includes_subgraphs():
+def test_model_parameters_includes_subgraphs_and_quantised_weights():
     then_graph = helper.make_graph(
         [helper.make_node("Constant", [], ["t"], value=numpy_helper.from_array(np.ones((3, 3), np.float32)))],
         "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
@@ -170,9 +180,10 @@ def test_count_parameters_includes_subgraphs():
         [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.zeros((4, 5), np.float32), "w"),
+         numpy_helper.from_array(np.zeros((3, 7), np.int8), "quantised_w"),
          numpy_helper.from_array(np.zeros((6,), np.int64), "shape_not_a_weight")],
     )
-    assert count_parameters(helper.make_model(graph)) == 20 + 9 + 2
+    assert model_parameters(helper.make_model(graph)) == 20 + 9 + 2 + 21
 
 
 # --- measurements in ONNX Runtime ---------------------------------------------------------------------------
@@ -199,7 +210,7 @@ def test_size_and_parameters_include_external_data(profiles):
     result = profiles["original"]
     on_disk = (folder / "original.onnx").stat().st_size + (folder / "original.data").stat().st_size
     assert (folder / "original.data").stat().st_size > 0
-    assert result["file_size_bytes"] == on_disk == file_size_bytes(folder / "original.onnx")
+    assert result["file_size_bytes"] == on_disk == file_size(folder / "original.onnx")
     assert result["parameters"] == K * N + P * N + P * Q + Q
 
 

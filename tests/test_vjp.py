@@ -244,7 +244,7 @@ def test_layer_norm(axis, scale_shape, with_bias):
 
 # ---------------------------------------------------------------- reductions
 
-@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum"])
+@pytest.mark.parametrize("op", ["ReduceMean", "ReduceSum", "ReduceL2", "ReduceSumSquare"])
 @pytest.mark.parametrize("keepdims", [0, 1])
 @pytest.mark.parametrize("axes", [[1], [0, -1], None])
 def test_reduce_axes_attribute(op, keepdims, axes):
@@ -252,7 +252,8 @@ def test_reduce_axes_attribute(op, keepdims, axes):
     check(op, [rand(2, 3, 4)], attrs, opset=11)
 
 
-@pytest.mark.parametrize("op,opset", [("ReduceMean", 18), ("ReduceSum", 13)])
+@pytest.mark.parametrize("op,opset", [("ReduceMean", 18), ("ReduceSum", 13), ("ReduceL2", 18),
+                                       ("ReduceSumSquare", 18)])
 @pytest.mark.parametrize("keepdims", [0, 1])
 def test_reduce_axes_input(op, opset, keepdims):
     check(op, [rand(2, 3, 4), ints(-1, 0)], {"keepdims": keepdims}, opset=opset)

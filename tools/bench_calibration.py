@@ -2,15 +2,12 @@
 
     python tools/bench_calibration.py memory   [--batches 16 64] [--json FILE]
     python tools/bench_calibration.py overhead [--models mlp transformer] [--json FILE]
-    python tools/bench_calibration.py profile  [--models mlp transformer] [--json FILE]
 
 `memory` runs every calibration in a fresh child process that reports its own peak RSS (ru_maxrss), so the
 runs cannot share a high-water mark. `overhead` times `onnx_fwlr.api.calibrate` batch by batch (through a
 CalibrationDataReader that stamps when each batch is taken) against `session.run` of the original model on
 the same batches, with the same session options; warm-up batches are left out of both, and each side's time
-is the sum over batches of the fastest of several repeats (the machine may be shared). `profile` splits one
-calibration batch into its parts (model, Gram MatMuls, the other reductions, the float64 fold) and times the
-stats-graph variants that could make it cheaper.
+is the sum over batches of the fastest of several repeats (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -33,10 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from onnx_fwlr import api  # noqa: E402
-from onnx_fwlr.calibration import PREFIX, activation_plan, build_stats_model, make_session  # noqa: E402
-from onnx_fwlr.data import find_mask_input, model_inputs  # noqa: E402
-from onnx_fwlr.sites import find_sites  # noqa: E402
-from onnx_fwlr.stats import Statistics  # noqa: E402
+from onnx_fwlr.calibration import make_session  # noqa: E402
+from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
 MIB = 1024.0  # ru_maxrss is in KiB on Linux
 
@@ -76,12 +71,10 @@ def mlp_batches(count: int, batch: int, seed: int = 1):
 
 def transformer_case(hidden: int, layers: int, batch: int, seq: int, count: int, seed: int = 0):
     """(model, feeds) from tools/synthetic_transformer.py: BERT-like, FFN 4 x hidden, padded batches."""
-    import synthetic_transformer as st
-
     vocab = 1000
-    model = st.build_transformer(hidden=hidden, layers=layers, heads=max(1, hidden // 64), ffn=4 * hidden,
-                                 vocab=vocab, max_len=seq, seed=seed)
-    feeds = [st.make_token_batch(batch, seq, vocab, seed=seed + 1 + i) for i in range(count)]
+    model = build_transformer(hidden=hidden, layers=layers, heads=max(1, hidden // 64), ffn=4 * hidden,
+                              vocab=vocab, max_len=seq, seed=seed)
+    feeds = [make_token_batch(batch, seq, vocab, seed=seed + 1 + i) for i in range(count)]
     return model, feeds
 
 
@@ -155,6 +148,9 @@ def bench_memory(counts: list[int], batch: int, sources: list[str]) -> dict:
     for row in rows:
         cells = "".join(f"{row['runs'][c]['peak_rss_mib']:>10.1f} MiB" for c in counts)
         print(f"{row['source']:<12}{cells}{row['ratio']:>8.3f}{row['delta_mib']:>6.1f} MiB")
+    if "generator" in sources:
+        print("(generator: data.open_data keeps a plain iterable's batches in a list so it can be read again,\n"
+              " so that peak grows with the data; folder and reader stream one batch at a time)")
     return {"batch_size": batch, "counts": counts, "rows": rows}
 
 
@@ -258,246 +254,6 @@ def make_case(name: str, args) -> tuple[onnx.ModelProto, list[dict], str]:
     raise SystemExit(f"unknown model '{name}'; choose mlp or transformer")
 
 
-# --- 3. profile ----------------------------------------------------------------------------------------
-
-def drop_gram(augmented: onnx.ModelProto) -> onnx.ModelProto:
-    """The stats graph without the Xᵀ X MatMuls (and their Transposes): what the other reductions cost."""
-    out = onnx.ModelProto()
-    out.CopyFrom(augmented)
-    gram = {o for n in out.graph.node for o in n.output if o.endswith(("/gram", "/rows_t")) and o.startswith(PREFIX)}
-    keep = [n for n in out.graph.node if not set(n.output) & gram]
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    outputs = [o for o in out.graph.output if o.name not in gram]
-    del out.graph.output[:]
-    out.graph.output.extend(outputs)
-    return out
-
-
-def gram_by_gemm(augmented: onnx.ModelProto) -> onnx.ModelProto:
-    """Transpose + MatMul replaced by one Gemm(rows, rows, transA=1): no transposed copy of the rows."""
-    out = onnx.ModelProto()
-    out.CopyFrom(augmented)
-    nodes = []
-    for node in out.graph.node:
-        if node.op_type == "Transpose" and node.output[0].endswith("/rows_t") and node.output[0].startswith(PREFIX):
-            continue
-        if node.op_type == "MatMul" and node.output[0].endswith("/gram") and node.output[0].startswith(PREFIX):
-            node = helper.make_node("Gemm", [node.input[1], node.input[1]], list(node.output), transA=1)
-        nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
-
-
-def compress_padding(augmented: onnx.ModelProto) -> onnx.ModelProto:
-    """Masked rows dropped with Compress instead of zeroed with Mul: the Gram runs on real tokens only
-    (equal sums for a 0/1 mask)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(augmented)
-    keep = f"{PREFIX}/mask_keep"
-    nodes, added = [], False
-    for node in out.graph.node:
-        if node.op_type == "Mul" and node.output[0].endswith("/rows_m") and node.output[0].startswith(PREFIX):
-            if not added:
-                flat = f"{PREFIX}/mask_flat"
-                nodes.append(helper.make_node("Reshape", [node.input[1], f"{PREFIX}/minus_one"], [flat]))
-                nodes.append(helper.make_node("Cast", [flat], [keep], to=TensorProto.BOOL))
-                out.graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{PREFIX}/minus_one"))
-                added = True
-            node = helper.make_node("Compress", [node.input[0], keep], list(node.output), axis=0)
-        nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
-
-
-def gram_upper_blocks(augmented: onnx.ModelProto, plan: dict, blocks: int) -> onnx.ModelProto:
-    """Each Gram as its upper-triangle blocks only, one batched MatMul [P, b, R] x [P, R, b] with
-    P = blocks (blocks + 1) / 2: the FLOPs fall to (blocks + 1) / (2 blocks) of the full Xᵀ X (the lower
-    blocks are the transposes; the fold would keep [P, b, b] sums and assemble K x K once at the end)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(augmented)
-    pairs = [(i, j) for i in range(blocks) for j in range(i, blocks)]
-    left = f"{PREFIX}/pair_left"
-    right = f"{PREFIX}/pair_right"
-    out.graph.initializer.extend([numpy_helper.from_array(np.array([i for i, _ in pairs], np.int64), left),
-                                  numpy_helper.from_array(np.array([j for _, j in pairs], np.int64), right)])
-    sizes = {f"{PREFIX}/{i}": K for i, (_, _, K) in enumerate(plan.values())}
-    nodes = []
-    for node in out.graph.node:
-        target = node.output[0]
-        if node.op_type == "Transpose" and target.endswith("/rows_t") and target.startswith(PREFIX):
-            continue
-        if node.op_type == "MatMul" and target.endswith("/gram") and target.startswith(PREFIX):
-            p = target.rsplit("/", 1)[0]
-            K = sizes[p]
-            if K % blocks:
-                nodes.append(helper.make_node("Transpose", [node.input[1]], [f"{p}/rows_t"], perm=[1, 0]))
-                nodes.append(node)
-                continue
-            out.graph.initializer.append(
-                numpy_helper.from_array(np.array([-1, blocks, K // blocks], np.int64), f"{p}/block_shape"))
-            nodes += [
-                helper.make_node("Reshape", [node.input[1], f"{p}/block_shape"], [f"{p}/rows_b"]),
-                helper.make_node("Transpose", [f"{p}/rows_b"], [f"{p}/blocks"], perm=[1, 0, 2]),  # [nb, R, b]
-                helper.make_node("Gather", [f"{p}/blocks", left], [f"{p}/lhs"], axis=0),
-                helper.make_node("Gather", [f"{p}/blocks", right], [f"{p}/rhs"], axis=0),
-                helper.make_node("Transpose", [f"{p}/lhs"], [f"{p}/lhs_t"], perm=[0, 2, 1]),
-                helper.make_node("MatMul", [f"{p}/lhs_t", f"{p}/rhs"], [target]),  # [P, b, b]
-            ]
-            continue
-        nodes.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    return out
-
-
-def assemble_blocks(upper: np.ndarray, blocks: int) -> np.ndarray:
-    """K x K Gram from its upper-triangle blocks [P, b, b]."""
-    b = upper.shape[-1]
-    gram = np.zeros((blocks * b, blocks * b), upper.dtype)
-    pairs = [(i, j) for i in range(blocks) for j in range(i, blocks)]
-    for (i, j), block in zip(pairs, upper):
-        gram[i * b:(i + 1) * b, j * b:(j + 1) * b] = block
-        gram[j * b:(j + 1) * b, i * b:(i + 1) * b] = block.T
-    return gram
-
-
-def variant_error(reference: dict, values: dict, label: str) -> float:
-    """Largest relative difference of a variant's outputs from the as-built stats graph (one batch)."""
-    worst = 0.0
-    for name, expected in reference.items():
-        if name not in values:
-            continue
-        got = values[name]
-        if got.shape != expected.shape:
-            got = assemble_blocks(got, int(label.split("x")[-1]))
-        scale = max(float(np.abs(expected).max()), 1e-30)
-        worst = max(worst, float(np.abs(got - expected).max()) / scale)
-    return worst
-
-
-def fold_in_place(target: dict, update: dict) -> None:
-    """The fold without a float64 temporary: add the float32 values straight into the running sums."""
-    for name, value in update.items():
-        if name in target:
-            np.add(target[name], value, out=target[name])
-        else:
-            target[name] = np.asarray(value, dtype=np.float64).copy()
-
-
-def fold_ms(fold, outputs: dict, names: list, values_list: list, warmup: int, repeats: int) -> float:
-    """ms per batch to fold one batch's outputs into the running float64 sums."""
-    runs = []
-    for _ in range(repeats):
-        targets = {key: {} for key in outputs}
-        spent = []
-        for values in values_list:
-            values = dict(zip(names, values))
-            start = time.perf_counter()
-            for key, fields in outputs.items():
-                fold(targets[key], {f: values[n] for f, n in fields.items()})
-            spent.append(time.perf_counter() - start)
-        runs.append(spent)
-    return 1e3 * best_total(runs, warmup) / (len(values_list) - warmup)
-
-
-def ort_profile(augmented: onnx.ModelProto, feeds: list[dict], warmup: int) -> dict:
-    """Kernel time per op type, split into the model's own nodes and the appended stats nodes."""
-    import onnxruntime as ort
-
-    named = onnx.ModelProto()
-    named.CopyFrom(augmented)
-    for i, node in enumerate(named.graph.node):
-        stats = any(o.startswith(PREFIX) for o in node.output)
-        node.name = f"{'FWLRSTATS' if stats else 'MODEL'}_{i}_{node.op_type}"
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="bench_prof_") as tmp:
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(named.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        for feed in feeds:
-            session.run(names, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    runs = [e for e in events if e.get("name") == "model_run"]
-    cutoff = runs[warmup]["ts"] if len(runs) > warmup else 0
-    totals: dict[str, float] = {}
-    for event in events:
-        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time") or event["ts"] < cutoff:
-            continue
-        part = "stats" if "FWLRSTATS" in event["name"] else "model"
-        key = f"{part}:{event['args'].get('op_name', '?')}"
-        totals[key] = totals.get(key, 0.0) + event["dur"] / 1e3  # ms
-    measured = max(1, len(feeds) - warmup)
-    return {k: v / measured for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
-
-
-def profile_case(name: str, model: onnx.ModelProto, feeds: list[dict], warmup: int, repeats: int) -> dict:
-    sites, _ = find_sites(model)
-    plan = activation_plan(model, sites)
-    mask = find_mask_input(model_inputs(model))
-    augmented, outputs = build_stats_model(model, plan, mask)
-    names = [n for fields in outputs.values() for n in fields.values()]
-    gram_flops = sum(2 * K * K for _, _, K in plan.values())  # per row (token)
-    variants = {"stats graph as built": augmented, "without Gram MatMuls": drop_gram(augmented),
-                "Gram via Gemm transA": gram_by_gemm(augmented),
-                "Gram upper blocks, 2x2": gram_upper_blocks(augmented, plan, 2),
-                "Gram upper blocks, 4x4": gram_upper_blocks(augmented, plan, 4)}
-    if mask is not None:
-        variants["padding rows dropped (Compress)"] = compress_padding(augmented)
-    result = {"model": name, "keys": len(plan), "gram_flops_per_row": gram_flops, "run_ms": {}, "max_rel_diff": {}}
-    graphs = {"original model": model, **variants}
-    sessions = {label: make_session(graph) for label, graph in graphs.items()}
-    times = {label: [] for label in sessions}
-    firsts, values_list = {}, []
-    for repeat in range(repeats):  # each variant runs all batches alone; repeats alternate across variants
-        for label, session in sessions.items():
-            wanted = None if label == "original model" else [o.name for o in session.get_outputs()]
-            spent = []
-            for feed in feeds:
-                start = time.perf_counter()
-                values = session.run(wanted, feed)
-                spent.append(time.perf_counter() - start)
-                firsts.setdefault(label, dict(zip(wanted or [], values)))
-                if label == "stats graph as built" and repeat == 0:
-                    values_list.append(values)
-            times[label].append(spent)
-    measured = len(feeds) - warmup
-    for label, runs in times.items():
-        result["run_ms"][label] = 1e3 * best_total(runs, warmup) / measured
-        if label != "original model":
-            result["max_rel_diff"][label] = variant_error(firsts["stats graph as built"], firsts[label], label)
-    result["fold_ms"] = {
-        "Statistics.fold (float64 copy, then add)": fold_ms(Statistics.fold, outputs, names, values_list, warmup, repeats),
-        "np.add(out=) into float64 sums": fold_ms(fold_in_place, outputs, names, values_list, warmup, repeats)}
-    result["ort_kernel_ms_per_batch"] = ort_profile(augmented, feeds, warmup)
-    return result
-
-
-def bench_profile(models: list[str], args) -> dict:
-    rows = []
-    for name in models:
-        model, feeds, label = make_case(name, args)
-        row = profile_case(name, model, feeds, args.warmup, args.repeats)
-        row["description"] = label
-        rows.append(row)
-        base = row["run_ms"]["original model"]
-        print(f"\nWhere a calibration batch goes: {name} ({label}); ms per batch (fastest of {args.repeats} per batch), {row['keys']} Gram inputs")
-        for part, ms in row["run_ms"].items():
-            diff = row["max_rel_diff"].get(part)
-            check = "" if diff is None else f", outputs differ by {diff:.1e}"
-            print(f"  ORT run, {part:<34}{ms:>9.2f} ms  ({ms / base:.2f}x the original model{check})")
-        for part, ms in row["fold_ms"].items():
-            print(f"  fold,    {part:<34}{ms:>9.2f} ms")
-        print("  ORT kernel time per batch by op (top 10):")
-        for op, ms in list(row["ort_kernel_ms_per_batch"].items())[:10]:
-            print(f"    {op:<30}{ms:>9.2f} ms")
-    return {"rows": rows}
-
-
 # --- command line --------------------------------------------------------------------------------------
 
 def main(argv=None) -> None:
@@ -508,7 +264,7 @@ def main(argv=None) -> None:
         print(json.dumps(memory_child(model_path, source, location, int(count), int(batch))))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", choices=["memory", "overhead", "profile", "all"])
+    parser.add_argument("bench", choices=["memory", "overhead", "all"])
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="memory: batch counts to compare")
     parser.add_argument("--sources", nargs="+", default=["folder", "reader", "generator"],
@@ -528,8 +284,6 @@ def main(argv=None) -> None:
         results["memory"] = bench_memory(sorted(args.batches), args.mlp_batch, args.sources)
     if args.bench in ("overhead", "all"):
         results["overhead"] = bench_overhead(args.models, args)
-    if args.bench in ("profile", "all"):
-        results["profile"] = bench_profile(args.models, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=float))
 

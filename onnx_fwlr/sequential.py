@@ -1,0 +1,245 @@
+"""Sequential error correction: each site is fitted to the input it really receives in the compressed model.
+
+The closed-form methods fit every site to the original model's activations X, so errors of earlier sites
+add up. Here sites are compressed in order of depth (the number of sites on the longest path from the
+model inputs to the site). For each depth, one pass runs the original and the partially compressed model
+(every shallower site already replaced) on the same calibration batches and sums, per site input,
+
+    G̃ = X̃ᵀX̃,   C = X̃ᵀX,   G = XᵀX,   Σx̃,  Σx        (X̃: the input in the compressed model)
+
+Each site then solves, with the output-side weighting Q of its method (K-FAC: Cholesky of the output
+gradient Gram; identity otherwise) and s = mean(diag G̃),
+
+    min over rank r   ‖(X̃W' − XW) Q‖² + λ·s·‖(W' − W) Q‖²
+
+which is a weighted low-rank problem in closed form: with G̃ + λsI = LLᵀ and
+W* = (G̃ + λsI)⁻¹(C W + λ s W) the objective is ‖Lᵀ(W' − W*)Q‖² + const, so W' is the truncated SVD of
+Lᵀ W* Q mapped back. The ridge pulls W' toward the original weight: without it, a site overfits the
+calibration set (measured on all-MiniLM-L6-v2). λ is chosen per site from a grid by the same objective on
+held-back batches (every `holdout_every`-th batch, never fitted on), and the closed-form factors of the
+method compete too, so a site never gets a solution worse on held-back data than the one it started with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import scipy.linalg
+from tqdm.auto import tqdm
+
+from . import factorize
+from .calibration import main_graph_tensors, make_session
+from .data import Batches, find_mask_input
+from .errors import FwlrError
+from .rewrite import Factors, apply_factors
+from .sites import Site
+
+RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+@dataclass
+class SequentialSite:
+    """What the correction did for one site, for the report."""
+
+    weight: str
+    depth: int
+    ridge: float | None  # None: the closed-form factors won on held-back data
+    heldout_error_before: float  # relative held-back objective of the closed-form factors
+    heldout_error_after: float
+
+
+def site_depths(model: onnx.ModelProto, sites: list[Site]) -> dict[str, int]:
+    """weight name -> number of sites on the longest path from the inputs to the site's input."""
+    by_output = {}
+    for site in sites:
+        for use in site.uses:
+            if use.graph_index == 0:
+                by_output[use.output] = site.weight
+    depth_of_tensor: dict[str, int] = {}
+    depths: dict[str, int] = {}
+    for node in model.graph.node:  # ONNX main graphs are topologically sorted
+        incoming = max((depth_of_tensor.get(name, 0) for name in node.input if name), default=0)
+        outgoing = incoming
+        for name in node.output:
+            if name in by_output:
+                weight = by_output[name]
+                depths[weight] = max(depths.get(weight, 0), incoming)
+                outgoing = incoming + 1
+        for name in node.output:
+            depth_of_tensor[name] = outgoing
+    return depths
+
+
+def correctable(model: onnx.ModelProto, site: Site) -> bool:
+    """Single-use MatMul/Gemm sites of the main graph reading an un-transposed input."""
+    if len(site.uses) != 1:
+        return False
+    use = site.uses[0]
+    visible = main_graph_tensors(model)
+    return (use.op_type in ("MatMul", "Gemm") and use.graph_index == 0 and not use.trans_a
+            and use.input in visible)
+
+
+def _truncated(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model that returns only the named float tensors and runs only the nodes they need
+    (a shallow depth costs a fraction of a full forward pass)."""
+    needed, kept = set(names), []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_reads(node))
+    truncated = onnx.ModelProto()
+    truncated.CopyFrom(model)
+    graph = truncated.graph
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    del graph.output[:]
+    graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    return truncated
+
+
+def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Outer-scope names read inside a node's subgraphs (If/Loop/Scan bodies)."""
+    reads = set()
+    for attribute in node.attribute:
+        for graph in list(attribute.g.node and [attribute.g]) + list(attribute.graphs):
+            for inner in graph.node:
+                reads.update(inner.input)
+                reads.update(_subgraph_reads(inner))
+    return reads
+
+
+def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[positions, K] float32, padding positions zeroed (mask [batch, seq] matching x's leading dims)."""
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+    if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
+        rows = rows * mask.reshape(-1, 1).astype(np.float32)
+    return rows
+
+
+def _positions(x: np.ndarray, mask: np.ndarray | None) -> float:
+    if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
+        return float(mask.sum())
+    return float(np.prod(x.shape[:-1]))
+
+
+def _accumulate(sums: dict, x_new: np.ndarray, x_old: np.ndarray) -> None:
+    for key, value in (("gram_new", x_new.T @ x_new), ("cross", x_new.T @ x_old), ("gram_old", x_old.T @ x_old),
+                       ("sum_new", x_new.sum(0)), ("sum_old", x_old.sum(0))):
+        sums[key] = sums.get(key, 0.0) + value.astype(np.float64)
+
+
+def _collect(original_session, compressed_session, inputs: list[str], batches: Batches, mask_name, holdout_every):
+    """Per input tensor: sums on fitting batches and on held-back batches."""
+    fit = {name: {} for name in inputs}
+    held = {name: {} for name in inputs}
+    counts = {"fit": 0.0, "held": 0.0}
+    for index, (feed, _) in enumerate(batches):
+        old = dict(zip(inputs, original_session.run(inputs, feed)))
+        new = dict(zip(inputs, compressed_session.run(inputs, feed)))
+        mask = feed.get(mask_name) if mask_name else None
+        part = held if holdout_every and index % holdout_every == holdout_every - 1 else fit
+        for name in inputs:
+            _accumulate(part[name], _rows(new[name], mask), _rows(old[name], mask))
+        counts["held" if part is held else "fit"] += _positions(old[inputs[0]], mask)
+    return fit, held, counts
+
+
+def _objective(sums: dict, W: np.ndarray, Wp: np.ndarray, right) -> float:
+    """‖(X̃W' − XW)Q‖² from the sums, without materialising X."""
+    def weigh(M):
+        return right.apply_right(M) if right is not None else M
+    Wq, Wpq = weigh(W), weigh(Wp)
+    return float(np.sum(Wpq * (sums["gram_new"] @ Wpq)) - 2 * np.sum(Wpq * (sums["cross"] @ Wq))
+                 + np.sum(Wq * (sums["gram_old"] @ Wq)))
+
+
+def _ridge_solution(sums: dict, W: np.ndarray, rank: int, ridge: float, right) -> tuple[np.ndarray, np.ndarray]:
+    """The rank-r minimiser of ‖(X̃W' − XW)Q‖² + λ s ‖(W' − W)Q‖² (module docstring)."""
+    gram = sums["gram_new"]
+    scale = float(np.mean(np.diag(gram))) or 1.0
+    regularised = gram + ridge * scale * np.eye(len(gram))
+    chol = scipy.linalg.cholesky(regularised, lower=True, check_finite=False)
+    target = scipy.linalg.cho_solve((chol, True), sums["cross"] @ W + ridge * scale * W, check_finite=False)
+    return factorize.weighted_svd(target, factorize.Scaling(chol=chol), right).factors(rank)
+
+
+def correct_site(fit: dict, held: dict, W: np.ndarray, start: Factors, rank: int, right, ridges=RIDGES):
+    """Best of the closed-form start and the ridge solutions, judged on held-back sums (or on fitting sums
+    when nothing was held back); the chosen ridge is then refitted on all the data.
+    Returns (A, B, ridge or None, relative held-back error before, after)."""
+    judge = held if held else fit
+    reference = _objective(judge, W, np.zeros_like(W), right) or 1.0
+    best = (start.A, start.B, None, _objective(judge, W, start.A @ start.B, right))
+    before = best[3]
+    for ridge in ridges:
+        A, B = _ridge_solution(fit, W, rank, ridge, right)
+        error = _objective(judge, W, A @ B, right)
+        if error < best[3]:
+            best = (A, B, ridge, error)
+    A, B, ridge, error = best
+    if ridge is not None and held:
+        A, B = _ridge_solution({k: fit[k] + held[k] for k in fit}, W, rank, ridge, right)
+    return A, B, ridge, before / reference, error / reference
+
+
+def sequential_factors(
+    original: onnx.ModelProto,
+    sites: list[Site],
+    start: dict[str, Factors],
+    weights: dict[str, np.ndarray],
+    right_scalings: dict,
+    batches: Batches,
+    mask_input: str | None = None,
+    bias_correction: bool = True,
+    holdout_every: int = 5,
+    progress: bool = True,
+) -> tuple[dict[str, Factors], list[SequentialSite]]:
+    """Factors corrected depth by depth; sites that cannot be corrected keep their start factors.
+
+    `start`: closed-form factors per weight (their ranks are kept); `right_scalings`: the output-side
+    Scaling (or None) per weight; `batches` are read once per depth.
+    """
+    factors = dict(start)
+    eligible = [s for s in sites if s.weight in start and correctable(original, s)]
+    if not eligible:
+        return factors, []
+    depths = site_depths(original, eligible)
+    levels = sorted({depths[s.weight] for s in eligible})
+    report = []
+    for level in tqdm(levels, desc="sequential", unit="depth", disable=not progress, leave=False):
+        level_sites = [s for s in eligible if depths[s.weight] == level]
+        inputs = sorted({s.uses[0].input for s in level_sites})
+        compressed = onnx.ModelProto()
+        compressed.CopyFrom(original)
+        apply_factors(compressed, sites, {w: f for w, f in factors.items() if _shallower(w, depths, level)})
+        mask_name = find_mask_input(batches.specs, mask_input)
+        fit, held, counts = _collect(make_session(_truncated(original, inputs)),
+                                     make_session(_truncated(compressed, inputs)), inputs, batches, mask_name,
+                                     holdout_every)
+        if counts["fit"] == 0:
+            raise FwlrError("sequential correction found no calibration positions to fit on; give more data.")
+        for site in level_sites:
+            name = site.uses[0].input
+            W, rank = weights[site.weight], start[site.weight].A.shape[1]
+            A, B, ridge, before, after = correct_site(fit[name], held[name] if counts["held"] else {}, W,
+                                                      start[site.weight], rank, right_scalings.get(site.weight))
+            shift = None
+            if bias_correction:
+                total = {k: fit[name][k] + held[name].get(k, 0.0) for k in ("sum_new", "sum_old")}
+                n = counts["fit"] + counts["held"]
+                shift = (total["sum_old"] / n) @ W - ((total["sum_new"] / n) @ A) @ B
+            factors[site.weight] = Factors(A, B, shift)
+            report.append(SequentialSite(site.weight, level, ridge, before, after))
+    return factors, report
+
+
+def _shallower(weight: str, depths: dict, level: int) -> bool:
+    """Sites decided before this depth (sites outside the correction count as decided from the start)."""
+    return depths.get(weight, -1) < level

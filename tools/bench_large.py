@@ -1,0 +1,121 @@
+"""Benchmark of compressing a large transformer-shaped model: time and peak memory per configuration.
+
+Builds (once, into --workdir) a BERT-style encoder with tools/synthetic_transformer.py, hidden 2048 and
+8 layers by default (about 0.4 B parameters in its MatMul weights), saved with external data. Then, for
+`svd` and `whiten`, exact vs randomised SVD, 1 vs 2 workers, it runs `onnx_fwlr.compress` in a fresh
+process each and reports calibration, decomposition and total time and the process's peak RSS.
+
+    python tools/bench_large.py --json bench_large.json
+    python tools/bench_large.py --hidden 1024 --layers 2     # a quicker, smaller run
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def build(workdir: Path, hidden: int, layers: int, seq: int, samples: int) -> tuple[Path, Path, int]:
+    """The model (external data) and a tiny calibration .npz; reused when already in workdir."""
+    from synthetic_transformer import build_transformer, make_token_batch
+
+    from onnx_fwlr.modelio import save_model
+
+    tag = f"h{hidden}_l{layers}"
+    model_path, calib_path = workdir / f"bert_{tag}.onnx", workdir / f"calib_{tag}_{samples}x{seq}.npz"
+    if not model_path.exists():
+        model = build_transformer(hidden=hidden, layers=layers, heads=max(1, hidden // 64), ffn=4 * hidden,
+                                  vocab=1000, max_len=max(seq, 16))
+        save_model(model, model_path, external_data=True)
+        del model
+    if not calib_path.exists():
+        np.savez(calib_path, **make_token_batch(samples, seq, 1000, seed=1))
+    matmul_params = layers * (4 * hidden * hidden + 2 * hidden * 4 * hidden)
+    return model_path, calib_path, matmul_params
+
+
+def child(config: dict) -> dict:
+    """One compress run in this process; prints its measurements as JSON."""
+    from onnx_fwlr import compress
+
+    start = time.perf_counter()
+    _, report = compress(config["model"], ratio=config["ratio"], method=config["method"],
+                         calibration=config["calib"] if config["method"] != "svd" else None,
+                         batch_size=config["batch_size"], svd=config["svd"], workers=config["workers"],
+                         progress=False)
+    total = time.perf_counter() - start
+    return {
+        "calibrate_s": report.timings.get("calibrate", 0.0),
+        "decompose_s": report.timings.get("decompose", 0.0),
+        "total_s": total,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "mean_rel_error": float(np.mean([s.relative_error for s in report.sites if s.relative_error is not None])),
+    }
+
+
+def run_config(config: dict) -> dict:
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(config)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"run {config} failed:\n{done.stderr[-3000:]}")
+    return {**config, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["method", "svd", "workers", "calibrate s", "decompose s", "total s", "peak RSS MB",
+               "worker RSS MB", "mean rel. err"]
+    lines = [[r["method"], r["svd"], str(r["workers"]), f"{r['calibrate_s']:.1f}", f"{r['decompose_s']:.1f}",
+              f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['worker_peak_rss_mb']:.0f}",
+              f"{r['mean_rel_error']:.4f}"] for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    fmt = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=32, help="calibration sequence length (default 32)")
+    parser.add_argument("--samples", type=int, default=4, help="calibration sequences (default 4: keep it tiny)")
+    parser.add_argument("--ratio", type=float, default=0.25)
+    parser.add_argument("--methods", default="svd,whiten")
+    parser.add_argument("--svd", default="exact,randomized", help="comma-separated SVD choices to compare")
+    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnx_fwlr_bench_large"))
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model, calib, params = build(args.workdir, args.hidden, args.layers, args.seq, args.samples)
+    print(f"model {model} ({params / 1e9:.3f} B MatMul parameters), built/loaded in "
+          f"{time.perf_counter() - start:.0f} s; calibration {args.samples} x {args.seq} tokens", file=sys.stderr)
+    rows = []
+    for method in args.methods.split(","):
+        for svd in args.svd.split(","):
+            for workers in (int(w) for w in args.workers.split(",")):
+                config = {"model": str(model), "calib": str(calib), "method": method, "svd": svd, "workers": workers,
+                          "ratio": args.ratio, "batch_size": args.samples}
+                rows.append(run_config(config))
+                print(f"done {method} {svd} workers={workers}: {rows[-1]['total_s']:.1f} s", file=sys.stderr)
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hidden": args.hidden, "layers": args.layers,
+                                               "matmul_params": params, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,8 @@ def make_session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), th
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # numpy folds the sums between runs: spinning ORT threads would steal its cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
     try:

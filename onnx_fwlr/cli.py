@@ -101,7 +101,7 @@ class Compress:
         p.add_argument("--refine", type=int, metavar="STEPS",
                        help="then distil the factors against the original for up to STEPS Adam steps on --calib "
                             "(validated on --val, else on 10%% of --calib held back)")
-        p.add_argument("--refine-lr", type=float, default=1e-4, help="peak learning rate of --refine (default 1e-4)")
+        p.add_argument("--refine-lr", type=float, default=3e-5, help="peak learning rate of --refine (default 3e-5)")
         _tolerance_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -141,8 +141,6 @@ class Compress:
             save_model(model, output, external_data=True if args.external_data else None)
             report.file_size_after = file_size(output)
         out(report.format())
-        if "weighting" in report.budget:  # structured/doped run: which structure each site got
-            out("\n".join(f"{site.name}: {site.note}" for site in report.sites))
         if refined is not None:
             out(refined.format())
         if written:
@@ -461,7 +459,7 @@ class Refine:
                        help="training data: .npz (keys = input names, optional 'labels') or a folder of .npz")
         p.add_argument("--val", metavar="DATA", help="validation data (default: 10%% of --calib held back)")
         p.add_argument("--steps", type=int, default=200, help="Adam steps at most (default 200)")
-        p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+        p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default 3e-5)")
         p.add_argument("--batch-size", type=int, default=32, help="samples per step (default 32)")
         p.add_argument("--loss", choices=list(LOSSES),
                        help="distillation loss: mse (hidden states, embeddings) or kl (logits); default by output kind")

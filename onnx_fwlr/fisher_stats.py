@@ -22,12 +22,12 @@ from .sites import Site
 from .stats import Statistics, activation_key, model_fingerprint
 
 
-def default_output(model: onnx.ModelProto, name: str | None) -> str:
-    """The output the loss is defined on: the one named, else the first floating-point output."""
+def default_output(model: onnx.ModelProto, name: str | None, option: str = "--fisher-output") -> str:
+    """The output the loss is defined on: the one named (by `option`), else the first floating-point output."""
     outputs = [o.name for o in model.graph.output]
     if name is not None:
         if name not in outputs:
-            raise FwlrError(f"--fisher-output '{name}' is not an output of the model; its outputs are {outputs}.")
+            raise FwlrError(f"{option} '{name}' is not an output of the model; its outputs are {outputs}.")
         return name
     for out in model.graph.output:
         if out.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,

@@ -32,6 +32,7 @@ from . import fisher
 from .backward import GradientRunner
 from .data import find_mask_input, model_inputs, open_data
 from .errors import FwlrError
+from .fisher_stats import default_output
 from .modelio import load_model, max_runtime_ir_version
 
 LOSSES = ("mse", "kl")
@@ -509,19 +510,6 @@ def _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, pati
         raise FwlrError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}.")
 
 
-def choose_output(model: onnx.ModelProto, name: str | None) -> str:
-    """The output the loss is on: the one named, else the first floating-point output."""
-    outputs = [o.name for o in model.graph.output]
-    if name is not None:
-        if name not in outputs:
-            raise FwlrError(f"--output '{name}' is not an output of the model; its outputs are {outputs}.")
-        return name
-    for out in model.graph.output:
-        if out.type.tensor_type.elem_type in _FLOAT_TYPES:
-            return out.name
-    raise FwlrError("the model has no floating-point output to distil; refine needs one.")
-
-
 def default_loss(target: fisher.SeedTarget, output: str, labelled: bool) -> str:
     """'kl' for logits or probabilities (a final (Log)Softmax, an output named like logits, or labelled data);
     else 'mse' (hidden states, embeddings). fisher.default_loss treats every 2-D output as logits, which
@@ -536,7 +524,7 @@ def refine(
     *,
     validation=None,
     steps: int = 200,
-    lr: float = 1e-4,
+    lr: float = 3e-5,
     batch_size: int = 32,
     loss: str | None = None,
     output: str | None = None,
@@ -562,7 +550,7 @@ def refine(
     if not trainable:
         raise FwlrError("the compressed model has no factor weights that the original lacks; pass the original "
                         "model first and a model compressed from it second.")
-    out_name = choose_output(compressed, output)
+    out_name = default_output(compressed, output, "--output-name")
     if out_name not in {o.name for o in original.graph.output}:
         raise FwlrError(f"output '{out_name}' of the compressed model is not an output of the original; pass the "
                         "original the compressed model was made from.")

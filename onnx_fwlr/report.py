@@ -65,7 +65,11 @@ class Report:
 
     def format(self) -> str:
         """Per-site table, then the before/after summary (onnxslim style)."""
-        parts = [self.format_sites(), "", self.format_summary()]
+        parts = [self.format_sites()]
+        notes = [f"  {s.name}: {s.note}" for s in self.sites if s.note]
+        if notes:
+            parts += ["notes:"] + notes
+        parts += ["", self.format_summary()]
         if self.skipped:
             parts += ["", f"{len(self.skipped)} MatMul/Gemm node(s) not factorised; `onnx-fwlr inspect` lists why."]
         parts += [f"warning: {w}" for w in self.warnings]

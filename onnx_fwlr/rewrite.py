@@ -14,6 +14,7 @@ every other field exactly as it was: inputs, outputs, opsets, metadata, value in
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,17 +130,30 @@ def apply_factors(
                 new_nodes.extend(swaps.get(n_index, [node]))
             del graph.node[:]
             graph.node.extend(new_nodes)
+            _fold_bias_corrections(graph, {o.name for o in graph.output})
         _remove_tensors(graph, removals.get(g_index, set()))
+    read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
+    for g_index, bias in {(u.graph_index, u.bias) for s in chosen for u in s.uses if u.bias}:
+        if bias not in read:  # a Gemm bias replaced by its folded, corrected copy
+            _remove_tensors(graphs[g_index], {bias})
     return model
 
 
 def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, opset) -> list[onnx.NodeProto]:
     """X @ A then (·) @ B for one use; a Gemm keeps transA on the first op and C/alpha/beta on the second.
 
-    A bias correction becomes an Add after the second op (value alpha · shift, so it is exact for Gemm too).
+    A bias correction is folded into the Gemm's C when C is a constant (or absent), which keeps ONNX Runtime's
+    Gemm+activation fusion; otherwise it becomes an Add after the second op (value alpha · shift, exact for
+    Gemm too), which `_fold_bias_corrections` later merges into a following bias Add where it can.
     """
     base = use.node_name or use.output
     mid = namer(f"{base}/factor_A_out")
+    if shift is not None and use.op_type == "Gemm":
+        folded = _folded_gemm_bias(use, shift, dtype, graph, namer, base)
+        if folded is not None:
+            use = WeightUse(use.graph_index, use.node_index, use.node_name, use.op_type, use.input, use.output,
+                            use.trans_a, use.alpha, 1.0, folded)
+            shift = None
     out = use.output if shift is None else namer(f"{base}/factor_B_out")
     nodes = []
     if use.trans_a:
@@ -160,6 +174,55 @@ def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, op
         graph.initializer.append(numpy_helper.from_array(value, shift_name))
         nodes.append(helper.make_node("Add", [out, shift_name], [use.output], name=namer(f"{base}/bias_correction")))
     return nodes
+
+
+def _folded_gemm_bias(use: WeightUse, shift, dtype, graph, namer, base) -> str | None:
+    """A new constant C' = beta·C + alpha·shift for the second Gemm (beta becomes 1); None when C is computed."""
+    if use.bias is None:
+        bias = 0.0
+    else:
+        constant = next((t for t in graph.initializer if t.name == use.bias), None)
+        if constant is None:
+            return None
+        bias = use.beta * numpy_helper.to_array(constant).astype(np.float64)
+    name = namer(f"{base}/bias_corrected")
+    graph.initializer.append(numpy_helper.from_array(np.asarray(bias + use.alpha * shift, dtype=dtype), name))
+    return name
+
+
+def _fold_bias_corrections(graph: onnx.GraphProto, outputs: set[str]) -> None:
+    """Merge `y = Add(z, shift)` into a following `Add(y, bias)` whose bias is a [N] constant read only there.
+
+    PyTorch exports Linear as MatMul then Add(bias); folding keeps one Add, as in the original graph.
+    """
+    constants = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    drop = set()
+    for node in graph.node:
+        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.name) or node.output[0] in outputs:
+            continue
+        following = readers.get(node.output[0], [])
+        if len(following) != 1 or following[0].op_type != "Add":
+            continue
+        add = following[0]
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        shift, bias = constants.get(node.input[1]), constants.get(other)
+        if bias is None or len(readers.get(other, [])) != 1 or len(readers.get(node.input[1], [])) != 1:
+            continue
+        shift_value, bias_value = numpy_helper.to_array(shift), numpy_helper.to_array(bias)
+        if bias_value.ndim != 1 or bias_value.shape != shift_value.shape:
+            continue
+        bias.CopyFrom(numpy_helper.from_array((bias_value + shift_value).astype(bias_value.dtype), bias.name))
+        add.input[list(add.input).index(node.output[0])] = node.input[0]
+        drop.add(node.name)
+        _remove_tensors(graph, {shift.name})
+    if drop:
+        kept = [n for n in graph.node if n.name not in drop]
+        del graph.node[:]
+        graph.node.extend(kept)
 
 
 def _check_replacements(sites: list[Site], factors: dict) -> None:

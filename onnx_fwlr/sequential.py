@@ -162,11 +162,13 @@ def _objective(sums: dict, W: np.ndarray, Wp: np.ndarray, right) -> float:
 
 def _ridge_solution(sums: dict, W: np.ndarray, rank: int, ridge: float, right) -> tuple[np.ndarray, np.ndarray]:
     """The rank-r minimiser of ‖(X̃W' − XW)Q‖² + λ s ‖(W' − W)Q‖² (module docstring)."""
-    gram = sums["gram_new"]
-    scale = float(np.mean(np.diag(gram))) or 1.0
-    regularised = gram + ridge * scale * np.eye(len(gram))
+    # Sums grow with the data; in units of s the Cholesky factor is O(1), so A and B come out at the scale of
+    # the closed-form factors (an unnormalised L made A ~√count times smaller and B larger, which threw Adam
+    # off in refine: it moves every entry by about lr whatever its size).
+    scale = float(np.mean(np.diag(sums["gram_new"]))) or 1.0
+    regularised = sums["gram_new"] / scale + ridge * np.eye(len(W))
     chol = scipy.linalg.cholesky(regularised, lower=True, check_finite=False)
-    target = scipy.linalg.cho_solve((chol, True), sums["cross"] @ W + ridge * scale * W, check_finite=False)
+    target = scipy.linalg.cho_solve((chol, True), sums["cross"] @ W / scale + ridge * W, check_finite=False)
     return factorize.weighted_svd(target, factorize.Scaling(chol=chol), right).factors(rank)
 
 

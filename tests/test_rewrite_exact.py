@@ -120,3 +120,28 @@ def test_truncated_rank_is_the_best_approximation():
     assert report.sites[0].weighted_error == pytest.approx(float(np.sum(s[3:] ** 2)), rel=1e-6)
     A, B = (numpy_helper.to_array(t).astype(np.float64) for t in compressed.graph.initializer)
     assert np.linalg.norm(W - A @ B) ** 2 == pytest.approx(float(np.sum(s[3:] ** 2)), rel=1e-4)
+
+
+@pytest.mark.parametrize("linear", ["gemm", "matmul_add"])
+def test_bias_corrections_fold_into_existing_biases(linear):
+    """Gemm: the shift joins C; MatMul then Add(bias) (PyTorch's Linear): it joins that bias. No Add is added,
+    the replaced bias is not left behind, and the mean output over the calibration data is the original's."""
+    rng = np.random.default_rng(11)
+    K, N = 24, 16
+    if linear == "gemm":
+        nodes = [helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc")]
+    else:
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="fc"),
+                 helper.make_node("Add", ["m", "b"], ["y"], name="fc_bias")]
+    inits = [numpy_helper.from_array(low_rank(K, N, 8, seed=1), "W"),
+             numpy_helper.from_array(np.linspace(-1, 1, N).astype(np.float32), "b")]
+    model = make_model(nodes, [vinfo("x", [32, K])], [vinfo("y", [32, N])], inits)
+    calib = [{"x": (rng.standard_normal((32, K)) + 2.0).astype(np.float32)} for _ in range(4)]
+    small, _ = compress(model, rank=3, method="whiten", calibration=calib, progress=False)
+    onnx.checker.check_model(small, full_check=True)
+    ops = [n.op_type for n in small.graph.node]
+    assert ops.count("Add") == (1 if linear == "matmul_add" else 0)
+    assert linear == "matmul_add" or "b" not in {t.name for t in small.graph.initializer}
+    y = np.concatenate([run(model, feed)[0] for feed in calib])
+    y_small = np.concatenate([run(small, feed)[0] for feed in calib])
+    assert rel_error(y.mean(0), y_small.mean(0)) < 1e-4

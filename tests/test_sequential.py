@@ -118,3 +118,15 @@ def test_sequential_needs_calibration_data():
     stats = onnx_fwlr.calibrate(model, [{"x": rng.standard_normal((16, 12)).astype(np.float32)}], progress=False)
     with pytest.raises(onnx_fwlr.FwlrError, match="--calib"):
         onnx_fwlr.compress(model, ratio=0.5, method="whiten", stats=stats, sequential=True, progress=False)
+
+
+def test_factors_do_not_depend_on_how_much_data_was_summed():
+    """Sums scale with the data; the factors must not (refine's Adam is sensitive to the A/B balance)."""
+    rng = np.random.default_rng(7)
+    X_old = rng.standard_normal((300, 8))
+    X_new = X_old + 0.2 * rng.standard_normal((300, 8))
+    W = rng.standard_normal((8, 6))
+    sums = gram_sums(X_new, X_old)
+    A1, B1 = _ridge_solution(sums, W, 3, 0.01, None)
+    A2, B2 = _ridge_solution({k: 1000.0 * v for k, v in sums.items()}, W, 3, 0.01, None)
+    assert rel_error(A1, A2) < 1e-8 and rel_error(B1, B2) < 1e-8

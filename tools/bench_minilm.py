@@ -1,7 +1,8 @@
 """Benchmark on a real pretrained transformer: all-MiniLM-L6-v2 sentence embeddings.
 
     python tools/export_minilm.py            # once: model, calibration and evaluation sentences
-    python tools/bench_minilm.py --json .cache/minilm/bench/results.json
+    python tools/bench_minilm.py --sequential --refine 150 --latency --curve 128,512,2048,3000,8000 \
+        --ecosystem --json .cache/minilm/bench/results.json        # --ecosystem needs `pip install sympy`
 
 Methods × allocations × ratios (ratio = parameters kept in the 36 MatMul weights), judged on 512 held-out
 sentences against the original model: mean and min cosine of `sentence_embedding`, Spearman correlation of
@@ -19,15 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-from scipy.stats import spearmanr
+# One BLAS thread: numpy's sums run between ONNX Runtime calls, and spinning BLAS threads next to ORT's made
+# the gradient pass several times slower on this 2-core machine. Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,8 +55,9 @@ def parse_args():
     p.add_argument("--methods", default="svd,asvd,whiten,fwsvd,kfac")
     p.add_argument("--sequential", action="store_true", help="also the best configuration with --sequential")
     p.add_argument("--sequential-size", type=int, default=1024, help="calibration sentences the correction reads")
+    p.add_argument("--sequential-ratios", default="0.7,0.5", help="ratios the sequential correction is run at")
     p.add_argument("--refine", type=int, default=0, metavar="STEPS", help="also refine the best configuration")
-    p.add_argument("--refine-lr", type=float, default=1e-4)
+    p.add_argument("--refine-lr", type=float, default=3e-5)
     p.add_argument("--latency", action="store_true", help="latency at batch 32 x seq 128, 2 threads")
     p.add_argument("--curve", default="", metavar="SIZES", help="calibration sizes for the data curve, e.g. 128,512,2048")
     p.add_argument("--ecosystem", action="store_true", help="quantize_dynamic and BERT fusion round-trip")
@@ -67,6 +74,9 @@ def bucketed(source: Path, folder: Path, count: int, batch: int = 32) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     data = {k: v[:count] for k, v in np.load(source).items()}
+    if len(data["input_ids"]) < count:
+        sys.exit(f"{source} holds {len(data['input_ids'])} sentences, fewer than {count}; "
+                 f"rerun `python tools/export_minilm.py --calib-size {count}`.")
     lengths = data["attention_mask"].sum(1)
     order = np.argsort(lengths, kind="stable")
     for b, start in enumerate(range(0, len(order), batch)):
@@ -156,13 +166,14 @@ def method_grid(model_path, stats, methods, ratios, reference, evaluation):
     return rows, prepared_by_method
 
 
-def sequential_rows(prepared, allocation, ratios, folder, reference, evaluation):
+def sequential_rows(prepared, allocation, ratios, folder, reference, evaluation, models: dict):
     rows = []
     for ratio in ratios:
         budget = Budget(ratio=ratio)
         ranks = choose_ranks(prepared, budget, allocation)
         corrected = correct_sequentially(prepared, ranks, str(folder), True, progress=True)
         model, _ = build(prepared, ranks, allocation, budget, True, corrected=corrected)
+        models[ratio] = model
         row = {"method": prepared.method, "allocation": allocation + "+sequential", "ratio": ratio,
                "sequential_s": corrected.seconds}
         row.update(quality(reference, embed(model, evaluation)))
@@ -208,15 +219,19 @@ def curve_rows(model_path, method, allocation, ratio, sizes, calib_npz, cache, r
     return rows
 
 
-def refine_rows(model_path, prepared, allocation, ratio, folder, steps, lr, reference, evaluation):
+def refine_rows(model_path, prepared, allocation, ratio, folder, steps, lr, reference, evaluation, start_model=None):
+    """Distillation of the best start at this ratio (the sequential result when there is one)."""
     from onnx_fwlr.refine import refine
 
     budget = Budget(ratio=ratio)
-    start_model, _ = build(prepared, choose_ranks(prepared, budget, allocation), allocation, budget, True)
+    label = allocation + ("+sequential" if start_model is not None else "") + "+refine"
+    if start_model is None:
+        start_model, _ = build(prepared, choose_ranks(prepared, budget, allocation), allocation, budget, True)
     start = time.perf_counter()
-    refined, result = refine(model_path, start_model, str(folder), steps=steps, lr=lr, output=OUTPUT)
-    row = {"method": prepared.method, "allocation": allocation + "+refine", "ratio": ratio, "steps": steps,
-           "lr": lr, "refine_s": time.perf_counter() - start}
+    refined, result = refine(model_path, start_model, str(folder), steps=steps, lr=lr, output=OUTPUT, progress=True)
+    row = {"method": prepared.method, "allocation": label, "ratio": ratio, "steps": steps, "lr": lr,
+           "refine_s": time.perf_counter() - start, "best_step": result.best_step, "stopped": result.stopped,
+           "curve": result.curve}
     row.update(quality(reference, embed(refined, evaluation)))
     print(f"  refine {ratio:.1f}  mean cosine {row['mean_cosine']:.4f} ({row['refine_s']:.0f} s)", flush=True)
     return [row]
@@ -226,6 +241,11 @@ def ecosystem_rows(model_path, prepared, allocation, ratio, work: Path, referenc
     """Dynamic int8 quantisation and ONNX Runtime's BERT fusion on the original and compressed models."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
+
+    try:
+        import sympy  # noqa: F401  (ONNX Runtime's BERT fusion needs its symbolic shape inference)
+    except ImportError:
+        sys.exit("--ecosystem needs sympy for onnxruntime.transformers: pip install sympy")
 
     budget = Budget(ratio=ratio)
     model, _ = build(prepared, choose_ranks(prepared, budget, allocation), allocation, budget, True)
@@ -250,7 +270,9 @@ def ecosystem_rows(model_path, prepared, allocation, ratio, work: Path, referenc
                             ("compressed" + (" --keep-attention" if keep_attention else ""), work / "k.onnx")):
             if label == "original" and keep_attention:
                 continue
-            optimised = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384)
+            # opt_level 0: the Python fusions only (levels >= 1 first run ONNX Runtime's optimiser, which
+            # imports torch in onnxruntime 1.32).
+            optimised = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
             counts = optimised.get_fused_operator_statistics()
             optimised_path = work / "opt.onnx"
             optimised.save_model_to_file(str(optimised_path))
@@ -283,6 +305,10 @@ def main() -> int:
     results = {"calib_sentences": args.calib_size, "eval_sentences": len(evaluation["input_ids"]), "timings": {}}
     timings = results["timings"]
 
+    def save():  # after every part, so a failure late in a long run keeps what was measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     reference = embed(model_path, evaluation)
     timings["plain_inference_calib_s"] = inference_seconds(model_path, folder)
     need_fisher = any(m in GRADIENT_METHODS for m in methods)
@@ -296,32 +322,41 @@ def main() -> int:
     print("method grid:", flush=True)
     grid, prepared_by_method = method_grid(model_path, stats, methods, ratios, reference, evaluation)
     results["grid"] = grid
+    save()
     best = max((r for r in grid if r["ratio"] == 0.5) or grid, key=lambda r: r["mean_cosine"])
     best_prepared, best_allocation = prepared_by_method[best["method"]], best["allocation"]
     results["best"] = {"method": best["method"], "allocation": best_allocation}
     print(f"best closed-form configuration at 0.5: {best['method']} {best_allocation}", flush=True)
 
+    sequential_models = {}
     if args.sequential:
         seq_folder = bucketed(calib_npz, work, min(args.sequential_size, args.calib_size))
-        results["sequential"] = sequential_rows(best_prepared, best_allocation, [r for r in ratios if r < 0.9],
-                                                seq_folder, reference, evaluation)
-    if args.refine:
-        results["refine"] = refine_rows(model_path, best_prepared, best_allocation, 0.5, folder, args.refine,
-                                        args.refine_lr, reference, evaluation)
+        results["sequential"] = sequential_rows(best_prepared, best_allocation,
+                                                [float(r) for r in args.sequential_ratios.split(",") if r],
+                                                seq_folder, reference, evaluation, sequential_models)
+        save()
+    if args.refine:  # from the closed-form start, and from the sequential one when there is one
+        results["refine"] = []
+        for start_model in [None] + ([sequential_models[0.5]] if 0.5 in sequential_models else []):
+            results["refine"] += refine_rows(model_path, best_prepared, best_allocation, 0.5, folder, args.refine,
+                                             args.refine_lr, reference, evaluation, start_model)
+            save()
     if args.latency:
         results["latency"] = latency_rows(model_path, best_prepared, best_allocation, ratios, work)
+        save()
     if args.curve:
         sizes = [int(s) for s in args.curve.split(",") if s]
         results["curve"] = curve_rows(model_path, best["method"], best_allocation, 0.5, sizes, calib_npz, work,
                                       reference, evaluation)
+        save()
     if args.ecosystem:
         with tempfile.TemporaryDirectory() as tmp:
             results["quantised"], results["fusion"] = ecosystem_rows(model_path, best_prepared, best_allocation,
                                                                      0.5, Path(tmp), reference, evaluation)
 
     print_tables(results, ratios)
+    save()
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
         print(f"wrote {args.json}")
     return 0
 

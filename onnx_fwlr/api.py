@@ -26,8 +26,9 @@ from .decompose import decompose_sites
 from .errors import FwlrError
 from .modelio import external_bytes, load_model
 from .report import Report, SiteResult, op_counts
+from .recurrent import find_all_sites
 from .rewrite import Factors, apply_factors
-from .sites import Site, Skipped, attention_projections, find_sites, model_parameters, validate_regex, weight_matrix
+from .sites import Site, Skipped, attention_projections, model_parameters, validate_regex, weight_matrix
 from .stats import Statistics, model_fingerprint
 
 # Which statistics each method needs from calibration.
@@ -216,7 +217,7 @@ def prepare(
     validate_regex(exclude, "--exclude")
     start = time.perf_counter()
     model = load_model(model)
-    sites, skipped = _find_all_sites(model, include, exclude, fisher="gradients" in METHODS.get(method, ()))
+    sites, skipped = find_all_sites(model, include, exclude, fisher="gradients" in METHODS.get(method, ()))
     warnings = _unmatched_patterns(include, exclude, sites, skipped)
     if keep_attention:
         projections = attention_projections(model, sites)
@@ -383,20 +384,6 @@ def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibratio
     notes = {r.weight: (f"sequential: ridge {r.ridge:g}" if r.ridge is not None else "sequential: closed form kept")
              + f", held-back rel. error {r.heldout_error_before:.3g} -> {r.heldout_error_after:.3g}" for r in results}
     return Corrected(factors, notes, time.perf_counter() - start_time)
-
-
-def _find_all_sites(model, include, exclude, fisher: bool):
-    """MatMul/Gemm sites, then LSTM/GRU input weights (skipped with the reason under Fisher methods)."""
-    from .recurrent import find_recurrent_sites
-
-    sites, skipped = find_sites(model, include, exclude)
-    recurrent, recurrent_skipped = find_recurrent_sites(model, include, exclude)
-    if fisher:
-        recurrent_skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "the backward pass has no LSTM/GRU rule, so "
-                                      "no Fisher statistics reach this input weight; compress it with whiten or asvd")
-                              for s in recurrent]
-        recurrent = []
-    return sites + recurrent, skipped + recurrent_skipped
 
 
 def _compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options):
@@ -621,7 +608,7 @@ def calibrate(
     model = load_model(model)
     validate_regex(include, "--include")
     validate_regex(exclude, "--exclude")
-    sites, _ = _find_all_sites(model, include, exclude, fisher=fisher)
+    sites, _ = find_all_sites(model, include, exclude, fisher=fisher)
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")
     batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes, shard=shard)
@@ -642,7 +629,7 @@ def validate(
     progress: bool = True,
 ):
     """Compare both models on the same batches (labels from the data's `labels` key, when present)."""
-    from .validate import compare_models
+    from .validation import compare_models
 
     reference = original if isinstance(original, onnx.ModelProto) else load_model(original)
     batches = open_data(data, reference, batch_size=batch_size)

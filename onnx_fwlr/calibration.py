@@ -2,8 +2,9 @@
 
 For every distinct site input X we append nodes that reduce X [..., K] to Xᵀ X [K, K], Σ x, Σ |x| and the
 position count, and ask ORT for those outputs only: memory does not grow with the data, and each batch is
-folded into float64 running sums at once. With an attention mask, positions are weighted by it (inputs of
-rank 3, [batch, seq, K], the layout of transformer exports) so padding does not pollute the statistics.
+folded into float64 running sums at once. With an attention mask, only positions where it is non-zero are
+summed (inputs of rank 3, [batch, seq, K], the layout of transformer exports): padding rows are gathered
+away before the Gram, so they neither pollute the statistics nor cost its K² work.
 """
 
 from __future__ import annotations
@@ -83,12 +84,13 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
             nodes.append(helper.make_node("ReduceSum", [x], [out], axes=[0], keepdims=0))
 
     inits.append(numpy_helper.from_array(np.array([0], np.int64), f"{PREFIX}/axis0"))
-    mask_column = None
-    if mask is not None:
-        mask_column = f"{PREFIX}/mask_column"
-        inits.append(numpy_helper.from_array(np.array([-1, 1], np.int64), f"{PREFIX}/col_shape"))
-        nodes.append(helper.make_node("Cast", [mask], [f"{PREFIX}/mask_f"], to=TensorProto.FLOAT))
-        nodes.append(helper.make_node("Reshape", [f"{PREFIX}/mask_f", f"{PREFIX}/col_shape"], [mask_column]))
+    real_rows = None
+    if mask is not None:  # indices of the real (unpadded) positions, in [batch, seq] order
+        real_rows = f"{PREFIX}/real_rows"
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), f"{PREFIX}/flat"))
+        nodes.append(helper.make_node("Reshape", [mask, f"{PREFIX}/flat"], [f"{PREFIX}/mask_flat"]))
+        nodes.append(helper.make_node("NonZero", [f"{PREFIX}/mask_flat"], [f"{PREFIX}/nonzero"]))
+        nodes.append(helper.make_node("Reshape", [f"{PREFIX}/nonzero", f"{PREFIX}/flat"], [real_rows]))
 
     for i, (key, (tensor, transposed, K)) in enumerate(plan.items()):
         p = f"{PREFIX}/{i}"
@@ -98,22 +100,19 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
         if transposed:
             nodes.append(helper.make_node("Transpose", [x], [f"{p}/xt"], perm=[1, 0]))
             x = f"{p}/xt"
-        masked = mask_column is not None and not transposed and ranks.get(tensor) == 3
+        masked = real_rows is not None and not transposed and ranks.get(tensor) == 3
         if masked and tensor in seq_first:  # rows in [batch, seq] order, like the mask
             nodes.append(helper.make_node("Transpose", [x], [f"{p}/batch_first"], perm=[1, 0, 2]))
             x = f"{p}/batch_first"
         inits.append(numpy_helper.from_array(np.array([-1, K], np.int64), f"{p}/shape"))
         nodes.append(helper.make_node("Reshape", [x, f"{p}/shape"], [f"{p}/rows"]))
         rows = f"{p}/rows"
-        if masked:
-            nodes.append(helper.make_node("Mul", [rows, mask_column], [f"{p}/rows_m"]))
-            rows = f"{p}/rows_m"
-            reduce_sum(mask_column, f"{p}/count1")
-            nodes.append(helper.make_node("Reshape", [f"{p}/count1", f"{PREFIX}/scalar"], [f"{p}/count"]))
-        else:
-            nodes.append(helper.make_node("Shape", [rows], [f"{p}/rows_shape"]))
-            nodes.append(helper.make_node("Gather", [f"{p}/rows_shape", f"{PREFIX}/zero"], [f"{p}/n"], axis=0))
-            nodes.append(helper.make_node("Cast", [f"{p}/n"], [f"{p}/count"], to=TensorProto.FLOAT))
+        if masked:  # padding rows are dropped before the Gram, not zeroed: they would cost as much as real ones
+            nodes.append(helper.make_node("Gather", [rows, real_rows], [f"{p}/rows_real"], axis=0))
+            rows = f"{p}/rows_real"
+        nodes.append(helper.make_node("Shape", [rows], [f"{p}/rows_shape"]))
+        nodes.append(helper.make_node("Gather", [f"{p}/rows_shape", f"{PREFIX}/zero"], [f"{p}/n"], axis=0))
+        nodes.append(helper.make_node("Cast", [f"{p}/n"], [f"{p}/count"], to=TensorProto.FLOAT))
         nodes.append(helper.make_node("Transpose", [rows], [f"{p}/rows_t"], perm=[1, 0]))
         nodes.append(helper.make_node("MatMul", [f"{p}/rows_t", rows], [f"{p}/gram"]))
         reduce_sum(rows, f"{p}/sum")
@@ -121,7 +120,6 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
         reduce_sum(f"{p}/abs", f"{p}/abs_sum")
         outputs[key] = {name: f"{p}/{name}" for name in ("gram", "sum", "abs_sum", "count")}
     inits.append(numpy_helper.from_array(np.array(0, np.int64), f"{PREFIX}/zero"))
-    inits.append(numpy_helper.from_array(np.array([], np.int64), f"{PREFIX}/scalar"))
 
     graph.node.extend(nodes)
     graph.initializer.extend(inits)

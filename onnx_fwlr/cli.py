@@ -100,7 +100,7 @@ class Compress:
         p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")
         p.add_argument("--refine", type=int, metavar="STEPS",
                        help="then distil the factors against the original for up to STEPS Adam steps on --calib "
-                            "(validated on --val, else on 10%% of --calib held back)")
+                            "(early stopping on 10%% of --calib held back; --val stays unseen)")
         p.add_argument("--refine-lr", type=float, default=3e-5, help="peak learning rate of --refine (default 3e-5)")
         _tolerance_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
@@ -132,9 +132,10 @@ class Compress:
         if args.refine is not None and report.factorised:
             from .refine import refine
 
-            model, refined = refine(args.model, model, args.calib, validation=args.val, steps=args.refine,
+            # early stopping on held-back calibration data, so that --val stays unseen for the final check
+            model, refined = refine(args.model, model, args.calib, steps=args.refine,
                                     lr=args.refine_lr, batch_size=args.batch_size, seed=args.seed,
-                                    progress=not args.quiet)
+                                    output=args.fisher_output, progress=not args.quiet)
         report.file_size_before = file_size(args.model)
         written = bool(report.sites) or args.write_unchanged
         if written:
@@ -240,7 +241,7 @@ def _shapes(args):
 
 
 def _report_validation(validation, args, out) -> int:
-    from .validate import format_validation
+    from .validation import format_validation
 
     failures = validation.check(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
                                 max_accuracy_drop=args.max_accuracy_drop)

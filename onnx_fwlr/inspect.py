@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 
 from .modelio import load_model
 from .report import format_table
-from .sites import Site, Skipped, find_sites, model_parameters, validate_regex
+from .recurrent import find_all_sites
+from .sites import Site, Skipped, model_parameters, validate_regex
 
 
 @dataclass
@@ -48,5 +49,5 @@ def inspect_model(model, include: str | None = None, exclude: str | None = None)
     validate_regex(include, "--include")
     validate_regex(exclude, "--exclude")
     model = load_model(model)
-    sites, skipped = find_sites(model, include, exclude)
+    sites, skipped = find_all_sites(model, include, exclude, fisher=False)
     return Listing(sites, skipped, model_parameters(model))

@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .sites import FLOAT_TYPES, Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, walk_graphs
+from .sites import FLOAT_TYPES, Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites, walk_graphs
 
 GATES = {"LSTM": 4, "GRU": 3}
 _W_INPUT = 1  # W is the second input of both ops
@@ -83,6 +83,18 @@ def find_recurrent_sites(
         else:
             sites.append(site)
     return sites, skipped
+
+
+def find_all_sites(model, include, exclude, fisher: bool):
+    """MatMul/Gemm sites, then LSTM/GRU input weights (skipped with the reason under Fisher methods)."""
+    sites, skipped = find_sites(model, include, exclude)
+    recurrent, recurrent_skipped = find_recurrent_sites(model, include, exclude)
+    if fisher:
+        recurrent_skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "the backward pass has no LSTM/GRU rule, so "
+                                      "no Fisher statistics reach this input weight; compress it with whiten or asvd")
+                              for s in recurrent]
+        recurrent = []
+    return sites + recurrent, skipped + recurrent_skipped
 
 
 def _make_site(w_name, uses, shapes, constant, readers) -> tuple[Site | None, str]:

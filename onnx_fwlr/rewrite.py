@@ -200,7 +200,7 @@ def _fold_bias_corrections(graph: onnx.GraphProto, outputs: set[str]) -> None:
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    drop = set()
+    drop, folded_shifts = set(), set()
     for node in graph.node:
         if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.name) or node.output[0] in outputs:
             continue
@@ -218,11 +218,10 @@ def _fold_bias_corrections(graph: onnx.GraphProto, outputs: set[str]) -> None:
         bias.CopyFrom(numpy_helper.from_array((bias_value + shift_value).astype(bias_value.dtype), bias.name))
         add.input[list(add.input).index(node.output[0])] = node.input[0]
         drop.add(node.name)
-        _remove_tensors(graph, {shift.name})
-    if drop:
-        kept = [n for n in graph.node if n.name not in drop]
-        del graph.node[:]
-        graph.node.extend(kept)
+        folded_shifts.add(shift.name)
+    for index in reversed([i for i, n in enumerate(graph.node) if n.name in drop]):
+        del graph.node[index]
+    _remove_tensors(graph, folded_shifts)
 
 
 def _check_replacements(sites: list[Site], factors: dict) -> None:
@@ -382,13 +381,10 @@ def _remove_tensors(graph: onnx.GraphProto, names: set[str]) -> None:
     """Drop replaced weights, and their stale graph-input and value-info entries (old IR lists weights as inputs)."""
     if not names:
         return
-    keep = [t for t in graph.initializer if t.name not in names]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    for field in (graph.input, graph.value_info):
-        kept = [v for v in field if v.name not in names]
-        del field[:]
-        field.extend(kept)
+    for field in (graph.initializer, graph.input, graph.value_info):
+        # deleted in place, from the back: rebuilding the field would copy every weight (protobuf's extend copies)
+        for index in reversed([i for i, entry in enumerate(field) if entry.name in names]):
+            del field[index]
 
 
 def _default_opset(model: onnx.ModelProto) -> int:

@@ -10,6 +10,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx_fwlr.calibration import collect_activation_stats
 from onnx_fwlr.data import open_data
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.inspect import inspect_model
 from onnx_fwlr.recurrent import find_recurrent_sites, stacked_view
 from onnx_fwlr.rewrite import Factors, apply_factors
 from onnx_fwlr.sites import weight_matrix
@@ -183,6 +184,13 @@ def test_skip_reasons():
 
     sites, skipped = find_recurrent_sites(recurrent_model("GRU"), exclude="rnn")
     assert not sites and "excluded" in skipped[0].reason
+
+
+def test_inspect_lists_recurrent_input_weights():
+    listing = inspect_model(recurrent_model("GRU", direction="bidirectional"))
+    [site] = listing.sites
+    assert (site.weight, site.uses[0].op_type, site.K, site.N) == ("W", "GRU", INPUT, 2 * 3 * HIDDEN)
+    assert "GRU" in listing.format()
 
 
 def test_structured_replacement_is_refused():

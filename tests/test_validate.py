@@ -1,4 +1,4 @@
-"""Tests for onnx_fwlr.validate: metrics against numpy computed by hand, pass/fail, batching invariance."""
+"""Tests for onnx_fwlr.validation: metrics against numpy computed by hand, pass/fail, batching invariance."""
 
 import json
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.validate import compare_models, format_validation
+from onnx_fwlr.validation import compare_models, format_validation
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((30, 4)).astype(np.float32)
@@ -215,3 +215,11 @@ def test_unloadable_model_becomes_fwlr_error(tmp_path):
         compare(path, logits_model(W))
     with pytest.raises(FwlrError, match="does not exist"):
         compare(tmp_path / "missing.onnx", logits_model(W))
+
+
+def test_top_level_validate_stays_the_function_after_importing_the_module():
+    """`from onnx_fwlr.validation import ...` in an export script must not shadow `onnx_fwlr.validate`."""
+    import onnx_fwlr
+    from onnx_fwlr.validation import format_validation  # noqa: F401
+
+    assert callable(onnx_fwlr.validate) and onnx_fwlr.validate.__module__ == "onnx_fwlr.api"

@@ -43,6 +43,18 @@ def build(workdir: Path, hidden: int, layers: int, seq: int, samples: int) -> tu
     return model_path, calib_path, matmul_params
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak RSS. Linux carries ru_maxrss across fork+exec, so a child started by a parent that
+    had just built a 1.6 GB model reported the parent's peak (6.3 GB); VmHWM belongs to this process only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(config: dict) -> dict:
     """One compress run in this process; prints its measurements as JSON."""
     from onnx_fwlr import compress
@@ -57,7 +69,7 @@ def child(config: dict) -> dict:
         "calibrate_s": report.timings.get("calibrate", 0.0),
         "decompose_s": report.timings.get("decompose", 0.0),
         "total_s": total,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": own_peak_rss_mb(),
         "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "mean_rel_error": float(np.mean([s.relative_error for s in report.sites if s.relative_error is not None])),
     }

@@ -22,14 +22,14 @@ from . import allocation as alloc
 from . import factorize
 from .calibration import collect_activation_stats
 from .data import open_data
-from .decompose import decompose_sites
+from .decompose import iter_decompositions
 from .errors import FwlrError
 from .modelio import external_bytes, load_model
 from .report import Report, SiteResult, op_counts
 from .recurrent import find_all_sites
-from .rewrite import Factors, apply_factors
+from .rewrite import Factors, apply_factors, storage_dtype
 from .sites import Site, Skipped, attention_projections, model_parameters, validate_regex, weight_matrix
-from .stats import Statistics, model_fingerprint
+from .stats import Statistics, activation_key, model_fingerprint
 
 # Which statistics each method needs from calibration.
 METHODS = {
@@ -198,17 +198,19 @@ def compress(
     if sequential:
         corrected = correct_sequentially(prepared, ranks_chosen, calibration, bias_correction, batch_size=batch_size,
                                          mask_input=mask_input, shapes=shapes, progress=progress)
-    return build(prepared, ranks_chosen, allocation, budget, bias_correction, corrected=corrected)
+    return build(prepared, ranks_chosen, allocation, budget, bias_correction, corrected=corrected,
+                 keep_decompositions=False)
 
 
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, progress=True,
 ) -> Prepared:
-    """Load, find sites, gather statistics and decompose every site once.
+    """Load, find sites and gather statistics: everything but the decompositions.
 
-    With svd="exact" every site is decomposed here (full spectra). With "auto" or "randomized" decomposition
-    waits until the ranks are known (build), so a randomised SVD can stop at the rank needed.
+    Sites are decomposed when first needed (ensure_decompositions, choose_ranks for global allocation, build),
+    so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
+    SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
     """
     factorize.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
@@ -239,8 +241,6 @@ def prepare(
         if prepared.stats.meta.get("smoke_test"):
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
     prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
-    if svd == "exact":
-        ensure_decompositions(prepared)
     return prepared
 
 
@@ -249,6 +249,17 @@ def ensure_decompositions(prepared: Prepared, ranks: list[int | None] | None = N
 
     An exact decomposition serves every rank; a randomised one serves ranks up to its own and is recomputed
     only for a higher one. Sites kept dense (rank None in `ranks`) need nothing.
+    """
+    for _ in site_decompositions(prepared, ranks, store=True):
+        pass
+
+
+def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, store: bool):
+    """(site, decomposition serving its rank, or None for a dense site) in site order.
+
+    Missing decompositions are computed as the iteration reaches them and put in the cache only when
+    `store`; otherwise a one-shot build turns each into factors and lets it go (bounded memory on large
+    models), and cached ones are taken out of the cache once given.
     """
     needed = {}
     for i, site in enumerate(prepared.sites):
@@ -259,14 +270,22 @@ def ensure_decompositions(prepared: Prepared, ranks: list[int | None] | None = N
         if cached is not None and (cached.exact or (rank is not None and rank <= cached.max_rank)):
             continue
         needed[site.weight] = rank
-    if not needed:
-        return
-    start = time.perf_counter()
-    todo = [s for s in prepared.sites if s.weight in needed]
-    prepared.decompositions.update(decompose_sites(
-        prepared.model, todo, prepared.site_methods, prepared.stats, scalings, progress=prepared.progress,
-        ranks=needed, svd="exact" if ranks is None else prepared.svd, workers=prepared.workers))
-    prepared.timings["decompose"] = prepared.timings.get("decompose", 0.0) + time.perf_counter() - start
+    fresh = iter_decompositions(
+        prepared.model, [s for s in prepared.sites if s.weight in needed], prepared.site_methods, prepared.stats,
+        scalings, progress=prepared.progress, ranks=needed, svd="exact" if ranks is None else prepared.svd,
+        workers=prepared.workers, scaling_key=scaling_key) if needed else iter(())
+    for i, site in enumerate(prepared.sites):
+        if site.weight in needed:
+            start = time.perf_counter()
+            _, dec = next(fresh)
+            prepared.timings["decompose"] = prepared.timings.get("decompose", 0.0) + time.perf_counter() - start
+            if store:
+                prepared.decompositions[site.weight] = dec
+        elif store:
+            dec = prepared.decompositions.get(site.weight)
+        else:
+            dec = prepared.decompositions.pop(site.weight, None)
+        yield site, (dec if ranks is None or ranks[i] is not None else None)
 
 
 def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[int | None]:
@@ -299,12 +318,14 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[in
 
 
 def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: Budget,
-          bias_correction: bool = False, corrected=None) -> tuple[onnx.ModelProto, Report]:
+          bias_correction: bool = False, corrected=None, keep_decompositions: bool = True
+          ) -> tuple[onnx.ModelProto, Report]:
     """The compressed model for these ranks, and its report. The prepared original stays untouched.
 
     `corrected`: the result of `correct_sequentially` for these ranks; its factors replace the closed-form ones.
+    `keep_decompositions` False: a one-shot build, which drops each decomposition once its factors are made
+    (the cache is then empty; another build decomposes again).
     """
-    ensure_decompositions(prepared, ranks)
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)
     report = Report(method=prepared.method, allocation=allocation, budget=budget.describe(),
@@ -314,15 +335,18 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     if prepared.stats is not None:
         report.calibration = {k: v for k, v in prepared.stats.meta.items()}
     factors = {}
-    for site, rank in zip(prepared.sites, ranks):
-        result, site_factors = _site_result(prepared, site, rank, bias_correction)
+    for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=keep_decompositions), ranks):
+        result, site_factors = _site_result(prepared, site, dec, rank, bias_correction)
         if corrected is not None and site.weight in corrected.factors and site_factors is not None:
             site_factors = corrected.factors[site.weight]
             result.note = corrected.notes.get(site.weight, result.note)
         report.sites.append(result)
-        if site_factors is not None:
-            factors[site.weight] = site_factors
+        if site_factors is not None:  # held as the model will store them, not as float64 copies of every factor
+            dtype = storage_dtype(site)
+            factors[site.weight] = Factors(np.asarray(site_factors.A, dtype=dtype),
+                                           np.asarray(site_factors.B, dtype=dtype), site_factors.shift)
     apply_factors(model, prepared.sites, factors)
+    report.timings = dict(prepared.timings)  # with the decomposition time spent during this build
     if corrected is not None:
         report.timings["sequential"] = corrected.seconds
     report.model_params_after = model_parameters(model)
@@ -331,8 +355,7 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     return model, report
 
 
-def _site_result(prepared: Prepared, site: Site, rank: int | None, bias_correction: bool):
-    dec = prepared.decompositions.get(site.weight)
+def _site_result(prepared: Prepared, site: Site, dec, rank: int | None, bias_correction: bool):
     result = SiteResult(
         name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N, rank=rank,
         params_before=site.params, params_after=alloc.site_params(site.K, site.N, rank),
@@ -368,11 +391,10 @@ def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibratio
 
     if calibration is None:
         raise FwlrError("--sequential reads the calibration data once per depth; pass --calib DATA.")
-    ensure_decompositions(prepared, ranks)
     start_time = time.perf_counter()
     start = {}
-    for site, rank in zip(prepared.sites, ranks):
-        site_factors = _site_result(prepared, site, rank, bias_correction)[1]
+    for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=True), ranks):
+        site_factors = _site_result(prepared, site, dec, rank, bias_correction)[1]
         if isinstance(site_factors, Factors):
             start[site.weight] = site_factors
     right = {s.weight: scalings(prepared.site_methods[s.weight], s, prepared.stats)[1] for s in prepared.sites
@@ -540,6 +562,14 @@ def scalings(method: str, site: Site, stats) -> tuple[factorize.Scaling | None, 
     if method == "kfac":
         return factorize.gram_scaling(stats.input_gram(site)), factorize.gram_scaling(stats.output_grad_gram(site))
     raise FwlrError(f"unknown method '{method}'.")
+
+
+def scaling_key(method: str, site: Site):
+    """Sites with equal keys get the same scalings (sites reading one input share its Gram's Cholesky
+    factor); None when a site's scaling is its own."""
+    if method in ("asvd", "whiten"):
+        return tuple(activation_key(u) for u in site.uses)
+    return None
 
 
 def _has_stats(method: str, site: Site, stats) -> bool:

@@ -4,6 +4,11 @@ Each job carries only what one decomposition needs: where the weight is (a Weigh
 memory-maps itself when the model was loaded lazily), the two scalings, and the rank when a randomised SVD
 is used. Results do not depend on the number of workers: every job runs the same function on the same
 inputs, and the randomised sketch is seeded from the weight's name, not from the order of work.
+
+Memory: jobs are made only when they are about to run, at most two per worker are in flight, results come
+back in site order one at a time (the caller may turn each into factors and drop it), one scaling is shared
+by every site that reads the same input and dropped after its last site, and an exact decomposition keeps
+only the components a rank that saves parameters can use (alloc.break_even_rank).
 """
 
 from __future__ import annotations
@@ -12,71 +17,106 @@ import contextlib
 import multiprocessing
 import os
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
 from tqdm.auto import tqdm
 
 from . import factorize
+from .allocation import break_even_rank
 from .errors import FwlrError
 from .sites import Site, weight_ref
 
 
-def decompose_sites(model, sites: list[Site], site_methods: dict[str, str], stats, scalings, progress: bool = True,
-                    ranks: dict | None = None, svd: str = "exact", workers: int = 1) -> dict:
-    """weight name -> Decomposition for every site, in site order.
+def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], stats, scalings, progress: bool = True,
+                        ranks: dict | None = None, svd: str = "exact", workers: int = 1,
+                        scaling_key=None) -> Iterator[tuple[Site, factorize.Decomposition]]:
+    """(site, decomposition) for every site, in site order, computed as the iteration asks for them.
 
-    `scalings(method, site, stats)` gives the input/output weighting of the site's method. `ranks` (weight
-    name -> rank, None = the whole spectrum) lets `svd` "auto" or "randomized" compute only the leading
-    components (factorize.use_randomized says when).
+    `scalings(method, site, stats)` gives the input/output weighting of the site's method; sites with the
+    same `scaling_key(method, site)` (None = every site its own) share one. `ranks` (weight name -> rank,
+    None = the whole spectrum) lets `svd` "auto" or "randomized" compute only the leading components
+    (factorize.use_randomized says when).
     """
     if workers < 1:
         raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
-    ranks = ranks or {}
-    jobs = []
-    for site in sites:
-        left, right = scalings(site_methods[site.weight], site, stats)
-        rank = ranks.get(site.weight)
-        randomized = factorize.use_randomized(site.K, site.N, rank, svd)
-        jobs.append((weight_ref(model, site), left, right, rank if randomized else None, _seed(site.weight)))
-    bar = tqdm(total=len(jobs), desc="decompose", unit="site", disable=not progress, leave=False)
+    planner = _JobPlanner(model, sites, site_methods, stats, scalings, ranks or {}, svd, scaling_key)
+    bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:
-        if workers == 1 or len(jobs) < 2:
-            results = []
-            for job in jobs:
-                results.append(decompose_one(job))
-                bar.update()
+        if workers == 1 or len(sites) < 2:
+            results = (decompose_one(planner.job(i)) for i in range(len(sites)))
         else:
-            results = _in_pool(jobs, workers, bar)
+            results = _in_pool(planner, len(sites), workers)
+        for i, dec in enumerate(results):
+            left, right = planner.scalings_of(i)
+            dec.left, dec.right = left, right  # the parent's objects: shared, and never pickled back
+            bar.update()
+            yield sites[i], dec
     finally:
         bar.close()
-    return {site.weight: dec for site, dec in zip(sites, results)}
+
+
+class _JobPlanner:
+    """Makes job i when it is needed; holds each shared scaling until its last site's job is made."""
+
+    def __init__(self, model, sites, site_methods, stats, scalings, ranks, svd, scaling_key):
+        self.model, self.sites, self.site_methods, self.stats = model, sites, site_methods, stats
+        self.scalings, self.ranks, self.svd = scalings, ranks, svd
+        self.keys = [self._key(scaling_key, site) for site in sites]
+        self.remaining: dict = {}
+        for key in self.keys:
+            self.remaining[key] = self.remaining.get(key, 0) + 1
+        self.shared: dict = {}
+        self.given: dict = {}  # site index -> its scalings, until the result is handed back
+
+    def _key(self, scaling_key, site):
+        method = self.site_methods[site.weight]
+        key = scaling_key(method, site) if scaling_key is not None else None
+        return (method, key) if key is not None else ("site", site.weight)
+
+    def job(self, i: int):
+        site, key = self.sites[i], self.keys[i]
+        if key not in self.shared:
+            self.shared[key] = self.scalings(self.site_methods[site.weight], site, self.stats)
+        left, right = self.given[i] = self.shared[key]
+        self.remaining[key] -= 1
+        if not self.remaining[key]:
+            del self.shared[key]
+        rank = self.ranks.get(site.weight)
+        randomized = factorize.use_randomized(site.K, site.N, rank, self.svd)
+        return (weight_ref(self.model, site), left, right, rank if randomized else None, _seed(site.weight))
+
+    def scalings_of(self, i: int):
+        return self.given.pop(i)
 
 
 def decompose_one(job) -> factorize.Decomposition:
-    """One site's decomposition (runs in a worker process too, so it takes and returns plain data)."""
+    """One site's decomposition (runs in a worker process too, so it takes and returns plain data; the
+    scalings are left off the result, the parent puts its own back)."""
     ref, left, right, rank, seed = job
     W = ref.load()
     if rank is None:
-        return factorize.weighted_svd(W, left, right)
-    return factorize.randomized_weighted_svd(W, rank, left, right, seed=seed)
+        dec = factorize.weighted_svd(W, left, right)
+        dec = dec.keep_components(max(1, break_even_rank(*W.shape)))
+    else:
+        dec = factorize.randomized_weighted_svd(W, rank, left, right, seed=seed)
+    dec.left = dec.right = None
+    return dec
 
 
-def _in_pool(jobs, workers: int, bar) -> list:
-    """Run jobs in `workers` spawned processes, at most two per worker in flight (bounded memory)."""
+def _in_pool(planner: _JobPlanner, count: int, workers: int) -> Iterator[factorize.Decomposition]:
+    """Results in job order from `workers` spawned processes; at most two jobs per worker are submitted or
+    waiting to be handed back, so memory stays bounded."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with BLAS/ORT threads; spawn works everywhere
-    results = [None] * len(jobs)
     with _blas_threads_for_children(max(1, (os.cpu_count() or 1) // workers)), \
-            ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        pending = {}
+            ProcessPoolExecutor(max_workers=min(workers, count), mp_context=context) as pool:
+        futures = {}
         next_job = 0
-        while next_job < len(jobs) or pending:
-            while next_job < len(jobs) and len(pending) < 2 * workers:
-                pending[pool.submit(decompose_one, jobs[next_job])] = next_job
+        for i in range(count):
+            while next_job < count and next_job - i < 2 * workers:
+                futures[next_job] = pool.submit(decompose_one, planner.job(next_job))
                 next_job += 1
-            done = next(iter(_wait_first(pending)))
-            results[pending.pop(done)] = done.result()
-            bar.update()
-    return results
+            yield futures.pop(i).result()
 
 
 @contextlib.contextmanager
@@ -91,13 +131,6 @@ def _blas_threads_for_children(threads: int):
     finally:
         for name in names:
             os.environ.pop(name, None)
-
-
-def _wait_first(pending: dict):
-    from concurrent.futures import FIRST_COMPLETED, wait
-
-    finished, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-    return finished
 
 
 def _seed(name: str) -> int:

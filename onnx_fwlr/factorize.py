@@ -60,15 +60,20 @@ def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
     gram = np.asarray(gram, dtype=np.float64)
     if not np.all(np.isfinite(gram)):
         raise FwlrError("activation statistics contain NaN or Inf; check the calibration data for NaN/Inf inputs.")
-    gram = 0.5 * (gram + gram.T)
-    scale = float(np.mean(np.diag(gram)))
+    # Two K×K arrays at most (this one and the factor): K = 8192 is 0.5 GB each, so no identity matrix and
+    # no temporaries beyond them.
+    damped = np.array(gram)
+    damped += gram.T
+    damped *= 0.5
+    diagonal = np.diag(damped).copy()
+    scale = float(np.mean(diagonal))
     if scale <= 0:
         return Scaling(diag=np.ones(gram.shape[0]))
-    eye = np.eye(gram.shape[0])
     lam = damping
     for _ in range(16):
+        np.fill_diagonal(damped, diagonal + lam * scale)
         try:
-            chol = scipy.linalg.cholesky(gram + lam * scale * eye, lower=True, check_finite=False)
+            chol = scipy.linalg.cholesky(damped, lower=True, check_finite=False)
             return Scaling(chol=chol)
         except np.linalg.LinAlgError:
             lam = max(lam * 10.0, 1e-10)
@@ -79,8 +84,10 @@ def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
 class Decomposition:
     """The SVD of the weighted weight P W Q; any rank's factors and error follow from it without recomputing.
 
-    An exact decomposition holds every component. A randomised one holds only the leading `max_rank`; its
-    `total_energy` is still exact (‖PWQ‖_F² needs no SVD), so dropped energies and relative errors stay exact.
+    An exact decomposition holds every singular value, and singular vectors up to `max_rank` (all of them,
+    or as many as a rank that saves parameters can use: keep_components). A randomised one holds only the
+    leading `max_rank` components; its `total_energy` is still exact (‖PWQ‖_F² needs no SVD), so dropped
+    energies and relative errors stay exact.
     """
 
     U: np.ndarray  # [K, p]
@@ -94,7 +101,15 @@ class Decomposition:
     @property
     def max_rank(self) -> int:
         """The largest rank whose factors this decomposition can give."""
-        return len(self.s)
+        return self.U.shape[1]
+
+    def keep_components(self, rank: int) -> "Decomposition":
+        """The same decomposition with singular vectors beyond `rank` freed (copies, so the memory goes);
+        singular values, energies and errors stay complete."""
+        if rank >= self.max_rank:
+            return self
+        return Decomposition(U=self.U[:, :rank].copy(), s=self.s, Vt=self.Vt[:rank].copy(), left=self.left,
+                             right=self.right, total_energy=self.total_energy, exact=self.exact)
 
     @property
     def energy(self) -> np.ndarray:
@@ -128,8 +143,8 @@ class Decomposition:
         return A, B
 
     def _check_rank(self, rank: int) -> None:
-        if not self.exact and rank > self.max_rank:
-            raise ValueError(f"this randomised decomposition holds rank {self.max_rank}, not {rank}")
+        if rank > self.max_rank:
+            raise ValueError(f"this decomposition holds factors up to rank {self.max_rank}, not {rank}")
 
 
 def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> np.ndarray:

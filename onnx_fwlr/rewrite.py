@@ -30,14 +30,16 @@ from .structured_graph import build_doped_kron, build_doped_low_rank, min_opset
 
 @dataclass
 class Factors:
-    """W ≈ A @ B for one site, plus an optional output shift (bias correction), all float64."""
+    """W ≈ A @ B for one site, plus an optional output shift (bias correction); float64, or already in the
+    dtype the model stores them in."""
 
     A: np.ndarray  # [K, r]
     B: np.ndarray  # [r, N]
     shift: np.ndarray | None = None  # [N], added to X @ A @ B
 
 
-def _storage_dtype(site: Site):
+def storage_dtype(site: Site):
+    """The dtype the site's weight is stored in, which its factors keep."""
     if site.dtype == "bfloat16":
         import ml_dtypes
 
@@ -105,7 +107,7 @@ def apply_factors(
             else:
                 constant_nodes.setdefault(site.graph_index, set()).add(site.constant_node)
             continue
-        dtype = _storage_dtype(site)
+        dtype = storage_dtype(site)
         owner = graphs[site.graph_index]
         a_name, b_name = namer(f"{site.weight}/factor_A"), namer(f"{site.weight}/factor_B")
         owner.initializer.append(numpy_helper.from_array(np.asarray(f.A, dtype=dtype), a_name))
@@ -242,7 +244,7 @@ def _shift(f) -> np.ndarray | None:
 
 def _recurrent_site(site: Site, f: Factors, graphs, namer) -> dict[tuple[int, int], list[onnx.NodeProto]]:
     """P and Q stored once (Q in the op's [dirs, gates·hidden, r] layout); every use gets MatMul(X, P) → op."""
-    dtype = _storage_dtype(site)
+    dtype = storage_dtype(site)
     first = site.uses[0]
     dirs = directions(graphs[first.graph_index].node[first.node_index])
     p_name, q_name = namer(f"{site.weight}/factor_P"), namer(f"{site.weight}/factor_Q")
@@ -283,7 +285,7 @@ def _free_prefix(namer: "_Namer", wanted: str, names_of) -> str:
 
 def _structured_site(site: Site, rep: Structured, graphs, namer) -> dict[tuple[int, int], list[onnx.NodeProto]]:
     """Structure initializers once in the owning graph; per use, uniquely named nodes computing the Gemm/MatMul."""
-    dtype = _storage_dtype(site)
+    dtype = storage_dtype(site)
     kind = "kron" if isinstance(rep.structure, KronSum) else "lowrank"
 
     def initializers(weight_prefix):

@@ -73,6 +73,10 @@ class Statistics:
 
     # --- what the methods read ------------------------------------------------------------------
     def _activation_sums(self, site: Site) -> tuple[dict, float]:
+        """The site's sums over its uses (read only: a single use's own arrays, not a copy of its Gram)."""
+        if len(site.uses) == 1:
+            sums = self.activations[activation_key(site.uses[0])]
+            return sums, float(sums["count"])
         total: dict = {}
         for use in site.uses:
             self.fold(total, self.activations[activation_key(use)])

@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from .api import METHODS, Budget, build, check_method, choose_ranks, prepare, validate
+from .api import METHODS, Budget, build, check_method, choose_ranks, ensure_decompositions, prepare, validate
 from .calibration import collect_activation_stats
 from .data import open_data
 from .errors import FwlrError
@@ -77,6 +77,7 @@ def sweep(
     for method in sorted({m for m, _ in configs}, key=methods.index):
         prepared = prepare(original, method=method, stats=stats if METHODS[method] else None, workers=workers,
                            progress=progress)
+        ensure_decompositions(prepared)  # every budget, and the spectra plot, read whole spectra: decompose once
         for allocation in [a for m, a in configs if m == method]:
             config = f"{method}/{allocation}"
             middle = sorted(ratios)[len(ratios) // 2]

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fwlr import allocation as alloc
 from onnx_fwlr import api, factorize
 from onnx_fwlr.api import Budget, build, choose_ranks, compress, prepare
 from onnx_fwlr.modelio import external_base, load_model, save_model, tensor_array
@@ -92,13 +93,13 @@ def test_auto_rule():
 
 def test_cache_reuses_randomized_for_lower_ranks_and_recomputes_for_higher(monkeypatch):
     calls = []
-    real = api.decompose_sites
+    real = api.iter_decompositions
 
     def counting(model, sites, *args, **kwargs):
         calls.append({s.weight: kwargs["ranks"].get(s.weight) for s in sites})
         return real(model, sites, *args, **kwargs)
 
-    monkeypatch.setattr(api, "decompose_sites", counting)
+    monkeypatch.setattr(api, "iter_decompositions", counting)
     prepared = prepare(mlp([256, 256, 256]), method="svd", svd="randomized", progress=False)
     assert calls == []  # nothing decomposed before the ranks are known
     build(prepared, [40, 40], "uniform", Budget(rank=40))
@@ -111,12 +112,62 @@ def test_cache_reuses_randomized_for_lower_ranks_and_recomputes_for_higher(monke
 
 def test_exact_sweep_over_budgets_decomposes_once(monkeypatch):
     calls = []
-    real = api.decompose_sites
-    monkeypatch.setattr(api, "decompose_sites", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = api.iter_decompositions
+    monkeypatch.setattr(api, "iter_decompositions", lambda *a, **k: calls.append(1) or real(*a, **k))
     prepared = prepare(mlp([128, 96, 64]), method="svd", svd="exact", progress=False)
     for ratio in (0.2, 0.6, 0.4, 0.9):
         build(prepared, choose_ranks(prepared, Budget(ratio=ratio), "uniform"), "uniform", Budget(ratio=ratio))
     assert len(calls) == 1
+
+
+def test_exact_decomposition_keeps_only_components_a_saving_rank_can_use():
+    prepared = prepare(mlp([128, 96, 64]), method="svd", svd="exact", progress=False)
+    assert not prepared.decompositions  # nothing is decomposed before it is needed
+    api.ensure_decompositions(prepared)
+    dec = prepared.decompositions["w0"]
+    assert dec.max_rank == alloc.break_even_rank(128, 96) and len(dec.s) == 96  # spectrum whole, vectors not
+    W = prepared.weights["w0"]
+    full = factorize.weighted_svd(W)
+    for rank in (1, 30, dec.max_rank):
+        for kept, whole in zip(dec.factors(rank), full.factors(rank)):
+            np.testing.assert_array_equal(kept, whole)
+        assert dec.relative_error(rank) == full.relative_error(rank)
+    with pytest.raises(ValueError, match="up to rank"):
+        dec.factors(dec.max_rank + 1)
+
+
+def _two_heads(hidden=64):
+    """x feeds two MatMuls (like Q and K), whose outputs are added: two sites reading one input."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(decaying(hidden, hidden, 8, rng).astype(np.float32), name) for name in ("q", "k")]
+    nodes = [helper.make_node("MatMul", ["x", "q"], ["hq"]), helper.make_node("MatMul", ["x", "k"], ["hk"]),
+             helper.make_node("Add", ["hq", "hk"], ["y"])]
+    graph = helper.make_graph(nodes, "heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", hidden])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_sites_reading_one_input_share_its_scaling():
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)}]
+    prepared = prepare(_two_heads(), method="whiten", calibration=calib, svd="exact", progress=False)
+    api.ensure_decompositions(prepared)
+    q, k = prepared.decompositions["q"], prepared.decompositions["k"]
+    assert q.left is k.left and q.left.chol is not None  # one Cholesky factor, not one per site
+
+
+def test_one_shot_build_drops_decompositions_and_writes_the_same_bytes():
+    calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)}]
+    outputs = []
+    for keep in (True, False):
+        prepared = prepare(_two_heads(), method="whiten", calibration=calib, svd="exact", progress=False)
+        ranks = choose_ranks(prepared, Budget(ratio=0.4), "uniform")
+        model, report = build(prepared, ranks, "uniform", Budget(ratio=0.4), keep_decompositions=keep)
+        assert bool(prepared.decompositions) == keep
+        assert all(site.relative_error is not None for site in report.sites)
+        outputs.append(model.SerializeToString())
+    assert outputs[0] == outputs[1]
 
 
 # --- worker processes ------------------------------------------------------------------------------

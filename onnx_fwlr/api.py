@@ -22,7 +22,7 @@ from . import allocation as alloc
 from . import factorize
 from .calibration import collect_activation_stats
 from .data import open_data
-from .decompose import iter_decompositions
+from .decompose import Weighting, iter_decompositions
 from .errors import FwlrError
 from .modelio import external_bytes, load_model
 from .report import Report, SiteResult, op_counts
@@ -154,6 +154,7 @@ def compress(
     kron_shape: tuple[int, int, int, int] | None = None,
     svd: str = "auto",
     workers: int = 1,
+    stats_memory: int | None = None,
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
@@ -165,7 +166,9 @@ def compress(
     `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
     partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
     randomised SVD where the rank is known first and small (factorize.use_randomized); `workers` decomposes
-    sites in that many processes (same output bytes).
+    sites in that many processes (same output bytes). `stats_memory` (bytes; default a third of physical
+    memory) bounds the activation Grams held at once: beyond it calibration reads the data once per group
+    of sites (calibration.GroupedStatistics).
     """
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}))
     budget.check()
@@ -185,7 +188,7 @@ def compress(
     prepared = prepare(
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-        fisher_options=fisher_options, svd=svd, workers=workers, progress=progress,
+        fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
     )
     if bias_correction is None:
         bias_correction = "activations" in METHODS[method]
@@ -204,7 +207,8 @@ def compress(
 
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
-    batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, progress=True,
+    batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
+    progress=True,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
 
@@ -235,7 +239,7 @@ def prepare(
         return prepared
     start = time.perf_counter()
     prepared.stats = _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes,
-                                 fisher_options or {}, progress)
+                                 fisher_options or {}, stats_memory, progress)
     if prepared.stats is not None:
         prepared.timings["calibrate"] = time.perf_counter() - start
         if prepared.stats.meta.get("smoke_test"):
@@ -272,13 +276,15 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
         needed[site.weight] = rank
     fresh = iter_decompositions(
         prepared.model, [s for s in prepared.sites if s.weight in needed], prepared.site_methods, prepared.stats,
-        scalings, progress=prepared.progress, ranks=needed, svd="exact" if ranks is None else prepared.svd,
-        workers=prepared.workers, scaling_key=scaling_key) if needed else iter(())
+        WEIGHTING, progress=prepared.progress, ranks=needed, svd="exact" if ranks is None else prepared.svd,
+        workers=prepared.workers) if needed else iter(())
     for i, site in enumerate(prepared.sites):
         if site.weight in needed:
-            start = time.perf_counter()
+            start, calibrating = time.perf_counter(), _later_calibration_seconds(prepared)
             _, dec = next(fresh)
-            prepared.timings["decompose"] = prepared.timings.get("decompose", 0.0) + time.perf_counter() - start
+            calibrating = _later_calibration_seconds(prepared) - calibrating  # a pass for the next group of sites
+            for stage, seconds in (("decompose", time.perf_counter() - start - calibrating), ("calibrate", calibrating)):
+                prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
                 prepared.decompositions[site.weight] = dec
         elif store:
@@ -286,6 +292,10 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
         else:
             dec = prepared.decompositions.pop(site.weight, None)
         yield site, (dec if ranks is None or ranks[i] is not None else None)
+
+
+def _later_calibration_seconds(prepared: Prepared) -> float:
+    return getattr(prepared.stats, "later_seconds", 0.0)
 
 
 def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[int | None]:
@@ -332,8 +342,6 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
                     skipped=list(prepared.skipped), warnings=list(prepared.warnings), timings=dict(prepared.timings))
     report.model_params_before = model_parameters(model)
     report.ops_before = op_counts(model)
-    if prepared.stats is not None:
-        report.calibration = {k: v for k, v in prepared.stats.meta.items()}
     factors = {}
     for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=keep_decompositions), ranks):
         result, site_factors = _site_result(prepared, site, dec, rank, bias_correction)
@@ -347,6 +355,8 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
                                            np.asarray(site_factors.B, dtype=dtype), site_factors.shift)
     apply_factors(model, prepared.sites, factors)
     report.timings = dict(prepared.timings)  # with the decomposition time spent during this build
+    if prepared.stats is not None:  # after the build: grouped statistics count the passes it made
+        report.calibration = dict(prepared.stats.meta)
     if corrected is not None:
         report.timings["sequential"] = corrected.seconds
     report.model_params_after = model_parameters(model)
@@ -397,7 +407,7 @@ def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibratio
         site_factors = _site_result(prepared, site, dec, rank, bias_correction)[1]
         if isinstance(site_factors, Factors):
             start[site.weight] = site_factors
-    right = {s.weight: scalings(prepared.site_methods[s.weight], s, prepared.stats)[1] for s in prepared.sites
+    right = {s.weight: output_scaling(prepared.site_methods[s.weight], s, prepared.stats) for s in prepared.sites
              if s.weight in start}
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
     factors, results = sequential_factors(
@@ -549,27 +559,33 @@ def _search_max_error(prepared, budget, allocation, bias_correction, validation,
     return model, report
 
 
-def scalings(method: str, site: Site, stats) -> tuple[factorize.Scaling | None, factorize.Scaling | None]:
-    """The input-side P and output-side Q of the method (DESIGN §3)."""
+def input_scaling(method: str, site: Site, stats) -> factorize.Scaling | None:
+    """The input-side weighting P of the method (DESIGN §3)."""
     if method == "svd":
-        return None, None
+        return None
     if method == "asvd":
-        return factorize.diagonal_scaling(np.sqrt(np.diag(stats.input_gram(site)))), None
-    if method == "whiten":
-        return factorize.gram_scaling(stats.input_gram(site)), None
+        return factorize.diagonal_scaling(np.sqrt(np.diag(stats.input_gram(site))))
+    if method in ("whiten", "kfac"):
+        return factorize.gram_scaling(stats.input_gram(site))
     if method == "fwsvd":
-        return factorize.diagonal_scaling(np.sqrt(stats.fisher_row(site))), None
-    if method == "kfac":
-        return factorize.gram_scaling(stats.input_gram(site)), factorize.gram_scaling(stats.output_grad_gram(site))
+        return factorize.diagonal_scaling(np.sqrt(stats.fisher_row(site)))
     raise FwlrError(f"unknown method '{method}'.")
 
 
-def scaling_key(method: str, site: Site):
-    """Sites with equal keys get the same scalings (sites reading one input share its Gram's Cholesky
-    factor); None when a site's scaling is its own."""
-    if method in ("asvd", "whiten"):
+def output_scaling(method: str, site: Site, stats) -> factorize.Scaling | None:
+    """The output-side weighting Q: the Gram of the gradients at the site's output, for kfac only."""
+    return factorize.gram_scaling(stats.output_grad_gram(site)) if method == "kfac" else None
+
+
+def input_scaling_key(method: str, site: Site):
+    """Sites with equal keys share one input scaling (Q, K and V read one input: one Cholesky factor of its
+    Gram); None when the scaling depends on the site's own weight (fwsvd) or there is none."""
+    if method in ("asvd", "whiten", "kfac"):
         return tuple(activation_key(u) for u in site.uses)
     return None
+
+
+WEIGHTING = Weighting(input_scaling, output_scaling, input_scaling_key)
 
 
 def _has_stats(method: str, site: Site, stats) -> bool:
@@ -578,7 +594,8 @@ def _has_stats(method: str, site: Site, stats) -> bool:
             and ("gradients" not in needs or stats.has_gradients(site)))
 
 
-def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, fisher_options, progress):
+def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, fisher_options, stats_memory,
+                progress):
     """The statistics the method needs: loaded, given, or measured now; None for svd without data."""
     needs = METHODS[method]
     if isinstance(stats, (str, os.PathLike)):
@@ -591,7 +608,8 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
             stats = collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress,
                                          **fisher_options)
         else:
-            stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
+            stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress,
+                                             memory_limit=stats_memory)
     if needs:
         if stats is None:
             raise FwlrError(f"--method {method} needs calibration data; pass --calib DATA (or --stats FILE).")

@@ -9,6 +9,7 @@ away before the Gram, so they neither pollute the statistics nor cost its K² wo
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -157,11 +158,24 @@ def collect_activation_stats(
     mask_input: str | None = None,
     progress: bool = True,
     providers=("CPUExecutionProvider",),
+    memory_limit: int | None = None,
 ) -> Statistics:
-    """One ORT pass over the data; returns additive float64 statistics for every reachable site input."""
+    """Additive float64 statistics for every reachable site input, from one ORT pass over the data.
+
+    When the Grams would together take more than `memory_limit` bytes (None: default_memory_limit()), they
+    are measured in several passes instead, one group of site inputs at a time (GroupedStatistics).
+    """
     plan = activation_plan(model, sites)
+    limit = default_memory_limit() if memory_limit is None else memory_limit
+    if gram_bytes(plan) > limit:
+        return GroupedStatistics(model, gram_groups(sites, plan, limit), plan, batches, mask_input, progress,
+                                 providers)
+    return _measure_pass(model, plan, batches, mask_input, progress, providers)
+
+
+def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerprint=None) -> Statistics:
     mask = find_mask_input(batches.specs, mask_input)
-    stats = Statistics(model_fingerprint(model), meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
+    stats = Statistics(fingerprint or model_fingerprint(model), meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
                                                        "data": batches.description, "mask_input": mask})
     if not plan:
         return stats
@@ -184,3 +198,104 @@ def collect_activation_stats(
         raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
     stats.meta["seconds"] = time.perf_counter() - start
     return stats
+
+
+# --- Grams larger than memory: several passes -----------------------------------------------------------
+
+
+def gram_bytes(plan: dict) -> int:
+    """What the float64 running Grams of these site inputs take together."""
+    return sum(8 * K * K for _tensor, _transposed, K in plan.values())
+
+
+def default_memory_limit() -> int:
+    """A third of physical memory: the Grams share it with the model, ORT and the decompositions."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows): measure in one pass
+        return 2**62
+
+
+def gram_groups(sites: list[Site], plan: dict, limit: int) -> list[list[str]]:
+    """Activation keys in site order, cut into consecutive groups whose Grams fit in `limit` bytes.
+
+    A site's keys all go to one group (its Gram sums over them), so one input larger than the limit, or a
+    site reading inputs placed earlier, makes a group over the limit: the limit is a target, not a promise.
+    """
+    groups: list[list[str]] = []
+    group_of: dict[str, int] = {}
+    size = 0
+    for site in sites:
+        keys = list(dict.fromkeys(k for k in (activation_key(u) for u in site.uses) if k in plan))
+        new = [k for k in keys if k not in group_of]
+        if not new:
+            continue
+        placed = {group_of[k] for k in keys if k in group_of}
+        if placed:
+            target = min(placed)
+        else:
+            need = sum(8 * plan[k][2] ** 2 for k in new)
+            if not groups or size + need > limit:
+                groups.append([])
+                size = 0
+            target = len(groups) - 1
+            size += need
+        groups[target].extend(new)
+        group_of.update({k: target for k in new})
+    return groups
+
+
+class GroupedStatistics(Statistics):
+    """Activation statistics measured one group of site inputs at a time, for models whose Grams together do
+    not fit in memory (LLM-sized layers: K = 11008 is 0.97 GB per Gram).
+
+    The first group is measured at once. The small sums (mean, mean |x|, count) of every group measured
+    stay; Grams stay for the last group measured only. Asking for a Gram of another group measures that
+    group: one more pass over the data. Decomposing in site order therefore reads the data once per group.
+    """
+
+    def __init__(self, model, groups: list[list[str]], plan: dict, batches: Batches, mask_input, progress,
+                 providers=("CPUExecutionProvider",)):
+        super().__init__(model_fingerprint(model))
+        self._measure_keys = lambda keys: _measure_pass(model, {k: plan[k] for k in keys}, batches, mask_input,
+                                                        progress, providers, self.fingerprint)
+        self.groups = groups
+        self.group_of = {key: g for g, keys in enumerate(groups) for key in keys}
+        self.later_seconds = 0.0  # wall time of the passes after the first (they run during decomposition)
+        self._measure(groups[0])
+
+    def _measure(self, keys: list[str]) -> None:
+        start = time.perf_counter()
+        for sums in self.activations.values():
+            sums.pop("gram", None)  # the previous group's Grams go before this group's arrive
+        measured = self._measure_keys(keys)
+        self.activations.update(measured.activations)
+        if not self.meta:
+            self.meta = dict(measured.meta, passes=1, groups=len(self.groups))
+        else:
+            self.meta["passes"] += 1
+            self.meta["seconds"] += measured.meta["seconds"]
+            self.later_seconds += time.perf_counter() - start
+
+    def _ensure(self, site: Site, gram: bool) -> None:
+        """Measure the site's groups if it needs sums not measured yet (or Grams since dropped)."""
+        keys = [activation_key(u) for u in site.uses]
+        if all(k in self.activations and (not gram or "gram" in self.activations[k]) for k in keys):
+            return
+        groups = sorted({self.group_of[k] for k in keys})  # one, unless the site reads inputs of two groups
+        self._measure([k for g in groups for k in self.groups[g]])
+
+    def _activation_sums(self, site: Site) -> tuple[dict, float]:
+        self._ensure(site, gram=False)
+        return super()._activation_sums(site)
+
+    def input_gram(self, site: Site) -> np.ndarray:
+        self._ensure(site, gram=True)
+        return super().input_gram(site)
+
+    def has_activations(self, site: Site) -> bool:
+        return all(activation_key(u) in self.group_of for u in site.uses)
+
+    def save(self, path) -> None:
+        raise FwlrError("statistics measured in groups hold one group's Grams at a time and cannot be saved; "
+                        "raise --stats-memory to measure them in one pass.")

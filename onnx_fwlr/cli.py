@@ -93,6 +93,9 @@ class Compress:
                        help="write the output even when no site can be factorised")
         _calibration_arguments(p)
         p.add_argument("--stats", metavar="FILE", help="statistics from `onnx-fwlr calibrate` instead of --calib")
+        p.add_argument("--stats-memory", metavar="SIZE",
+                       help="most memory the activation Grams may hold at once (e.g. 4GB; default a third of RAM); "
+                            "beyond it asvd/whiten calibrate in several passes, one group of sites each")
         p.add_argument("--sequential", action="store_true",
                        help="refit each site, depth by depth, to its input in the compressed model (reads --calib once per depth)")
         p.add_argument("--no-bias-correction", action="store_true",
@@ -125,7 +128,8 @@ class Compress:
             bias_correction=False if args.no_bias_correction else None, fisher_options=_fisher_options(args),
             methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
             dope=args.dope, kron_shape=_parse_kron_shape(args.kron_shape), sequential=args.sequential,
-            svd=args.svd, workers=args.workers, progress=not args.quiet,
+            svd=args.svd, workers=args.workers, stats_memory=_parse_size(args.stats_memory, "--stats-memory"),
+            progress=not args.quiet,
         )
         out = _out(args)
         refined = None
@@ -190,14 +194,14 @@ def _parse_ranks(items: list[str]) -> tuple[int | None, dict]:
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _parse_size(text: str | None) -> int | None:
+def _parse_size(text: str | None, flag: str = "--target-size") -> int | None:
     if text is None:
         return None
     import re
 
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
-        raise FwlrError(f"--target-size '{text}' is not a size; write e.g. 150000, 500KB, 20MB or 1.5GiB.")
+        raise FwlrError(f"{flag} '{text}' is not a size; write e.g. 150000, 500KB, 20MB or 1.5GiB.")
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 

@@ -17,8 +17,9 @@ import contextlib
 import multiprocessing
 import os
 import zlib
-from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -28,19 +29,27 @@ from .errors import FwlrError
 from .sites import Site, weight_ref
 
 
-def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], stats, scalings, progress: bool = True,
-                        ranks: dict | None = None, svd: str = "exact", workers: int = 1,
-                        scaling_key=None) -> Iterator[tuple[Site, factorize.Decomposition]]:
+@dataclass(frozen=True)
+class Weighting:
+    """How a site's two sides are weighted: `left` and `right` map (method, site, stats) to a Scaling or
+    None; sites with the same non-None `left_key(method, site)` share one left scaling."""
+
+    left: Callable
+    right: Callable
+    left_key: Callable
+
+
+def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], stats, weighting: Weighting,
+                        progress: bool = True, ranks: dict | None = None, svd: str = "exact",
+                        workers: int = 1) -> Iterator[tuple[Site, factorize.Decomposition]]:
     """(site, decomposition) for every site, in site order, computed as the iteration asks for them.
 
-    `scalings(method, site, stats)` gives the input/output weighting of the site's method; sites with the
-    same `scaling_key(method, site)` (None = every site its own) share one. `ranks` (weight name -> rank,
-    None = the whole spectrum) lets `svd` "auto" or "randomized" compute only the leading components
-    (factorize.use_randomized says when).
+    `ranks` (weight name -> rank, None = the whole spectrum) lets `svd` "auto" or "randomized" compute only
+    the leading components (factorize.use_randomized says when).
     """
     if workers < 1:
         raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
-    planner = _JobPlanner(model, sites, site_methods, stats, scalings, ranks or {}, svd, scaling_key)
+    planner = _JobPlanner(model, sites, site_methods, stats, weighting, ranks or {}, svd)
     bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:
         if workers == 1 or len(sites) < 2:
@@ -48,8 +57,7 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
         else:
             results = _in_pool(planner, len(sites), workers)
         for i, dec in enumerate(results):
-            left, right = planner.scalings_of(i)
-            dec.left, dec.right = left, right  # the parent's objects: shared, and never pickled back
+            dec.left, dec.right = planner.scalings_of(i)  # the parent's objects: shared, and never pickled back
             bar.update()
             yield sites[i], dec
     finally:
@@ -57,31 +65,34 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
 
 
 class _JobPlanner:
-    """Makes job i when it is needed; holds each shared scaling until its last site's job is made."""
+    """Makes job i when it is needed; holds each shared left scaling until its last site's job is made."""
 
-    def __init__(self, model, sites, site_methods, stats, scalings, ranks, svd, scaling_key):
+    def __init__(self, model, sites, site_methods, stats, weighting: Weighting, ranks, svd):
         self.model, self.sites, self.site_methods, self.stats = model, sites, site_methods, stats
-        self.scalings, self.ranks, self.svd = scalings, ranks, svd
-        self.keys = [self._key(scaling_key, site) for site in sites]
+        self.weighting, self.ranks, self.svd = weighting, ranks, svd
+        self.keys = [self._left_key(site) for site in sites]
         self.remaining: dict = {}
         for key in self.keys:
             self.remaining[key] = self.remaining.get(key, 0) + 1
         self.shared: dict = {}
         self.given: dict = {}  # site index -> its scalings, until the result is handed back
 
-    def _key(self, scaling_key, site):
+    def _left_key(self, site):
         method = self.site_methods[site.weight]
-        key = scaling_key(method, site) if scaling_key is not None else None
+        key = self.weighting.left_key(method, site)
         return (method, key) if key is not None else ("site", site.weight)
 
     def job(self, i: int):
         site, key = self.sites[i], self.keys[i]
+        method = self.site_methods[site.weight]
         if key not in self.shared:
-            self.shared[key] = self.scalings(self.site_methods[site.weight], site, self.stats)
-        left, right = self.given[i] = self.shared[key]
+            self.shared[key] = self.weighting.left(method, site, self.stats)
+        left = self.shared[key]
         self.remaining[key] -= 1
         if not self.remaining[key]:
             del self.shared[key]
+        right = self.weighting.right(method, site, self.stats)
+        self.given[i] = (left, right)
         rank = self.ranks.get(site.weight)
         randomized = factorize.use_randomized(site.K, site.N, rank, self.svd)
         return (weight_ref(self.model, site), left, right, rank if randomized else None, _seed(site.weight))

@@ -152,35 +152,41 @@ def new_accumulator(k: int, n: int, with_gram: bool = True) -> dict:
     return acc
 
 
-def _squares_direct(X, G):
-    """Σ_j and Σ_i of Σ_n dW_n², forming each dW_n = X_nᵀ G_n [K, N] (cheap when positions P are many)."""
-    k, n = X.shape[-1], G.shape[-1]
-    squares = np.zeros((k, n), dtype=X.dtype)
-    dw = np.empty((k, n), dtype=X.dtype)
-    for x, g in zip(X, G):
+def _fisher_squares(pairs, k: int, n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Σ_n Σ_j dW_n[i,j]² [K] and Σ_n Σ_i dW_n[i,j]² [N] over samples (x [P, K], g [P, N]), dW_n = xᵀ g.
+
+    Per sample, whichever is cheaper for its P positions: forming dW_n [K, N] (P·K·N multiply-adds), or
+    the position Grams, Σ_j dW[i,j]² = x_iᵀ (g gᵀ) x_i and Σ_i dW[i,j]² = g_jᵀ (x xᵀ) g_j (2P²(K+N)).
+    """
+    row, col = np.zeros(k), np.zeros(n)
+    squares = dw = None
+    for x, g in pairs:
+        p = x.shape[0]
+        if p == 0:
+            continue
+        if 2 * p * (k + n) < k * n:
+            row += np.einsum("pi,pi->i", (g @ g.T) @ x, x, dtype=np.float64)
+            col += np.einsum("pj,pj->j", (x @ x.T) @ g, g, dtype=np.float64)
+            continue
+        if squares is None:
+            squares, dw = np.zeros((k, n), dtype=dtype), np.empty((k, n), dtype=dtype)
         np.matmul(x.T, g, out=dw)
         np.square(dw, out=dw)
         squares += dw
-    return squares.sum(axis=1, dtype=np.float64), squares.sum(axis=0, dtype=np.float64)
-
-
-def _squares_via_position_grams(X, G):
-    """The same sums without forming dW_n (cheap when P is small against K and N):
-    Σ_j dW_n[i,j]² = x_iᵀ (G_n G_nᵀ) x_i and Σ_i dW_n[i,j]² = g_jᵀ (X_n X_nᵀ) g_j, columns of X_n, G_n."""
-    row, col = np.zeros(X.shape[-1]), np.zeros(G.shape[-1])
-    for x, g in zip(X, G):
-        row += np.einsum("pi,pi->i", (g @ g.T) @ x, x, dtype=np.float64)
-        col += np.einsum("pj,pj->j", (x @ x.T) @ g, g, dtype=np.float64)
+    if squares is not None:
+        row += squares.sum(axis=1, dtype=np.float64)
+        col += squares.sum(axis=0, dtype=np.float64)
     return row, col
 
 
-def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray) -> dict:
+def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray | None = None) -> dict:
     """Fold one batch of per-sample gradients of a site's weight into running float64 sums.
 
     X [B, ..., K] is the site input and G [B, ..., N] the cotangent of the site output, per sample B
     (one row per (sample, seed) pair) and position. dW_n = X_nᵀ G_n sums over that sample's positions
-    before squaring. Updates ``acc`` in place (an empty dict becomes ``new_accumulator(K, N)``; the
-    Gram is skipped when 'grad_gram' is absent) and returns it: 'fisher_row' [K] += Σ_n Σ_j dW_n[i,j]²,
+    before squaring; `keep` [B, P] (the attention mask) leaves padding positions out, which then cost
+    nothing. Updates ``acc`` in place (an empty dict becomes ``new_accumulator(K, N)``; the Gram is
+    skipped when 'grad_gram' is absent) and returns it: 'fisher_row' [K] += Σ_n Σ_j dW_n[i,j]²,
     'fisher_col' [N] += Σ_n Σ_i dW_n[i,j]², 'grad_gram' [N,N] += Σ_{n,p} g gᵀ, 'grad_count' += B.
     One sample at a time as 2-D BLAS products, so memory stays at a few [K, N] (or [P, P]) buffers.
     """
@@ -198,14 +204,16 @@ def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray) -> dict:
         acc.update(new_accumulator(k, n))
     dtype = np.result_type(X.dtype, G.dtype, np.float32)
     X, G = X.astype(dtype, copy=False), G.astype(dtype, copy=False)
-    if 2 * p * (k + n) < k * n:  # multiply-adds per sample: 2P²(K+N) against PKN
-        row, col = _squares_via_position_grams(X, G)
+    if keep is not None:
+        keep = np.asarray(keep).reshape(b, p) != 0
+        pairs = [(x[m], g[m]) for x, g, m in zip(X, G, keep)]
     else:
-        row, col = _squares_direct(X, G)
+        pairs = list(zip(X, G))
+    row, col = _fisher_squares(pairs, k, n, dtype)
     acc["fisher_row"] = acc["fisher_row"] + row
     acc["fisher_col"] = acc["fisher_col"] + col
     if "grad_gram" in acc:
-        flat = G.reshape(-1, n)
+        flat = G[keep] if keep is not None else G.reshape(-1, n)
         acc["grad_gram"] = acc["grad_gram"] + flat.T @ flat
     acc["grad_count"] = acc["grad_count"] + b
     return acc

@@ -52,16 +52,18 @@ def _rows(x: np.ndarray, transposed: bool) -> np.ndarray:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def _activation_sums(x3: np.ndarray, mask: np.ndarray | None) -> dict:
+def _keep(x3: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """[samples, positions] True where the attention mask marks a real token; None without a mask that fits."""
+    return mask != 0 if mask is not None and x3.shape[:2] == mask.shape else None
+
+
+def _activation_sums(x3: np.ndarray, keep: np.ndarray | None) -> dict:
+    """The sums calibration.py measures; padding rows are dropped (as there), not zeroed: they cost nothing."""
     rows = x3.reshape(-1, x3.shape[-1]).astype(np.float32, copy=False)
-    if mask is not None and x3.shape[:2] == mask.shape:
-        weights = mask.reshape(-1, 1).astype(np.float32)
-        rows = rows * weights
-        count = float(weights.sum())
-    else:
-        count = float(rows.shape[0])
+    if keep is not None:
+        rows = rows[keep.reshape(-1)]
     return {"gram": rows.T @ rows, "sum": rows.sum(0, dtype=np.float64), "abs_sum": np.abs(rows).sum(0, dtype=np.float64),
-            "count": count}
+            "count": float(rows.shape[0])}
 
 
 def collect_fisher_stats(
@@ -112,8 +114,8 @@ def collect_fisher_stats(
         seeds = fisher.make_seeds(chosen_loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight)
         for key in {activation_key(use) for _, use in uses}:
             use = next(u for _, u in uses if activation_key(u) == key)
-            Statistics.fold(stats.activations.setdefault(key, {}),
-                            _activation_sums(_rows(values[use.input], use.trans_a), mask))
+            x3 = _rows(values[use.input], use.trans_a)
+            Statistics.fold(stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
         for seed_value in seeds:
             cotangents = runner.backward(values, seed_value)
             for site, use in uses:
@@ -121,7 +123,7 @@ def collect_fisher_stats(
                 G = cotangents[use.output]
                 G = (G * use.alpha if use.alpha != 1.0 else G).reshape(X.shape[0], -1, G.shape[-1])
                 acc = stats.gradients.setdefault(site.weight, {})
-                fisher.accumulate_fisher(acc, X, G)
+                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
         stats.meta["samples"] += len(z) if z.ndim else 1
         stats.meta["batches"] += 1
     if stats.meta["batches"] == 0:

@@ -33,7 +33,7 @@ from .backward import GradientRunner
 from .data import find_mask_input, model_inputs, open_data
 from .errors import FwlrError
 from .fisher_stats import default_output
-from .modelio import load_model, max_runtime_ir_version
+from .modelio import load_model, max_runtime_ir_version, tensor_array
 
 LOSSES = ("mse", "kl")
 SCHEDULES = ("cosine", "linear")
@@ -581,7 +581,7 @@ def refine(
         teachers = [val_teacher(chunk, feed) for chunk, (feed, _) in zip(val_chunks, val_batches)]
         return student.evaluate(val_batches, teachers, weights)
 
-    initial = {t.name: numpy_helper.to_array(t) for t in compressed.graph.initializer if t.name in set(trainable)}
+    initial = {t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)}
     adam = Adam(initial)
     report = RefineReport(kind, out_name, target.tensor, trainable, int(sum(v.size for v in initial.values())),
                           pool.count(train_units), val_pool.count(val_units), val_source, lr, batch_size, schedule,

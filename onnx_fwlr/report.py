@@ -72,6 +72,9 @@ class Report:
         parts += ["", self.format_summary()]
         if self.skipped:
             parts += ["", f"{len(self.skipped)} MatMul/Gemm node(s) not factorised; `onnx-fwlr inspect` lists why."]
+        if self.calibration.get("passes", 1) > 1:
+            parts += [f"calibration read the data {self.calibration['passes']} times, once per group of site inputs "
+                      "whose Grams fit in --stats-memory"]
         parts += [f"warning: {w}" for w in self.warnings]
         return "\n".join(parts)
 

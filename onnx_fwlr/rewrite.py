@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .errors import FwlrError
+from .modelio import tensor_array
 from .recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
 from .sites import Site, WeightUse, walk_graphs
 from .structured import KronSum, LowRank, Structured
@@ -114,7 +115,7 @@ def apply_factors(
         owner.initializer.append(numpy_helper.from_array(np.asarray(f.B, dtype=dtype), b_name))
         shift = None if f.shift is None or not np.any(f.shift) else np.asarray(f.shift, dtype=np.float64)
         for use in site.uses:
-            nodes = _factor_nodes(use, a_name, b_name, shift, dtype, graphs[use.graph_index], namer, opset)
+            nodes = _factor_nodes(model, use, a_name, b_name, shift, dtype, graphs[use.graph_index], namer, opset)
             replacements.setdefault(use.graph_index, {})[use.node_index] = nodes
         if site.constant_node is None:
             removals.setdefault(site.graph_index, set()).add(site.weight)
@@ -132,7 +133,7 @@ def apply_factors(
                 new_nodes.extend(swaps.get(n_index, [node]))
             del graph.node[:]
             graph.node.extend(new_nodes)
-            _fold_bias_corrections(graph, {o.name for o in graph.output})
+            _fold_bias_corrections(model, graph, {o.name for o in graph.output})
         _remove_tensors(graph, removals.get(g_index, set()))
     read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
     for g_index, bias in {(u.graph_index, u.bias) for s in chosen for u in s.uses if u.bias}:
@@ -141,7 +142,7 @@ def apply_factors(
     return model
 
 
-def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, opset) -> list[onnx.NodeProto]:
+def _factor_nodes(model, use: WeightUse, a_name, b_name, shift, dtype, graph, namer, opset) -> list[onnx.NodeProto]:
     """X @ A then (·) @ B for one use; a Gemm keeps transA on the first op and C/alpha/beta on the second.
 
     A bias correction is folded into the Gemm's C when C is a constant (or absent), which keeps ONNX Runtime's
@@ -151,7 +152,7 @@ def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, op
     base = use.node_name or use.output
     mid = namer(f"{base}/factor_A_out")
     if shift is not None and use.op_type == "Gemm":
-        folded = _folded_gemm_bias(use, shift, dtype, graph, namer, base)
+        folded = _folded_gemm_bias(model, use, shift, dtype, graph, namer, base)
         if folded is not None:
             use = WeightUse(use.graph_index, use.node_index, use.node_name, use.op_type, use.input, use.output,
                             use.trans_a, use.alpha, 1.0, folded)
@@ -178,7 +179,7 @@ def _factor_nodes(use: WeightUse, a_name, b_name, shift, dtype, graph, namer, op
     return nodes
 
 
-def _folded_gemm_bias(use: WeightUse, shift, dtype, graph, namer, base) -> str | None:
+def _folded_gemm_bias(model, use: WeightUse, shift, dtype, graph, namer, base) -> str | None:
     """A new constant C' = beta·C + alpha·shift for the second Gemm (beta becomes 1); None when C is computed."""
     if use.bias is None:
         bias = 0.0
@@ -186,13 +187,13 @@ def _folded_gemm_bias(use: WeightUse, shift, dtype, graph, namer, base) -> str |
         constant = next((t for t in graph.initializer if t.name == use.bias), None)
         if constant is None:
             return None
-        bias = use.beta * numpy_helper.to_array(constant).astype(np.float64)
+        bias = use.beta * tensor_array(model, constant).astype(np.float64)  # lazily loaded: read from its file
     name = namer(f"{base}/bias_corrected")
     graph.initializer.append(numpy_helper.from_array(np.asarray(bias + use.alpha * shift, dtype=dtype), name))
     return name
 
 
-def _fold_bias_corrections(graph: onnx.GraphProto, outputs: set[str]) -> None:
+def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outputs: set[str]) -> None:
     """Merge `y = Add(z, shift)` into a following `Add(y, bias)` whose bias is a [N] constant read only there.
 
     PyTorch exports Linear as MatMul then Add(bias); folding keeps one Add, as in the original graph.
@@ -214,7 +215,7 @@ def _fold_bias_corrections(graph: onnx.GraphProto, outputs: set[str]) -> None:
         shift, bias = constants.get(node.input[1]), constants.get(other)
         if bias is None or len(readers.get(other, [])) != 1 or len(readers.get(node.input[1], [])) != 1:
             continue
-        shift_value, bias_value = numpy_helper.to_array(shift), numpy_helper.to_array(bias)
+        shift_value, bias_value = tensor_array(model, shift), tensor_array(model, bias)  # bias may be on disk
         if bias_value.ndim != 1 or bias_value.shape != shift_value.shape:
             continue
         bias.CopyFrom(numpy_helper.from_array((bias_value + shift_value).astype(bias_value.dtype), bias.name))

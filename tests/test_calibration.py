@@ -111,6 +111,16 @@ def test_in_graph_statistics_match_numpy_with_mask():
     assert stats.meta["mask_input"] == "attention_mask" and stats.meta["samples"] == 12
 
 
+def test_fisher_pass_measures_the_same_activation_sums_with_mask():
+    model = transformer_like()
+    batches = token_batches()
+    plain = calibrate(model, batches, progress=False).activations["x"]
+    with_gradients = calibrate(model, batches, fisher=True, progress=False).activations["x"]
+    assert with_gradients["count"] == plain["count"]  # padding rows dropped on both paths
+    for name in ("gram", "sum", "abs_sum"):
+        np.testing.assert_allclose(with_gradients[name], plain[name], rtol=1e-5, atol=1e-4)
+
+
 def test_merged_halves_equal_the_whole(tmp_path):
     model = transformer_like()
     batches = token_batches(n_batches=4)

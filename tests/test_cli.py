@@ -207,3 +207,16 @@ def test_external_data_output(mlp, tmp_path):
 def test_python_dash_m_entry_point(mlp):
     result = subprocess.run([sys.executable, "-m", "onnx_fwlr", "inspect", str(mlp)], capture_output=True, text=True)
     assert result.returncode == 0 and "fc1" in result.stdout
+
+
+def test_stats_memory_groups_calibration_and_rejects_a_bad_size(mlp, tmp_path, capsys):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32))
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    assert run_cli("compress", mlp, "-o", out, "--ratio", 0.5, "--method", "whiten", "--calib", calib,
+                   "--stats-memory", "1KB", "--json", report_path, "--quiet") == 0
+    assert json.loads(report_path.read_text())["calibration"]["passes"] == 2  # fc1's input, then fc2's
+    assert "read the data 2 times" in capsys.readouterr().out
+    expect_error(capsys, "compress", mlp, "-o", tmp_path / "o2.onnx", "--ratio", 0.5, "--method", "whiten",
+                 "--calib", calib, "--stats-memory", "lots", mentions="--stats-memory 'lots' is not a size")
+    assert not (tmp_path / "o2.onnx").exists()

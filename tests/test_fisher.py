@@ -57,6 +57,24 @@ def test_accumulate_adds_across_calls_and_without_gram():
         accumulate_fisher(acc, X[:3], G[:2])
 
 
+@pytest.mark.parametrize("k,n", [(6, 4), (40, 30)])  # direct dW_n, and position Grams
+def test_accumulate_leaves_padding_positions_out(k, n):
+    rng = np.random.default_rng(2)
+    X, G = rng.standard_normal((4, 7, k)), rng.standard_normal((4, 7, n))
+    lengths = [7, 3, 1, 0]
+    keep = np.arange(7)[None, :] < np.array(lengths)[:, None]
+    acc = accumulate_fisher({}, X, G, keep=keep.astype(np.int64))  # an int attention mask, as models take it
+    row, col = np.zeros(k), np.zeros(n)
+    for x, g, length in zip(X, G, lengths):  # the definition on each sample's real positions only
+        dw = x[:length].T @ g[:length]
+        row, col = row + (dw**2).sum(1), col + (dw**2).sum(0)
+    real = G[keep]
+    assert acc["grad_count"] == 4
+    np.testing.assert_allclose(acc["fisher_row"], row, rtol=1e-10)
+    np.testing.assert_allclose(acc["fisher_col"], col, rtol=1e-10)
+    np.testing.assert_allclose(acc["grad_gram"], real.T @ real, rtol=1e-10)
+
+
 def test_ce_seed_is_gradient_of_per_sample_cross_entropy():
     rng = np.random.default_rng(2)
     z, y = rng.standard_normal((4, 5)), np.array([0, 3, 4, 1])

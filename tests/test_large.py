@@ -16,8 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_fwlr import allocation as alloc
 from onnx_fwlr import api, factorize
 from onnx_fwlr.api import Budget, build, choose_ranks, compress, prepare
+from onnx_fwlr.calibration import activation_plan, gram_groups
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.modelio import external_base, load_model, save_model, tensor_array
-from onnx_fwlr.stats import Statistics
+from onnx_fwlr.stats import Statistics, activation_key
 
 ROOT = Path(__file__).parents[1]
 SAMPLES = ROOT / "sample_models"
@@ -149,12 +151,15 @@ def _two_heads(hidden=64):
     return model
 
 
-def test_sites_reading_one_input_share_its_scaling():
+@pytest.mark.parametrize("method", ["whiten", "kfac"])
+def test_sites_reading_one_input_share_its_scaling(method):
     calib = [{"x": RNG.standard_normal((32, 64)).astype(np.float32)}]
-    prepared = prepare(_two_heads(), method="whiten", calibration=calib, svd="exact", progress=False)
+    prepared = prepare(_two_heads(), method=method, calibration=calib, svd="exact", progress=False)
     api.ensure_decompositions(prepared)
     q, k = prepared.decompositions["q"], prepared.decompositions["k"]
     assert q.left is k.left and q.left.chol is not None  # one Cholesky factor, not one per site
+    if method == "kfac":  # the output side is each weight's own
+        assert q.right is not k.right and q.right.chol is not None
 
 
 def test_one_shot_build_drops_decompositions_and_writes_the_same_bytes():
@@ -220,6 +225,39 @@ def test_external_data_round_trip_lazily(tmp_path):
     assert not list(source.parent.glob(".fwlr-session-*"))  # temporary session files are removed
 
 
+def test_bias_correction_folds_into_biases_stored_on_disk(tmp_path):
+    """MatMul + Add(bias) (PyTorch's Linear) and Gemm with C, every constant in external data, loaded
+    lazily: folding the bias correction reads those biases from the file (it used to crash)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(decaying(64, 48, 8, rng).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "b0"),
+             numpy_helper.from_array(decaying(48, 32, 8, rng).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "c1")]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="fc0"),
+             helper.make_node("Add", ["h", "b0"], ["hb"], name="fc0_bias"),
+             helper.make_node("Gemm", ["hb", "w1", "c1"], ["y"], name="fc1")]
+    graph = helper.make_graph(nodes, "biased", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 32])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    source = tmp_path / "m.onnx"
+    on_disk = onnx.ModelProto()
+    on_disk.CopyFrom(model)
+    onnx.save_model(on_disk, str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    calib = [{"x": (rng.standard_normal((8, 64)) + 1.0).astype(np.float32)} for _ in range(4)]  # non-zero mean
+    lazy_out, report = compress(load_model(source, lazy=True), ratio=0.3, method="whiten", calibration=calib,
+                                progress=False)
+    eager_out, _ = compress(model, ratio=0.3, method="whiten", calibration=calib, progress=False)
+    assert report.factorised == 2
+    assert "Add" in report.ops_before and report.ops_after["Add"] == report.ops_before["Add"]  # folded, not added
+    out = save_model(lazy_out, tmp_path / "c.onnx")
+    x = {"x": calib[0]["x"]}
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    want = ort.InferenceSession(eager_out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(got, want)
+
+
 def _write_huge_model(folder: Path, bulk_bytes: int) -> Path:
     """A model with `bulk_bytes` of zero-filled embedding tables (written sparsely) and two real 512x512
     MatMul weights, all in one external data file."""
@@ -282,6 +320,44 @@ def test_model_over_2gb_compresses_in_bounded_memory(tmp_path):
     assert "w0" not in names and "w0/factor_A" in names
     assert os.path.getsize(str(out) + ".data") > size  # the untouched tables are carried over
     assert {p.name for p in tmp_path.iterdir()} == {"big.onnx", "big.onnx.data", "out.onnx", "out.onnx.data"}
+
+
+# --- Grams over the memory limit: calibration in groups -------------------------------------------------
+
+
+def test_gram_groups_cut_in_site_order_and_keep_a_site_whole():
+    prepared = prepare(mlp([64, 48, 32, 16]), method="svd", progress=False)
+    plan = activation_plan(prepared.model, prepared.sites)
+    keys = [activation_key(s.uses[0]) for s in prepared.sites]
+    assert gram_groups(prepared.sites, plan, 8 * (64**2 + 48**2)) == [keys[:2], keys[2:]]
+    assert gram_groups(prepared.sites, plan, 1) == [[k] for k in keys]  # each over the limit: a group alone
+    assert gram_groups(prepared.sites, plan, 10**9) == [keys]
+
+
+def test_grouped_calibration_gives_the_same_model_one_pass_per_group():
+    model = mlp([64, 48, 32, 16])
+    calib = [{"x": RNG.standard_normal((40, 64)).astype(np.float32)} for _ in range(3)]
+    one_pass, one_report = compress(model, ratio=0.4, method="whiten", calibration=calib, progress=False)
+    grouped, report = compress(model, ratio=0.4, method="whiten", calibration=calib, stats_memory=1, progress=False)
+    assert grouped.SerializeToString() == one_pass.SerializeToString()
+    assert report.calibration["groups"] == 3 and report.calibration["passes"] == 3  # each group read once
+    assert report.calibration["samples"] == one_report.calibration["samples"] == 120
+    assert "passes" not in one_report.calibration
+
+
+def test_grouped_statistics_remeasure_a_dropped_gram_and_refuse_to_be_saved(tmp_path):
+    model = mlp([64, 48, 32])
+    calib = [{"x": RNG.standard_normal((40, 64)).astype(np.float32)}]
+    prepared = prepare(model, method="whiten", calibration=calib, stats_memory=1, progress=False)
+    stats = prepared.stats
+    first, second = prepared.sites
+    gram = stats.input_gram(first)
+    stats.input_gram(second)  # drops the first group's Gram
+    assert "gram" not in stats.activations[activation_key(first.uses[0])]
+    np.testing.assert_array_equal(stats.input_gram(first), gram)  # measured again, identically
+    assert stats.meta["passes"] == 3
+    with pytest.raises(FwlrError, match="--stats-memory"):
+        stats.save(tmp_path / "s.npz")
 
 
 # --- calibration shards in separate processes --------------------------------------------------------

@@ -7,6 +7,7 @@ process each and reports calibration, decomposition and total time and the proce
 
     python tools/bench_large.py --json bench_large.json
     python tools/bench_large.py --hidden 1024 --layers 2     # a quicker, smaller run
+    python tools/bench_large.py --methods whiten --stats-memory 1024   # Grams measured in groups of ≤ 1 GiB
 """
 
 import argparse
@@ -63,7 +64,7 @@ def child(config: dict) -> dict:
     _, report = compress(config["model"], ratio=config["ratio"], method=config["method"],
                          calibration=config["calib"] if config["method"] != "svd" else None,
                          batch_size=config["batch_size"], svd=config["svd"], workers=config["workers"],
-                         progress=False)
+                         stats_memory=config.get("stats_memory"), progress=False)
     total = time.perf_counter() - start
     return {
         "calibrate_s": report.timings.get("calibrate", 0.0),
@@ -72,6 +73,7 @@ def child(config: dict) -> dict:
         "peak_rss_mb": own_peak_rss_mb(),
         "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "mean_rel_error": float(np.mean([s.relative_error for s in report.sites if s.relative_error is not None])),
+        "calibration_passes": report.calibration.get("passes", 1) if report.calibration else 0,
     }
 
 
@@ -83,9 +85,10 @@ def run_config(config: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["method", "svd", "workers", "calibrate s", "decompose s", "total s", "peak RSS MB",
+    headers = ["method", "svd", "workers", "passes", "calibrate s", "decompose s", "total s", "peak RSS MB",
                "worker RSS MB", "mean rel. err"]
-    lines = [[r["method"], r["svd"], str(r["workers"]), f"{r['calibrate_s']:.1f}", f"{r['decompose_s']:.1f}",
+    lines = [[r["method"], r["svd"], str(r["workers"]), str(r.get("calibration_passes", "")),
+              f"{r['calibrate_s']:.1f}", f"{r['decompose_s']:.1f}",
               f"{r['total_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['worker_peak_rss_mb']:.0f}",
               f"{r['mean_rel_error']:.4f}"] for r in rows]
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
@@ -103,6 +106,8 @@ def main() -> None:
     parser.add_argument("--methods", default="svd,whiten")
     parser.add_argument("--svd", default="exact,randomized", help="comma-separated SVD choices to compare")
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    parser.add_argument("--stats-memory", type=float, metavar="MB",
+                        help="compress(stats_memory=...): Grams over this many MB are measured in several passes")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/onnx_fwlr_bench_large"))
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -120,7 +125,8 @@ def main() -> None:
         for svd in args.svd.split(","):
             for workers in (int(w) for w in args.workers.split(",")):
                 config = {"model": str(model), "calib": str(calib), "method": method, "svd": svd, "workers": workers,
-                          "ratio": args.ratio, "batch_size": args.samples}
+                          "ratio": args.ratio, "batch_size": args.samples,
+                          "stats_memory": int(args.stats_memory * 2**20) if args.stats_memory else None}
                 rows.append(run_config(config))
                 print(f"done {method} {svd} workers={workers}: {rows[-1]['total_s']:.1f} s", file=sys.stderr)
     print(table(rows))

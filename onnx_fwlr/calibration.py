@@ -174,6 +174,7 @@ def collect_activation_stats(
 
 
 def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerprint=None) -> Statistics:
+    from onnxruntime import OrtValue
     mask = find_mask_input(batches.specs, mask_input)
     stats = Statistics(fingerprint or model_fingerprint(model), meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
                                                        "data": batches.description, "mask_input": mask})
@@ -181,17 +182,19 @@ def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerp
         return stats
     augmented, outputs = build_stats_model(model, plan, mask)
     session = make_session(augmented, providers)
-    names = [name for fields in outputs.values() for name in fields.values()]
+    slots = [(key, field, name) for key, fields in outputs.items() for field, name in fields.items()]
+    names = [name for _key, _field, name in slots]
     start = time.perf_counter()
     bar = tqdm(batches, desc="calibrate", unit="batch", disable=not progress, leave=False)
     for index, (feed, _labels) in enumerate(bar):
         try:
-            values = dict(zip(names, session.run(names, feed)))
+            values = session.run_with_ort_values(names, {k: OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()})
         except Exception as exc:  # noqa: BLE001
             first = str(exc).strip().splitlines()[0]
             raise FwlrError(f"ONNX Runtime failed on calibration batch {index} ({first}); check the data's shapes.") from None
-        for key, fields in outputs.items():
-            Statistics.fold(stats.activations.setdefault(key, {}), {f: values[n] for f, n in fields.items()})
+        for i, (key, field, _name) in enumerate(slots):  # one output at a time, each released once folded:
+            Statistics.fold(stats.activations.setdefault(key, {}), {field: values[i].numpy()})
+            values[i] = None  # a batch's Grams are never all copied out at once
         stats.meta["samples"] += len(next(iter(feed.values()))) if feed else 0
         stats.meta["batches"] += 1
     if stats.meta["batches"] == 0:

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import onnx
+from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from . import fisher
@@ -101,6 +102,7 @@ def collect_fisher_stats(
     stats = Statistics(model_fingerprint(model), meta={
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
+    blas = ThreadpoolController()
     start = time.perf_counter()
     chosen_loss = loss
     for index, (feed, labels) in enumerate(tqdm(batches, desc="calibrate (fisher)", unit="batch",
@@ -118,12 +120,13 @@ def collect_fisher_stats(
             Statistics.fold(stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
         for seed_value in seeds:
             cotangents = runner.backward(values, seed_value)
-            for site, use in uses:
-                X = _rows(values[use.input], use.trans_a)
-                G = cotangents[use.output]
-                G = (G * use.alpha if use.alpha != 1.0 else G).reshape(X.shape[0], -1, G.shape[-1])
-                acc = stats.gradients.setdefault(site.weight, {})
-                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
+            with blas.limit(limits=1, user_api="blas"):  # many small per-sample products: threads only cost
+                for site, use in uses:
+                    X = _rows(values[use.input], use.trans_a)
+                    G = cotangents[use.output]
+                    G = (G * use.alpha if use.alpha != 1.0 else G).reshape(X.shape[0], -1, G.shape[-1])
+                    acc = stats.gradients.setdefault(site.weight, {})
+                    fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
         stats.meta["samples"] += len(z) if z.ndim else 1
         stats.meta["batches"] += 1
     if stats.meta["batches"] == 0:

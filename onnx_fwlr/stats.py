@@ -54,11 +54,10 @@ class Statistics:
     def fold(target: dict, update: dict) -> None:
         """Add one batch's sums into the running sums."""
         for name, value in update.items():
-            value = np.asarray(value, dtype=np.float64)
             if name in target:
-                target[name] += value
+                target[name] += value  # in place: a float32 Gram is cast in small chunks, never copied whole
             else:
-                target[name] = value.copy()
+                target[name] = np.array(value, dtype=np.float64)
 
     def merge(self, other: "Statistics") -> "Statistics":
         if other.fingerprint != self.fingerprint:

@@ -15,6 +15,7 @@ import json
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,19 +48,55 @@ def build(workdir: Path, hidden: int, layers: int, seq: int, samples: int) -> tu
 def own_peak_rss_mb() -> float:
     """This process's peak RSS. Linux carries ru_maxrss across fork+exec, so a child started by a parent that
     had just built a 1.6 GB model reported the parent's peak (6.3 GB); VmHWM belongs to this process only."""
+    return _vmhwm_mb(Path("/proc/self/status")) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class ChildPeaks:
+    """The largest VmHWM of this process's children (the decomposition workers), polled twice a second.
+
+    RUSAGE_CHILDREN's ru_maxrss cannot be used: a worker spawned after this process's peak inherits that
+    peak in ru_maxrss (whiten's workers reported the parent's 9.6 GB). VmHWM is reset by exec."""
+
+    def __init__(self):
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.5):
+            for pid in self._children():
+                self.peak_mb = max(self.peak_mb, _vmhwm_mb(Path(f"/proc/{pid}/status")))
+
+    @staticmethod
+    def _children() -> list[str]:
+        try:
+            return [pid for task in Path("/proc/self/task").iterdir()
+                    for pid in (task / "children").read_text().split()]
+        except OSError:
+            return []
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def _vmhwm_mb(status: Path) -> float:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in status.read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return 0.0
 
 
 def child(config: dict) -> dict:
     """One compress run in this process; prints its measurements as JSON."""
     from onnx_fwlr import compress
 
+    children = ChildPeaks()
     start = time.perf_counter()
     _, report = compress(config["model"], ratio=config["ratio"], method=config["method"],
                          calibration=config["calib"] if config["method"] != "svd" else None,
@@ -71,7 +108,7 @@ def child(config: dict) -> dict:
         "decompose_s": report.timings.get("decompose", 0.0),
         "total_s": total,
         "peak_rss_mb": own_peak_rss_mb(),
-        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        "worker_peak_rss_mb": children.stop(),
         "mean_rel_error": float(np.mean([s.relative_error for s in report.sites if s.relative_error is not None])),
         "calibration_passes": report.calibration.get("passes", 1) if report.calibration else 0,
     }

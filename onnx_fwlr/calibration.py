@@ -206,9 +206,12 @@ def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerp
 # --- Grams larger than memory: several passes -----------------------------------------------------------
 
 
+GRAM_BYTES_PER_ENTRY = 12  # a float64 running sum, and the float32 output of the batch being folded
+
+
 def gram_bytes(plan: dict) -> int:
-    """What the float64 running Grams of these site inputs take together."""
-    return sum(8 * K * K for _tensor, _transposed, K in plan.values())
+    """What the Grams of these site inputs take during calibration (GRAM_BYTES_PER_ENTRY per entry)."""
+    return sum(GRAM_BYTES_PER_ENTRY * K * K for _tensor, _transposed, K in plan.values())
 
 
 def default_memory_limit() -> int:
@@ -237,7 +240,7 @@ def gram_groups(sites: list[Site], plan: dict, limit: int) -> list[list[str]]:
         if placed:
             target = min(placed)
         else:
-            need = sum(8 * plan[k][2] ** 2 for k in new)
+            need = gram_bytes({k: plan[k] for k in new})
             if not groups or size + need > limit:
                 groups.append([])
                 size = 0

@@ -180,7 +180,7 @@ def compress(
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
                  batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-                 progress=progress))
+                 stats_memory=stats_memory, progress=progress))
     method = mix[0]
     check_method(method, allocation)
     if max_error is not None and validation is None:

@@ -334,11 +334,14 @@ def test_gram_groups_cut_in_site_order_and_keep_a_site_whole():
     assert gram_groups(prepared.sites, plan, 10**9) == [keys]
 
 
-def test_grouped_calibration_gives_the_same_model_one_pass_per_group():
+@pytest.mark.parametrize("options", [{}, {"sequential": True}, {"dope": 0.05}],
+                         ids=["closed-form", "sequential", "doped"])
+def test_grouped_calibration_gives_the_same_model_one_pass_per_group(options):
     model = mlp([64, 48, 32, 16])
     calib = [{"x": RNG.standard_normal((40, 64)).astype(np.float32)} for _ in range(3)]
-    one_pass, one_report = compress(model, ratio=0.4, method="whiten", calibration=calib, progress=False)
-    grouped, report = compress(model, ratio=0.4, method="whiten", calibration=calib, stats_memory=1, progress=False)
+    one_pass, one_report = compress(model, ratio=0.4, method="whiten", calibration=calib, progress=False, **options)
+    grouped, report = compress(model, ratio=0.4, method="whiten", calibration=calib, stats_memory=1, progress=False,
+                               **options)
     assert grouped.SerializeToString() == one_pass.SerializeToString()
     assert report.calibration["groups"] == 3 and report.calibration["passes"] == 3  # each group read once
     assert report.calibration["samples"] == one_report.calibration["samples"] == 120

@@ -402,13 +402,12 @@ def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibratio
     if calibration is None:
         raise FwlrError("--sequential reads the calibration data once per depth; pass --calib DATA.")
     start_time = time.perf_counter()
-    start = {}
+    start, right = {}, {}
     for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=True), ranks):
         site_factors = _site_result(prepared, site, dec, rank, bias_correction)[1]
         if isinstance(site_factors, Factors):
             start[site.weight] = site_factors
-    right = {s.weight: output_scaling(prepared.site_methods[s.weight], s, prepared.stats) for s in prepared.sites
-             if s.weight in start}
+            right[site.weight] = dec.right  # kfac's output-side factor, made once with the decomposition
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
     factors, results = sequential_factors(
         prepared.model, prepared.sites, start, prepared.weights, right, batches,

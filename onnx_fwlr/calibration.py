@@ -176,8 +176,9 @@ def collect_activation_stats(
 def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerprint=None) -> Statistics:
     from onnxruntime import OrtValue
     mask = find_mask_input(batches.specs, mask_input)
-    stats = Statistics(fingerprint or model_fingerprint(model), meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
-                                                       "data": batches.description, "mask_input": mask})
+    stats = Statistics(fingerprint or model_fingerprint(model),
+                       meta={"samples": 0, "batches": 0, "smoke_test": batches.smoke_test,
+                             "data": batches.description, "mask_input": mask})
     if not plan:
         return stats
     augmented, outputs = build_stats_model(model, plan, mask)

@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -71,9 +72,7 @@ class _JobPlanner:
         self.model, self.sites, self.site_methods, self.stats = model, sites, site_methods, stats
         self.weighting, self.ranks, self.svd = weighting, ranks, svd
         self.keys = [self._left_key(site) for site in sites]
-        self.remaining: dict = {}
-        for key in self.keys:
-            self.remaining[key] = self.remaining.get(key, 0) + 1
+        self.remaining = Counter(self.keys)  # jobs still to make per shared scaling
         self.shared: dict = {}
         self.given: dict = {}  # site index -> its scalings, until the result is handed back
 

@@ -12,8 +12,8 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_erf
 from scipy.special import erf
 
-from onnx_fwlr import backward
-from onnx_fwlr.backward import GradientRunner
+from onnx_fwlr.autodiff import backward
+from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.errors import FwlrError
 
 H, HEADS, FFN, VOCAB, SEQ, BATCH, CLASSES, LAYERS = 8, 2, 16, 11, 5, 3, 3, 2

@@ -11,7 +11,7 @@ import pytest
 from builders import low_rank, make_model, matmul_model, vinfo
 from onnx import helper, numpy_helper
 
-from onnx_fwlr.cli import main
+from onnx_fwlr.cli.main import main
 
 
 def sha(path):

@@ -9,9 +9,9 @@ from builders import make_model, vinfo
 from onnx import helper, numpy_helper
 
 from onnx_fwlr import FwlrError, compress
-from onnx_fwlr.api import calibrate
-from onnx_fwlr.cli import main
-from onnx_fwlr.stats import Statistics
+from onnx_fwlr.pipeline.compress import calibrate
+from onnx_fwlr.cli.main import main
+from onnx_fwlr.stats.store import Statistics
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"
 DIGITS, CALIB, TEST = (str(SAMPLES / n) for n in ("digits_mlp.onnx", "digits_calib.npz", "digits_test.npz"))

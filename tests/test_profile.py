@@ -6,21 +6,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fwlr import data
+from onnx_fwlr.io import data
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.modelio import file_size
-from onnx_fwlr.profile import (
-    compare_profiles,
-    format_comparison,
-    format_profile,
-    matmul_flops,
-    parse_ort_profile,
-    parse_shape_args,
-    profile_model,
-    save_test_data,
-    synthetic_feed,
-)
-from onnx_fwlr.sites import model_parameters
+from onnx_fwlr.io.model import file_size
+from onnx_fwlr.evaluate.profiling import compare_profiles, format_comparison, format_profile, matmul_flops, parse_ort_profile, parse_shape_args, profile_model, save_test_data, synthetic_feed
+from onnx_fwlr.sites.find import model_parameters
 
 B, T, K, N, P, Q = 2, 3, 4, 5, 6, 7
 RANK = 1  # of the factorised first weight in the "compressed" model

@@ -102,7 +102,7 @@ def test_weight_shared_by_two_matmuls():
 
 
 def test_external_data_model(tmp_path):
-    from onnx_fwlr.modelio import load_model
+    from onnx_fwlr.io.model import load_model
 
     W = low_rank(64, 48, 4)
     model = matmul_model(W)

@@ -6,10 +6,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnx_fwlr
-from onnx_fwlr import factorize
-from onnx_fwlr.rewrite import Factors
-from onnx_fwlr.sequential import _objective, _ridge_solution, correct_site, site_depths
-from onnx_fwlr.sites import find_sites
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.rewrite.lowrank import Factors
+from onnx_fwlr.pipeline.sequential import _objective, _ridge_solution, correct_site, site_depths
+from onnx_fwlr.sites.find import find_sites
 
 from builders import make_model, rel_error, run, vinfo
 

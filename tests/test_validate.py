@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.validation import compare_models, format_validation
+from onnx_fwlr.evaluate.validation import compare_models, format_validation
 
 RNG = np.random.default_rng(0)
 X = RNG.standard_normal((30, 4)).astype(np.float32)
@@ -220,6 +220,6 @@ def test_unloadable_model_becomes_fwlr_error(tmp_path):
 def test_top_level_validate_stays_the_function_after_importing_the_module():
     """`from onnx_fwlr.validation import ...` in an export script must not shadow `onnx_fwlr.validate`."""
     import onnx_fwlr
-    from onnx_fwlr.validation import format_validation  # noqa: F401
+    from onnx_fwlr.evaluate.validation import format_validation
 
-    assert callable(onnx_fwlr.validate) and onnx_fwlr.validate.__module__ == "onnx_fwlr.api"
+    assert callable(onnx_fwlr.validate) and onnx_fwlr.validate.__module__ == "onnx_fwlr.pipeline.compress"

@@ -13,7 +13,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_erf
 from scipy.special import erf
 
-from onnx_fwlr.vjp import NON_DIFFERENTIABLE, RULES, shape_only, unbroadcast, vjp
+from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, shape_only, unbroadcast, vjp
 
 RNG = np.random.default_rng(1234)
 INT64_MAX = np.iinfo(np.int64).max

@@ -10,9 +10,9 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_fwlr import FwlrError, compress
-from onnx_fwlr.api import calibrate, validate
-from onnx_fwlr.cli import main
-from onnx_fwlr.sites import attention_projections, find_sites
+from onnx_fwlr.pipeline.compress import calibrate, validate
+from onnx_fwlr.cli.main import main
+from onnx_fwlr.sites.find import attention_projections, find_sites
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "sample_models" / "digits_mlp.onnx"

@@ -35,12 +35,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_fwlr.calibration import collect_activation_stats  # noqa: E402
-from onnx_fwlr.data import open_data  # noqa: E402
-from onnx_fwlr.recurrent import find_recurrent_sites  # noqa: E402
-from onnx_fwlr.rewrite import Factors, apply_factors  # noqa: E402
-from onnx_fwlr.sites import find_sites, weight_matrix  # noqa: E402
-from onnx_fwlr.structured_sites import fit_site  # noqa: E402
+from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.sites.recurrent import find_recurrent_sites
+from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
+from onnx_fwlr.sites.find import find_sites, weight_matrix
+from onnx_fwlr.methods.structured_fit import fit_site
 
 VOCAB, EMBED, HIDDEN, SEQ = 1024, 128, 256, 32
 STATES, WORDS_PER_STATE, SUCCESSORS = 48, 40, 4

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from bench_calibration import TimedReader, best_total, time_plain  # noqa: E402
 from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
-from onnx_fwlr import api  # noqa: E402
+from onnx_fwlr.pipeline import compress as api
 
 VOCAB = 1000
 

@@ -30,7 +30,7 @@ def build(workdir: Path, hidden: int, layers: int, seq: int, samples: int) -> tu
     """The model (external data) and a tiny calibration .npz; reused when already in workdir."""
     from synthetic_transformer import build_transformer, make_token_batch
 
-    from onnx_fwlr.modelio import save_model
+    from onnx_fwlr.io.model import save_model
 
     tag = f"h{hidden}_l{layers}"
     model_path, calib_path = workdir / f"bert_{tag}.onnx", workdir / f"calib_{tag}_{samples}x{seq}.npz"

@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx_fwlr  # noqa: E402
-from onnx_fwlr.api import Budget, build, choose_ranks, correct_sequentially, prepare  # noqa: E402
-from onnx_fwlr.report import format_table  # noqa: E402
-from onnx_fwlr.stats import Statistics  # noqa: E402
+from onnx_fwlr.pipeline.compress import Budget, build, choose_ranks, correct_sequentially, prepare
+from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.stats.store import Statistics
 
 OUTPUT = "sentence_embedding"
 GRADIENT_METHODS = ("fwsvd", "kfac")
@@ -186,7 +186,7 @@ def sequential_rows(prepared, allocation, ratios, folder, reference, evaluation,
 
 
 def latency_rows(model_path, prepared, allocation, ratios, work: Path):
-    from onnx_fwlr.profile import profile_model
+    from onnx_fwlr.evaluate.profiling import profile_model
 
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(1000, 20000, size=(32, 128)).astype(np.int64),
@@ -224,7 +224,7 @@ def curve_rows(model_path, method, allocation, ratio, sizes, calib_npz, cache, r
 
 def refine_rows(model_path, prepared, allocation, ratio, folder, steps, lr, reference, evaluation, start_model=None):
     """Distillation of the best start at this ratio (the sequential result when there is one)."""
-    from onnx_fwlr.refine import refine
+    from onnx_fwlr.refine.loop import refine
 
     budget = Budget(ratio=ratio)
     label = allocation + ("+sequential" if start_model is not None else "") + "+refine"

@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
-from onnx_fwlr import api  # noqa: E402
-from onnx_fwlr.data import open_data  # noqa: E402
-from onnx_fwlr.modelio import load_model, save_model  # noqa: E402
-from onnx_fwlr.profile import compare_profiles, profile_model  # noqa: E402
-from onnx_fwlr.report import format_table  # noqa: E402
+from onnx_fwlr.pipeline import compress as api
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.io.model import load_model, save_model
+from onnx_fwlr.evaluate.profiling import compare_profiles, profile_model
+from onnx_fwlr.evaluate.report import format_table
 
 SAMPLES = ROOT / "sample_models"
 MATRIX_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")

@@ -25,7 +25,7 @@ def worker(args) -> dict:
     import onnx
 
     from onnx_fwlr import compress
-    from onnx_fwlr.refine import refine
+    from onnx_fwlr.refine.loop import refine
     from synthetic_transformer import build_transformer, make_token_batch
 
     original = build_transformer(args.hidden, args.layers, args.heads, args.ffn, args.vocab, max_len=args.seq)

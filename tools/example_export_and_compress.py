@@ -67,7 +67,7 @@ def main() -> None:
 
     # ---- onnx_fwlr: compress the in-memory model, check it, save it
     import onnx_fwlr
-    from onnx_fwlr.validation import format_validation
+    from onnx_fwlr.evaluate.validation import format_validation
 
     small, report = onnx_fwlr.compress(model, ratio=0.7, method="kfac", allocation="global",
                                        calibration=calibration, fisher_options={"output": "sentence_embedding"})

@@ -14,7 +14,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper, numpy_helper
 
-from .errors import FwlrError
+from onnx_fwlr.errors import FwlrError
 
 # Above this serialized size protobuf cannot hold the model in one message; keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000

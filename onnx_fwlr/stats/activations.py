@@ -17,11 +17,11 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from .data import Batches, find_mask_input
-from .errors import FwlrError
-from .modelio import max_runtime_ir_version, runtime_source
-from .sites import Site
-from .stats import Statistics, activation_key, model_fingerprint
+from onnx_fwlr.io.data import Batches, find_mask_input
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import max_runtime_ir_version, runtime_source
+from onnx_fwlr.sites.find import Site
+from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 PREFIX = "fwlr_stats"
 

@@ -14,13 +14,13 @@ import onnx
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
-from . import fisher
-from .backward import GradientRunner
-from .calibration import main_graph_tensors
-from .data import Batches, find_mask_input
-from .errors import FwlrError
-from .sites import Site
-from .stats import Statistics, activation_key, model_fingerprint
+from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff.backward import GradientRunner
+from onnx_fwlr.stats.activations import main_graph_tensors
+from onnx_fwlr.io.data import Batches, find_mask_input
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.sites.find import Site
+from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
 def default_output(model: onnx.ModelProto, name: str | None, option: str = "--fisher-output") -> str:

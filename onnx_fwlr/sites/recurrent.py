@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .sites import FLOAT_TYPES, Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites, walk_graphs
+from onnx_fwlr.sites.find import FLOAT_TYPES, Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites, walk_graphs
 
 GATES = {"LSTM": 4, "GRU": 3}
 _W_INPUT = 1  # W is the second input of both ops

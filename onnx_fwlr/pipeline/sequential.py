@@ -29,12 +29,12 @@ import onnx
 import scipy.linalg
 from tqdm.auto import tqdm
 
-from . import factorize
-from .calibration import main_graph_tensors, make_session
-from .data import Batches, find_mask_input
-from .errors import FwlrError
-from .rewrite import Factors, apply_factors
-from .sites import Site
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.stats.activations import main_graph_tensors, make_session
+from onnx_fwlr.io.data import Batches, find_mask_input
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
+from onnx_fwlr.sites.find import Site
 
 RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FwlrError
+from onnx_fwlr.errors import FwlrError
 
 
 def _pyplot():

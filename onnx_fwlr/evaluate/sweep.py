@@ -12,13 +12,13 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from .api import METHODS, Budget, build, check_method, choose_ranks, ensure_decompositions, prepare, validate
-from .calibration import collect_activation_stats
-from .data import open_data
-from .errors import FwlrError
-from .modelio import load_model, save_model
-from .report import format_table
-from .sites import find_sites
+from onnx_fwlr.pipeline.compress import METHODS, Budget, build, check_method, choose_ranks, ensure_decompositions, prepare, validate
+from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import load_model, save_model
+from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.sites.find import find_sites
 
 
 @dataclass
@@ -113,7 +113,7 @@ def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input
         raise FwlrError(f"methods {sorted(methods)} need calibration data; pass --calib DATA.")
     batches = open_data(calibration, model, batch_size=batch_size)
     if "gradients" in needs:
-        from .fisher_stats import collect_fisher_stats
+        from onnx_fwlr.stats.fisher import collect_fisher_stats
 
         return collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress, **fisher_options)
     return collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
@@ -145,7 +145,7 @@ def _model_path(model, loaded: onnx.ModelProto, out: Path) -> Path:
 
 
 def _latency(original_path, path, structure, validation, batch_size, runs) -> tuple[float, float]:
-    from .profile import profile_model
+    from onnx_fwlr.evaluate.profiling import profile_model
 
     feed, _ = next(iter(open_data(validation, structure, batch_size=batch_size)))
     ours = profile_model(str(path), feed, runs=runs, warmup=3, op_profile=False)
@@ -160,7 +160,7 @@ def write_outputs(result: SweepResult, out_dir: str | Path, plots: bool = True) 
     (out / "sweep.json").write_text(json.dumps(result.to_dict(), indent=2, sort_keys=True, default=float) + "\n")
     if not plots:
         return written
-    from .plots import plot_spectra, plot_sweep
+    from onnx_fwlr.evaluate.plots import plot_spectra, plot_sweep
 
     metric = "accuracy" if all(r.get("accuracy") is not None for r in result.rows) else "mean_cosine"
     written.append(str(plot_sweep(result.rows, metric, out / "sweep.png")))

@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_fwlr import data
+from onnx_fwlr.io import data
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.modelio import file_size
-from onnx_fwlr.report import format_table
-from onnx_fwlr.sites import model_parameters, walk_graphs
+from onnx_fwlr.io.model import file_size
+from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.sites.find import model_parameters, walk_graphs
 
 # Ops whose FLOPs we count, with the input positions of their two matrix operands.
 MATMUL_OPERANDS = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "Gemm": (0, 1)}
@@ -339,7 +339,7 @@ def _run_child(request, feed):
         np.savez(Path(folder) / "feed.npz", *[np.asarray(value) for value in feed.values()])
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        code = "import sys; from onnx_fwlr.profile import _child_entry; _child_entry(sys.argv[1])"
+        code = "import sys; from onnx_fwlr.evaluate.profiling import _child_entry; _child_entry(sys.argv[1])"
         completed = subprocess.run([sys.executable, "-c", code, folder], env=env, capture_output=True, text=True)
         result_path = Path(folder) / "result.json"
         if completed.returncode != 0 or not result_path.is_file():

@@ -257,7 +257,7 @@ def weight_ref(model: onnx.ModelProto, site: Site) -> WeightRef:
     """A WeightRef for the site: lazily loaded weights (modelio.load_model(lazy=True)) stay on disk."""
     from onnx import external_data_helper
 
-    from .modelio import _external_span, tensor_array
+    from onnx_fwlr.io.model import _external_span, tensor_array
 
     graph = walk_graphs(model)[site.graph_index]
     if site.constant_node is None:
@@ -294,7 +294,7 @@ def model_parameters(model: onnx.ModelProto) -> int:
 
 def validate_regex(pattern: str | None, option: str) -> None:
     """A bad regex is a user error, not a traceback."""
-    from .errors import FwlrError
+    from onnx_fwlr.errors import FwlrError
 
     if pattern is None:
         return

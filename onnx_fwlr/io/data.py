@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 
-from .errors import FwlrError
+from onnx_fwlr.errors import FwlrError
 
 LABELS_KEY = "labels"
 MASK_NAMES = ("attention_mask",)

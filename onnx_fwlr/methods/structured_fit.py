@@ -28,20 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import factorize
-from .errors import FwlrError
-from .structured import (
-    KronSum,
-    LowRank,
-    Structured,
-    doping_params,
-    dope,
-    gram_error,
-    kron_params,
-    kron_shapes,
-    nearest_kron,
-    nearest_low_rank,
-)
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.methods.structured import KronSum, LowRank, Structured, doping_params, dope, gram_error, kron_params, kron_shapes, nearest_kron, nearest_low_rank
 
 STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site

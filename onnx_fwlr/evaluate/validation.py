@@ -19,7 +19,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.modelio import external_base, max_runtime_ir_version, runtime_source
+from onnx_fwlr.io.model import external_base, max_runtime_ir_version, runtime_source
 
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
 

@@ -10,8 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import FwlrError
+from onnx_fwlr import __version__
+from onnx_fwlr.errors import FwlrError
 
 
 def _write_json(data: dict, target: str) -> None:
@@ -51,7 +51,7 @@ class Inspect:
 
     @staticmethod
     def run(args) -> int:
-        from .inspect import inspect_model
+        from onnx_fwlr.sites.listing import inspect_model
 
         listing = inspect_model(args.model, args.include, args.exclude)
         _out(args)(listing.format())
@@ -66,7 +66,7 @@ class Compress:
 
     @staticmethod
     def add_arguments(p):
-        from .api import ALLOCATIONS, METHODS
+        from onnx_fwlr.pipeline.compress import ALLOCATIONS, METHODS
 
         p.add_argument("model", help="ONNX model file")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
@@ -112,8 +112,8 @@ class Compress:
 
     @staticmethod
     def run(args) -> int:
-        from .api import compress, validate
-        from .modelio import check_output_path, file_size, save_model
+        from onnx_fwlr.pipeline.compress import compress, validate
+        from onnx_fwlr.io.model import check_output_path, file_size, save_model
 
         output = check_output_path(args.output, [args.model], args.force)
         rank, ranks = _parse_ranks(args.rank)
@@ -134,7 +134,7 @@ class Compress:
         out = _out(args)
         refined = None
         if args.refine is not None and report.factorised:
-            from .refine import refine
+            from onnx_fwlr.refine.loop import refine
 
             # early stopping on held-back calibration data, so that --val stays unseen for the final check
             model, refined = refine(args.model, model, args.calib, steps=args.refine,
@@ -239,13 +239,13 @@ def _tolerance_arguments(p):
 
 
 def _shapes(args):
-    from .profile import parse_shape_args
+    from onnx_fwlr.evaluate.profiling import parse_shape_args
 
     return parse_shape_args(args.shape) if args.shape else None
 
 
 def _report_validation(validation, args, out) -> int:
-    from .validation import format_validation
+    from onnx_fwlr.evaluate.validation import format_validation
 
     failures = validation.check(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
                                 max_accuracy_drop=args.max_accuracy_drop)
@@ -271,8 +271,8 @@ class Calibrate:
 
     @staticmethod
     def run(args) -> int:
-        from .api import calibrate
-        from .modelio import check_output_path
+        from onnx_fwlr.pipeline.compress import calibrate
+        from onnx_fwlr.io.model import check_output_path
 
         output = check_output_path(args.output, [args.model], args.force)
         if args.calib is None:
@@ -311,8 +311,8 @@ class MergeStats:
 
     @staticmethod
     def run(args) -> int:
-        from .modelio import check_output_path
-        from .stats import Statistics
+        from onnx_fwlr.io.model import check_output_path
+        from onnx_fwlr.stats.store import Statistics
 
         output = check_output_path(args.output, args.inputs, args.force)
         merged = Statistics.load(args.inputs[0])
@@ -339,7 +339,7 @@ class Validate:
 
     @staticmethod
     def run(args) -> int:
-        from .api import validate
+        from onnx_fwlr.pipeline.compress import validate
 
         validation = validate(args.original, args.compressed, args.data, batch_size=args.batch_size,
                               progress=not args.quiet)
@@ -372,10 +372,10 @@ class Profile:
 
     @staticmethod
     def run(args) -> int:
-        from .data import open_data
-        from .modelio import load_model
-        from .profile import compare_profiles, format_comparison, format_profile, profile_model, save_test_data
-        from .profile import synthetic_feed
+        from onnx_fwlr.io.data import open_data
+        from onnx_fwlr.io.model import load_model
+        from onnx_fwlr.evaluate.profiling import compare_profiles, format_comparison, format_profile, profile_model, save_test_data
+        from onnx_fwlr.evaluate.profiling import synthetic_feed
 
         structure = load_model(args.model)
         if args.data:
@@ -425,7 +425,7 @@ class Sweep:
 
     @staticmethod
     def run(args) -> int:
-        from .sweep import sweep, write_outputs
+        from onnx_fwlr.evaluate.sweep import sweep, write_outputs
 
         try:
             ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
@@ -455,7 +455,7 @@ class Refine:
 
     @staticmethod
     def add_arguments(p):
-        from .refine import LOSSES, SCHEDULES
+        from onnx_fwlr.refine.loop import LOSSES, SCHEDULES
 
         p.add_argument("original", help="the original ONNX model (the teacher)")
         p.add_argument("compressed", help="the compressed ONNX model whose factors are trained")
@@ -484,8 +484,8 @@ class Refine:
 
     @staticmethod
     def run(args) -> int:
-        from .modelio import check_output_path, save_model
-        from .refine import refine
+        from onnx_fwlr.io.model import check_output_path, save_model
+        from onnx_fwlr.refine.loop import refine
 
         output = check_output_path(args.output, [args.original, args.compressed], args.force)
         model, report = refine(args.original, args.compressed, args.calib, validation=args.val, steps=args.steps,

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import FwlrError
-from .modelio import iter_tensor_bytes
-from .sites import Site, walk_graphs
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import iter_tensor_bytes
+from onnx_fwlr.sites.find import Site, walk_graphs
 
 FORMAT_VERSION = 1
 

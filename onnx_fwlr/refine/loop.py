@@ -28,12 +28,12 @@ import onnx
 from onnx import numpy_helper
 from tqdm.auto import tqdm
 
-from . import fisher
-from .backward import GradientRunner
-from .data import find_mask_input, model_inputs, open_data
-from .errors import FwlrError
-from .fisher_stats import default_output
-from .modelio import load_model, max_runtime_ir_version, tensor_array
+from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff.backward import GradientRunner
+from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.stats.fisher import default_output
+from onnx_fwlr.io.model import load_model, max_runtime_ir_version, tensor_array
 
 LOSSES = ("mse", "kl")
 SCHEDULES = ("cosine", "linear")
@@ -466,7 +466,7 @@ class RefineReport:
 
     def plot(self, path):
         """Train and validation loss against step (and validation cosine), as a PNG."""
-        from .plots import _pyplot
+        from onnx_fwlr.evaluate.plots import _pyplot
 
         plt = _pyplot()
         steps = [row[0] for row in self.curve]

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from . import factorize
-from .allocation import break_even_rank
-from .errors import FwlrError
-from .sites import Site, weight_ref
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods.allocation import break_even_rank
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.sites.find import Site, weight_ref
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from .sites import Skipped, walk_graphs
+from onnx_fwlr.sites.find import Skipped, walk_graphs
 
 
 @dataclass

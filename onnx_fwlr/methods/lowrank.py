@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.linalg
 
-from .errors import FwlrError
+from onnx_fwlr.errors import FwlrError
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.modelio import runtime_source, tensor_array
-from onnx_fwlr.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
+from onnx_fwlr.io.model import runtime_source, tensor_array
+from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}

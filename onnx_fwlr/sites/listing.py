@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .modelio import load_model
-from .report import format_table
-from .recurrent import find_all_sites
-from .sites import Site, Skipped, model_parameters, validate_regex
+from onnx_fwlr.io.model import load_model
+from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.sites.recurrent import find_all_sites
+from onnx_fwlr.sites.find import Site, Skipped, model_parameters, validate_regex
 
 
 @dataclass

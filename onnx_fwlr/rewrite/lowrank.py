@@ -21,12 +21,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .errors import FwlrError
-from .modelio import tensor_array
-from .recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
-from .sites import Site, WeightUse, walk_graphs
-from .structured import KronSum, LowRank, Structured
-from .structured_graph import build_doped_kron, build_doped_low_rank, min_opset
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.sites.recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
+from onnx_fwlr.sites.find import Site, WeightUse, walk_graphs
+from onnx_fwlr.methods.structured import KronSum, LowRank, Structured
+from onnx_fwlr.rewrite.structured import build_doped_kron, build_doped_low_rank, min_opset
 
 
 @dataclass

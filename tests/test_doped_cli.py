@@ -134,19 +134,39 @@ def test_lstm_under_kron_gets_low_rank_and_says_so():
     assert rel_error(run(model, x)[0], run(out, x)[0]) <= 1e-5  # rank 5 fits in 90 % of the budget: exact
 
 
-def test_lstm_is_skipped_with_a_reason_under_fisher_methods():
+def lstm_with_head(**attrs):
     model = lstm_model()
+    for key, value in attrs.items():
+        model.graph.node[0].attribute.append(helper.make_attribute(key, value))
     head = numpy_helper.from_array(np.random.default_rng(4).normal(size=(HIDDEN, 12)).astype(np.float32), "head")
     graph = model.graph
     graph.initializer.append(head)
     graph.node.append(helper.make_node("MatMul", ["y", "head"], ["logits"], name="head_mm"))
     graph.output.append(vinfo("logits", [SEQ, 1, BATCH, 12]))
+    return model
+
+
+def test_lstm_is_compressed_under_fisher_methods():
+    """The LSTM rule carries Fisher statistics to the input weight; its rank-5 W is kept exactly at rank 5."""
+    model = lstm_with_head()
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.normal(size=(SEQ, BATCH, INPUT)).astype(np.float32)}]
+    out, report = onnx_fwlr.compress(model, rank=RANK, method="fwsvd", calibration=calib, progress=False)
+    assert sorted(s.op_type for s in report.sites) == ["LSTM", "MatMul"]
+    (lstm,) = [s for s in report.sites if s.op_type == "LSTM"]
+    assert lstm.rank == RANK and lstm.relative_error < 1e-5
+    x = {"x": rng.normal(size=(SEQ, BATCH, INPUT)).astype(np.float32)}
+    assert rel_error(run(model, x)[0], run(out, x)[0]) <= 1e-5
+
+
+def test_lstm_with_clip_is_skipped_with_a_reason_under_fisher_methods():
+    model = lstm_with_head(clip=5.0)
     rng = np.random.default_rng(5)
     calib = [{"x": rng.normal(size=(SEQ, BATCH, INPUT)).astype(np.float32)}]
     _, report = onnx_fwlr.compress(model, ratio=0.5, method="fwsvd", calibration=calib, progress=False)
     assert [s.op_type for s in report.sites] == ["MatMul"]
     (lstm,) = [s for s in report.skipped if s.op_type == "LSTM"]
-    assert "no LSTM/GRU rule" in lstm.reason
+    assert "clip" in lstm.reason
 
 
 def test_lstm_input_statistics_follow_the_mask_in_seq_first_layout():

@@ -48,7 +48,7 @@ def rewritten(model, replacements):
 def test_matmul_recovers_kron_plus_sparse_through_the_rewrite():
     W = kron_plus_sparse()
     fit = exact_kron_fit(W.astype(np.float64))
-    assert fit.relative_error < 1e-12
+    assert fit.relative_error < 1e-7  # relative Frobenius error: the float32 rounding of W
     model = matmul_model(W, x_shape=("batch", "seq", None))
     out = rewritten(model, {"W": fit.replacement})
     x = np.random.default_rng(1).normal(size=(2, 3, K)).astype(np.float32)

@@ -6,7 +6,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.autodiff.losses import SeedTarget, accumulate_fisher, ce_seed, default_loss, find_seed_target, gaussian_seeds, make_seeds, mc_seeds, new_accumulator
+from onnx_fwlr.autodiff.losses import SeedTarget, accumulate_fisher, ce_seed, default_seed_loss, find_seed_target, gaussian_seeds, make_seeds, mc_seeds, new_accumulator
 
 
 def naive_fisher(X, G):
@@ -160,10 +160,10 @@ def test_find_seed_target_and_default_loss():
     assert legacy.tensor == "logits" and legacy.legacy_2d and legacy.axis == 1
     plain = find_seed_target(classifier_model(softmax=False), "logits")
     assert plain == SeedTarget("logits")
-    assert default_loss(target, (4, 3), labels_given=True) == "ce"
-    assert default_loss(target, (4, 3), labels_given=False) == "mc"
-    assert default_loss(plain, (4, 3), labels_given=False) == "mc"
-    assert default_loss(SeedTarget("h"), (4, 7, 16), labels_given=False) == "gaussian"
+    assert default_seed_loss(target, (4, 3), labels_given=True) == "ce"
+    assert default_seed_loss(target, (4, 3), labels_given=False) == "mc"
+    assert default_seed_loss(plain, (4, 3), labels_given=False) == "mc"
+    assert default_seed_loss(SeedTarget("h"), (4, 7, 16), labels_given=False) == "gaussian"
     with pytest.raises(FwlrError):
         make_seeds("ce", np.zeros((2, 3)))
 

@@ -6,10 +6,32 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fwlr.io import data
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.flops import measure_node_flops, recurrent_flops
+from onnx_fwlr.evaluate.limits import (
+    achievable_ratio,
+    factorised_sites,
+    format_speed,
+    owner,
+    paired_ratio,
+    ratio_summary,
+    speed_limits,
+)
+from onnx_fwlr.evaluate.profiling import (
+    METRICS,
+    compare_profiles,
+    format_comparison,
+    format_profile,
+    matmul_flops,
+    parse_ort_profile,
+    parse_shape_args,
+    profile_model,
+    save_test_data,
+    symbolic_defaults,
+    synthetic_feed,
+)
+from onnx_fwlr.io import data
 from onnx_fwlr.io.model import file_size
-from onnx_fwlr.evaluate.profiling import compare_profiles, format_comparison, format_profile, matmul_flops, parse_ort_profile, parse_shape_args, profile_model, save_test_data, synthetic_feed
 from onnx_fwlr.sites.find import model_parameters
 
 B, T, K, N, P, Q = 2, 3, 4, 5, 6, 7
@@ -27,8 +49,8 @@ def _model(factorised=False):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
     if factorised:
-        first = [helper.make_node("MatMul", ["x", "A1"], ["h"], name="mm_a"),
-                 helper.make_node("MatMul", ["h", "B1"], ["y"], name="mm_b")]
+        first = [helper.make_node("MatMul", ["x", "A1"], ["h"], name="mm1/factor_A"),  # the rewrite's naming
+                 helper.make_node("MatMul", ["h", "B1"], ["y"], name="mm1/factor_B")]
         first_weights = [weight("A1", K, RANK), weight("B1", RANK, N)]
     else:
         first = [helper.make_node("MatMul", ["x", "W1"], ["y"], name="mm1")]
@@ -105,11 +127,12 @@ def test_parse_shape_args_rejects_repeated_name():
         parse_shape_args(["x:1", "x:2"])
 
 
-def test_synthetic_feed_needs_symbolic_dims():
-    with pytest.raises(FwlrError) as error:
-        synthetic_feed(_model())
-    message = str(error.value)
-    assert "'x'" in message and "batch" in message and "--shape x:" in message
+def test_symbolic_axes_default_to_one_and_are_named():
+    assert synthetic_feed(_model())["x"].shape == (1, T, K)  # as onnxruntime_perf_test does
+    filled, defaulted = symbolic_defaults(_model())
+    assert filled == {"x": [1, T, K]} and defaulted == ["x[0] 'batch'"]
+    filled, defaulted = symbolic_defaults(_model(), {"x": [4, T, K]})
+    assert filled == {"x": [4, T, K]} and defaulted == []
 
 
 def test_synthetic_feed_types_and_shapes():
@@ -255,7 +278,7 @@ def test_comparison_ratios_and_table(profiles):
     assert comparison["parameters"]["ratio"] == pytest.approx(b["parameters"] / a["parameters"])
     assert "MatMul" in comparison["op_types"] and "Gemm" in comparison["op_types"]
     text = format_comparison(a, b, names=("before", "after"))
-    assert "before" in text and "after" in text and "physical limit" in text
+    assert "before" in text and "after" in text and "ratio of the medians" in text
     table = text.split("\n\n")[1].splitlines()
     assert table[0].startswith("metric") and len({len(line) for line in table}) == 1  # right-aligned columns
 
@@ -278,3 +301,137 @@ def test_save_test_data_round_trips(profiles, tmp_path):
         assert tensor.name == name
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), value)
     assert sorted(p.name for p in folder.iterdir()) == ["input_0.pb", "output_0.pb", "output_1.pb"]
+
+
+# --- the honest limit: achievable vs measured ratio -------------------------------------------------------
+
+
+def _kernel_events(node_ms, runs=2):
+    """A fake ONNX Runtime profile: one warm-up run, then `runs` runs with each node taking node_ms[name] ms."""
+    events, ts = [], 0
+    for _ in range(1 + runs):
+        events.append({"cat": "Session", "name": "model_run", "ts": ts, "dur": 1})
+        for name, (op, ms) in node_ms.items():
+            ts += 1
+            events.append({"cat": "Node", "name": f"{name}_kernel_time", "ts": ts, "dur": ms * 1000,
+                           "args": {"op_name": op}})
+        ts += 10
+    return events
+
+
+def _fake_result(node_ms, node_flops):
+    return {"op_profile": parse_ort_profile(_kernel_events(node_ms), skip_runs=1), "node_flops": node_flops}
+
+
+def test_achievable_ratio_from_a_parsed_profile():
+    # Original: a site of 6 ms (its MatMul, fused with its bias by ORT under its own name) and 4 ms elsewhere.
+    original = _fake_result(
+        {"l/MatMul/MatMulAddFusion": ("Gemm", 6.0), "l/MatMul_1": ("MatMul", 2.0), "act": ("Relu", 2.0)},
+        {"l/MatMul": 1000, "l/MatMul_1": 300},
+    )
+    compressed = _fake_result(
+        {"l/MatMul/factor_A": ("MatMul", 1.0), "l/MatMul/factor_B": ("MatMul", 2.0), "l/MatMul_1": ("MatMul", 2.0),
+         "act": ("Relu", 2.5)},
+        {"l/MatMul/factor_A": 100, "l/MatMul/factor_B": 150, "l/MatMul_1": 300},
+    )
+    limits = speed_limits(original, compressed)
+    assert [row["node"] for row in limits["sites"]] == ["l/MatMul"]  # l/MatMul_1 is not under l/MatMul
+    row = limits["sites"][0]
+    assert row["dense_ms"] == pytest.approx(6.0) and row["factored_ms"] == pytest.approx(3.0)
+    assert row["flop_ratio"] == pytest.approx(0.25) and row["time_ratio"] == pytest.approx(0.5)
+    assert limits["site_share"] == pytest.approx(0.6)
+    assert limits["achievable_ratio"] == pytest.approx((4.0 + 6.0 * 0.25) / 10.0)
+    assert limits["kernel_ratio"] == pytest.approx(7.5 / 10.0)
+    assert limits["other_time_ratio"] == pytest.approx(4.5 / 4.0)
+    assert achievable_ratio(10.0, {"a": 6.0, "b": 2.0}, {"a": 0.5, "b": 1.0}) == pytest.approx(0.7)
+    text = format_speed(limits, ratio_summary([1.0] * 4, [0.8] * 4))
+    assert "achievable latency ratio 0.550" in text and "measured latency ratio 0.800" in text
+
+
+def test_a_node_belongs_to_the_longest_site_it_is_named_under():
+    sites = sorted(["a/MatMul", "a/MatMul/x"], key=len, reverse=True)
+    assert owner("a/MatMul/x/factor_A", sites) == "a/MatMul/x"
+    assert owner("a/MatMul/factor_B", sites) == "a/MatMul"
+    assert owner("a/MatMul_1", sites) is None
+    assert factorised_sites({"a": 1, "ab": 1, "c": 1}, {"a/factor_A": 1, "a/factor_B": 1, "ab": 1, "c": 1}) == ["a"]
+
+
+def test_measured_ratio_headline_is_the_median_of_pairs():
+    a = [0.010] * 9 + [0.010]
+    b = [0.005] * 9 + [0.300]  # one run of the second model hit by load
+    summary = ratio_summary(a, b)
+    assert summary["ratio_p50"] == pytest.approx(0.5) and summary["ratio_mean"] > 3
+    assert summary["ratio_p10"] <= summary["ratio_p50"] <= summary["ratio_p90"]
+    text = format_comparison(_latency_only(10.0, 10.0), _latency_only(5.0, 40.0), paired=summary)
+    headline = next(line for line in text.splitlines() if line.startswith("latency ratio"))
+    assert "0.500x (median of 10 alternating pairs" in headline
+    text = format_comparison(_latency_only(10.0, 10.0), _latency_only(5.0, 40.0))
+    headline = next(line for line in text.splitlines() if line.startswith("latency ratio"))
+    assert "0.500x (ratio of the medians)" in headline and "4.000x" not in headline
+
+
+def _latency_only(p50, mean):
+    """A profile_model-shaped result whose median and mean latency differ."""
+    result = {key: 1.0 for _, key, _ in METRICS}
+    result.update(latency_50_percentile=p50, average_latency_ms=mean, model="m.onnx", batch_size=1, runs=10,
+                  warmup=1, threads=1, providers=["CPUExecutionProvider"], peak_rss_mb=1.0, rss_growth_mb=1.0)
+    return result
+
+
+def test_speed_limits_on_the_profiled_pair(profiles):
+    limits = speed_limits(profiles["original"], profiles["compressed"])
+    assert [row["node"] for row in limits["sites"]] == ["mm1"]
+    row = limits["sites"][0]
+    assert row["flop_ratio"] == pytest.approx(RANK * (K + N) / (K * N))
+    assert row["dense_ms"] > 0 and row["factored_ms"] > 0
+    assert 0 < limits["achievable_ratio"] < 1
+    paired = paired_ratio(profiles["original_path"], profiles["folder"] / "compressed.onnx", profiles["feed"], runs=6,
+                          warmup=1, threads=1)
+    assert paired["pairs"] == 6 and paired["ratio_p10"] <= paired["ratio_p50"] <= paired["ratio_p90"]
+
+
+# --- LSTM/GRU FLOPs ---------------------------------------------------------------------------------------
+
+S, BATCH, IN, H = 5, 3, 6, 4
+
+
+def test_recurrent_flops_count_input_and_recurrent_parts():
+    assert recurrent_flops("LSTM", [S, BATCH, IN], [1, 4 * H, IN], [1, 4 * H, H]) == 2 * S * BATCH * 4 * H * (IN + H)
+    assert recurrent_flops("LSTM", [BATCH, S, IN], [2, 4 * H, IN], [2, 4 * H, H], {"layout": 1}) == (
+        2 * 2 * S * BATCH * 4 * H * (IN + H))
+    assert recurrent_flops("GRU", [S, BATCH, IN], [1, 3 * H, IN], [1, 3 * H, H]) == 2 * S * BATCH * 3 * H * (IN + H)
+    assert recurrent_flops("RNN", [S, BATCH, IN], [1, H, IN], [1, H, H]) == 2 * S * BATCH * H * (IN + H)
+
+
+def _lstm_model(rank=None):
+    """x [S, batch, IN] -> LSTM (hidden H); with a rank, x @ P [IN, r] feeds an LSTM whose W is [1, 4H, r]."""
+    rng = np.random.default_rng(0)
+    width = IN if rank is None else rank
+    nodes, weights = [], []
+    source = "x"
+    if rank is not None:
+        nodes.append(helper.make_node("MatMul", ["x", "P"], ["xp"], name="lstm/input_projection"))
+        weights.append(numpy_helper.from_array(rng.standard_normal((IN, rank)).astype(np.float32), "P"))
+        source = "xp"
+    nodes.append(helper.make_node("LSTM", [source, "W", "R"], ["y"], name="lstm", hidden_size=H))
+    weights += [numpy_helper.from_array(rng.standard_normal((1, 4 * H, width)).astype(np.float32), "W"),
+                numpy_helper.from_array(rng.standard_normal((1, 4 * H, H)).astype(np.float32), "R")]
+    graph = helper.make_graph(nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["seq", "b", IN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def test_lstm_flops_measured_from_runtime_shapes(tmp_path):
+    feed = {"x": np.ones((S, BATCH, IN), np.float32)}
+    flops = {}
+    for name, rank in (("dense", None), ("factored", 2)):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(_lstm_model(rank), path)
+        flops[name], nested = measure_node_flops(path, _lstm_model(rank), feed, ("CPUExecutionProvider",))
+        assert nested == 0
+    assert flops["dense"] == {"lstm": 2 * S * BATCH * 4 * H * (IN + H)}
+    assert flops["factored"] == {"lstm/input_projection": 2 * S * BATCH * IN * 2,
+                                 "lstm": 2 * S * BATCH * 4 * H * (2 + H)}
+    assert factorised_sites(flops["dense"], flops["factored"]) == ["lstm"]

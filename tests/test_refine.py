@@ -16,7 +16,10 @@ from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.pipeline.compress import validate
 from onnx_fwlr.cli.main import main
-from onnx_fwlr.refine.loop import Objective, SamplePool, Student, learning_rate, refine, split_units, trainable_factors
+from onnx_fwlr.refine.loop import SamplePool, refine, split_units
+from onnx_fwlr.refine.losses import Objective
+from onnx_fwlr.refine.optim import learning_rate
+from onnx_fwlr.refine.trainable import Student, trainable_factors
 
 ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "sample_models" / "digits_mlp.onnx"
@@ -106,7 +109,7 @@ def test_trainable_are_factors_and_site_biases(digits_svd):
 def test_one_session_serves_every_step(digits_svd, monkeypatch):
     import onnxruntime as ort
 
-    from onnx_fwlr.io.model import max_runtime_ir_version
+    from onnx_fwlr.io.runtime import max_runtime_ir_version
 
     max_runtime_ir_version()  # its one-time probe session is not ours to count
     made = []

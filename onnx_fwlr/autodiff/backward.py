@@ -8,7 +8,6 @@ shape), and walks those nodes backwards applying ``onnx_fwlr.vjp`` rules.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -16,12 +15,11 @@ import numpy as np
 import onnx
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import runtime_source, tensor_array
+from onnx_fwlr.io import runtime
+from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.io.onnx_utils import DEFAULT_DOMAINS, FLOAT_TYPES, default_opset
 from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.BFLOAT16}
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _SHAPE_SUFFIX = "__fwlr_shape"
 
 
@@ -73,7 +71,7 @@ def _casts_to_non_float(node: onnx.NodeProto) -> bool:
     if node.op_type != "Cast":
         return False
     to = next((a.i for a in node.attribute if a.name == "to"), onnx.TensorProto.FLOAT)
-    return to not in _FLOAT_TYPES
+    return to not in FLOAT_TYPES
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -88,11 +86,6 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             types[vi.name] = vi.type.tensor_type.elem_type
     return types
-
-
-def _clamp_ir_error(message: str) -> int | None:
-    match = re.search(r"max supported IR version:\s*(\d+)", message)
-    return int(match.group(1)) if match else None
 
 
 class GradientRunner:
@@ -112,7 +105,7 @@ class GradientRunner:
         self.session_options = session_options
         self.wrt = list(dict.fromkeys(wrt))
         self.providers = list(providers)
-        self.opset = next((o.version for o in model.opset_import if o.domain in _DEFAULT_DOMAINS), 1)
+        self.opset = default_opset(model)
         graph = model.graph
         self._model_ref = model  # lazily loaded initializers are read through it (modelio.tensor_array)
         self._initializers = {t.name: t for t in graph.initializer}
@@ -126,7 +119,7 @@ class GradientRunner:
         if missing:
             raise FwlrError(f"Tensors {missing} are not in the model graph; pass names of graph inputs, "
                             "initializers or node outputs.")
-        not_float = [w for w in [output, *self.wrt] if self._types.get(w, onnx.TensorProto.FLOAT) not in _FLOAT_TYPES]
+        not_float = [w for w in [output, *self.wrt] if self._types.get(w, onnx.TensorProto.FLOAT) not in FLOAT_TYPES]
         if not_float:
             raise FwlrError(f"Tensors {not_float} are not floating point, so they have no gradient; "
                             "differentiate with respect to float tensors (e.g. embeddings instead of token ids).")
@@ -147,16 +140,16 @@ class GradientRunner:
             implicit = bool(_subgraph_inputs(node) & active) if _has_subgraph(node) else False
             if not reads and not implicit:
                 continue
-            if node.domain in _DEFAULT_DOMAINS and (node.op_type in NON_DIFFERENTIABLE or _casts_to_non_float(node)):
+            if node.domain in DEFAULT_DOMAINS and (node.op_type in NON_DIFFERENTIABLE or _casts_to_non_float(node)):
                 continue
-            rule = RULES.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+            rule = RULES.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
             if rule is not None and not implicit:
                 diff = range(len(node.input)) if rule.diff_inputs is None else rule.diff_inputs
                 reads = [i for i in reads if i in diff]
                 if not reads:
                     continue
             for o in node.output:
-                if o and self._types.get(o, onnx.TensorProto.FLOAT) in _FLOAT_TYPES:
+                if o and self._types.get(o, onnx.TensorProto.FLOAT) in FLOAT_TYPES:
                     active.add(o)
             touched.append((node, frozenset(reads)))
         return active, touched
@@ -172,20 +165,26 @@ class GradientRunner:
             on_path = tuple(k for k, o in enumerate(node.output) if o in active and o in ancestors)
             if not on_path:
                 continue
-            rule = RULES.get(node.op_type) if node.domain in _DEFAULT_DOMAINS else None
+            rule = RULES.get(node.op_type) if node.domain in DEFAULT_DOMAINS else None
             handled = rule is not None and not _has_subgraph(node) and (
                 rule.grad_outputs is None or set(on_path) <= set(rule.grad_outputs))
             if not handled:
                 unsupported.append(node)
                 continue
+            attrs = _attributes(node)
+            reason = rule.unsupported(attrs) if rule.unsupported is not None else None
+            if reason is not None:
+                raise FwlrError(f"Cannot differentiate {self.output!r} through {node.op_type} node "
+                                f"{node.name or node.output[0]!r}: {reason}; use an activation-based method "
+                                "(asvd or whiten) for this model.")
             needs = rule.needs(reads, len(node.input))
-            steps.append(_Step(node, _attributes(node), reads, on_path, needs))
+            steps.append(_Step(node, attrs, reads, on_path, needs))
         if unsupported:
             self._raise_unsupported(graph, unsupported)
         return steps
 
     def _raise_unsupported(self, graph, nodes):
-        ops = sorted({(f"{n.domain}:" if n.domain not in _DEFAULT_DOMAINS else "") + n.op_type for n in nodes})
+        ops = sorted({(f"{n.domain}:" if n.domain not in DEFAULT_DOMAINS else "") + n.op_type for n in nodes})
         bad = {id(n) for n in nodes}
         affected = [w for w in self.wrt if any(id(n) in bad for n, _ in self._active_tensors(graph, [w])[1])]
         raise FwlrError(
@@ -233,26 +232,10 @@ class GradientRunner:
     # ------------------------------------------------------------ running
 
     def _make_session(self):
-        import onnxruntime as ort
-
         options = self.session_options
-        if options is None:
-            options = ort.SessionOptions()
-            # numpy runs between ORT calls: spinning ORT threads would steal its cores.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        model = self.exposed_model
-        try:
-            with runtime_source(model) as source:  # a path for lazily loaded (external data) models
-                return ort.InferenceSession(source, options, providers=self.providers)
-        except Exception as err:  # noqa: BLE001 - retried only for a too-new IR version
-            max_ir = _clamp_ir_error(str(err))
-            if max_ir is None or model.ir_version <= max_ir:
-                raise
-        clamped = onnx.ModelProto()
-        clamped.CopyFrom(model)
-        clamped.ir_version = max_ir
-        with runtime_source(clamped) as source:
-            return ort.InferenceSession(source, options, providers=self.providers)
+        if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores.
+            options = runtime.session_options(spinning=False, quiet=False)
+        return runtime.make_session(self.exposed_model, options, self.providers)
 
     def forward(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model; returns the exposed tensors (``output``, what backward reads, extras)."""

@@ -16,7 +16,9 @@ import numpy as np
 
 from onnx_fwlr.errors import FwlrError
 
-LOSSES = ("ce", "mc", "gaussian")
+LOSSES = ("ce", "mc", "gaussian", "lm")
+IGNORE_INDEX = -100  # label value that marks a position without a target (the Hugging Face convention)
+_CHUNK_ELEMENTS = 1 << 20  # softmax rows are worked on in float64 chunks of about this many entries
 
 
 @dataclass(frozen=True)
@@ -47,16 +49,20 @@ def find_seed_target(model, output: str) -> SeedTarget:
     return SeedTarget(output)
 
 
-def default_loss(target: SeedTarget, output_shape, labels_given: bool) -> str:
-    """'ce' with labels; 'mc' for logits/probabilities ((Log)Softmax output or 2-D [batch, classes]); else 'gaussian'."""
+def default_seed_loss(target: SeedTarget, output_shape, labels_given: bool, next_token: bool = False) -> str:
+    """The Fisher seed: 'ce' with labels; 'lm' for a language model's next-token logits (``next_token``);
+    'mc' for logits/probabilities ((Log)Softmax output or 2-D [batch, classes]); else 'gaussian'.
+    (refine picks its distillation loss by another rule: onnx_fwlr.refine.losses.default_distillation_loss.)"""
     if labels_given:
         return "ce"
+    if next_token:
+        return "lm"
     if target.classifier or len(output_shape) == 2:
         return "mc"
     return "gaussian"
 
 
-def _class_rows(z: np.ndarray, axis: int, legacy_2d: bool) -> np.ndarray:
+def class_rows(z: np.ndarray, axis: int, legacy_2d: bool) -> np.ndarray:
     """View z as [rows, classes] with the class axis last."""
     if legacy_2d:
         axis = axis % z.ndim
@@ -65,7 +71,7 @@ def _class_rows(z: np.ndarray, axis: int, legacy_2d: bool) -> np.ndarray:
     return moved.reshape(-1, moved.shape[-1])
 
 
-def _from_rows(rows: np.ndarray, like: np.ndarray, axis: int, legacy_2d: bool) -> np.ndarray:
+def from_rows(rows: np.ndarray, like: np.ndarray, axis: int, legacy_2d: bool) -> np.ndarray:
     if legacy_2d:
         return rows.reshape(like.shape)
     moved_shape = np.moveaxis(like, axis, -1).shape
@@ -76,6 +82,23 @@ def _softmax_rows(rows: np.ndarray) -> np.ndarray:
     rows = rows.astype(np.float64)
     e = np.exp(rows - rows.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _row_chunks(rows: int, classes: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges whose float64 softmax stays small: a vocabulary-sized output ([B, T, V])
+    is never held in float64 at once, only its seed in the output's own dtype."""
+    step = max(1, _CHUNK_ELEMENTS // max(classes, 1))
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _softmax_minus_onehot(rows: np.ndarray, labels: np.ndarray, dtype) -> np.ndarray:
+    """softmax(rows) − onehot(labels), computed in float64 chunk by chunk, returned in ``dtype``."""
+    out = np.empty(rows.shape, dtype=dtype)
+    for start, stop in _row_chunks(*rows.shape):
+        g = _softmax_rows(rows[start:stop])
+        g[np.arange(stop - start), labels[start:stop]] -= 1.0
+        out[start:stop] = g
+    return out
 
 
 def _apply_weight(seed: np.ndarray, weight) -> np.ndarray:
@@ -92,33 +115,73 @@ def _apply_weight(seed: np.ndarray, weight) -> np.ndarray:
 def ce_seed(logits: np.ndarray, labels: np.ndarray, *, axis: int = -1, legacy_2d: bool = False,
             weight=None) -> np.ndarray:
     """Cotangent of the per-sample cross-entropy w.r.t. logits: softmax(z) − onehot(y) (no batch mean)."""
-    rows = _class_rows(logits, axis, legacy_2d)
+    rows = class_rows(logits, axis, legacy_2d)
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     if labels.shape[0] != rows.shape[0]:
         raise FwlrError(f"Got {labels.shape[0]} labels for {rows.shape[0]} predictions; pass one class "
                         "index per prediction.")
     if labels.size and (labels.min() < 0 or labels.max() >= rows.shape[1]):
         raise FwlrError(f"Labels must lie in [0, {rows.shape[1]}); fix the label encoding.")
-    g = _softmax_rows(rows)
-    g[np.arange(rows.shape[0]), labels] -= 1.0
-    seed = _from_rows(g.astype(logits.dtype), logits, axis, legacy_2d)
-    return _apply_weight(seed, weight)
+    g = _softmax_minus_onehot(rows, labels, logits.dtype)
+    return _apply_weight(from_rows(g, logits, axis, legacy_2d), weight)
 
 
 def mc_seeds(logits: np.ndarray, draws: int, rng: np.random.Generator, *, axis: int = -1,
              legacy_2d: bool = False, weight=None) -> list[np.ndarray]:
     """``draws`` seeds p − onehot(ỹ) with ỹ sampled from the model's own softmax (Monte-Carlo true Fisher)."""
-    rows = _class_rows(logits, axis, legacy_2d)
-    p = _softmax_rows(rows)
-    cdf = np.cumsum(p, axis=1)
-    seeds = []
-    for _ in range(draws):
-        u = rng.random((rows.shape[0], 1)) * cdf[:, -1:]
-        sampled = np.minimum((cdf < u).sum(axis=1), rows.shape[1] - 1)
-        g = p.copy()
-        g[np.arange(rows.shape[0]), sampled] -= 1.0
-        seeds.append(_apply_weight(_from_rows(g.astype(logits.dtype), logits, axis, legacy_2d), weight))
-    return seeds
+    rows = class_rows(logits, axis, legacy_2d)
+    uniforms = [rng.random((rows.shape[0], 1)) for _ in range(draws)]
+    seeds = [np.empty(rows.shape, dtype=logits.dtype) for _ in range(draws)]
+    for start, stop in _row_chunks(*rows.shape):
+        p = _softmax_rows(rows[start:stop])
+        cdf = np.cumsum(p, axis=1)
+        for u, seed in zip(uniforms, seeds):
+            sampled = np.minimum((cdf < u[start:stop] * cdf[:, -1:]).sum(axis=1), rows.shape[1] - 1)
+            g = p.copy()
+            g[np.arange(stop - start), sampled] -= 1.0
+            seed[start:stop] = g
+    return [_apply_weight(from_rows(seed, logits, axis, legacy_2d), weight) for seed in seeds]
+
+
+def next_token_targets(tokens: np.ndarray, mask=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
+    """Targets [B, T] (position t predicts token t+1) and where they count [B, T] bool.
+
+    The targets are ``labels`` when given (unshifted, as Hugging Face passes them; IGNORE_INDEX skips a
+    position), else the input ids. A position counts when its target exists and, with an attention
+    mask, both it and the next position are real tokens; the last position never has a target.
+    """
+    source = np.asarray(tokens if labels is None else labels)
+    if source.ndim != 2 or (labels is not None and np.shape(labels) != np.shape(tokens)):
+        raise FwlrError(f"The 'lm' loss needs token ids [batch, seq] (got {source.shape}); labels, when given, "
+                        "must have the same shape as the input ids.")
+    targets = np.zeros(source.shape, dtype=np.int64)
+    targets[:, :-1] = source[:, 1:]
+    keep = np.zeros(source.shape, dtype=bool)
+    keep[:, :-1] = source[:, 1:] != IGNORE_INDEX
+    if mask is not None:
+        mask = np.asarray(mask) != 0
+        keep[:, :-1] &= mask[:, :-1] & mask[:, 1:]
+    targets[~keep] = 0
+    return targets, keep
+
+
+def lm_seed(logits: np.ndarray, tokens: np.ndarray, *, mask=None, labels=None) -> np.ndarray:
+    """Cotangent of the per-sequence next-token cross-entropy Σ_t −log p(y_{t+1} | y_≤t) w.r.t. logits [B, T, V].
+
+    softmax(z_t) − onehot(y_{t+1}) where a target counts (next_token_targets), zero elsewhere (padding, the
+    last position). Worked on in float64 row chunks; the seed has the logits' dtype.
+    """
+    if logits.ndim != 3 or logits.shape[:2] != np.shape(tokens):
+        raise FwlrError(f"The 'lm' loss needs logits [batch, seq, vocab] matching the token ids {np.shape(tokens)}; "
+                        f"the seeded output has shape {logits.shape}. Name the logits output with --fisher-output.")
+    targets, keep = next_token_targets(tokens, mask, labels)
+    vocab = logits.shape[-1]
+    if targets.size and (targets.min() < 0 or targets.max() >= vocab):
+        raise FwlrError(f"Token ids must lie in [0, {vocab}) for the 'lm' loss; check the data's tokenizer.")
+    rows = logits.reshape(-1, vocab)
+    seed = _softmax_minus_onehot(rows, targets.reshape(-1), logits.dtype).reshape(logits.shape)
+    seed[~keep] = 0
+    return seed
 
 
 def gaussian_seeds(shape, draws: int, rng: np.random.Generator, *, dtype=np.float32,
@@ -128,10 +191,17 @@ def gaussian_seeds(shape, draws: int, rng: np.random.Generator, *, dtype=np.floa
 
 
 def make_seeds(loss: str, z: np.ndarray, *, target: SeedTarget | None = None, labels=None, draws: int = 1,
-               rng: np.random.Generator | None = None, weight=None) -> list[np.ndarray]:
-    """Seeds for the values ``z`` of ``target.tensor`` under ``loss`` ('ce' gives one seed)."""
+               rng: np.random.Generator | None = None, weight=None, tokens=None) -> list[np.ndarray]:
+    """Seeds for the values ``z`` of ``target.tensor`` under ``loss`` ('ce' and 'lm' give one seed).
+
+    'lm' reads the input ids ``tokens`` [B, T] and uses ``weight`` (the attention mask) as the padding mask.
+    """
     target = target or SeedTarget("")
     rng = rng if rng is not None else np.random.default_rng(0)
+    if loss == "lm":
+        if tokens is None:
+            raise FwlrError("The 'lm' loss needs the model's token ids input; feed input_ids or choose another loss.")
+        return [lm_seed(z, tokens, mask=weight, labels=labels)]
     if loss == "ce":
         if labels is None:
             raise FwlrError("The 'ce' loss needs labels; pass labels or choose loss 'mc' or 'gaussian'.")

@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.special import erf
 
+from onnx_fwlr.autodiff.recurrent_vjp import recurrent_vjp, unsupported_reason
+
 # Ops whose outputs carry no gradient (constant, integer, boolean or piecewise-constant results).
 NON_DIFFERENTIABLE = frozenset({
     "Constant", "ConstantOfShape", "Shape", "Size", "Range", "EyeLike", "NonZero",
@@ -48,12 +50,15 @@ class Rule:
     ``needs(wanted, n_inputs)`` lets a caller expose only the tensors the rule will read.
     ``diff_inputs``: inputs that can carry a gradient (None = all). ``grad_outputs``: outputs whose
     cotangent the rule handles (None = all); a gradient through any other output is unsupported.
+    ``unsupported(attrs)``: why the rule cannot handle a node with these attributes (None = it can), so a
+    caller can refuse before running anything.
     """
 
     vjp: Callable
     needs: Callable[[frozenset, int], Needs]
     diff_inputs: tuple[int, ...] | None = (0,)
     grad_outputs: tuple[int, ...] | None = (0,)
+    unsupported: Callable[[dict], str | None] | None = None
 
 
 def shape_only(shape, dtype=np.float32) -> np.ndarray:
@@ -320,6 +325,30 @@ def _layer_norm(ins, outs, attrs, grads, opset, wanted):
     return out
 
 
+def _rms_norm(ins, outs, attrs, grads, opset, wanted):
+    """RMSNormalization (opset 23): y = x / √(mean(x²) + ε) · scale over the axes from ``axis`` on."""
+    x, scale, g = ins[0], ins[1], grads[0]
+    dtype = np.result_type(x.dtype, g.dtype, np.float32)
+    axes = tuple(range(attrs.get("axis", -1) % x.ndim, x.ndim))
+    x = x.astype(dtype, copy=False)
+    inv_rms = 1.0 / np.sqrt((x * x).mean(axis=axes, keepdims=True) + attrs.get("epsilon", 1e-5))
+    xhat = x * inv_rms
+    out = [None] * len(ins)
+    if 1 in wanted:
+        out[1] = unbroadcast(g * xhat, scale.shape)
+    if 0 in wanted:
+        gh = g * scale
+        out[0] = inv_rms * (gh - xhat * (gh * xhat).mean(axis=axes, keepdims=True))
+    return out
+
+
+def _trilu(ins, outs, attrs, grads, opset, wanted):
+    """Trilu keeps a triangle of the last two axes: the cotangent keeps the same triangle."""
+    k = int(np.ravel(ins[1])[0]) if _opt(ins, 1) is not None else 0
+    g = grads[0]
+    return [np.triu(g, k) if attrs.get("upper", 1) else np.tril(g, k)] + [None] * (len(ins) - 1)
+
+
 # ---------------------------------------------------------------- reductions
 
 def _reduce_axes(ins, attrs, rank):
@@ -474,6 +503,8 @@ def _d_tanh(x, y, a): return 1.0 - y * y
 def _d_sigmoid(x, y, a): return y * (1.0 - y)
 def _d_relu(x, y, a): return (y > 0).astype(y.dtype)
 def _d_abs(x, y, a): return np.sign(x)
+def _d_sin(x, y, a): return np.cos(x)
+def _d_cos(x, y, a): return -np.sin(x)
 
 
 _NEEDS_X = _static(inputs=(0,))
@@ -509,6 +540,10 @@ RULES: dict[str, Rule] = {
     "Softmax": Rule(_softmax, _NEEDS_Y),
     "LogSoftmax": Rule(_log_softmax, _NEEDS_Y),
     "LayerNormalization": Rule(_layer_norm, _static(inputs=(0, 1), shapes=(2,)), (0, 1, 2)),
+    "RMSNormalization": Rule(_rms_norm, _static(inputs=(0, 1)), (0, 1)),
+    "Sin": Rule(_unary(_d_sin), _NEEDS_X),
+    "Cos": Rule(_unary(_d_cos), _NEEDS_X),
+    "Trilu": Rule(_trilu, _static(inputs=(1,))),
     "ReduceSum": Rule(_reduce(mean=False), _static(inputs=(1,), shapes=(0,))),
     "ReduceMean": Rule(_reduce(mean=True), _static(inputs=(1,), shapes=(0,))),
     "ReduceL2": Rule(_reduce_squares(root=True), _static(inputs=(0, 1), outputs=(0,))),
@@ -528,6 +563,10 @@ RULES: dict[str, Rule] = {
     "CastLike": Rule(_pass_through, _NOTHING),
     "Identity": Rule(_pass_through, _NOTHING),
     "Dropout": Rule(_pass_through, _NOTHING),  # inference mode: identity; the mask output is boolean
+    "LSTM": Rule(recurrent_vjp("LSTM"), _all_inputs(values=True), (0, 1, 2, 3, 5, 6, 7), None,
+                 lambda attrs: unsupported_reason("LSTM", attrs)),
+    "GRU": Rule(recurrent_vjp("GRU"), _all_inputs(values=True), (0, 1, 2, 3, 5), None,
+                lambda attrs: unsupported_reason("GRU", attrs)),
 }
 
 

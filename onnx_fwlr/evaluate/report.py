@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import collections
+import math
 from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from onnx_fwlr.sites.find import Skipped, walk_graphs
+from onnx_fwlr.io.onnx_utils import walk_graphs
+from onnx_fwlr.sites.find import Skipped
 
 
 @dataclass
@@ -20,8 +22,8 @@ class SiteResult:
     rank: int | None  # None = kept dense
     params_before: int
     params_after: int
-    weighted_error: float | None = None  # dropped σ² in the method's weighted norm
-    relative_error: float | None = None  # dropped / total weighted energy
+    weighted_error: float | None = None  # dropped σ² in the method's weighted norm (a squared error)
+    relative_error: float | None = None  # ‖P (W − W') Q‖_F / ‖P W Q‖_F: relative Frobenius error, not squared
     note: str = ""
 
 
@@ -43,6 +45,10 @@ class Report:
     calibration: dict = field(default_factory=dict)
     validation: dict | None = None
     versions: dict = field(default_factory=dict)
+    # Objects of the later stages, not fields (to_dict writes their own dicts): the refine.loop.RefineReport of
+    # refine_steps, and the evaluate.validation.Validation of the final check on validation data.
+    refined = None
+    checked = None
 
     @property
     def site_params_before(self) -> int:
@@ -61,6 +67,8 @@ class Report:
         data["skipped"] = [asdict(s) for s in self.skipped]
         data["site_params_before"] = self.site_params_before
         data["site_params_after"] = self.site_params_after
+        if self.refined is not None:
+            data["refine"] = self.refined.to_dict()
         return data
 
     def format(self) -> str:
@@ -87,7 +95,7 @@ class Report:
                 "" if s.relative_error is None else f"{s.relative_error:.3g}",
                 "" if s.weighted_error is None else f"{s.weighted_error:.4g}",
             ])
-        headers = ["site", "K x N", "rank", "params before", "params after", "rel. error", "weighted error"]
+        headers = ["site", "K x N", "rank", "params before", "params after", "rel. Frobenius error", "weighted error²"]
         return format_table(headers, rows, align="lllrrrr")
 
     def format_summary(self) -> str:
@@ -109,6 +117,11 @@ class Report:
                 rows.append([f"{op} nodes", str(before), str(after), ""])
         title = f"method {self.method}, allocation {self.allocation}, {self.factorised}/{len(self.sites)} sites factorised"
         return title + "\n" + format_table(["", "before", "after", "ratio"], rows, align="lrrr")
+
+
+def relative_frobenius(dropped_energy: float, total_energy: float) -> float:
+    """SiteResult.relative_error from squared errors: √(dropped / total), the ‖ΔW‖/‖W‖ users expect."""
+    return math.sqrt(max(dropped_energy, 0.0) / total_energy) if total_energy > 0 else 0.0
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -59,7 +59,7 @@ def sweep(
     out.mkdir(exist_ok=True)
     for ratio in ratios:
         Budget(ratio=ratio).check()
-    configs = [(m, a) for m in methods for a in allocations if a == "uniform" or "gradients" in METHODS[m]]
+    configs = [(m, a) for m in methods for a in allocations if a == "uniform" or METHODS[m].loss_units]
     for method, allocation in configs:
         check_method(method, allocation)
     if not configs:
@@ -75,7 +75,7 @@ def sweep(
         result.calibration = {k: v for k, v in stats.meta.items()}
     original_path = _model_path(model, original, out)
     for method in sorted({m for m, _ in configs}, key=methods.index):
-        prepared = prepare(original, method=method, stats=stats if METHODS[method] else None, workers=workers,
+        prepared = prepare(original, method=method, stats=stats if METHODS[method].needs else None, workers=workers,
                            progress=progress)
         ensure_decompositions(prepared)  # every budget, and the spectra plot, read whole spectra: decompose once
         for allocation in [a for m, a in configs if m == method]:
@@ -84,7 +84,7 @@ def sweep(
             for ratio in tqdm(ratios, desc=f"sweep {config}", disable=not progress, leave=False):
                 ranks = choose_ranks(prepared, Budget(ratio=ratio), allocation)
                 compressed, report = build(prepared, ranks, allocation, Budget(ratio=ratio),
-                                           bias_correction="activations" in METHODS[method])
+                                           bias_correction=METHODS[method].bias_correction)
                 row = _evaluate(original, compressed, report, validation, batch_size)
                 row.update(config=config, method=method, allocation=allocation, ratio=ratio)
                 if latency or save_models:
@@ -106,7 +106,7 @@ def sweep(
 
 def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input, progress, fisher_options):
     """One calibration serves every method: gradients (which include activations) when any method needs them."""
-    needs = {n for m in methods for n in METHODS[m]}
+    needs = {n for m in methods for n in METHODS[m].needs}
     if not needs:
         return None
     if calibration is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -19,9 +18,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import external_base, max_runtime_ir_version, runtime_source
-
-FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bfloat16)")
+from onnx_fwlr.io import runtime
+from onnx_fwlr.io.onnx_utils import ORT_FLOAT_TYPES
 
 
 @dataclass
@@ -346,58 +344,11 @@ def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
 
 
 def _session(model, providers: Sequence[str], role: str) -> ort.InferenceSession:
-    """ORT session from a path (ORT finds external data next to it) or an in-memory ModelProto.
-
-    A model whose IR version is newer than the installed ONNX Runtime reads is run with the version lowered.
-    """
-    if isinstance(model, onnx.ModelProto):
-        if external_base(model) is not None:  # lazily loaded: ORT reads its external data beside a file
-            with runtime_source(model) as source:
-                return _session_from_bytes(source, providers, role)
-        return _session_from_bytes(_serialize_for_runtime(model, role), providers, role)
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise FwlrError(f"The {role} model file '{path}' does not exist; check the path.")
-    try:
-        return ort.InferenceSession(path, sess_options=_session_options(), providers=list(providers))
-    except Exception as error:
-        if "Unsupported model IR version" not in str(error):
-            raise FwlrError(
-                f"ONNX Runtime cannot load the {role} model: {_one_line(error)}; "
-                "check that it is a valid ONNX model."
-            ) from error
-    return _session_from_bytes(_serialize_for_runtime(onnx.load(path), role), providers, role)
-
-
-def _session_from_bytes(source: bytes, providers: Sequence[str], role: str) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(source, sess_options=_session_options(), providers=list(providers))
-    except Exception as error:
-        raise FwlrError(
-            f"ONNX Runtime cannot load the {role} model: {_one_line(error)}; "
-            "check that it is a valid ONNX model."
-        ) from error
-
-
-def _session_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only; ORT's warnings are not ours to show
-    return options
-
-
-def _serialize_for_runtime(model: onnx.ModelProto, role: str) -> bytes:
-    """Bytes ORT can load; the IR version is lowered in the bytes only, never in the caller's model."""
-    ir_version = model.ir_version
-    model.ir_version = min(ir_version, max_runtime_ir_version())
-    try:
-        return model.SerializeToString()
-    except ValueError as error:
-        raise FwlrError(
-            f"The {role} model is too large to hand to ONNX Runtime from memory ({error}); "
-            "save it with external data and pass its path."
-        ) from error
-    finally:
-        model.ir_version = ir_version
+    """ORT session from a path (ORT finds external data next to it) or an in-memory ModelProto, whatever its
+    IR version; ORT logs errors only (its warnings are not ours to show)."""
+    if not isinstance(model, onnx.ModelProto) and not os.path.isfile(os.fspath(model)):
+        raise FwlrError(f"The {role} model file '{os.fspath(model)}' does not exist; check the path.")
+    return runtime.make_session(model, runtime.session_options(), providers, role=f"{role} model")
 
 
 def _output_names(original: ort.InferenceSession, compressed: ort.InferenceSession, requested) -> list[str]:
@@ -407,7 +358,7 @@ def _output_names(original: ort.InferenceSession, compressed: ort.InferenceSessi
         names = [
             name
             for name, kind in original_types.items()
-            if kind in FLOAT_TYPES and compressed_types.get(name) in FLOAT_TYPES
+            if kind in ORT_FLOAT_TYPES and compressed_types.get(name) in ORT_FLOAT_TYPES
         ]
         if not names:
             raise FwlrError(
@@ -420,7 +371,7 @@ def _output_names(original: ort.InferenceSession, compressed: ort.InferenceSessi
                 raise FwlrError(
                     f"Output '{name}' is not an output of the {role} model; choose from {sorted(types)}."
                 )
-            if types[name] not in FLOAT_TYPES:
+            if types[name] not in ORT_FLOAT_TYPES:
                 raise FwlrError(
                     f"Output '{name}' of the {role} model is {types[name]}, not floating point; "
                     "compare float outputs only."
@@ -441,16 +392,9 @@ def _run(session: ort.InferenceSession, feed, names: list[str], role: str, batch
         return session.run(names, {name: feed[name] for name in wanted})
     except Exception as error:
         raise FwlrError(
-            f"ONNX Runtime rejected batch {batch_index} for the {role} model: {_one_line(error)}; "
+            f"ONNX Runtime rejected batch {batch_index} for the {role} model: {runtime.error_text(error)}; "
             "check that the data's shapes and dtypes match the model inputs."
         ) from error
-
-
-def _one_line(error: Exception) -> str:
-    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", str(error))
-    text = re.sub(r"^\S+\.(cc|h):\d+ .*?\) ", "", text)  # ORT's source location and C++ signature
-    text = text.replace("Please fix either the inputs/outputs or the model.", "")
-    return " ".join(text.split()).rstrip(" .") or type(error).__name__
 
 
 def _json_safe(value):

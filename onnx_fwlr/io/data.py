@@ -183,6 +183,15 @@ def find_mask_input(specs: list[InputSpec], name: str | None = None) -> str | No
     return next((n for n in names if n in MASK_NAMES), None)
 
 
+def find_token_input(specs: list[InputSpec]) -> str | None:
+    """The token-id input of a language model: 'input_ids', else the only 2-D integer input that is not a mask."""
+    names = [s.name for s in specs]
+    if "input_ids" in names:
+        return "input_ids"
+    candidates = [s.name for s in specs if s.dtype.kind in "iu" and len(s.shape) == 2 and s.name not in MASK_NAMES]
+    return candidates[0] if len(candidates) == 1 else None
+
+
 def _random_batches(specs, shapes, batch_size, count, seed):
     rng = np.random.default_rng(seed)
     for _ in range(count):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool | None = 
 
     External data is loaded into it, unless `lazy` (None = when the external data exceeds LAZY_THRESHOLD):
     then only the structure is in memory and weights are read from the .data files when needed
-    (tensor_array, save_model and runtime_source know how).
+    (tensor_array, save_model and onnx_fwlr.io.runtime know how).
     """
     if isinstance(source, onnx.ModelProto):
         model = onnx.ModelProto()
@@ -40,7 +39,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool | None = 
         if external_base(model) is None:
             _run_checker(model, "the given ModelProto")
         else:  # lazily loaded: the checker reads the structure from a file beside the external data
-            with runtime_source(model) as path:
+            with structure_file(model) as path:
                 _run_checker(path, "the given ModelProto")
         return model
     path = Path(source)
@@ -177,17 +176,18 @@ def iter_tensor_bytes(model: onnx.ModelProto, tensor: onnx.TensorProto, chunk: i
 
 
 @contextlib.contextmanager
-def runtime_source(model: onnx.ModelProto):
-    """What to give onnxruntime.InferenceSession: the serialised bytes, or for a lazily loaded model the path
-    of a temporary copy of its structure written beside its external data (ORT reads external data only
-    relative to a model file, and protobuf cannot serialise more than 2 GB). Create the session inside."""
+def structure_file(model: onnx.ModelProto, max_ir_version: int | None = None):
+    """The path of a temporary copy of a lazily loaded model's structure, written beside its external data
+    (readers such as ORT and the C++ checker find external data only relative to a model file, and protobuf
+    cannot serialise more than 2 GB). max_ir_version: lower the copy's IR version to it. Use the path inside."""
     base = external_base(model)
     if base is None:
-        yield model.SerializeToString()
-        return
+        raise RuntimeError("structure_file needs a lazily loaded model (one with external data on disk).")
     structure = onnx.ModelProto()
     structure.CopyFrom(model)
     _drop_base(structure)
+    if max_ir_version is not None:
+        structure.ir_version = min(structure.ir_version, max_ir_version)
     try:
         handle, name = tempfile.mkstemp(prefix=".fwlr-session-", suffix=".onnx", dir=base)
     except OSError as exc:
@@ -231,35 +231,6 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             )
 
 
-@functools.lru_cache(maxsize=1)
-def max_runtime_ir_version() -> int:
-    """Highest IR version the installed onnxruntime loads (probed once with a tiny model)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    for ir_version in range(onnx.IR_VERSION, 6, -1):
-        probe.ir_version = ir_version
-        try:
-            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-            return ir_version
-        except Exception:  # noqa: BLE001 - any refusal means "too new"
-            continue
-    return 7
-
-
-def runtime_compatible(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Lower the IR version in place when the installed onnxruntime could not load it."""
-    model.ir_version = min(model.ir_version, max_runtime_ir_version())
-    return model
-
-
 def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike] = (), force: bool = False) -> Path:
     """Validate an output path before any work is done, so a mistake costs nothing."""
     out = Path(output)
@@ -286,7 +257,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     lazy = external_base(model) is not None
     if external_data is None:
         external_data = lazy or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    runtime_compatible(model)
+    from onnx_fwlr.io.runtime import runtime_compatible  # here: io.runtime builds on this module
+
+    runtime_compatible(model)  # written files load in the installed onnxruntime
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp_model = tmp_dir / out.name

@@ -7,6 +7,7 @@ only while that is below K N.
 from __future__ import annotations
 
 import heapq
+import itertools
 
 import numpy as np
 
@@ -61,3 +62,97 @@ def global_ranks(
         if rank + 1 < len(energies[i]):
             heapq.heappush(heap, (-float(energies[i][rank + 1]) / (K + N), i))
     return ranks
+
+
+def _latency_steps(energy: np.ndarray, total: float, table) -> list[tuple[float, float, int]]:
+    """One site's moves from dense towards faster ranks, on the lower convex hull of (time, dropped energy):
+    [(ms saved, energy dropped, rank)] with non-decreasing energy per ms. table: dense_ms, ranks, factored_ms."""
+    options = [(float(table.dense_ms), 0.0, None)]
+    for rank, ms in zip(table.ranks, table.factored_ms):
+        if rank <= len(energy) and ms < table.dense_ms:
+            options.append((float(ms), max(total - float(np.sum(energy[:rank])), 0.0), rank))
+    options.sort(key=lambda o: (-o[0], o[1]))  # slowest first: dense, then ever faster ranks
+    frontier = []
+    for option in options:  # keep only options that drop less than every faster one would
+        if frontier and option[0] >= frontier[-1][0]:
+            continue  # as slow as the one kept, dropping at least as much
+        while frontier and frontier[-1][1] >= option[1]:
+            frontier.pop()
+        frontier.append(option)
+    hull = []
+    for option in frontier:
+        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-2], option):
+            hull.pop()
+        hull.append(option)
+    return [(a[0] - b[0], b[1] - a[1], b[2]) for a, b in itertools.pairwise(hull)]
+
+
+def _slope(a, b) -> float:
+    """Energy dropped per ms saved going from option a to the faster option b."""
+    return (b[1] - a[1]) / (a[0] - b[0])
+
+
+def latency_ranks(energies: list[np.ndarray], site_tables: list, target_ms: float,
+                  totals: list[float] | None = None) -> list[int | None]:
+    """Ranks whose summed site time fits `target_ms`, dropping the least weighted energy on the way.
+
+    Greedy by energy dropped per millisecond saved, the latency counterpart of global_ranks (same loss-unit
+    currency): every site starts dense; each step takes, over all sites, the next move on a site's lower
+    convex hull of (measured time, dropped energy) with the smallest energy per ms, until the total time is
+    at most target_ms. site_tables[i] has dense_ms and the measured factored_ms at ranks (ascending); only
+    measured ranks faster than dense are candidates. totals: ‖PWQ‖_F² per site when energies are truncated.
+    The greedy's last step overshoots the budget; the time left over then buys back the most energy it can
+    (any measured rank, one site at a time). When even the fastest choices do not fit, those are returned (the
+    caller checks the time).
+    """
+    totals = totals or [float(np.sum(e)) for e in energies]
+    ranks = _latency_greedy(energies, site_tables, target_ms, totals)
+    return _spend_leftover(ranks, energies, site_tables, target_ms, totals)
+
+
+def _latency_greedy(energies, site_tables, target_ms, totals) -> list[int | None]:
+    steps = [_latency_steps(np.asarray(e), t, table) for e, t, table in zip(energies, totals, site_tables)]
+    ranks: list[int | None] = [None] * len(site_tables)
+    spent = float(sum(table.dense_ms for table in site_tables))
+    heap = [(site[0][1] / site[0][0], i, 0) for i, site in enumerate(steps) if site]
+    heapq.heapify(heap)
+    while heap and spent > target_ms:
+        _, i, k = heapq.heappop(heap)
+        saved, _, rank = steps[i][k]
+        ranks[i], spent = rank, spent - saved
+        if k + 1 < len(steps[i]):
+            saved_next, dropped_next, _ = steps[i][k + 1]
+            heapq.heappush(heap, (dropped_next / saved_next, i, k + 1))
+    return ranks
+
+
+def _spend_leftover(ranks, energies, site_tables, target_ms, totals) -> list[int | None]:
+    """Repeatedly take the single change of one site's rank (to any measured rank or dense) that lowers the
+    dropped energy most while the total time stays within target_ms."""
+    ranks = list(ranks)
+
+    def options(i):
+        table = site_tables[i]
+        yield table.dense_ms, 0.0, None
+        for rank, ms in zip(table.ranks, table.factored_ms):
+            if rank <= len(energies[i]):
+                yield ms, max(totals[i] - float(np.sum(energies[i][:rank])), 0.0), rank
+
+    def current(i):
+        return next(o for o in options(i) if o[2] == ranks[i])
+
+    spent = float(sum(current(i)[0] for i in range(len(ranks))))
+    if spent > target_ms:
+        return ranks
+    while True:
+        best = None  # (energy regained, site, option)
+        for i in range(len(ranks)):
+            ms_now, dropped_now, _ = current(i)
+            for ms, dropped, rank in options(i):
+                gain = dropped_now - dropped
+                if gain > 0 and spent - ms_now + ms <= target_ms and (best is None or gain > best[0]):
+                    best = (gain, i, (ms, rank, ms_now))
+        if best is None:
+            return ranks
+        _, i, (ms, rank, ms_now) = best
+        ranks[i], spent = rank, spent - ms_now + ms

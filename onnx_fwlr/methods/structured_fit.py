@@ -29,8 +29,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods import registry
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods.structured import KronSum, LowRank, Structured, doping_params, dope, gram_error, kron_params, kron_shapes, nearest_kron, nearest_low_rank
+from onnx_fwlr.methods.structured import (
+    KronSum,
+    LowRank,
+    Structured,
+    dope_growing,
+    doping_params,
+    gram_error,
+    kron_params,
+    kron_shapes,
+    nearest_kron,
+    nearest_low_rank,
+)
 
 STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site
@@ -43,7 +55,7 @@ class SiteFit:
     params: int  # factor entries + doping values + doping indices
     bytes: int  # values at the weight's item size, indices at their own width
     error: float  # squared error in the call's metric
-    relative_error: float  # error / (same metric of W)
+    relative_error: float  # √(error / same metric of W): the relative Frobenius error, not squared
     description: str
 
 
@@ -83,10 +95,11 @@ class _Metric:
     def kron(self, M: np.ndarray, shape, terms: int) -> KronSum:
         return nearest_kron(M, shape, terms, row_weights=self.w)
 
-    def dope(self, W: np.ndarray, approx_fn, k: int, max_iter: int, tol: float):
+    def dope(self, W: np.ndarray, approx_for, size: int, k: int, max_iter: int, tol: float):
+        """(size used, DopedFit) of structured.dope_growing in this metric."""
         if self.chol is not None:
-            return dope(W, approx_fn, k, max_iter=max_iter, tol=tol, gram_chol=self.chol)
-        return dope(W, approx_fn, k, row_weights=self.w, max_iter=max_iter, tol=tol)
+            return dope_growing(W, approx_for, size, k, max_iter=max_iter, tol=tol, gram_chol=self.chol)
+        return dope_growing(W, approx_for, size, k, row_weights=self.w, max_iter=max_iter, tol=tol)
 
 
 def doping_count(K: int, N: int, fraction: float) -> int:
@@ -117,7 +130,10 @@ def fit_site(
     keeping the one with the lowest undoped error at its largest affordable number of terms.
     Doping alternates (structure ← fit of W − D, D ← top-k of the residual) for at most max_iter rounds,
     stopping when a round gains less than tol (relative); the convergence is linear, so an exactly
-    doped-structured W needs a few tens of rounds while real weights plateau after a few.
+    doped-structured W needs a few tens of rounds while real weights plateau after a few. The structure
+    is grown from one term / rank 1 (structured.dope_growing), so a W that is exactly a structure of up to
+    8 terms (rank 8) plus k sparse entries is recovered, with the terms it needs; the plain alternation at
+    the full budget is one of the candidates, so the result is never worse than it.
     """
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
@@ -131,25 +147,25 @@ def fit_site(
     k = doping_count(K, N, dope)
     available = budget_params - 3 * k
     if structure == "lowrank":
-        rank = min(int(available // (K + N)), min(K, N))
-        if rank < 1:
+        size = min(int(available // (K + N)), min(K, N))
+        if size < 1:
             return None
-        fit_fn = lambda M: metric.low_rank(M, rank)  # noqa: E731
-        label = f"low rank {rank}"
+        fit_for = lambda s: lambda M: metric.low_rank(M, s)  # noqa: E731
+        name = lambda s: f"low rank {s}"  # noqa: E731
     else:
         choice = _kron_choice(W, metric, available, kron_shape)
         if choice is None:
             return None
-        shape, terms = choice
-        fit_fn = lambda M: metric.kron(M, shape, terms)  # noqa: E731
+        shape, size = choice
+        fit_for = lambda s: lambda M: metric.kron(M, shape, s)  # noqa: E731
         m1, m2, n1, n2 = shape
-        label = f"kron {terms}x({m1}x{n1} ⊗ {m2}x{n2})"
+        name = lambda s: f"kron {s}x({m1}x{n1} ⊗ {m2}x{n2})"  # noqa: E731
     if k == 0:
-        replacement = Structured(fit_fn(W))
+        replacement, label = Structured(fit_for(size)(W)), name(size)
     else:
-        doped = metric.dope(W, fit_fn, k, max_iter, tol)
+        size, doped = metric.dope(W, fit_for, size, k, max_iter, tol)
         replacement = Structured(doped.structure, doped.doping)
-        label += f" + {k} doped ({k / (K * N):.2%})"
+        label = name(size) + f" + {k} doped ({k / (K * N):.2%})"
     return _site_fit(W, replacement, structure, metric, itemsize, label)
 
 
@@ -189,7 +205,7 @@ def _site_fit(W, replacement: Structured, structure: str, metric: _Metric, items
         params=replacement.params,
         bytes=(replacement.factor_entries + k) * itemsize + doping.index_bytes,
         error=error,
-        relative_error=error / total if total > 0 else 0.0,
+        relative_error=float(np.sqrt(error / total)) if total > 0 else 0.0,
         description=label,
     )
 
@@ -201,25 +217,6 @@ def fit_best(W: np.ndarray, structures, budget_params: float, **options) -> Site
     """
     fits = [fit for fit in (fit_site(W, s, budget_params, **options) for s in dict.fromkeys(structures)) if fit]
     return min(fits, key=lambda f: (f.error, f.params), default=None)
-
-
-def metric_options(method: str, input_gram=None, fisher_row=None) -> dict:
-    """fit_site's weighting keywords for a low-rank method's metric (DESIGN §3), so every structure of a
-    site is judged in the units that method would use.
-
-    whiten: the full input Gram; asvd: √diag(Gram); fwsvd: √(Fisher row); svd, or a statistic that is
-    missing: {} (plain Frobenius). kfac also weights the output side, which no structured fit supports.
-    """
-    if method == "kfac":
-        raise FwlrError("--dope, --method kron and --methods do not take kfac (its output-side weighting has no "
-                        "structured fit); use whiten or fwsvd with them.")
-    if method == "whiten" and input_gram is not None:
-        return {"gram": input_gram}
-    if method == "asvd" and input_gram is not None:
-        return {"row_weights": np.sqrt(np.maximum(np.diag(input_gram), 0.0))}
-    if method == "fwsvd" and fisher_row is not None:
-        return {"row_weights": np.sqrt(np.maximum(fisher_row, 0.0))}
-    return {}
 
 
 def fit_structured_site(
@@ -235,10 +232,10 @@ def fit_structured_site(
     kron_shape=None,
     itemsize: int = 4,
 ) -> SiteFit | None:
-    """fit_best in the metric of the low-rank `method` (metric_options); with mean_input (E[x]) the
+    """fit_best in the metric of the low-rank `method` (registry.structured_metric); with mean_input (E[x]) the
     replacement also gets the bias correction shift = E[x]ᵀ (W − W'), exact in expectation."""
     fit = fit_best(W, structures, budget_params, dope=dope, kron_shape=kron_shape, itemsize=itemsize,
-                   **metric_options(method, input_gram, fisher_row))
+                   **registry.structured_metric(method, input_gram, fisher_row))
     if fit is not None and mean_input is not None:
         fit.replacement.shift = np.asarray(mean_input, dtype=np.float64) @ (np.asarray(W, np.float64) - fit.replacement.dense())
     return fit

@@ -22,6 +22,7 @@ method compete too, so a site never gets a solution worse on held-back data than
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ from onnx_fwlr.stats.activations import main_graph_tensors, make_session
 from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
+from onnx_fwlr.pipeline.build import site_replacement
+from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
+from onnx_fwlr.io.data import open_data
 from onnx_fwlr.sites.find import Site
 
 RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
@@ -245,3 +249,33 @@ def sequential_factors(
 def _shallower(weight: str, depths: dict, level: int) -> bool:
     """Sites decided before this depth (sites outside the correction count as decided from the start)."""
     return depths.get(weight, -1) < level
+
+
+@dataclass
+class Corrected:
+    """Sequentially corrected factors per weight, with a report note per site."""
+
+    factors: dict
+    notes: dict
+    seconds: float
+
+
+def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibration, bias_correction: bool, *,
+                         batch_size: int = 32, mask_input=None, shapes=None, progress: bool = True) -> Corrected:
+    """Refit the factorised sites depth by depth on the partially compressed model (sequential_factors)."""
+    if calibration is None:
+        raise FwlrError("--sequential reads the calibration data once per depth; pass --calib DATA.")
+    start_time = time.perf_counter()
+    start, right = {}, {}
+    for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=True), ranks):
+        replacement = site_replacement(prepared, site, dec, rank, bias_correction)[1]
+        if isinstance(replacement, Factors):
+            start[site.weight] = replacement
+            right[site.weight] = dec.right  # kfac's output-side factor, made once with the decomposition
+    batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
+    factors, results = sequential_factors(
+        prepared.model, prepared.sites, start, prepared.weights, right, batches,
+        mask_input=mask_input, bias_correction=bias_correction, progress=progress)
+    notes = {r.weight: (f"sequential: ridge {r.ridge:g}" if r.ridge is not None else "sequential: closed form kept")
+             + f", held-back rel. error {r.heldout_error_before:.3g} -> {r.heldout_error_after:.3g}" for r in results}
+    return Corrected(factors, notes, time.perf_counter() - start_time)

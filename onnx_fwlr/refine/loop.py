@@ -3,15 +3,8 @@
 The closed-form factors are a starting point; a short distillation on the calibration data recovers much of
 what truncation lost (DESIGN §3, "Fine-tuning without the framework"). No training framework: the student's
 forward pass runs in ONNX Runtime, its backward pass is ``GradientRunner`` (numpy VJP rules), the optimiser
-is Adam in numpy, and the teacher is the original model in ONNX Runtime.
-
-What is trained (``trainable_factors``): in the compressed model's main graph,
-  1. factor weights: float initializers absent from the original (by name) that only MatMul, Gemm or Add
-     nodes read: the A and B of every factorised site and the bias corrections;
-  2. site biases: a float initializer of the original that is the C input of a Gemm reading a factor weight,
-     or the constant operand of an Add applied directly to a factor node's output, when nothing else reads it.
-Everything else stays frozen. The trainable initializers become graph inputs of an internal training copy,
-so one ONNX Runtime session serves every step (the current weights are fed each step).
+is Adam in numpy, and the teacher is the original model in ONNX Runtime. What is trained: ``trainable``;
+the losses: ``losses``; Adam and the schedules: ``optim``; here: the data, the loop and its report.
 
 Never worse than the start: the validation loss of the input model is measured first, the best weights seen
 at any evaluation are kept, and the returned model carries the input weights unchanged when nothing beat them.
@@ -29,303 +22,16 @@ from onnx import numpy_helper
 from tqdm.auto import tqdm
 
 from onnx_fwlr.autodiff import losses as fisher
-from onnx_fwlr.autodiff.backward import GradientRunner
-from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
+from onnx_fwlr.io.model import load_model, tensor_array
+from onnx_fwlr.refine.losses import LOSSES, Objective, default_distillation_loss
+from onnx_fwlr.refine.optim import SCHEDULES, Adam, learning_rate
+from onnx_fwlr.refine.trainable import Student, Teacher, trainable_factors
 from onnx_fwlr.stats.fisher import default_output
-from onnx_fwlr.io.model import load_model, max_runtime_ir_version, tensor_array
 
-LOSSES = ("mse", "kl")
-SCHEDULES = ("cosine", "linear")
 VAL_FRACTION = 0.1  # share of the calibration samples held back for validation when none is given
 TEACHER_CACHE_BYTES = 512 * 2**20  # teacher outputs are kept in memory up to this size, else recomputed
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-
-
-# ---------------------------------------------------------------------------------------------- what is trained
-
-def trainable_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
-    """Names of the compressed model's initializers that refine trains (rule in the module docstring)."""
-    graph = compressed.graph
-    before = {t.name for t in original.graph.initializer}
-    floats = {t.name for t in graph.initializer if t.data_type in _FLOAT_TYPES}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            readers.setdefault(name, []).append(node)
-    factors = [t.name for t in graph.initializer if t.name in floats and t.name not in before
-               and readers.get(t.name) and all(n.op_type in ("MatMul", "Gemm", "Add") for n in readers[t.name])]
-    factor_set = set(factors)
-    factor_outputs = {o for n in graph.node if factor_set & set(n.input) for o in n.output}
-    biases = []
-    for node in graph.node:
-        if node.op_type == "Gemm" and factor_set & set(node.input[:2]) and len(node.input) > 2:
-            candidates = [node.input[2]]
-        elif node.op_type == "Add" and factor_outputs & set(node.input):
-            candidates = [name for name in node.input if name not in factor_outputs]
-        else:
-            continue
-        biases += [c for c in candidates if c in floats and c not in factor_set and len(readers.get(c, [])) == 1]
-    return factors + sorted(set(biases) - factor_set, key=biases.index)
-
-
-def training_model(compressed: onnx.ModelProto, trainable: list[str]) -> onnx.ModelProto:
-    """A copy of the model whose trainable initializers are graph inputs (fed each step, same session)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(compressed)
-    graph = model.graph
-    wanted = set(trainable)
-    moved = [t for t in graph.initializer if t.name in wanted]
-    kept = [t for t in graph.initializer if t.name not in wanted]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    listed = {i.name for i in graph.input}
-    for tensor in moved:
-        if tensor.name not in listed:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    return model
-
-
-def _runtime_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialized model with the IR version lowered to what the installed onnxruntime reads."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.ir_version = min(copy.ir_version, max_runtime_ir_version())
-    return copy.SerializeToString()
-
-
-def _session(model: onnx.ModelProto, providers):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(_runtime_bytes(model), options, providers=list(providers))
-
-
-def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """The model, with tensor `name` added to its outputs when it is an intermediate."""
-    if name in {o.name for o in model.graph.output}:
-        return model
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    copy.graph.output.append(onnx.ValueInfoProto(name=name))
-    return copy
-
-
-# ---------------------------------------------------------------------------------------------- losses (numpy)
-
-def _class_rows(z: np.ndarray, target: fisher.SeedTarget) -> np.ndarray:
-    """z as float64 [rows, classes] (class axis last; opset < 13 softmax flattens at the axis)."""
-    if target.legacy_2d:
-        axis = target.axis % z.ndim
-        return z.reshape(int(np.prod(z.shape[:axis], dtype=np.int64)), -1).astype(np.float64)
-    moved = np.moveaxis(z, target.axis, -1)
-    return moved.reshape(-1, moved.shape[-1]).astype(np.float64)
-
-
-def _rows_back(rows: np.ndarray, like: np.ndarray, target: fisher.SeedTarget) -> np.ndarray:
-    if target.legacy_2d:
-        return rows.reshape(like.shape)
-    return np.moveaxis(rows.reshape(np.moveaxis(like, target.axis, -1).shape), -1, target.axis)
-
-
-def _log_softmax(rows: np.ndarray) -> np.ndarray:
-    shifted = rows - rows.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def _row_weights(weight, count: int) -> np.ndarray:
-    if weight is None:
-        return np.ones(count)
-    w = np.asarray(weight, dtype=np.float64).reshape(-1)
-    return w if w.size == count else np.ones(count)
-
-
-def mse_loss(student: np.ndarray, teacher: np.ndarray, weight=None) -> tuple[float, np.ndarray]:
-    """Mean squared error and its gradient w.r.t. the student; `weight` [leading axes] weights positions
-    (an attention mask: padding counts for nothing)."""
-    diff = student.astype(np.float64) - teacher.astype(np.float64)
-    if weight is None or diff.shape[:np.ndim(weight)] != np.shape(weight):
-        w = np.ones(())
-    else:
-        w = np.asarray(weight, dtype=np.float64)
-    w = w.reshape(w.shape + (1,) * (diff.ndim - w.ndim))
-    denominator = max(float(np.broadcast_to(w, diff.shape).sum()), 1e-12)
-    loss = float(np.sum(w * diff * diff) / denominator)
-    return loss, 2.0 * w * diff / denominator
-
-
-def kl_loss(student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None) -> tuple[float, np.ndarray]:
-    """Mean KL(teacher ‖ student) over rows of logits, and its gradient w.r.t. the student logits (p_s − p_t)."""
-    log_s, log_t = _log_softmax(_class_rows(student, target)), _log_softmax(_class_rows(teacher, target))
-    w = _row_weights(weight if not target.legacy_2d else None, log_s.shape[0])
-    total = max(float(w.sum()), 1e-12)
-    p_t = np.exp(log_t)
-    loss = float(np.sum(w * np.sum(p_t * (log_t - log_s), axis=1)) / total)
-    grad = (np.exp(log_s) - p_t) * (w[:, None] / total)
-    return loss, _rows_back(grad, student, target)
-
-
-def ce_loss(student: np.ndarray, labels: np.ndarray, target: fisher.SeedTarget) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy against integer labels, and its gradient w.r.t. the logits (p − onehot)/rows."""
-    log_s = _log_softmax(_class_rows(student, target))
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    rows, classes = log_s.shape
-    if labels.shape[0] != rows:
-        raise FwlrError(f"got {labels.shape[0]} labels for {rows} predictions; give one class index per prediction.")
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise FwlrError(f"labels must lie in [0, {classes}); fix the label encoding.")
-    picked = log_s[np.arange(rows), labels]
-    grad = np.exp(log_s)
-    grad[np.arange(rows), labels] -= 1.0
-    return float(-picked.mean()), _rows_back(grad / rows, student, target)
-
-
-def mean_cosine(student: np.ndarray, teacher: np.ndarray) -> tuple[float, int]:
-    """Sum of per-sample cosines of the flattened tensors, and the sample count (to average over batches)."""
-    a = student.reshape(student.shape[0], -1).astype(np.float64)
-    b = teacher.reshape(teacher.shape[0], -1).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cos = np.where(norms > 0, np.sum(a * b, axis=1) / np.maximum(norms, 1e-300), 1.0)
-    return float(np.clip(cos, -1, 1).sum()), a.shape[0]
-
-
-@dataclass
-class Objective:
-    """The refine loss: `kind` distillation on `target.tensor` plus `label_weight` × cross-entropy."""
-
-    kind: str
-    target: fisher.SeedTarget
-    label_weight: float = 0.0
-
-    def __call__(self, student, teacher, labels=None, weight=None) -> tuple[float, np.ndarray]:
-        if self.kind == "mse":
-            loss, grad = mse_loss(student, teacher, weight)
-        else:
-            loss, grad = kl_loss(student, teacher, self.target, weight)
-        if self.label_weight and labels is not None:
-            ce, ce_grad = ce_loss(student, labels, self.target)
-            loss, grad = loss + self.label_weight * ce, grad + self.label_weight * ce_grad
-        seed_dtype = np.float64 if student.dtype == np.float64 else np.float32
-        return loss, grad.astype(seed_dtype)
-
-
-# ---------------------------------------------------------------------------------------------- optimiser (numpy)
-
-def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") -> float:
-    """Learning rate of step 1..steps: linear warm-up over the first 5 % (at most 50 steps), then cosine or
-    linear decay towards zero (never exactly zero on the last step)."""
-    warmup = min(50, max(1, steps // 20))
-    if step <= warmup:
-        return lr * step / warmup
-    progress = (step - warmup) / (steps - warmup + 1)
-    if schedule == "linear":
-        return lr * (1.0 - progress)
-    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class Adam:
-    """Adam (Kingma & Ba) on float64 master weights and moments.
-
-    float64 because an update lr·m/√v ≈ 1e-4 · 1e-2 relative would round away in float32 weights, and the
-    factors are few parameters by construction (three float64 copies of a compressed model's factors).
-    """
-
-    def __init__(self, params: dict[str, np.ndarray], beta1=0.9, beta2=0.999, eps=1e-8):
-        self.params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-        self.m = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.beta1, self.beta2, self.eps, self.t = beta1, beta2, eps, 0
-
-    def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
-        self.t += 1
-        c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
-        for name, p in self.params.items():
-            g = grads[name].astype(np.float64)
-            self.m[name] = self.beta1 * self.m[name] + (1 - self.beta1) * g
-            self.v[name] = self.beta2 * self.v[name] + (1 - self.beta2) * g * g
-            p -= lr * (self.m[name] / c1) / (np.sqrt(self.v[name] / c2) + self.eps)
-
-
-# ---------------------------------------------------------------------------------------------- student / teacher
-
-class Student:
-    """Loss and factor gradients of the compressed model on one batch.
-
-    Forward in ONNX Runtime (one session for the training copy; ``forward`` may be swapped, e.g. for a
-    float64 reference evaluator in tests), backward with ``GradientRunner`` over only the needed tensors.
-    """
-
-    def __init__(self, compressed: onnx.ModelProto, trainable: list[str], objective: Objective,
-                 mask_input: str | None = None, providers=("CPUExecutionProvider",)):
-        self.trainable = list(trainable)
-        self.objective = objective
-        self.mask_input = mask_input
-        self.providers = providers
-        self.model = training_model(compressed, trainable)
-        self.runner = GradientRunner(self.model, objective.target.tensor, self.trainable, providers=providers)
-        self.dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
-                       for t in compressed.graph.initializer if t.name in set(trainable)}
-        self.forward = self.runner.forward
-        self._predict_session = None
-
-    def feed(self, feed: dict, weights: dict[str, np.ndarray]) -> dict:
-        return {**feed, **{k: np.asarray(v, dtype=self.dtypes[k]) for k, v in weights.items()}}
-
-    def _weight(self, feed, z):
-        mask = feed.get(self.mask_input) if self.mask_input else None
-        return mask if mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape else None
-
-    def loss_and_grads(self, feed, weights, teacher, labels=None) -> tuple[float, dict[str, np.ndarray]]:
-        values = self.forward(self.feed(feed, weights))
-        z = values[self.objective.target.tensor]
-        loss, seed = self.objective(z, teacher, labels, self._weight(feed, z))
-        return loss, self.runner.backward(values, seed)
-
-    def predict(self, feed, weights) -> np.ndarray:
-        """The loss tensor alone (no intermediates): for evaluation."""
-        if self._predict_session is None:
-            self._predict_session = _session(self.model, self.providers)
-        names = {i.name for i in self._predict_session.get_inputs()}
-        full = self.feed(feed, weights)
-        return self._predict_session.run([self.objective.target.tensor], {k: v for k, v in full.items() if k in names})[0]
-
-    def evaluate(self, batches, teachers, weights) -> dict:
-        """Mean loss (per sample), mean cosine to the teacher and, with labels, accuracy."""
-        loss_sum = cos_sum = 0.0
-        count = correct = labelled = 0
-        for (feed, labels), teacher in zip(batches, teachers):
-            z = self.predict(feed, weights)
-            loss, _ = self.objective(z, teacher, labels, self._weight(feed, z))
-            n = z.shape[0] if z.ndim else 1
-            loss_sum += loss * n
-            c, _ = mean_cosine(z, teacher)
-            cos_sum += c
-            count += n
-            if labels is not None and z.ndim == 2:
-                correct += int(np.sum(np.argmax(z, axis=-1) == np.asarray(labels).reshape(-1)))
-                labelled += len(labels)
-        metrics = {"loss": loss_sum / max(count, 1), "cosine": cos_sum / max(count, 1)}
-        if labelled:
-            metrics["accuracy"] = correct / labelled
-        return metrics
-
-
-class Teacher:
-    """The original model's value of the loss tensor, from its own ONNX Runtime session."""
-
-    def __init__(self, original: onnx.ModelProto, tensor: str, providers=("CPUExecutionProvider",)):
-        known = {o for n in original.graph.node for o in n.output} | {i.name for i in original.graph.input}
-        if tensor not in known:
-            raise FwlrError(f"tensor '{tensor}' of the compressed model is not in the original model; pass the "
-                            "original the compressed model was made from.")
-        self.tensor = tensor
-        self.session = _session(_with_output(original, tensor), providers)
-        self.inputs = {i.name for i in self.session.get_inputs()}
-
-    def __call__(self, feed: dict) -> np.ndarray:
-        return self.session.run([self.tensor], {k: v for k, v in feed.items() if k in self.inputs})[0]
 
 
 # ---------------------------------------------------------------------------------------------- data in memory
@@ -510,13 +216,6 @@ def _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, pati
         raise FwlrError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}.")
 
 
-def default_loss(target: fisher.SeedTarget, output: str, labelled: bool) -> str:
-    """'kl' for logits or probabilities (a final (Log)Softmax, an output named like logits, or labelled data);
-    else 'mse' (hidden states, embeddings). fisher.default_loss treats every 2-D output as logits, which
-    would wrongly distil a [batch, dim] sentence embedding with KL."""
-    return "kl" if target.classifier or "logit" in output.lower() or labelled else "mse"
-
-
 def refine(
     original,
     compressed,
@@ -565,7 +264,7 @@ def refine(
         val_pool = _load(validation, compressed, batch_size, "validation")
         train_units, val_units = list(range(pool.units)), list(range(val_pool.units))
         val_source = "validation data"
-    kind = loss or default_loss(target, out_name, pool.labelled)
+    kind = loss or default_distillation_loss(target, out_name, pool.labelled)
     if label_weight > 0 and not pool.labelled:
         raise FwlrError("--label-weight needs labels; add a 'labels' key to the calibration .npz or drop it.")
 

@@ -24,7 +24,8 @@ from onnx import helper, numpy_helper
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.sites.recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
-from onnx_fwlr.sites.find import Site, WeightUse, walk_graphs
+from onnx_fwlr.io.onnx_utils import default_opset, walk_graphs
+from onnx_fwlr.sites.find import Site, WeightUse
 from onnx_fwlr.methods.structured import KronSum, LowRank, Structured
 from onnx_fwlr.rewrite.structured import build_doped_kron, build_doped_low_rank, min_opset
 
@@ -90,7 +91,7 @@ def apply_factors(
     _ensure_opset(model, needed)
     graphs = walk_graphs(model)
     namer = _Namer(_all_names(graphs))
-    opset = _default_opset(model)
+    opset = default_opset(model)
     replacements: dict[int, dict[int, list[onnx.NodeProto]]] = {}
     removals: dict[int, set[str]] = {}
     constant_nodes: dict[int, set[int]] = {}
@@ -352,7 +353,7 @@ def _node_layout(model: onnx.ModelProto) -> list:
 
 def _ensure_opset(model: onnx.ModelProto, needed: int) -> None:
     """Raise the default-domain opset to `needed` in place, when the version converter can do it safely."""
-    current = _default_opset(model)
+    current = default_opset(model)
     if current >= needed:
         return
     from onnx import version_converter
@@ -388,10 +389,3 @@ def _remove_tensors(graph: onnx.GraphProto, names: set[str]) -> None:
         # deleted in place, from the back: rebuilding the field would copy every weight (protobuf's extend copies)
         for index in reversed([i for i, entry in enumerate(field) if entry.name in names]):
             del field[index]
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return entry.version
-    return 0

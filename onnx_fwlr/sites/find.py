@@ -13,12 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-FLOAT_TYPES = {
-    onnx.TensorProto.FLOAT: "float32",
-    onnx.TensorProto.FLOAT16: "float16",
-    onnx.TensorProto.DOUBLE: "float64",
-    onnx.TensorProto.BFLOAT16: "bfloat16",
-}
+from onnx_fwlr.io.onnx_utils import DEFAULT_DOMAINS, FLOAT_TYPES, walk_graphs
 
 
 @dataclass(frozen=True)
@@ -68,24 +63,6 @@ class Skipped:
     reason: str
 
 
-def walk_graphs(model: onnx.ModelProto) -> list[onnx.GraphProto]:
-    """Main graph first, then every subgraph depth-first, in node and attribute order."""
-    graphs: list[onnx.GraphProto] = []
-
-    def visit(graph: onnx.GraphProto) -> None:
-        graphs.append(graph)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub)
-
-    visit(model.graph)
-    return graphs
-
-
 def _constants(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None, onnx.TensorProto]]:
     """name -> (graph index, Constant node index or None, tensor) for every initializer and Constant node."""
     found: dict[str, tuple[int, int | None, onnx.TensorProto]] = {}
@@ -93,7 +70,7 @@ def _constants(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None
         for tensor in graph.initializer:
             found[tensor.name] = (g_index, None, tensor)
         for n_index, node in enumerate(graph.node):
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
                 for attr in node.attribute:
                     if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                         found[node.output[0]] = (g_index, n_index, attr.t)
@@ -132,7 +109,7 @@ def find_sites(
 
     for g_index, graph in enumerate(graphs):
         for n_index, node in enumerate(graph.node):
-            if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+            if node.op_type not in ("MatMul", "Gemm") or node.domain not in DEFAULT_DOMAINS:
                 continue
             label = node.name or node.output[0]
             x_name, w_name = node.input[0], node.input[1]
@@ -140,7 +117,7 @@ def find_sites(
                 reason = (
                     "the left operand is the constant; only X @ W with W constant is factorised"
                     if x_name in constants
-                    else "both operands are computed at run time (no constant weight)"
+                    else _computed_weight_reason(w_name, graph, constants)
                 )
                 skipped.append(Skipped(label, node.op_type, None, reason))
                 continue
@@ -174,6 +151,31 @@ def find_sites(
         else:
             sites.append(site)
     return sites, skipped
+
+
+def _computed_weight_reason(w_name: str, graph: onnx.GraphProto, constants) -> str:
+    """Why a run-time weight is not a site; a weight dequantized from integer constants says so."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def integer_constant(name: str) -> bool:
+        return name in constants and constants[name][2].data_type not in FLOAT_TYPES
+
+    def cast_of_integers(name: str) -> bool:
+        node = producer.get(name)
+        if node is not None and node.op_type == "Sub":
+            node = producer.get(node.input[0]) if node.input[1] in constants else None
+        return node is not None and node.op_type == "Cast" and integer_constant(node.input[0])
+
+    node = producer.get(w_name)
+    if node is not None and node.op_type == "DequantizeLinear" and integer_constant(node.input[0]):
+        kind = "DequantizeLinear"
+    elif node is not None and node.op_type == "Mul" and any(
+            cast_of_integers(a) and b in constants for a, b in (node.input, node.input[::-1])):
+        kind = "Cast+Mul"
+    else:
+        return "both operands are computed at run time (no constant weight)"
+    return (f"the weight is computed at run time from quantized constants ({kind}); the quantized weights "
+            "listed by inspect say whether compress can dequantize it")
 
 
 def _make_site(w_name, uses, constant, readers) -> tuple[Site | None, str]:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.quant.dequantize import detect_quantized
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters, validate_regex
 
@@ -15,6 +16,7 @@ class Listing:
     sites: list[Site]
     skipped: list[Skipped]
     model_params: int
+    quantized: list = field(default_factory=list)  # QuantizedSite: quantized weight uses and other quantized ops
 
     def to_dict(self) -> dict:
         return {
@@ -25,6 +27,12 @@ class Listing:
                 for s in self.sites
             ],
             "skipped": [asdict(s) for s in self.skipped],
+            "quantized": [
+                {"node": q.node, "op_type": q.op_type, "weight": q.weight, "K": q.K, "N": q.N,
+                 "float_op": q.consumer, "scheme": asdict(q.scheme) if q.scheme else None,
+                 "dequantized_by_compress": q.scheme is not None, "reason": q.reason}
+                for q in self.quantized
+            ],
         }
 
     def format(self) -> str:
@@ -39,10 +47,27 @@ class Listing:
             f"{len(self.sites)} factorisable site(s) holding {total:,} of {self.model_params:,} parameters "
             f"({100 * total / max(self.model_params, 1):.1f}%)",
         ]
+        lines += self._format_quantized()
         if self.skipped:
             skipped_rows = [[s.node, s.op_type, s.weight or "", s.reason] for s in self.skipped]
             lines += ["", "not factorised:", format_table(["node", "op", "weight", "reason"], skipped_rows)]
         return "\n".join(lines)
+
+
+    def _format_quantized(self) -> list[str]:
+        """Quantized weight uses (what each is and that compress dequantizes it) and quantized ops left alone."""
+        usable = [q for q in self.quantized if q.scheme is not None]
+        left = [q for q in self.quantized if q.scheme is None]
+        lines = []
+        if usable:
+            rows = [[q.node, q.op_type, q.weight, f"{q.K}x{q.N}", q.scheme.describe(), q.consumer] for q in usable]
+            lines += ["", f"the model is quantized: {len(usable)} quantized weight(s); compress dequantizes each "
+                      "(float64), compresses it and quantizes it again with the same scheme:",
+                      format_table(["node", "op", "weight", "K x N", "scheme", "float op"], rows, align="lllrll")]
+        if left:
+            lines += ["", "quantized nodes left as they are:",
+                      format_table(["node", "op", "reason"], [[q.node, q.op_type, q.reason] for q in left])]
+        return lines
 
 
 def inspect_model(model, include: str | None = None, exclude: str | None = None) -> Listing:
@@ -50,4 +75,4 @@ def inspect_model(model, include: str | None = None, exclude: str | None = None)
     validate_regex(exclude, "--exclude")
     model = load_model(model)
     sites, skipped = find_all_sites(model, include, exclude, fisher=False)
-    return Listing(sites, skipped, model_parameters(model))
+    return Listing(sites, skipped, model_parameters(model), detect_quantized(model))

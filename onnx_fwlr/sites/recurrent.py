@@ -21,7 +21,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_fwlr.sites.find import FLOAT_TYPES, Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites, walk_graphs
+from onnx_fwlr.autodiff.recurrent_vjp import unsupported_reason
+from onnx_fwlr.io.onnx_utils import FLOAT_TYPES, walk_graphs
+from onnx_fwlr.sites.find import Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites
 
 GATES = {"LSTM": 4, "GRU": 3}
 _W_INPUT = 1  # W is the second input of both ops
@@ -86,15 +88,32 @@ def find_recurrent_sites(
 
 
 def find_all_sites(model, include, exclude, fisher: bool):
-    """MatMul/Gemm sites, then LSTM/GRU input weights (skipped with the reason under Fisher methods)."""
+    """MatMul/Gemm sites, then LSTM/GRU input weights.
+
+    Under Fisher methods a recurrent site whose op has an attribute the gradient rule does not implement
+    (clip, non-default activations, input_forget) is skipped with that reason.
+    """
     sites, skipped = find_sites(model, include, exclude)
     recurrent, recurrent_skipped = find_recurrent_sites(model, include, exclude)
     if fisher:
-        recurrent_skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "the backward pass has no LSTM/GRU rule, so "
-                                      "no Fisher statistics reach this input weight; compress it with whiten or asvd")
-                              for s in recurrent]
-        recurrent = []
+        graphs = walk_graphs(model)
+        kept = []
+        for site in recurrent:
+            reasons = [_gradient_refusal(graphs[u.graph_index].node[u.node_index]) for u in site.uses]
+            reason = next((r for r in reasons if r), None)
+            if reason is None:
+                kept.append(site)
+            else:
+                recurrent_skipped.append(Skipped(site.name, site.uses[0].op_type, site.weight,
+                                                 f"{reason}, so no Fisher statistics reach this input weight; "
+                                                 "compress it with whiten or asvd"))
+        recurrent = kept
     return sites + recurrent, skipped + recurrent_skipped
+
+
+def _gradient_refusal(node: onnx.NodeProto) -> str | None:
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return unsupported_reason(node.op_type, attrs)
 
 
 def _make_site(w_name, uses, shapes, constant, readers) -> tuple[Site | None, str]:

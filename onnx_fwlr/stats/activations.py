@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import max_runtime_ir_version, runtime_source
+from onnx_fwlr.io import runtime
+from onnx_fwlr.io.onnx_utils import default_opset
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
@@ -64,10 +65,6 @@ def _seq_first_inputs(model: onnx.ModelProto) -> set[str]:
             and not any(a.name == "layout" and a.i == 1 for a in n.attribute)}
 
 
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
-
-
 def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> tuple[onnx.ModelProto, dict]:
     """A copy of the model whose only outputs are the per-key reductions; returns it and key -> field -> output."""
     augmented = onnx.ModelProto()
@@ -75,7 +72,7 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
     graph = augmented.graph
     ranks = _tensor_ranks(model)
     seq_first = _seq_first_inputs(model)
-    opset = _opset(model)
+    opset = default_opset(model)
     nodes, inits, outputs = [], [], {}
 
     def reduce_sum(x, out):
@@ -128,27 +125,14 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
     for key, fields in outputs.items():
         for name in fields.values():
             graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
-    augmented.ir_version = min(augmented.ir_version, max_runtime_ir_version())
     return augmented, outputs
 
 
-def make_session(model: onnx.ModelProto, providers=("CPUExecutionProvider",), threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # numpy folds the sums between runs: spinning ORT threads would steal its cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        with runtime_source(model) as source:  # a path for lazily loaded (external data) models
-            return ort.InferenceSession(source, options, providers=list(providers))
-    except FwlrError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - ORT raises many types; the user needs one sentence
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FwlrError(f"ONNX Runtime could not load the model for calibration ({first}).") from None
+def make_session(model: onnx.ModelProto, providers=runtime.CPU, threads: int | None = None):
+    """The session calibration runs in. numpy folds the sums between runs: spinning ORT threads would steal
+    its cores."""
+    options = runtime.session_options(threads=threads, spinning=False)
+    return runtime.make_session(model, options, providers, role="model for calibration")
 
 
 def collect_activation_stats(
@@ -191,8 +175,8 @@ def _measure_pass(model, plan, batches, mask_input, progress, providers, fingerp
         try:
             values = session.run_with_ort_values(names, {k: OrtValue.ortvalue_from_numpy(v) for k, v in feed.items()})
         except Exception as exc:  # noqa: BLE001
-            first = str(exc).strip().splitlines()[0]
-            raise FwlrError(f"ONNX Runtime failed on calibration batch {index} ({first}); check the data's shapes.") from None
+            raise FwlrError(f"ONNX Runtime failed on calibration batch {index} ({runtime.error_text(exc)}); check "
+                            "the data's shapes.") from None
         for i, (key, field, _name) in enumerate(slots):  # one output at a time, each released once folded:
             Statistics.fold(stats.activations.setdefault(key, {}), {field: values[i].numpy()})
             values[i] = None  # a batch's Grams are never all copied out at once

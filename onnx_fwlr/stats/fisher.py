@@ -3,6 +3,11 @@
 One pass gives both the activation statistics of every site input (the same sums as calibration.py,
 computed from the exposed inputs) and, per site, the per-sample Fisher sums of its weight gradient
 dW_n = X_nᵀ G_n and the output-gradient Gram Σ g gᵀ, for fwsvd, kfac and loss-unit global allocation.
+
+For an LSTM/GRU input weight the site's output is the input projection X_t Wᵀ, which is no tensor of the
+graph: the backward pass stops at the op's outputs and backpropagation through time
+(autodiff.recurrent_vjp.input_projection_grads) gives G per step; a sample is a batch entry, its positions
+the time steps.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from tqdm.auto import tqdm
 
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.autodiff.backward import GradientRunner
+from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
 from onnx_fwlr.stats.activations import main_graph_tensors
-from onnx_fwlr.io.data import Batches, find_mask_input
+from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
+from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
@@ -31,8 +38,7 @@ def default_output(model: onnx.ModelProto, name: str | None, option: str = "--fi
             raise FwlrError(f"{option} '{name}' is not an output of the model; its outputs are {outputs}.")
         return name
     for out in model.graph.output:
-        if out.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
-                                              onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16):
+        if out.type.tensor_type.elem_type in FLOAT_TYPES:
             return out.name
     raise FwlrError("the model has no floating-point output to define a loss on; use an activation-based method.")
 
@@ -42,6 +48,51 @@ def _reachable_uses(model, sites):
     visible = main_graph_tensors(model)
     return [(site, use) for site in sites for use in site.uses
             if use.graph_index == 0 and use.input in visible and use.output in visible]
+
+
+def _recurrent_node(model, use) -> onnx.NodeProto | None:
+    """The LSTM/GRU node of a recurrent site's use (None for MatMul/Gemm uses)."""
+    return model.graph.node[use.node_index] if use.op_type in GATES else None
+
+
+def _attributes(node: onnx.NodeProto) -> dict:
+    values = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return {k: v.decode() if isinstance(v, bytes) else [e.decode() if isinstance(e, bytes) else e for e in v]
+            if isinstance(v, list) else v for k, v in values.items()}
+
+
+def _gradient_tensors(use, node) -> list[str]:
+    """Tensors whose cotangents give the site's output gradient: its output, or all outputs of the recurrent op."""
+    return [use.output] if node is None else [o for o in node.output if o]
+
+
+def _read_tensors(use, node) -> list[str]:
+    """Forward values the statistics read: the site input, or every input of the recurrent op (to recompute it)."""
+    return [use.input] if node is None else [i for i in node.input if i]
+
+
+def _site_rows(values, use, node) -> np.ndarray:
+    """The site input as [samples, positions, K]; a recurrent op's X batch first whatever its layout."""
+    if node is None:
+        return _rows(values[use.input], use.trans_a)
+    x = values[use.input]
+    return x if _attributes(node).get("layout", 0) else np.swapaxes(x, 0, 1)
+
+
+def _site_output_grads(values, cotangents, use, node, samples: int) -> np.ndarray:
+    """Cotangent of the site output as [samples, positions, N] (recurrent: of X_t Wᵀ per step, by BPTT)."""
+    if node is None:
+        G = cotangents[use.output]
+        return (G * use.alpha if use.alpha != 1.0 else G).reshape(samples, -1, G.shape[-1])
+    ins = [values[name] if name else None for name in node.input]
+    grads = [cotangents.get(name) if name else None for name in node.output]
+    return input_projection_grads(node.op_type, ins, _attributes(node), grads)
+
+
+def _next_token_logits(output: str, z: np.ndarray, tokens: np.ndarray | None) -> bool:
+    """A language model's logits: an output named like 'logits', shaped [batch, seq, vocab] over the input ids."""
+    return (tokens is not None and "logits" in output.lower() and z.ndim == 3 and z.shape[:2] == tokens.shape
+            and z.shape[-1] > int(tokens.max(initial=0)))
 
 
 def _rows(x: np.ndarray, transposed: bool) -> np.ndarray:
@@ -81,9 +132,11 @@ def collect_fisher_stats(
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
-    loss: 'ce' (labels), 'mc' (sampled from the model's own softmax) or 'gaussian' (ε ~ N(0, I) on the
-    output); default 'ce' with labels, else by the output's kind (fisher.default_loss). `samples` seeds
-    per batch for 'mc'/'gaussian'. Seeded, so reproducible.
+    loss: 'ce' (labels), 'mc' (sampled from the model's own softmax), 'gaussian' (ε ~ N(0, I) on the
+    output) or 'lm' (next-token cross-entropy of a language model: targets are the input ids shifted by
+    one, padding masked); default 'ce' with labels, 'lm' for a 'logits' output [batch, seq, vocab] of a
+    model fed input ids, else by the output's kind (fisher.default_seed_loss). `samples` seeds per batch
+    for 'mc'/'gaussian'. Seeded, so reproducible.
     """
     if loss is not None and loss not in fisher.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
@@ -94,10 +147,12 @@ def collect_fisher_stats(
     uses = _reachable_uses(model, sites)
     if not uses:
         raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use --method whiten.")
-    wrt = sorted({use.output for _, use in uses})
-    inputs = sorted({use.input for _, use in uses})
+    nodes = [_recurrent_node(model, use) for _, use in uses]
+    wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
+    inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
     runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
     mask_name = find_mask_input(batches.specs, mask_input)
+    token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)
     stats = Statistics(model_fingerprint(model), meta={
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
@@ -109,22 +164,24 @@ def collect_fisher_stats(
                                                 disable=not progress, leave=False)):
         values = runner.forward(feed)
         z = values[target.tensor]
+        tokens = feed.get(token_name) if token_name else None
         if chosen_loss is None:
-            chosen_loss = fisher.default_loss(target, z.shape, labels is not None)
+            chosen_loss = fisher.default_seed_loss(target, z.shape, labels is not None,
+                                                   next_token=_next_token_logits(out_name, z, tokens))
         mask = feed.get(mask_name) if mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        seeds = fisher.make_seeds(chosen_loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight)
+        seeds = fisher.make_seeds(chosen_loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight,
+                                  tokens=tokens)
         for key in {activation_key(use) for _, use in uses}:
-            use = next(u for _, u in uses if activation_key(u) == key)
-            x3 = _rows(values[use.input], use.trans_a)
+            use, node = next((u, n) for (_, u), n in zip(uses, nodes) if activation_key(u) == key)
+            x3 = _site_rows(values, use, node)
             Statistics.fold(stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
         for seed_value in seeds:
             cotangents = runner.backward(values, seed_value)
             with blas.limit(limits=1, user_api="blas"):  # many small per-sample products: threads only cost
-                for site, use in uses:
-                    X = _rows(values[use.input], use.trans_a)
-                    G = cotangents[use.output]
-                    G = (G * use.alpha if use.alpha != 1.0 else G).reshape(X.shape[0], -1, G.shape[-1])
+                for (site, use), node in zip(uses, nodes):
+                    X = _site_rows(values, use, node)
+                    G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                     acc = stats.gradients.setdefault(site.weight, {})
                     fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
         stats.meta["samples"] += len(z) if z.ndim else 1

@@ -20,7 +20,8 @@ import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import iter_tensor_bytes
-from onnx_fwlr.sites.find import Site, walk_graphs
+from onnx_fwlr.io.onnx_utils import walk_graphs
+from onnx_fwlr.sites.find import Site
 
 FORMAT_VERSION = 1
 

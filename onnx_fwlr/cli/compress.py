@@ -1,0 +1,175 @@
+"""`onnx-fwlr compress`."""
+
+from __future__ import annotations
+
+import argparse
+
+from onnx_fwlr.cli.options import calibration_arguments, decomposition_arguments, fisher_options, language_arguments, printer, parse_kron_shape, parse_ranks, parse_size, report_language, report_validation, shapes, tolerance_arguments, write_json
+
+
+def _rank_multiple(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor 'auto'") from None
+
+
+def _latency_model(args):
+    """The measured latency model, when a flag needs one (it times on first use, then reads its cache)."""
+    if args.target_latency is None and args.rank_multiple != "auto":
+        return None
+    from onnx_fwlr.evaluate.latency import MeasuredLatency
+
+    return MeasuredLatency(threads=args.latency_threads, cache_dir=args.latency_cache)
+
+
+class Compress:
+    name = "compress"
+    help = "factorise the model's constant MatMul/Gemm weights and write the compressed model"
+
+    @staticmethod
+    def add_arguments(p):
+        from onnx_fwlr.pipeline.compress import ALLOCATIONS, METHODS
+
+        p.add_argument("model", help="ONNX model file")
+        p.add_argument("-o", "--output", required=True, help="path of the compressed model")
+        p.add_argument("--ratio", type=float, help="parameters kept in the factorised weights (0 < R <= 1)")
+        p.add_argument("--rank", action="append", default=[], metavar="N|NAME=N",
+                       help="one fixed rank for every site (N), or for one site (NAME=N, repeatable)")
+        p.add_argument("--target-size", metavar="BYTES", help="size of the output model, e.g. 20MB or 150000")
+        p.add_argument("--max-error", type=float,
+                       help="largest relative L2 output error on --val data; the smallest ratio meeting it is found")
+        p.add_argument("--target-latency", type=float, metavar="F",
+                       help="latency to reach, as a fraction of the original's measured on this machine (e.g. 0.6); "
+                            "ranks go where the loss per millisecond saved is smallest (needs --method fwsvd/kfac)")
+        p.add_argument("--rank-multiple", nargs="?", const="auto", type=_rank_multiple, metavar="N|auto",
+                       help="round ranks to multiples of N where that costs almost no fidelity; 'auto' (or no value) "
+                            "times the kernels here to choose N and keeps dense any site whose factored form is slower")
+        p.add_argument("--latency-threads", type=int, metavar="N",
+                       help="intra-op threads the latency model times with (default: ONNX Runtime's choice)")
+        p.add_argument("--latency-cache", metavar="DIR",
+                       help="folder of the measured latency tables (default ~/.cache/onnx_fwlr/latency)")
+        p.add_argument("--keep-attention", action="store_true",
+                       help="keep Q/K/V/output projections dense (factorising them breaks ORT's Attention fusion)")
+        p.add_argument("--method", choices=list(METHODS),
+                       help="weighting (default: svd; kfac with --quantize and --calib or --stats)")
+        p.add_argument("--methods", metavar="M,kron",
+                       help="per site, the structure with the lowest weighted error at the same budget (e.g. whiten,kron)")
+        p.add_argument("--dope", type=float, default=0.0, metavar="FRACTION",
+                       help="keep this fraction of each weight's entries as a sparse correction: W ~ structure + D")
+        p.add_argument("--kron-shape", metavar="m1xm2,n1xn2", help="force Kronecker factor shapes (K=m1*m2, N=n1*n2)")
+        p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS), help="rank allocation")
+        p.add_argument("--include", help="regex: only sites whose node or weight name matches")
+        p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
+        p.add_argument("--force", action="store_true", help="overwrite an existing output")
+        p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data beside the model")
+        p.add_argument("--write-unchanged", action="store_true",
+                       help="write the output even when no site can be factorised")
+        calibration_arguments(p)
+        p.add_argument("--stats", metavar="FILE", help="statistics from `onnx-fwlr calibrate` instead of --calib")
+        p.add_argument("--stats-memory", metavar="SIZE",
+                       help="most memory the activation Grams may hold at once (e.g. 4GB; default a third of RAM); "
+                            "beyond it asvd/whiten calibrate in several passes, one group of sites each")
+        p.add_argument("--sequential", action="store_true",
+                       help="refit each site, depth by depth, to its input in the compressed model (reads --calib once per depth)")
+        p.add_argument("--no-bias-correction", action="store_true",
+                       help="do not fold the mean output shift into a bias (on by default for asvd/whiten/kfac)")
+        p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")
+        p.add_argument("--refine", type=int, metavar="STEPS",
+                       help="then distil the factors against the original for up to STEPS Adam steps on --calib "
+                            "(early stopping on 10%% of --calib held back; --val stays unseen)")
+        p.add_argument("--refine-lr", type=float, default=3e-5, help="peak learning rate of --refine (default 3e-5)")
+        tolerance_arguments(p)
+        language_arguments(p)
+        p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        decomposition_arguments(p)
+        q = p.add_argument_group("quantization with a low-rank correction (DESIGN §7)")
+        q.add_argument("--quantize", choices=["int4", "int8", "auto"],
+                       help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
+                            "int4 (MatMulNBits), int8 (quantize_dynamic per channel) or auto (per site, under "
+                            "--target-size or --ratio, which then counts bytes of the input model)")
+        q.add_argument("--block-size", type=int, default=32, help="block of K per int4 scale (default 32)")
+        q.add_argument("--embeddings", default="auto", choices=["auto", "keep", "int8", "int4"],
+                       help="embedding tables: chosen by the budget (auto, with --calib), kept, or forced")
+        q.add_argument("--int8", default="dynamic", choices=["dynamic", "block"],
+                       help="int8 as quantize_dynamic per channel (fast on CPUs) or weight-only MatMulNBits blocks")
+
+    @staticmethod
+    def run(args) -> int:
+        from onnx_fwlr.io.model import check_output_path, file_size, save_model
+        from onnx_fwlr.pipeline.compress import compress
+
+        output = check_output_path(args.output, [args.model], args.force)
+        rank, ranks = parse_ranks(args.rank)
+        if args.quantize:
+            model, report = _compress_quantized(args, rank, ranks)
+        else:
+            model, report = compress(
+                args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
+                max_error=args.max_error,
+                validation=args.val if args.metric == "outputs" or args.max_error is not None else None,
+                method=args.method or "svd", allocation=args.allocation,
+                include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
+                calibration=args.calib, stats=args.stats,
+                batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
+                bias_correction=False if args.no_bias_correction else None, fisher_options=fisher_options(args),
+                methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+                dope=args.dope, kron_shape=parse_kron_shape(args.kron_shape), sequential=args.sequential,
+                svd=args.svd, workers=args.workers, stats_memory=parse_size(args.stats_memory, "--stats-memory"),
+                refine_steps=args.refine, refine_lr=args.refine_lr, progress=not args.quiet,
+                rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
+            )
+        out = printer(args)
+        report.file_size_before = file_size(args.model)
+        written = bool(report.sites) or args.write_unchanged
+        if written:
+            save_model(model, output, external_data=True if args.external_data else None)
+            report.file_size_after = file_size(output)
+        out(report.format())
+        if report.refined is not None:
+            out(report.refined.format())
+        if written:
+            out(f"wrote {output}")
+        code = 0
+        if report.checked is not None and written:
+            code = report_validation(report.checked, args, out)
+        summary = report.to_dict()
+        if args.val and args.metric == "perplexity" and written:
+            from onnx_fwlr.evaluate.language import validate_language
+
+            metrics = validate_language(args.model, model, args.val, batch_size=args.batch_size, logits=args.logits,
+                                        progress=not args.quiet)
+            code = report_language(metrics, args, out)
+            summary["language"] = metrics.to_dict()
+        if args.json:
+            write_json(summary, args.json)
+        return code
+
+
+def _compress_quantized(args, rank, ranks):
+    """--quantize: ONNX Runtime's quantizer plus a low-rank correction (pipeline.quantized), validated on --val."""
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.pipeline.compress import validate
+    from onnx_fwlr.pipeline.quantized import compress_quantized
+
+    unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
+                   "--sequential": args.sequential, "--max-error": args.max_error, "--refine": args.refine,
+                   "--keep-attention": args.keep_attention, "--rank NAME=N": ranks,
+                   "--allocation global": args.allocation == "global"}
+    given = [flag for flag, value in unsupported.items() if value]
+    if given:
+        raise FwlrError(f"--quantize does not combine with {given[0]}; drop it (the byte budget allocates per site).")
+    method = args.method or ("kfac" if args.calib or args.stats else "svd")
+    model, report = compress_quantized(
+        args.model, quantize=args.quantize, block_size=args.block_size, target_size=parse_size(args.target_size),
+        ratio=args.ratio, rank=rank or 0, method=method, calibration=args.calib, stats=args.stats,
+        embeddings=args.embeddings, int8=args.int8, bias_correction=False if args.no_bias_correction else None,
+        include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
+        shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet)
+    if args.val and args.metric == "outputs":
+        report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet)
+        report.validation = report.checked.to_dict()
+    return model, report

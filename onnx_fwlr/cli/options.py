@@ -1,0 +1,184 @@
+"""What the commands share: option groups, value parsers, JSON and table output."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from onnx_fwlr.errors import FwlrError
+
+# Library parameter names (as FwlrError messages write them, in backticks) and the flags that set them. A command
+# whose flag differs for the same parameter says so in its own `flags` (e.g. refine's --output-name).
+FLAGS = {
+    "ratio": "--ratio", "rank": "--rank", "ranks": "--rank NAME=N", "target_size": "--target-size",
+    "max_error": "--max-error", "validation": "--val", "method": "--method", "methods": "--methods",
+    "allocation": "--allocation", "include": "--include", "exclude": "--exclude", "keep_attention": "--keep-attention",
+    "calibration": "--calib", "stats": "--stats", "batch_size": "--batch-size", "mask_input": "--mask-input",
+    "shapes": "--shape", "sequential": "--sequential", "dope": "--dope", "kron_shape": "--kron-shape", "svd": "--svd",
+    "workers": "--workers", "stats_memory": "--stats-memory", "refine_steps": "--refine", "refine_lr": "--refine-lr",
+    "loss": "--loss", "output": "--fisher-output", "samples": "--fisher-samples", "fisher": "--fisher",
+    "shard": "--shard", "steps": "--steps", "lr": "--lr", "label_weight": "--label-weight", "seed": "--seed",
+    "min_cosine": "--min-cosine", "max_rel_error": "--max-rel-error", "max_accuracy_drop": "--max-accuracy-drop",
+    "outputs": "--outputs", "quantize": "--quantize", "block_size": "--block-size",
+    "rank_multiple": "--rank-multiple", "target_latency": "--target-latency",
+}
+
+
+def in_flag_terms(message: str, overrides: dict | None = None) -> str:
+    """A library message with each `parameter` written as the flag that sets it."""
+    flags = FLAGS | (overrides or {})
+    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+
+
+def write_json(data: dict, target: str) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True, default=json_default)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(target).write_text(text + "\n")
+
+
+def json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def printer(args) -> "callable":
+    """Where tables go: stdout, or stderr when stdout carries JSON."""
+    stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
+    return lambda text="": print(text, file=stream)
+
+
+def parse_kron_shape(text: str | None):
+    """`--kron-shape 8x8,16x16` -> (m1, m2, n1, n2)."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*", text)
+    if not match or 0 in (shape := tuple(int(v) for v in match.groups())):
+        raise FwlrError(f"--kron-shape '{text}' is not m1xm2,n1xn2 with positive integers (e.g. 8x8,16x16).")
+    return shape
+
+
+def parse_ranks(items: list[str]) -> tuple[int | None, dict]:
+    """`--rank 8` (every site) and `--rank fc1=8` (one site), in any mix."""
+    rank, ranks = None, {}
+    for item in items:
+        name, _, value = item.rpartition("=")
+        try:
+            number = int(value)
+        except ValueError:
+            raise FwlrError(f"--rank '{item}' is not N or NAME=N with N an integer.") from None
+        if name:
+            ranks[name] = number
+        else:
+            rank = number
+    return rank, ranks
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | None, flag: str = "--target-size") -> int | None:
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in SIZE_UNITS:
+        raise FwlrError(f"{flag} '{text}' is not a size; write e.g. 150000, 500KB, 20MB or 1.5GiB.")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def calibration_arguments(p):
+    p.add_argument("--calib", metavar="DATA",
+                   help="calibration data: .npz (keys = input names), a folder of .npz, or 'random' (smoke test)")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime run (default 32)")
+    p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding (default: attention_mask)")
+    p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1",
+                   help="sizes of symbolic input dimensions (for random data and profiling); repeatable")
+    p.add_argument("--loss", choices=["ce", "mc", "gaussian", "lm"],
+                   help="Fisher loss: ce (needs a 'labels' key), mc (sampled from the model), gaussian (embeddings), "
+                        "lm (next-token cross-entropy of a language model: input_ids shifted by one, padding masked); "
+                        "default: ce with labels, lm for 'logits' [batch, seq, vocab] over input_ids, else by the "
+                        "output's kind")
+    p.add_argument("--fisher-output", metavar="NAME", help="output the loss is defined on (default: first float one)")
+    p.add_argument("--fisher-samples", type=int, default=1, help="loss seeds per batch for mc/gaussian (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the Fisher sampling (default 0)")
+
+
+def decomposition_arguments(p):
+    p.add_argument("--svd", default="auto", choices=["auto", "exact", "randomized"],
+                   help="auto (default): randomised SVD where the rank is known and at most min(K,N)/4 with "
+                        "min(K,N) >= 1024, exact otherwise; see docs/large_models.md")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="decompose sites in N processes (same output bytes as 1; default 1)")
+
+
+def fisher_options(args) -> dict:
+    return {"loss": args.loss, "output": args.fisher_output, "samples": args.fisher_samples, "seed": args.seed}
+
+
+def tolerance_arguments(p):
+    p.add_argument("--min-cosine", type=float, help="fail when an output's mean cosine falls below this")
+    p.add_argument("--max-rel-error", type=float, help="fail when an output's relative L2 error exceeds this")
+    p.add_argument("--max-accuracy-drop", type=float, help="fail when accuracy drops by more than this fraction")
+
+
+def language_arguments(p):
+    p.add_argument("--metric", choices=["outputs", "perplexity"], default="outputs",
+                   help="outputs (default): per-output errors; perplexity: a language model's next-token perplexity "
+                        "of both models, their ratio, top-1 agreement and KL on token data (input_ids, attention_mask)")
+    p.add_argument("--logits", default="logits", metavar="NAME", help="logits output for --metric perplexity")
+    p.add_argument("--max-perplexity-ratio", type=float, help="fail when compressed/original perplexity exceeds this")
+    p.add_argument("--max-kl", type=float, help="fail when the mean next-token KL divergence (nats) exceeds this")
+    p.add_argument("--min-top1-agreement", type=float, help="fail when next-token top-1 agreement falls below this")
+
+
+def report_language(metrics, args, out) -> int:
+    from onnx_fwlr.evaluate.language import format_language
+
+    failures = metrics.check(max_perplexity_ratio=args.max_perplexity_ratio, max_kl=args.max_kl,
+                             min_top1_agreement=args.min_top1_agreement)
+    out(format_language(metrics, failures))
+    return 1 if failures else 0
+
+
+def shapes(args):
+    from onnx_fwlr.evaluate.profiling import parse_shape_args
+
+    return parse_shape_args(args.shape) if args.shape else None
+
+
+def report_validation(validation, args, out) -> int:
+    from onnx_fwlr.evaluate.validation import format_validation
+
+    failures = validation.check(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
+                                max_accuracy_drop=args.max_accuracy_drop)
+    out(format_validation(validation, failures))
+    return 1 if failures else 0
+
+
+def parse_shard(text):
+    if text is None:
+        return None
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise FwlrError(f"--shard '{text}' is not of the form I/N (e.g. 0/4).") from None
+    return index, count
+
+
+def refine_plot(report, path, out) -> None:
+    if not path:
+        return
+    try:
+        report.plot(path)
+        out(f"wrote {path}")
+    except FwlrError as exc:  # no matplotlib: the model and the table still count
+        out(f"note: {exc}")
+

@@ -1,0 +1,54 @@
+"""`onnx-fwlr sweep`."""
+
+from __future__ import annotations
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.cli.options import printer, write_json
+
+
+class Sweep:
+    name = "sweep"
+    help = "evaluate many budgets and methods from one calibration: table, JSON and PNG plots"
+
+    @staticmethod
+    def add_arguments(p):
+        p.add_argument("model", help="ONNX model file")
+        p.add_argument("--calib", metavar="DATA", help="calibration data (needed by every method but svd)")
+        p.add_argument("--val", metavar="DATA", required=True, help="validation data the budgets are judged on")
+        p.add_argument("--ratios", default="0.9,0.7,0.5,0.3", help="comma-separated parameter ratios")
+        p.add_argument("--methods", default="svd,whiten", help="comma-separated methods")
+        p.add_argument("--allocations", default="uniform", help="comma-separated: uniform, global")
+        p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for sweep.json and the plots")
+        p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
+        p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding")
+        p.add_argument("--latency", action="store_true", help="also measure ONNX Runtime latency of each model")
+        p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
+        p.add_argument("--workers", type=int, default=1, help="processes for the per-site decompositions (default 1)")
+        p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        p.add_argument("--json", metavar="FILE", help="also write the results as JSON here ('-' for stdout)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    @staticmethod
+    def run(args) -> int:
+        from onnx_fwlr.evaluate.sweep import sweep, write_outputs
+
+        try:
+            ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
+        except ValueError:
+            raise FwlrError(f"--ratios '{args.ratios}' is not a comma-separated list of numbers.") from None
+        split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+        result = sweep(args.model, args.calib, args.val, ratios=ratios, methods=split(args.methods),
+                       allocations=split(args.allocations), out_dir=args.output, batch_size=args.batch_size,
+                       mask_input=args.mask_input, latency=args.latency, save_models=args.save_models,
+                       workers=args.workers, progress=not args.quiet)
+        out = printer(args)
+        out(result.format())
+        try:
+            written = write_outputs(result, args.output, plots=not args.no_plots)
+        except FwlrError as exc:  # no matplotlib: the table and JSON still count
+            written = write_outputs(result, args.output, plots=False)
+            out(f"note: {exc}")
+        out("wrote " + ", ".join(written))
+        if args.json:
+            write_json(result.to_dict(), args.json)
+        return 0

@@ -1,0 +1,261 @@
+"""Language-model checks: perplexity of an original and a compressed decoder, and cached greedy decoding.
+
+`compare_language_models` runs both models on token batches and folds, per batch, the next-token
+negative log-likelihoods, the top-1 agreement and the KL divergence between their next-token
+distributions into float64 sums. Logits [B, T, V] are read in row chunks: a vocabulary-sized output
+is never held in float64.
+
+`greedy_check` generates greedily twice — re-running the whole sequence each step, and with the KV
+cache (present outputs fed back as past inputs) — and reports whether the two agree. It takes a
+decoder with past inputs (optimum's with-past model, or a merged model with `use_cache_branch`),
+optionally with the no-cache model for the first step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from onnx_fwlr.autodiff.losses import next_token_targets
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io import runtime
+
+CHUNK_ELEMENTS = 1 << 20
+CACHE_FLAG = "use_cache_branch"
+
+
+@dataclass
+class LanguageMetrics:
+    """Next-token quality of the compressed model against the original, over all counted positions."""
+
+    tokens: int                   # positions with a next-token target (padding and last positions left out)
+    original_perplexity: float
+    compressed_perplexity: float
+    top1_agreement: float         # fraction of positions where both models predict the same next token
+    kl_divergence: float          # mean KL(original ‖ compressed) per position, in nats
+    original_accuracy: float      # next-token top-1 accuracy against the text itself
+    compressed_accuracy: float
+
+    @property
+    def perplexity_ratio(self) -> float:
+        return self.compressed_perplexity / self.original_perplexity
+
+    def check(self, max_perplexity_ratio: float | None = None, max_kl: float | None = None,
+              min_top1_agreement: float | None = None) -> list[str]:
+        """Sentences naming each violated tolerance; empty means the compressed model passes."""
+        failures = []
+        if not math.isfinite(self.compressed_perplexity):
+            failures.append("the compressed model's perplexity is not finite.")
+        if max_perplexity_ratio is not None and not self.perplexity_ratio <= max_perplexity_ratio:
+            failures.append(f"perplexity ratio {self.perplexity_ratio:.4f} is above the maximum "
+                            f"{max_perplexity_ratio:g}.")
+        if max_kl is not None and not self.kl_divergence <= max_kl:
+            failures.append(f"KL divergence {self.kl_divergence:.4g} nats is above the maximum {max_kl:g}.")
+        if min_top1_agreement is not None and not self.top1_agreement >= min_top1_agreement:
+            failures.append(f"top-1 agreement {self.top1_agreement:.4f} is below the minimum {min_top1_agreement:g}.")
+        return failures
+
+    def to_dict(self) -> dict:
+        values = asdict(self) | {"perplexity_ratio": self.perplexity_ratio}
+        return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
+
+
+def format_language(m: LanguageMetrics, failures: Sequence[str] = ()) -> str:
+    lines = [
+        f"Next-token check on {m.tokens} token positions.",
+        f"perplexity      original {m.original_perplexity:.4f}   compressed {m.compressed_perplexity:.4f}   "
+        f"ratio {m.perplexity_ratio:.4f}",
+        f"top-1 accuracy  original {100 * m.original_accuracy:.2f} %   compressed {100 * m.compressed_accuracy:.2f} %",
+        f"top-1 agreement {100 * m.top1_agreement:.2f} %   KL(original ‖ compressed) {m.kl_divergence:.5f} nats/token",
+        "PASS" if not failures else "FAIL: " + " ".join(failures),
+    ]
+    return "\n".join(lines)
+
+
+def _log_softmax(rows: np.ndarray) -> np.ndarray:
+    rows = rows.astype(np.float64)
+    rows -= rows.max(axis=1, keepdims=True)
+    return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+
+
+class _Sums:
+    """float64 running sums over counted positions; each batch is worked on in row chunks."""
+
+    def __init__(self):
+        self.count = 0
+        self.nll = np.zeros(2)
+        self.correct = np.zeros(2, dtype=np.int64)
+        self.agree = 0
+        self.kl = 0.0
+
+    def add(self, ref: np.ndarray, out: np.ndarray, targets: np.ndarray, keep: np.ndarray) -> None:
+        vocab = ref.shape[-1]
+        rows = np.flatnonzero(keep.reshape(-1))
+        ref, out, targets = ref.reshape(-1, vocab), out.reshape(-1, vocab), targets.reshape(-1)
+        step = max(1, CHUNK_ELEMENTS // vocab)
+        for start in range(0, rows.size, step):
+            index = rows[start:start + step]
+            t = targets[index]
+            log_p, log_q = _log_softmax(ref[index]), _log_softmax(out[index])
+            picked = np.arange(index.size)
+            self.nll += [-log_p[picked, t].sum(), -log_q[picked, t].sum()]
+            top_p, top_q = log_p.argmax(axis=1), log_q.argmax(axis=1)
+            self.correct += [int((top_p == t).sum()), int((top_q == t).sum())]
+            self.agree += int((top_p == top_q).sum())
+            self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
+        self.count += rows.size
+
+    def result(self) -> LanguageMetrics:
+        if self.count == 0:
+            raise FwlrError("The token data has no position with a next token; give sequences of at least two tokens.")
+        with np.errstate(over="ignore"):
+            ppl = np.exp(self.nll / self.count)
+        return LanguageMetrics(int(self.count), float(ppl[0]), float(ppl[1]), self.agree / self.count,
+                               self.kl / self.count, float(self.correct[0] / self.count),
+                               float(self.correct[1] / self.count))
+
+
+def compare_language_models(original, compressed, batches: Iterable[Mapping[str, np.ndarray]], *,
+                            logits: str = "logits", tokens: str = "input_ids", mask: str | None = "attention_mask",
+                            providers: Sequence[str] = runtime.CPU, progress: bool = True) -> LanguageMetrics:
+    """Perplexity of both models, their ratio, next-token top-1 agreement and KL on token batches.
+
+    Targets are the input ids shifted by one; positions whose token or next token is padding (``mask``
+    zero) do not count. Models are paths or ModelProtos; each is fed only the inputs it declares.
+    """
+    sessions = [runtime.make_session(m, runtime.session_options(), providers, role=f"{role} model")
+                for m, role in ((original, "original"), (compressed, "compressed"))]
+    for session, role in zip(sessions, ("original", "compressed")):
+        names = [o.name for o in session.get_outputs()]
+        if logits not in names:
+            raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
+    sums = _Sums()
+    for index, feed in enumerate(tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False)):
+        if tokens not in feed:
+            raise FwlrError(f"The token data has no '{tokens}' array; save the token ids under the model's input name.")
+        ids = np.asarray(feed[tokens])
+        targets, keep = next_token_targets(ids, feed.get(mask) if mask else None)
+        ref, out = (_run_logits(s, feed, logits, role, index) for s, role in zip(sessions, ("original", "compressed")))
+        if ref.shape != ids.shape + ref.shape[-1:] or ref.shape != out.shape:
+            raise FwlrError(f"Output '{logits}' has shape {ref.shape} (original) and {out.shape} (compressed); "
+                            f"perplexity needs logits [batch, seq, vocab] over the token ids {ids.shape}.")
+        sums.add(ref, out, targets, keep)
+    return sums.result()
+
+
+def validate_language(original, compressed, data, *, batch_size: int = 32, logits: str = "logits",
+                      progress: bool = True) -> LanguageMetrics:
+    """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the original's inputs."""
+    from onnx_fwlr.io.data import find_mask_input, find_token_input, open_data
+    from onnx_fwlr.io.model import load_model
+
+    reference = original if not isinstance(original, (str, os.PathLike)) else load_model(original)
+    batches = open_data(data, reference, batch_size=batch_size)
+    tokens = find_token_input(batches.specs)
+    if tokens is None:
+        raise FwlrError("The model has no token-id input (input_ids); perplexity needs a language model fed token ids.")
+    return compare_language_models(original, compressed, (feed for feed, _ in batches), logits=logits, tokens=tokens,
+                                   mask=find_mask_input(batches.specs), progress=progress)
+
+
+def _run_logits(session, feed, name, role, index) -> np.ndarray:
+    wanted = [i.name for i in session.get_inputs()]
+    missing = [n for n in wanted if n not in feed]
+    if missing:
+        raise FwlrError(f"The token data lacks input(s) {missing} of the {role} model; give arrays named after its "
+                        f"inputs {wanted}.")
+    try:
+        return session.run([name], {n: feed[n] for n in wanted})[0]
+    except Exception as error:  # noqa: BLE001 - ORT raises many types; the user needs one sentence
+        raise FwlrError(f"ONNX Runtime rejected batch {index} for the {role} model: "
+                        f"{runtime.error_text(error)}.") from None
+
+
+@dataclass
+class GreedyCheck:
+    """Greedy continuations of the same prompts, without and with the KV cache."""
+
+    full: np.ndarray           # [B, prompt + steps]: the whole sequence re-run at every step
+    cached: np.ndarray         # [B, prompt + steps]: one new token per step, past fed back
+    max_logit_diff: float      # largest |difference| between the two paths' next-token logits
+
+    @property
+    def matches(self) -> bool:
+        return bool(np.array_equal(self.full, self.cached))
+
+    def to_dict(self) -> dict:
+        return {"matches": self.matches, "max_logit_diff": self.max_logit_diff, "full": self.full.tolist(),
+                "cached": self.cached.tolist()}
+
+
+class CachedDecoder:
+    """A decoder with `past*` inputs and as many `present*` outputs (paired in declaration order).
+
+    The first call on a prompt runs without cache: the no-cache model when given, else the model itself
+    with zero-length past tensors (and `use_cache_branch` false, for a merged model). Later calls feed one
+    token and the previous call's present tensors.
+    """
+
+    def __init__(self, model, no_cache=None, *, logits: str = "logits", providers: Sequence[str] = runtime.CPU):
+        self.session = runtime.make_session(model, runtime.session_options(), providers, role="decoder")
+        self.first = (runtime.make_session(no_cache, runtime.session_options(), providers, role="no-cache decoder")
+                      if no_cache is not None else None)
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past = [name for name in self.inputs if "past" in name]
+        self.present = [o.name for o in self.session.get_outputs() if "present" in o.name]
+        self.logits = logits
+        if not self.past or len(self.past) != len(self.present):
+            raise FwlrError(f"A cached decoder needs past inputs and as many present outputs; this model has "
+                            f"{len(self.past)} past input(s) and {len(self.present)} present output(s).")
+        if "input_ids" not in self.inputs:
+            raise FwlrError("The decoder has no 'input_ids' input; greedy decoding feeds token ids there.")
+
+    def _feed(self, session, ids, total, start, past, use_cache):
+        batch = ids.shape[0]
+        feed = {"input_ids": ids, "attention_mask": np.ones((batch, total), dtype=np.int64),
+                "position_ids": np.broadcast_to(np.arange(start, total, dtype=np.int64), ids.shape).copy(),
+                CACHE_FLAG: np.array([use_cache])}
+        if past is None:
+            past = [self._empty(name, batch) for name in self.past]
+        feed.update(zip(self.past, past))
+        wanted = [i.name for i in session.get_inputs()]
+        return {name: feed[name] for name in wanted if name in feed}
+
+    def _empty(self, name, batch):
+        dims = self.inputs[name].shape
+        shape = [d if isinstance(d, int) else (batch if axis == 0 else 0) for axis, d in enumerate(dims)]
+        return np.zeros(shape, dtype=np.float32)
+
+    def step(self, ids: np.ndarray, total: int, past=None) -> tuple[np.ndarray, list]:
+        """Logits [B, T, V] and present tensors for new tokens ``ids`` [B, T]; ``total`` counts past + new tokens."""
+        start = total - ids.shape[1]
+        session = self.first if past is None and self.first is not None else self.session
+        outputs = session.run([self.logits, *self.present],
+                              self._feed(session, ids, total, start, past, past is not None))
+        return outputs[0], outputs[1:]
+
+
+def greedy_check(model, prompt: np.ndarray, steps: int, *, no_cache=None, logits: str = "logits",
+                 providers: Sequence[str] = runtime.CPU) -> GreedyCheck:
+    """Generate ``steps`` tokens greedily after ``prompt`` [B, T] (int64, no padding) both ways and compare."""
+    decoder = CachedDecoder(model, no_cache, logits=logits, providers=providers)
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or steps < 1:
+        raise FwlrError("Greedy decoding needs a prompt of token ids [batch, length >= 1] and at least one step.")
+    full, cached = prompt, prompt
+    worst = 0.0
+    past, new = None, prompt
+    for _ in range(steps):
+        full_logits, _ = decoder.step(full, full.shape[1])
+        step_logits, past = decoder.step(new, cached.shape[1], past)
+        a, b = full_logits[:, -1], step_logits[:, -1]
+        worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b))))
+        full = np.concatenate([full, a.argmax(axis=-1)[:, None]], axis=1)
+        new = b.argmax(axis=-1)[:, None].astype(np.int64)
+        cached = np.concatenate([cached, new], axis=1)
+    return GreedyCheck(full, cached, worst)

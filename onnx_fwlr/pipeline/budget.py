@@ -1,0 +1,118 @@
+"""Budgets: how much the factorised weights may keep, and one rank per site under it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import external_bytes
+from onnx_fwlr.methods import allocation as alloc
+from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
+from onnx_fwlr.sites.find import Site
+
+ALLOCATIONS = ("uniform", "global")
+BUDGETS = ("ratio", "rank", "target_size", "max_error", "target_latency")  # exactly one per compression
+
+
+@dataclass
+class Budget:
+    """How much the factorised weights may keep. Exactly one of ratio, rank, target_size, max_error."""
+
+    ratio: float | None = None  # parameters kept / original parameters of the factorisable weights
+    rank: int | None = None  # one rank for every site
+    target_size: int | None = None  # bytes of the output model
+    max_error: float | None = None  # largest relative L2 output error allowed on validation data
+    ranks: dict = field(default_factory=dict)  # per-site overrides: site, node or weight name -> rank
+    target_latency: float | None = None  # fraction of the original's measured latency (pipeline/speed.py)
+
+    def check(self) -> None:
+        given = [n for n in BUDGETS if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise FwlrError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} given together; pass one budget.")
+        if not given and not self.ranks:
+            raise FwlrError(("no budget given; pass --ratio R (0 < R <= 1), --rank N, --target-size, --max-error or "
+                             "--target-latency."))
+        if self.ratio is not None and not (0 < self.ratio <= 1):
+            raise FwlrError(f"--ratio {self.ratio} is out of range; it must satisfy 0 < ratio <= 1.")
+        if self.rank is not None and self.rank < 1:
+            raise FwlrError(f"--rank {self.rank} is out of range; it must be a positive integer.")
+        if self.target_size is not None and self.target_size <= 0:
+            raise FwlrError(f"--target-size {self.target_size} is out of range; give a positive number of bytes.")
+        if self.target_latency is not None and not (0 < self.target_latency <= 1):
+            raise FwlrError(f"--target-latency {self.target_latency} is out of range; give the fraction of the "
+                            "original's latency to reach, 0 < F <= 1.")
+        if self.max_error is not None and not (self.max_error > 0):
+            raise FwlrError(f"--max-error {self.max_error} is out of range; give a positive relative error.")
+        for name, rank in self.ranks.items():
+            if int(rank) < 1:
+                raise FwlrError(f"--rank {name}={rank} is out of range; ranks are positive integers.")
+
+    def describe(self) -> dict:
+        data = {k: getattr(self, k) for k in BUDGETS if getattr(self, k) is not None}
+        if self.ranks:
+            data["ranks"] = dict(self.ranks)
+        return data
+
+
+def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[int | None]:
+    """One rank per site (None = dense) under the budget; per-site overrides are honoured first."""
+    sites = prepared.sites
+    fixed = _rank_overrides(sites, budget.ranks)
+    free = [i for i, s in enumerate(sites) if i not in fixed]
+    ranks: list[int | None] = [None] * len(sites)
+    for i, r in fixed.items():
+        ranks[i] = alloc.clamp_rank(sites[i].K, sites[i].N, min(r, min(sites[i].K, sites[i].N)))
+    shapes = [(sites[i].K, sites[i].N) for i in free]
+    if budget.rank is not None:
+        chosen = [alloc.clamp_rank(K, N, min(budget.rank, min(K, N))) for K, N in shapes]
+    elif budget.ratio is None and budget.target_size is None:
+        chosen = [None] * len(free)  # only overrides were given: the other sites stay dense
+    else:
+        ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
+        if allocation == "global":
+            if any(prepared.site_methods[sites[i].weight] != prepared.method for i in free):
+                raise FwlrError("--allocation global needs gradient statistics for every site; some have none "
+                                "(inside subgraphs?): use --allocation uniform or --exclude them.")
+            ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
+            energies = [prepared.decompositions[sites[i].weight].energy for i in free]
+            chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
+        else:
+            chosen = alloc.uniform_ranks(shapes, ratio)
+    for i, r in zip(free, chosen):
+        ranks[i] = r
+    return ranks
+
+
+def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
+    """Map override names (site, node or weight) to site indices; an unknown name is an error."""
+    found = {}
+    for name, rank in overrides.items():
+        matches = [i for i, s in enumerate(sites) if name in {s.name, s.weight} | {u.node_name for u in s.uses}]
+        if not matches:
+            known = ", ".join(s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+            raise FwlrError(f"--rank {name}={rank}: no site is named '{name}'; sites are: {known}.")
+        for i in matches:
+            found[i] = int(rank)
+    return found
+
+
+def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
+    """The parameter ratio of the free sites that makes the output about `target_size` bytes."""
+    itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}
+    dense_bytes = prepared.model.ByteSize() + external_bytes(prepared.model)
+    fixed_bytes = 0
+    for i, site in enumerate(prepared.sites):
+        size = itemsize.get(site.dtype, 4)
+        dense_bytes -= site.params * size
+        if i not in free:
+            fixed_bytes += alloc.site_params(site.K, site.N, ranks[i]) * size
+    free_params = sum(prepared.sites[i].params for i in free)
+    free_itemsize = itemsize.get(prepared.sites[free[0]].dtype, 4) if free else 4
+    overhead = 600 * len(prepared.sites)  # new node and initializer records, names, bias corrections (measured bound)
+    available = target_size - dense_bytes - fixed_bytes - overhead
+    if available <= 0 or free_params == 0:
+        raise FwlrError(
+            f"--target-size {target_size:,} bytes is too small: the model without its factorisable weights already "
+            f"takes about {dense_bytes + fixed_bytes + overhead:,} bytes."
+        )
+    return min(1.0, available / (free_params * free_itemsize))

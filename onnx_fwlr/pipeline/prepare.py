@@ -1,0 +1,209 @@
+"""Everything a compression needs that does not depend on the budget: the loaded model, its sites, the
+statistics the method reads, and (on demand, cached) one decomposition per site.
+
+`prepare` once, then `budget.choose_ranks` and `build.build` per budget: a sweep or a fidelity search
+decomposes each site once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.io.model import load_model
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods.decompose import Weighting, iter_decompositions
+from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
+from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
+from onnx_fwlr.sites.recurrent import find_all_sites
+from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
+
+
+def input_scaling_key(method: str, site: Site):
+    """Sites with equal keys share one input scaling (Q, K and V read one input: one Cholesky factor of its
+    Gram); None when the scaling depends on the site's own weight (fwsvd) or there is none."""
+    if get_method(method).shares_input_scaling:
+        return tuple(activation_key(u) for u in site.uses)
+    return None
+
+
+WEIGHTING = Weighting(input_scaling, output_scaling, input_scaling_key)
+
+
+@dataclass
+class Prepared:
+    """Everything that does not depend on the budget: sites, statistics and one decomposition per site."""
+
+    model: onnx.ModelProto  # the loaded original; never modified
+    sites: list[Site]
+    skipped: list[Skipped]
+    method: str
+    stats: Statistics | None
+    weights: dict = field(default_factory=dict)  # weight name -> float64 [K, N] (SiteWeights: read on access)
+    decompositions: dict = field(default_factory=dict)  # weight name -> factorize.Decomposition (the cache)
+    site_methods: dict = field(default_factory=dict)  # weight name -> method actually used
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    svd: str = "exact"  # exact | randomized | auto (factorize.use_randomized)
+    workers: int = 1  # processes for decomposition
+    progress: bool = True
+
+
+class SiteWeights(Mapping):
+    """weight name -> float64 [K, N], read from the model on each access (memory-mapped when it was loaded
+    lazily) instead of holding every weight in memory at once."""
+
+    def __init__(self, model: onnx.ModelProto, sites: list[Site]):
+        self._model = model
+        self._sites = {s.weight: s for s in sites}
+
+    def __getitem__(self, weight: str) -> np.ndarray:
+        return weight_matrix(self._model, self._sites[weight])
+
+    def __iter__(self):
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+
+def prepare(
+    model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
+    batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
+    progress=True,
+) -> Prepared:
+    """Load, find sites and gather statistics: everything but the decompositions.
+
+    Sites are decomposed when first needed (ensure_decompositions, choose_ranks for global allocation, build),
+    so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
+    SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
+    """
+    factorize.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
+    if workers < 1:
+        raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
+    validate_regex(include, "--include")
+    validate_regex(exclude, "--exclude")
+    start = time.perf_counter()
+    model = load_model(model)
+    sites, skipped = find_all_sites(model, include, exclude, fisher=method in METHODS and GRADIENTS in METHODS[method].needs)
+    warnings = _unmatched_patterns(include, exclude, sites, skipped)
+    if keep_attention:
+        projections = attention_projections(model, sites)
+        skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (--keep-attention)")
+                    for s in sites if s.weight in projections]
+        sites = [s for s in sites if s.weight not in projections]
+    prepared = Prepared(model, sites, skipped, method, None, warnings=warnings, svd=svd, workers=workers,
+                        progress=progress)
+    prepared.weights = SiteWeights(model, sites)
+    prepared.timings["load"] = time.perf_counter() - start
+    if not sites:
+        prepared.warnings.append("the model has no factorisable MatMul/Gemm weight; nothing was changed.")
+        return prepared
+    start = time.perf_counter()
+    prepared.stats = _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes,
+                                 fisher_options or {}, stats_memory, progress)
+    if prepared.stats is not None:
+        prepared.timings["calibrate"] = time.perf_counter() - start
+        if prepared.stats.meta.get("smoke_test"):
+            prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
+    prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
+    return prepared
+
+
+def ensure_decompositions(prepared: Prepared, ranks: list[int | None] | None = None) -> None:
+    """Fill the decomposition cache so every site can give its rank (ranks None = the whole spectrum).
+
+    An exact decomposition serves every rank; a randomised one serves ranks up to its own and is recomputed
+    only for a higher one. Sites kept dense (rank None in `ranks`) need nothing.
+    """
+    for _ in site_decompositions(prepared, ranks, store=True):
+        pass
+
+
+def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, store: bool):
+    """(site, decomposition serving its rank, or None for a dense site) in site order.
+
+    Missing decompositions are computed as the iteration reaches them and put in the cache only when
+    `store`; otherwise a one-shot build turns each into factors and lets it go (bounded memory on large
+    models), and cached ones are taken out of the cache once given.
+    """
+    needed = {}
+    for i, site in enumerate(prepared.sites):
+        rank = None if ranks is None else ranks[i]
+        if ranks is not None and rank is None:
+            continue
+        cached = prepared.decompositions.get(site.weight)
+        if cached is not None and (cached.exact or (rank is not None and rank <= cached.max_rank)):
+            continue
+        needed[site.weight] = rank
+    fresh = iter_decompositions(
+        prepared.model, [s for s in prepared.sites if s.weight in needed], prepared.site_methods, prepared.stats,
+        WEIGHTING, progress=prepared.progress, ranks=needed, svd="exact" if ranks is None else prepared.svd,
+        workers=prepared.workers) if needed else iter(())
+    for i, site in enumerate(prepared.sites):
+        if site.weight in needed:
+            start, calibrating = time.perf_counter(), _later_calibration_seconds(prepared)
+            _, dec = next(fresh)
+            calibrating = _later_calibration_seconds(prepared) - calibrating  # a pass for the next group of sites
+            for stage, seconds in (("decompose", time.perf_counter() - start - calibrating), ("calibrate", calibrating)):
+                prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
+            if store:
+                prepared.decompositions[site.weight] = dec
+        elif store:
+            dec = prepared.decompositions.get(site.weight)
+        else:
+            dec = prepared.decompositions.pop(site.weight, None)
+        yield site, (dec if ranks is None or ranks[i] is not None else None)
+
+
+def _later_calibration_seconds(prepared: Prepared) -> float:
+    return getattr(prepared.stats, "later_seconds", 0.0)
+
+
+def _has_stats(method: str, site: Site, stats) -> bool:
+    needs = get_method(method).needs
+    return (("activations" not in needs or stats.has_activations(site))
+            and ("gradients" not in needs or stats.has_gradients(site)))
+
+
+def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, fisher_options, stats_memory,
+                progress):
+    """The statistics the method needs: loaded, given, or measured now; None for svd without data."""
+    needs = get_method(method).needs
+    if isinstance(stats, (str, os.PathLike)):
+        stats = Statistics.load(stats, expect_fingerprint=model_fingerprint(model))
+    if stats is None and calibration is not None and needs:
+        batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes)
+        if "gradients" in needs:
+            from onnx_fwlr.stats.fisher import collect_fisher_stats  # imports the backward pass: only when needed
+
+            stats = collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress,
+                                         **fisher_options)
+        else:
+            stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress,
+                                             memory_limit=stats_memory)
+    if needs:
+        if stats is None:
+            raise FwlrError(f"--method {method} needs calibration data; pass --calib DATA (or --stats FILE).")
+        stats.require(sites, needs, method)
+    return stats
+
+
+def _unmatched_patterns(include, exclude, sites, skipped) -> list[str]:
+    """A pattern that matches no node or weight name is almost always a typo: say so."""
+    names = [n for s in sites for n in [s.weight] + [u.node_name for u in s.uses]]
+    names += [n for s in skipped for n in (s.node, s.weight) if n]
+    return [
+        f"{option} '{pattern}' matched no node or weight name; check the names with `onnx-fwlr inspect`."
+        for pattern, option in ((include, "--include"), (exclude, "--exclude"))
+        if pattern and not any(re.search(pattern, n) for n in names)
+    ]

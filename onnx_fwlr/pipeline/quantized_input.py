@@ -1,0 +1,56 @@
+"""Already-quantized models in `compress`: dequantize each recognised quantized weight (float64, exact), let the
+float pipeline compress the float model, then quantize the result back with each weight's own scheme through
+ONNX Runtime's quantizers (quant/dequantize.py, quant/requantize.py)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import onnx
+
+from onnx_fwlr.evaluate.report import Report, op_counts
+from onnx_fwlr.io.model import load_model
+from onnx_fwlr.quant.dequantize import Dequantized, dequantize_model
+from onnx_fwlr.quant.requantize import requantize
+from onnx_fwlr.sites.find import model_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizedInput:
+    """What dequantize_input did: the float model to compress, the record of each recovered weight, and the
+    quantized input's counts for the report's before-columns."""
+
+    float_model: onnx.ModelProto
+    dequantized: Dequantized
+    params_before: int
+    ops_before: dict
+
+
+def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
+    """None when the model has no quantized weight (the input then goes on untouched). A quantized op in a
+    scheme we cannot read raises FwlrError."""
+    loaded = load_model(model)
+    dequantized = dequantize_model(loaded)
+    if not dequantized.sites:
+        return None
+    logger.info(dequantized.summary())
+    return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded))
+
+
+def requantize_output(compressed: onnx.ModelProto, quantized: QuantizedInput, report: Report,
+                      only_float_nodes: bool = False, how: str = "with the same scheme") -> onnx.ModelProto:
+    """`compressed` with every recovered weight (its float node, or the factors that replaced it) quantized again
+    with its original scheme; the report's before/after columns count the quantized models, and its one line
+    says what happened. `only_float_nodes`: requantize the float nodes themselves only (not the nodes named
+    after them), for pipelines that quantize the factors their own way (--quantize)."""
+    sites = quantized.dequantized.sites
+    nodes = {site.node: list(site.float_nodes) for site in sites} if only_float_nodes else None
+    result = requantize(compressed, sites, nodes=nodes)
+    report.model_params_before, report.ops_before = quantized.params_before, quantized.ops_before
+    report.model_params_after, report.ops_after = model_parameters(result), op_counts(result)
+    report.input_quantization = (f"the input was quantized: {quantized.dequantized.summary()}, compressed in float "
+                                 f"and quantized again {how}")
+    return result

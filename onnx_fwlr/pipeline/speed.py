@@ -1,0 +1,184 @@
+"""Ranks chosen for speed: `--rank-multiple` (round to ranks the kernels like) and `--target-latency` (ranks
+under a latency budget), both from the measured latency model of evaluate/latency.py.
+
+The latency model times each site's dense op and factored pair at the model's own row count (one batch of
+the calibration data, or --shape); the share of the original's time the sites take comes from ONNX
+Runtime's profiler. A target latency F (a fraction of the original's) leaves the sites
+    Σ t_site(rank) ≤ Σ t_site(dense) · (F − (1 − share)) / share,
+which methods.allocation.latency_ranks fills greedily by loss per millisecond saved.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate import latency as lat
+from onnx_fwlr.methods import allocation as alloc
+from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
+
+
+def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dict:
+    """One batch at the size the model will be timed at: the first calibration batch (a file, a folder or
+    "random" with shapes), else synthetic inputs of the --shape sizes."""
+    from onnx_fwlr.io.data import open_data
+
+    if isinstance(calibration, (str, os.PathLike)):
+        feed, _ = next(iter(open_data(calibration, model, batch_size=batch_size, shapes=shapes)))
+        return feed
+    if shapes:
+        from onnx_fwlr.evaluate.profiling import synthetic_feed
+
+        return synthetic_feed(model, shapes)
+    raise FwlrError("--rank-multiple auto and --target-latency time the model at its input size; pass the "
+                    "calibration data as a file (--calib DATA) or give the size with --shape NAME:D0,D1,...")
+
+
+def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float]]:
+    decompositions = [prepared.decompositions[prepared.sites[i].weight] for i in indices]
+    return [d.energy for d in decompositions], [d.total for d in decompositions]
+
+
+def _upper_ranks(prepared: Prepared, ranks, multiple: int | None) -> list[int | None]:
+    """The highest rank rounding may move each site to, so its decomposition holds that many components."""
+    upper = []
+    for site, rank in zip(prepared.sites, ranks):
+        if rank is None:
+            upper.append(None)
+            continue
+        step = max(lat.GRID_STEP, rank // 8, multiple or 0)
+        upper.append(min(rank + step, min(site.K, site.N)))
+    return upper
+
+
+def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None) -> tuple[list, dict]:
+    """Ranks rounded to kernel-friendly values (evaluate.latency.round_ranks); with multiple "auto", the
+    multiple and the rounding come from the measured tables, and a site whose factored form is not faster
+    than its dense op stays dense. Returns (ranks, what was done for the report)."""
+    measured = multiple == "auto"
+    if not measured and (not isinstance(multiple, int) or multiple < 1):
+        raise FwlrError(f"--rank-multiple {multiple} is out of range; give a positive integer or 'auto'.")
+    indices = [i for i, r in enumerate(ranks) if r is not None]
+    ensure_decompositions(prepared, _upper_ranks(prepared, ranks, None if measured else multiple))
+    energies, totals = _energies(prepared, indices)
+    tables = [None] * len(indices)
+    if measured:
+        all_tables = latency.tables(prepared.model, prepared.sites, feed)
+        tables = [all_tables[i] for i in indices]
+        timed = [t for t in tables if t is not None]
+        multiple = lat.default_rank_multiple(timed) if timed else 1
+    chosen = lat.round_ranks([ranks[i] for i in indices], energies, tables if measured else None,
+                             multiple=multiple if multiple > 1 else None, totals=totals)
+    new = list(ranks)
+    for i, rank in zip(indices, chosen):
+        new[i] = rank
+    info = {"rank_multiple": multiple, "measured": measured,
+            "rounded": {prepared.sites[i].name: [ranks[i], new[i]] for i in indices if new[i] != ranks[i]}}
+    if measured:
+        slower = lat.slower_than_dense([new[i] for i in indices], tables)
+        info["kept_dense"] = [prepared.sites[indices[k]].name for k in slower]
+        for k in slower:
+            new[indices[k]] = None
+        info["predicted_sites_ratio"] = _sites_ratio(new, all_tables)
+    return new, info
+
+
+def _sites_ratio(ranks, tables) -> float | None:
+    timed = [(r, t) for r, t in zip(ranks, tables) if t is not None]
+    dense = sum(t.dense_ms for _, t in timed)
+    return lat.predicted_ms(*zip(*timed)) / dense if timed and dense > 0 else None
+
+
+def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int | None], latency, feed
+                         ) -> tuple[list, dict]:
+    """Ranks whose predicted latency is `target` × the original's: sites with a table are allocated by
+    methods.allocation.latency_ranks in loss units; `fixed` ({site index: rank}) and sites without a table
+    (LSTM/GRU) keep their rank or stay dense. Returns (ranks, what was predicted for the report)."""
+    sites = prepared.sites
+    tables = latency.tables(prepared.model, sites, feed)
+    timed = [i for i, t in enumerate(tables) if t is not None]
+    free = [i for i in timed if i not in fixed]
+    if not free:
+        raise FwlrError("--target-latency found no MatMul/Gemm site to time; it does not apply to this model.")
+    share = latency.site_share(prepared.model, [sites[i] for i in timed], feed)
+    floor = 1.0 - share
+    ranks: list[int | None] = [fixed.get(i) for i in range(len(sites))]
+    dense_ms = sum(tables[i].dense_ms for i in timed)
+    fixed_ms = sum(tables[i].time(fixed[i]) for i in timed if i in fixed)
+    site_budget = dense_ms * (target - floor) / share - fixed_ms if share > 0 else -1.0
+    fastest = sum(min([tables[i].dense_ms, *tables[i].factored_ms]) for i in free)
+    best_ratio = floor + share * (fastest + fixed_ms) / dense_ms
+    if site_budget < fastest:
+        raise FwlrError(
+            f"--target-latency {target:g} cannot be reached: the factorisable sites take {100 * share:.0f}% of the "
+            f"original's time on this machine, so factorising reaches about {best_ratio:.2f} at best; ask for "
+            f"{best_ratio + 0.01:.2f} or more (or quantize).")
+    ensure_decompositions(prepared)  # the budget compares whole spectra, as global allocation does
+    energies, totals = _energies(prepared, free)
+    chosen = alloc.latency_ranks(energies, [tables[i] for i in free], site_budget, totals=totals)
+    for i, rank in zip(free, chosen):
+        ranks[i] = rank
+    predicted = floor + share * lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]) / dense_ms
+    info = {"target_latency": target, "site_share": share, "best_ratio": best_ratio,
+            "predicted_ratio": predicted, "tokens": sorted({tables[i].tokens for i in free})}
+    return ranks, info
+
+
+def speed_notes(info: dict) -> list[str]:
+    """Plain sentences for the report."""
+    notes = []
+    if "target_latency" in info:
+        notes.append(f"latency budget {info['target_latency']:g}: the sites take {100 * info['site_share']:.0f}% of "
+                     f"the original's time here; predicted latency ratio {info['predicted_ratio']:.3f} "
+                     f"(best reachable {info['best_ratio']:.3f})")
+    if "rank_multiple" in info:
+        how = "measured" if info.get("measured") else "given"
+        notes.append(f"ranks rounded to multiples of {info['rank_multiple']} ({how}); {len(info['rounded'])} moved")
+    if info.get("kept_dense"):
+        notes.append(f"kept dense, their factored form is not faster here: {', '.join(info['kept_dense'])}")
+    return notes
+
+
+def check_speed_options(budget, rank_multiple, method: str, structured: bool) -> None:
+    """Fail before any work on a speed option that cannot apply."""
+    from onnx_fwlr.methods.registry import METHODS
+
+    if rank_multiple is None and budget.target_latency is None:
+        return
+    flag = "--target-latency" if budget.target_latency is not None else "--rank-multiple"
+    if structured:
+        raise FwlrError(f"{flag} works with plain low-rank methods; drop --method kron, --methods or --dope.")
+    if budget.max_error is not None:
+        raise FwlrError(f"{flag} does not combine with --max-error; pass one of them.")
+    given = rank_multiple is not None and rank_multiple != "auto"
+    if given and (not isinstance(rank_multiple, int) or rank_multiple < 1):
+        raise FwlrError(f"--rank-multiple {rank_multiple} is out of range; give a positive integer or 'auto'.")
+    if budget.target_latency is not None:
+        if rank_multiple is not None:
+            raise FwlrError("--target-latency already picks ranks the kernels run fast at; drop --rank-multiple.")
+        if not METHODS[method].loss_units:
+            raise FwlrError("--target-latency spends the budget in loss units and needs gradient statistics; use "
+                            "--method fwsvd or kfac with --calib DATA.")
+
+
+def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_multiple, latency, calibration,
+                           batch_size: int, shapes) -> tuple[list, dict | None]:
+    """budget.choose_ranks, or the latency budget, then --rank-multiple: (ranks, what was done or None)."""
+    from onnx_fwlr.pipeline.budget import Budget, choose_ranks
+
+    if budget.target_latency is None and rank_multiple is None:
+        return choose_ranks(prepared, budget, allocation), None
+    feed, needs_timing = None, budget.target_latency is not None or rank_multiple == "auto"
+    if needs_timing:
+        feed = timing_feed(prepared.model, calibration, batch_size, shapes)
+        latency = latency if latency is not None else lat.MeasuredLatency()
+    if budget.target_latency is None:
+        return round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency, feed)
+    if any(prepared.site_methods[s.weight] != prepared.method for s in prepared.sites):
+        raise FwlrError("--target-latency needs gradient statistics for every site; some have none (inside "
+                        "subgraphs?): --exclude them.")
+    overrides = choose_ranks(prepared, Budget(ranks=budget.ranks), allocation) if budget.ranks else []
+    fixed = {i: r for i, r in enumerate(overrides) if r is not None}
+    return latency_budget_ranks(prepared, budget.target_latency, fixed, latency, feed)

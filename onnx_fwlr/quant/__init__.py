@@ -1,0 +1,6 @@
+"""Quantized main branch plus an importance-weighted low-rank correction of its error (DESIGN §7).
+
+ortquant: thin wrappers over onnxruntime.quantization, and deq(Q(W)) exactly as ONNX Runtime computes it;
+compensate: the residual's weighted best rank-r fit (numpy only); budget: per-site options and the greedy
+byte allocation (numpy only); embedding: loss-unit statistics of embedding tables; graph: the rewrite.
+"""

@@ -1,0 +1,90 @@
+"""One byte budget across precisions and ranks (numpy only).
+
+Each site (or embedding table) has options — dense fp32, int8, int4 at a block size, either of those plus a
+rank-r correction, low rank alone — each with its bytes and its predicted loss (the dropped weighted energy,
+in loss units with gradient statistics). The allocation is the greedy rule of global rank allocation
+(DESIGN §3) extended to these options: start every site at its smallest option, then take the upgrades
+with the most loss removed per byte until the budget is spent. Upgrades are the steps along each site's
+lower convex hull in (bytes, loss), so per site they come in order of falling benefit per byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to store a site: `storage` names it (e.g. "fp32", "low rank", "int4 b32"), `rank` is the
+    correction's rank (or the low rank), `key` is the caller's handle for building it."""
+
+    storage: str
+    rank: int
+    bytes: int
+    loss: float
+    key: object = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        if self.storage == "low rank":
+            return f"low rank {self.rank}"
+        return self.storage if self.rank == 0 else f"{self.storage} + rank {self.rank}"
+
+
+def rank_grid(K: int, N: int, step: int = 8) -> list[int]:
+    """Correction ranks tried: multiples of `step` below min(K, N) (kernels like round ranks, DESIGN §7)."""
+    return list(range(step, min(K, N), step))
+
+
+def lower_hull(options: list[Option]) -> list[Option]:
+    """The options worth having: bytes ascending, loss strictly falling, and convex (each step removes less
+    loss per byte than the one before), so greedy upgrades along it are optimal for a concave benefit."""
+    ordered = sorted(options, key=lambda o: (o.bytes, o.loss))
+    frontier: list[Option] = []
+    for option in ordered:
+        if frontier and option.loss >= frontier[-1].loss:
+            continue  # costs at least as many bytes for no less loss
+        frontier.append(option)
+    hull: list[Option] = []
+    for option in frontier:
+        while len(hull) >= 2 and _turn(hull[-2], hull[-1], option) <= 0:
+            hull.pop()
+        hull.append(option)
+    return hull
+
+
+def _turn(a: Option, b: Option, c: Option) -> float:
+    """> 0 when a → b → c turns left in (bytes, loss): b lies below the chord a–c, so it stays on the hull."""
+    return (b.bytes - a.bytes) * (c.loss - a.loss) - (b.loss - a.loss) * (c.bytes - a.bytes)
+
+
+def minimum_bytes(choices: list[list[Option]]) -> int:
+    """Bytes of the cheapest option of every site together."""
+    return sum(min(o.bytes for o in options) for options in choices)
+
+
+def allocate(choices: list[list[Option]], available: int) -> list[Option] | None:
+    """One option per site with total bytes ≤ available and the least predicted loss the greedy rule finds;
+    None when even the cheapest options do not fit."""
+    hulls = [lower_hull(options) for options in choices]
+    spent = sum(h[0].bytes for h in hulls)
+    if spent > available:
+        return None
+    position = [0] * len(hulls)
+    steps = []
+    for i, hull in enumerate(hulls):
+        for j in range(1, len(hull)):
+            gain = hull[j - 1].loss - hull[j].loss
+            steps.append((gain / (hull[j].bytes - hull[j - 1].bytes), i, j))
+    steps.sort(key=lambda s: (-s[0], s[1], s[2]))
+    blocked: set[int] = set()
+    for _, i, j in steps:
+        if i in blocked or position[i] != j - 1:
+            continue
+        cost = hulls[i][j].bytes - hulls[i][j - 1].bytes
+        if spent + cost > available:
+            blocked.add(i)  # its later steps build on this one
+            continue
+        position[i] = j
+        spent += cost
+    return [hull[p] for hull, p in zip(hulls, position)]

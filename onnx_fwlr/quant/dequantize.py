@@ -1,0 +1,183 @@
+"""Already-quantized models as inputs: find each quantized weight use, read its exact float value, and turn it
+back into a plain float MatMul/Gemm/LSTM so the whole float pipeline applies (requantize.py goes back).
+
+Recognised weight uses (the integer weight, its scales and zero points all constants), as found → float form:
+- dynamic: DynamicQuantizeLinear → MatMulInteger → Cast → Mul(x_scale·w_scale) (`quantize_dynamic`), and
+  DynamicQuantizeMatMul / MatMulIntegerToFloat (com.microsoft: what ORT fuses that chain into) → MatMul (+ Add);
+- dynamic_lstm: DynamicQuantizeLSTM (com.microsoft, `quantize_dynamic` of an LSTM) → LSTM;
+- qdq: DequantizeLinear of constants feeding MatMul/Gemm weights → a float initializer in its place;
+- cast_mul: Mul(Cast(int), scale), or Cast → Sub(zero point) → Mul, feeding weights → a float initializer;
+- nbits: MatMulNBits (com.microsoft, `MatMulNBitsQuantizer`) → MatMul (+ Add).
+
+Every value is `(q − zero_point) · scale` per the op's documentation, computed in float64 (exactly the float32
+product ONNX Runtime forms, rounded once). Dynamic schemes also quantize the activation at run time; their float
+form drops that step, so outputs differ from the quantized model's by the activation's quantization step.
+Activation QuantizeLinear/DequantizeLinear pairs of QDQ models are activations, not weights: they stay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.quant.dequantize_match import match_node
+from onnx_fwlr.quant.quantized_site import QUANTIZED_WEIGHT_OPS, QuantizedSite, QuantScheme, graph_views
+from onnx_fwlr.sites.find import _constants, walk_graphs
+
+__all__ = [
+    "Dequantized",
+    "QuantScheme",
+    "QuantizedSite",
+    "dequantize_model",
+    "dequantized_weights",
+    "detect_quantized",
+    "unpack_bits",
+    "weight_matrix",
+]
+
+
+def detect_quantized(model: onnx.ModelProto) -> list[QuantizedSite]:
+    """Every quantized weight use (main graph, then subgraphs), supported or not, plus other quantized ops."""
+    found = []
+    for view in graph_views(model):
+        for n_index, node in enumerate(view.graph.node):
+            site = match_node(model, view, n_index, node)
+            if site is not None:
+                found.append(site)
+    return found
+
+
+# --- the exact float view ----------------------------------------------------------------------------------------
+
+
+def _affine(q: np.ndarray, zero_point: np.ndarray | None, scale: np.ndarray) -> np.ndarray:
+    """(q − zero_point) · scale in float64 with numpy (= ONNX) broadcasting."""
+    shifted = q.astype(np.float64) - (0.0 if zero_point is None else zero_point.astype(np.float64))
+    return shifted * scale.astype(np.float64)
+
+
+def dequantized_weights(model: onnx.ModelProto, site: QuantizedSite) -> dict[str, np.ndarray]:
+    """float64 weights in the layout the float node takes: {"B": ...} for MatMul/Gemm (for QDQ and Cast+Mul the
+    stored layout the consumer reads), {"W": [dirs, 4H, input], "R": [dirs, 4H, hidden]} for an LSTM."""
+    if site.scheme is None:
+        raise FwlrError(f"{site.node}: {site.reason}")
+    constants = _constants(walk_graphs(model))
+    t = site.tensors
+
+    def arr(role: str) -> np.ndarray | None:
+        name = t.get(role, "")
+        return tensor_array(model, constants[name][2]) if name else None
+
+    if site.op_type == "DynamicQuantizeLSTM":
+        return {key: _lstm_weight(arr(key), arr(f"{key}_zero_point"), arr(f"{key}_scale")) for key in ("W", "R")}
+    if site.op_type == "MatMulNBits":
+        return {"B": _nbits_weight(arr("q"), arr("scale"), arr("zero_point"), site)}
+    if site.op_type == "DequantizeLinear":
+        return {"B": _dequantize_linear(arr("q"), arr("scale"), arr("zero_point"), site.tensors)}
+    return {"B": _affine(arr("q"), arr("zero_point"), arr("scale"))}  # dynamic MatMul family and Cast+Mul
+
+
+def weight_matrix(model: onnx.ModelProto, site: QuantizedSite) -> np.ndarray:
+    """The dequantized weight as float64 [K, N] (X @ W view; an LSTM's input weights stacked by direction)."""
+    weights = dequantized_weights(model, site)
+    if site.consumer == "LSTM":
+        W = weights["W"]
+        return W.transpose(2, 0, 1).reshape(W.shape[2], -1)
+    B = weights["B"]
+    return B.T if B.shape != (site.K, site.N) else B
+
+
+def _lstm_weight(q: np.ndarray, zero_point: np.ndarray | None, scale: np.ndarray) -> np.ndarray:
+    """DynamicQuantizeLSTM stores [dirs, in, 4H] with scales [dirs] or [dirs, 4H]; the LSTM takes [dirs, 4H, in]."""
+    expand = (slice(None), None, slice(None)) if scale.ndim == 2 else (slice(None), None, None)
+    zero = None if zero_point is None else zero_point[expand]
+    return _affine(q, zero, scale[expand]).transpose(0, 2, 1)
+
+
+def _dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+                       tensors: dict[str, str]) -> np.ndarray:
+    """ONNX DequantizeLinear: per tensor (scalar scale), per axis (1-D scale), or blocked (scale of q's rank)."""
+    axis, block = int(tensors.get("axis", 1)), int(tensors.get("block_size", 0))
+    axis = axis % q.ndim
+    if scale.size == 1 and block == 0:
+        return _affine(q, None if zero_point is None else zero_point.reshape(()), scale.reshape(()))
+    if block == 0:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        zero = None if zero_point is None else zero_point.reshape(shape)
+        return _affine(q, zero, scale.reshape(shape))
+    repeat = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+    zero = None if zero_point is None else np.repeat(zero_point, block, axis=axis).take(range(q.shape[axis]), axis=axis)
+    return _affine(q, zero, repeat)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """uint8 [..., bytes] holding `bits`-bit values, lowest bits first -> int64 [..., count]."""
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return values.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.int64)
+
+
+def _nbits_weight(packed: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
+                  site: QuantizedSite) -> np.ndarray:
+    """MatMulNBits: B [N, blocks, blob] uint8, scales [N, blocks]; zero points packed uint8 [N, ⌈blocks·bits/8⌉]
+    or unpacked floats [N, blocks]; absent = 2^(bits−1). Returns W [K, N]."""
+    K, N = site.K, site.N
+    bits, block = site.scheme.bits, site.scheme.block_size
+    blocks = -(-K // block)
+    scale = scale.reshape(N, blocks)
+    q = unpack_bits(packed.reshape(N, blocks, -1), bits, block)  # [N, blocks, block]
+    if zero_point is None:
+        zero = np.full((N, blocks), 1 << (bits - 1), dtype=np.float64)
+    elif zero_point.dtype == np.uint8:
+        zero = unpack_bits(zero_point.reshape(N, -1), bits, blocks)
+    else:
+        zero = zero_point.reshape(N, blocks)
+    W = _affine(q, zero[:, :, None], scale[:, :, None])
+    return W.reshape(N, blocks * block)[:, :K].T
+
+
+# --- the float model ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dequantized:
+    """The float model and a record of each site's original scheme (for requantize)."""
+
+    model: onnx.ModelProto
+    sites: list[QuantizedSite]
+    left: list[QuantizedSite]  # quantized ops left as they are (other formats), for the report
+
+    def summary(self) -> str:
+        """One line for the report."""
+        if not self.sites:
+            return "no quantized weights found"
+        schemes = sorted({f"{s.op_type} {s.scheme.describe()}" for s in self.sites})
+        return f"dequantized {len(self.sites)} quantized weight(s) to float ({'; '.join(schemes)})"
+
+
+def dequantize_model(model: onnx.ModelProto) -> Dequantized:
+    """An equivalent float model: each recognised quantized weight use becomes a float MatMul/Gemm/LSTM with a float
+    initializer (dynamic activation quantization removed). Raises FwlrError for a recognised op in a scheme we
+    cannot read (one sentence naming the node). QDQ and Cast+Mul patterns we cannot read are ordinary float
+    computations on constants: they stay, and are listed in `left` with the reason."""
+    from onnx_fwlr.quant.dequantize_graph import rewrite_sites
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    found = detect_quantized(copy)
+    bad = [s for s in found if s.scheme is None and s.op_type in QUANTIZED_WEIGHT_OPS]
+    if bad:
+        raise FwlrError(f"{bad[0].node}: {bad[0].reason}")
+    sites = [s for s in found if s.scheme is not None]
+    left = [s for s in found if s.scheme is None]
+    if not sites:
+        return Dequantized(copy, [], left)
+    weights = [dequantized_weights(copy, s) for s in sites]
+    done = rewrite_sites(copy, sites, weights)
+    return Dequantized(copy, done, left)

@@ -1,0 +1,284 @@
+"""The rewrite: each chosen site becomes a quantized main branch plus a low-rank correction branch.
+
+    Y = X W [+ bias]   →   Y = MatMulNBits(X) + MatMul(MatMul(X, A), B) [+ bias]        (int4/int8 blocks)
+                       →   Y = MatMulInteger path (quantize_dynamic) + MatMul(MatMul(X, A), B) [+ bias]
+                       →   Y = MatMul(MatMul(X, A), B) [+ bias]                         (low rank alone)
+
+The bias stays where it was: a MatMul's following Add(bias) is untouched (a mean-shift correction is added
+into that bias constant when it is read only there), a Gemm's alpha, C and beta become Mul/Add after the sum.
+Embedding tables become GatherBlockQuantized (4 bits, after ONNX's version converter lifts the model to
+opset 21) or quantize_dynamic's int8 Gather. Every quantized tensor is made by ONNX Runtime's quantizers
+(ortquant); dynamic int8 is one `quantize_dynamic` pass over exactly the chosen nodes at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.io.onnx_utils import walk_graphs
+from onnx_fwlr.quant import ortquant
+from onnx_fwlr.quant.embedding import find_tables, table_array
+from onnx_fwlr.quant.ortquant import Scheme
+from onnx_fwlr.sites.find import Site, WeightUse, find_sites, weight_matrix
+
+
+@dataclass
+class SitePlan:
+    """What one site becomes: a main branch stored in `scheme` (None: no main branch, the factors alone),
+    an optional correction A [K, r] B [r, N], and an optional mean output shift [N]. The main branch stores
+    W itself, or `quantized` when quantization and correction were alternated (W − A B)."""
+
+    scheme: Scheme | None
+    A: np.ndarray | None = None
+    B: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    quantized: np.ndarray | None = None  # the [K, N] matrix the main branch stores; None: W itself
+
+    def main_matrix(self, model, site: Site) -> np.ndarray:
+        return self.quantized if self.quantized is not None else weight_matrix(model, site)
+
+
+class _Namer:
+    """Fresh, deterministic names: the wanted one, or it with the first free numeric suffix."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.taken: set[str] = set()
+        for graph in walk_graphs(model):
+            self.taken.update(t.name for t in graph.initializer)
+            self.taken.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
+            for node in graph.node:
+                self.taken.update(list(node.input) + list(node.output) + [node.name])
+
+    def __call__(self, wanted: str) -> str:
+        name, i = wanted, 1
+        while name in self.taken:
+            name, i = f"{wanted}_{i}", i + 1
+        self.taken.add(name)
+        return name
+
+
+def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme]) -> onnx.ModelProto:
+    """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
+    replaced; the input model is not modified."""
+    if any(s.kind == "nbits" for s in tables.values()):
+        model = ortquant.upgrade_for_int4(model)  # may add nodes: sites are found again below
+    else:
+        model = _copy(model)
+    sites = {s.weight: s for s in find_sites(model)[0] if s.weight in plans}
+    missing = sorted(set(plans) - set(sites))
+    if missing:
+        raise RuntimeError(f"planned sites {missing} are not MatMul/Gemm weights of the model")
+    graphs = walk_graphs(model)
+    namer = _Namer(model)
+    swaps: dict[tuple[int, int], list[onnx.NodeProto]] = {}
+    dynamic: list[str] = []
+    removed: dict[int, set[str]] = {}
+    for weight, plan in plans.items():
+        site = sites[weight]
+        for key, nodes in _site_swaps(model, site, plan, graphs, namer, dynamic).items():
+            swaps[key] = nodes
+        _mark_removed(site, removed, swaps)
+    for name, scheme in tables.items():
+        for key, nodes in _table_swaps(model, name, scheme, namer, dynamic).items():
+            swaps[key] = nodes
+        if scheme.kind == "nbits":  # quantize_dynamic replaces an int8 table itself
+            removed.setdefault(0, set()).add(name)
+    for g_index, graph in enumerate(graphs):
+        nodes = [new for n_index, node in enumerate(graph.node) for new in swaps.get((g_index, n_index), [node])]
+        if len(nodes) != len(graph.node) or any((g_index, i) in swaps for i in range(len(graph.node))):
+            del graph.node[:]
+            graph.node.extend(nodes)
+        _remove_tensors(graph, removed.get(g_index, set()))
+    _remove_unread_biases(graphs, [u for w in plans for u in sites[w].uses if u.bias])
+    if any(n.domain == ortquant.MS_DOMAIN for g in graphs for n in g.node):
+        ortquant.ensure_ms_domain(model)
+    if dynamic:
+        model = ortquant.quantize_dynamic_nodes(model, dynamic)
+    return model
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _mark_removed(site: Site, removed: dict[int, set[str]], swaps: dict) -> None:
+    """The dense weight goes: an initializer is dropped, a Constant node swapped for nothing."""
+    if site.constant_node is None:
+        removed.setdefault(site.graph_index, set()).add(site.weight)
+    else:
+        swaps[(site.graph_index, site.constant_node)] = []
+
+
+def _site_swaps(model, site: Site, plan: SitePlan, graphs, namer, dynamic: list[str]) -> dict:
+    """Initializers for the site (once, in the graph that owns the weight) and replacement nodes per use."""
+    owner = graphs[site.graph_index]
+    main = None  # (op builder inputs, attributes) of the main branch
+    if plan.scheme is not None and plan.scheme.kind == "nbits":
+        q = ortquant.quantize_matmul_weight(plan.main_matrix(model, site), plan.scheme, site.weight)
+        renamed = [namer(t.name) for t in q.tensors]
+        for tensor, name in zip(q.tensors, renamed):
+            tensor.name = name
+        owner.initializer.extend(q.tensors)
+        main = ("MatMulNBits", renamed, {a.name: helper.get_attribute_value(a) for a in q.node.attribute})
+    elif plan.scheme is not None:
+        name = namer(f"{site.weight}/int8")
+        owner.initializer.append(numpy_helper.from_array(plan.main_matrix(model, site).astype(np.float32), name))
+        main = ("MatMul", [name], {})
+    factors = None
+    if plan.A is not None:
+        factors = (namer(f"{site.weight}/correction_A"), namer(f"{site.weight}/correction_B"))
+        owner.initializer.append(numpy_helper.from_array(np.asarray(plan.A, dtype=np.float32), factors[0]))
+        owner.initializer.append(numpy_helper.from_array(np.asarray(plan.B, dtype=np.float32), factors[1]))
+    if main is None and factors is None:
+        raise RuntimeError(f"{site.name}: a plan needs a main branch, a correction, or both")
+    swaps = {}
+    for use in site.uses:
+        graph = graphs[use.graph_index]
+        swaps[(use.graph_index, use.node_index)] = _use_nodes(model, graph, use, main, factors, plan.shift, namer,
+                                                              dynamic)
+    return swaps
+
+
+def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynamic: list[str]) -> list:
+    """Nodes computing the original node's output: [Transpose X] → main + correction → [·alpha] [+ C, shift]."""
+    base = use.node_name or use.output
+    nodes, parts = [], []
+    x = use.input
+    if use.trans_a:
+        x = namer(f"{base}/x_T")
+        nodes.append(helper.make_node("Transpose", [use.input], [x], name=namer(f"{base}/transpose_x"), perm=[1, 0]))
+    if main is not None:
+        op, tensors, attrs = main
+        out = namer(f"{base}/main")
+        node_name = namer(f"{base}/{'int8' if op == 'MatMul' else 'nbits'}")
+        domain = ortquant.MS_DOMAIN if op == "MatMulNBits" else ""
+        nodes.append(helper.make_node(op, [x] + tensors, [out], name=node_name, domain=domain, **attrs))
+        if op == "MatMul":
+            dynamic.append(node_name)
+        parts.append(out)
+    if factors is not None:
+        middle, out = namer(f"{base}/correction_xA"), namer(f"{base}/correction")
+        nodes.append(helper.make_node("MatMul", [x, factors[0]], [middle], name=namer(f"{base}/correction_A")))
+        nodes.append(helper.make_node("MatMul", [middle, factors[1]], [out], name=namer(f"{base}/correction_B")))
+        parts.append(out)
+    terms = _tail_terms(model, graph, use, shift, namer, nodes)
+    y = parts[0]
+    steps = ([("Add", parts[1], "sum")] if len(parts) > 1 else []) + terms
+    for i, (op, operand, role) in enumerate(steps):
+        out = use.output if i == len(steps) - 1 else namer(f"{base}/{role}_out")
+        nodes.append(helper.make_node(op, [y, operand], [out], name=namer(f"{base}/{role}")))
+        y = out
+    if not steps:
+        nodes[-1].output[0] = use.output
+    return nodes
+
+
+def _tail_terms(model, graph, use: WeightUse, shift, namer, prefix: list) -> list[tuple[str, str, str]]:
+    """(op, operand, role) after X W': a Gemm's alpha and beta·C (the shift folded into a constant C), or a
+    MatMul's shift (added into the bias constant of the Add that alone reads the output, when there is one).
+    Nodes the terms need first (beta · a computed C) are appended to `prefix`."""
+    base = use.node_name or use.output
+    shift = None if shift is None or not np.any(shift) else np.asarray(shift, dtype=np.float64)
+    if use.op_type != "Gemm":
+        if shift is None or _fold_into_following_bias(model, graph, use.output, shift):
+            return []
+        return [("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(shift, np.float32)), "shift")]
+    terms = []
+    if use.alpha != 1.0:
+        terms.append(("Mul", _constant(graph, namer(f"{base}/alpha"), np.float32(use.alpha)), "alpha"))
+    scaled_shift = None if shift is None else use.alpha * shift
+    bias = _initializer(graph, use.bias)
+    if use.bias is not None and bias is None:  # a computed C, scaled by beta at run time
+        c = use.bias
+        if use.beta != 1.0:
+            c = namer(f"{base}/beta_C")
+            beta = _constant(graph, namer(f"{base}/beta"), np.float32(use.beta))
+            prefix.append(helper.make_node("Mul", [use.bias, beta], [c], name=namer(f"{base}/scale_C")))
+        terms.append(("Add", c, "bias"))
+    elif bias is not None and scaled_shift is None and use.beta == 1.0:
+        terms.append(("Add", use.bias, "bias"))
+        return terms
+    elif bias is not None:  # one constant: beta · C + alpha · shift
+        value = use.beta * tensor_array(model, bias).astype(np.float64)
+        value = value + scaled_shift if scaled_shift is not None else value
+        terms.append(("Add", _constant(graph, namer(f"{base}/bias"), np.asarray(value, np.float32)), "bias"))
+        return terms
+    if scaled_shift is not None:
+        terms.append(("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(scaled_shift, np.float32)), "shift"))
+    return terms
+
+
+def _fold_into_following_bias(model, graph, output: str, shift: np.ndarray) -> bool:
+    """Add the shift into the [N] bias constant of the one Add reading `output`, if that constant is read
+    nowhere else (PyTorch's MatMul + Add(bias)); False when there is no such Add."""
+    readers = [n for n in graph.node if output in n.input]
+    if len(readers) != 1 or readers[0].op_type != "Add":
+        return False
+    other = next((i for i in readers[0].input if i != output), None)
+    bias = _initializer(graph, other)
+    if bias is None or sum(other in n.input for n in graph.node) != 1:
+        return False
+    value = tensor_array(model, bias)
+    if value.shape != shift.shape:
+        return False
+    bias.CopyFrom(numpy_helper.from_array((value.astype(np.float64) + shift).astype(value.dtype), bias.name))
+    return True
+
+
+def _initializer(graph, name: str | None):
+    return next((t for t in graph.initializer if t.name == name), None) if name else None
+
+
+def _constant(graph, name: str, value) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name
+
+
+def _table_swaps(model, name: str, scheme: Scheme, namer, dynamic: list[str]) -> dict:
+    """GatherBlockQuantized for every lookup of a 4-bit table; named Gathers for quantize_dynamic's int8."""
+    table = next(t for t in find_tables(model) if t.name == name)
+    graph = model.graph
+    swaps = {}
+    if scheme.kind == "dynamic":
+        for index in table.nodes:
+            node = graph.node[index]
+            node.name = node.name or namer(f"{name}/gather")
+            dynamic.append(node.name)
+        return {}
+    q = ortquant.quantize_table(table_array(model, table).astype(np.float32), scheme, name)
+    renamed = [namer(t.name) for t in q.tensors]
+    for tensor, new_name in zip(q.tensors, renamed):
+        tensor.name = new_name
+    graph.initializer.extend(q.tensors)
+    attrs = {a.name: helper.get_attribute_value(a) for a in q.node.attribute}
+    for index, ids in zip(table.nodes, table.ids):
+        node = graph.node[index]
+        inputs = [renamed[0], ids] + renamed[1:]
+        swaps[(0, index)] = [helper.make_node("GatherBlockQuantized", inputs, list(node.output),
+                                              name=namer(f"{node.name or name}/int4"), domain=ortquant.MS_DOMAIN,
+                                              **attrs)]
+    return swaps
+
+
+def _remove_unread_biases(graphs, uses: list[WeightUse]) -> None:
+    """A Gemm's constant C replaced by its scaled or shifted copy is read by nothing now: drop it."""
+    read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
+    for use in uses:
+        if use.bias not in read:
+            _remove_tensors(graphs[use.graph_index], {use.bias})
+
+
+def _remove_tensors(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Drop replaced weights and their stale graph-input and value-info entries."""
+    if not names:
+        return
+    for field in (graph.initializer, graph.input, graph.value_info):
+        for index in reversed([i for i, entry in enumerate(field) if entry.name in names]):
+            del field[index]

@@ -1,0 +1,117 @@
+"""From a weight and its metric to options (bytes, predicted loss) and from a chosen option to a SitePlan.
+
+The predicted loss of storing W as deq(Q(W)) + A B is ‖P (W − deq(Q(W)) − A B) Q‖², the energy the rank-r
+correction leaves of the weighted residual: one SVD per site and scheme gives it for every rank. Only the
+singular values are kept while allocating; the chosen option's factors are recomputed (quantization is
+deterministic), so memory stays at one site's decomposition at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnx_fwlr.methods.lowrank import Scaling, weighted_svd
+from onnx_fwlr.quant import compensate, ortquant
+from onnx_fwlr.quant.budget import Option, rank_grid
+from onnx_fwlr.quant.graph import SitePlan
+from onnx_fwlr.quant.ortquant import Scheme
+
+FP32 = "fp32"
+LOW_RANK = "low rank"
+
+
+@dataclass
+class Metric:
+    """A site's weighting (P, Q of the method; None = identity) and its mean input for the bias shift."""
+
+    left: Scaling | None = None
+    right: Scaling | None = None
+    mean_input: np.ndarray | None = None
+
+
+def dequantized(W: np.ndarray, scheme: Scheme) -> np.ndarray:
+    """deq(Q(W)) as ONNX Runtime computes it, float64 [K, N]."""
+    if scheme.kind == "dynamic":
+        return ortquant.dynamic_int8_weight(W)
+    return ortquant.dequantize_matmul_weight(ortquant.quantize_matmul_weight(W, scheme, "w"))
+
+
+def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
+    if scheme.kind == "dynamic":
+        return ortquant.dynamic_int8_table(T)
+    return ortquant.dequantize_table(ortquant.quantize_table(T, scheme, "t"))
+
+
+def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense: bool, low_rank: bool,
+                 rank_step: int = 8) -> list[Option]:
+    """Every option for one weight [K, N]: each scheme at correction ranks 0, step, 2·step, … (while it stays
+    smaller than the dense weight), plus dense fp32 and low rank alone when asked."""
+    K, N = W.shape
+    dense_bytes = 4 * K * N
+    options = [Option(FP32, 0, dense_bytes, 0.0)] if dense else []
+    ranks = rank_grid(K, N, rank_step)
+    if low_rank:
+        energy = weighted_svd(W, metric.left, metric.right).energy
+        options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if 4 * r * (K + N) < dense_bytes], K, N)
+    for scheme in schemes:
+        energy = compensate.residual_spectrum(W, dequantized(W, scheme), metric.left, metric.right).energy
+        base = scheme.matmul_bytes(K, N)
+        usable = [0] + [r for r in ranks if base + 4 * r * (K + N) < dense_bytes]
+        options += _ranked(scheme.label, scheme, energy, base, usable, K, N)
+    return options
+
+
+def _ranked(storage: str, scheme, energy: np.ndarray, base: int, ranks: list[int], K: int, N: int) -> list[Option]:
+    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
+    return [Option(storage, r, base + 4 * r * (K + N), float(tail[min(r, len(energy))]), key=scheme)
+            for r in ranks]
+
+
+def table_options(T: np.ndarray, loss, schemes: list[Scheme], dense: bool = True) -> list[Option]:
+    """Options for an embedding table [V, D]; `loss(ΔT)` is its predicted loss (embedding.TableStats.loss)."""
+    V, D = T.shape
+    options = [Option(FP32, 0, 4 * V * D, 0.0)] if dense else []
+    for scheme in schemes:
+        options.append(Option(scheme.label, 0, scheme.table_bytes(V, D), loss(T - dequantized_table(T, scheme)),
+                              key=scheme))
+    return options
+
+
+def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction: bool,
+              alternate_rounds: int = 0) -> tuple[SitePlan | None, float]:
+    """The chosen option made concrete, and its weighted error ‖P (W − W') Q‖² (None: the site stays dense).
+
+    With `alternate_rounds`, quantization and correction alternate (compensate.alternate) and the best
+    round is kept. The mean output shift E[x]ᵀ (W − W') goes into the bias when `bias_correction`.
+    """
+    if option.storage == FP32:
+        return None, 0.0
+    if option.storage == LOW_RANK:
+        decomposition = weighted_svd(W, metric.left, metric.right)
+        A, B = decomposition.factors(option.rank)
+        return _with_shift(SitePlan(None, A, B), W, A @ B, metric, bias_correction), \
+            decomposition.dropped_energy(option.rank)
+    scheme = option.key
+    if option.rank == 0:
+        approx = dequantized(W, scheme)
+        error = compensate.weighted_error(W - approx, metric.left, metric.right)
+        return _with_shift(SitePlan(scheme), W, approx, metric, bias_correction), error
+    if alternate_rounds:
+        result = compensate.alternate(W, lambda M: dequantized(M, scheme), option.rank, alternate_rounds,
+                                      metric.left, metric.right)
+        deq, A, B, error = result.dequantized, result.A, result.B, result.errors[result.chosen_round]
+        plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
+        return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
+    deq = dequantized(W, scheme)
+    spectrum = compensate.residual_spectrum(W, deq, metric.left, metric.right)
+    A, B = spectrum.factors(option.rank)
+    error = spectrum.dropped_energy(option.rank)
+    return _with_shift(SitePlan(scheme, A, B), W, deq + A @ B, metric, bias_correction), error
+
+
+def _with_shift(plan: SitePlan, W: np.ndarray, approx: np.ndarray, metric: Metric, bias_correction: bool) -> SitePlan:
+    if bias_correction and metric.mean_input is not None:
+        plan.shift = metric.mean_input @ (W - approx)
+    return plan

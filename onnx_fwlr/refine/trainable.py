@@ -1,0 +1,156 @@
+"""What refine trains, and the two models it runs: the student (compressed, trainable) and the teacher (original).
+
+What is trained (``trainable_factors``): in the compressed model's main graph,
+  1. factor weights: float initializers absent from the original (by name) that only MatMul, Gemm or Add
+     nodes read: the A and B of every factorised site and the bias corrections;
+  2. site biases: a float initializer of the original that is the C input of a Gemm reading a factor weight,
+     or the constant operand of an Add applied directly to a factor node's output, when nothing else reads it.
+Everything else stays frozen. The trainable initializers become graph inputs of an internal training copy,
+so one ONNX Runtime session serves every step (the current weights are fed each step).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from onnx_fwlr.autodiff.backward import GradientRunner
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io import runtime
+from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
+from onnx_fwlr.refine.losses import Objective, mean_cosine
+
+
+def trainable_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """Names of the compressed model's initializers that refine trains (rule in the module docstring)."""
+    graph = compressed.graph
+    before = {t.name for t in original.graph.initializer}
+    floats = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    factors = [t.name for t in graph.initializer if t.name in floats and t.name not in before
+               and readers.get(t.name) and all(n.op_type in ("MatMul", "Gemm", "Add") for n in readers[t.name])]
+    factor_set = set(factors)
+    factor_outputs = {o for n in graph.node if factor_set & set(n.input) for o in n.output}
+    biases = []
+    for node in graph.node:
+        if node.op_type == "Gemm" and factor_set & set(node.input[:2]) and len(node.input) > 2:
+            candidates = [node.input[2]]
+        elif node.op_type == "Add" and factor_outputs & set(node.input):
+            candidates = [name for name in node.input if name not in factor_outputs]
+        else:
+            continue
+        biases += [c for c in candidates if c in floats and c not in factor_set and len(readers.get(c, [])) == 1]
+    return factors + sorted(set(biases) - factor_set, key=biases.index)
+
+
+def training_model(compressed: onnx.ModelProto, trainable: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose trainable initializers are graph inputs (fed each step, same session)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(compressed)
+    graph = model.graph
+    wanted = set(trainable)
+    moved = [t for t in graph.initializer if t.name in wanted]
+    kept = [t for t in graph.initializer if t.name not in wanted]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    listed = {i.name for i in graph.input}
+    for tensor in moved:
+        if tensor.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return model
+
+
+def _session(model: onnx.ModelProto, providers):
+    """numpy runs between ORT calls: spinning ORT threads would steal its cores."""
+    return runtime.make_session(model, runtime.session_options(spinning=False), providers)
+
+
+def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The model, with tensor `name` added to its outputs when it is an intermediate."""
+    if name in {o.name for o in model.graph.output}:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.output.append(onnx.ValueInfoProto(name=name))
+    return copy
+
+
+class Student:
+    """Loss and factor gradients of the compressed model on one batch.
+
+    Forward in ONNX Runtime (one session for the training copy; ``forward`` may be swapped, e.g. for a
+    float64 reference evaluator in tests), backward with ``GradientRunner`` over only the needed tensors.
+    """
+
+    def __init__(self, compressed: onnx.ModelProto, trainable: list[str], objective: Objective,
+                 mask_input: str | None = None, providers=("CPUExecutionProvider",)):
+        self.trainable = list(trainable)
+        self.objective = objective
+        self.mask_input = mask_input
+        self.providers = providers
+        self.model = training_model(compressed, trainable)
+        self.runner = GradientRunner(self.model, objective.target.tensor, self.trainable, providers=providers)
+        self.dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+                       for t in compressed.graph.initializer if t.name in set(trainable)}
+        self.forward = self.runner.forward
+        self._predict_session = None
+
+    def feed(self, feed: dict, weights: dict[str, np.ndarray]) -> dict:
+        return {**feed, **{k: np.asarray(v, dtype=self.dtypes[k]) for k, v in weights.items()}}
+
+    def _weight(self, feed, z):
+        mask = feed.get(self.mask_input) if self.mask_input else None
+        return mask if mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape else None
+
+    def loss_and_grads(self, feed, weights, teacher, labels=None) -> tuple[float, dict[str, np.ndarray]]:
+        values = self.forward(self.feed(feed, weights))
+        z = values[self.objective.target.tensor]
+        loss, seed = self.objective(z, teacher, labels, self._weight(feed, z))
+        return loss, self.runner.backward(values, seed)
+
+    def predict(self, feed, weights) -> np.ndarray:
+        """The loss tensor alone (no intermediates): for evaluation."""
+        if self._predict_session is None:
+            self._predict_session = _session(self.model, self.providers)
+        names = {i.name for i in self._predict_session.get_inputs()}
+        full = self.feed(feed, weights)
+        return self._predict_session.run([self.objective.target.tensor], {k: v for k, v in full.items() if k in names})[0]
+
+    def evaluate(self, batches, teachers, weights) -> dict:
+        """Mean loss (per sample), mean cosine to the teacher and, with labels, accuracy."""
+        loss_sum = cos_sum = 0.0
+        count = correct = labelled = 0
+        for (feed, labels), teacher in zip(batches, teachers):
+            z = self.predict(feed, weights)
+            loss, _ = self.objective(z, teacher, labels, self._weight(feed, z))
+            n = z.shape[0] if z.ndim else 1
+            loss_sum += loss * n
+            c, _ = mean_cosine(z, teacher)
+            cos_sum += c
+            count += n
+            if labels is not None and z.ndim == 2:
+                correct += int(np.sum(np.argmax(z, axis=-1) == np.asarray(labels).reshape(-1)))
+                labelled += len(labels)
+        metrics = {"loss": loss_sum / max(count, 1), "cosine": cos_sum / max(count, 1)}
+        if labelled:
+            metrics["accuracy"] = correct / labelled
+        return metrics
+
+
+class Teacher:
+    """The original model's value of the loss tensor, from its own ONNX Runtime session."""
+
+    def __init__(self, original: onnx.ModelProto, tensor: str, providers=("CPUExecutionProvider",)):
+        known = {o for n in original.graph.node for o in n.output} | {i.name for i in original.graph.input}
+        if tensor not in known:
+            raise FwlrError(f"tensor '{tensor}' of the compressed model is not in the original model; pass the "
+                            "original the compressed model was made from.")
+        self.tensor = tensor
+        self.session = _session(_with_output(original, tensor), providers)
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def __call__(self, feed: dict) -> np.ndarray:
+        return self.session.run([self.tensor], {k: v for k, v in feed.items() if k in self.inputs})[0]

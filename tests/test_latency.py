@@ -1,0 +1,155 @@
+"""The latency model's bookkeeping with a fake timer (no timing here): tables, cache, rounding, dense decisions,
+allocation under a latency budget."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from onnx_fwlr.evaluate.latency import (
+    SiteTable,
+    cache_path,
+    default_rank_multiple,
+    measure_table,
+    predicted_ms,
+    rank_grid,
+    round_ranks,
+    site_tables,
+    slower_than_dense,
+)
+from onnx_fwlr.methods.allocation import latency_ranks
+
+ENV = {"machine": "test CPU | x86_64 | 2 CPUs", "providers": ["CPUExecutionProvider"], "threads": 2,
+       "onnxruntime": "0.0"}
+TOKENS = 64
+
+
+class FakeTimer:
+    """ms = FLOPs / 1e6, the pair `penalty` slower at ranks that are not multiples of `multiple`; counts calls."""
+
+    def __init__(self, multiple=16, penalty=0.15):
+        self.multiple, self.penalty, self.calls = multiple, penalty, []
+
+    def __call__(self, K, N, rank, tokens):
+        self.calls.append((K, N, rank, tokens))
+        if rank is None:
+            return 2 * tokens * K * N / 1e6
+        slow = 1.0 + (self.penalty if rank % self.multiple else 0.0)
+        return 2 * tokens * rank * (K + N) / 1e6 * slow
+
+
+def _table(K, N, timer=None):
+    return measure_table(K, N, TOKENS, timer or FakeTimer())
+
+
+def test_rank_grid_holds_multiples_and_the_rank_past_each():
+    grid = rank_grid(64, 64)  # FLOP break-even at 32
+    assert grid == [1, 8, 9, 16, 17, 24, 25, 32]
+    assert all(r <= 64 * 256 // (64 + 256) for r in rank_grid(64, 256))
+
+
+def test_table_interpolates_and_round_trips():
+    table = _table(64, 64)
+    assert table.time(None) == table.dense_ms
+    assert table.time(16) == pytest.approx(2 * TOKENS * 16 * 128 / 1e6)
+    assert table.time(12) == pytest.approx((table.time(9) * 4 + table.time(16) * 3) / 7)  # between 9 and 16
+    assert table.time(64) == pytest.approx(table.time(32) * 2)  # past the grid: along the FLOPs
+    again = SiteTable.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert again == table
+
+
+def test_cache_round_trip_times_each_shape_once(tmp_path):
+    timer = FakeTimer()
+    first = site_tables([(64, 64), (64, 128), (64, 64)], TOKENS, timer, ENV, tmp_path)
+    calls = len(timer.calls)
+    assert set(first) == {(64, 64), (64, 128)}
+    assert calls == 2 + len(rank_grid(64, 64)) + len(rank_grid(64, 128))  # dense + grid, per shape
+    assert cache_path(tmp_path, ENV, TOKENS).is_file()
+
+    again = site_tables([(64, 64), (64, 128)], TOKENS, timer, ENV, tmp_path)
+    assert len(timer.calls) == calls and again == first  # all from the cache
+
+    site_tables([(64, 64), (128, 64)], TOKENS, timer, ENV, tmp_path)
+    assert {c[:2] for c in timer.calls[calls:]} == {(128, 64)}  # only the new shape is timed
+    calls = len(timer.calls)
+
+    site_tables([(64, 64)], TOKENS, timer, {**ENV, "threads": 1}, tmp_path)  # another environment: its own file
+    site_tables([(64, 64)], 2 * TOKENS, timer, ENV, tmp_path)  # another token count too
+    assert len(timer.calls) == calls + 2 * (1 + len(rank_grid(64, 64)))
+    assert len(list(tmp_path.glob("latency-*.json"))) == 3
+
+    cache_path(tmp_path, ENV, TOKENS).write_text("{not json")
+    site_tables([(64, 64)], TOKENS, timer, ENV, tmp_path)  # a damaged file is remeasured and rewritten
+    assert json.loads(cache_path(tmp_path, ENV, TOKENS).read_text())["tokens"] == TOKENS
+
+
+def _decaying(n, scale=1.0, length=200.0):
+    """σ² decaying over `length` components (the default: slowly, so one component is a small share of the tail)."""
+    return scale * np.exp(-np.arange(n) / length)
+
+
+def test_rounding_picks_the_faster_neighbour():
+    table = _table(512, 512)  # multiples of 16 sit on the FLOP line, other ranks cost 15 % more
+    energy = _decaying(512)
+    # 65 -> 64: faster and drops only one small component; 79 -> 80: no slower than 79, and drops less
+    assert round_ranks([65, 79, None], [energy] * 3, [table] * 3) == [64, 80, None]
+    # the same choices from the multiple alone, without a table (nearest multiple)
+    assert round_ranks([65, 79], [energy] * 2, multiple=16) == [64, 80]
+
+
+def test_rounding_down_refused_when_it_costs_fidelity():
+    table = _table(512, 512)
+    energy = _decaying(512)
+    energy[64] = 1e3  # the 65th component carries most of what is left
+    assert round_ranks([65], [energy], [table]) == [65]  # 64 is faster but drops far more
+    assert round_ranks([65], [energy], multiple=16) == [80]  # only multiples allowed: up, never down
+
+
+def test_slower_factored_site_stays_dense():
+    fast, slow = _table(256, 256), _table(256, 256, FakeTimer(penalty=3.0))
+    # at rank 40 the slow site's pair costs 40*512*4 vs 256*256 dense per token: slower than dense
+    assert slow.time(40) > slow.dense_ms and fast.time(40) < fast.dense_ms
+    assert slower_than_dense([40, 40, None], [fast, slow, slow]) == [1]
+    assert slower_than_dense([40], [None]) == []
+
+
+def test_default_rank_multiple_from_measurement():
+    for multiple in (16, 32):
+        tables = [_table(512, 512, FakeTimer(multiple=multiple)), _table(512, 1024, FakeTimer(multiple=multiple))]
+        assert default_rank_multiple(tables) == multiple
+    assert default_rank_multiple([_table(512, 512, FakeTimer(penalty=0.0))]) == 1
+
+
+def _loss(ranks, energies):
+    return sum(0.0 if r is None else float(np.sum(e[r:])) for r, e in zip(ranks, energies))
+
+
+def test_latency_budget_is_respected_and_spent_where_loss_per_ms_is_smallest():
+    tables = [_table(256, 256), _table(256, 256)]
+    important, unimportant = _decaying(256, 100.0, 20.0), _decaying(256, 1.0, 20.0)
+    energies = [important, unimportant]
+    dense_total = sum(t.dense_ms for t in tables)
+    target = 0.8 * dense_total
+    ranks = latency_ranks(energies, tables, target)
+    assert predicted_ms(ranks, tables) <= target
+    assert ranks[0] is None and ranks[1] is not None  # the cheap-to-lose site pays for the whole saving
+
+    # as good as the best of all pairs of measured choices that meet the budget (the leftover time is spent)
+    best = min(_loss(choice, energies) for choice in itertools.product(*[[None] + t.ranks for t in tables])
+               if predicted_ms(choice, tables) <= target)
+    assert _loss(ranks, energies) <= 1.01 * best
+
+    tight = latency_ranks(energies, tables, 0.3 * dense_total)  # now both sites must give
+    assert predicted_ms(tight, tables) <= 0.3 * dense_total and None not in tight
+    assert latency_ranks(energies, tables, 2 * dense_total) == [None, None]  # budget allows everything
+
+
+def test_latency_budget_never_factorises_a_slower_site():
+    def slow_timer(K, N, rank, tokens):
+        return 2 * tokens * K * N / 1e6 * (1.0 if rank is None else 1.1)
+
+    tables = [_table(256, 256), _table(256, 256, slow_timer)]  # the second site's pair is slower at every rank
+    energies = [_decaying(256), _decaying(256, 1e-6)]  # even though losing it costs next to nothing
+    ranks = latency_ranks(energies, tables, 0.01)  # unreachable: returns the fastest choices
+    assert ranks == [1, None]

@@ -1,0 +1,257 @@
+"""Size against fidelity: ONNX Runtime's quantizers, and quantization plus an importance-weighted low-rank correction.
+
+    python tools/bench_quant.py digits                  # sample_models/digits_mlp.onnx, calib and test sets
+    python tools/bench_quant.py transformer             # tools/synthetic_transformer.py (hidden 128, 4 layers)
+    python tools/bench_quant.py minilm                  # .cache/minilm from tools/export_minilm.py
+    python tools/bench_quant.py digits --json out.json --latency
+
+Rows: the fp32 original; ONNX Runtime's `quantize_dynamic` int8 per channel (every op it quantizes, embeddings
+included, as a new user runs it); `MatMulNBitsQuantizer` int4 at block 32 and 128 (its defaults: MatMul
+nodes only, embeddings fp32); then ours (`onnx_fwlr.pipeline.quantized`): int4 with no correction, int4 and
+auto under byte budgets (fractions of the int8 model's bytes), and ablations at a uniform correction rank
+(unweighted svd, whiten, kfac; alternation; no bias shift). Fidelity on held-out data never used for
+calibration: mean and min cosine of each sample's output with the original's, and accuracy where labels exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads spinning next to ORT's slow both down
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from onnx_fwlr.errors import FwlrError  # noqa: E402
+from onnx_fwlr.evaluate.report import format_table  # noqa: E402
+from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
+from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
+
+
+class Workload:
+    """A model, its calibration batches, its held-out batches (with labels when it has them), the output judged."""
+
+    def __init__(self, name, model, calibration, evaluation, output, labels=None, note=""):
+        self.name, self.model, self.calibration, self.evaluation = name, model, calibration, evaluation
+        self.output, self.labels, self.note = output, labels, note
+
+
+def batches(arrays: dict, size: int, trim_mask: bool = False) -> list[dict]:
+    """Feed dicts of `size` samples; with `trim_mask`, samples sorted by length and each batch cut to its longest."""
+    count = len(next(iter(arrays.values())))
+    order = np.arange(count)
+    if trim_mask:
+        order = np.argsort(arrays["attention_mask"].sum(1), kind="stable")
+    out = []
+    for start in range(0, count, size):
+        rows = order[start:start + size]
+        feed = {k: v[rows] for k, v in arrays.items()}
+        if trim_mask:
+            length = int(feed["attention_mask"].sum(1).max())
+            feed = {k: v[:, :length] for k, v in feed.items()}
+        out.append(feed)
+    return out
+
+
+def digits() -> Workload:
+    calib = dict(np.load(ROOT / "sample_models/digits_calib.npz"))
+    test = dict(np.load(ROOT / "sample_models/digits_test.npz"))
+    return Workload("digits", onnx.load(ROOT / "sample_models/digits_mlp.onnx"),
+                    batches({"input": calib["input"]}, 64), batches({"input": test["input"]}, 100), "logits",
+                    labels=test["labels"], note=f"{len(calib['input'])} calibration / {len(test['input'])} test digits")
+
+
+def transformer(args) -> Workload:
+    from synthetic_transformer import build_transformer, make_token_batch
+
+    model = build_transformer(args.hidden, args.layers, args.heads, args.ffn, args.vocab, max_len=args.seq)
+    calib = make_token_batch(args.calib_samples, args.seq, args.vocab, seed=0)
+    held_out = make_token_batch(args.eval_samples, args.seq, args.vocab, seed=1)
+    note = (f"synthetic BERT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
+            f"{args.calib_samples} calibration / {args.eval_samples} held-out sequences of up to {args.seq} tokens")
+    return Workload("transformer", model, batches(calib, 32, True), batches(held_out, 32, True), "sentence_embedding",
+                    note=note)
+
+
+def minilm(args) -> Workload:
+    folder = Path(args.cache) / "minilm"
+    calib = {k: v[:args.calib_samples] for k, v in np.load(folder / "calib.npz").items()}
+    held_out = dict(np.load(folder / "eval.npz"))
+    note = f"all-MiniLM-L6-v2; {args.calib_samples} calibration / {len(held_out['input_ids'])} held-out sentences"
+    return Workload("minilm", onnx.load(folder / "minilm.onnx"), batches(calib, 32, True),
+                    batches(held_out, 32, True), "sentence_embedding", note=note)
+
+
+def outputs(model: onnx.ModelProto, work: Workload) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([session.run([work.output], feed)[0].reshape(len(next(iter(feed.values()))), -1)
+                           for feed in work.evaluation])
+
+
+def latency(model: onnx.ModelProto, feed: dict, runs: int = 15) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def measure(name: str, model: onnx.ModelProto, work: Workload, reference: np.ndarray, seconds: float,
+            args, base_latency: float | None) -> dict:
+    out = outputs(model, work)
+    cos = np.sum(out * reference, 1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1) + 1e-30)
+    row = {"model": name, "bytes": model.ByteSize(), "cos_mean": float(cos.mean()), "cos_min": float(cos.min()),
+           "rel_l2": float(np.linalg.norm(out - reference) / np.linalg.norm(reference)), "seconds": seconds}
+    if work.labels is not None:
+        row["accuracy"] = float(np.mean(out.argmax(1) == work.labels))
+    if args.latency:
+        row["latency_ratio"] = latency(model, work.evaluation[0]) / base_latency
+    print(f"  {name}: {row['bytes']:,} bytes, cos {row['cos_mean']:.4f} / {row['cos_min']:.4f}", file=sys.stderr)
+    return row
+
+
+def ort_int8(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as folder:
+        quantize_dynamic(model, Path(folder) / "q.onnx", per_channel=True, weight_type=QuantType.QInt8)
+        return onnx.load(Path(folder) / "q.onnx")
+
+
+def ort_int4(model: onnx.ModelProto, block: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    quantizer = MatMulNBitsQuantizer(copy, block_size=block, is_symmetric=False)
+    quantizer.process()
+    return quantizer.model.model
+
+
+def run(work: Workload, args) -> list[dict]:
+    import logging
+
+    reference = outputs(work.model, work)
+    base = latency(work.model, work.evaluation[0]) if args.latency else None
+    rows = [measure("fp32 original", work.model, work, reference, 0.0, args, base)]
+    logging.disable(logging.WARNING)  # ORT's quantizers log every node
+    start = time.perf_counter()
+    int8 = ort_int8(work.model)
+    rows.append(measure("ORT int8 dynamic per-channel", int8, work, reference, time.perf_counter() - start, args, base))
+    for block in (32, 128):
+        start = time.perf_counter()
+        rows.append(measure(f"ORT int4 b{block} (MatMul only)", ort_int4(work.model, block), work, reference,
+                            time.perf_counter() - start, args, base))
+    logging.disable(logging.NOTSET)
+    start = time.perf_counter()
+    stats = calibrate(work.model, work.calibration, fisher=True, progress=False)
+    print(f"  statistics: {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    int8_bytes = rows[1]["bytes"]
+    common = dict(calibration=work.calibration, stats=stats, progress=False)
+    for quantize in args.modes.split(","):
+        start = time.perf_counter()
+        job = prepare_quantized(work.model, quantize=quantize, block_size=args.block_size, method="kfac",
+                                budgeted=True, **common)
+        prepared = time.perf_counter() - start
+        if quantize != "auto":
+            model, _ = build_quantized(job)
+            rows.append(measure(f"ours {job.schemes[0].label}, no correction", model, work, reference,
+                                prepared, args, base))
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            start = time.perf_counter()
+            try:
+                model, _ = build_quantized(job, target_size=int(fraction * int8_bytes))
+            except FwlrError as exc:
+                print(f"  {quantize} at {fraction} x int8: {exc}", file=sys.stderr)
+                continue
+            rows.append(measure(f"ours {quantize}, target {fraction:g} x int8", model, work, reference,
+                                time.perf_counter() - start, args, base))
+    if args.ablations:
+        rows += ablations(work, args, reference, base, common)
+    return rows
+
+
+def ablations(work: Workload, args, reference, base, common) -> list[dict]:
+    """int4 with one correction rank everywhere: which metric fits the residual, alternation, the bias shift."""
+    rows = []
+    rank = args.ablation_rank
+    for label, method, extra in (("svd (unweighted)", "svd", {}), ("whiten", "whiten", {}), ("kfac", "kfac", {}),
+                                 ("kfac, alternate 2", "kfac", {"alternate": 2}),
+                                 ("kfac, no bias shift", "kfac", {"bias_correction": False})):
+        start = time.perf_counter()
+        job = prepare_quantized(work.model, quantize="int4", block_size=args.block_size, method=method,
+                                budgeted=False, embeddings="int4", **common, **extra)
+        model, _ = build_quantized(job, rank=rank)
+        rows.append(measure(f"ablation: int4 b{args.block_size} + rank {rank}, {label}", model, work, reference,
+                            time.perf_counter() - start, args, base))
+    return rows
+
+
+def table(rows: list[dict], base_bytes: int) -> str:
+    headers = ["model", "bytes", "vs fp32", "cos mean", "cos min", "rel. L2"]
+    if any("accuracy" in r for r in rows):
+        headers.append("accuracy")
+    if any("latency_ratio" in r for r in rows):
+        headers.append("latency")
+    lines = []
+    for r in rows:
+        line = [r["model"], f"{r['bytes']:,}", f"{r['bytes'] / base_bytes:.3f}", f"{r['cos_mean']:.4f}",
+                f"{r['cos_min']:.4f}", f"{r['rel_l2']:.4f}"]
+        if "accuracy" in headers:
+            line.append(f"{100 * r['accuracy']:.1f} %")
+        if "latency" in headers:
+            line.append(f"{r['latency_ratio']:.2f}")
+        lines.append(line)
+    return format_table(headers, lines, align="l" + "r" * (len(headers) - 1))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("workload", choices=["digits", "transformer", "minilm"])
+    p.add_argument("--modes", default="int4,auto", help="our quantize modes, comma-separated (int4,int8,auto)")
+    p.add_argument("--fractions", default="0.6,0.7,0.8,0.9,1.0", help="byte budgets as fractions of ORT's int8 model")
+    p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--ablations", action="store_true", help="also the uniform-rank ablations")
+    p.add_argument("--ablation-rank", type=int, default=8)
+    p.add_argument("--latency", action="store_true", help="latency ratio to fp32 on one held-out batch, 2 threads")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--ffn", type=int, default=512)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--seq", type=int, default=32)
+    p.add_argument("--calib-samples", type=int, default=512)
+    p.add_argument("--eval-samples", type=int, default=512)
+    p.add_argument("--cache", default=str(ROOT / ".cache"), help="folder given to tools/export_minilm.py")
+    p.add_argument("--json", metavar="FILE")
+    args = p.parse_args()
+    work = {"digits": digits, "transformer": lambda: transformer(args), "minilm": lambda: minilm(args)}[args.workload]()
+    start = time.perf_counter()
+    rows = run(work, args)
+    print(f"{work.name}: {work.note}")
+    print(table(rows, rows[0]["bytes"]))
+    print(f"({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"workload": work.name, "note": work.note, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

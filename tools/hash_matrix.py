@@ -1,0 +1,242 @@
+"""Hash the outputs of a fixed matrix of `onnx-fwlr` commands, to prove a refactoring changes no bytes.
+
+Runs every command as `python -m onnx_fwlr ...` with cwd and PYTHONPATH set to the checkout this script sits
+in, single-threaded BLAS, fixed seeds; hashes each output file (JSON reports and stdout with timings,
+versions and paths removed) and writes {command: {file: sha256}}.
+
+    python tools/hash_matrix.py --out before.json                 # on the old code
+    python tools/hash_matrix.py --out after.json --compare before.json   # exit 1 if anything differs
+"""
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
+VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
+TIME_PATTERN = re.compile(r"\d+(\.\d+)?\s?(s|ms)\b")  # "0.1 s", "12 ms" in text output
+MUST_MATCH = [  # pairs that must give the same bytes within one run
+    ("digits_fwsvd_global_workers1", "digits_fwsvd_global_workers2", ("out.onnx", "report.json")),
+    ("digits_kfac_global", "digits_kfac_from_stats", ("out.onnx", "report.json")),  # --stats = --calib
+]
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def write_lstm(work: Path, seq=6, inp=16, hidden=12, classes=10):
+    """x [batch, seq, 16] -> Transpose -> LSTM (input weight of rank 6) -> Transpose -> MatMul head -> logits.
+
+    ORT runs only layout 0 (sequence first); the transposes keep samples on the leading axis of the data.
+    """
+    rng = np.random.default_rng(0)
+    w = (rng.normal(size=(4 * hidden, 6)) @ rng.normal(size=(6, inp)) / 3)[None]
+    inits = [numpy_helper.from_array(w.astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (1, 8 * hidden)).astype(np.float32), "B"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (hidden, classes)).astype(np.float32), "head")]
+    nodes = [helper.make_node("Transpose", ["x"], ["x_t"], name="to_seq_first", perm=[1, 0, 2]),
+             helper.make_node("LSTM", ["x_t", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden),
+             helper.make_node("Transpose", ["y"], ["y_t"], name="to_batch_first", perm=[2, 0, 1, 3]),
+             helper.make_node("MatMul", ["y_t", "head"], ["logits"], name="head/MatMul")]
+    graph = helper.make_graph(
+        nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, inp])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", seq, 1, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(work / "lstm.onnx"))
+    for name, n, seed in (("lstm_calib", 64, 1), ("lstm_val", 32, 2)):
+        np.savez(work / f"{name}.npz", x=np.random.default_rng(seed).normal(size=(n, seq, inp)).astype(np.float32))
+
+
+def write_transformer(work: Path):
+    """tools/synthetic_transformer.py at hidden 64, 2 layers; token batches from its make_token_batch."""
+    tool = ROOT / "tools" / "synthetic_transformer.py"
+    subprocess.run([sys.executable, str(tool), "--hidden", "64", "--layers", "2", "--ffn", "128", "--vocab", "500",
+                    "--max-len", "32", "-o", str(work / "bert.onnx")], check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("synthetic_transformer", tool)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name, n, seed in (("bert_calib", 64, 1), ("bert_val", 32, 2)):
+        np.savez(work / f"{name}.npz", **module.make_token_batch(n, 16, 500, seed=seed))
+
+
+# ------------------------------------------------------------------------------------------ matrix
+def compress(model, *extra, data=CALIB):
+    return ["compress", model, "-o", "{out}/out.onnx", "--calib", data, "--seed", "0", "--force", "--quiet",
+            "--json", "{out}/report.json", *extra]
+
+
+def matrix():
+    """(name, arguments) in run order; {work} is the work dir, {out} the command's own folder."""
+    entries = []
+    for method in ("svd", "asvd", "whiten", "fwsvd", "kfac"):
+        for allocation in ("uniform", "global"):  # global needs gradients: svd/asvd/whiten exit 2 (recorded)
+            entries.append((f"digits_{method}_{allocation}",
+                            compress(DIGITS, "--method", method, "--allocation", allocation, "--ratio", "0.3")))
+    kfac_global = ("--method", "kfac", "--allocation", "global", "--ratio", "0.3")
+    lstm, bert = "{work}/lstm.onnx", "{work}/bert.onnx"
+    bert_data = ("--val", "{work}/bert_val.npz")
+    entries += [
+        ("digits_kfac_global_sequential", compress(DIGITS, *kfac_global, "--sequential")),
+        ("digits_kfac_global_refine20", compress(DIGITS, *kfac_global, "--refine", "20", "--val", TEST)),
+        ("digits_kron", compress(DIGITS, "--method", "kron", "--ratio", "0.3")),
+        ("digits_kron_global_invalid", compress(DIGITS, "--method", "kron", "--allocation", "global",
+                                                "--ratio", "0.3")),
+        ("digits_whiten_dope", compress(DIGITS, "--method", "whiten", "--dope", "0.01", "--ratio", "0.3")),
+        ("digits_methods_whiten_kron", compress(DIGITS, "--methods", "whiten,kron", "--ratio", "0.3")),
+        ("digits_whiten_external_data", compress(DIGITS, "--method", "whiten", "--ratio", "0.3", "--external-data")),
+        ("digits_fwsvd_global_workers1", compress(DIGITS, "--method", "fwsvd", "--allocation", "global",
+                                                  "--ratio", "0.3", "--workers", "1")),
+        ("digits_fwsvd_global_workers2", compress(DIGITS, "--method", "fwsvd", "--allocation", "global",
+                                                  "--ratio", "0.3", "--workers", "2")),
+        ("digits_whiten_target_size", compress(DIGITS, "--method", "whiten", "--target-size", "150000")),
+        ("digits_asvd_rank", compress(DIGITS, "--method", "asvd", "--rank", "24", "--rank", "fc2/MatMul=40")),
+        ("digits_whiten_val", compress(DIGITS, "--method", "whiten", "--ratio", "0.3", "--val", TEST)),
+        ("lstm_whiten", compress(lstm, "--method", "whiten", "--ratio", "0.5", "--val", "{work}/lstm_val.npz",
+                                 data="{work}/lstm_calib.npz")),
+        ("bert_kfac_global", compress(bert, "--method", "kfac", "--allocation", "global", "--ratio", "0.4",
+                                      *bert_data, data="{work}/bert_calib.npz")),
+        ("bert_whiten_uniform", compress(bert, "--method", "whiten", "--ratio", "0.4", *bert_data,
+                                         data="{work}/bert_calib.npz")),
+        ("bert_whiten_keep_attention", compress(bert, "--method", "whiten", "--ratio", "0.4", "--keep-attention",
+                                                *bert_data, data="{work}/bert_calib.npz")),
+        ("inspect_digits", ["inspect", DIGITS]),
+        ("inspect_bert", ["inspect", bert, "--json", "{out}/inspect.json"]),
+        ("calibrate_digits", ["calibrate", DIGITS, "--calib", CALIB, "--fisher", "--seed", "0", "-o",
+                              "{out}/stats.npz", "--force", "--quiet"]),
+        ("calibrate_shard0", ["calibrate", DIGITS, "--calib", CALIB, "--fisher", "--shard", "0/2", "-o",
+                              "{out}/stats.npz", "--force", "--quiet"]),
+        ("calibrate_shard1", ["calibrate", DIGITS, "--calib", CALIB, "--fisher", "--shard", "1/2", "-o",
+                              "{out}/stats.npz", "--force", "--quiet"]),
+        ("merge_stats", ["merge-stats", "{work}/calibrate_shard0/stats.npz", "{work}/calibrate_shard1/stats.npz",
+                         "-o", "{out}/stats.npz", "--force"]),
+        ("digits_kfac_from_stats", ["compress", DIGITS, "-o", "{out}/out.onnx", "--stats",
+                                    "{work}/calibrate_digits/stats.npz", "--method", "kfac", "--allocation", "global",
+                                    "--ratio", "0.3", "--force", "--quiet", "--json", "{out}/report.json"]),
+        ("validate_digits", ["validate", DIGITS, "{work}/digits_whiten_uniform/out.onnx", "--data", TEST,
+                             "--quiet", "--json", "{out}/validate.json"]),
+        ("validate_bert", ["validate", bert, "{work}/bert_whiten_uniform/out.onnx", "--data", "{work}/bert_val.npz",
+                           "--quiet"]),
+        ("refine_digits", ["refine", DIGITS, "{work}/digits_whiten_uniform/out.onnx", "--calib", CALIB,
+                           "--val", TEST, "--steps", "10", "--seed", "0", "-o", "{out}/out.onnx", "--force",
+                           "--quiet", "--json", "{out}/refine.json"]),
+        ("sweep_digits", ["sweep", DIGITS, "--calib", CALIB, "--val", TEST, "--ratios", "0.2,0.4",
+                          "--methods", "svd,whiten,kfac", "--allocations", "uniform,global", "-o", "{out}/sweep",
+                          "--no-plots", "--quiet"]),
+    ]
+    return entries
+
+
+# ------------------------------------------------------------------------------------------ hashing
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def scrub_text(text: str, work: Path) -> str:
+    """Paths of the work dir and the checkout replaced, wall times removed."""
+    text = text.replace(str(work), "<work>").replace(str(ROOT), "<root>")
+    return TIME_PATTERN.sub("<time>", text)
+
+
+def scrub_json(value, work: Path):
+    if isinstance(value, dict):
+        return {k: scrub_json(v, work) for k, v in value.items() if k not in VOLATILE_KEYS}
+    if isinstance(value, list):
+        return [scrub_json(v, work) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(work), "<work>").replace(str(ROOT), "<root>")
+    return value
+
+
+def hash_outputs(out: Path, work: Path) -> dict:
+    hashes = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            data = json.dumps(scrub_json(json.loads(data), work), sort_keys=True).encode()
+        hashes[str(path.relative_to(out))] = sha(data)
+    return hashes
+
+
+def run_entry(name, args, work: Path, env) -> dict:
+    out = work / name
+    shutil.rmtree(out, ignore_errors=True)  # no stale files from an earlier --workdir run
+    out.mkdir(parents=True)
+    argv = [a.format(work=work, out=out) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "onnx_fwlr", *argv], check=False, cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    stdout = scrub_text(proc.stdout, work)
+    (work / f"{name}.stdout").write_text(stdout)  # beside, not inside, the hashed folder: for reading diffs
+    result = {"exit_code": str(proc.returncode), "stdout": sha(stdout.encode())}
+    if proc.returncode != 0:
+        result["stderr"] = sha(scrub_text(proc.stderr, work).encode())
+    result.update(hash_outputs(out, work))
+    return result
+
+
+def compare(results: dict, other_path: Path) -> bool:
+    other = json.loads(other_path.read_text())
+    same_all = True
+    print(f"\n{'command':<34} {'vs ' + other_path.name}")
+    for name in sorted(set(results) | set(other)):
+        mine, theirs = results.get(name, {}), other.get(name, {})
+        if mine == theirs:
+            verdict = "same"
+        else:
+            same_all = False
+            keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            verdict = "DIFFERENT: " + (", ".join(keys) if mine and theirs else "missing on one side")
+        print(f"{name:<34} {verdict}")
+    return same_all
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="hashes JSON to write")
+    parser.add_argument("--compare", type=Path, help="hashes JSON to compare with; exit 1 if any differ")
+    parser.add_argument("--workdir", type=Path, help="keep the outputs here (default: a temporary folder)")
+    args = parser.parse_args()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory(prefix="hash_matrix_") as tmp:
+        work = (args.workdir or Path(tmp)).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        write_lstm(work)
+        write_transformer(work)
+        results, start = {}, time.perf_counter()
+        print(f"checkout {ROOT}; work dir {work}")
+        for name, entry_args in matrix():
+            tick = time.perf_counter()
+            results[name] = run_entry(name, entry_args, work, env)
+            files = len(set(results[name]) - {"exit_code", "stdout", "stderr"})
+            print(f"{name:<34} exit {results[name]['exit_code']:>2}  {files:>2} files  "
+                  f"{time.perf_counter() - tick:6.1f} s", flush=True)
+        print(f"total {time.perf_counter() - start:.1f} s")
+    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    ok = True
+    for first, second, files in MUST_MATCH:
+        for file in files:
+            if results[first].get(file) != results[second].get(file):
+                print(f"MISMATCH: {first} and {second} differ in {file}")
+                ok = False
+    if args.compare is not None:
+        ok = compare(results, args.compare) and ok
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -85,10 +85,11 @@ def _qdq(model, tmp_path, per_channel=True) -> onnx.ModelProto:
     return onnx.load(target)
 
 
-def _nbits(model, bits=4, block=32, symmetric=True) -> onnx.ModelProto:
+def _nbits(model, bits=4, block=32, symmetric=True, qdq=False) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=symmetric,
+                                     quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
     quantizer.process()
     return quantizer.model.model
 
@@ -146,13 +147,15 @@ def _quantized(kind: str, tmp_path) -> onnx.ModelProto:
         return _nbits(_mlp())
     if kind == "nbits-4-b16-zero-point":
         return _nbits(_mlp(), block=16, symmetric=False)
+    if kind == "qdq-int4-b32":
+        return _nbits(_mlp(), qdq=True)
     if kind == "lstm-dynamic":
         return _dynamic(_lstm(), tmp_path, per_channel=True, op_types=["LSTM"], name="lstm")
     raise AssertionError(kind)
 
 
 KINDS = ["dynamic-per-channel", "dynamic-per-tensor", "dynamic-fused", "qdq-per-channel", "qdq-per-tensor",
-         "cast-mul", "cast-mul-zero-point", "nbits-4-b32", "nbits-4-b16-zero-point", "lstm-dynamic"]
+         "cast-mul", "cast-mul-zero-point", "nbits-4-b32", "nbits-4-b16-zero-point", "qdq-int4-b32", "lstm-dynamic"]
 # (op found, float op, granularity, bits, block size, symmetric) of each kind's site with that float op
 EXPECTED = {
     "dynamic-per-channel": ("MatMulInteger", "MatMul", "per-channel", 8, None, True),
@@ -164,6 +167,7 @@ EXPECTED = {
     "cast-mul-zero-point": ("Cast+Mul", "MatMul", "per-tensor", 8, None, False),
     "nbits-4-b32": ("MatMulNBits", "MatMul", "block", 4, 32, True),
     "nbits-4-b16-zero-point": ("MatMulNBits", "MatMul", "block", 4, 16, False),
+    "qdq-int4-b32": ("DequantizeLinear", "MatMul", "block", 4, 32, True),
     "lstm-dynamic": ("DynamicQuantizeLSTM", "LSTM", "per-channel", 8, None, True),
 }
 
@@ -172,7 +176,7 @@ EXPECTED = {
 def test_detection_finds_each_quantized_weight_with_its_scheme(kind, tmp_path):
     found = detect_quantized(_quantized(kind, tmp_path))
     op, consumer, granularity, bits, block, symmetric = EXPECTED[kind]
-    expected_count = 1 if kind.startswith(("nbits", "lstm")) else 2  # MatMulNBitsQuantizer leaves the Gemm alone
+    expected_count = 1 if kind.startswith(("nbits", "lstm", "qdq-int4")) else 2  # MatMulNBitsQuantizer: MatMul only
     assert len(found) == expected_count and all(s.supported for s in found)
     site = next(s for s in found if s.consumer == consumer)
     assert (site.op_type, site.consumer, site.scheme.granularity, site.scheme.bits) == (op, consumer, granularity, bits)
@@ -198,7 +202,7 @@ def _ort_weight(model: onnx.ModelProto, site) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["dynamic-per-channel", "dynamic-per-tensor", "dynamic-fused", "qdq-per-channel",
                                   "qdq-per-tensor", "cast-mul", "cast-mul-zero-point", "nbits-4-b32",
-                                  "nbits-4-b16-zero-point"])
+                                  "nbits-4-b16-zero-point", "qdq-int4-b32"])
 def test_dequantized_weight_is_what_onnx_runtime_computes(kind, tmp_path):
     model = _quantized(kind, tmp_path)
     checked = 0
@@ -267,7 +271,7 @@ def test_shared_activation_quantizer_is_removed_with_its_last_site(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qdq-per-channel", "qdq-per-tensor", "cast-mul", "cast-mul-zero-point",
-                                  "nbits-4-b32", "nbits-4-b16-zero-point"])
+                                  "nbits-4-b32", "nbits-4-b16-zero-point", "qdq-int4-b32"])
 def test_weight_only_float_model_gives_the_same_outputs(kind, tmp_path):
     model = _quantized(kind, tmp_path)
     recovered = dequantize_model(model)
@@ -410,3 +414,73 @@ def test_inspect_names_each_quantized_node(kind, tmp_path):
         assert "quantized constants (Cast+Mul)" in text
     data = listing.to_dict()["quantized"]
     assert data and all(q["dequantized_by_compress"] for q in data)
+
+
+def test_static_qoperator_ops_are_listed_and_left_alone(tmp_path):
+    source, target = tmp_path / "float.onnx", tmp_path / "qop.onnx"
+    onnx.save(_mlp(), source)
+    quantize_static(source, target, _Reader(), quant_format=QuantFormat.QOperator)
+    model = onnx.load(target)
+    recovered = dequantize_model(model)
+    assert recovered.sites == [] and recovered.model is model
+    assert {s.op_type for s in recovered.left} >= {"QLinearMatMul"} and all("left as it is" in s.reason
+                                                                             for s in recovered.left)
+
+
+def test_requantize_with_the_scheme_asked_for(tmp_path):
+    """An int8 dynamic model dequantized, then quantized as int4 blocks of 32 by MatMulNBitsQuantizer."""
+    from onnx_fwlr.quant.quantized_site import QuantScheme
+
+    model = _quantized("dynamic-per-channel", tmp_path)
+    recovered = dequantize_model(model)
+    int4 = QuantScheme("nbits", 4, True, "block", True, 0, 32)
+    again = requantize(recovered.model, recovered.sites, scheme=int4)
+    assert [s.describe() for s in detect_quantized(again)] == ["MatMulNBits int4 block 32, symmetric"] * 2
+    feed = _inputs(model)
+    y, y_int8, y_int4 = run(_mlp(), feed)[0], run(model, feed)[0], run(again, feed)[0]
+    # int4 blocks of 32 keep about 1/15 of each block's range per step: a few % of output error, more than int8's
+    assert np.linalg.norm(y_int8 - y) < np.linalg.norm(y_int4 - y) <= 0.1 * np.linalg.norm(y)
+
+
+# --- the CLI: compress and inspect a quantized model ----------------------------------------------------------
+
+
+def _cli(*args) -> int:
+    from onnx_fwlr.cli.main import main
+
+    return main([str(a) for a in args])
+
+
+def test_cli_compress_dequantizes_compresses_and_requantizes(tmp_path, capsys):
+    """A dynamic int8 model of rank-8 weights at --rank 8: the factors are exact in float, so the output differs
+    from the input only by quantization (a few times the input's own error), and the report says so in a line."""
+    from builders import low_rank
+
+    original = _mlp(weights=(low_rank(K, H, 8, seed=1) / 4, low_rank(N, H, 8, seed=2) / 4, np.zeros(N)))
+    quantized = _dynamic(original, tmp_path)
+    onnx.save(quantized, tmp_path / "int8.onnx")
+    code = _cli("compress", tmp_path / "int8.onnx", "-o", tmp_path / "out.onnx", "--rank", 8, "--quiet")
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(text for text in out.splitlines() if text.startswith("the input was quantized"))
+    assert "2 weight(s): MatMulInteger int8 per-channel, symmetric" in line and "with the same scheme" in line
+    result = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in result.graph.node].count("MatMulInteger") == 4  # two factors per site
+    feed = _inputs(original)
+    y, y_q, y_out = run(original, feed)[0], run(quantized, feed)[0], run(result, feed)[0]
+    assert np.linalg.norm(y_out - y_q) <= 3 * np.linalg.norm(y_q - y)
+
+
+def test_cli_unsupported_quantized_model_is_one_line_and_writes_nothing(tmp_path, capsys):
+    onnx.save(_nbits_with_g_idx(), tmp_path / "gidx.onnx")
+    code = _cli("compress", tmp_path / "gidx.onnx", "-o", tmp_path / "out.onnx", "--ratio", 0.5, "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "g_idx" in err and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_cli_inspect_says_the_model_is_quantized(tmp_path, capsys):
+    onnx.save(_quantized("nbits-4-b32", tmp_path), tmp_path / "int4.onnx")
+    assert _cli("inspect", tmp_path / "int4.onnx") == 0
+    out = capsys.readouterr().out
+    assert "the model is quantized: 1 quantized weight(s)" in out and "int4 block 32, symmetric" in out

@@ -153,3 +153,17 @@ def test_latency_budget_never_factorises_a_slower_site():
     energies = [_decaying(256), _decaying(256, 1e-6)]  # even though losing it costs next to nothing
     ranks = latency_ranks(energies, tables, 0.01)  # unreachable: returns the fastest choices
     assert ranks == [1, None]
+
+
+def test_rounding_and_budget_stay_within_the_highest_usable_rank():
+    table = _table(64, 64)  # timed up to rank 32, the FLOP break-even; 31 is the last rank that saves parameters
+    energy = _decaying(64)
+    assert round_ranks([30], [energy], multiple=16) == [32]
+    assert round_ranks([30], [energy], multiple=16, max_ranks=[31]) == [30]  # 32 does not exist, 16 drops too much
+
+    def half_cost(K, N, rank, tokens):  # the pair at rank r costs r / 64 of dense: every timed rank is faster
+        return 1.0 if rank is None else rank / 64
+
+    table = measure_table(64, 64, TOKENS, half_cost)
+    assert latency_ranks([np.ones(64)], [table], target_ms=0.999) == [32]
+    assert latency_ranks([np.ones(64)], [table], target_ms=0.999, max_ranks=[31]) == [25]  # the next timed rank

@@ -94,7 +94,7 @@ def test_weight_on_the_grid_plus_rank_r_is_reproduced_exactly():
     assert spectrum.dropped_energy(8) < 1e-10 * spectrum.total
 
     model, report = compress_quantized(matmul_model(W32, ("batch", 64)), quantize="int4", rank=8, method="svd",
-                                       progress=False)
+                                       factors="float32", progress=False)
     X = np.random.default_rng(2).standard_normal((7, 64)).astype(np.float32)
     np.testing.assert_allclose(run(model, {"x": X})[0], X @ W32, atol=1e-4)
     assert [n.op_type for n in model.graph.node].count("MatMulNBits") == 1
@@ -169,7 +169,7 @@ def _initializers(model, suffix):
 def test_output_model_is_valid_and_matches_numpy():
     model, (T, W1, b1, W2, C) = _three_site_model()
     out, report = compress_quantized(model, quantize="int4", rank=8, method="svd", embeddings="int4",
-                                     progress=False)
+                                     factors="float32", progress=False)
     onnx.checker.check_model(out, full_check=True)
     ops = [n.op_type for n in out.graph.node]
     assert ops.count("MatMulNBits") == 2 and ops.count("GatherBlockQuantized") == 1 and "Gather" not in ops
@@ -254,3 +254,19 @@ def test_cli_quantize_writes_a_model_within_the_target_and_refuses_bad_flags(tmp
     assert not (tmp_path / "bad.onnx").exists()
     code = main(["compress", str(source), "-o", str(tmp_path / "bad.onnx"), "--quantize", "int4", "--dope", "0.01"])
     assert code == 2 and "--quantize does not combine with --dope" in capsys.readouterr().err
+
+
+def test_half_precision_factors_halve_the_correction_bytes_and_keep_the_outputs():
+    model, _ = _three_site_model()
+    ids = np.array([1, 2, 30, 49])
+    out32, _ = compress_quantized(model, quantize="int4", rank=8, method="svd", embeddings="keep", factors="float32",
+                                  progress=False)
+    out16, _ = compress_quantized(model, quantize="int4", rank=8, method="svd", embeddings="keep", factors="float16",
+                                  progress=False)
+    onnx.checker.check_model(out16, full_check=True)
+    halves = [t for t in out16.graph.initializer if t.data_type == TensorProto.FLOAT16]
+    assert len(halves) == 4 and [n.op_type for n in out16.graph.node][:4] == ["Cast"] * 4
+    saved = out32.ByteSize() - out16.ByteSize()
+    assert saved > 0.9 * sum(2 * int(np.prod(t.dims)) for t in halves)
+    y32, y16 = run(out32, {"ids": ids})[0], run(out16, {"ids": ids})[0]
+    assert np.linalg.norm(y16 - y32) < 1e-3 * np.linalg.norm(y32)

@@ -97,7 +97,7 @@ def calibrate_once(model: Path, calib: Path, out: Path) -> float:
     from onnx_fwlr import calibrate
 
     start = time.perf_counter()
-    stats = calibrate(str(model), str(calib), fisher=True, fisher_options={"loss": "lm"}, batch_size=16,
+    stats = calibrate(str(model), str(calib), fisher=True, loss="lm", batch_size=16,
                       progress=False)
     stats.save(str(out))
     return time.perf_counter() - start

@@ -38,13 +38,16 @@ from onnx_fwlr.evaluate.report import format_table  # noqa: E402
 from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
 from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
 
+EMBEDDING_FISHER = {"output": "sentence_embedding", "loss": "gaussian"}  # a Gaussian likelihood on the embedding
+
 
 class Workload:
     """A model, its calibration batches, its held-out batches (with labels when it has them), the output judged."""
 
-    def __init__(self, name, model, calibration, evaluation, output, labels=None, note=""):
+    def __init__(self, name, model, calibration, evaluation, output, labels=None, note="", fisher=None):
         self.name, self.model, self.calibration, self.evaluation = name, model, calibration, evaluation
         self.output, self.labels, self.note = output, labels, note
+        self.fisher = fisher or {}  # Fisher options: the loss is defined on the output judged
 
 
 def batches(arrays: dict, size: int, trim_mask: bool = False) -> list[dict]:
@@ -81,7 +84,7 @@ def transformer(args) -> Workload:
     note = (f"synthetic BERT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
             f"{args.calib_samples} calibration / {args.eval_samples} held-out sequences of up to {args.seq} tokens")
     return Workload("transformer", model, batches(calib, 32, True), batches(held_out, 32, True), "sentence_embedding",
-                    note=note)
+                    note=note, fisher=EMBEDDING_FISHER)
 
 
 def minilm(args) -> Workload:
@@ -90,7 +93,7 @@ def minilm(args) -> Workload:
     held_out = dict(np.load(folder / "eval.npz"))
     note = f"all-MiniLM-L6-v2; {args.calib_samples} calibration / {len(held_out['input_ids'])} held-out sentences"
     return Workload("minilm", onnx.load(folder / "minilm.onnx"), batches(calib, 32, True),
-                    batches(held_out, 32, True), "sentence_embedding", note=note)
+                    batches(held_out, 32, True), "sentence_embedding", note=note, fisher=EMBEDDING_FISHER)
 
 
 def outputs(model: onnx.ModelProto, work: Workload) -> np.ndarray:
@@ -161,15 +164,16 @@ def run(work: Workload, args) -> list[dict]:
                             time.perf_counter() - start, args, base))
     logging.disable(logging.NOTSET)
     start = time.perf_counter()
-    stats = calibrate(work.model, work.calibration, fisher=True, progress=False)
+    stats = calibrate(work.model, work.calibration, fisher=True, progress=False, **work.fisher)
     print(f"  statistics: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     int8_bytes = rows[1]["bytes"]
     common = dict(calibration=work.calibration, stats=stats, progress=False)
     for quantize in args.modes.split(","):
         start = time.perf_counter()
         job = prepare_quantized(work.model, quantize=quantize, block_size=args.block_size, method="kfac",
-                                budgeted=True, **common)
+                                factors=args.factors, budgeted=True, **common)
         prepared = time.perf_counter() - start
+        suffix = ", fp32 factors" if args.factors == "float32" else ""
         if quantize != "auto":
             model, _ = build_quantized(job)
             rows.append(measure(f"ours {job.schemes[0].label}, no correction", model, work, reference,
@@ -181,7 +185,7 @@ def run(work: Workload, args) -> list[dict]:
             except FwlrError as exc:
                 print(f"  {quantize} at {fraction} x int8: {exc}", file=sys.stderr)
                 continue
-            rows.append(measure(f"ours {quantize}, target {fraction:g} x int8", model, work, reference,
+            rows.append(measure(f"ours {quantize}, target {fraction:g} x int8{suffix}", model, work, reference,
                                 time.perf_counter() - start, args, base))
     if args.ablations:
         rows += ablations(work, args, reference, base, common)
@@ -194,7 +198,8 @@ def ablations(work: Workload, args, reference, base, common) -> list[dict]:
     rank = args.ablation_rank
     for label, method, extra in (("svd (unweighted)", "svd", {}), ("whiten", "whiten", {}), ("kfac", "kfac", {}),
                                  ("kfac, alternate 2", "kfac", {"alternate": 2}),
-                                 ("kfac, no bias shift", "kfac", {"bias_correction": False})):
+                                 ("kfac, no bias shift", "kfac", {"bias_correction": False}),
+                                 ("kfac, fp32 factors", "kfac", {"factors": "float32"})):
         start = time.perf_counter()
         job = prepare_quantized(work.model, quantize="int4", block_size=args.block_size, method=method,
                                 budgeted=False, embeddings="int4", **common, **extra)
@@ -228,6 +233,7 @@ def main() -> int:
     p.add_argument("--modes", default="int4,auto", help="our quantize modes, comma-separated (int4,int8,auto)")
     p.add_argument("--fractions", default="0.6,0.7,0.8,0.9,1.0", help="byte budgets as fractions of ORT's int8 model")
     p.add_argument("--block-size", type=int, default=32)
+    p.add_argument("--factors", default="float16", choices=["float16", "float32"], help="correction factor storage")
     p.add_argument("--ablations", action="store_true", help="also the uniform-rank ablations")
     p.add_argument("--ablation-rank", type=int, default=8)
     p.add_argument("--latency", action="store_true", help="latency ratio to fp32 on one held-out batch, 2 threads")
@@ -249,7 +255,8 @@ def main() -> int:
     print(table(rows, rows[0]["bytes"]))
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"workload": work.name, "note": work.note, "rows": rows}, indent=2) + "\n")
+        summary = {"workload": work.name, "note": work.note, "rows": rows}
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -482,6 +482,48 @@ def _gather(ins, outs, attrs, grads, opset, wanted):
     return [gd, None]
 
 
+def _scatter_reduction(op: str, attrs) -> str | None:
+    """Why a Scatter* node has no rule (None when it has one): only reduction none and add are linear."""
+    reduction = attrs.get("reduction", "none")
+    return None if reduction in ("none", "add") else f"{op} with reduction='{reduction}' has no gradient rule"
+
+
+def _nd_index(indices: np.ndarray, shape) -> tuple:
+    """ScatterND indices [..., q] as a numpy index tuple into the first q axes (negative indices wrapped)."""
+    q = indices.shape[-1]
+    return tuple(np.where(indices[..., i] < 0, indices[..., i] + shape[i], indices[..., i]) for i in range(q))
+
+
+def _scatter_nd(ins, outs, attrs, grads, opset, wanted):
+    """data: the cotangent, zero where reduction 'none' overwrote it; updates: the cotangent at their indices
+    (repeated indices under 'add' each get it)."""
+    g, index = grads[0], _nd_index(np.asarray(ins[1]), ins[0].shape)
+    out = [None, None, None]
+    if 0 in wanted:
+        out[0] = g.copy()
+        if attrs.get("reduction", "none") == "none":
+            out[0][index] = 0
+    if 2 in wanted:
+        out[2] = g[index].reshape(ins[2].shape)
+    return out
+
+
+def _scatter_elements(ins, outs, attrs, grads, opset, wanted):
+    """As ScatterND, with indices along one axis (take_along_axis)."""
+    g, indices = grads[0], np.asarray(ins[1])
+    axis = attrs.get("axis", 0) % g.ndim
+    indices = np.where(indices < 0, indices + g.shape[axis], indices)
+    window = tuple(slice(None) if a == axis else slice(0, d) for a, d in enumerate(indices.shape))  # indices may
+    out = [None, None, None]                                                  # be narrower than data off the axis
+    if 0 in wanted:
+        out[0] = g.copy()
+        if attrs.get("reduction", "none") == "none":
+            np.put_along_axis(out[0][window], indices, 0, axis=axis)  # a view: writes through
+    if 2 in wanted:
+        out[2] = np.take_along_axis(g[window], indices, axis=axis)
+    return out
+
+
 def _where(ins, outs, attrs, grads, opset, wanted):
     cond, g = ins[0], grads[0]
     out = [None, None, None]
@@ -558,6 +600,10 @@ RULES: dict[str, Rule] = {
     "Split": Rule(_split, _static(inputs=(1,), shapes=(0,)), (0,), None),
     "Slice": Rule(_slice, _static(inputs=(1, 2, 3, 4), shapes=(0,))),
     "Gather": Rule(_gather, _static(inputs=(1,), shapes=(0,))),
+    "ScatterND": Rule(_scatter_nd, _static(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
+                      lambda attrs: _scatter_reduction("ScatterND", attrs)),
+    "ScatterElements": Rule(_scatter_elements, _static(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
+                            lambda attrs: _scatter_reduction("ScatterElements", attrs)),
     "Where": Rule(_where, _static(inputs=(0,), shapes=(1, 2)), (1, 2)),
     "Cast": Rule(_pass_through, _NOTHING),
     "CastLike": Rule(_pass_through, _NOTHING),

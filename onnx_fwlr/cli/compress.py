@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from onnx_fwlr.cli.options import comparison_arguments, parse_outputs
 from onnx_fwlr.cli.options import calibration_arguments, decomposition_arguments, fisher_options, language_arguments, printer, parse_kron_shape, parse_ranks, parse_size, report_language, report_validation, shapes, tolerance_arguments, write_json
 
 
@@ -23,6 +24,15 @@ def _latency_model(args):
     from onnx_fwlr.evaluate.latency import MeasuredLatency
 
     return MeasuredLatency(threads=args.latency_threads, cache_dir=args.latency_cache)
+
+
+def _form_timer(args):
+    """The ONNX Runtime timer of --forms measured, at --latency-threads."""
+    if args.forms != "measured":
+        return None
+    from onnx_fwlr.evaluate.forms import OrtFormTimer
+
+    return OrtFormTimer(threads=args.latency_threads)
 
 
 class Compress:
@@ -54,13 +64,22 @@ class Compress:
         p.add_argument("--keep-attention", action="store_true",
                        help="keep Q/K/V/output projections dense (factorising them breaks ORT's Attention fusion)")
         p.add_argument("--method", choices=list(METHODS),
-                       help="weighting (default: svd; kfac with --quantize and --calib or --stats)")
+                       help="weighting (default: the best the data allows: kfac with --calib or gradient --stats, "
+                            "whiten with activation --stats, svd without data; docs/defaults.md)")
         p.add_argument("--methods", metavar="M,kron",
                        help="per site, the structure with the lowest weighted error at the same budget (e.g. whiten,kron)")
         p.add_argument("--dope", type=float, default=0.0, metavar="FRACTION",
                        help="keep this fraction of each weight's entries as a sparse correction: W ~ structure + D")
+        p.add_argument("--dope-share", type=float, metavar="S",
+                       help="instead of --dope: spend this share of each site's stored numbers on doping entries "
+                            "(3 numbers each), e.g. 0.3")
         p.add_argument("--kron-shape", metavar="m1xm2,n1xn2", help="force Kronecker factor shapes (K=m1*m2, N=n1*n2)")
-        p.add_argument("--allocation", default="uniform", choices=list(ALLOCATIONS), help="rank allocation")
+        p.add_argument("--forms", choices=["default", "measured"], default="default",
+                       help="ONNX form of structured sites: by multiply-adds (default, deterministic), or the fastest "
+                            "timed here at the model's row count, keeping dense a site whose structure is slower than "
+                            "its dense weight (needs --calib DATA or --shape; --latency-threads applies)")
+        p.add_argument("--allocation", choices=list(ALLOCATIONS),
+                       help="rank allocation (default: global with gradient statistics (fwsvd, kfac), else uniform)")
         p.add_argument("--include", help="regex: only sites whose node or weight name matches")
         p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
@@ -81,7 +100,11 @@ class Compress:
                        help="then distil the factors against the original for up to STEPS Adam steps on --calib "
                             "(early stopping on 10%% of --calib held back; --val stays unseen)")
         p.add_argument("--refine-lr", type=float, default=3e-5, help="peak learning rate of --refine (default 3e-5)")
+        p.add_argument("--dope-dropout", type=float, metavar="P",
+                       help="--refine of doped structured sites: drop each site's doping term per step with this "
+                            "probability (co-matrix dropout; default 0.5)")
         tolerance_arguments(p)
+        comparison_arguments(p)
         language_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -96,6 +119,8 @@ class Compress:
                        help="embedding tables: chosen by the budget (auto, with --calib), kept, or forced")
         q.add_argument("--int8", default="dynamic", choices=["dynamic", "block"],
                        help="int8 as quantize_dynamic per channel (fast on CPUs) or weight-only MatMulNBits blocks")
+        q.add_argument("--factor-dtype", default="float16", choices=["float16", "float32"],
+                       help="storage of the correction factors (float16: half the bytes, cast once at load)")
 
     @staticmethod
     def run(args) -> int:
@@ -111,7 +136,8 @@ class Compress:
                 args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
                 max_error=args.max_error,
                 validation=args.val if args.metric == "outputs" or args.max_error is not None else None,
-                method=args.method or "svd", allocation=args.allocation,
+                outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
+                method=args.method, allocation=args.allocation,
                 include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
                 calibration=args.calib, stats=args.stats,
                 batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
@@ -119,12 +145,14 @@ class Compress:
                 methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
                 dope=args.dope, kron_shape=parse_kron_shape(args.kron_shape), sequential=args.sequential,
                 svd=args.svd, workers=args.workers, stats_memory=parse_size(args.stats_memory, "--stats-memory"),
-                refine_steps=args.refine, refine_lr=args.refine_lr, progress=not args.quiet,
+                refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
+                dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
                 rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
             )
         out = printer(args)
         report.file_size_before = file_size(args.model)
-        written = bool(report.sites) or args.write_unchanged
+        changed = bool(report.sites) if args.quantize else report.factorised > 0
+        written = changed or args.write_unchanged
         if written:
             save_model(model, output, external_data=True if args.external_data else None)
             report.file_size_after = file_size(output)
@@ -132,7 +160,10 @@ class Compress:
         if report.refined is not None:
             out(report.refined.format())
         if written:
-            out(f"wrote {output}")
+            out(f"wrote {output.resolve()} ({report.file_size_after:,} bytes)")
+        else:
+            out(f"nothing to do: no weight was factorised, so {output} was not written (--write-unchanged writes "
+                "the model unchanged).")
         code = 0
         if report.checked is not None and written:
             code = report_validation(report.checked, args, out)
@@ -154,8 +185,10 @@ def _compress_quantized(args, rank, ranks):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.pipeline.compress import validate
     from onnx_fwlr.pipeline.quantized import compress_quantized
+    from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
 
     unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
+                   "--dope-share": args.dope_share, "--forms measured": args.forms == "measured",
                    "--sequential": args.sequential, "--max-error": args.max_error, "--refine": args.refine,
                    "--keep-attention": args.keep_attention, "--rank NAME=N": ranks,
                    "--allocation global": args.allocation == "global"}
@@ -163,13 +196,19 @@ def _compress_quantized(args, rank, ranks):
     if given:
         raise FwlrError(f"--quantize does not combine with {given[0]}; drop it (the byte budget allocates per site).")
     method = args.method or ("kfac" if args.calib or args.stats else "svd")
+    quantized = dequantize_input(args.model)  # a quantized input: its float form, requantized as --quantize asks
     model, report = compress_quantized(
-        args.model, quantize=args.quantize, block_size=args.block_size, target_size=parse_size(args.target_size),
+        quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
+        target_size=parse_size(args.target_size),
         ratio=args.ratio, rank=rank or 0, method=method, calibration=args.calib, stats=args.stats,
-        embeddings=args.embeddings, int8=args.int8, bias_correction=False if args.no_bias_correction else None,
+        embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype, bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet)
+    if quantized:  # weights --quantize left in float go back to their own scheme
+        model = requantize_output(model, quantized, report, only_float_nodes=True,
+                                  how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
     if args.val and args.metric == "outputs":
-        report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet)
+        report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
+                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)
         report.validation = report.checked.to_dict()
     return model, report

@@ -13,7 +13,7 @@ from onnx_fwlr.cli.calibrate import Calibrate
 from onnx_fwlr.cli.compress import Compress
 from onnx_fwlr.cli.inspect_model import Inspect
 from onnx_fwlr.cli.merge_stats import MergeStats
-from onnx_fwlr.cli.options import in_flag_terms
+from onnx_fwlr.cli.options import check_before_work, in_flag_terms
 from onnx_fwlr.cli.profile_model import Profile
 from onnx_fwlr.cli.refine import Refine
 from onnx_fwlr.cli.sweep import Sweep
@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", None) is False and not sys.stderr.isatty():
+        args.quiet = True  # progress bars only on a terminal: in a log file their frames are noise
     try:
+        check_before_work(args, outputs=("json", "plot"))
         return args.handler(args)
     except FwlrError as exc:
         print(f"onnx-fwlr: error: {in_flag_terms(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)

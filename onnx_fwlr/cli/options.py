@@ -21,7 +21,7 @@ FLAGS = {
     "loss": "--loss", "output": "--fisher-output", "samples": "--fisher-samples", "fisher": "--fisher",
     "shard": "--shard", "steps": "--steps", "lr": "--lr", "label_weight": "--label-weight", "seed": "--seed",
     "min_cosine": "--min-cosine", "max_rel_error": "--max-rel-error", "max_accuracy_drop": "--max-accuracy-drop",
-    "outputs": "--outputs", "quantize": "--quantize", "block_size": "--block-size",
+    "outputs": "--outputs", "common_prefix": "--common-prefix", "quantize": "--quantize", "block_size": "--block-size",
     "rank_multiple": "--rank-multiple", "target_latency": "--target-latency",
 }
 
@@ -126,7 +126,25 @@ def fisher_options(args) -> dict:
 def tolerance_arguments(p):
     p.add_argument("--min-cosine", type=float, help="fail when an output's mean cosine falls below this")
     p.add_argument("--max-rel-error", type=float, help="fail when an output's relative L2 error exceeds this")
-    p.add_argument("--max-accuracy-drop", type=float, help="fail when accuracy drops by more than this fraction")
+    p.add_argument("--max-accuracy-drop", type=float, metavar="POINTS",
+                   help="fail when label accuracy drops by more than this many percentage points (0-100; default "
+                        "with labels and no other tolerance: 1)")
+
+
+def comparison_arguments(p):
+    p.add_argument("--outputs", metavar="NAME[,NAME]",
+                   help="outputs to compare (default: every floating-point output both models share)")
+    p.add_argument("--common-prefix", action="store_true",
+                   help="compare outputs whose length differs between the models (e.g. audio) over the part both have")
+
+
+def parse_outputs(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise FwlrError(f"--outputs '{text}' names no output; give comma-separated output names.")
+    return names
 
 
 def language_arguments(p):
@@ -144,7 +162,8 @@ def report_language(metrics, args, out) -> int:
 
     failures = metrics.check(max_perplexity_ratio=args.max_perplexity_ratio, max_kl=args.max_kl,
                              min_top1_agreement=args.min_top1_agreement)
-    out(format_language(metrics, failures))
+    judged = any(v is not None for v in (args.max_perplexity_ratio, args.max_kl, args.min_top1_agreement))
+    out(format_language(metrics, failures, judged))
     return 1 if failures else 0
 
 
@@ -155,12 +174,37 @@ def shapes(args):
 
 
 def report_validation(validation, args, out) -> int:
+    """The comparison table and its verdict (evaluate.tolerance.judge: the default tolerance, or "no tolerance
+    given" rather than a PASS that judged nothing); 1 when a tolerance fails."""
+    from onnx_fwlr.evaluate.tolerance import judge
     from onnx_fwlr.evaluate.validation import format_validation
 
-    failures = validation.check(min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
-                                max_accuracy_drop=args.max_accuracy_drop)
-    out(format_validation(validation, failures))
-    return 1 if failures else 0
+    verdict = judge(validation, min_cosine=args.min_cosine, max_rel_error=args.max_rel_error,
+                    max_accuracy_drop=args.max_accuracy_drop)
+    out(format_validation(validation, verdict.failures, verdict.line()))
+    return 0 if verdict.passed else 1
+
+
+def check_before_work(args, outputs: tuple[str, ...] = ("json",)) -> None:
+    """Every output path and tolerance of the command checked before any work, so a typo costs nothing and
+    leaves nothing behind: `outputs` names the args holding file paths ('-' = stdout)."""
+    for name in outputs:
+        target = getattr(args, name, None)
+        if target and target != "-":
+            check_file_target(target, "--" + name.replace("_", "-"))
+    if hasattr(args, "max_accuracy_drop"):
+        from onnx_fwlr.evaluate.tolerance import check_tolerances
+
+        check_tolerances(args.min_cosine, args.max_rel_error, args.max_accuracy_drop)
+
+
+def check_file_target(target: str, flag: str) -> None:
+    path = Path(target)
+    if path.is_dir():
+        raise FwlrError(f"{flag} {target} is a folder; give a file path.")
+    if not path.parent.is_dir():
+        raise FwlrError(f"{flag} {target}: folder {path.parent} does not exist; create it first or choose another "
+                        "path.")
 
 
 def parse_shard(text):

@@ -34,6 +34,12 @@ class Refine:
                        help="validations without improvement before stopping (default 5)")
         p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine", help="learning-rate decay")
         p.add_argument("--seed", type=int, default=0, help="seed of the batch order and held-back split")
+        p.add_argument("--dope-dropout", type=float, metavar="P",
+                       help="doped structured sites: drop each site's doping term per step with this probability "
+                            "(co-matrix dropout; default 0.5; 0 turns it off)")
+        p.add_argument("--reselect", type=int, default=0, metavar="R",
+                       help="doped structured sites: train in R+1 phases, re-selecting the doping support "
+                            "(top-k of what the trained structure misses) between them (default 0)")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--plot", metavar="PNG", help="write the loss curve as a PNG (needs matplotlib)")
@@ -48,7 +54,8 @@ class Refine:
         model, report = refine(args.original, args.compressed, args.calib, validation=args.val, steps=args.steps,
                                lr=args.lr, batch_size=args.batch_size, loss=args.loss, output=args.output_name,
                                label_weight=args.label_weight, eval_every=args.eval_every, patience=args.patience,
-                               schedule=args.schedule, seed=args.seed, progress=not args.quiet)
+                               schedule=args.schedule, seed=args.seed, dope_dropout=args.dope_dropout,
+                               reselect=args.reselect, progress=not args.quiet)
         save_model(model, output)
         out = printer(args)
         out(report.format())

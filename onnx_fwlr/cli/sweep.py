@@ -16,8 +16,10 @@ class Sweep:
         p.add_argument("--calib", metavar="DATA", help="calibration data (needed by every method but svd)")
         p.add_argument("--val", metavar="DATA", required=True, help="validation data the budgets are judged on")
         p.add_argument("--ratios", default="0.9,0.7,0.5,0.3", help="comma-separated parameter ratios")
-        p.add_argument("--methods", default="svd,whiten", help="comma-separated methods")
-        p.add_argument("--allocations", default="uniform", help="comma-separated: uniform, global")
+        p.add_argument("--methods", help="comma-separated methods (default: svd,whiten,kfac with --calib, else svd)")
+        p.add_argument("--allocations",
+                       help="comma-separated: uniform, global (default: global for fwsvd/kfac, uniform for the others); "
+                            "pairs that cannot run (global without gradients) are listed")
         p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for sweep.json and the plots")
         p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
         p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding")
@@ -25,6 +27,7 @@ class Sweep:
         p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
         p.add_argument("--workers", type=int, default=1, help="processes for the per-site decompositions (default 1)")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        p.add_argument("--force", action="store_true", help="write into a folder that already holds files")
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON here ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -37,10 +40,11 @@ class Sweep:
         except ValueError:
             raise FwlrError(f"--ratios '{args.ratios}' is not a comma-separated list of numbers.") from None
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
-        result = sweep(args.model, args.calib, args.val, ratios=ratios, methods=split(args.methods),
-                       allocations=split(args.allocations), out_dir=args.output, batch_size=args.batch_size,
-                       mask_input=args.mask_input, latency=args.latency, save_models=args.save_models,
-                       workers=args.workers, progress=not args.quiet)
+        result = sweep(args.model, args.calib, args.val, ratios=ratios,
+                       methods=split(args.methods) if args.methods else None,
+                       allocations=split(args.allocations) if args.allocations else None, out_dir=args.output,
+                       batch_size=args.batch_size, mask_input=args.mask_input, latency=args.latency,
+                       save_models=args.save_models, workers=args.workers, progress=not args.quiet, force=args.force)
         out = printer(args)
         out(result.format())
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from onnx_fwlr.cli.options import comparison_arguments, parse_outputs
 from onnx_fwlr.cli.options import language_arguments, printer, report_language, report_validation, tolerance_arguments, write_json
 
 
@@ -16,6 +17,7 @@ class Validate:
         p.add_argument("--data", required=True, help=".npz (keys = input names, optional 'labels') or a folder")
         p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
         tolerance_arguments(p)
+        comparison_arguments(p)
         language_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the metrics as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -34,7 +36,8 @@ class Validate:
                 write_json(metrics.to_dict(), args.json)
             return code
         validation = validate(args.original, args.compressed, args.data, batch_size=args.batch_size,
-                              progress=not args.quiet)
+                              progress=not args.quiet, outputs=parse_outputs(args.outputs),
+                              common_prefix=args.common_prefix)
         code = report_validation(validation, args, printer(args))
         if args.json:
             write_json(validation.to_dict(), args.json)

@@ -65,14 +65,17 @@ class LanguageMetrics:
         return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}
 
 
-def format_language(m: LanguageMetrics, failures: Sequence[str] = ()) -> str:
+def format_language(m: LanguageMetrics, failures: Sequence[str] = (), judged: bool = True) -> str:
+    """The metrics as lines, then the verdict: PASS / FAIL: reasons, or (``judged`` False: no tolerance was
+    given) a line saying so rather than a PASS that judged nothing."""
     lines = [
         f"Next-token check on {m.tokens} token positions.",
         f"perplexity      original {m.original_perplexity:.4f}   compressed {m.compressed_perplexity:.4f}   "
         f"ratio {m.perplexity_ratio:.4f}",
         f"top-1 accuracy  original {100 * m.original_accuracy:.2f} %   compressed {100 * m.compressed_accuracy:.2f} %",
         f"top-1 agreement {100 * m.top1_agreement:.2f} %   KL(original ‖ compressed) {m.kl_divergence:.5f} nats/token",
-        "PASS" if not failures else "FAIL: " + " ".join(failures),
+        "FAIL: " + " ".join(failures) if failures else "PASS" if judged else
+        "no tolerance given (--max-perplexity-ratio, --max-kl, --min-top1-agreement): nothing judged",
     ]
     return "\n".join(lines)
 
@@ -150,7 +153,8 @@ def compare_language_models(original, compressed, batches: Iterable[Mapping[str,
 
 def validate_language(original, compressed, data, *, batch_size: int = 32, logits: str = "logits",
                       progress: bool = True) -> LanguageMetrics:
-    """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the original's inputs."""
+    """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the inputs
+    of the original."""
     from onnx_fwlr.io.data import find_mask_input, find_token_input, open_data
     from onnx_fwlr.io.model import load_model
 

@@ -197,7 +197,7 @@ def _pick(rank, candidates, energy, total, table, max_loss_increase, time_tolera
     return max(near)  # the most components among the (almost) fastest: the least dropped energy
 
 
-def round_ranks(ranks, energies, tables=None, multiple=None, totals=None, max_loss_increase=0.02,
+def round_ranks(ranks, energies, tables=None, multiple=None, totals=None, max_ranks=None, max_loss_increase=0.02,
                 time_tolerance=0.01) -> list[int | None]:
     """Ranks moved to the fastest nearby value when that costs almost no fidelity.
 
@@ -205,16 +205,18 @@ def round_ranks(ranks, energies, tables=None, multiple=None, totals=None, max_lo
     (as for global allocation); totals: per site ‖PWQ‖_F² when energies are truncated (default their sums).
     tables: per site a SiteTable or None. multiple: when given, only multiples of it are candidates (the one
     below and the one above); else the timed ranks near the rank. A move down is allowed while the site's
-    dropped energy grows by at most max_loss_increase (relative); moves up always lower it.
+    dropped energy grows by at most max_loss_increase (relative); moves up always lower it, but never past
+    max_ranks (per site: the highest rank the decomposition gives and that still saves parameters).
     """
     tables = tables or [None] * len(ranks)
     totals = totals or [float(np.sum(e)) for e in energies]
+    max_ranks = max_ranks or [None] * len(ranks)
     rounded = []
-    for rank, energy, total, table in zip(ranks, energies, totals, tables):
+    for rank, energy, total, table, max_rank in zip(ranks, energies, totals, tables, max_ranks):
         if rank is None or (table is None and not multiple):
             rounded.append(rank)
             continue
-        limit = len(energy)
+        limit = len(energy) if max_rank is None else min(len(energy), max_rank)
         if table is not None:
             limit = min(limit, table.ranks[-1] if table.ranks else limit)
         candidates = _candidates(rank, limit, multiple, table)
@@ -347,8 +349,9 @@ class MeasuredLatency:
 
 
 class OrtTimer:
-    """Times X [tokens, K] @ W [K, N] (rank None) or X @ A [K, r] @ B [r, N] in ONNX Runtime: the median of at
-    least `runs` runs after a warm-up, continuing until `min_seconds` have passed."""
+    """Times X [tokens, K] @ W [K, N] (rank None) or X @ A [K, r] @ B [r, N] in ONNX Runtime: the fastest of at
+    least `runs` runs after a warm-up, continuing until `min_seconds` have passed. The fastest, as timeit
+    advises: slower runs measure the other processes on the machine, not the kernel, and a table is kept."""
 
     def __init__(self, threads: int | None = None, providers=("CPUExecutionProvider",), runs: int = 7,
                  min_seconds: float = 0.15, seed: int = 0):
@@ -367,7 +370,7 @@ class OrtTimer:
             start = time.perf_counter()
             session.run(None, {"x": x})
             seconds.append(time.perf_counter() - start)
-        return float(np.median(seconds) * 1000.0)
+        return float(min(seconds) * 1000.0)
 
 
 def _site_model(K: int, N: int, rank: int | None, seed: int):

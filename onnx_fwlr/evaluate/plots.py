@@ -56,6 +56,8 @@ def plot_spectra(spectra: list[tuple[str, np.ndarray, int | None]], path: str | 
         if rank is not None:
             ax.axvline(rank, color="tab:red", lw=1, ls="--")
         ax.set_title(f"{name} (rank {'dense' if rank is None else rank})", fontsize=7)
+        ax.set_xlabel("component (rank)", fontsize=6)
+        ax.set_ylabel("σ / σ₁ (weighted)", fontsize=6)
         ax.tick_params(labelsize=6)
     for ax in list(axes.flat)[count:]:
         ax.axis("off")

@@ -45,6 +45,7 @@ class Report:
     calibration: dict = field(default_factory=dict)
     validation: dict | None = None
     versions: dict = field(default_factory=dict)
+    input_quantization: str = ""  # one line when the input was quantized (pipeline/quantized_input.py)
     # Objects of the later stages, not fields (to_dict writes their own dicts): the refine.loop.RefineReport of
     # refine_steps, and the evaluate.validation.Validation of the final check on validation data.
     refined = None
@@ -83,6 +84,8 @@ class Report:
         if self.calibration.get("passes", 1) > 1:
             parts += [f"calibration read the data {self.calibration['passes']} times, once per group of site inputs "
                       "whose Grams fit in --stats-memory"]
+        if self.input_quantization:
+            parts.append(self.input_quantization)
         parts += [f"warning: {w}" for w in self.warnings]
         return "\n".join(parts)
 

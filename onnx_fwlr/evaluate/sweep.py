@@ -12,18 +12,29 @@ from pathlib import Path
 import onnx
 from tqdm.auto import tqdm
 
-from onnx_fwlr.pipeline.compress import METHODS, Budget, build, check_method, choose_ranks, ensure_decompositions, prepare, validate
-from onnx_fwlr.stats.activations import collect_activation_stats
-from onnx_fwlr.io.data import open_data
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.evaluate.report import format_table
-from onnx_fwlr.sites.find import find_sites
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.io.model import load_model, save_model
+from onnx_fwlr.pipeline.compress import (
+    METHODS,
+    Budget,
+    build,
+    check_method,
+    choose_ranks,
+    ensure_decompositions,
+    prepare,
+    validate,
+)
+from onnx_fwlr.pipeline.defaults import check_data_first
+from onnx_fwlr.sites.recurrent import find_all_sites
+from onnx_fwlr.stats.activations import collect_activation_stats
 
 
 @dataclass
 class SweepResult:
     rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # method/allocation pairs asked for that cannot run
     spectra: dict = field(default_factory=dict)  # config -> [(site, singular values, rank at the middle ratio)]
     files: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
@@ -37,10 +48,10 @@ class SweepResult:
              "" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"]
             for r in self.rows
         ]
-        return format_table(headers, table, align="llrrrrrrr")
+        return "\n".join([format_table(headers, table, align="llrrrrrrr")] + self.skipped)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "calibration": self.calibration, "files": self.files}
+        return {"rows": self.rows, "calibration": self.calibration, "files": self.files, "skipped": self.skipped}
 
 
 def _pct(value) -> str:
@@ -48,27 +59,31 @@ def _pct(value) -> str:
 
 
 def sweep(
-    model, calibration, validation, *, ratios: list[float], methods: list[str], allocations: list[str] = ("uniform",),
-    out_dir: str | Path, batch_size: int = 32, mask_input: str | None = None, latency: bool = False,
-    latency_runs: int = 20, save_models: bool = False, progress: bool = True, fisher_options: dict | None = None,
-    workers: int = 1,
+    model, calibration, validation, *, ratios: list[float], methods: list[str] | None = None,
+    allocations: list[str] | None = None, out_dir: str | Path, batch_size: int = 32, mask_input: str | None = None,
+    latency: bool = False, latency_runs: int = 20, save_models: bool = False, progress: bool = True,
+    fisher_options: dict | None = None, workers: int = 1, force: bool = False,
 ) -> SweepResult:
-    out = Path(out_dir)
-    if not out.parent.exists():
-        raise FwlrError(f"folder {out.parent} does not exist; create it first or choose another -o.")
-    out.mkdir(exist_ok=True)
+    """Every method × allocation × ratio from one calibration, plus the original as the reference row.
+
+    `methods` None: svd, whiten and kfac with calibration data, svd without. `allocations` None: each
+    method's default (global for loss-unit methods, fwsvd and kfac; uniform otherwise); given ones run for
+    every method they fit, and the pairs that do not fit are listed in `result.skipped`. An existing `out_dir`
+    with files in it is refused unless `force`.
+    """
+    out = _check_folder(out_dir, force)
     for ratio in ratios:
         Budget(ratio=ratio).check()
-    configs = [(m, a) for m in methods for a in allocations if a == "uniform" or METHODS[m].loss_units]
-    for method, allocation in configs:
-        check_method(method, allocation)
-    if not configs:
-        raise FwlrError("no valid method/allocation pair: global allocation needs fwsvd or kfac.")
+    methods = methods or (["svd", "whiten", "kfac"] if calibration is not None else ["svd"])
+    configs, skipped = _configs(methods, allocations)
+    check_data_first(model, [calibration, validation], batch_size, None)
     original = load_model(model)
-    sites, _ = find_sites(original)
+    gradients = any(METHODS[m].loss_units for m, _ in configs)
+    sites, _ = find_all_sites(original, None, None, fisher=gradients)  # the sites compress finds
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight; there is nothing to sweep.")
-    result = SweepResult()
+    out.mkdir(exist_ok=True)
+    result = SweepResult(skipped=skipped)
     stats = _sweep_statistics(original, sites, calibration, {m for m, _ in configs}, batch_size, mask_input,
                               progress, fisher_options or {})
     if stats is not None:
@@ -101,7 +116,54 @@ def sweep(
                 if ratio == middle:
                     result.spectra[config] = [(s.name, prepared.decompositions[s.weight].s, r)
                                               for s, r in zip(prepared.sites, ranks)]
+    result.rows.insert(0, _reference_row(result.rows))
     return result
+
+
+def _check_folder(out_dir, force: bool) -> Path:
+    out = Path(out_dir)
+    if not out.parent.is_dir():
+        raise FwlrError(f"folder {out.parent} does not exist; create it first or choose another -o.")
+    if out.exists() and not out.is_dir():
+        raise FwlrError(f"{out} is a file; give a folder for the sweep's results (-o).")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FwlrError(f"folder {out} already holds files; pass --force (force=True) to write into it, or choose "
+                        "another -o.")
+    return out
+
+
+def _configs(methods: list[str], allocations: list[str] | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """(method, allocation) pairs to run, and a sentence for each pair asked for that cannot run."""
+    for method in methods:
+        if method not in METHODS or METHODS[method].structure != "lowrank":
+            known = ", ".join(m for m in METHODS if METHODS[m].structure == "lowrank")
+            raise FwlrError(f"sweep method '{method}' is not a low-rank method; choose from {known}.")
+    if allocations is None:
+        return [(m, "global" if METHODS[m].loss_units else "uniform") for m in methods], []
+    configs, skipped = [], []
+    for method in methods:
+        for allocation in allocations:
+            check_method(method, "uniform" if allocation == "global" else allocation)  # unknown names fail here
+            if allocation == "global" and not METHODS[method].loss_units:
+                skipped.append(f"{method}/global skipped: global allocation ranks sites in loss units, which needs "
+                               "gradient statistics (fwsvd, kfac).")
+            else:
+                configs.append((method, allocation))
+    if not configs:
+        raise FwlrError("no method/allocation pair can run: global allocation needs fwsvd or kfac.")
+    return configs, skipped
+
+
+def _reference_row(rows: list[dict]) -> dict:
+    """The original model as a row: what every configuration is measured against."""
+    first = rows[0] if rows else {}
+    row = {"config": "original", "method": "original", "allocation": "", "ratio": 1.0, "param_ratio": 1.0,
+           "params_kept": None, "ranks": {}, "output": first.get("output"), "mean_cosine": 1.0, "min_cosine": 1.0,
+           "rel_l2_error": 0.0, "top1_agreement": None if first.get("top1_agreement") is None else 1.0,
+           "accuracy": first.get("original_accuracy"), "original_accuracy": first.get("original_accuracy")}
+    if first.get("baseline_latency_ms") is not None:
+        row["latency_ms"] = row["baseline_latency_ms"] = first["baseline_latency_ms"]
+    return row
 
 
 def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input, progress, fisher_options):

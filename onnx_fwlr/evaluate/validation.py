@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import runtime
+from onnx_fwlr.evaluate.outputs import common_prefix as common_prefix_of
+from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io.onnx_utils import ORT_FLOAT_TYPES
 
 
@@ -68,9 +70,12 @@ class Validation:
         """Sentences naming each violated tolerance; an empty list means the compressed model passes.
 
         NaN or Inf in a compressed output always fails. `min_cosine` applies to each output's mean
-        per-sample cosine, `max_rel_error` to its relative L2 error, `max_accuracy_drop` (a fraction)
-        to the label accuracy and needs labels.
+        per-sample cosine, `max_rel_error` to its relative L2 error, `max_accuracy_drop` (in percentage
+        points, 0 to 100, as the report prints the drop) to the label accuracy and needs labels.
         """
+        from onnx_fwlr.evaluate.tolerance import check_tolerances
+
+        check_tolerances(min_cosine, max_rel_error, max_accuracy_drop)
         failures = []
         for out in self.outputs:
             if out.nonfinite_count:
@@ -94,11 +99,11 @@ class Validation:
                     "A maximum accuracy drop needs labels: pass labels for the validation data "
                     "or drop the accuracy tolerance."
                 )
-            if not self.accuracy_drop <= max_accuracy_drop:
+            if not 100 * self.accuracy_drop <= max_accuracy_drop + 1e-9:  # points; exact for equal counts
                 failures.append(
                     f"accuracy on '{self.label_output}' dropped by {100 * self.accuracy_drop:.2f} points "
                     f"({100 * self.original_accuracy:.2f} % -> {100 * self.compressed_accuracy:.2f} %), "
-                    f"more than the allowed {100 * max_accuracy_drop:.2f}."
+                    f"more than the allowed {max_accuracy_drop:.2f}."
                 )
         return failures
 
@@ -120,12 +125,18 @@ def compare_models(
     label_output: str | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
     progress: bool = True,
+    common_prefix: bool = False,
+    total: int | None = None,
 ) -> Validation:
     """Run both models on every batch and measure how far the compressed outputs stray.
 
     `batches` yields feed dicts (leading axis = samples); `labels` are class ids aligned with the
     concatenated samples and are scored on `label_output` (default: the first logit-like output).
-    `outputs` defaults to every float output the two models share.
+    `outputs` defaults to every float output the two models share. An output whose shape differs between
+    the models (its length depends on what the model computes, e.g. audio) is an error unless
+    `common_prefix`: then both are compared over the sizes they share. Top-1 agreement is measured only on
+    class scores (evaluate.outputs.score_outputs): on an embedding it means nothing. `total`: the number of
+    batches, when known, for the progress bar.
     """
     original_session = _session(original, providers, "original")
     compressed_session = _session(compressed, providers, "compressed")
@@ -136,20 +147,18 @@ def compare_models(
             f"Output '{label_output}' to score against labels is not among the compared outputs {names}."
         )
 
-    stats = {name: _OutputStats() for name in names}
+    scores = score_outputs(original)
+    stats = {name: _OutputStats(scores is None or name in scores) for name in names}
     correct = np.zeros(2, dtype=np.int64)  # samples the original / compressed model gets right
     num_samples = 0
     num_batches = 0
-    for feed in tqdm(batches, desc="validate", unit="batch", disable=not progress, leave=False):
+    for feed in tqdm(batches, total=total, desc="validate", unit="batch", disable=not progress, leave=False):
         reference = _run(original_session, feed, names, "original", num_batches)
         candidate = _run(compressed_session, feed, names, "compressed", num_batches)
         batch_size = _batch_size(feed)
         for name, ref, out in zip(names, reference, candidate):
             if ref.shape != out.shape:
-                raise FwlrError(
-                    f"Output '{name}' has shape {ref.shape} in the original model but {out.shape} in the "
-                    "compressed one; compare models with the same output shapes."
-                )
+                ref, out = _same_shape(name, ref, out, common_prefix)
             stats[name].update(ref, out)
         if labels is not None:
             label_output = label_output or _first_logit_output(names, reference)
@@ -177,8 +186,9 @@ def compare_models(
     return validation
 
 
-def format_validation(v: Validation, failures: Sequence[str]) -> str:
-    """Plain-text table, one row per output, then accuracies and a final `PASS` / `FAIL: reasons` line."""
+def format_validation(v: Validation, failures: Sequence[str], verdict: str | None = None) -> str:
+    """Plain-text table, one row per output, then accuracies and a final `PASS` / `FAIL: reasons` line
+    (or `verdict`, the line evaluate.tolerance.Verdict writes)."""
     header = ["output", "max abs", "mean abs", "rel L2", "cos mean", "cos min", "top-1 agree", "NaN/Inf"]
     rows = [
         [
@@ -209,14 +219,24 @@ def format_validation(v: Validation, failures: Sequence[str]) -> str:
             f"Accuracy on '{v.label_output}': original {100 * v.original_accuracy:.2f} %, "
             f"compressed {100 * v.compressed_accuracy:.2f} % (drop {100 * v.accuracy_drop:.2f} points)."
         )
-    lines.append("PASS" if not failures else "FAIL: " + " ".join(failures))
+    lines.append(verdict if verdict is not None else "PASS" if not failures else "FAIL: " + " ".join(failures))
     return "\n".join(lines)
+
+
+def _same_shape(name: str, ref: np.ndarray, out: np.ndarray, common_prefix: bool):
+    shared = common_prefix_of(ref, out) if common_prefix else None
+    if shared is None:
+        fix = ("" if common_prefix else "pass `common_prefix` to compare variable-length outputs over the part both "
+               "have, or ")
+        raise FwlrError(f"Output '{name}' has shape {ref.shape} in the original model but {out.shape} in the "
+                        f"compressed one; {fix}choose other outputs with `outputs`.")
+    return shared
 
 
 class _OutputStats:
     """Running sums for one output; float64 so the result does not depend on how data is batched."""
 
-    def __init__(self):
+    def __init__(self, scores: bool = True):
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.sum_sq_diff = 0.0
@@ -228,7 +248,7 @@ class _OutputStats:
         self.nan_count = 0
         self.inf_count = 0
         self.agree = 0
-        self.logit_like = True
+        self.logit_like = scores  # class scores by the graph; the shape must agree too ([batch, classes])
 
     def update(self, ref: np.ndarray, out: np.ndarray) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are counted, not warned

@@ -56,6 +56,47 @@ class Batches:
             yield check_batch(raw, self.specs, f"{self.description}, batch {index}")
 
 
+class SizedBatches(Batches):
+    """Batches whose count is known before reading them: progress bars show a total and an ETA."""
+
+    def __init__(self, source, specs, description, total: int, smoke_test: bool = False):
+        super().__init__(source, specs, description, smoke_test)
+        self.total = total
+
+    def __len__(self) -> int:
+        return self.total
+
+
+def _sized(batches: Batches, total: int | None, shard) -> Batches:
+    """The batches with their count when it is known (a shard keeps every count-th batch)."""
+    if total is None:
+        return batches
+    if shard is not None:
+        total = len(range(shard[0], total, shard[1]))
+    return SizedBatches(batches._source, batches.specs, batches.description, total, batches.smoke_test)
+
+
+def npz_batch_count(path: Path, batch_size: int, limit: int | None = None) -> int | None:
+    """How many batches an .npz gives, from its array headers alone (None when they cannot be read)."""
+    import zipfile
+
+    try:
+        counts = []
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                with archive.open(name) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape = read(member)[0]
+                    counts.append(shape[0] if shape else 0)
+    except Exception:  # noqa: BLE001 - unknown count: reading the data later names any problem
+        return None
+    samples = min(counts) if counts else 0
+    samples = min(samples, limit) if limit is not None else samples
+    return -(-samples // batch_size)
+
+
 def open_data(
     source,
     model: onnx.ModelProto,
@@ -72,8 +113,8 @@ def open_data(
     if batch_size < 1:
         raise FwlrError(f"--batch-size {batch_size} is out of range; it must be a positive integer.")
     if isinstance(source, str) and source == "random":
-        return Batches(lambda: _random_batches(specs, shapes or {}, batch_size, random_batches, seed), specs,
-                       "random data (smoke test)", smoke_test=True)
+        return SizedBatches(lambda: _random_batches(specs, shapes or {}, batch_size, random_batches, seed), specs,
+                            "random data (smoke test)", random_batches, smoke_test=True)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir():
@@ -81,12 +122,15 @@ def open_data(
             if not files:
                 raise FwlrError(f"{path}: folder holds no .npz files; put one batch per .npz file in it.")
             make = lambda: (batch for f in files for batch in _npz_batches(f, batch_size, None))  # noqa: E731
-            return Batches(_sharded(make, shard), specs, str(path))
+            counts = [npz_batch_count(f, batch_size) for f in files]
+            total = None if None in counts else sum(counts)
+            return _sized(Batches(_sharded(make, shard), specs, str(path)), total, shard)
         if not path.exists():
             raise FwlrError(f"{path}: data file not found; check the path.")
         if path.suffix != ".npz":
             raise FwlrError(f"{path}: calibration data must be a .npz file (keys = input names) or a folder of them.")
-        return Batches(_sharded(lambda: _npz_batches(path, batch_size, limit), shard), specs, str(path))
+        return _sized(Batches(_sharded(lambda: _npz_batches(path, batch_size, limit), shard), specs, str(path)),
+                      npz_batch_count(path, batch_size, limit), shard)
     if hasattr(source, "get_next"):
         reader = source
         return Batches(lambda: iter(reader.get_next, None), specs, "CalibrationDataReader")
@@ -99,7 +143,7 @@ def open_data(
             f"calibration data of type {type(source).__name__} is not supported; pass a .npz path, a folder, "
             "an iterable of feed dicts or a CalibrationDataReader."
         ) from None
-    return Batches(_sharded(lambda: iter(items), shard), specs, "feed dicts")
+    return _sized(Batches(_sharded(lambda: iter(items), shard), specs, "feed dicts"), len(items), shard)
 
 
 def _sharded(make, shard):
@@ -164,7 +208,8 @@ def check_batch(raw: dict, specs: list[InputSpec], where: str) -> tuple[dict, np
                     f"{where}: input '{spec.name}' has size {got} on axis {axis} but the model fixes it at {want}."
                 )
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise FwlrError(f"{where}: input '{spec.name}' contains NaN or Inf; clean the data before calibrating.")
+            raise FwlrError(f"{where}: input '{spec.name}' contains NaN or Inf; replace or drop those samples and "
+                            "try again.")
         feed[spec.name] = value
     if labels is not None:
         labels = np.asarray(labels)

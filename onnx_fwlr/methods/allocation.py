@@ -28,6 +28,35 @@ def uniform_ranks(shapes: list[tuple[int, int]], ratio: float) -> list[int | Non
     return [clamp_rank(K, N, int(np.floor(ratio * K * N / (K + N)))) for K, N in shapes]
 
 
+# Below this rank one factorised layer alone costs most of a model's quality (measured in docs/defaults.md:
+# digits head, fc1, fc2 and the synthetic transformer's projections all fall off between rank 6 and 8).
+MIN_UNIFORM_RANK = 8
+
+
+def floored_uniform_ranks(shapes: list[tuple[int, int]], ratio: float,
+                          floor: int = MIN_UNIFORM_RANK) -> tuple[list[int | None], list[int]]:
+    """uniform_ranks, except that a site whose rank would fall below `floor` stays dense and pays for it
+    from the other sites' share: they split what is left of the budget uniformly.
+
+    Returns (ranks, indices kept dense by the floor). When the budget cannot pay for that while the other
+    sites stay at or above the floor, the plain uniform ranks come back with no index: the caller warns.
+    """
+    plain = uniform_ranks(shapes, ratio)
+    budget = ratio * sum(K * N for K, N in shapes)
+    floored: set[int] = set()
+    while True:
+        free = [i for i in range(len(shapes)) if i not in floored]
+        left = budget - sum(shapes[i][0] * shapes[i][1] for i in floored)
+        free_params = sum(shapes[i][0] * shapes[i][1] for i in free)
+        if not free or left <= 0:
+            return plain, []
+        ranks = dict(zip(free, uniform_ranks([shapes[i] for i in free], min(left / free_params, 1.0))))
+        low = {i for i, r in ranks.items() if r is not None and r < floor}
+        if not low:
+            return [None if i in floored else ranks[i] for i in range(len(shapes))], sorted(floored)
+        floored |= low
+
+
 def site_params(K: int, N: int, rank: int | None) -> int:
     return K * N if rank is None else rank * (K + N)
 
@@ -64,12 +93,12 @@ def global_ranks(
     return ranks
 
 
-def _latency_steps(energy: np.ndarray, total: float, table) -> list[tuple[float, float, int]]:
+def _latency_steps(energy: np.ndarray, total: float, table, max_rank: int) -> list[tuple[float, float, int]]:
     """One site's moves from dense towards faster ranks, on the lower convex hull of (time, dropped energy):
     [(ms saved, energy dropped, rank)] with non-decreasing energy per ms. table: dense_ms, ranks, factored_ms."""
     options = [(float(table.dense_ms), 0.0, None)]
     for rank, ms in zip(table.ranks, table.factored_ms):
-        if rank <= len(energy) and ms < table.dense_ms:
+        if rank <= min(len(energy), max_rank) and ms < table.dense_ms:
             options.append((float(ms), max(total - float(np.sum(energy[:rank])), 0.0), rank))
     options.sort(key=lambda o: (-o[0], o[1]))  # slowest first: dense, then ever faster ranks
     frontier = []
@@ -93,25 +122,28 @@ def _slope(a, b) -> float:
 
 
 def latency_ranks(energies: list[np.ndarray], site_tables: list, target_ms: float,
-                  totals: list[float] | None = None) -> list[int | None]:
+                  totals: list[float] | None = None, max_ranks: list[int] | None = None) -> list[int | None]:
     """Ranks whose summed site time fits `target_ms`, dropping the least weighted energy on the way.
 
     Greedy by energy dropped per millisecond saved, the latency counterpart of global_ranks (same loss-unit
     currency): every site starts dense; each step takes, over all sites, the next move on a site's lower
     convex hull of (measured time, dropped energy) with the smallest energy per ms, until the total time is
     at most target_ms. site_tables[i] has dense_ms and the measured factored_ms at ranks (ascending); only
-    measured ranks faster than dense are candidates. totals: ‖PWQ‖_F² per site when energies are truncated.
+    measured ranks faster than dense are candidates, up to max_ranks (per site; default the spectrum's length).
+    totals: ‖PWQ‖_F² per site when energies are truncated.
     The greedy's last step overshoots the budget; the time left over then buys back the most energy it can
     (any measured rank, one site at a time). When even the fastest choices do not fit, those are returned (the
     caller checks the time).
     """
     totals = totals or [float(np.sum(e)) for e in energies]
-    ranks = _latency_greedy(energies, site_tables, target_ms, totals)
-    return _spend_leftover(ranks, energies, site_tables, target_ms, totals)
+    max_ranks = max_ranks or [len(e) for e in energies]
+    ranks = _latency_greedy(energies, site_tables, target_ms, totals, max_ranks)
+    return _spend_leftover(ranks, energies, site_tables, target_ms, totals, max_ranks)
 
 
-def _latency_greedy(energies, site_tables, target_ms, totals) -> list[int | None]:
-    steps = [_latency_steps(np.asarray(e), t, table) for e, t, table in zip(energies, totals, site_tables)]
+def _latency_greedy(energies, site_tables, target_ms, totals, max_ranks) -> list[int | None]:
+    steps = [_latency_steps(np.asarray(e), t, table, m)
+             for e, t, table, m in zip(energies, totals, site_tables, max_ranks)]
     ranks: list[int | None] = [None] * len(site_tables)
     spent = float(sum(table.dense_ms for table in site_tables))
     heap = [(site[0][1] / site[0][0], i, 0) for i, site in enumerate(steps) if site]
@@ -126,7 +158,7 @@ def _latency_greedy(energies, site_tables, target_ms, totals) -> list[int | None
     return ranks
 
 
-def _spend_leftover(ranks, energies, site_tables, target_ms, totals) -> list[int | None]:
+def _spend_leftover(ranks, energies, site_tables, target_ms, totals, max_ranks) -> list[int | None]:
     """Repeatedly take the single change of one site's rank (to any measured rank or dense) that lowers the
     dropped energy most while the total time stays within target_ms."""
     ranks = list(ranks)
@@ -135,7 +167,7 @@ def _spend_leftover(ranks, energies, site_tables, target_ms, totals) -> list[int
         table = site_tables[i]
         yield table.dense_ms, 0.0, None
         for rank, ms in zip(table.ranks, table.factored_ms):
-            if rank <= len(energies[i]):
+            if rank <= min(len(energies[i]), max_ranks[i]):
                 yield ms, max(totals[i] - float(np.sum(energies[i][:rank])), 0.0), rank
 
     def current(i):

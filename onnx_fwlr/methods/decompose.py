@@ -16,17 +16,20 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.methods.allocation import break_even_rank
-from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.sites.find import Site, weight_ref
 
 
@@ -94,7 +97,8 @@ class _JobPlanner:
         self.given[i] = (left, right)
         rank = self.ranks.get(site.weight)
         randomized = factorize.use_randomized(site.K, site.N, rank, self.svd)
-        return (weight_ref(self.model, site), left, right, rank if randomized else None, _seed(site.weight))
+        return (weight_ref(self.model, site), left, right, rank if randomized else None, _seed(site.weight),
+                site.weight)
 
     def scalings_of(self, i: int):
         return self.given.pop(i)
@@ -103,30 +107,96 @@ class _JobPlanner:
 def decompose_one(job) -> factorize.Decomposition:
     """One site's decomposition (runs in a worker process too, so it takes and returns plain data; the
     scalings are left off the result, the parent puts its own back)."""
-    ref, left, right, rank, seed = job
+    ref, left, right, rank, seed, name = job
     W = ref.load()
-    if rank is None:
-        dec = factorize.weighted_svd(W, left, right)
-        dec = dec.keep_components(max(1, break_even_rank(*W.shape)))
-    else:
-        dec = factorize.randomized_weighted_svd(W, rank, left, right, seed=seed)
+    try:
+        with _blas_limit(blas_threads(*W.shape)):
+            if rank is None:
+                dec = factorize.weighted_svd(W, left, right)
+                dec = dec.keep_components(max(1, break_even_rank(*W.shape)))
+            else:
+                dec = factorize.randomized_weighted_svd(W, rank, left, right, seed=seed)
+    except FwlrError as exc:  # the maths knows no names: say which weight
+        raise FwlrError(f"weight '{name}': {exc}") from None
     dec.left = dec.right = None
     return dec
+
+
+# BLAS threads per decomposition, measured (docs/defaults.md, tools/bench_blas_threads.py): below this size one
+# thread was never slower, and on a loaded machine a second thread made SVDs 5-11x slower (512: 0.33 s -> 1.8 s).
+PARALLEL_MIN_DIM = 1024
+
+
+def blas_threads(K: int, N: int, cores: int | None = None, load: float | None = None) -> int:
+    """Threads worth giving one SVD of a K x N matrix: 1 below PARALLEL_MIN_DIM; above, one per 512 of
+    min(K, N), but never more than the cores the machine's load average leaves idle."""
+    cores = cores if cores is not None else os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average (Windows): assume an idle machine
+            load = 0.0
+    if min(K, N) < PARALLEL_MIN_DIM:
+        return 1
+    idle = max(1, int(cores - load))
+    return max(1, min(idle, cores, min(K, N) // 512))
+
+
+@contextlib.contextmanager
+def _blas_limit(threads: int):
+    """At most `threads` BLAS threads inside (never more than the user or the pool set)."""
+    controller = ThreadpoolController()
+    current = max((lib.num_threads for lib in controller.select(user_api="blas").lib_controllers), default=1)
+    if threads >= current:
+        yield
+        return
+    with controller.limit(limits=threads, user_api="blas"):
+        yield
 
 
 def _in_pool(planner: _JobPlanner, count: int, workers: int) -> Iterator[factorize.Decomposition]:
     """Results in job order from `workers` spawned processes; at most two jobs per worker are submitted or
     waiting to be handed back, so memory stays bounded."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with BLAS/ORT threads; spawn works everywhere
-    with _blas_threads_for_children(max(1, (os.cpu_count() or 1) // workers)), \
-            ProcessPoolExecutor(max_workers=min(workers, count), mp_context=context) as pool:
-        futures = {}
-        next_job = 0
-        for i in range(count):
-            while next_job < count and next_job - i < 2 * workers:
-                futures[next_job] = pool.submit(decompose_one, planner.job(next_job))
-                next_job += 1
-            yield futures.pop(i).result()
+    with _blas_threads_for_children(max(1, (os.cpu_count() or 1) // workers)):  # workers start on demand
+        pool = ProcessPoolExecutor(max_workers=min(workers, count), mp_context=context)
+        try:
+            futures = {}
+            next_job = 0
+            for i in range(count):
+                while next_job < count and next_job - i < 2 * workers:
+                    job = planner.job(next_job)
+                    with _children_ignore_interrupt():  # workers start inside submit
+                        futures[next_job] = pool.submit(decompose_one, job)
+                    next_job += 1
+                yield futures.pop(i).result()
+        except BaseException:  # Ctrl-C (or an error): stop the workers now rather than finish their queue
+            _stop(pool)
+            raise
+        pool.shutdown()
+
+
+@contextlib.contextmanager
+def _children_ignore_interrupt():
+    """Processes started here ignore Ctrl-C from their first instruction (an ignored signal stays ignored
+    across exec): the parent stops them, so the user sees one line, not a traceback per worker."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor offers no public terminate
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join()
 
 
 @contextlib.contextmanager

@@ -151,7 +151,7 @@ def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling |
     """P W Q in float64, refusing NaN/Inf."""
     M = np.asarray(W, dtype=np.float64)
     if not np.all(np.isfinite(M)):
-        raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (exclude it with --exclude).")
+        raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (leave it out with `exclude`).")
     if left is not None:
         M = left.apply_left(M)
     if right is not None:

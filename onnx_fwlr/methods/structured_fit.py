@@ -132,8 +132,8 @@ def fit_site(
     stopping when a round gains less than tol (relative); the convergence is linear, so an exactly
     doped-structured W needs a few tens of rounds while real weights plateau after a few. The structure
     is grown from one term / rank 1 (structured.dope_growing), so a W that is exactly a structure of up to
-    8 terms (rank 8) plus k sparse entries is recovered, with the terms it needs; the plain alternation at
-    the full budget is one of the candidates, so the result is never worse than it.
+    8 terms (rank 8) plus k sparse entries can be recovered, with the terms it needs; the plain alternation
+    at the full budget is one of the candidates, so the result is never worse than it.
     """
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:

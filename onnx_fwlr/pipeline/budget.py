@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import external_bytes
@@ -26,6 +27,7 @@ class Budget:
     target_latency: float | None = None  # fraction of the original's measured latency (pipeline/speed.py)
 
     def check(self) -> None:
+        _check_types(self)
         given = [n for n in BUDGETS if getattr(self, n) is not None]
         if len(given) > 1:
             raise FwlrError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} given together; pass one budget.")
@@ -54,12 +56,27 @@ class Budget:
         return data
 
 
-def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[int | None]:
-    """One rank per site (None = dense) under the budget; per-site overrides are honoured first."""
+class RankChoice(list):
+    """The ranks choose_ranks picked (a list: one rank per site, None = dense), with why some sites stay dense:
+    `notes` (site index -> sentence for its report row) and `warnings` (sentences for the whole report)."""
+
+    def __init__(self, ranks=(), notes: dict | None = None, warnings: list | None = None):
+        super().__init__(ranks)
+        self.notes = dict(notes or {})
+        self.warnings = list(warnings or [])
+
+
+def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> RankChoice:
+    """One rank per site (None = dense) under the budget; per-site overrides are honoured first.
+
+    A budget that allows every weight as it is (a ratio of 1, or a target size the model already meets)
+    keeps every free site dense: nothing to do. Uniform allocation keeps dense a site whose rank would fall
+    below alloc.MIN_UNIFORM_RANK and takes its cost from the other sites (floored_uniform_ranks).
+    """
     sites = prepared.sites
     fixed = _rank_overrides(sites, budget.ranks)
     free = [i for i, s in enumerate(sites) if i not in fixed]
-    ranks: list[int | None] = [None] * len(sites)
+    ranks = RankChoice([None] * len(sites))
     for i, r in fixed.items():
         ranks[i] = alloc.clamp_rank(sites[i].K, sites[i].N, min(r, min(sites[i].K, sites[i].N)))
     shapes = [(sites[i].K, sites[i].N) for i in free]
@@ -69,7 +86,12 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[in
         chosen = [None] * len(free)  # only overrides were given: the other sites stay dense
     else:
         ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
-        if allocation == "global":
+        if ratio >= 1:
+            chosen = [None] * len(free)
+            ranks.notes.update({i: "" for i in free})  # the warning says why, once
+            ranks.warnings.append("the budget allows every weight as it is (a ratio of 1, or a "
+                                  "target size the model already meets), so every site stays dense.")
+        elif allocation == "global":
             if any(prepared.site_methods[sites[i].weight] != prepared.method for i in free):
                 raise FwlrError("--allocation global needs gradient statistics for every site; some have none "
                                 "(inside subgraphs?): use --allocation uniform or --exclude them.")
@@ -77,10 +99,38 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> list[in
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
             chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
         else:
-            chosen = alloc.uniform_ranks(shapes, ratio)
+            chosen = _floored_uniform(ranks, free, shapes, ratio)
     for i, r in zip(free, chosen):
         ranks[i] = r
     return ranks
+
+
+def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float) -> list[int | None]:
+    """Uniform ranks with the floor (alloc.floored_uniform_ranks); says in `choice` which sites it kept dense,
+    or that the budget is too small to keep them dense."""
+    chosen, floored = alloc.floored_uniform_ranks(shapes, ratio)
+    floor = alloc.MIN_UNIFORM_RANK
+    for j in floored:
+        rank = alloc.uniform_ranks([shapes[j]], ratio)[0]
+        choice.notes[free[j]] = (f"kept dense: its uniform rank {rank} is below the floor of {floor}, where one layer "
+                                 "alone loses most of the model's quality; the other sites pay for it")
+    low = [j for j, r in enumerate(chosen) if r is not None and r < floor]
+    if low:
+        choice.warnings.append(
+            f"{len(low)} site(s) got uniform ranks below {floor}, where one layer alone loses most of the model's "
+            "quality, and the budget is too small to keep them dense; give a larger ratio, or calibration data "
+            "with --allocation global.")
+    return chosen
+
+
+def _check_types(budget: Budget) -> None:
+    """Numbers where numbers belong: ratio="0.5" from Python is a mistake to name, not a TypeError to show."""
+    numbers = {"ratio": Real, "max_error": Real, "target_latency": Real, "rank": Integral, "target_size": Integral}
+    for name, kind in numbers.items():
+        value = getattr(budget, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
+            wanted = "a whole number" if kind is Integral else "a number"
+            raise FwlrError(f"`{name}` must be {wanted}, not the {type(value).__name__} {value!r}.")
 
 
 def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:

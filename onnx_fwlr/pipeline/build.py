@@ -29,9 +29,13 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
                     skipped=list(prepared.skipped), warnings=list(prepared.warnings), timings=dict(prepared.timings))
     report.model_params_before = model_parameters(model)
     report.ops_before = op_counts(model)
+    report.warnings += getattr(ranks, "warnings", [])  # budget.RankChoice: why sites stay dense
+    notes = getattr(ranks, "notes", {})
     factors = {}
-    for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=keep_decompositions), ranks):
+    for index, ((site, dec), rank) in enumerate(zip(site_decompositions(prepared, ranks, store=keep_decompositions),
+                                                   ranks)):
         result, site_factors = site_replacement(prepared, site, dec, rank, bias_correction)
+        result.note = notes.get(index, result.note)
         if corrected is not None and site.weight in corrected.factors and site_factors is not None:
             site_factors = corrected.factors[site.weight]
             result.note = corrected.notes.get(site.weight, result.note)
@@ -73,8 +77,10 @@ def site_replacement(prepared: Prepared, site: Site, dec, rank: int | None, bias
     return result, Factors(A, B, shift)
 
 
-def assemble(prepared: Prepared, allocation: str, budget: Budget, pairs) -> tuple[onnx.ModelProto, Report]:
-    """The model with each (SiteResult, replacement or None) applied, and its report."""
+def assemble(prepared: Prepared, allocation: str, budget: Budget, pairs, forms: dict | None = None
+             ) -> tuple[onnx.ModelProto, Report]:
+    """The model with each (SiteResult, replacement or None) applied, and its report; `forms` (weight name ->
+    rewrite.structured.Form) realises structured replacements in a measured form."""
     model = onnx.ModelProto()
     model.CopyFrom(prepared.model)
     report = Report(method=prepared.method, allocation=allocation, budget=budget.describe(),
@@ -82,7 +88,7 @@ def assemble(prepared: Prepared, allocation: str, budget: Budget, pairs) -> tupl
                     calibration=dict(prepared.stats.meta) if prepared.stats is not None else {})
     report.model_params_before, report.ops_before = model_parameters(model), op_counts(model)
     report.sites = [result for result, _ in pairs]
-    apply_factors(model, prepared.sites, {r.weight: f for r, f in pairs if f is not None})
+    apply_factors(model, prepared.sites, {r.weight: f for r, f in pairs if f is not None}, forms)
     report.model_params_after, report.ops_after = model_parameters(model), op_counts(model)
     report.versions = _versions()
     return model, report

@@ -19,7 +19,10 @@ from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods.registry import METHODS, get_method
 from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, choose_ranks
 from onnx_fwlr.pipeline.build import build
+from onnx_fwlr.pipeline.defaults import (ACTIVATION_DEFAULT, DATA_FREE_NOTE, check_call, check_data_first,
+                                         default_allocation, default_method)
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
+from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
 from onnx_fwlr.pipeline.sequential import correct_sequentially
 from onnx_fwlr.pipeline.speed import check_speed_options, choose_ranks_for_speed, speed_notes
 from onnx_fwlr.pipeline.structured import compress_structured
@@ -53,8 +56,10 @@ def compress(
     target_size: int | None = None,
     max_error: float | None = None,
     validation=None,
-    method: str = "svd",
-    allocation: str = "uniform",
+    outputs: list[str] | None = None,
+    common_prefix: bool = False,
+    method: str | None = None,
+    allocation: str | None = None,
     include: str | None = None,
     exclude: str | None = None,
     keep_attention: bool = False,
@@ -68,12 +73,16 @@ def compress(
     sequential: bool = False,
     methods: list[str] | None = None,
     dope: float = 0.0,
+    dope_share: float | None = None,
     kron_shape: tuple[int, int, int, int] | None = None,
+    forms: str = "default",
+    form_timer=None,
     svd: str = "auto",
     workers: int = 1,
     stats_memory: int | None = None,
     refine_steps: int | None = None,
     refine_lr: float = 3e-5,
+    refine_dope_dropout: float | None = None,
     rank_multiple: int | str | None = None,
     target_latency: float | None = None,
     latency=None,
@@ -81,6 +90,14 @@ def compress(
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
 
+    `method` and `allocation` None (the defaults) mean the best the data allows (pipeline/defaults.py,
+    docs/defaults.md): with `calibration` data, kfac with loss-unit global allocation (its loss seeds need no
+    labels; whiten with uniform ranks when the backward pass cannot run on the model); with `stats`, kfac
+    and global when they hold gradients, else whiten and uniform; without data, svd with uniform ranks, and
+    the report says the result is data-free. A method given with no allocation gets global allocation when
+    it has loss-unit (gradient) statistics, else uniform. Every argument is checked, and every sample of
+    `validation` and file or list `calibration` data is read and checked, before any work. `outputs` and
+    `common_prefix` choose what `validation` compares (evaluate.validation.compare_models).
     The input (path or ModelProto) is never modified. Methods other than svd need statistics: give
     `calibration` data (a .npz path, a folder of them, an iterable of feed dicts, a CalibrationDataReader,
     or "random" for a smoke test) or precomputed `stats` (a Statistics object or a stats file path).
@@ -97,27 +114,42 @@ def compress(
     `target_latency` (a fraction of the original's latency, a budget of its own) allocates ranks by measured
     latency in loss units (pipeline/speed.py); `latency` is the latency model to use (default
     evaluate.latency.MeasuredLatency(); tests pass one with a fake timer).
+    Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
+    doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
+    whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
+    `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     """
     if refine_steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
         raise FwlrError("--refine trains on the calibration data; pass --calib DATA (.npz or a folder of .npz).")
+    check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
+               batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
+    Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
+    check_data_first(model, [calibration, validation], batch_size, shapes)
     options = dict(
         ratio=ratio, rank=rank, ranks=ranks, target_size=target_size, max_error=max_error, validation=validation,
         method=method, allocation=allocation, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         bias_correction=bias_correction, fisher_options=fisher_options, sequential=sequential, methods=methods,
         dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        rank_multiple=rank_multiple, target_latency=target_latency, latency=latency)
-    compressed, report = _factorise(model, **options)
+        rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
+        compare=dict(outputs=outputs, common_prefix=common_prefix),
+        structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
+    quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
+    source = quantized.float_model if quantized else model
+    compressed, report = _factorise(source, **options)
     if refine_steps is not None and report.factorised:
         from onnx_fwlr.refine.loop import refine  # the training loop and its backward pass: only when asked for
 
         compressed, report.refined = refine(
-            model, compressed, calibration, steps=refine_steps, lr=refine_lr, batch_size=batch_size,
+            source, compressed, calibration, steps=refine_steps, lr=refine_lr, batch_size=batch_size,
             seed=(fisher_options or {}).get("seed", 0), output=(fisher_options or {}).get("output"),
-            progress=progress)
+            dope_dropout=refine_dope_dropout, progress=progress)
+    if quantized:
+        compressed = requantize_output(compressed, quantized, report)
     if validation is not None and report.sites:
-        if report.checked is None or report.refined is not None:
-            report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress)
+        if report.checked is None or report.refined is not None or quantized:
+            report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
+                                      outputs=outputs, common_prefix=common_prefix)
         report.validation = report.checked.to_dict()
     return compressed, report
 
@@ -125,36 +157,50 @@ def compress(
 def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation, method, allocation, include,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
-               rank_multiple=None, target_latency=None, latency=None):
+               rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
     budget.check()
+    defaulted = method is None and not methods
+    structured_options = structured_options or {}
+    structured = bool(methods and len(methods) > 1) or "kron" in (methods or [method]) or bool(dope) \
+        or kron_shape is not None or structured_options.get("dope_share") is not None
+    if defaulted:
+        method = default_method(calibration, stats, structured)
+    if allocation is None and structured:
+        allocation = "uniform"
     mix = list(methods) if methods else [method]
-    check_speed_options(budget, rank_multiple, mix[0], len(mix) > 1 or "kron" in mix or bool(dope)
-                        or kron_shape is not None)
-    if len(mix) > 1 or "kron" in mix or dope or kron_shape is not None:
+    check_speed_options(budget, rank_multiple, mix[0], structured)
+    if structured_options.get("forms", "default") != "default" and not structured:
+        raise FwlrError("--forms measured chooses the ONNX form of structured sites; add --method kron or --dope "
+                        "(plain low rank: --rank-multiple auto).")
+    if structured:
         if sequential:
             raise FwlrError("--sequential refits plain low-rank factors only; drop it with --method kron, --methods or --dope.")
         return compress_structured(
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
                  batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-                 stats_memory=stats_memory, progress=progress))
+                 stats_memory=stats_memory, progress=progress), **structured_options)
     method = mix[0]
-    check_method(method, allocation)
+    check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:
         raise FwlrError("--max-error needs validation data to measure the error on; pass --val DATA.")
     prepared = prepare(
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
+        fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
     )
+    method = prepared.method  # a default gradient method may have fallen back to whiten
+    allocation = _resolve_allocation(prepared, allocation, data_free=defaulted and method == "svd")
     if bias_correction is None:
         bias_correction = get_method(method).bias_correction
     if not prepared.sites:
         return build(prepared, [], allocation, budget, bias_correction)
     if max_error is not None:
-        return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress)
+        return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress,
+                                 compare or {})
     ranks_chosen, speed = choose_ranks_for_speed(prepared, budget, allocation, rank_multiple, latency, calibration,
                                                  batch_size, shapes)
     corrected = None
@@ -171,7 +217,20 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     return compressed, report
 
 
-def _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress):
+def _resolve_allocation(prepared: Prepared, allocation: str | None, data_free: bool) -> str:
+    """The caller's allocation (checked against the method actually used), or the default one; the report
+    says when the result is data-free or global allocation had to give way."""
+    if data_free and prepared.sites:
+        prepared.warnings.append(DATA_FREE_NOTE)
+    if allocation is None:
+        allocation, why = default_allocation(prepared)
+        if why:
+            prepared.warnings.append(why)
+    check_method(prepared.method, allocation)
+    return allocation
+
+
+def _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress, compare):
     """Bisection over the ratio: the smallest one whose worst relative output error stays under max_error."""
     low, high, best = 0.0, 1.0, None
     history = []
@@ -180,7 +239,7 @@ def _search_max_error(prepared, budget, allocation, bias_correction, validation,
         middle = (low + high) / 2
         trial = Budget(ratio=middle, ranks=budget.ranks)
         model, report = build(prepared, choose_ranks(prepared, trial, allocation), allocation, budget, bias_correction)
-        result = validate(prepared.model, model, validation, batch_size=batch_size, progress=False)
+        result = validate(prepared.model, model, validation, batch_size=batch_size, progress=False, **compare)
         error = max(o.rel_l2_error for o in result.outputs)
         history.append({"ratio": middle, "rel_error": error})
         if error <= budget.max_error:
@@ -236,8 +295,10 @@ def validate(
     batch_size: int = 32,
     outputs: list[str] | None = None,
     progress: bool = True,
+    common_prefix: bool = False,
 ):
-    """Compare both models on the same batches (labels from the data's `labels` key, when present)."""
+    """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`
+    and `common_prefix` as in evaluate.validation.compare_models."""
     from onnx_fwlr.evaluate.validation import compare_models
 
     reference = original if isinstance(original, onnx.ModelProto) else load_model(original)
@@ -245,4 +306,5 @@ def validate(
     labels = [lab for _, lab in batches if lab is not None]
     feeds = (feed for feed, _ in batches)
     return compare_models(original, compressed, feeds, labels=np.concatenate(labels) if labels else None,
-                          outputs=outputs, progress=progress)
+                          outputs=outputs, progress=progress, common_prefix=common_prefix,
+                          total=getattr(batches, "total", None))

@@ -79,9 +79,12 @@ class SiteWeights(Mapping):
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
-    progress=True,
+    progress=True, fallback=None,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
+
+    `fallback`: the method to use instead of a gradient `method` the caller did not choose (a default) when
+    its statistics cannot be measured on this model (defaults.gradient_obstacle); the report says why.
 
     Sites are decomposed when first needed (ensure_decompositions, choose_ranks for global allocation, build),
     so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
@@ -96,6 +99,14 @@ def prepare(
     model = load_model(model)
     sites, skipped = find_all_sites(model, include, exclude, fisher=method in METHODS and GRADIENTS in METHODS[method].needs)
     warnings = _unmatched_patterns(include, exclude, sites, skipped)
+    if fallback is not None and sites and stats is None and calibration is not None:
+        from onnx_fwlr.pipeline.defaults import gradient_obstacle
+
+        obstacle = gradient_obstacle(model, sites, fisher_options, stats_memory)
+        if obstacle is not None:
+            warnings.append(f"default method {fallback} rather than {method}: {obstacle.rstrip('.')}.")
+            method = fallback
+            sites, skipped = find_all_sites(model, include, exclude, fisher=GRADIENTS in METHODS[method].needs)
     if keep_attention:
         projections = attention_projections(model, sites)
         skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (--keep-attention)")

@@ -16,6 +16,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from onnx_fwlr.errors import FwlrError
@@ -27,17 +28,20 @@ from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.quant import budget as allocation
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option
-from onnx_fwlr.quant.embedding import Table, collect_table_stats, find_tables, table_array
+from onnx_fwlr.quant.calibration import collect_quant_stats
+from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import rewrite
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import is_recurrent
+from onnx_fwlr.stats.activations import main_graph_tensors
 
 logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int4", "int8", "auto")
 EMBEDDING_MODES = ("auto", "keep", "int8", "int4")
 INT8_KINDS = ("dynamic", "block")
+FACTOR_DTYPES = {"float32": 4, "float16": 2}  # bytes per stored factor entry
 AUTO_BLOCKS = (32, 128)
 SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (names, attributes); corrected below
 TABLE_OVERHEAD = 300
@@ -61,9 +65,12 @@ class QuantizeJob:
     rank_step: int
     bias_correction: bool
     alternate: int
+    factors: str = "float16"  # correction factor storage: float16 behind a Cast ORT folds at load, or float32
     tables: list[Table] = field(default_factory=list)
     table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
-    fixed_tables: dict = field(default_factory=dict)  # other quantized tables: name -> Scheme
+    rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
+    rule_tables: dict = field(default_factory=dict)  # every table's scheme without a budget: name -> Scheme
+    fixed_tables: dict = field(default_factory=dict)  # tables the budget does not choose for: name -> Scheme
     original_bytes: int = 0
     warnings: list = field(default_factory=list)
     choices: list | None = None
@@ -72,8 +79,8 @@ class QuantizeJob:
 def compress_quantized(
     model, *, quantize: str = "int4", block_size: int = 32, target_size: int | None = None,
     ratio: float | None = None, rank: int = 0, method: str = "kfac", calibration=None, stats=None,
-    embeddings: str = "auto", int8: str = "dynamic", rank_step: int = 8, alternate: int = 0,
-    bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
+    embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
+    alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
@@ -85,13 +92,16 @@ def compress_quantized(
     byte, which needs gradient statistics (method fwsvd or kfac). `embeddings`: "auto" budgets the tables
     too when calibration data is given (else follows `quantize`), or forces keep/int8/int4. `int8`:
     "dynamic" (quantize_dynamic per channel, MatMulInteger) or "block" (weight-only MatMulNBits, 8 bits).
-    `alternate` > 0 refits Q on W − A B that many rounds, keeping the best (CALDERA/LQER).
+    `factors` "float16" (default; measured to change no output digit that matters) stores the corrections at
+    half the bytes, "float32" as they are computed. `alternate` > 0 refits Q on W − A B that
+    many rounds, keeping the best (CALDERA/LQER).
     """
-    check_options(quantize, block_size, method, embeddings, int8, rank_step, alternate)
+    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_budget(quantize, method, target_size, ratio, rank)
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
-        embeddings=embeddings, int8=int8, rank_step=rank_step, alternate=alternate, bias_correction=bias_correction,
+        embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
+        bias_correction=bias_correction,
         budgeted=target_size is not None or ratio is not None, include=include, exclude=exclude,
         batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options, progress=progress)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank)
@@ -99,12 +109,12 @@ def compress_quantized(
 
 def prepare_quantized(
     model, *, quantize: str = "int4", block_size: int = 32, method: str = "kfac", calibration=None, stats=None,
-    embeddings: str = "auto", int8: str = "dynamic", rank_step: int = 8, alternate: int = 0,
-    bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None, batch_size: int = 32,
-    mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
+    embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
+    alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
+    batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics)."""
-    check_options(quantize, block_size, method, embeddings, int8, rank_step, alternate)
+    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
@@ -116,15 +126,14 @@ def prepare_quantized(
     if bias_correction is None:
         bias_correction = get_method(method).bias_correction
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
-                      schemes, quantize, block_size, int8, rank_step, bias_correction, alternate,
+                      schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
                       original_bytes=_bytes(prepared.model))
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
-    if job.tables and embeddings == "auto" and budgeted:
-        job.table_loss = _table_losses(prepared, job.tables, calibration, batch_size, mask_input, shapes,
-                                       fisher_options, progress, job.warnings)
-    job.fixed_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables
-                        if t.name not in job.table_loss}
+    if budgeted:
+        _measure_quantization(job, embeddings, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+    job.rule_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables}
+    job.fixed_tables = {name: s for name, s in job.rule_tables.items() if name not in job.table_loss}
     return job
 
 
@@ -134,7 +143,8 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     check_budget(job.quantize, job.prepared.method, target_size, ratio, rank)
     target = target_size if target_size is not None else (None if ratio is None else int(ratio * job.original_bytes))
     if target is None:
-        chosen, tables = [_fixed_option(s, job.schemes[0], rank) for s in job.sites], dict(job.fixed_tables)
+        chosen = [_fixed_option(s, job.schemes[0], rank, FACTOR_DTYPES[job.factors]) for s in job.sites]
+        tables = dict(job.rule_tables)
         model_out, results = _build(job, chosen, tables)
     else:
         model_out, results, tables = _build_within(job, target)
@@ -146,7 +156,7 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     return model_out, report
 
 
-def check_options(quantize, block_size, method, embeddings, int8, rank_step, alternate) -> None:
+def check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate) -> None:
     """Every option error in one sentence, before any work."""
     if quantize not in QUANTIZE_MODES:
         raise FwlrError(f"unknown --quantize '{quantize}'; choose one of {', '.join(QUANTIZE_MODES)}.")
@@ -154,6 +164,8 @@ def check_options(quantize, block_size, method, embeddings, int8, rank_step, alt
         raise FwlrError(f"unknown --embeddings '{embeddings}'; choose one of {', '.join(EMBEDDING_MODES)}.")
     if int8 not in INT8_KINDS:
         raise FwlrError(f"unknown --int8 '{int8}'; choose one of {', '.join(INT8_KINDS)}.")
+    if factors not in FACTOR_DTYPES:
+        raise FwlrError(f"unknown factor storage '{factors}'; choose one of {', '.join(FACTOR_DTYPES)}.")
     check_block_size(block_size)
     get_method(method)
     if rank_step < 1 or alternate < 0:
@@ -221,10 +233,11 @@ def _metric(prepared: Prepared, site: Site, bias_correction: bool) -> plan.Metri
     return plan.Metric(input_scaling(method, site, stats), output_scaling(method, site, stats), mean)
 
 
-def _fixed_option(site: Site, scheme: Scheme, rank: int) -> Option:
+def _fixed_option(site: Site, scheme: Scheme, rank: int, factor_bytes: int) -> Option:
     """No budget: the scheme with the requested correction rank (below min(K, N))."""
     r = min(rank, min(site.K, site.N) - 1)
-    return Option(scheme.label, r, scheme.matmul_bytes(site.K, site.N) + 4 * r * (site.K + site.N), math.nan, scheme)
+    size = scheme.matmul_bytes(site.K, site.N) + factor_bytes * r * (site.K + site.N)
+    return Option(scheme.label, r, size, math.nan, scheme)
 
 
 def _table_rule(table: Table, quantize: str, embeddings: str, block_size: int, warnings: list) -> Scheme:
@@ -239,19 +252,35 @@ def _table_rule(table: Table, quantize: str, embeddings: str, block_size: int, w
     return INT8_DYNAMIC
 
 
-def _table_losses(prepared, tables, calibration, batch_size, mask_input, shapes, fisher_options, progress,
-                  warnings: list) -> dict:
-    """table name -> loss(ΔT) for the budget to choose each table's storage (empty without calibration data)."""
+def _measure_quantization(job: QuantizeJob, embeddings, calibration, batch_size, mask_input, shapes, fisher_options,
+                          progress) -> None:
+    """The losses the budget needs beyond the sites' statistics, in one pass (quant.calibration): tables'
+    (with --embeddings auto) and dynamic int8's activation rounding (with a K-FAC output Gram)."""
+    prepared = job.prepared
+    tables = job.tables if embeddings == "auto" else []
+    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and all(
+        m.right is not None for m in job.metrics.values())
+    visible = main_graph_tensors(prepared.model)
+    inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites} if dynamic else {}
+    tensors = sorted({name for names in inputs.values() for name in names})
+    if not tables and not tensors:
+        return
     if calibration is None:
-        warnings.append("embedding tables follow --quantize (no calibration data to measure what their errors cost); "
-                        "pass --calib to let the budget choose for them.")
-        return {}
+        job.warnings.append("no calibration data (--calib) to price embedding tables and int8's activation rounding: "
+                            "tables follow --quantize, and int8's predicted loss counts its weight error only.")
+        return
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
     meta = prepared.stats.meta
     options = {k: v for k, v in fisher_options.items() if k in ("samples", "seed")}
-    stats = collect_table_stats(prepared.model, tables, batches, loss=meta["loss"], output=meta.get("fisher_output"),
-                                mask_input=mask_input, progress=progress, **options)
-    return {name: s.loss for name, s in stats.items()}
+    measured = collect_quant_stats(prepared.model, tables, tensors, batches, loss=meta.get("loss"),
+                                   output=meta.get("fisher_output"), mask_input=mask_input, progress=progress,
+                                   **options)
+    job.table_loss = {name: s.loss for name, s in measured.tables.items()}
+    for site in job.sites:
+        if inputs.get(site.weight):
+            variance = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
+            weighted = job.metrics[site.weight].right.apply_right(job.prepared.weights[site.weight])
+            job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
 
 
 def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]:
@@ -267,7 +296,8 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             usable = [s for s in job.schemes if s.kind != "nbits" or site.K % s.block_size == 0]
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], usable, dense=job.quantize == "auto",
-                low_rank=job.quantize == "auto", rank_step=job.rank_step))
+                low_rank=job.quantize == "auto", rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
+                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
@@ -330,6 +360,8 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         metric = job.metrics[site.weight]
         site_plan, error = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
                                           alternate_rounds=job.alternate)
+        if option.key == INT8_DYNAMIC:
+            error += job.rounding_loss.get(site.weight, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))
@@ -340,7 +372,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             note=f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})"))
         if site_plan is not None:
             plans[site.weight] = site_plan
-    return rewrite(job.prepared.model, plans, tables), results
+    return rewrite(job.prepared.model, plans, tables, job.factors), results
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:

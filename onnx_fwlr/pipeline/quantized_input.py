@@ -30,13 +30,14 @@ class QuantizedInput:
 
 
 def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
-    """None when the model has no quantized weight (the input then goes on untouched). A quantized op in a
-    scheme we cannot read raises FwlrError."""
+    """None when the model holds nothing quantized (the input then goes on untouched). A quantized op in a
+    scheme we cannot read raises FwlrError. With only ops we leave alone (QLinearMatMul, …), float_model is
+    the input, unchanged."""
     loaded = load_model(model)
     dequantized = dequantize_model(loaded)
-    if not dequantized.sites:
+    if not dequantized.sites and not dequantized.left:
         return None
-    logger.info(dequantized.summary())
+    logger.info("quantized input: %s", dequantized.summary())
     return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded))
 
 
@@ -46,11 +47,18 @@ def requantize_output(compressed: onnx.ModelProto, quantized: QuantizedInput, re
     with its original scheme; the report's before/after columns count the quantized models, and its one line
     says what happened. `only_float_nodes`: requantize the float nodes themselves only (not the nodes named
     after them), for pipelines that quantize the factors their own way (--quantize)."""
-    sites = quantized.dequantized.sites
+    sites, left = quantized.dequantized.sites, quantized.dequantized.left
+    if left:
+        ops = ", ".join(sorted({site.op_type for site in left}))
+        report.warnings.append(f"the model holds quantized ops that compress does not dequantize ({ops}); they are "
+                               "left as they are (a QDQ or dynamically quantized model of the float original can be "
+                               "compressed)")
+    if not sites:
+        return compressed
     nodes = {site.node: list(site.float_nodes) for site in sites} if only_float_nodes else None
     result = requantize(compressed, sites, nodes=nodes)
     report.model_params_before, report.ops_before = quantized.params_before, quantized.ops_before
     report.model_params_after, report.ops_after = model_parameters(result), op_counts(result)
-    report.input_quantization = (f"the input was quantized: {quantized.dequantized.summary()}, compressed in float "
-                                 f"and quantized again {how}")
+    report.input_quantization = (f"the input was quantized ({quantized.dequantized.summary()}): dequantized in "
+                                 f"float64, compressed, and quantized again {how}")
     return result

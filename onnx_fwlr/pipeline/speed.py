@@ -36,9 +36,13 @@ def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dic
                     "calibration data as a file (--calib DATA) or give the size with --shape NAME:D0,D1,...")
 
 
-def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float]]:
-    decompositions = [prepared.decompositions[prepared.sites[i].weight] for i in indices]
-    return [d.energy for d in decompositions], [d.total for d in decompositions]
+def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
+    """Per site: σ² (loss units with gradient statistics), the total energy, and the highest rank it can take
+    (factors held by the decomposition, and fewer parameters than dense)."""
+    sites = [prepared.sites[i] for i in indices]
+    decompositions = [prepared.decompositions[s.weight] for s in sites]
+    max_ranks = [min(d.max_rank, alloc.break_even_rank(s.K, s.N)) for s, d in zip(sites, decompositions)]
+    return [d.energy for d in decompositions], [d.total for d in decompositions], max_ranks
 
 
 def _upper_ranks(prepared: Prepared, ranks, multiple: int | None) -> list[int | None]:
@@ -61,8 +65,8 @@ def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None
     if not measured and (not isinstance(multiple, int) or multiple < 1):
         raise FwlrError(f"--rank-multiple {multiple} is out of range; give a positive integer or 'auto'.")
     indices = [i for i, r in enumerate(ranks) if r is not None]
-    ensure_decompositions(prepared, _upper_ranks(prepared, ranks, None if measured else multiple))
-    energies, totals = _energies(prepared, indices)
+    ensure_decompositions(prepared, _upper_ranks(prepared, ranks, lat.MULTIPLES[-1] if measured else multiple))
+    energies, totals, max_ranks = _energies(prepared, indices)
     tables = [None] * len(indices)
     if measured:
         all_tables = latency.tables(prepared.model, prepared.sites, feed)
@@ -70,7 +74,7 @@ def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None
         timed = [t for t in tables if t is not None]
         multiple = lat.default_rank_multiple(timed) if timed else 1
     chosen = lat.round_ranks([ranks[i] for i in indices], energies, tables if measured else None,
-                             multiple=multiple if multiple > 1 else None, totals=totals)
+                             multiple=multiple if multiple > 1 else None, totals=totals, max_ranks=max_ranks)
     new = list(ranks)
     for i, rank in zip(indices, chosen):
         new[i] = rank
@@ -116,8 +120,8 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
             f"original's time on this machine, so factorising reaches about {best_ratio:.2f} at best; ask for "
             f"{best_ratio + 0.01:.2f} or more (or quantize).")
     ensure_decompositions(prepared)  # the budget compares whole spectra, as global allocation does
-    energies, totals = _energies(prepared, free)
-    chosen = alloc.latency_ranks(energies, [tables[i] for i in free], site_budget, totals=totals)
+    energies, totals, max_ranks = _energies(prepared, free)
+    chosen = alloc.latency_ranks(energies, [tables[i] for i in free], site_budget, totals=totals, max_ranks=max_ranks)
     for i, rank in zip(free, chosen):
         ranks[i] = rank
     predicted = floor + share * lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]) / dense_ms

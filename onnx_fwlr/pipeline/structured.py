@@ -3,9 +3,12 @@ weighted error at the same number of stored numbers (methods.structured_fit)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import SiteResult
 from onnx_fwlr.methods.registry import METHODS, structured_metric
+from onnx_fwlr.methods.structured import KronSum, Structured
 from onnx_fwlr.methods.structured_fit import fit_structured_site
 from onnx_fwlr.pipeline.budget import ratio_for_size
 from onnx_fwlr.pipeline.build import assemble
@@ -15,9 +18,37 @@ from onnx_fwlr.sites.find import weight_matrix
 from onnx_fwlr.sites.recurrent import is_recurrent
 
 
-def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options):
+def site_doping(K: int, N: int, ratio: float, dope: float, dope_share: float | None) -> float:
+    """The doping fraction of a [K, N] site's entries: `dope`, or with `dope_share` the entries that take that
+    share of the site's ratio·K·N stored numbers (3 numbers each: the talk's "controlling sparsity")."""
+    if dope_share is None:
+        return dope
+    return int(dope_share * ratio * K * N // 3) / (K * N)
+
+
+def check_dope_share(dope: float, dope_share: float | None) -> None:
+    if dope_share is None:
+        return
+    if dope:
+        raise FwlrError("--dope and --dope-share both set the doping budget; pass one of them.")
+    if not 0.0 < dope_share < 1.0:
+        raise FwlrError(f"--dope-share {dope_share} is out of range; give the share of each site's stored numbers "
+                        "spent on doping, 0 < S < 1 (e.g. 0.3).")
+
+
+def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options, *,
+                        dope_share=None, forms="default", form_timer=None):
     """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at
-    ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric."""
+    ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric.
+
+    `dope_share`: doping as a share of each site's stored numbers instead of `dope`. `forms` "measured": each
+    site's ONNX form is the fastest measured here at the model's row count (evaluate.forms, timed with
+    `form_timer`, default OrtFormTimer), and a site whose fastest form is slower than its dense weight stays
+    dense; "default": the form by multiply-adds (deterministic, no timing).
+    """
+    check_dope_share(dope, dope_share)
+    if forms not in ("default", "measured"):
+        raise FwlrError(f"unknown --forms '{forms}'; choose default or measured.")
     unknown = [m for m in mix if m not in METHODS]
     low_rank = [m for m in mix if m != "kron"]
     if unknown or len(low_rank) > 1:
@@ -50,7 +81,8 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
             method=method, input_gram=stats.input_gram(site) if active else None,
             fisher_row=stats.fisher_row(site) if stats is not None and stats.has_gradients(site) else None,
             mean_input=stats.mean_input(site) if active and bias_correction else None,
-            dope=0.0 if recurrent else dope, kron_shape=None if recurrent else kron_shape,
+            dope=0.0 if recurrent else site_doping(site.K, site.N, ratio, dope, dope_share),
+            kron_shape=None if recurrent else kron_shape,
             itemsize={"float16": 2, "bfloat16": 2, "float64": 8}.get(site.dtype, 4))
         result = SiteResult(name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
                             rank=None, params_before=site.params, params_after=site.params,
@@ -69,7 +101,60 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
         if method != weighting:
             result.note += "; no statistics reach this site: plain Frobenius fit"
         pairs.append((result, replacement))
-    model_out, report = assemble(prepared, allocation, budget, pairs)
+    chosen, measured = {}, None
+    if forms == "measured":
+        chosen, measured = measured_forms(prepared, pairs, options, form_timer)
+    model_out, report = assemble(prepared, allocation, budget, pairs, chosen)
     report.method = ",".join(mix)
     report.budget.update(dope=dope, weighting=weighting, **({"kron_shape": list(kron_shape)} if kron_shape else {}))
+    if dope_share is not None:
+        report.budget["dope_share"] = dope_share
+    if measured is not None:
+        report.budget["forms"] = measured
+        if measured["kept_dense"]:
+            report.warnings.append("kept dense, no structured form is faster than the dense weight here: "
+                                   + ", ".join(measured["kept_dense"]))
     return model_out, report
+
+
+def measured_forms(prepared, pairs, options, timer) -> tuple[dict, dict]:
+    """Per structured site, the fastest form timed at its rows per use (evaluate.forms.choose_form); a site whose
+    fastest form is slower than its dense weight is put back to dense in `pairs` (in place). Returns (weight name
+    -> Form, what was measured for the report). Identical shapes and sparsity are timed once."""
+    from onnx_fwlr.evaluate.forms import OrtFormTimer, choose_form
+    from onnx_fwlr.evaluate.latency import site_rows
+    from onnx_fwlr.pipeline.speed import timing_feed
+    from onnx_fwlr.rewrite.lowrank import storage_dtype
+
+    timer = timer or OrtFormTimer()
+    feed = timing_feed(prepared.model, options["calibration"], options["batch_size"], options["shapes"])
+    rows = site_rows(prepared.model, prepared.sites, feed)
+    chosen, kept_dense, cache = {}, [], {}
+    for index, ((result, replacement), site, site_rows_) in enumerate(zip(pairs, prepared.sites, rows)):
+        if not isinstance(replacement, Structured) or not site_rows_:
+            continue
+        tokens = max(1, round(site_rows_ / len(site.uses)))
+        dtype = storage_dtype(site)
+        key = _timing_key(replacement, tokens, dtype)
+        if key not in cache:
+            cache[key] = choose_form(replacement, tokens, timer, dtype)
+        choice = cache[key]
+        doped, kron = replacement.nnz > 0, isinstance(replacement.structure, KronSum)
+        if choice.faster:
+            chosen[site.weight] = choice.form
+            result.note += f"; {choice.describe(kron, doped)}"
+            continue
+        kept_dense.append(site.name)
+        result.rank, result.params_after, result.weighted_error, result.relative_error = None, site.params, None, None
+        result.note = (f"kept dense: its fastest structured form takes {choice.ms:.3g} ms, the dense weight "
+                       f"{choice.dense_ms:.3g} ms at {tokens} rows")
+        pairs[index] = (result, None)
+    return chosen, {"measured": True, "timed": len(cache), "kept_dense": kept_dense,
+                    "forms": {w: f.label() for w, f in chosen.items()}}
+
+
+def _timing_key(rep: Structured, tokens: int, dtype) -> tuple:
+    """What a form's time depends on: shapes, terms or rank, doping count and the rows it touches."""
+    touched = 0 if rep.doping is None else len(np.unique(rep.doping.rows))
+    return (type(rep.structure).__name__, rep.structure.A.shape, rep.structure.B.shape, rep.nnz, touched, tokens,
+            str(np.dtype(dtype)))

@@ -64,8 +64,9 @@ def read_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict
         a_name, b_name = f"{site.weight}/factor_A", f"{site.weight}/factor_B"
         if a_name not in tensors or b_name not in tensors:
             if site.weight not in tensors:
-                raise FwlrError(f"weight '{site.weight}' was replaced by a structure other than a factor pair; only "
-                                "low-rank factors can be applied to another model (compress it with a low-rank method).")
+                raise FwlrError(f"weight '{site.weight}' was replaced by a structure other than a factor pair; "
+                                "only low-rank factors can be applied to another model (compress it with a low-rank "
+                                "method).")
             continue
         A = tensor_array(compressed, tensors[a_name])
         B = tensor_array(compressed, tensors[b_name])
@@ -74,7 +75,8 @@ def read_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict
 
 
 def apply_same_factors(target, original, compressed) -> tuple[onnx.ModelProto, list[str]]:
-    """``target`` with every weight that ``compressed`` (made from ``original``) factorised replaced by the same factors.
+    """``target`` with every weight that ``compressed`` (made from ``original``) factorised replaced by the same
+    factors.
 
     Models are ModelProtos or paths. Weights are matched by name and must hold the same values in both models;
     a target weight the compressed model did not factorise stays dense. Returns the new model and the weights

@@ -154,30 +154,30 @@ class Dequantized:
     left: list[QuantizedSite]  # quantized ops left as they are (other formats), for the report
 
     def summary(self) -> str:
-        """One line for the report."""
+        """What was found, in a few words: '2 weight(s): MatMulInteger int8 per-channel, symmetric'."""
         if not self.sites:
-            return "no quantized weights found"
+            return "no quantized weights"
         schemes = sorted({f"{s.op_type} {s.scheme.describe()}" for s in self.sites})
-        return f"dequantized {len(self.sites)} quantized weight(s) to float ({'; '.join(schemes)})"
+        return f"{len(self.sites)} weight(s): {'; '.join(schemes)}"
 
 
 def dequantize_model(model: onnx.ModelProto) -> Dequantized:
-    """An equivalent float model: each recognised quantized weight use becomes a float MatMul/Gemm/LSTM with a float
-    initializer (dynamic activation quantization removed). Raises FwlrError for a recognised op in a scheme we
-    cannot read (one sentence naming the node). QDQ and Cast+Mul patterns we cannot read are ordinary float
-    computations on constants: they stay, and are listed in `left` with the reason."""
+    """An equivalent float model (a copy; the input itself when it has no quantized weight): each recognised
+    quantized weight use becomes a float MatMul/Gemm/LSTM with a float initializer (dynamic activation
+    quantization removed). Raises FwlrError for a recognised op in a scheme we cannot read (one sentence naming
+    the node). QDQ and Cast+Mul patterns we cannot read are ordinary float computations on constants: they
+    stay, and are listed in `left` with the reason."""
     from onnx_fwlr.quant.dequantize_graph import rewrite_sites
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    found = detect_quantized(copy)
+    found = detect_quantized(model)
     bad = [s for s in found if s.scheme is None and s.op_type in QUANTIZED_WEIGHT_OPS]
     if bad:
         raise FwlrError(f"{bad[0].node}: {bad[0].reason}")
     sites = [s for s in found if s.scheme is not None]
     left = [s for s in found if s.scheme is None]
     if not sites:
-        return Dequantized(copy, [], left)
+        return Dequantized(model, [], left)  # nothing to do: the input itself, not a copy
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     weights = [dequantized_weights(copy, s) for s in sites]
-    done = rewrite_sites(copy, sites, weights)
-    return Dequantized(copy, done, left)
+    return Dequantized(copy, rewrite_sites(copy, sites, weights), left)

@@ -1,4 +1,4 @@
-"""Recognising each quantized weight pattern (see dequantize.py for the table) and recording its scheme.
+"""Recognising each quantized weight pattern (dequantize.py lists them) and recording its scheme.
 
 One function per pattern: each returns a QuantizedSite (scheme None with a one-sentence reason when the op is
 recognised but stored in a way we cannot read), or None when the node is not a quantized weight use.
@@ -61,7 +61,7 @@ def _is_symmetric(model, view: _Graph, zero_point: str, bits: int, signed: bool)
     return bool(np.all(tensor_array(model, tensor).astype(np.float64) == middle))
 
 
-def _scale_shape_ok(model, view: _Graph, scale: str, N: int) -> int | None:
+def _scale_count(view: _Graph, scale: str, N: int) -> int | None:
     """Number of scales when they are one per tensor or one per output column, else None."""
     tensor = view.const(scale)
     count = int(np.prod(tensor.dims, dtype=np.int64)) if tensor is not None else -1
@@ -101,7 +101,7 @@ def _dynamic_site(model, view, node, op_type, b, b_scale, b_zero, nodes, x, outp
     if bad is not None:
         return bad
     K, N = tensor.dims
-    scales = _scale_shape_ok(model, view, b_scale, N)
+    scales = _scale_count(view, b_scale, N)
     if scales is None or (b_zero and view.const(b_zero) is None):
         return _unsupported(view, node, op_type, b, f"{op_type}'s weight scale or zero point is not a constant "
                             "per tensor or per output column", "MatMul")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import walk_graphs
@@ -62,9 +62,12 @@ class _Namer:
         return name
 
 
-def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme]) -> onnx.ModelProto:
+def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme],
+            factor_dtype: str = "float32") -> onnx.ModelProto:
     """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
-    replaced; the input model is not modified."""
+    replaced; the input model is not modified. `factor_dtype` "float16" stores the correction factors in
+    half precision behind a Cast to float32, which ONNX Runtime folds when it loads the model: half the
+    bytes on disk, the same float32 kernels at run time."""
     if any(s.kind == "nbits" for s in tables.values()):
         model = ortquant.upgrade_for_int4(model)  # may add nodes: sites are found again below
     else:
@@ -76,11 +79,13 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     graphs = walk_graphs(model)
     namer = _Namer(model)
     swaps: dict[tuple[int, int], list[onnx.NodeProto]] = {}
+    casts: dict[int, list[onnx.NodeProto]] = {}  # per graph, Cast nodes of half-precision factors (placed first)
     dynamic: list[str] = []
     removed: dict[int, set[str]] = {}
     for weight, plan in plans.items():
         site = sites[weight]
-        for key, nodes in _site_swaps(model, site, plan, graphs, namer, dynamic).items():
+        factors = _factor_tensors(site, plan, graphs, namer, factor_dtype, casts)
+        for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic).items():
             swaps[key] = nodes
         _mark_removed(site, removed, swaps)
     for name, scheme in tables.items():
@@ -89,8 +94,9 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
         if scheme.kind == "nbits":  # quantize_dynamic replaces an int8 table itself
             removed.setdefault(0, set()).add(name)
     for g_index, graph in enumerate(graphs):
-        nodes = [new for n_index, node in enumerate(graph.node) for new in swaps.get((g_index, n_index), [node])]
-        if len(nodes) != len(graph.node) or any((g_index, i) in swaps for i in range(len(graph.node))):
+        if g_index in casts or any(g == g_index for g, _ in swaps):
+            nodes = casts.get(g_index, []) + [new for n_index, node in enumerate(graph.node)
+                                               for new in swaps.get((g_index, n_index), [node])]
             del graph.node[:]
             graph.node.extend(nodes)
         _remove_tensors(graph, removed.get(g_index, set()))
@@ -116,8 +122,34 @@ def _mark_removed(site: Site, removed: dict[int, set[str]], swaps: dict) -> None
         swaps[(site.graph_index, site.constant_node)] = []
 
 
-def _site_swaps(model, site: Site, plan: SitePlan, graphs, namer, dynamic: list[str]) -> dict:
-    """Initializers for the site (once, in the graph that owns the weight) and replacement nodes per use."""
+def _factor_tensors(site: Site, plan: SitePlan, graphs, namer, factor_dtype: str, casts: dict):
+    """The names the uses read A and B by (None without a correction); in float16, the factors are first
+    balanced (A·c, B/c with equal largest entries) so neither leaves half precision's range."""
+    if plan.A is None:
+        return None
+    owner = graphs[site.graph_index]
+    A, B = np.asarray(plan.A, dtype=np.float64), np.asarray(plan.B, dtype=np.float64)
+    names = (namer(f"{site.weight}/correction_A"), namer(f"{site.weight}/correction_B"))
+    if factor_dtype == "float32":
+        owner.initializer.extend(numpy_helper.from_array(M.astype(np.float32), n) for M, n in zip((A, B), names))
+        return names
+    largest_a, largest_b = np.abs(A).max(), np.abs(B).max()
+    if largest_a > 0 and largest_b > 0:
+        balance = np.sqrt(largest_b / largest_a)
+        A, B = A * balance, B / balance
+    read = []
+    for M, name in zip((A, B), names):
+        stored = namer(f"{name}_fp16")
+        owner.initializer.append(numpy_helper.from_array(M.astype(np.float16), stored))
+        casts.setdefault(site.graph_index, []).append(
+            helper.make_node("Cast", [stored], [name], name=namer(f"{name}/cast"), to=TensorProto.FLOAT))
+        read.append(name)
+    return tuple(read)
+
+
+def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str]) -> dict:
+    """Main-branch initializers for the site (once, in the graph that owns the weight) and replacement nodes
+    per use; `factors` names the correction's A and B (or None)."""
     owner = graphs[site.graph_index]
     main = None  # (op builder inputs, attributes) of the main branch
     if plan.scheme is not None and plan.scheme.kind == "nbits":
@@ -131,11 +163,6 @@ def _site_swaps(model, site: Site, plan: SitePlan, graphs, namer, dynamic: list[
         name = namer(f"{site.weight}/int8")
         owner.initializer.append(numpy_helper.from_array(plan.main_matrix(model, site).astype(np.float32), name))
         main = ("MatMul", [name], {})
-    factors = None
-    if plan.A is not None:
-        factors = (namer(f"{site.weight}/correction_A"), namer(f"{site.weight}/correction_B"))
-        owner.initializer.append(numpy_helper.from_array(np.asarray(plan.A, dtype=np.float32), factors[0]))
-        owner.initializer.append(numpy_helper.from_array(np.asarray(plan.B, dtype=np.float32), factors[1]))
     if main is None and factors is None:
         raise RuntimeError(f"{site.name}: a plan needs a main branch, a correction, or both")
     swaps = {}

@@ -45,27 +45,32 @@ def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
 
 
 def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense: bool, low_rank: bool,
-                 rank_step: int = 8) -> list[Option]:
+                 rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None) -> list[Option]:
     """Every option for one weight [K, N]: each scheme at correction ranks 0, step, 2·step, … (while it stays
-    smaller than the dense weight), plus dense fp32 and low rank alone when asked."""
+    smaller than the dense weight), plus dense fp32 and low rank alone when asked; factors take
+    `factor_bytes` per number. `scheme_loss[scheme]` is a loss the correction cannot remove (the activation
+    rounding of dynamic int8), added to each of that scheme's options."""
     K, N = W.shape
     dense_bytes = 4 * K * N
     options = [Option(FP32, 0, dense_bytes, 0.0)] if dense else []
     ranks = rank_grid(K, N, rank_step)
+    per_rank = factor_bytes * (K + N)
     if low_rank:
         energy = weighted_svd(W, metric.left, metric.right).energy
-        options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if 4 * r * (K + N) < dense_bytes], K, N)
+        options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if r * per_rank < dense_bytes], per_rank)
     for scheme in schemes:
         energy = compensate.residual_spectrum(W, dequantized(W, scheme), metric.left, metric.right).energy
         base = scheme.matmul_bytes(K, N)
-        usable = [0] + [r for r in ranks if base + 4 * r * (K + N) < dense_bytes]
-        options += _ranked(scheme.label, scheme, energy, base, usable, K, N)
+        usable = [0] + [r for r in ranks if base + r * per_rank < dense_bytes]
+        extra = (scheme_loss or {}).get(scheme, 0.0)
+        options += _ranked(scheme.label, scheme, energy, base, usable, per_rank, extra)
     return options
 
 
-def _ranked(storage: str, scheme, energy: np.ndarray, base: int, ranks: list[int], K: int, N: int) -> list[Option]:
+def _ranked(storage: str, scheme, energy: np.ndarray, base: int, ranks: list[int], per_rank: int,
+            extra: float = 0.0) -> list[Option]:
     tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
-    return [Option(storage, r, base + 4 * r * (K + N), float(tail[min(r, len(energy))]), key=scheme)
+    return [Option(storage, r, base + r * per_rank, extra + float(tail[min(r, len(energy))]), key=scheme)
             for r in ranks]
 
 

@@ -60,7 +60,8 @@ class QuantizedSite:
     N: int
     scheme: QuantScheme | None  # None: not a scheme we can dequantize (reason says why)
     reason: str = ""
-    nodes: tuple[int, ...] = ()  # indices (in its graph) of the nodes the float form replaces, main node first
+    nodes: tuple[int, ...] = ()  # indices, in its graph of the quantized input, of the nodes the float form
+    # replaces (main node first)
     tensors: dict[str, str] = field(default_factory=dict)  # role -> tensor name
     float_nodes: tuple[str, ...] = ()  # set by dequantize_model: the float nodes holding the weight now
     float_weight: str = ""  # set by dequantize_model: the float initializer

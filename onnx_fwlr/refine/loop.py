@@ -27,11 +27,13 @@ from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
 from onnx_fwlr.io.model import load_model, tensor_array
 from onnx_fwlr.refine.losses import LOSSES, Objective, default_distillation_loss
 from onnx_fwlr.refine.optim import SCHEDULES, Adam, learning_rate
+from onnx_fwlr.refine.structured import CoMatrixDropout, doping_tensors, refine_in_phases, stored_sites
 from onnx_fwlr.refine.trainable import Student, Teacher, trainable_factors
 from onnx_fwlr.stats.fisher import default_output
 
 VAL_FRACTION = 0.1  # share of the calibration samples held back for validation when none is given
 TEACHER_CACHE_BYTES = 512 * 2**20  # teacher outputs are kept in memory up to this size, else recomputed
+DOPE_DROPOUT = 0.5  # co-matrix dropout default (docs/doped.md, "Training": measured on the LSTM LM)
 
 
 # ---------------------------------------------------------------------------------------------- data in memory
@@ -142,6 +144,9 @@ class RefineReport:
     after: dict = field(default_factory=dict)
     seconds: float = 0.0  # wall time of the whole call
     step_seconds: float = 0.0  # time inside training steps (forward, backward, Adam), without evaluations
+    dope_dropout: float = 0.0  # co-matrix dropout probability (refine.structured)
+    dropped: int = 0  # doping terms dropped over all steps and sites
+    phases: list = field(default_factory=list)  # with support re-selection: one dict per phase
 
     @property
     def improved(self) -> bool:
@@ -163,6 +168,11 @@ class RefineReport:
         for k in keys:
             b, a = self.before[k], self.after[k]
             lines.append(f"{'val ' + k:<{width}}{b:>12.6f}{a:>12.6f}{a - b:>+12.6f}")
+        if self.dope_dropout:
+            lines.append(f"co-matrix dropout {self.dope_dropout:g}: {self.dropped} doping terms dropped")
+        for phase in self.phases[1:]:
+            lines.append(f"phase {phase['phase']}: doping support re-selected ({phase['reselected']} entries moved), "
+                         f"val loss {phase['before']['loss']:.6f} -> {phase['after']['loss']:.6f}")
         if self.improved:
             lines.append(f"best step {self.best_step} of {self.steps} run ({self.stopped}); {self.seconds:.1f} s")
         else:
@@ -232,6 +242,8 @@ def refine(
     patience: int = 5,
     schedule: str = "cosine",
     seed: int = 0,
+    dope_dropout: float | None = None,
+    reselect: int = 0,
     progress: bool = True,
     providers=("CPUExecutionProvider",),
 ) -> tuple[onnx.ModelProto, RefineReport]:
@@ -241,8 +253,20 @@ def refine(
     Validation: `validation` data, else a seeded 10 % of the calibration samples (at least one batch), which
     then are not trained on. Evaluated every `eval_every` steps; stops after `patience` evaluations without
     improvement. Inputs are paths or ModelProtos and are never modified.
+
+    Structured sites (refine.structured): their factors and doping values are trained; `dope_dropout` drops each
+    site's doping term per step with that probability (co-matrix dropout; None: DOPE_DROPOUT); `reselect` R > 0
+    splits the steps into R + 1 phases with the doping support re-selected between them.
     """
     _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, patience, schedule)
+    if reselect:
+        if not isinstance(reselect, int) or reselect < 0 or reselect >= steps:
+            raise FwlrError(f"--reselect {reselect} is out of range; give a number of re-selections below --steps.")
+        options = dict(validation=validation, lr=lr, loss=loss, output=output, label_weight=label_weight,
+                       eval_every=eval_every, patience=patience, schedule=schedule, seed=seed,
+                       dope_dropout=dope_dropout, progress=progress, providers=providers)
+        return refine_in_phases(refine, load_model(original), load_model(compressed), calibration,
+                                phases=reselect + 1, steps=steps, batch_size=batch_size, **options)
     start = time.perf_counter()
     original, compressed = load_model(original), load_model(compressed)
     trainable = trainable_factors(original, compressed)
@@ -282,9 +306,11 @@ def refine(
 
     initial = {t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)}
     adam = Adam(initial)
+    dropout_p = DOPE_DROPOUT if dope_dropout is None else dope_dropout
+    dropout = CoMatrixDropout(doping_tensors(trainable, stored_sites(original, compressed)), dropout_p, seed)
     report = RefineReport(kind, out_name, target.tensor, trainable, int(sum(v.size for v in initial.values())),
                           pool.count(train_units), val_pool.count(val_units), val_source, lr, batch_size, schedule,
-                          seed)
+                          seed, dope_dropout=dropout_p if dropout.names else 0.0)
     report.before = evaluate(adam.params)
     report.curve.append((0, None, report.before["loss"], report.before["cosine"]))
     best_loss, best_weights, report.after = report.before["loss"], None, dict(report.before)
@@ -296,7 +322,10 @@ def refine(
         tick = time.perf_counter()
         chunk = next(order)
         feed, labels = pool.take(chunk)[0]
-        loss_value, grads = student.loss_and_grads(feed, adam.params, train_teacher(chunk, feed), labels)
+        dropped = dropout.draw()
+        loss_value, grads = student.loss_and_grads(feed, dropout.feed(adam.params, dropped), train_teacher(chunk, feed),
+                                                   labels)
+        grads = dropout.mask(grads, dropped)
         if not math.isfinite(loss_value) or not all(np.all(np.isfinite(g)) for g in grads.values()):
             report.steps, report.stopped = step, "diverged"
             break
@@ -320,6 +349,7 @@ def refine(
                 report.stopped = "early stop"
                 break
     bar.close()
+    report.dropped = dropout.dropped_count
     report.seconds = time.perf_counter() - start
     return _with_weights(compressed, best_weights, student.dtypes), report
 

@@ -1,8 +1,10 @@
 """What refine trains, and the two models it runs: the student (compressed, trainable) and the teacher (original).
 
 What is trained (``trainable_factors``): in the compressed model's main graph,
-  1. factor weights: float initializers absent from the original (by name) that only MatMul, Gemm or Add
-     nodes read: the A and B of every factorised site and the bias corrections;
+  1. factor weights: float initializers absent from the original (by name), not scalars, that only the ops
+     of FACTOR_READERS read at the listed inputs: the A and B of every factorised site, the bias corrections,
+     and of structured sites (rewrite.structured) the stored Kronecker / low-rank factors and the doping
+     values (their support, integer indices, stays fixed; refine.structured re-selects it between phases);
   2. site biases: a float initializer of the original that is the C input of a Gemm reading a factor weight,
      or the constant operand of an Add applied directly to a factor node's output, when nothing else reads it.
 Everything else stays frozen. The trainable initializers become graph inputs of an internal training copy,
@@ -21,17 +23,28 @@ from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.refine.losses import Objective, mean_cosine
 
 
+# op -> the inputs at which it may read a trainable factor (structured forms derive their layouts with
+# Transpose / Reshape / Gather, and scatter the doping values as updates)
+FACTOR_READERS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Add": (0, 1), "Mul": (0, 1), "Transpose": (0,),
+                  "Reshape": (0,), "Gather": (0,), "ScatterND": (2,), "ScatterElements": (2,)}
+
+
 def trainable_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
     """Names of the compressed model's initializers that refine trains (rule in the module docstring)."""
     graph = compressed.graph
     before = {t.name for t in original.graph.initializer}
     floats = {t.name for t in graph.initializer if t.data_type in FLOAT_TYPES}
-    readers: dict[str, list[onnx.NodeProto]] = {}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in graph.node:
-        for name in set(node.input):
-            readers.setdefault(name, []).append(node)
-    factors = [t.name for t in graph.initializer if t.name in floats and t.name not in before
-               and readers.get(t.name) and all(n.op_type in ("MatMul", "Gemm", "Add") for n in readers[t.name])]
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, position))
+
+    def read_as_factor(name):
+        return readers.get(name) and all(position in FACTOR_READERS.get(n.op_type, ())
+                                         for n, position in readers[name])
+
+    factors = [t.name for t in graph.initializer if t.name in floats and t.name not in before and len(t.dims)
+               and read_as_factor(t.name)]
     factor_set = set(factors)
     factor_outputs = {o for n in graph.node if factor_set & set(n.input) for o in n.output}
     biases = []

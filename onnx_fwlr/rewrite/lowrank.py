@@ -76,9 +76,12 @@ class _Namer:
 
 
 def apply_factors(
-    model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors | Structured]
+    model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors | Structured], forms: dict | None = None
 ) -> onnx.ModelProto:
     """Replace every site in `factors` (keyed by weight name) in place; other sites are left dense.
+
+    `forms` (weight name -> rewrite.structured.Form) picks how a Structured replacement is realised (default:
+    Form(), by multiply-adds); every form computes the same product.
 
     A Structured replacement needs a newer default-domain opset than some models declare (16 with doping,
     10 without); the model is upgraded with ONNX's version converter only when that leaves every node
@@ -101,8 +104,11 @@ def apply_factors(
             continue
         f = factors[site.weight]
         if isinstance(f, Structured) or is_recurrent(site):
-            builder = _structured_site if isinstance(f, Structured) else _recurrent_site
-            for (g_index, n_index), nodes in builder(site, f, graphs, namer).items():
+            if isinstance(f, Structured):
+                swaps = _structured_site(site, f, graphs, namer, (forms or {}).get(site.weight))
+            else:
+                swaps = _recurrent_site(site, f, graphs, namer)
+            for (g_index, n_index), nodes in swaps.items():
                 replacements.setdefault(g_index, {})[n_index] = nodes
             if site.constant_node is None:
                 removals.setdefault(site.graph_index, set()).add(site.weight)
@@ -263,14 +269,14 @@ def _recurrent_site(site: Site, f: Factors, graphs, namer) -> dict[tuple[int, in
     return swaps
 
 
-def _build_structure(rep: Structured, dtype, x: str, y: str, prefix: str, weight_prefix: str):
+def _build_structure(rep: Structured, dtype, x: str, y: str, prefix: str, weight_prefix: str, form=None):
     coo = () if rep.nnz == 0 else (rep.doping.rows, rep.doping.cols, rep.doping.vals)
     if isinstance(rep.structure, KronSum):
         return build_doped_kron(x, y, prefix, rep.structure.A, rep.structure.B, *coo, float_dtype=dtype,
-                                weight_prefix=weight_prefix)
+                                weight_prefix=weight_prefix, form=form)
     if isinstance(rep.structure, LowRank):
         return build_doped_low_rank(x, y, prefix, rep.structure.A, rep.structure.B, *coo, float_dtype=dtype,
-                                    weight_prefix=weight_prefix)
+                                    weight_prefix=weight_prefix, form=form)
     raise FwlrError(f"unknown structure {type(rep.structure).__name__}; expected KronSum or LowRank.")
 
 
@@ -285,13 +291,13 @@ def _free_prefix(namer: "_Namer", wanted: str, names_of) -> str:
         candidate, i = f"{wanted}_{i}", i + 1
 
 
-def _structured_site(site: Site, rep: Structured, graphs, namer) -> dict[tuple[int, int], list[onnx.NodeProto]]:
+def _structured_site(site: Site, rep: Structured, graphs, namer, form=None) -> dict[tuple[int, int], list[onnx.NodeProto]]:
     """Structure initializers once in the owning graph; per use, uniquely named nodes computing the Gemm/MatMul."""
     dtype = storage_dtype(site)
     kind = "kron" if isinstance(rep.structure, KronSum) else "lowrank"
 
     def initializers(weight_prefix):
-        return _build_structure(rep, dtype, "x", "y", "probe", weight_prefix)[1]
+        return _build_structure(rep, dtype, "x", "y", "probe", weight_prefix, form)[1]
 
     weight_prefix = _free_prefix(namer, f"{site.weight}/{kind}", lambda p: [t.name for t in initializers(p)])
     graphs[site.graph_index].initializer.extend(initializers(weight_prefix))
@@ -300,18 +306,18 @@ def _structured_site(site: Site, rep: Structured, graphs, namer) -> dict[tuple[i
     for use in site.uses:
 
         def names_of(prefix, use=use):
-            nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift)
+            nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift, form)
             outputs = [o for n in nodes for o in n.output if o != use.output]
             return [n.name for n in nodes] + outputs + [t.name for t in inits]
 
         prefix = _free_prefix(namer, f"{use.node_name or use.output}/{kind}", names_of)
-        nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift)
+        nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift, form)
         graphs[use.graph_index].initializer.extend(inits)
         swaps[(use.graph_index, use.node_index)] = nodes
     return swaps
 
 
-def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Structured, dtype, shift):
+def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Structured, dtype, shift, form=None):
     """Nodes (and per-use constants) computing the original node's output from its input.
 
     Gemm: Y = alpha·op(X)·W + beta·C becomes [Transpose(X)] → X W' → ·alpha → +alpha·shift → +beta·C.
@@ -336,7 +342,7 @@ def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Struct
             scale_c.append(helper.make_node("Mul", [use.bias, f"{prefix}/beta"], [bias], name=f"{prefix}/scale_C"))
         steps.append(("Add", bias, "C"))
     y = use.output if not steps else f"{prefix}/xW"
-    nodes += _build_structure(rep, dtype, x, y, prefix, weight_prefix)[0] + scale_c
+    nodes += _build_structure(rep, dtype, x, y, prefix, weight_prefix, form)[0] + scale_c
     for i, (op, operand, role) in enumerate(steps):
         if not isinstance(operand, str):
             inits.append(numpy_helper.from_array(operand, f"{prefix}/{role}"))

@@ -118,6 +118,31 @@ def _activation_sums(x3: np.ndarray, keep: np.ndarray | None) -> dict:
             "count": float(rows.shape[0])}
 
 
+def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
+    """(loss output, seed target, reachable uses, their recurrent nodes, GradientRunner): everything the
+    backward pass needs, built before any data is read (an op without a gradient rule fails here)."""
+    out_name = default_output(model, output)
+    target = fisher.find_seed_target(model, out_name)
+    uses = _reachable_uses(model, sites)
+    if not uses:
+        raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use --method whiten.")
+    nodes = [_recurrent_node(model, use) for _, use in uses]
+    wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
+    inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
+    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    return out_name, target, uses, nodes, runner
+
+
+def gradient_obstacle(model: onnx.ModelProto, sites: list[Site], output: str | None = None) -> str | None:
+    """Why the backward pass cannot give these sites gradients (an op without a rule, no float output...), as
+    the sentence collect_fisher_stats would raise; None when it can. Reads no data."""
+    try:
+        _gradient_setup(model, sites, output)
+    except FwlrError as exc:
+        return str(exc)
+    return None
+
+
 def collect_fisher_stats(
     model: onnx.ModelProto,
     sites: list[Site],
@@ -142,15 +167,7 @@ def collect_fisher_stats(
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
     if samples < 1:
         raise FwlrError(f"--fisher-samples {samples} is out of range; it must be a positive integer.")
-    out_name = default_output(model, output)
-    target = fisher.find_seed_target(model, out_name)
-    uses = _reachable_uses(model, sites)
-    if not uses:
-        raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use --method whiten.")
-    nodes = [_recurrent_node(model, use) for _, use in uses]
-    wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
-    inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
-    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)

@@ -152,6 +152,19 @@ class Statistics:
         return stats
 
 
+def holds_gradients(stats) -> bool:
+    """Whether statistics (a Statistics object, or a file from `onnx-fwlr calibrate`) hold gradient sums;
+    a file is read for its header only. An unreadable file counts as none: loading it later names the problem."""
+    if isinstance(stats, Statistics):
+        return bool(stats.gradients)
+    try:
+        with np.load(Path(stats), allow_pickle=False) as archive:
+            header = json.loads(bytes(archive["header"]).decode())
+        return any(kind == "gradients" for kind, _key, _name in header["index"])
+    except (KeyError, ValueError, OSError, TypeError, zipfile.BadZipFile):
+        return False
+
+
 def write_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
     """np.savez with byte-reproducible output: members in the given order, fixed timestamps."""
     path = Path(path)

@@ -1,0 +1,117 @@
+"""Doped Kronecker vs the dense MatMul in ONNX Runtime: is the structured form faster, and in which ONNX form?
+
+Run from the repository root:
+    python tools/bench_kron_speed.py [--threads 1,2] [--tokens 1024,32,1] [--json FILE]
+
+A 1024 x 1024 MatMul weight replaced by Σ_s A_s ⊗ B_s + D at several shapes, term counts and doping shares,
+each at >= 8x compression (stored numbers: factor entries + 3 per doping entry). For each configuration,
+row count (1024 = batch 32 x 32 tokens, 32 = one sequence, 1 = one token) and intra-op thread count, the
+forms of onnx_fwlr.evaluate.forms are timed against the dense MatMul with interleaved repeats (OrtFormTimer:
+every model runs in each round, rounds in rotating order, medians over rounds), and the table shows the default
+form (fewest multiply-adds, stacked, ScatterND doping), the fastest form and the dense time. Values are random:
+the time does not depend on them. Doping supports are random, or concentrated in a few rows ("rows" column),
+as the whitened top-k picks them when a few input features carry large activations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnx_fwlr.evaluate.forms import DENSE, OrtFormTimer, choose_form, site_model  # noqa: E402
+from onnx_fwlr.methods.structured import Coo, KronSum, Structured  # noqa: E402
+from onnx_fwlr.rewrite.structured import Form  # noqa: E402
+
+K = N = 1024
+# (m1, m2, n1, n2, terms, doping fraction, rows the doping touches or None for a random support)
+CONFIGS = [
+    (32, 32, 32, 32, 48, 0.01, None),
+    (32, 32, 32, 32, 16, 0.02, None),
+    (4, 256, 256, 4, 48, 0.003, None),
+    (4, 256, 256, 4, 24, 0.003, None),
+    (8, 128, 128, 8, 24, 0.003, None),
+    (4, 256, 256, 4, 48, 0.01, 64),
+    (32, 32, 32, 32, 16, 0.02, 128),
+]
+
+
+def random_site(m1, m2, n1, n2, terms, dope, rows_touched, seed=0) -> Structured:
+    rng = np.random.default_rng(seed)
+    A, B = rng.standard_normal((terms, m1, n1)), rng.standard_normal((terms, m2, n2))
+    k = int(round(dope * K * N))
+    pool = K if rows_touched is None else rows_touched
+    rows_chosen = np.sort(rng.choice(K, pool, replace=False))
+    flat = np.sort(rng.choice(pool * N, k, replace=False))
+    coo = Coo(rows_chosen[flat // N], flat % N, rng.standard_normal(k), (K, N))
+    return Structured(KronSum(A, B), coo)
+
+
+def stored(rep: Structured) -> int:
+    return rep.params
+
+
+def measure(rep: Structured, tokens: int, threads: int, timer_options) -> dict:
+    timer = OrtFormTimer(threads=threads, **timer_options)
+    choice = choose_form(rep, tokens, timer)
+    # the default form against dense and the chosen form, in one interleaved round of its own
+    models = {DENSE: None, "default": site_model(rep, Form()), "chosen": site_model(rep, choice.form)}
+    from onnx_fwlr.evaluate.forms import dense_model
+
+    models[DENSE] = dense_model((K, N))
+    final = timer(models, K, tokens)
+    return {"form": choice.form.label(True, rep.nnz > 0), "default_ms": final["default"], "chosen_ms": final["chosen"],
+            "dense_ms": final[DENSE], "speedup": final[DENSE] / final["chosen"], "timings": choice.timings}
+
+
+def table(rows) -> str:
+    header = (f"{'structure':<22} {'terms':>5} {'dope':>6} {'rows':>5} {'compr.':>6} {'T':>5} {'thr':>3} "
+              f"{'dense ms':>9} {'default ms':>10} {'best ms':>9} {'best/dense':>10}  best form")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['structure']:<22} {r['terms']:>5} {100 * r['dope']:>5.2f}% {r['rows_touched']:>5} "
+                     f"{r['compression']:>6.1f} {r['tokens']:>5} {r['threads']:>3} {r['dense_ms']:>9.3f} "
+                     f"{r['default_ms']:>10.3f} {r['chosen_ms']:>9.3f} {r['chosen_ms'] / r['dense_ms']:>10.2f}  "
+                     f"{r['form']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", default="1,2", help="intra-op thread counts (comma-separated)")
+    parser.add_argument("--tokens", default="1024,32,1", help="rows per run (comma-separated)")
+    parser.add_argument("--configs", help="indices into CONFIGS to run (comma-separated; default all)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement")
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    configs = CONFIGS if not args.configs else [CONFIGS[int(i)] for i in args.configs.split(",")]
+    rows = []
+    for m1, m2, n1, n2, terms, dope, touched in configs:
+        rep = random_site(m1, m2, n1, n2, terms, dope, touched)
+        for tokens in [int(t) for t in args.tokens.split(",")]:
+            for threads in [int(t) for t in args.threads.split(",")]:
+                result = measure(rep, tokens, threads, {"rounds": args.rounds})
+                rows.append({"structure": f"{m1}x{n1} ⊗ {m2}x{n2}", "terms": terms, "dope": dope,
+                             "rows_touched": touched or K, "compression": K * N / stored(rep), "tokens": tokens,
+                             "threads": threads, **result})
+                print(f"  {rows[-1]['structure']} s={terms} dope={dope} T={tokens} threads={threads}: "
+                      f"{result['chosen_ms']:.3f} ms vs dense {result['dense_ms']:.3f} ms ({result['form']})",
+                      file=sys.stderr)
+    print(f"\n1024x1024 MatMul, ONNX Runtime {ort.__version__} CPU; ms = median over interleaved rounds")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"onnxruntime": ort.__version__, "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

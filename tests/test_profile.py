@@ -1,5 +1,7 @@
 """Tests for onnx_fwlr.profile: inputs, FLOP counting from real shapes, ORT measurements, reports, test data."""
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -71,8 +73,8 @@ def _model(factorised=False):
     graph = helper.make_graph(
         nodes, "profile_test",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", T, K])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["rows", Q]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", T, T])],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -435,3 +437,17 @@ def test_lstm_flops_measured_from_runtime_shapes(tmp_path):
     assert flops["factored"] == {"lstm/input_projection": 2 * S * BATCH * IN * 2,
                                  "lstm": 2 * S * BATCH * 4 * H * (2 + H)}
     assert factorised_sites(flops["dense"], flops["factored"]) == ["lstm"]
+
+
+def test_cli_profile_compare_defaults_symbolic_axes_and_reports_the_limit(profiles, tmp_path, capsys):
+    from onnx_fwlr.cli.main import main
+
+    report = tmp_path / "p.json"
+    code = main(["profile", str(profiles["original_path"]), "--compare", str(profiles["folder"] / "compressed.onnx"),
+                 "--runs", "4", "--warmup", "1", "--threads", "1", "--json", str(report)])
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "symbolic axes set to 1: x[0] 'batch'" in text  # no --shape needed
+    assert "achievable latency ratio" in text and "median of 4 alternating pairs" in text
+    data = json.loads(report.read_text())
+    assert data["paired"]["pairs"] == 4 and [row["node"] for row in data["limits"]["sites"]] == ["mm1"]

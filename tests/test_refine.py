@@ -211,7 +211,7 @@ def test_cli_refine_bad_input_exits_2_with_one_sentence(digits_svd, tmp_path, ca
 def test_cli_compress_with_refine(tmp_path, capsys):
     out, report = tmp_path / "c.onnx", tmp_path / "c.json"
     code = main(["compress", str(DIGITS), "-o", str(out), "--ratio", "0.3", "--method", "svd", "--calib", str(CALIB),
-                 "--refine", "30", "--refine-lr", "3e-3", "--val", str(TEST), "--quiet", "--json", str(report)])
+                 "--refine", "30", "--max-accuracy-drop", "100", "--refine-lr", "3e-3", "--val", str(TEST), "--quiet", "--json", str(report)])
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     assert data["refine"]["steps"] == 30 and data["refine"]["after"]["loss"] < data["refine"]["before"]["loss"]

@@ -8,8 +8,8 @@ The command measured (and its --refine 150 and --sequential variants):
 Each configuration runs in a fresh child process, through the same library calls the CLI makes
 (pipeline.compress: prepare -> choose_ranks -> [correct_sequentially] -> build -> [refine] -> save), with the
 stages timed one by one: wall seconds, CPU seconds (all threads of the process) and the peak RSS *of that stage*
-(Linux VmHWM, reset between stages through /proc/self/clear_refs). The child's whole-run peak (ru_maxrss, what
-`/usr/bin/time -v` reports) and the load average before and after are printed with it: on a shared machine wall
+(Linux VmHWM, reset between stages through /proc/self/clear_refs; the run's peak is the largest of them, what
+`/usr/bin/time -v` reports). The load average before and after is printed with it: on a shared machine wall
 time is only meaningful next to the load, and CPU seconds are the better estimate of an idle machine's wall time.
 The last stage compares the result with the original on the held-out eval.npz (mean cosine of the embedding).
 
@@ -124,8 +124,10 @@ def measure(config: str, args) -> dict:
     if status != 0:
         raise RuntimeError(f"{config}: child failed with status {status}")
     row = json.loads(stdout.strip().splitlines()[-1])
+    # the whole run's peak is the largest stage peak: resetting VmHWM resets ru_maxrss too
     row.update(config=config, wall_s=time.perf_counter() - start, cpu_s=usage.ru_utime + usage.ru_stime,
-               peak_rss_mib=usage.ru_maxrss / 1024, load_before=load_before, load_after=load_average())
+               peak_rss_mib=max(s["peak_rss_mib"] for s in row["stages"]), load_before=load_before,
+               load_after=load_average())
     return row
 
 

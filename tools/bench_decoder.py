@@ -120,10 +120,10 @@ def cache_check(folder: Path, original: Path, compressed: Path, prompt: np.ndarr
 
 
 def table(rows: list[dict]) -> str:
-    header = f"{'config':<13}{'ratio':>6}{'ppl ratio':>11}{'KL nats':>10}{'top-1':>8}{'time s':>8}{'peak MiB':>10}"
+    header = f"{'config':<13}{'ratio':>6}{'ppl ratio':>11}{'KL nats':>11}{'top-1':>8}{'time s':>8}{'peak MiB':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['config']:<13}{r['ratio']:>6.2f}{r['perplexity_ratio']:>11.4f}{r['kl_divergence']:>10.4f}"
+        lines.append(f"{r['config']:<13}{r['ratio']:>6.2f}{r['perplexity_ratio']:>11.4f}{r['kl_divergence']:>11.2e}"
                      f"{100 * r['top1_agreement']:>7.1f}%{r['seconds']:>8.1f}{r['peak_rss_mib']:>10.0f}")
     return "\n".join(lines)
 
@@ -154,7 +154,7 @@ def main():
             measured = run_child(spec)
             metrics = validate_language(model, out, evaluation, batch_size=16, progress=False)
             rows.append(dict(config=name, ratio=ratio, **measured, **metrics.to_dict()))
-            print(f"  {name} {ratio}: ppl ratio {metrics.perplexity_ratio:.4f}, KL {metrics.kl_divergence:.4f}, "
+            print(f"  {name} {ratio}: ppl ratio {metrics.perplexity_ratio:.4f}, KL {metrics.kl_divergence:.2e}, "
                   f"top-1 {100 * metrics.top1_agreement:.1f} %, {measured['seconds']:.1f} s", flush=True)
     print(f"\noriginal perplexity on {rows[0]['tokens']} held-out positions: {rows[0]['original_perplexity']:.3f}")
     print(table(rows))

@@ -125,7 +125,8 @@ class GradientRunner:
                             "differentiate with respect to float tensors (e.g. embeddings instead of token ids).")
 
         self._steps = self._plan(graph)
-        self.exposed_model, self._fetch = self._expose(model, list(extra_outputs))
+        self._values, self._shapes = self._exposure(list(extra_outputs))
+        self._fetch = self._values + [name + _SHAPE_SUFFIX for name in self._shapes]
         self._extra_constants = [n for n in extra_outputs if n in self._initializers]
         self._session = None
 
@@ -192,8 +193,8 @@ class GradientRunner:
             f"op types with no gradient rule ({', '.join(ops)}); use an activation-based method "
             "(asvd or whiten) for this model, or choose tensors whose path avoids these ops.")
 
-    def _expose(self, model: onnx.ModelProto, extra: list[str]):
-        """A copy of the model whose outputs include every tensor the backward pass reads."""
+    def _exposure(self, extra: list[str]) -> tuple[list[str], list[str]]:
+        """Tensors the backward pass reads: those fetched whole, and those whose shape alone is fetched."""
         value_names = [self.output, *extra]
         shape_names = list(self.wrt)
         for step in self._steps:
@@ -204,21 +205,24 @@ class GradientRunner:
         cheap = set(self._initializers) | set(self._graph_inputs)
         values = [n for n in dict.fromkeys(value_names) if n and n not in cheap]
         shapes = [n for n in dict.fromkeys(shape_names) if n and n not in cheap and n not in values]
+        return values, shapes
 
+    @property
+    def exposed_model(self) -> onnx.ModelProto:
+        """A copy of the model whose outputs include every tensor the backward pass reads (made on each access
+        and not kept: it is as large as the model, and the session needs it only while it is created)."""
         exposed = onnx.ModelProto()
-        exposed.CopyFrom(model)
+        exposed.CopyFrom(self._model_ref)
         graph = exposed.graph
         outputs = {o.name for o in graph.output}
-        for name in values:
+        for name in self._values:
             if name not in outputs:
                 graph.output.append(self._value_info(name))
-        shape_outputs = []
-        for name in shapes:
+        for name in self._shapes:
             shape_name = name + _SHAPE_SUFFIX
             graph.node.append(onnx.helper.make_node("Shape", [name], [shape_name], name=shape_name))
             graph.output.append(onnx.helper.make_tensor_value_info(shape_name, onnx.TensorProto.INT64, None))
-            shape_outputs.append(shape_name)
-        return exposed, values + shape_outputs
+        return exposed
 
     def _value_info(self, name: str) -> onnx.ValueInfoProto:
         elem = self._types.get(name)

@@ -160,7 +160,7 @@ class Compress:
         if report.refined is not None:
             out(report.refined.format())
         if written:
-            out(f"wrote {output.resolve()} ({report.file_size_after:,} bytes)")
+            out(f"wrote {output.resolve()}")
         else:
             out(f"nothing to do: no weight was factorised, so {output} was not written (--write-unchanged writes "
                 "the model unchanged).")
@@ -201,7 +201,8 @@ def _compress_quantized(args, rank, ranks):
         quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
         target_size=parse_size(args.target_size),
         ratio=args.ratio, rank=rank or 0, method=method, calibration=args.calib, stats=args.stats,
-        embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype, bias_correction=False if args.no_bias_correction else None,
+        embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype,
+        bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet)
     if quantized:  # weights --quantize left in float go back to their own scheme

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import comparison_arguments, parse_outputs
-from onnx_fwlr.cli.options import language_arguments, printer, report_language, report_validation, tolerance_arguments, write_json
+from onnx_fwlr.cli.options import (
+    comparison_arguments,
+    language_arguments,
+    parse_outputs,
+    printer,
+    report_language,
+    report_validation,
+    tolerance_arguments,
+    write_json,
+)
 
 
 class Validate:

@@ -53,7 +53,7 @@ def judge(validation, min_cosine=None, max_rel_error=None, max_accuracy_drop=Non
                     "set --max-accuracy-drop")
         else:
             note = ("no tolerance given: nothing judged but NaN/Inf; pass --min-cosine or --max-rel-error "
-                    "for PASS or FAIL")
+                    "for a verdict")
     failures = validation.check(min_cosine=min_cosine, max_rel_error=max_rel_error,
                                 max_accuracy_drop=max_accuracy_drop)
     return Verdict(failures, note)

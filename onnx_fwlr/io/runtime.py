@@ -121,7 +121,7 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, options=None, provi
     try:
         if isinstance(model, onnx.ModelProto):
             with runtime_source(model) as source:
-                return ort.InferenceSession(source, options, providers=list(providers))
+                return _without_model_bytes(ort.InferenceSession(source, options, providers=list(providers)))
         path = os.fspath(model)
         try:
             return ort.InferenceSession(path, options, providers=list(providers))
@@ -136,6 +136,16 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, options=None, provi
             raise
         raise FwlrError(f"ONNX Runtime cannot load the {role}: {error_text(error)}; check that it is a valid "
                         "ONNX model.") from None
+
+
+def _without_model_bytes(session):
+    """The session, without the serialised model onnxruntime's Python wrapper keeps (as large as the model, for
+    every session made from bytes; ORT's own source marks it "bad as we're holding the memory indefinitely").
+    It serves only to re-create the session when another execution provider fails and ORT falls back, which a
+    CPU-only session never does: only those let it go."""
+    if list(session.get_providers()) == list(CPU) and getattr(session, "_model_bytes", None) is not None:
+        session._model_bytes = None
+    return session
 
 
 def error_text(error: BaseException) -> str:

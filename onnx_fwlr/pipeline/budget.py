@@ -98,6 +98,8 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> RankCho
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
             chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
+            ranks.notes.update({i: "kept dense: global allocation found its components worth more loss than the "
+                                   "parameters factorising would save" for i, r in zip(free, chosen) if r is None})
         else:
             chosen = _floored_uniform(ranks, free, shapes, ratio)
     for i, r in zip(free, chosen):
@@ -118,8 +120,8 @@ def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float) 
     if low:
         choice.warnings.append(
             f"{len(low)} site(s) got uniform ranks below {floor}, where one layer alone loses most of the model's "
-            "quality, and the budget is too small to keep them dense; give a larger ratio, or calibration data "
-            "with --allocation global.")
+            "quality, and the budget is too small to keep them dense; give a larger --ratio, or --calib data for "
+            "loss-unit global allocation.")
     return chosen
 
 

@@ -59,7 +59,7 @@ def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
-def _seq_first_inputs(model: onnx.ModelProto) -> set[str]:
+def seq_first_inputs(model: onnx.ModelProto) -> set[str]:
     """Tensors read as X [seq, batch, input] by an LSTM/GRU/RNN (layout 0): the mask [batch, seq] needs them transposed."""
     return {n.input[0] for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN")
             and not any(a.name == "layout" and a.i == 1 for a in n.attribute)}
@@ -71,7 +71,7 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
     augmented.CopyFrom(model)
     graph = augmented.graph
     ranks = _tensor_ranks(model)
-    seq_first = _seq_first_inputs(model)
+    seq_first = seq_first_inputs(model)
     opset = default_opset(model)
     nodes, inits, outputs = [], [], {}
 

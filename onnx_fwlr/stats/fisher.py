@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
-from onnx_fwlr.stats.activations import main_graph_tensors
+from onnx_fwlr.stats.activations import seq_first_inputs, main_graph_tensors
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.errors import FwlrError
@@ -143,6 +143,69 @@ def gradient_obstacle(model: onnx.ModelProto, sites: list[Site], output: str | N
     return None
 
 
+# Samples per forward/backward pass. The exposed intermediates and cotangents of one pass are the Fisher pass's
+# memory peak (all-MiniLM-L6-v2, 57 positions: about 25 MB per sample), so they scale with this, not the batch.
+MICRO_BATCH = 8
+
+
+def sample_axis_first(model: onnx.ModelProto, specs) -> bool:
+    """Whether every input can be cut into samples along its first axis: the model fixes no batch size and no
+    input is read sequence-first by an LSTM/GRU (its first axis is time)."""
+    seq_first = seq_first_inputs(model)
+    return all(spec.shape and not isinstance(spec.shape[0], int) and spec.name not in seq_first for spec in specs)
+
+
+def micro_batches(feed: dict, labels, size: int | None):
+    """The batch as consecutive pieces of at most `size` samples (None: whole), or whole when the inputs and
+    labels do not share one leading sample axis."""
+    counts = {np.shape(v)[0] if np.ndim(v) else -1 for v in feed.values()}
+    if labels is not None:
+        counts.add(np.shape(labels)[0] if np.ndim(labels) else -1)
+    count = counts.pop() if len(counts) == 1 else -1
+    if size is None or count <= size:
+        yield feed, labels
+        return
+    for start in range(0, count, size):
+        part = slice(start, start + size)
+        yield {k: v[part] for k, v in feed.items()}, (labels[part] if labels is not None else None)
+
+
+class _BatchFolder:
+    """Runs one (micro-)batch forward and backward and folds its sums into `stats`; what it exposes and computes
+    is freed when the call returns."""
+
+    def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats):
+        self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
+        self.mask_name, self.token_name, self.loss, self.samples = mask_name, token_name, loss, samples
+        self.rng, self.stats = rng, stats
+        self.keys = sorted({activation_key(use) for _, use in uses})
+
+    def __call__(self, feed: dict, labels) -> None:
+        values = self.runner.forward(feed)
+        z = values[self.target.tensor]
+        tokens = feed.get(self.token_name) if self.token_name else None
+        if self.loss is None:
+            self.loss = fisher.default_seed_loss(self.target, z.shape, labels is not None,
+                                                 next_token=_next_token_logits(self.out_name, z, tokens))
+        mask = feed.get(self.mask_name) if self.mask_name else None
+        weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
+        seeds = fisher.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
+                                  weight=weight, tokens=tokens)
+        for key in self.keys:
+            use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
+            x3 = _site_rows(values, use, node)
+            Statistics.fold(self.stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
+        for seed_value in seeds:
+            cotangents = self.runner.backward(values, seed_value)
+            for (site, use), node in zip(self.uses, self.nodes):
+                X = _site_rows(values, use, node)
+                G = _site_output_grads(values, cotangents, use, node, X.shape[0])
+                acc = self.stats.gradients.setdefault(site.weight, {})
+                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
+            del cotangents
+        self.stats.meta["samples"] += len(z) if z.ndim else 1
+
+
 def collect_fisher_stats(
     model: onnx.ModelProto,
     sites: list[Site],
@@ -154,6 +217,7 @@ def collect_fisher_stats(
     seed: int = 0,
     progress: bool = True,
     providers=("CPUExecutionProvider",),
+    micro_batch: int = MICRO_BATCH,
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -162,6 +226,9 @@ def collect_fisher_stats(
     one, padding masked); default 'ce' with labels, 'lm' for a 'logits' output [batch, seq, vocab] of a
     model fed input ids, else by the output's kind (fisher.default_seed_loss). `samples` seeds per batch
     for 'mc'/'gaussian'. Seeded, so reproducible.
+
+    Each batch is run forward and backward in pieces of `micro_batch` samples (micro_batches), each folded
+    into the sums as it is done: memory grows with the piece, not the batch (docs/speed.md, "Compression cost").
     """
     if loss is not None and loss not in fisher.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
@@ -174,35 +241,18 @@ def collect_fisher_stats(
     stats = Statistics(model_fingerprint(model), meta={
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
-    blas = ThreadpoolController()
+    fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats)
+    splittable = sample_axis_first(model, batches.specs)
     start = time.perf_counter()
-    chosen_loss = loss
-    for index, (feed, labels) in enumerate(tqdm(batches, desc="calibrate (fisher)", unit="batch",
-                                                disable=not progress, leave=False)):
-        values = runner.forward(feed)
-        z = values[target.tensor]
-        tokens = feed.get(token_name) if token_name else None
-        if chosen_loss is None:
-            chosen_loss = fisher.default_seed_loss(target, z.shape, labels is not None,
-                                                   next_token=_next_token_logits(out_name, z, tokens))
-        mask = feed.get(mask_name) if mask_name else None
-        weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        seeds = fisher.make_seeds(chosen_loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight,
-                                  tokens=tokens)
-        for key in {activation_key(use) for _, use in uses}:
-            use, node = next((u, n) for (_, u), n in zip(uses, nodes) if activation_key(u) == key)
-            x3 = _site_rows(values, use, node)
-            Statistics.fold(stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
-        for seed_value in seeds:
-            cotangents = runner.backward(values, seed_value)
-            with blas.limit(limits=1, user_api="blas"):  # many small per-sample products: threads only cost
-                for (site, use), node in zip(uses, nodes):
-                    X = _site_rows(values, use, node)
-                    G = _site_output_grads(values, cotangents, use, node, X.shape[0])
-                    acc = stats.gradients.setdefault(site.weight, {})
-                    fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
-        stats.meta["samples"] += len(z) if z.ndim else 1
-        stats.meta["batches"] += 1
+    # One BLAS thread for the numpy work between ORT runs (per-sample products, the VJPs): OpenBLAS's spinning
+    # threads made it several times slower on a loaded 2-core machine, and ORT keeps its own threads.
+    with ThreadpoolController().limit(limits=1, user_api="blas"):
+        for feed, labels in tqdm(batches, desc="calibrate (fisher)", unit="batch", disable=not progress,
+                                 leave=False):
+            for part, part_labels in micro_batches(feed, labels, micro_batch if splittable else None):
+                fold(part, part_labels)
+            stats.meta["batches"] += 1
+    chosen_loss = fold.loss
     if stats.meta["batches"] == 0:
         raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
     stats.meta.update(loss=chosen_loss, fisher_samples=samples, seconds=time.perf_counter() - start)

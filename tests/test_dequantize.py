@@ -484,3 +484,13 @@ def test_cli_inspect_says_the_model_is_quantized(tmp_path, capsys):
     assert _cli("inspect", tmp_path / "int4.onnx") == 0
     out = capsys.readouterr().out
     assert "the model is quantized: 1 quantized weight(s)" in out and "int4 block 32, symmetric" in out
+
+
+def test_cli_quantize_of_an_unsupported_quantized_model_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """The --quantize path reads a quantized input as compress does: a scheme it cannot read stops it up front."""
+    onnx.save(_nbits_with_g_idx(), tmp_path / "gidx.onnx")
+    code = _cli("compress", tmp_path / "gidx.onnx", "-o", tmp_path / "out.onnx", "--quantize", "int4", "--rank", 8,
+                "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "g_idx" in err and "Traceback" not in err
+    assert not (tmp_path / "out.onnx").exists()

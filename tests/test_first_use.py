@@ -405,7 +405,7 @@ def test_generator_with_sequential_is_refused_up_front():
 # ------------------------------------------------------------------------------------------ 14. BLAS threads
 
 def test_blas_threads_follow_the_work_and_the_load():
-    from onnx_fwlr.methods.decompose import blas_threads
+    from onnx_fwlr.pipeline.decompose import blas_threads
 
     assert blas_threads(512, 512, cores=16, load=0.0) == 1  # small: one thread was never slower
     assert blas_threads(4096, 4096, cores=16, load=0.0) == 8
@@ -416,7 +416,8 @@ def test_blas_threads_follow_the_work_and_the_load():
 def test_small_svd_runs_on_one_blas_thread(monkeypatch):
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from onnx_fwlr.methods import decompose, lowrank
+    from onnx_fwlr.pipeline import decompose
+    from onnx_fwlr.methods import lowrank
     from onnx_fwlr.sites.find import WeightRef
 
     seen = []

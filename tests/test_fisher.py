@@ -163,6 +163,9 @@ def test_find_seed_target_and_default_loss():
     assert default_seed_loss(target, (4, 3), labels_given=True) == "ce"
     assert default_seed_loss(target, (4, 3), labels_given=False) == "mc"
     assert default_seed_loss(plain, (4, 3), labels_given=False) == "mc"
+    assert default_seed_loss(plain, (4, 3), labels_given=False, class_scores=True) == "mc"
+    assert default_seed_loss(plain, (4, 3), labels_given=False, class_scores=False) == "gaussian"  # an embedding
+    assert default_seed_loss(target, (4, 3), labels_given=False, class_scores=False) == "mc"  # its softmax decides
     assert default_seed_loss(SeedTarget("h"), (4, 7, 16), labels_given=False) == "gaussian"
     with pytest.raises(FwlrError):
         make_seeds("ce", np.zeros((2, 3)))

@@ -112,3 +112,32 @@ def test_sampled_fisher_is_seeded():
     assert float(a.gradients[key]["grad_count"]) == 2 * 512
     mc = calibrate(DIGITS, CALIB, fisher=True, loss="mc", samples=2, progress=False)
     assert mc.meta["loss"] == "mc" and float(mc.gradients[key]["grad_count"]) == 2 * 512
+
+
+def _pooled_model(head: str):
+    """x [B, 4, 6] -> MatMul -> mean over positions -> 'normalised' (L2-normalised pool, an embedding) or 'gemm'
+    (a linear head, class scores); the 2-D output is named neutrally so only the graph decides."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]),
+             helper.make_node("ReduceMean", ["h"], ["pooled"], axes=[1], keepdims=0)]
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "W")]
+    if head == "normalised":
+        nodes += [helper.make_node("ReduceL2", ["pooled"], ["norm"], axes=[1], keepdims=1),
+                  helper.make_node("Div", ["pooled", "norm"], ["out"])]
+        width = 8
+    else:
+        nodes.append(helper.make_node("Gemm", ["pooled", "Wc", "bc"], ["out"], transB=1))
+        inits += [numpy_helper.from_array(rng.standard_normal((3, 8)).astype(np.float32), "Wc"),
+                  numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "bc")]
+        width = 3
+    return make_model(nodes, [vinfo("x", ["B", 4, 6])], [vinfo("out", ["B", width])], inits, opset=17)
+
+
+@pytest.mark.parametrize("head, loss", [("normalised", "gaussian"), ("gemm", "mc")])
+def test_default_loss_of_a_2d_output_follows_the_graph(head, loss):
+    """A normalised mean pool is an embedding (gaussian), a Gemm head gives class scores (mc); --loss still wins."""
+    data = [{"x": np.random.default_rng(6).standard_normal((8, 4, 6)).astype(np.float32)}]
+    model = _pooled_model(head)
+    assert calibrate(model, data, fisher=True, progress=False).meta["loss"] == loss
+    other = "mc" if loss == "gaussian" else "gaussian"
+    assert calibrate(model, data, fisher=True, loss=other, progress=False).meta["loss"] == other

@@ -104,6 +104,7 @@ def test_rounding_down_refused_when_it_costs_fidelity():
     energy[64] = 1e3  # the 65th component carries most of what is left
     assert round_ranks([65], [energy], [table]) == [65]  # 64 is faster but drops far more
     assert round_ranks([65], [energy], multiple=16) == [80]  # only multiples allowed: up, never down
+    assert round_ranks([65], [energy], [table], multiple=16) == [65]  # measured: 80 is slower than 65, so stay
 
 
 def test_slower_factored_site_stays_dense():

@@ -270,3 +270,27 @@ def test_half_precision_factors_halve_the_correction_bytes_and_keep_the_outputs(
     assert saved > 0.9 * sum(2 * int(np.prod(t.dims)) for t in halves)
     y32, y16 = run(out32, {"ids": ids})[0], run(out16, {"ids": ids})[0]
     assert np.linalg.norm(y16 - y32) < 1e-3 * np.linalg.norm(y32)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block-size", "48"], "--block-size 48 is not supported"),  # MatMulNBits: a power of two
+    (["--block-size", "8"], "--block-size 8 is not supported"),  # ... of at least 16
+    (["--block-size", "128"], "--block-size 128 does not divide its input size K = 64"),
+    (["--target-size", "2000", "--calib", "CALIB"], "below the smallest model int4 quantization can reach"),
+    (["--ratio", "0.01", "--calib", "CALIB"], "below the smallest model int4 quantization can reach"),
+    (["--quantize", "auto", "--target-size", "500", "--calib", "CALIB"],
+     "below the smallest model the options of --quantize auto can reach"),
+])
+def test_cli_bad_quantized_inputs_are_one_sentence_exit_2_and_write_nothing(flags, message, tmp_path, capsys):
+    from onnx_fwlr.cli.main import main
+
+    model, _ = _three_site_model()
+    source, output = tmp_path / "model.onnx", tmp_path / "out.onnx"
+    onnx.save(model, source)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, ids=np.random.default_rng(12).integers(0, 50, size=(64,)))
+    flags = [str(calibration) if f == "CALIB" else f for f in flags]
+    code = main(["compress", str(source), "-o", str(output), "--quantize", "int4", "--quiet", *flags])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and error.count("\n") == 1 and "Traceback" not in error, error
+    assert not output.exists()

@@ -56,13 +56,13 @@ def test_rank_multiple_given_rounds_without_timing():
 
 
 def test_rank_multiple_auto_measures_the_multiple_and_keeps_slower_sites_dense(tmp_path):
-    latency = FakeLatency(tmp_path, multiple=32, slower={(64, 256)})
+    latency = FakeLatency(tmp_path, multiple=32, penalty=2.0, slower={(64, 256)})  # off multiples: 3x slower
     _, report = compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple="auto", latency=latency, **KFAC)
     speed = report.budget["speed"]
     assert speed["measured"] and speed["rank_multiple"] == 32
     ranks = _ranks(report)
     assert ranks["fc1/Gemm"] is None and speed["kept_dense"] == ["fc1/Gemm"]  # its pair is slower than dense
-    assert ranks["fc2/MatMul"] % 32 == 0
+    assert ranks["fc2/MatMul"] == 32  # from 20: rank 32 runs faster here, and drops less
     assert any("not faster" in w for w in report.warnings)
     assert list(tmp_path.glob("latency-*.json"))  # the tables were cached
 

@@ -130,7 +130,8 @@ def test_choose_form_picks_the_fastest_per_stage_and_compares_with_dense():
     assert (choice.ms, choice.dense_ms, choice.tokens) == (2.0, 10.0, 64) and choice.faster
     assert len(timer.calls) == 2 and all(tokens == 64 for _, tokens in timer.calls)
     assert DENSE in timer.calls[0][0] and DENSE in timer.calls[1][0]
-    assert "form a_first, flat, per term; doping dense_rows: 2 ms vs dense 10 ms at 64 rows" == choice.describe(True, True)
+    described = choice.describe(True, True)
+    assert described == "form a_first, flat, per term; doping dense_rows: 2 ms vs dense 10 ms at 64 rows"
 
 
 def test_choose_form_reports_slower_than_dense():

@@ -1,6 +1,6 @@
 """SVD time with 1 and 2 BLAS threads at growing sizes, as the machine is, then with busy processes added.
 
-Backs methods.decompose.blas_threads (docs/defaults.md). Run without OPENBLAS_NUM_THREADS set:
+Backs pipeline.decompose.blas_threads (docs/defaults.md). Run without OPENBLAS_NUM_THREADS set:
 
     python tools/bench_blas_threads.py --busy 2
 """

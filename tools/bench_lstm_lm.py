@@ -230,7 +230,8 @@ def logits_of(model, tokens, batch=64):
     from onnx_fwlr.io import runtime
 
     session = runtime.make_session(model, runtime.session_options(threads=2))
-    return np.concatenate([session.run(None, {"tokens": tokens[i: i + batch]})[0] for i in range(0, len(tokens), batch)])
+    parts = [session.run(None, {"tokens": tokens[i: i + batch]})[0] for i in range(0, len(tokens), batch)]
+    return np.concatenate(parts)
 
 
 def metrics(logits, targets, reference=None) -> dict:

@@ -33,7 +33,7 @@ from onnx_fwlr.pipeline import compress as api
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.evaluate.profiling import compare_profiles, profile_model
-from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.tables import format_table
 
 SAMPLES = ROOT / "sample_models"
 MATRIX_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm")

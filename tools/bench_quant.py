@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from onnx_fwlr.errors import FwlrError  # noqa: E402
-from onnx_fwlr.evaluate.report import format_table  # noqa: E402
+from onnx_fwlr.tables import format_table
 from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
 from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
 
@@ -126,26 +125,26 @@ def measure(name: str, model: onnx.ModelProto, work: Workload, reference: np.nda
         row["accuracy"] = float(np.mean(out.argmax(1) == work.labels))
     if args.latency:
         row["latency_ratio"] = latency(model, work.evaluation[0]) / base_latency
+    if args.save_models:  # for `onnx-fwlr profile ORIGINAL --compare MODEL` at other batch sizes
+        folder = Path(args.save_models)
+        folder.mkdir(parents=True, exist_ok=True)
+        row["file"] = str(folder / ("_".join("".join(c if c.isalnum() or c == "." else " " for c in name).split())
+                                    + ".onnx"))
+        onnx.save(model, row["file"])
     print(f"  {name}: {row['bytes']:,} bytes, cos {row['cos_mean']:.4f} / {row['cos_min']:.4f}", file=sys.stderr)
     return row
 
 
 def ort_int8(model: onnx.ModelProto) -> onnx.ModelProto:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnx_fwlr.quant.ortquant import ort_int8_model
 
-    with tempfile.TemporaryDirectory() as folder:
-        quantize_dynamic(model, Path(folder) / "q.onnx", per_channel=True, weight_type=QuantType.QInt8)
-        return onnx.load(Path(folder) / "q.onnx")
+    return ort_int8_model(model)  # the same baseline as sweep --quantize and compress's closing comparison
 
 
 def ort_int4(model: onnx.ModelProto, block: int) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnx_fwlr.quant.ortquant import ort_int4_model
 
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    quantizer = MatMulNBitsQuantizer(copy, block_size=block, is_symmetric=False)
-    quantizer.process()
-    return quantizer.model.model
+    return ort_int4_model(model, block)
 
 
 def run(work: Workload, args) -> list[dict]:
@@ -247,6 +246,7 @@ def main() -> int:
     p.add_argument("--eval-samples", type=int, default=512)
     p.add_argument("--cache", default=str(ROOT / ".cache"), help="folder given to tools/export_minilm.py")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--save-models", metavar="DIR", help="also write every model of the table into DIR")
     args = p.parse_args()
     work = {"digits": digits, "transformer": lambda: transformer(args), "minilm": lambda: minilm(args)}[args.workload]()
     start = time.perf_counter()

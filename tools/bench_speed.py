@@ -30,7 +30,7 @@ from synthetic_transformer import build_transformer, make_token_batch  # noqa: E
 
 from onnx_fwlr.evaluate.latency import MeasuredLatency  # noqa: E402
 from onnx_fwlr.evaluate.limits import compare_speed  # noqa: E402
-from onnx_fwlr.evaluate.report import format_table  # noqa: E402
+from onnx_fwlr.tables import format_table
 from onnx_fwlr.io.model import save_model  # noqa: E402
 from onnx_fwlr.methods.registry import get_method  # noqa: E402
 from onnx_fwlr.pipeline.budget import Budget, choose_ranks  # noqa: E402

@@ -14,11 +14,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import onnx
 
+from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import runtime
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import DEFAULT_DOMAINS, FLOAT_TYPES, default_opset
-from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 
 _SHAPE_SUFFIX = "__fwlr_shape"
 

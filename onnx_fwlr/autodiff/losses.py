@@ -49,15 +49,21 @@ def find_seed_target(model, output: str) -> SeedTarget:
     return SeedTarget(output)
 
 
-def default_seed_loss(target: SeedTarget, output_shape, labels_given: bool, next_token: bool = False) -> str:
+def default_seed_loss(target: SeedTarget, output_shape, labels_given: bool, next_token: bool = False,
+                      class_scores: bool | None = None) -> str:
     """The Fisher seed: 'ce' with labels; 'lm' for a language model's next-token logits (``next_token``);
-    'mc' for logits/probabilities ((Log)Softmax output or 2-D [batch, classes]); else 'gaussian'.
-    (refine picks its distillation loss by another rule: onnx_fwlr.refine.losses.default_distillation_loss.)"""
+    'mc' for logits/probabilities ((Log)Softmax output, or a 2-D [batch, classes] output that the graph says
+    is class scores); else 'gaussian' (an embedding: a normalised mean pool is 2-D too, and a softmax over its
+    features would weight errors by a distribution that does not exist). ``class_scores`` is the caller's
+    reading of the graph (evaluate.outputs.score_outputs); None when unknown, and then every 2-D output counts
+    as scores. (refine picks its distillation loss by another rule: refine.losses.default_distillation_loss.)"""
     if labels_given:
         return "ce"
     if next_token:
         return "lm"
-    if target.classifier or len(output_shape) == 2:
+    if target.classifier:
+        return "mc"
+    if len(output_shape) == 2 and class_scores is not False:
         return "mc"
     return "gaussian"
 

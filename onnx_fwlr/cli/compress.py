@@ -96,6 +96,9 @@ class Compress:
         p.add_argument("--no-bias-correction", action="store_true",
                        help="do not fold the mean output shift into a bias (on by default for asvd/whiten/kfac)")
         p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")
+        p.add_argument("--no-ort-comparison", action="store_true",
+                       help="with --val: skip measuring ONNX Runtime's int8 per-channel and int4 block-32 "
+                            "quantizations of the original (the report's closing sentence when one is better)")
         p.add_argument("--refine", type=int, metavar="STEPS",
                        help="then distil the factors against the original for up to STEPS Adam steps on --calib "
                             "(early stopping on 10%% of --calib held back; --val stays unseen)")
@@ -168,6 +171,8 @@ class Compress:
         if report.checked is not None and written:
             code = report_validation(report.checked, args, out)
         summary = report.to_dict()
+        if report.checked is not None and written and not args.no_ort_comparison:
+            summary["ort_baselines"] = _ort_comparison(args, report, output, out)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
@@ -178,6 +183,20 @@ class Compress:
         if args.json:
             write_json(summary, args.json)
         return code
+
+
+def _ort_comparison(args, report, output, out) -> list[dict]:
+    """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
+    no more bytes (evaluate.frontier.ort_comparison); the measured baselines for the JSON report."""
+    from onnx_fwlr.evaluate.frontier import ort_comparison
+    from onnx_fwlr.io.model import file_size
+
+    sentence, rows = ort_comparison(args.model, file_size(output), report.checked, args.val,
+                                    batch_size=args.batch_size, outputs=parse_outputs(args.outputs),
+                                    common_prefix=args.common_prefix, quantized=bool(args.quantize))
+    if sentence:
+        out(sentence)
+    return rows
 
 
 def _compress_quantized(args, rank, ranks):

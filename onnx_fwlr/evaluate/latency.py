@@ -172,11 +172,13 @@ def _dropped(energy: np.ndarray, total: float, rank: int) -> float:
 
 
 def _candidates(rank: int, limit: int, multiple: int | None, table: SiteTable | None) -> list[int]:
-    """Ranks to consider instead of `rank`: the multiples of `multiple` around it, or the timed ranks within
-    an eighth of it (at least GRID_STEP) and the rank itself."""
+    """Ranks to consider instead of `rank`: the multiples of `multiple` around it (with a table, the rank
+    itself too: it stays when neither is faster at almost the same fidelity), or without a multiple the timed
+    ranks within an eighth of it (at least GRID_STEP) and the rank itself."""
     if multiple and multiple > 1:
         below, above = (rank // multiple) * multiple, -(-rank // multiple) * multiple
-        return sorted({r for r in (below, above) if 1 <= r <= limit})
+        kept = {rank} if table is not None else set()
+        return sorted({r for r in (below, above) if 1 <= r <= limit} | kept)
     if table is None:
         return [rank]
     window = max(GRID_STEP, rank // 8)
@@ -203,8 +205,9 @@ def round_ranks(ranks, energies, tables=None, multiple=None, totals=None, max_ra
 
     ranks: per site, a rank or None (dense, left alone). energies: per site, σ² descending in one currency
     (as for global allocation); totals: per site ‖PWQ‖_F² when energies are truncated (default their sums).
-    tables: per site a SiteTable or None. multiple: when given, only multiples of it are candidates (the one
-    below and the one above); else the timed ranks near the rank. A move down is allowed while the site's
+    tables: per site a SiteTable or None. multiple: the multiples of it below and above are the candidates
+    (with a table the rank itself is one too, so a move must be faster); without a multiple, the timed ranks
+    near the rank. A move down is allowed while the site's
     dropped energy grows by at most max_loss_increase (relative); moves up always lower it, but never past
     max_ranks (per site: the highest rank the decomposition gives and that still saves parameters).
     """

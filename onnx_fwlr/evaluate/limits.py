@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.tables import format_table
 
 PAIR_WARMUP = 5
 

@@ -21,26 +21,42 @@ def _pyplot():
 
 
 def plot_sweep(rows: list[dict], metric: str, path: str | Path) -> Path:
-    """Fidelity against kept parameter ratio (and against latency when measured), one line per configuration."""
+    """Fidelity against bytes (and against latency when measured): one line per configuration over its budgets,
+    ONNX Runtime's baselines as single squares, Pareto points ringed, the original as reference lines."""
     plt = _pyplot()
     has_latency = any(r.get("latency_ms") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(11 if has_latency else 6, 4.2), squeeze=False)
-    for label in sorted({r["config"] for r in rows}):
-        mine = sorted((r for r in rows if r["config"] == label), key=lambda r: r["param_ratio"])
-        axes[0][0].plot([r["param_ratio"] for r in mine], [r[metric] for r in mine], marker="o", label=label)
-        if has_latency:
-            axes[0][1].plot([r["latency_ms"] for r in mine], [r[metric] for r in mine], marker="o", label=label)
-    axes[0][0].set_xlabel("parameters kept (factorised weights)")
-    axes[0][0].set_ylabel(metric.replace("_", " "))
-    axes[0][0].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(12 if has_latency else 6.5, 4.6), squeeze=False)
+    panels = [(axes[0][0], "bytes", 1e-6, "model size (MB)", "bytes")]
     if has_latency:
-        axes[0][1].set_xlabel("latency (ms)")
-        axes[0][1].grid(alpha=0.3)
+        panels.append((axes[0][1], "latency_ms", 1.0, "latency (ms, median)", "latency"))
+    original = next((r for r in rows if r.get("kind") == "original" or r.get("config") == "original"), None)
+    for ax, key, scale, label, axis in panels:
+        _sweep_panel(ax, [r for r in rows if r is not original], metric, key, scale, axis)
+        if original is not None and original.get(key) is not None:
+            ax.axvline(original[key] * scale, color="0.4", lw=1, ls=":", label="original (size, latency)")
+            if original.get(metric) is not None:
+                ax.axhline(original[metric], color="0.4", lw=1, ls="--", label=f"original ({metric.replace('_', ' ')})")
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _sweep_panel(ax, rows: list[dict], metric: str, key: str, scale: float, axis: str) -> None:
+    shown = [r for r in rows if r.get(key) is not None and r.get(metric) is not None]
+    for label in sorted({r["config"] for r in shown}):
+        mine = sorted((r for r in shown if r["config"] == label), key=lambda r: r.get("bytes") or 0)  # budget order
+        baseline = all(r.get("kind") == "baseline" for r in mine)
+        ax.plot([r[key] * scale for r in mine], [r[metric] for r in mine], marker="s" if baseline else "o",
+                ls="none" if baseline else "-", ms=7 if baseline else 5, label=label)
+    pareto = [r for r in shown if axis in r.get("pareto", [])]
+    if pareto:
+        ax.scatter([r[key] * scale for r in pareto], [r[metric] for r in pareto], s=140, facecolors="none",
+                   edgecolors="black", linewidths=1.2, label="Pareto point", zorder=5)
 
 
 def plot_spectra(spectra: list[tuple[str, np.ndarray, int | None]], path: str | Path, title: str = "") -> Path:

@@ -20,7 +20,7 @@ from onnx import numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.flops import matmul_flops, measure_node_flops  # noqa: F401 (matmul_flops: public here too)
-from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.tables import format_table
 from onnx_fwlr.io import data, runtime
 from onnx_fwlr.io.model import file_size
 from onnx_fwlr.sites.find import model_parameters

@@ -10,6 +10,7 @@ import onnx
 
 from onnx_fwlr.io.onnx_utils import walk_graphs
 from onnx_fwlr.sites.find import Skipped
+from onnx_fwlr.tables import format_table
 
 
 @dataclass
@@ -131,16 +132,3 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     """Node count per op type over the main graph and every subgraph."""
     counts = collections.Counter(node.op_type for graph in walk_graphs(model) for node in graph.node)
     return dict(sorted(counts.items()))
-
-
-def format_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A plain aligned text table; `align` holds 'l' or 'r' per column."""
-    align = align or "l" * len(headers)
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
-
-    def line(cells):
-        out = [str(c).ljust(w) if a == "l" else str(c).rjust(w) for c, w, a in zip(cells, widths, align)]
-        return "  ".join(out).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule] + [line(r) for r in rows])

@@ -6,6 +6,7 @@ The user sees where the knee of the fidelity-vs-size curve is before choosing a 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,18 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.report import format_table
+from onnx_fwlr.evaluate.frontier import (
+    DEFAULT_INT8_FRACTIONS,
+    INT8_BASELINE,
+    QUANT_METHOD,
+    baseline_models,
+    budget_label,
+    fidelity,
+    frontier_metric,
+    mark_pareto,
+    model_bytes,
+    quantized_models,
+)
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.pipeline.compress import (
@@ -24,34 +36,41 @@ from onnx_fwlr.pipeline.compress import (
     choose_ranks,
     ensure_decompositions,
     prepare,
-    validate,
 )
 from onnx_fwlr.pipeline.defaults import check_data_first
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.tables import format_table
 
 
 @dataclass
 class SweepResult:
     rows: list[dict] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # method/allocation pairs asked for that cannot run
+    skipped: list[str] = field(default_factory=list)  # configurations asked for that cannot run, one sentence each
     spectra: dict = field(default_factory=dict)  # config -> [(site, singular values, rank at the middle ratio)]
     files: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
+    metric: str = "mean_cosine"  # what the Pareto points are judged by (frontier.frontier_metric)
 
     def format(self) -> str:
-        headers = ["method", "allocation", "ratio", "params kept", "mean cosine", "rel. L2", "top-1 agree",
-                   "accuracy", "latency ms"]
+        headers = ["config", "budget", "bytes", "vs original", "params kept", "mean cosine", "min cosine", "rel. L2",
+                   "top-1 agree", "accuracy", "latency ms", "Pareto"]
+        base = self.rows[0]["bytes"] if self.rows and self.rows[0].get("bytes") else None
         table = [
-            [r["method"], r["allocation"], f"{r['ratio']:.2f}", f"{r['param_ratio']:.3f}", f"{r['mean_cosine']:.4f}",
-             f"{r['rel_l2_error']:.4f}", _pct(r.get("top1_agreement")), _pct(r.get("accuracy")),
-             "" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"]
+            [r["config"], budget_label(r), f"{r['bytes']:,}", "" if base is None else f"{r['bytes'] / base:.3f}",
+             "" if r.get("param_ratio") is None else f"{r['param_ratio']:.3f}", f"{r['mean_cosine']:.4f}",
+             f"{r['min_cosine']:.4f}", f"{r['rel_l2_error']:.4f}", _pct(r.get("top1_agreement")),
+             _pct(r.get("accuracy")), "" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+             ", ".join(r.get("pareto", []))]
             for r in self.rows
         ]
-        return "\n".join([format_table(headers, table, align="llrrrrrrr")] + self.skipped)
+        note = (f"Pareto: no other row is as small (bytes; latency) and as good ({self.metric.replace('_', ' ')}), "
+                "and better in one of the two.")
+        return "\n".join([format_table(headers, table, align="llrrrrrrrrrl"), note] + self.skipped)
 
     def to_dict(self) -> dict:
-        return {"rows": self.rows, "calibration": self.calibration, "files": self.files, "skipped": self.skipped}
+        return {"rows": self.rows, "calibration": self.calibration, "files": self.files, "skipped": self.skipped,
+                "pareto_metric": self.metric}
 
 
 def _pct(value) -> str:
@@ -62,33 +81,68 @@ def sweep(
     model, calibration, validation, *, ratios: list[float], methods: list[str] | None = None,
     allocations: list[str] | None = None, out_dir: str | Path, batch_size: int = 32, mask_input: str | None = None,
     latency: bool = False, latency_runs: int = 20, save_models: bool = False, progress: bool = True,
-    fisher_options: dict | None = None, workers: int = 1, force: bool = False,
+    fisher_options: dict | None = None, workers: int = 1, force: bool = False, quantize: list[str] | None = None,
+    sizes: list[int] | None = None, int8_fractions: list[float] | None = None, baselines: bool | None = None,
+    block_size: int = 32,
 ) -> SweepResult:
-    """Every method × allocation × ratio from one calibration, plus the original as the reference row.
+    """Every method × allocation × ratio from one calibration, every quantize mode × byte budget, ONNX Runtime's
+    own quantizations of the original, and the original as the reference row; Pareto points marked.
 
-    `methods` None: svd, whiten and kfac with calibration data, svd without. `allocations` None: each
-    method's default (global for loss-unit methods, fwsvd and kfac; uniform otherwise); given ones run for
-    every method they fit, and the pairs that do not fit are listed in `result.skipped`. An existing `out_dir`
-    with files in it is refused unless `force`.
+    `methods` None: svd, whiten and kfac with calibration data, svd without (no low-rank rows when `ratios` is
+    empty). `allocations` None: each method's default (global for loss-unit methods, fwsvd and kfac; uniform
+    otherwise); given ones run for every method they fit, and the pairs that do not fit are listed in
+    `result.skipped`. `quantize` (int4, int8, auto): kfac-corrected quantization (pipeline.quantized) at each of
+    `sizes` (bytes) and `int8_fractions` of the bytes of ONNX Runtime's int8 model (default 0.7, 0.8, 0.9, 1.0
+    when no sizes are given). `baselines` (default: with `quantize`): ONNX Runtime's int8 per-channel and int4
+    block 32/128 models of the original. An existing `out_dir` with files in it is refused unless `force`.
     """
     out = _check_folder(out_dir, force)
     for ratio in ratios:
         Budget(ratio=ratio).check()
-    methods = methods or (["svd", "whiten", "kfac"] if calibration is not None else ["svd"])
-    configs, skipped = _configs(methods, allocations)
+    quantize = list(quantize or [])
+    _check_quantize(quantize, calibration, list(sizes or []) + list(int8_fractions or []), block_size)
+    if not ratios and not quantize and not baselines:
+        raise FwlrError("nothing to sweep: give parameter ratios (--ratios), --quantize modes or --baselines.")
+    methods = methods or ((["svd", "whiten", "kfac"] if calibration is not None else ["svd"]) if ratios else [])
+    configs, skipped = _configs(methods, allocations) if ratios else ([], [])
     check_data_first(model, [calibration, validation], batch_size, None)
     original = load_model(model)
-    gradients = any(METHODS[m].loss_units for m, _ in configs)
+    needed = {m for m, _ in configs} | ({QUANT_METHOD} if quantize else set())
+    gradients = any(METHODS[m].loss_units for m in needed)
     sites, _ = find_all_sites(original, None, None, fisher=gradients)  # the sites compress finds
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight; there is nothing to sweep.")
     out.mkdir(exist_ok=True)
     result = SweepResult(skipped=skipped)
-    stats = _sweep_statistics(original, sites, calibration, {m for m, _ in configs}, batch_size, mask_input,
-                              progress, fisher_options or {})
+    stats = _sweep_statistics(original, sites, calibration, needed, batch_size, mask_input, progress,
+                              fisher_options or {})
     if stats is not None:
         result.calibration = {k: v for k, v in stats.meta.items()}
-    original_path = _model_path(model, original, out)
+    measure = _Measure(original, _model_path(model, original, out), out, validation, batch_size, latency,
+                       latency_runs, save_models, result)
+    _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress)
+    int8_bytes = None
+    if baselines or (baselines is None and quantize):
+        for name, baseline in baseline_models(original):
+            measure.row(baseline, {"config": name, "kind": "baseline", "method": "ONNX Runtime", "allocation": "",
+                                   "params_kept": None, "param_ratio": None}, _stem(name))
+            int8_bytes = result.rows[-1]["bytes"] if name == INT8_BASELINE else int8_bytes
+    if quantize:
+        budgets = _byte_budgets(original, sizes, int8_fractions, int8_bytes)
+        for fields, compressed in quantized_models(
+                original, quantize, budgets, stats=stats, calibration=calibration, block_size=block_size,
+                batch_size=batch_size, mask_input=mask_input, fisher_options=fisher_options, progress=progress,
+                skipped=result.skipped):
+            measure.row(compressed, fields, f"quantize_{fields['allocation']}_{fields['target_size']}")
+    result.rows.insert(0, _reference_row(result.rows, model_bytes(original)))
+    result.metric = frontier_metric(result.rows)
+    mark_pareto(result.rows, result.metric)
+    return result
+
+
+def _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress) -> None:
+    """Every method × allocation × ratio, each method decomposed once."""
+    result = measure.result
     for method in sorted({m for m, _ in configs}, key=methods.index):
         prepared = prepare(original, method=method, stats=stats if METHODS[method].needs else None, workers=workers,
                            progress=progress)
@@ -100,24 +154,78 @@ def sweep(
                 ranks = choose_ranks(prepared, Budget(ratio=ratio), allocation)
                 compressed, report = build(prepared, ranks, allocation, Budget(ratio=ratio),
                                            bias_correction=METHODS[method].bias_correction)
-                row = _evaluate(original, compressed, report, validation, batch_size)
-                row.update(config=config, method=method, allocation=allocation, ratio=ratio)
-                if latency or save_models:
-                    path = out / f"{method}_{allocation}_{ratio:g}.onnx"
-                    save_model(compressed, path)
-                    if save_models:
-                        result.files.append(str(path))
-                    if latency:
-                        row["latency_ms"], row["baseline_latency_ms"] = _latency(original_path, path, original,
-                                                                                 validation, batch_size, latency_runs)
-                    if not save_models:
-                        path.unlink()
-                result.rows.append(row)
+                fields = {"config": config, "kind": "lowrank", "method": method, "allocation": allocation,
+                          "ratio": ratio, "params_kept": report.site_params_after,
+                          "param_ratio": report.site_params_after / max(report.site_params_before, 1),
+                          "ranks": {s.name: s.rank for s in report.sites}}
+                measure.row(compressed, fields, f"{method}_{allocation}_{ratio:g}")
                 if ratio == middle:
                     result.spectra[config] = [(s.name, prepared.decompositions[s.weight].s, r)
                                               for s, r in zip(prepared.sites, ranks)]
-    result.rows.insert(0, _reference_row(result.rows))
-    return result
+
+
+@dataclass
+class _Measure:
+    """Fidelity, bytes and (optionally) latency of each model, saved in the sweep's folder when asked."""
+
+    original: onnx.ModelProto
+    original_path: Path
+    out: Path
+    validation: object
+    batch_size: int
+    latency: bool
+    latency_runs: int
+    save_models: bool
+    result: SweepResult
+
+    def row(self, model: onnx.ModelProto, fields: dict, stem: str) -> None:
+        row = dict(fields, bytes=model_bytes(model))
+        row.update(fidelity(self.original, model, self.validation, self.batch_size))
+        if self.latency or self.save_models:
+            path = self.out / f"{stem}.onnx"
+            save_model(model, path)
+            if self.save_models:
+                self.result.files.append(str(path))
+            if self.latency:
+                row["latency_ms"], row["baseline_latency_ms"] = _latency(
+                    self.original_path, path, self.original, self.validation, self.batch_size, self.latency_runs)
+            if not self.save_models:
+                path.unlink()
+        self.result.rows.append(row)
+
+
+def _stem(name: str) -> str:
+    """A file name from a configuration's name: 'ORT int4 b32 (MatMul only)' -> 'ort_int4_b32_matmul_only'."""
+    return "_".join(re.findall(r"[a-z0-9]+", name.lower()))
+
+
+def _check_quantize(quantize: list[str], calibration, budgets: list, block_size: int) -> None:
+    from onnx_fwlr.pipeline.quantized import QUANTIZE_MODES
+    from onnx_fwlr.quant.ortquant import check_block_size
+
+    for mode in quantize:
+        if mode not in QUANTIZE_MODES:
+            raise FwlrError(f"unknown --quantize '{mode}'; choose from {', '.join(QUANTIZE_MODES)}.")
+    if quantize and calibration is None:
+        raise FwlrError("sweep --quantize spreads byte budgets in loss units, which needs calibration data; pass "
+                        "--calib DATA.")
+    if any(budget <= 0 for budget in budgets):
+        raise FwlrError("every --sizes entry must be positive (a size such as 20MB, or a multiple such as 0.8x).")
+    check_block_size(block_size)
+
+
+def _byte_budgets(original, sizes, int8_fractions, int8_bytes) -> list[tuple[int, str]]:
+    """The byte budgets of the quantized rows, (bytes, how it was asked for): the sizes given, and fractions of
+    the bytes of ONNX Runtime's int8 model."""
+    fractions = list(int8_fractions or ([] if sizes else DEFAULT_INT8_FRACTIONS))
+    if fractions and int8_bytes is None:  # baselines off, or the quantizer refused: make it for its bytes alone
+        int8_bytes = next((model_bytes(m) for _, m in baseline_models(original, [INT8_BASELINE])), None)
+        if int8_bytes is None:
+            raise FwlrError("ONNX Runtime cannot quantize this model to int8, so budgets relative to its int8 model "
+                            "have no size; give byte budgets with --sizes (e.g. 20MB).")
+    budgets = {size: f"{size:,} bytes" for size in sizes or []}
+    budgets.update({int(f * int8_bytes): f"{f:g} x ORT int8" for f in fractions})
+    return sorted(budgets.items())
 
 
 def _check_folder(out_dir, force: bool) -> Path:
@@ -154,12 +262,13 @@ def _configs(methods: list[str], allocations: list[str] | None) -> tuple[list[tu
     return configs, skipped
 
 
-def _reference_row(rows: list[dict]) -> dict:
+def _reference_row(rows: list[dict], original_bytes: int) -> dict:
     """The original model as a row: what every configuration is measured against."""
     first = rows[0] if rows else {}
-    row = {"config": "original", "method": "original", "allocation": "", "ratio": 1.0, "param_ratio": 1.0,
-           "params_kept": None, "ranks": {}, "output": first.get("output"), "mean_cosine": 1.0, "min_cosine": 1.0,
-           "rel_l2_error": 0.0, "top1_agreement": None if first.get("top1_agreement") is None else 1.0,
+    row = {"config": "original", "kind": "original", "method": "original", "allocation": "", "ratio": 1.0,
+           "param_ratio": 1.0, "params_kept": None, "ranks": {}, "bytes": original_bytes, "output": first.get("output"),
+           "mean_cosine": 1.0, "min_cosine": 1.0, "rel_l2_error": 0.0,
+           "top1_agreement": None if first.get("top1_agreement") is None else 1.0,
            "accuracy": first.get("original_accuracy"), "original_accuracy": first.get("original_accuracy")}
     if first.get("baseline_latency_ms") is not None:
         row["latency_ms"] = row["baseline_latency_ms"] = first["baseline_latency_ms"]
@@ -179,23 +288,6 @@ def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input
 
         return collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress, **fisher_options)
     return collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
-
-
-def _evaluate(original, compressed, report, validation, batch_size) -> dict:
-    check = validate(original, compressed, validation, batch_size=batch_size, progress=False)
-    first = check.outputs[0]
-    return {
-        "params_kept": report.site_params_after,
-        "param_ratio": report.site_params_after / max(report.site_params_before, 1),
-        "ranks": {s.name: s.rank for s in report.sites},
-        "output": first.name,
-        "mean_cosine": first.mean_cosine,
-        "min_cosine": first.min_cosine,
-        "rel_l2_error": first.rel_l2_error,
-        "top1_agreement": first.top1_agreement,
-        "accuracy": check.compressed_accuracy,
-        "original_accuracy": check.original_accuracy,
-    }
 
 
 def _model_path(model, loaded: onnx.ModelProto, out: Path) -> Path:
@@ -224,8 +316,7 @@ def write_outputs(result: SweepResult, out_dir: str | Path, plots: bool = True) 
         return written
     from onnx_fwlr.evaluate.plots import plot_spectra, plot_sweep
 
-    metric = "accuracy" if all(r.get("accuracy") is not None for r in result.rows) else "mean_cosine"
-    written.append(str(plot_sweep(result.rows, metric, out / "sweep.png")))
+    written.append(str(plot_sweep(result.rows, result.metric, out / "sweep.png")))
     for config, spectra in result.spectra.items():
         name = out / f"spectra_{config.replace('/', '_')}.png"
         written.append(str(plot_spectra(spectra, name, title=f"weighted spectra, {config}, middle ratio")))

@@ -286,3 +286,46 @@ def ensure_ms_domain(model: onnx.ModelProto) -> None:
     """Declare the com.microsoft domain that MatMulNBits and GatherBlockQuantized live in."""
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+# ONNX Runtime's quantizers run on the whole original model, as a new user runs them: the baselines that the
+# sweep's frontier and compress's closing sentence measure ours against (config name -> what it is).
+BASELINES = {
+    "ORT int8 dynamic per-channel": "quantize_dynamic, per_channel=True, QInt8 weights, its default op types",
+    "ORT int4 b32 (MatMul only)": "MatMulNBitsQuantizer, block 32, asymmetric; Gemm and embedding tables stay fp32",
+    "ORT int4 b128 (MatMul only)": "MatMulNBitsQuantizer, block 128, asymmetric; Gemm and embedding tables stay fp32",
+}
+
+
+def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`quantize_dynamic` int8 per channel of every op it quantizes by default (embeddings included)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
+        output = Path(folder) / "int8.onnx"
+        quantize_dynamic(copy, output, per_channel=True, weight_type=QuantType.QInt8,
+                         use_external_data_format=model.ByteSize() > 1_800_000_000)
+        return onnx.load(str(output))
+
+
+def ort_int4_model(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
+    """`MatMulNBitsQuantizer` int4 (asymmetric) of the MatMul nodes, its defaults otherwise."""
+    check_block_size(block_size)
+    module = _nbits_module()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    with _quiet_ort_logging():
+        quantizer = module.MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=False)
+        quantizer.process()
+    return quantizer.model.model
+
+
+def ort_baseline(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """The baseline `name` (a key of BASELINES) of the float model."""
+    if name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}")
+    if "int8" in name:
+        return ort_int8_model(model)
+    return ort_int4_model(model, 32 if "b32" in name else 128)

@@ -272,7 +272,8 @@ def _doping_elements(b: _Nodes, x2d: str, coo: _Coo, vals: str, N: int, structur
     output [T, N] (no separate Add). Copies one float at a time: cheap at few rows, slow at many."""
     picked = b.op("Gather", [x2d, coo.rows], "dope_x", axis=1)  # [T, nnz]
     updates = b.op("Mul", [picked, vals], "dope_xv")
-    cols = b.op("Reshape", [_int64(b, coo.cols, "dope_cols_i64", coo.wide), b.ints("dope_row", [1, -1])], "dope_cols_row")
+    cols = b.op("Reshape", [_int64(b, coo.cols, "dope_cols_i64", coo.wide), b.ints("dope_row", [1, -1])],
+                "dope_cols_row")
     indices = b.op("Expand", [cols, b.op("Shape", [picked], "dope_x_shape")], "dope_cols_expanded")
     if structured is None:
         shape = b.op("Concat", [_rows_of(b, x2d, "dope_t"), b.ints("dope_n", [N])], "dope_zeros_shape", axis=0)

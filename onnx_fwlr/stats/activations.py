@@ -17,9 +17,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from tqdm.auto import tqdm
 
-from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import runtime
+from onnx_fwlr.io.batching import seq_first_inputs  # the mask [batch, seq] needs them transposed
+from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.io.onnx_utils import default_opset
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
@@ -57,12 +58,6 @@ def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
         if value.type.tensor_type.HasField("shape"):
             ranks[value.name] = len(value.type.tensor_type.shape.dim)
     return ranks
-
-
-def seq_first_inputs(model: onnx.ModelProto) -> set[str]:
-    """Tensors read as X [seq, batch, input] by an LSTM/GRU/RNN (layout 0): the mask [batch, seq] needs them transposed."""
-    return {n.input[0] for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN")
-            and not any(a.name == "layout" and a.i == 1 for a in n.attribute)}
 
 
 def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> tuple[onnx.ModelProto, dict]:

@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
-from onnx_fwlr.stats.activations import seq_first_inputs, main_graph_tensors
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.outputs import score_outputs
+from onnx_fwlr.io.batching import micro_batches, padded_inputs, sample_axis_first, trim_padding
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
-from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.sites.find import Site
+from onnx_fwlr.stats.activations import main_graph_tensors
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
@@ -114,8 +116,8 @@ def _activation_sums(x3: np.ndarray, keep: np.ndarray | None) -> dict:
     rows = x3.reshape(-1, x3.shape[-1]).astype(np.float32, copy=False)
     if keep is not None:
         rows = rows[keep.reshape(-1)]
-    return {"gram": rows.T @ rows, "sum": rows.sum(0, dtype=np.float64), "abs_sum": np.abs(rows).sum(0, dtype=np.float64),
-            "count": float(rows.shape[0])}
+    return {"gram": rows.T @ rows, "sum": rows.sum(0, dtype=np.float64),
+            "abs_sum": np.abs(rows).sum(0, dtype=np.float64), "count": float(rows.shape[0])}
 
 
 def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
@@ -133,6 +135,14 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     return out_name, target, uses, nodes, runner
 
 
+def class_scores(model: onnx.ModelProto, output: str) -> bool | None:
+    """Whether `output` is class scores by the rule validation uses (a linear layer through at most a bias, a
+    temperature, a reshape or a softmax; evaluate.outputs), which decides the default loss of a 2-D output:
+    'mc' for scores, 'gaussian' for an embedding such as a normalised mean pool. None when unreadable."""
+    scores = score_outputs(model)
+    return None if scores is None else output in scores
+
+
 def gradient_obstacle(model: onnx.ModelProto, sites: list[Site], output: str | None = None) -> str | None:
     """Why the backward pass cannot give these sites gradients (an op without a rule, no float output...), as
     the sentence collect_fisher_stats would raise; None when it can. Reads no data."""
@@ -148,28 +158,6 @@ def gradient_obstacle(model: onnx.ModelProto, sites: list[Site], output: str | N
 MICRO_BATCH = 8
 
 
-def sample_axis_first(model: onnx.ModelProto, specs) -> bool:
-    """Whether every input can be cut into samples along its first axis: the model fixes no batch size and no
-    input is read sequence-first by an LSTM/GRU (its first axis is time)."""
-    seq_first = seq_first_inputs(model)
-    return all(spec.shape and not isinstance(spec.shape[0], int) and spec.name not in seq_first for spec in specs)
-
-
-def micro_batches(feed: dict, labels, size: int | None):
-    """The batch as consecutive pieces of at most `size` samples (None: whole), or whole when the inputs and
-    labels do not share one leading sample axis."""
-    counts = {np.shape(v)[0] if np.ndim(v) else -1 for v in feed.values()}
-    if labels is not None:
-        counts.add(np.shape(labels)[0] if np.ndim(labels) else -1)
-    count = counts.pop() if len(counts) == 1 else -1
-    if size is None or count <= size:
-        yield feed, labels
-        return
-    for start in range(0, count, size):
-        part = slice(start, start + size)
-        yield {k: v[part] for k, v in feed.items()}, (labels[part] if labels is not None else None)
-
-
 class _BatchFolder:
     """Runs one (micro-)batch forward and backward and folds its sums into `stats`; what it exposes and computes
     is freed when the call returns."""
@@ -178,6 +166,7 @@ class _BatchFolder:
         self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
         self.mask_name, self.token_name, self.loss, self.samples = mask_name, token_name, loss, samples
         self.rng, self.stats = rng, stats
+        self.class_scores = None  # the graph's reading of the output, for the default loss (collect_fisher_stats)
         self.keys = sorted({activation_key(use) for _, use in uses})
 
     def __call__(self, feed: dict, labels) -> None:
@@ -186,7 +175,8 @@ class _BatchFolder:
         tokens = feed.get(self.token_name) if self.token_name else None
         if self.loss is None:
             self.loss = fisher.default_seed_loss(self.target, z.shape, labels is not None,
-                                                 next_token=_next_token_logits(self.out_name, z, tokens))
+                                                 next_token=_next_token_logits(self.out_name, z, tokens),
+                                                 class_scores=self.class_scores)
         mask = feed.get(self.mask_name) if self.mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
         seeds = fisher.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
@@ -217,7 +207,8 @@ def collect_fisher_stats(
     seed: int = 0,
     progress: bool = True,
     providers=("CPUExecutionProvider",),
-    micro_batch: int = MICRO_BATCH,
+    micro_batch: int | None = MICRO_BATCH,
+    trim: bool = True,
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -227,8 +218,10 @@ def collect_fisher_stats(
     model fed input ids, else by the output's kind (fisher.default_seed_loss). `samples` seeds per batch
     for 'mc'/'gaussian'. Seeded, so reproducible.
 
-    Each batch is run forward and backward in pieces of `micro_batch` samples (micro_batches), each folded
-    into the sums as it is done: memory grows with the piece, not the batch (docs/speed.md, "Compression cost").
+    Each batch is run forward and backward in pieces of `micro_batch` samples (None: whole), each folded into
+    the sums as it is done, so memory grows with the piece, not the batch; with `trim`, a piece's trailing
+    positions that are padding in every sample are not run at all (io.batching; docs/speed.md, "Compression
+    cost").
     """
     if loss is not None and loss not in fisher.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
@@ -242,7 +235,10 @@ def collect_fisher_stats(
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
     fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats)
+    if loss is None:
+        fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
+    padded = padded_inputs(batches.specs, mask_name) if trim else []
     start = time.perf_counter()
     # One BLAS thread for the numpy work between ORT runs (per-sample products, the VJPs): OpenBLAS's spinning
     # threads made it several times slower on a loaded 2-core machine, and ORT keeps its own threads.
@@ -250,7 +246,7 @@ def collect_fisher_stats(
         for feed, labels in tqdm(batches, desc="calibrate (fisher)", unit="batch", disable=not progress,
                                  leave=False):
             for part, part_labels in micro_batches(feed, labels, micro_batch if splittable else None):
-                fold(part, part_labels)
+                fold(*trim_padding(part, part_labels, mask_name, padded))
             stats.meta["batches"] += 1
     chosen_loss = fold.loss
     if stats.meta["batches"] == 0:

@@ -87,13 +87,14 @@ class _JobPlanner:
     def job(self, i: int):
         site, key = self.sites[i], self.keys[i]
         method = self.site_methods[site.weight]
-        if key not in self.shared:
-            self.shared[key] = self.weighting.left(method, site, self.stats)
+        with _blas_limit(blas_threads(site.K, site.N)):  # the Cholesky factors, by the rule of the SVDs
+            if key not in self.shared:
+                self.shared[key] = self.weighting.left(method, site, self.stats)
+            right = self.weighting.right(method, site, self.stats)
         left = self.shared[key]
         self.remaining[key] -= 1
         if not self.remaining[key]:
             del self.shared[key]
-        right = self.weighting.right(method, site, self.stats)
         self.given[i] = (left, right)
         rank = self.ranks.get(site.weight)
         randomized = factorize.use_randomized(site.K, site.N, rank, self.svd)

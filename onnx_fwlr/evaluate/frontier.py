@@ -1,0 +1,166 @@
+"""The size/fidelity frontier: ONNX Runtime's own quantizations of the original as reference points, our
+quantized configurations under byte budgets (one prepare_quantized per mode, then every budget), Pareto
+points, and compress's closing comparison with the plain ONNX Runtime quantizations.
+
+A user who wants a smaller model tries ONNX Runtime's quantizers first (DESIGN §7); any table of ours that
+leaves them out cannot say whether the tool is worth running.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterator
+
+import onnx
+
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import external_bytes, load_model
+from onnx_fwlr.quant.ortquant import BASELINES, ort_baseline
+
+logger = logging.getLogger(__name__)
+
+INT8_BASELINE = "ORT int8 dynamic per-channel"
+INT4_BASELINE = "ORT int4 b32 (MatMul only)"
+COMPRESS_BASELINES = (INT8_BASELINE, INT4_BASELINE)  # what compress's closing sentence measures (with --val)
+SAID = {INT8_BASELINE: "int8 per-channel dynamic quantization (quantize_dynamic)",
+        INT4_BASELINE: "int4 block-32 quantization (MatMulNBits)"}
+DEFAULT_INT8_FRACTIONS = (0.7, 0.8, 0.9, 1.0)  # sweep --quantize budgets without --sizes: of the int8 model's bytes
+QUANT_METHOD = "kfac"  # a byte budget compares sites in loss units
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model as saved (its protobuf plus any external data)."""
+    return model.ByteSize() + external_bytes(model)
+
+
+def fidelity(original, model, validation, batch_size: int, outputs=None, common_prefix: bool = False) -> dict:
+    """How close `model` stays to the original on the validation data (its first compared output), and accuracy."""
+    from onnx_fwlr.pipeline.compress import validate
+
+    check = validate(original, model, validation, batch_size=batch_size, progress=False, outputs=outputs,
+                     common_prefix=common_prefix)
+    return judged(check)
+
+
+def judged(check) -> dict:
+    """The numbers of a Validation that the frontier compares: the first output's cosines and error, accuracy."""
+    first = check.outputs[0]
+    return {"output": first.name, "mean_cosine": first.mean_cosine, "min_cosine": first.min_cosine,
+            "rel_l2_error": first.rel_l2_error, "top1_agreement": first.top1_agreement,
+            "accuracy": check.compressed_accuracy, "original_accuracy": check.original_accuracy}
+
+
+def baseline_models(original: onnx.ModelProto, names=tuple(BASELINES)) -> Iterator[tuple[str, onnx.ModelProto]]:
+    """(name, model) of each ONNX Runtime baseline its quantizer can make of this model; one it cannot make is
+    logged and left out (a baseline is a reference point, never a reason to fail)."""
+    for name in names:
+        try:
+            yield name, ort_baseline(original, name)
+        except Exception as exc:  # noqa: BLE001 - ORT's quantizers raise many types on models they do not take
+            logger.info("%s of this model could not be made (%s: %s)", name, type(exc).__name__, exc)
+
+
+def quantized_models(original: onnx.ModelProto, modes: list[str], budgets: list[tuple[int, str]], *, stats,
+                     calibration,
+                     block_size: int = 32, batch_size: int = 32, mask_input=None, fisher_options=None,
+                     progress: bool = True, skipped: list[str]) -> Iterator[tuple[dict, onnx.ModelProto]]:
+    """(row fields, model) for every quantize mode at every byte budget ((bytes, label) pairs, the label saying
+    how the budget was asked for); the sites are measured and decomposed
+    once per mode (prepare_quantized), the statistics once for all. A budget a mode cannot reach is a sentence
+    in `skipped`."""
+    from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized
+
+    for mode in modes:
+        job = prepare_quantized(original, quantize=mode, block_size=block_size, method=QUANT_METHOD,
+                                calibration=calibration, stats=stats, budgeted=True, batch_size=batch_size,
+                                mask_input=mask_input, fisher_options=fisher_options, progress=progress)
+        for size, label in budgets:
+            try:
+                model, report = build_quantized(job, target_size=size)
+            except FwlrError as exc:
+                skipped.append(f"quantize {mode} at {label} ({size:,} bytes) skipped: {exc}")
+                continue
+            schemes = Counter(s.note.split(":")[0] for s in report.sites if s.note)
+            yield {"config": f"quantize {mode}", "kind": "quantized", "method": QUANT_METHOD, "allocation": mode,
+                   "target_size": size, "budget": label, "schemes": dict(sorted(schemes.items())),
+                   "params_kept": None, "param_ratio": None}, model
+
+
+def budget_label(row: dict) -> str:
+    """What the row's budget was, for the table."""
+    if row.get("kind") == "quantized":
+        return row["budget"]
+    if row.get("kind") == "lowrank":
+        return f"ratio {row['ratio']:.2f}"
+    return ""
+
+
+def frontier_metric(rows: list[dict]) -> str:
+    """Accuracy where every row has one (labelled data), else the mean cosine with the original's output."""
+    return "accuracy" if rows and all(r.get("accuracy") is not None for r in rows) else "mean_cosine"
+
+
+def mark_pareto(rows: list[dict], metric: str) -> None:
+    """row['pareto']: the axes ('bytes', 'latency') along which no other row is at least as small and at least
+    as good, and better in one of the two."""
+    for axis, key in (("bytes", "bytes"), ("latency", "latency_ms")):
+        points = [r for r in rows if r.get(key) is not None and r.get(metric) is not None]
+        for row in rows:
+            row.setdefault("pareto", [])
+            if row in points and not any(_dominates(other, row, key, metric) for other in points if other is not row):
+                row["pareto"].append(axis)
+
+
+def _dominates(a: dict, b: dict, key: str, metric: str) -> bool:
+    """a at most b's size and at least as good, better in one; accuracy ties (common on small test sets) are
+    broken by the mean cosine with the original."""
+    def good(row):
+        return (row[metric], row["mean_cosine"])
+
+    return a[key] <= b[key] and good(a) >= good(b) and (a[key] < b[key] or good(a) > good(b))
+
+
+def ort_comparison(original, ours_bytes: int, ours, validation, *, batch_size: int = 32, outputs=None,
+                   common_prefix: bool = False, quantized: bool = False) -> tuple[str | None, list[dict]]:
+    """Compress's closing check: ONNX Runtime's int8 per-channel and int4 block-32 quantizations of the original,
+    measured on the same validation data as our model (`ours`, its Validation). Returns one sentence when one of
+    them is at least as small and better, else None, and the measured rows (for the JSON report). A model that
+    already holds quantized weights is not compared (quantizing it again is not what a user would run)."""
+    reference = load_model(original)
+    from onnx_fwlr.quant.dequantize import detect_quantized
+
+    if detect_quantized(reference):
+        return None, []
+    rows = []
+    for name, model in baseline_models(reference, COMPRESS_BASELINES):
+        rows.append({"config": name, "bytes": model_bytes(model),
+                     **fidelity(reference, model, validation, batch_size, outputs, common_prefix)})
+    return better_baseline(dict(judged(ours), bytes=ours_bytes), rows, quantized), rows
+
+
+def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) -> str | None:
+    """One sentence naming the closest baseline that is at most our bytes and better than ours, or None when none
+    is. Better: a higher mean cosine with the original's first output and, with labels, an accuracy at least as
+    high (accuracy alone moves by single samples on small sets, and can rise above the original's)."""
+    def better(row):
+        accurate = row.get("accuracy") is None or ours.get("accuracy") is None or row["accuracy"] >= ours["accuracy"]
+        return row["bytes"] <= ours["bytes"] and row["mean_cosine"] > ours["mean_cosine"] and accurate
+
+    candidates = [row for row in baselines if better(row)]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda row: row["mean_cosine"])
+    same = "the same" if best["bytes"] == ours["bytes"] else "fewer"
+    hint = "" if quantized else ("; try `--quantize auto` with a byte budget (ONNX Runtime's quantizers plus a "
+                                 "low-rank correction)")
+    return (f"A plain ONNX Runtime {SAID.get(best['config'], best['config'])} of the original would have been "
+            f"better at {same} bytes on the --val data: {best['bytes']:,} bytes and {_quality(best)}, against this "
+            f"model's {ours['bytes']:,} bytes and {_quality(ours)}{hint}.")
+
+
+def _quality(row: dict) -> str:
+    text = f"mean cosine {row['mean_cosine']:.5f} on '{row['output']}'"
+    if row.get("accuracy") is not None:
+        text = f"accuracy {100 * row['accuracy']:.2f} % ({text})"
+    return text

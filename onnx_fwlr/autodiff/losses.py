@@ -290,6 +290,6 @@ def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray 
     acc["fisher_col"] = acc["fisher_col"] + col
     if "grad_gram" in acc:
         flat = G[keep] if keep is not None else G.reshape(-1, n)
-        acc["grad_gram"] = acc["grad_gram"] + flat.T @ flat
+        acc["grad_gram"] += flat.T @ flat  # in place: no new [N, N] float64 array per batch
     acc["grad_count"] = acc["grad_count"] + b
     return acc

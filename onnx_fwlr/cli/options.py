@@ -100,7 +100,8 @@ def calibration_arguments(p):
     p.add_argument("--batch-size", type=int, default=32, help="samples per ONNX Runtime run (default 32)")
     p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding (default: attention_mask)")
     p.add_argument("--shape", action="append", default=[], metavar="NAME:D0,D1",
-                   help="sizes of symbolic input dimensions (for random data and profiling); repeatable")
+                   help="sizes of symbolic input dimensions (for random data, profiling, and the input size "
+                        "--target-latency / --rank-multiple auto time the model at); repeatable")
     p.add_argument("--loss", choices=["ce", "mc", "gaussian", "lm"],
                    help="Fisher loss: ce (needs a 'labels' key), mc (sampled from the model), gaussian (embeddings), "
                         "lm (next-token cross-entropy of a language model: input_ids shifted by one, padding masked); "

@@ -28,17 +28,18 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import scipy.linalg
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.stats.activations import main_graph_tensors, make_session
-from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
+from onnx_fwlr.io.batching import MICRO_BATCH, micro_batches, padded_inputs, sample_axis_first, trim_padding
+from onnx_fwlr.io.data import Batches, find_mask_input, open_data
+from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.pipeline.build import site_replacement
 from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
-from onnx_fwlr.io.data import open_data
+from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import Site
+from onnx_fwlr.stats.activations import main_graph_tensors, make_session
 
 RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
@@ -120,10 +121,11 @@ def _subgraph_reads(node: onnx.NodeProto) -> set[str]:
 
 
 def _rows(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """[positions, K] float32, padding positions zeroed (mask [batch, seq] matching x's leading dims)."""
+    """[positions, K] float32 of the real positions: padding rows (mask [batch, seq] matching x's leading dims)
+    are dropped, not zeroed, so they cost the Grams nothing."""
     rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
     if mask is not None and x.ndim >= 3 and x.shape[:2] == mask.shape:
-        rows = rows * mask.reshape(-1, 1).astype(np.float32)
+        rows = rows[mask.reshape(-1) != 0]
     return rows
 
 
@@ -136,23 +138,40 @@ def _positions(x: np.ndarray, mask: np.ndarray | None) -> float:
 def _accumulate(sums: dict, x_new: np.ndarray, x_old: np.ndarray) -> None:
     for key, value in (("gram_new", x_new.T @ x_new), ("cross", x_new.T @ x_old), ("gram_old", x_old.T @ x_old),
                        ("sum_new", x_new.sum(0)), ("sum_old", x_old.sum(0))):
-        sums[key] = sums.get(key, 0.0) + value.astype(np.float64)
+        if key in sums:
+            sums[key] += value  # in place: no new float64 [K, K] per batch
+        else:
+            sums[key] = value.astype(np.float64)
 
 
-def _collect(original_session, compressed_session, inputs: list[str], batches: Batches, mask_name, holdout_every):
-    """Per input tensor: sums on fitting batches and on held-back batches."""
+def _collect(original_session, compressed_session, inputs: list[str], batches: Batches, mask_name, holdout_every,
+             pieces):
+    """Per input tensor: sums on fitting batches and on held-back batches; each batch is run in `pieces`."""
     fit = {name: {} for name in inputs}
     held = {name: {} for name in inputs}
     counts = {"fit": 0.0, "held": 0.0}
     for index, (feed, _) in enumerate(batches):
-        old = dict(zip(inputs, original_session.run(inputs, feed)))
-        new = dict(zip(inputs, compressed_session.run(inputs, feed)))
-        mask = feed.get(mask_name) if mask_name else None
         part = held if holdout_every and index % holdout_every == holdout_every - 1 else fit
-        for name in inputs:
-            _accumulate(part[name], _rows(new[name], mask), _rows(old[name], mask))
-        counts["held" if part is held else "fit"] += _positions(old[inputs[0]], mask)
+        for piece in pieces(feed):
+            old = dict(zip(inputs, original_session.run(inputs, piece)))
+            new = dict(zip(inputs, compressed_session.run(inputs, piece)))
+            mask = piece.get(mask_name) if mask_name else None
+            for name in inputs:
+                _accumulate(part[name], _rows(new[name], mask), _rows(old[name], mask))
+            counts["held" if part is held else "fit"] += _positions(old[inputs[0]], mask)
     return fit, held, counts
+
+
+def _pieces(model: onnx.ModelProto, batches: Batches, mask_name: str | None):
+    """feed -> its micro-batches without trailing padding (io.batching): a depth's two truncated models run on
+    56 % of MiniLM's padded positions instead of all of them."""
+    size = MICRO_BATCH if sample_axis_first(model, batches.specs) else None
+    names = padded_inputs(batches.specs, mask_name)
+
+    def pieces(feed):
+        for part, _ in micro_batches(feed, None, size):
+            yield trim_padding(part, None, mask_name, names)[0]
+    return pieces
 
 
 def _objective(sums: dict, W: np.ndarray, Wp: np.ndarray, right) -> float:
@@ -228,7 +247,7 @@ def sequential_factors(
         mask_name = find_mask_input(batches.specs, mask_input)
         fit, held, counts = _collect(make_session(_truncated(original, inputs)),
                                      make_session(_truncated(compressed, inputs)), inputs, batches, mask_name,
-                                     holdout_every)
+                                     holdout_every, _pieces(original, batches, mask_name))
         if counts["fit"] == 0:
             raise FwlrError("sequential correction found no calibration positions to fit on; give more data.")
         for site in level_sites:
@@ -260,6 +279,7 @@ class Corrected:
     seconds: float
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")  # Grams and ridge solves between ORT runs (docs/speed.md)
 def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibration, bias_correction: bool, *,
                          batch_size: int = 32, mask_input=None, shapes=None, progress: bool = True) -> Corrected:
     """Refit the factorised sites depth by depth on the partially compressed model (sequential_factors)."""

@@ -21,17 +21,17 @@ from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
 
 
 def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dict:
-    """One batch at the size the model will be timed at: the first calibration batch (a file, a folder or
-    "random" with shapes), else synthetic inputs of the --shape sizes."""
+    """One batch at the size the model will be timed at: synthetic inputs of the --shape sizes when given (the
+    size you deploy), else the first calibration batch (a file or a folder)."""
     from onnx_fwlr.io.data import open_data
 
-    if isinstance(calibration, (str, os.PathLike)):
-        feed, _ = next(iter(open_data(calibration, model, batch_size=batch_size, shapes=shapes)))
-        return feed
     if shapes:
         from onnx_fwlr.evaluate.profiling import synthetic_feed
 
         return synthetic_feed(model, shapes)
+    if isinstance(calibration, (str, os.PathLike)) and calibration != "random":
+        feed, _ = next(iter(open_data(calibration, model, batch_size=batch_size)))
+        return feed
     raise FwlrError("--rank-multiple auto and --target-latency time the model at its input size; pass the "
                     "calibration data as a file (--calib DATA) or give the size with --shape NAME:D0,D1,...")
 

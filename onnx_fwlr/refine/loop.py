@@ -19,10 +19,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.batching import padded_inputs, trim_padding
 from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
 from onnx_fwlr.io.model import load_model, tensor_array
 from onnx_fwlr.refine.losses import LOSSES, Objective, default_distillation_loss
@@ -226,6 +228,9 @@ def _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, pati
         raise FwlrError(f"unknown schedule '{schedule}'; choose one of {', '.join(SCHEDULES)}.")
 
 
+# One BLAS thread for the numpy backward pass between ORT runs: OpenBLAS's spinning threads made each step several
+# times slower on a loaded 2-core machine (docs/speed.md, "Compression cost"); ORT keeps its own threads.
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def refine(
     original,
     compressed,
@@ -299,6 +304,8 @@ def refine(
     val_teacher = train_teacher if val_pool is pool else TeacherCache(teacher, val_pool)
     val_chunks = val_pool.chunks(val_units, batch_size)
     val_batches = [b for chunk in val_chunks for b in val_pool.take(chunk)]
+    cut = _padding_cut(compressed, val_teacher, val_chunks, val_batches)
+    val_batches = [cut(*batch) for batch in val_batches]
 
     def evaluate(weights):
         teachers = [val_teacher(chunk, feed) for chunk, (feed, _) in zip(val_chunks, val_batches)]
@@ -321,7 +328,7 @@ def refine(
     for step in range(1, steps + 1):
         tick = time.perf_counter()
         chunk = next(order)
-        feed, labels = pool.take(chunk)[0]
+        feed, labels = cut(*pool.take(chunk)[0])
         dropped = dropout.draw()
         loss_value, grads = student.loss_and_grads(feed, dropout.feed(adam.params, dropped), train_teacher(chunk, feed),
                                                    labels)
@@ -352,6 +359,22 @@ def refine(
     report.dropped = dropout.dropped_count
     report.seconds = time.perf_counter() - start
     return _with_weights(compressed, best_weights, student.dtypes), report
+
+
+def _padding_cut(model: onnx.ModelProto, teacher: TeacherCache, chunks, batches):
+    """(feed, labels) -> the same without the trailing positions no sample uses (io.batching.trim_padding), or
+    unchanged when the loss tensor has a value per position: the teacher cache keeps one value per sample, which
+    must not depend on how much of the batch around it was cut. The first validation batch's teacher output
+    tells which (and is cached for the evaluations)."""
+    specs = model_inputs(model)
+    mask_name = find_mask_input(specs)
+    names = padded_inputs(specs, mask_name)
+    if names and batches:
+        feed = batches[0][0]
+        z = teacher(chunks[0], feed)
+        if not (np.ndim(z) >= 2 and np.shape(z)[:2] == np.shape(feed[mask_name])):
+            return lambda feed, labels: trim_padding(feed, labels, mask_name, names)
+    return lambda feed, labels: (feed, labels)
 
 
 def _batch_stream(pool: SamplePool, units: list[int], batch_size: int, rng):

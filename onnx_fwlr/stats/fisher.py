@@ -24,7 +24,7 @@ from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.outputs import score_outputs
-from onnx_fwlr.io.batching import micro_batches, padded_inputs, sample_axis_first, trim_padding
+from onnx_fwlr.io.batching import MICRO_BATCH, micro_batches, padded_inputs, sample_axis_first, trim_padding
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.sites.find import Site
@@ -151,11 +151,6 @@ def gradient_obstacle(model: onnx.ModelProto, sites: list[Site], output: str | N
     except FwlrError as exc:
         return str(exc)
     return None
-
-
-# Samples per forward/backward pass. The exposed intermediates and cotangents of one pass are the Fisher pass's
-# memory peak (all-MiniLM-L6-v2, 57 positions: about 25 MB per sample), so they scale with this, not the batch.
-MICRO_BATCH = 8
 
 
 class _BatchFolder:

@@ -189,7 +189,7 @@ def test_random_calibration_is_labelled_a_smoke_test():
 
 
 def test_random_calibration_needs_symbolic_dims():
-    with pytest.raises(FwlrError, match="--shape x"):
+    with pytest.raises(FwlrError, match="`shapes` x"):
         calibrate(transformer_like(), "random", progress=False)
 
 

@@ -175,7 +175,7 @@ def test_budget_too_small_or_too_large_keeps_the_weight_dense():
     assert fit_site(W, "kron", K * N, kron_shape=SHAPE) is None
     assert fit_site(W, "lowrank", (K + N) - 1) is None
     assert fit_site(W, "kron", 3 * round(0.05 * K * N), dope=0.05) is None  # the doping alone takes the budget
-    with pytest.raises(FwlrError, match="kron-shape"):
+    with pytest.raises(FwlrError, match="kron_shape"):
         fit_site(W, "kron", 300, kron_shape=(5, 5, 3, 8))
 
 

@@ -108,4 +108,7 @@ def test_sweep_quantize_needs_calibration_and_known_modes(tmp_path, capsys):
     assert main(["sweep", str(DIGITS), "--calib", str(CALIB), "--val", str(TEST), "--quantize", "int4", "--sizes",
                  "0x", "-o", out]) == 2
     assert "--sizes" in capsys.readouterr().err
+    assert main(["sweep", str(DIGITS), "--calib", str(CALIB), "--val", str(TEST), "--quantize", "int4",
+                 "--output-name", "probs", "-o", out]) == 2
+    assert "output 'probs' is not an output of the model" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()

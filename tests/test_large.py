@@ -86,7 +86,7 @@ def test_auto_rule():
     assert not factorize.use_randomized(512, 512, 16, "auto")  # too small to pay
     assert factorize.use_randomized(512, 512, 16, "randomized")
     assert not factorize.use_randomized(4096, 4096, 8, "exact")
-    with pytest.raises(Exception, match="--svd"):
+    with pytest.raises(Exception, match="`svd`"):
         factorize.use_randomized(10, 10, 2, "fast")
 
 
@@ -366,7 +366,7 @@ def test_grouped_statistics_remeasure_a_dropped_gram_and_refuse_to_be_saved(tmp_
     assert "gram" not in stats.activations[activation_key(first.uses[0])]
     np.testing.assert_array_equal(stats.input_gram(first), gram)  # measured again, identically
     assert stats.meta["passes"] == 3
-    with pytest.raises(FwlrError, match="--stats-memory"):
+    with pytest.raises(FwlrError, match="`stats_memory`"):
         stats.save(tmp_path / "s.npz")
 
 

@@ -116,7 +116,7 @@ def test_sequential_needs_calibration_data():
     model = chain_model([12, 10, 8])
     rng = np.random.default_rng(6)
     stats = onnx_fwlr.calibrate(model, [{"x": rng.standard_normal((16, 12)).astype(np.float32)}], progress=False)
-    with pytest.raises(onnx_fwlr.FwlrError, match="--calib"):
+    with pytest.raises(onnx_fwlr.FwlrError, match="`calibration`"):
         onnx_fwlr.compress(model, ratio=0.5, method="whiten", stats=stats, sequential=True, progress=False)
 
 

@@ -205,9 +205,9 @@ def test_dope_share_spends_that_share_of_each_site():
         k = int(0.3 * 0.25 * site.K * site.N // 3)
         assert f"+ {k} doped" in site.note
     assert report.budget["dope_share"] == 0.3
-    with pytest.raises(FwlrError, match="--dope and --dope-share"):
+    with pytest.raises(FwlrError, match="`dope` and `dope_share`"):
         compress(str(DIGITS), ratio=0.25, method="kron", dope=0.01, dope_share=0.3, progress=False)
-    with pytest.raises(FwlrError, match="--dope-share"):
+    with pytest.raises(FwlrError, match="`dope_share`"):
         compress(str(DIGITS), ratio=0.25, method="kron", dope_share=1.5, progress=False)
 
 
@@ -238,7 +238,7 @@ def test_measured_forms_pick_per_site_and_keep_slower_sites_dense():
     assert fc1.startswith("kept dense") and "doping elements" in fc2 and report.factorised == 1
     assert "ScatterElements" in {n.op_type for n in model.graph.node}
     assert report.budget["forms"]["kept_dense"] and timer.calls >= 2
-    with pytest.raises(FwlrError, match="--forms measured"):
+    with pytest.raises(FwlrError, match="`forms` measured"):
         compress(str(DIGITS), ratio=0.3, method="svd", forms="measured", progress=False)
 
 

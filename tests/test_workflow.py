@@ -58,7 +58,7 @@ def test_max_error_meets_its_target(digits_stats):
 
 
 def test_max_error_needs_validation_data():
-    with pytest.raises(FwlrError, match="--val"):
+    with pytest.raises(FwlrError, match="`validation`"):
         compress(str(DIGITS), max_error=0.1, progress=False)
 
 

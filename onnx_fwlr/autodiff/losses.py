@@ -179,7 +179,7 @@ def lm_seed(logits: np.ndarray, tokens: np.ndarray, *, mask=None, labels=None) -
     """
     if logits.ndim != 3 or logits.shape[:2] != np.shape(tokens):
         raise FwlrError(f"The 'lm' loss needs logits [batch, seq, vocab] matching the token ids {np.shape(tokens)}; "
-                        f"the seeded output has shape {logits.shape}. Name the logits output with --fisher-output.")
+                        f"the seeded output has shape {logits.shape}. Name the logits output with `output`.")
     targets, keep = next_token_targets(tokens, mask, labels)
     vocab = logits.shape[-1]
     if targets.size and (targets.min() < 0 or targets.max() >= vocab):

@@ -193,7 +193,8 @@ def _ort_comparison(args, report, output, out) -> list[dict]:
 
     sentence, rows = ort_comparison(args.model, file_size(output), report.checked, args.val,
                                     batch_size=args.batch_size, outputs=parse_outputs(args.outputs),
-                                    common_prefix=args.common_prefix, quantized=bool(args.quantize))
+                                    common_prefix=args.common_prefix, quantized=bool(args.quantize),
+                                    judge=args.fisher_output)
     if sentence:
         out(sentence)
     return rows

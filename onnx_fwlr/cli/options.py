@@ -12,17 +12,22 @@ from onnx_fwlr.errors import FwlrError
 # Library parameter names (as FwlrError messages write them, in backticks) and the flags that set them. A command
 # whose flag differs for the same parameter says so in its own `flags` (e.g. refine's --output-name).
 FLAGS = {
-    "ratio": "--ratio", "rank": "--rank", "ranks": "--rank NAME=N", "target_size": "--target-size",
-    "max_error": "--max-error", "validation": "--val", "method": "--method", "methods": "--methods",
-    "allocation": "--allocation", "include": "--include", "exclude": "--exclude", "keep_attention": "--keep-attention",
-    "calibration": "--calib", "stats": "--stats", "batch_size": "--batch-size", "mask_input": "--mask-input",
-    "shapes": "--shape", "sequential": "--sequential", "dope": "--dope", "kron_shape": "--kron-shape", "svd": "--svd",
-    "workers": "--workers", "stats_memory": "--stats-memory", "refine_steps": "--refine", "refine_lr": "--refine-lr",
-    "loss": "--loss", "output": "--fisher-output", "samples": "--fisher-samples", "fisher": "--fisher",
-    "shard": "--shard", "steps": "--steps", "lr": "--lr", "label_weight": "--label-weight", "seed": "--seed",
-    "min_cosine": "--min-cosine", "max_rel_error": "--max-rel-error", "max_accuracy_drop": "--max-accuracy-drop",
-    "outputs": "--outputs", "common_prefix": "--common-prefix", "quantize": "--quantize", "block_size": "--block-size",
-    "rank_multiple": "--rank-multiple", "target_latency": "--target-latency",
+    "allocation": "--allocation", "baselines": "--baselines", "batch_size": "--batch-size",
+    "block_size": "--block-size", "calibration": "--calib", "common_prefix": "--common-prefix", "dope": "--dope",
+    "dope_dropout": "--dope-dropout", "dope_share": "--dope-share", "embeddings": "--embeddings",
+    "exclude": "--exclude", "fisher": "--fisher", "force": "--force", "forms": "--forms", "include": "--include",
+    "int8": "--int8", "keep_attention": "--keep-attention", "kron_shape": "--kron-shape",
+    "label_weight": "--label-weight", "loss": "--loss", "lr": "--lr", "mask_input": "--mask-input",
+    "max_accuracy_drop": "--max-accuracy-drop", "max_error": "--max-error", "max_kl": "--max-kl",
+    "max_perplexity_ratio": "--max-perplexity-ratio", "max_rel_error": "--max-rel-error", "method": "--method",
+    "methods": "--methods", "min_cosine": "--min-cosine", "min_top1_agreement": "--min-top1-agreement",
+    "output": "--fisher-output", "outputs": "--outputs", "quantize": "--quantize", "rank": "--rank",
+    "rank_multiple": "--rank-multiple", "ranks": "--rank NAME=N", "ratio": "--ratio", "ratios": "--ratios",
+    "refine_lr": "--refine-lr", "refine_steps": "--refine", "reselect": "--reselect", "samples": "--fisher-samples",
+    "seed": "--seed", "sequential": "--sequential", "shapes": "--shape", "shard": "--shard", "sizes": "--sizes",
+    "stats": "--stats", "stats_memory": "--stats-memory", "steps": "--steps", "svd": "--svd",
+    "target_latency": "--target-latency", "target_size": "--target-size", "validation": "--val",
+    "workers": "--workers",
 }
 
 
@@ -51,9 +56,11 @@ def json_default(value):
 
 
 def printer(args) -> "callable":
-    """Where tables go: stdout, or stderr when stdout carries JSON."""
+    """Where tables go: stdout, or stderr when stdout carries JSON; report notes and warnings name parameters
+    in library terms, so they are shown as this command's flags."""
     stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
-    return lambda text="": print(text, file=stream)
+    flags = getattr(args, "flags", {})
+    return lambda text="": print(in_flag_terms(str(text), flags), file=stream)
 
 
 def parse_kron_shape(text: str | None):

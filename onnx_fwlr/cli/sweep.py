@@ -34,6 +34,8 @@ class Sweep:
                             "(on with --quantize)")
         p.add_argument("--fisher-output", metavar="NAME", help="output the Fisher loss is defined on (default: first "
                                                                 "float one)")
+        p.add_argument("--output-name", metavar="NAME",
+                       help="output the table's cosines are measured on (default: --fisher-output, else the first)")
         p.add_argument("--loss", choices=["ce", "mc", "gaussian", "lm"], help="Fisher loss (default: by the output)")
         p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for sweep.json and the plots")
         p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
@@ -64,7 +66,7 @@ class Sweep:
                        save_models=args.save_models, workers=args.workers, progress=not args.quiet, force=args.force,
                        quantize=split(args.quantize) if args.quantize else None, sizes=sizes, int8_fractions=fractions,
                        baselines=True if args.baselines else None, block_size=args.block_size,
-                       fisher_options={"output": args.fisher_output, "loss": args.loss})
+                       fisher_options={"output": args.fisher_output, "loss": args.loss}, judge=args.output_name)
         out = printer(args)
         out(result.format())
         try:

@@ -34,18 +34,21 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize() + external_bytes(model)
 
 
-def fidelity(original, model, validation, batch_size: int, outputs=None, common_prefix: bool = False) -> dict:
-    """How close `model` stays to the original on the validation data (its first compared output), and accuracy."""
+def fidelity(original, model, validation, batch_size: int, outputs=None, common_prefix: bool = False,
+             judge: str | None = None) -> dict:
+    """How close `model` stays to the original on the validation data (output `judge`, else the first compared
+    output), and accuracy."""
     from onnx_fwlr.pipeline.compress import validate
 
     check = validate(original, model, validation, batch_size=batch_size, progress=False, outputs=outputs,
                      common_prefix=common_prefix)
-    return judged(check)
+    return judged(check, judge)
 
 
-def judged(check) -> dict:
-    """The numbers of a Validation that the frontier compares: the first output's cosines and error, accuracy."""
-    first = check.outputs[0]
+def judged(check, judge: str | None = None) -> dict:
+    """The numbers of a Validation that the frontier compares: the cosines and error of output `judge` (the one
+    the loss was defined on, say) or else the first compared output, and accuracy."""
+    first = next((o for o in check.outputs if o.name == judge), check.outputs[0])
     return {"output": first.name, "mean_cosine": first.mean_cosine, "min_cosine": first.min_cosine,
             "rel_l2_error": first.rel_l2_error, "top1_agreement": first.top1_agreement,
             "accuracy": check.compressed_accuracy, "original_accuracy": check.original_accuracy}
@@ -122,9 +125,11 @@ def _dominates(a: dict, b: dict, key: str, metric: str) -> bool:
 
 
 def ort_comparison(original, ours_bytes: int, ours, validation, *, batch_size: int = 32, outputs=None,
-                   common_prefix: bool = False, quantized: bool = False) -> tuple[str | None, list[dict]]:
+                   common_prefix: bool = False, quantized: bool = False,
+                   judge: str | None = None) -> tuple[str | None, list[dict]]:
     """Compress's closing check: ONNX Runtime's int8 per-channel and int4 block-32 quantizations of the original,
-    measured on the same validation data as our model (`ours`, its Validation). Returns one sentence when one of
+    measured on the same validation data as our model (`ours`, its Validation), judged on output `judge` (else
+    the first compared one). Returns one sentence when one of
     them is at least as small and better, else None, and the measured rows (for the JSON report). A model that
     already holds quantized weights is not compared (quantizing it again is not what a user would run)."""
     reference = load_model(original)
@@ -135,8 +140,8 @@ def ort_comparison(original, ours_bytes: int, ours, validation, *, batch_size: i
     rows = []
     for name, model in baseline_models(reference, COMPRESS_BASELINES):
         rows.append({"config": name, "bytes": model_bytes(model),
-                     **fidelity(reference, model, validation, batch_size, outputs, common_prefix)})
-    return better_baseline(dict(judged(ours), bytes=ours_bytes), rows, quantized), rows
+                     **fidelity(reference, model, validation, batch_size, outputs, common_prefix, judge)})
+    return better_baseline(dict(judged(ours, judge), bytes=ours_bytes), rows, quantized), rows
 
 
 def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) -> str | None:
@@ -152,10 +157,10 @@ def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) 
         return None
     best = max(candidates, key=lambda row: row["mean_cosine"])
     same = "the same" if best["bytes"] == ours["bytes"] else "fewer"
-    hint = "" if quantized else ("; try `--quantize auto` with a byte budget (ONNX Runtime's quantizers plus a "
+    hint = "" if quantized else ("; try ``quantize` auto` with a byte budget (ONNX Runtime's quantizers plus a "
                                  "low-rank correction)")
     return (f"A plain ONNX Runtime {SAID.get(best['config'], best['config'])} of the original would have been "
-            f"better at {same} bytes on the --val data: {best['bytes']:,} bytes and {_quality(best)}, against this "
+            f"better at {same} bytes on the `validation` data: {best['bytes']:,} bytes and {_quality(best)}, against this "
             f"model's {ours['bytes']:,} bytes and {_quality(ours)}{hint}.")
 
 

@@ -75,7 +75,7 @@ def format_language(m: LanguageMetrics, failures: Sequence[str] = (), judged: bo
         f"top-1 accuracy  original {100 * m.original_accuracy:.2f} %   compressed {100 * m.compressed_accuracy:.2f} %",
         f"top-1 agreement {100 * m.top1_agreement:.2f} %   KL(original ‖ compressed) {m.kl_divergence:.5f} nats/token",
         "FAIL: " + " ".join(failures) if failures else "PASS" if judged else
-        "no tolerance given (--max-perplexity-ratio, --max-kl, --min-top1-agreement): nothing judged",
+        "no tolerance given (`max_perplexity_ratio`, `max_kl`, `min_top1_agreement`): nothing judged",
     ]
     return "\n".join(lines)
 

@@ -49,7 +49,7 @@ def parse_shape_args(items):
         if any(d < 0 for d in dims):
             raise FwlrError(f"Shape '{item}' has a negative dimension; every dimension must be 0 or more.")
         if name in shapes:
-            raise FwlrError(f"Input '{name}' is given more than one --shape; give each input once.")
+            raise FwlrError(f"Input '{name}' is given more than one `shapes`; give each input once.")
         shapes[name] = dims
     return shapes
 
@@ -297,7 +297,7 @@ def run_in_child(request, feed):
             last_lines = " | ".join(completed.stderr.strip().splitlines()[-3:])
             raise FwlrError(
                 f"The profiling process for {request['model_path']} died (exit code {completed.returncode}; "
-                f"{last_lines or 'no error output'}); if it ran out of memory, try a smaller --shape."
+                f"{last_lines or 'no error output'}); if it ran out of memory, try a smaller `shapes`."
             )
         outcome = json.loads(result_path.read_text())
     if "error" in outcome:

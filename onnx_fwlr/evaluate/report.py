@@ -84,7 +84,7 @@ class Report:
             parts += ["", f"{len(self.skipped)} MatMul/Gemm node(s) not factorised; `onnx-fwlr inspect` lists why."]
         if self.calibration.get("passes", 1) > 1:
             parts += [f"calibration read the data {self.calibration['passes']} times, once per group of site inputs "
-                      "whose Grams fit in --stats-memory"]
+                      "whose Grams fit in `stats_memory`"]
         if self.input_quantization:
             parts.append(self.input_quantization)
         parts += [f"warning: {w}" for w in self.warnings]

@@ -83,7 +83,7 @@ def sweep(
     latency: bool = False, latency_runs: int = 20, save_models: bool = False, progress: bool = True,
     fisher_options: dict | None = None, workers: int = 1, force: bool = False, quantize: list[str] | None = None,
     sizes: list[int] | None = None, int8_fractions: list[float] | None = None, baselines: bool | None = None,
-    block_size: int = 32,
+    block_size: int = 32, judge: str | None = None,
 ) -> SweepResult:
     """Every method × allocation × ratio from one calibration, every quantize mode × byte budget, ONNX Runtime's
     own quantizations of the original, and the original as the reference row; Pareto points marked.
@@ -94,7 +94,8 @@ def sweep(
     `result.skipped`. `quantize` (int4, int8, auto): kfac-corrected quantization (pipeline.quantized) at each of
     `sizes` (bytes) and `int8_fractions` of the bytes of ONNX Runtime's int8 model (default 0.7, 0.8, 0.9, 1.0
     when no sizes are given). `baselines` (default: with `quantize`): ONNX Runtime's int8 per-channel and int4
-    block 32/128 models of the original. An existing `out_dir` with files in it is refused unless `force`.
+    block 32/128 models of the original. `judge`: the output whose cosines the table reports (default: the
+    Fisher output when named, else the first). An existing `out_dir` with files in it is refused unless `force`.
     """
     out = _check_folder(out_dir, force)
     for ratio in ratios:
@@ -102,11 +103,14 @@ def sweep(
     quantize = list(quantize or [])
     _check_quantize(quantize, calibration, list(sizes or []) + list(int8_fractions or []), block_size)
     if not ratios and not quantize and not baselines:
-        raise FwlrError("nothing to sweep: give parameter ratios (--ratios), --quantize modes or --baselines.")
+        raise FwlrError("nothing to sweep: give parameter ratios (`ratios`), `quantize` modes or `baselines`.")
     methods = methods or ((["svd", "whiten", "kfac"] if calibration is not None else ["svd"]) if ratios else [])
     configs, skipped = _configs(methods, allocations) if ratios else ([], [])
     check_data_first(model, [calibration, validation], batch_size, None)
     original = load_model(model)
+    judge = judge or (fisher_options or {}).get("output")
+    if judge is not None and judge not in {o.name for o in original.graph.output}:
+        raise FwlrError(f"output '{judge}' is not an output of the model; name one of its outputs to judge by.")
     needed = {m for m, _ in configs} | ({QUANT_METHOD} if quantize else set())
     gradients = any(METHODS[m].loss_units for m in needed)
     sites, _ = find_all_sites(original, None, None, fisher=gradients)  # the sites compress finds
@@ -119,7 +123,7 @@ def sweep(
     if stats is not None:
         result.calibration = {k: v for k, v in stats.meta.items()}
     measure = _Measure(original, _model_path(model, original, out), out, validation, batch_size, latency,
-                       latency_runs, save_models, result)
+                       latency_runs, save_models, result, judge)
     _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress)
     int8_bytes = None
     if baselines or (baselines is None and quantize):
@@ -177,10 +181,11 @@ class _Measure:
     latency_runs: int
     save_models: bool
     result: SweepResult
+    judge: str | None = None  # the output whose cosines the rows report (else the first compared one)
 
     def row(self, model: onnx.ModelProto, fields: dict, stem: str) -> None:
         row = dict(fields, bytes=model_bytes(model))
-        row.update(fidelity(self.original, model, self.validation, self.batch_size))
+        row.update(fidelity(self.original, model, self.validation, self.batch_size, judge=self.judge))
         if self.latency or self.save_models:
             path = self.out / f"{stem}.onnx"
             save_model(model, path)
@@ -205,12 +210,12 @@ def _check_quantize(quantize: list[str], calibration, budgets: list, block_size:
 
     for mode in quantize:
         if mode not in QUANTIZE_MODES:
-            raise FwlrError(f"unknown --quantize '{mode}'; choose from {', '.join(QUANTIZE_MODES)}.")
+            raise FwlrError(f"unknown `quantize` '{mode}'; choose from {', '.join(QUANTIZE_MODES)}.")
     if quantize and calibration is None:
-        raise FwlrError("sweep --quantize spreads byte budgets in loss units, which needs calibration data; pass "
-                        "--calib DATA.")
+        raise FwlrError("sweep `quantize` spreads byte budgets in loss units, which needs calibration data; pass "
+                        "`calibration`.")
     if any(budget <= 0 for budget in budgets):
-        raise FwlrError("every --sizes entry must be positive (a size such as 20MB, or a multiple such as 0.8x).")
+        raise FwlrError("every `sizes` entry must be positive (a size such as 20MB, or a multiple such as 0.8x).")
     check_block_size(block_size)
 
 
@@ -222,7 +227,7 @@ def _byte_budgets(original, sizes, int8_fractions, int8_bytes) -> list[tuple[int
         int8_bytes = next((model_bytes(m) for _, m in baseline_models(original, [INT8_BASELINE])), None)
         if int8_bytes is None:
             raise FwlrError("ONNX Runtime cannot quantize this model to int8, so budgets relative to its int8 model "
-                            "have no size; give byte budgets with --sizes (e.g. 20MB).")
+                            "have no size; give byte budgets with `sizes` (e.g. 20MB).")
     budgets = {size: f"{size:,} bytes" for size in sizes or []}
     budgets.update({int(f * int8_bytes): f"{f:g} x ORT int8" for f in fractions})
     return sorted(budgets.items())
@@ -235,7 +240,7 @@ def _check_folder(out_dir, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise FwlrError(f"{out} is a file; give a folder for the sweep's results (-o).")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise FwlrError(f"folder {out} already holds files; pass --force (force=True) to write into it, or choose "
+        raise FwlrError(f"folder {out} already holds files; pass `force` to write into it, or choose "
                         "another -o.")
     return out
 
@@ -281,7 +286,7 @@ def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input
     if not needs:
         return None
     if calibration is None:
-        raise FwlrError(f"methods {sorted(methods)} need calibration data; pass --calib DATA.")
+        raise FwlrError(f"methods {sorted(methods)} need calibration data; pass `calibration`.")
     batches = open_data(calibration, model, batch_size=batch_size)
     if "gradients" in needs:
         from onnx_fwlr.stats.fisher import collect_fisher_stats

@@ -50,9 +50,9 @@ def judge(validation, min_cosine=None, max_rel_error=None, max_accuracy_drop=Non
         if validation.accuracy_drop is not None:
             max_accuracy_drop = DEFAULT_MAX_ACCURACY_DROP
             note = (f"default tolerance: accuracy may drop by {DEFAULT_MAX_ACCURACY_DROP:g} point; "
-                    "set --max-accuracy-drop")
+                    "set `max_accuracy_drop`")
         else:
-            note = ("no tolerance given: nothing judged but NaN/Inf; pass --min-cosine or --max-rel-error "
+            note = ("no tolerance given: nothing judged but NaN/Inf; pass `min_cosine` or `max_rel_error` "
                     "for a verdict")
     failures = validation.check(min_cosine=min_cosine, max_rel_error=max_rel_error,
                                 max_accuracy_drop=max_accuracy_drop)

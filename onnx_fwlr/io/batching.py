@@ -14,6 +14,8 @@ of the positions and micro-batches of 8 keep 56 %.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 
@@ -22,6 +24,8 @@ from onnx_fwlr.io.data import InputSpec
 # Samples per forward (and backward) pass in the passes that hold a batch's intermediates. The Fisher pass exposes
 # about 25 MB per all-MiniLM-L6-v2 sample of 57 positions: its memory peak scales with this, not the batch.
 MICRO_BATCH = 8
+
+logger = logging.getLogger(__name__)
 
 
 def seq_first_inputs(model: onnx.ModelProto) -> set[str]:
@@ -77,3 +81,23 @@ def trim_padding(feed: dict, labels, mask_name: str | None, names: list[str]):
     if labels is not None and np.shape(labels) == mask.shape:
         labels = labels[:, :length]
     return trimmed, labels
+
+
+class PaddingTrimmer:
+    """Runs `step(feed, labels)` on batches cut by trim_padding until the model refuses a shorter sequence: some
+    exports fix the length inside the graph (a causal mask traced at one length), and from then on batches go
+    whole. A real error is raised again by the whole batch."""
+
+    def __init__(self, mask_name: str | None, names: list[str]):
+        self.mask_name, self.names = mask_name, list(names)
+
+    def __call__(self, step, feed: dict, labels):
+        if self.names:
+            trimmed, trimmed_labels = trim_padding(feed, labels, self.mask_name, self.names)
+            if trimmed is not feed:
+                try:
+                    return step(trimmed, trimmed_labels)
+                except Exception as exc:  # noqa: BLE001 (ONNX Runtime raises its own types)
+                    logger.info("the model refuses a trimmed sequence (%s); padding is kept from now on", exc)
+                    self.names = []
+        return step(feed, labels)

@@ -111,7 +111,7 @@ def open_data(
     `shard=(i, n)` keeps the i-th of n interleaved parts of the batches (for calibration spread over processes)."""
     specs = model_inputs(model)
     if batch_size < 1:
-        raise FwlrError(f"--batch-size {batch_size} is out of range; it must be a positive integer.")
+        raise FwlrError(f"`batch_size` {batch_size} is out of range; it must be a positive integer.")
     if isinstance(source, str) and source == "random":
         return SizedBatches(lambda: _random_batches(specs, shapes or {}, batch_size, random_batches, seed), specs,
                             "random data (smoke test)", random_batches, smoke_test=True)
@@ -151,7 +151,7 @@ def _sharded(make, shard):
         return make
     index, count = shard
     if not (count >= 1 and 0 <= index < count):
-        raise FwlrError(f"--shard {index}/{count} is invalid; use i/n with 0 <= i < n.")
+        raise FwlrError(f"`shard` {index}/{count} is invalid; use i/n with 0 <= i < n.")
     return lambda: (batch for i, batch in enumerate(make()) if i % count == index)
 
 
@@ -223,7 +223,7 @@ def find_mask_input(specs: list[InputSpec], name: str | None = None) -> str | No
     names = [s.name for s in specs]
     if name is not None:
         if name not in names:
-            raise FwlrError(f"--mask-input '{name}' is not an input of the model; its inputs are {names}.")
+            raise FwlrError(f"`mask_input` '{name}' is not an input of the model; its inputs are {names}.")
         return name
     return next((n for n in names if n in MASK_NAMES), None)
 
@@ -254,7 +254,7 @@ def synthetic_feed(specs: list[InputSpec], shapes: dict | None, batch_size: int 
     names = [spec.name for spec in specs]
     unknown = sorted(set(shapes) - set(names))
     if unknown:
-        raise FwlrError(f"--shape names input(s) {', '.join(unknown)} that the model does not have; its inputs are "
+        raise FwlrError(f"`shapes` names input(s) {', '.join(unknown)} that the model does not have; its inputs are "
                         f"{', '.join(names)}.")
     rng = np.random.default_rng(seed)
     feed = {}
@@ -274,11 +274,11 @@ def _synthetic_dims(spec: InputSpec, given, batch_size: int | None) -> list[int]
     declared shape with a symbolic leading dim set to batch_size."""
     if given is not None:
         if spec.shape and len(given) != len(spec.shape):
-            raise FwlrError(f"--shape for input '{spec.name}' has {len(given)} dimensions but the model declares "
+            raise FwlrError(f"`shapes` for input '{spec.name}' has {len(given)} dimensions but the model declares "
                             f"{len(spec.shape)}; give all {len(spec.shape)}.")
         for axis, (want, have) in enumerate(zip(spec.shape, given)):
             if isinstance(want, int) and want > 0 and want != have:
-                raise FwlrError(f"--shape for input '{spec.name}' sets dimension {axis} to {have} but the model fixes "
+                raise FwlrError(f"`shapes` for input '{spec.name}' sets dimension {axis} to {have} but the model fixes "
                                 f"it at {want}.")
         return list(given)
     dims = []
@@ -290,6 +290,6 @@ def _synthetic_dims(spec: InputSpec, given, batch_size: int | None) -> list[int]
         else:
             raise FwlrError(
                 f"input '{spec.name}' has a symbolic dimension '{dim}' on axis {axis}; give its size with "
-                f"--shape {spec.name}:d0,d1,... for random data."
+                f"`shapes` {spec.name}:d0,d1,... for random data."
             )
     return dims

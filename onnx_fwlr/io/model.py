@@ -238,7 +238,7 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
         if isinstance(source, (str, os.PathLike)) and out.resolve() == Path(source).resolve():
             raise FwlrError(f"output {out} is the input model; choose another output path (-o).")
     if out.exists() and not force:
-        raise FwlrError(f"{out} already exists; pass --force (force=True) to overwrite it.")
+        raise FwlrError(f"{out} already exists; pass `force` to overwrite it.")
     if out.exists() and out.is_dir():
         raise FwlrError(f"{out} is a folder; give a file path for the output model.")
     if not out.parent.exists():

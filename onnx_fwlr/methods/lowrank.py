@@ -77,7 +77,7 @@ def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
             return Scaling(chol=chol)
         except np.linalg.LinAlgError:
             lam = max(lam * 10.0, 1e-10)
-    raise FwlrError("the activation Gram matrix could not be made positive definite; use --method svd or asvd.")
+    raise FwlrError("the activation Gram matrix could not be made positive definite; use `method` svd or asvd.")
 
 
 @dataclass
@@ -208,7 +208,7 @@ def use_randomized(K: int, N: int, rank: int | None, svd: str = "auto") -> bool:
     min(K, N), and min(K, N) ≥ 1024 (below that LAPACK's full SVD is fast enough that the sketch does not pay).
     """
     if svd not in SVD_CHOICES:
-        raise FwlrError(f"unknown --svd '{svd}'; choose one of {', '.join(SVD_CHOICES)}.")
+        raise FwlrError(f"unknown `svd` '{svd}'; choose one of {', '.join(SVD_CHOICES)}.")
     if rank is None or svd == "exact":
         return False
     if svd == "randomized":
@@ -228,7 +228,7 @@ def _svd(M: np.ndarray):
     try:  # the slower driver converges where gesdd does not
         return scipy.linalg.svd(M, full_matrices=False, lapack_driver="gesvd", check_finite=False)
     except np.linalg.LinAlgError:
-        raise FwlrError("the SVD did not converge for this weight; exclude it with --exclude.") from None
+        raise FwlrError("the SVD did not converge for this weight; exclude it with `exclude`.") from None
 
 
 def bias_shift(mean_input: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:

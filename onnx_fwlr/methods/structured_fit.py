@@ -105,7 +105,7 @@ class _Metric:
 def doping_count(K: int, N: int, fraction: float) -> int:
     """k = round(fraction · K · N) doping entries."""
     if not 0.0 <= fraction < 1.0:
-        raise FwlrError(f"--dope {fraction} is out of range; give the fraction of entries to keep, 0 <= f < 1 (e.g. 0.01).")
+        raise FwlrError(f"`dope` {fraction} is out of range; give the fraction of entries to keep, 0 <= f < 1 (e.g. 0.01).")
     return int(round(fraction * K * N))
 
 
@@ -176,7 +176,7 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
         shape = tuple(int(v) for v in kron_shape)
         m1, m2, n1, n2 = shape
         if m1 * m2 != K or n1 * n2 != N:
-            raise FwlrError(f"--kron-shape {m1}x{m2},{n1}x{n2} does not factor a [{K}x{N}] weight: "
+            raise FwlrError(f"`kron_shape` {m1}x{m2},{n1}x{n2} does not factor a [{K}x{N}] weight: "
                             f"need m1*m2 = {K} and n1*n2 = {N}.")
         candidates = [shape]
     else:

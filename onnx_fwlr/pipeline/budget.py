@@ -32,22 +32,22 @@ class Budget:
         if len(given) > 1:
             raise FwlrError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} given together; pass one budget.")
         if not given and not self.ranks:
-            raise FwlrError(("no budget given; pass --ratio R (0 < R <= 1), --rank N, --target-size, --max-error or "
-                             "--target-latency."))
+            raise FwlrError(("no budget given; pass `ratio` (0 < R <= 1), `rank`, `target_size`, `max_error` or "
+                             "`target_latency`."))
         if self.ratio is not None and not (0 < self.ratio <= 1):
-            raise FwlrError(f"--ratio {self.ratio} is out of range; it must satisfy 0 < ratio <= 1.")
+            raise FwlrError(f"`ratio` {self.ratio} is out of range; it must satisfy 0 < ratio <= 1.")
         if self.rank is not None and self.rank < 1:
-            raise FwlrError(f"--rank {self.rank} is out of range; it must be a positive integer.")
+            raise FwlrError(f"`rank` {self.rank} is out of range; it must be a positive integer.")
         if self.target_size is not None and self.target_size <= 0:
-            raise FwlrError(f"--target-size {self.target_size} is out of range; give a positive number of bytes.")
+            raise FwlrError(f"`target_size` {self.target_size} is out of range; give a positive number of bytes.")
         if self.target_latency is not None and not (0 < self.target_latency <= 1):
-            raise FwlrError(f"--target-latency {self.target_latency} is out of range; give the fraction of the "
+            raise FwlrError(f"`target_latency` {self.target_latency} is out of range; give the fraction of the "
                             "original's latency to reach, 0 < F <= 1.")
         if self.max_error is not None and not (self.max_error > 0):
-            raise FwlrError(f"--max-error {self.max_error} is out of range; give a positive relative error.")
+            raise FwlrError(f"`max_error` {self.max_error} is out of range; give a positive relative error.")
         for name, rank in self.ranks.items():
             if int(rank) < 1:
-                raise FwlrError(f"--rank {name}={rank} is out of range; ranks are positive integers.")
+                raise FwlrError(f"`rank` {name}={rank} is out of range; ranks are positive integers.")
 
     def describe(self) -> dict:
         data = {k: getattr(self, k) for k in BUDGETS if getattr(self, k) is not None}
@@ -93,8 +93,8 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> RankCho
                                   "target size the model already meets), so every site stays dense.")
         elif allocation == "global":
             if any(prepared.site_methods[sites[i].weight] != prepared.method for i in free):
-                raise FwlrError("--allocation global needs gradient statistics for every site; some have none "
-                                "(inside subgraphs?): use --allocation uniform or --exclude them.")
+                raise FwlrError("`allocation` global needs gradient statistics for every site; some have none "
+                                "(inside subgraphs?): use `allocation` uniform or `exclude` them.")
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
             chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
@@ -120,7 +120,7 @@ def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float) 
     if low:
         choice.warnings.append(
             f"{len(low)} site(s) got uniform ranks below {floor}, where one layer alone loses most of the model's "
-            "quality, and the budget is too small to keep them dense; give a larger --ratio, or --calib data for "
+            "quality, and the budget is too small to keep them dense; give a larger `ratio`, or `calibration` data for "
             "loss-unit global allocation.")
     return chosen
 
@@ -142,7 +142,7 @@ def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
         matches = [i for i, s in enumerate(sites) if name in {s.name, s.weight} | {u.node_name for u in s.uses}]
         if not matches:
             known = ", ".join(s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
-            raise FwlrError(f"--rank {name}={rank}: no site is named '{name}'; sites are: {known}.")
+            raise FwlrError(f"`rank` {name}={rank}: no site is named '{name}'; sites are: {known}.")
         for i in matches:
             found[i] = int(rank)
     return found
@@ -164,7 +164,7 @@ def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
     available = target_size - dense_bytes - fixed_bytes - overhead
     if available <= 0 or free_params == 0:
         raise FwlrError(
-            f"--target-size {target_size:,} bytes is too small: the model without its factorisable weights already "
+            f"`target_size` {target_size:,} bytes is too small: the model without its factorisable weights already "
             f"takes about {dense_bytes + fixed_bytes + overhead:,} bytes."
         )
     return min(1.0, available / (free_params * free_itemsize))

@@ -42,8 +42,8 @@ def check_method(method: str, allocation: str) -> None:
         raise FwlrError(f"unknown allocation '{allocation}'; choose one of {', '.join(ALLOCATIONS)}.")
     if allocation == "global" and not METHODS[method].loss_units:
         raise FwlrError(
-            "--allocation global ranks sites in loss units and needs gradient statistics; use --method fwsvd or "
-            "kfac with it, or --allocation uniform."
+            "`allocation` global ranks sites in loss units and needs gradient statistics; use `method` fwsvd or "
+            "kfac with it, or `allocation` uniform."
         )
 
 
@@ -120,7 +120,7 @@ def compress(
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     """
     if refine_steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
-        raise FwlrError("--refine trains on the calibration data; pass --calib DATA (.npz or a folder of .npz).")
+        raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
     check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
                batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
     Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
@@ -172,11 +172,11 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     mix = list(methods) if methods else [method]
     check_speed_options(budget, rank_multiple, mix[0], structured)
     if structured_options.get("forms", "default") != "default" and not structured:
-        raise FwlrError("--forms measured chooses the ONNX form of structured sites; add --method kron or --dope "
-                        "(plain low rank: --rank-multiple auto).")
+        raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
+                        "(plain low rank: `rank_multiple` auto).")
     if structured:
         if sequential:
-            raise FwlrError("--sequential refits plain low-rank factors only; drop it with --method kron, --methods or --dope.")
+            raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` or `dope`.")
         return compress_structured(
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
@@ -185,7 +185,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     method = mix[0]
     check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:
-        raise FwlrError("--max-error needs validation data to measure the error on; pass --val DATA.")
+        raise FwlrError("`max_error` needs validation data to measure the error on; pass `validation`.")
     prepared = prepare(
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
@@ -248,7 +248,7 @@ def _search_max_error(prepared, budget, allocation, bias_correction, validation,
             low = middle
     if best is None:
         model, report = build(prepared, [None] * len(prepared.sites), allocation, budget, bias_correction)
-        report.warnings.append(f"no ratio met --max-error {budget.max_error}; every site was kept dense.")
+        report.warnings.append(f"no ratio met `max_error` {budget.max_error}; every site was kept dense.")
         report.budget["search"] = history
         return model, report
     model, report, result, ratio = best
@@ -274,8 +274,8 @@ def calibrate(
 ) -> Statistics:
     """Statistics for every site, to save and reuse across compress runs (and to merge across shards)."""
     model = load_model(model)
-    validate_regex(include, "--include")
-    validate_regex(exclude, "--exclude")
+    validate_regex(include, "`include`")
+    validate_regex(exclude, "`exclude`")
     sites, _ = find_all_sites(model, include, exclude, fisher=fisher)
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")

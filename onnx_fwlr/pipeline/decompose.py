@@ -52,7 +52,7 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
     the leading components (factorize.use_randomized says when).
     """
     if workers < 1:
-        raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
+        raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, ranks or {}, svd)
     bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:

@@ -26,7 +26,7 @@ ACTIVATION_DEFAULT = "whiten"
 
 # Measured with `onnx-fwlr compress sample_models/digits_mlp.onnx --ratio 0.3 --val sample_models/digits_test.npz`,
 # without and with `--calib sample_models/digits_calib.npz` (docs/defaults.md).
-DATA_FREE_NOTE = ("no calibration data, so the result is data-free (plain svd, uniform ranks); with --calib DATA the "
+DATA_FREE_NOTE = ("no calibration data, so the result is data-free (plain svd, uniform ranks); with `calibration` the "
                   "default is kfac with loss-unit global allocation, which on the shipped digits model at ratio 0.3 "
                   "keeps 97.4 % test accuracy where data-free svd keeps 81.6 %.")
 
@@ -67,7 +67,7 @@ def gradient_obstacle(model: onnx.ModelProto, sites, fisher_options: dict, stats
     limit = default_memory_limit() if stats_memory is None else stats_memory
     if needed > limit:
         return (f"its gradient statistics would take about {needed / 2**30:.1f} GiB, over the memory limit of "
-                f"{limit / 2**30:.1f} GiB (--stats-memory)")
+                f"{limit / 2**30:.1f} GiB (`stats_memory`)")
     return backward_obstacle(model, sites, (fisher_options or {}).get("output"))
 
 

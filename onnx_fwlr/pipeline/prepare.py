@@ -92,9 +92,9 @@ def prepare(
     """
     factorize.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
-        raise FwlrError(f"--workers {workers} is out of range; give 1 or more worker processes.")
-    validate_regex(include, "--include")
-    validate_regex(exclude, "--exclude")
+        raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
+    validate_regex(include, "`include`")
+    validate_regex(exclude, "`exclude`")
     start = time.perf_counter()
     model = load_model(model)
     sites, skipped = find_all_sites(model, include, exclude, fisher=method in METHODS and GRADIENTS in METHODS[method].needs)
@@ -109,7 +109,7 @@ def prepare(
             sites, skipped = find_all_sites(model, include, exclude, fisher=GRADIENTS in METHODS[method].needs)
     if keep_attention:
         projections = attention_projections(model, sites)
-        skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (--keep-attention)")
+        skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (`keep_attention`)")
                     for s in sites if s.weight in projections]
         sites = [s for s in sites if s.weight not in projections]
     prepared = Prepared(model, sites, skipped, method, None, warnings=warnings, svd=svd, workers=workers,
@@ -204,7 +204,7 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
                                              memory_limit=stats_memory)
     if needs:
         if stats is None:
-            raise FwlrError(f"--method {method} needs calibration data; pass --calib DATA (or --stats FILE).")
+            raise FwlrError(f"`method` {method} needs calibration data; pass `calibration` (or `stats`).")
         stats.require(sites, needs, method)
     return stats
 
@@ -215,6 +215,6 @@ def _unmatched_patterns(include, exclude, sites, skipped) -> list[str]:
     names += [n for s in skipped for n in (s.node, s.weight) if n]
     return [
         f"{option} '{pattern}' matched no node or weight name; check the names with `onnx-fwlr inspect`."
-        for pattern, option in ((include, "--include"), (exclude, "--exclude"))
+        for pattern, option in ((include, "`include`"), (exclude, "`exclude`"))
         if pattern and not any(re.search(pattern, n) for n in names)
     ]

@@ -159,11 +159,11 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
 def check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate) -> None:
     """Every option error in one sentence, before any work."""
     if quantize not in QUANTIZE_MODES:
-        raise FwlrError(f"unknown --quantize '{quantize}'; choose one of {', '.join(QUANTIZE_MODES)}.")
+        raise FwlrError(f"unknown `quantize` '{quantize}'; choose one of {', '.join(QUANTIZE_MODES)}.")
     if embeddings not in EMBEDDING_MODES:
-        raise FwlrError(f"unknown --embeddings '{embeddings}'; choose one of {', '.join(EMBEDDING_MODES)}.")
+        raise FwlrError(f"unknown `embeddings` '{embeddings}'; choose one of {', '.join(EMBEDDING_MODES)}.")
     if int8 not in INT8_KINDS:
-        raise FwlrError(f"unknown --int8 '{int8}'; choose one of {', '.join(INT8_KINDS)}.")
+        raise FwlrError(f"unknown `int8` '{int8}'; choose one of {', '.join(INT8_KINDS)}.")
     if factors not in FACTOR_DTYPES:
         raise FwlrError(f"unknown factor storage '{factors}'; choose one of {', '.join(FACTOR_DTYPES)}.")
     check_block_size(block_size)
@@ -174,18 +174,18 @@ def check_options(quantize, block_size, method, embeddings, int8, factors, rank_
 
 def check_budget(quantize, method, target_size, ratio, rank) -> None:
     if target_size is not None and ratio is not None:
-        raise FwlrError("--target-size and --ratio given together; pass one budget.")
+        raise FwlrError("`target_size` and `ratio` given together; pass one budget.")
     if target_size is not None and target_size <= 0:
-        raise FwlrError(f"--target-size {target_size} is out of range; give a positive number of bytes.")
+        raise FwlrError(f"`target_size` {target_size} is out of range; give a positive number of bytes.")
     if ratio is not None and not 0 < ratio <= 1:
-        raise FwlrError(f"--ratio {ratio} is out of range; it must satisfy 0 < ratio <= 1 (of the input's bytes).")
+        raise FwlrError(f"`ratio` {ratio} is out of range; it must satisfy 0 < ratio <= 1 (of the input's bytes).")
     if quantize == "auto" and target_size is None and ratio is None:
-        raise FwlrError("--quantize auto chooses per site under a byte budget; pass --target-size or --ratio.")
+        raise FwlrError("`quantize` auto chooses per site under a byte budget; pass `target_size` or `ratio`.")
     if (target_size is not None or ratio is not None) and not get_method(method).loss_units:
-        raise FwlrError(f"a byte budget compares sites in loss units, which needs gradient statistics; use --method "
+        raise FwlrError(f"a byte budget compares sites in loss units, which needs gradient statistics; use `method` "
                         f"kfac or fwsvd instead of {method}, or drop the budget.")
     if rank < 0:
-        raise FwlrError(f"--rank {rank} is out of range; give a non-negative correction rank.")
+        raise FwlrError(f"`rank` {rank} is out of range; give a non-negative correction rank.")
 
 
 def _quantizable(prepared: Prepared) -> tuple[list[Site], list[Skipped]]:
@@ -220,9 +220,9 @@ def _check_divisible(sites: list[Site], scheme: Scheme) -> None:
         return
     for site in sites:
         if site.K % scheme.block_size:
-            raise FwlrError(f"{site.name}: --block-size {scheme.block_size} does not divide its input size K = "
+            raise FwlrError(f"{site.name}: `block_size` {scheme.block_size} does not divide its input size K = "
                             f"{site.K}; pick a block size that divides every K (see `onnx-fwlr inspect`) or "
-                            "--exclude it.")
+                            "`exclude` it.")
 
 
 def _metric(prepared: Prepared, site: Site, bias_correction: bool) -> plan.Metric:
@@ -247,7 +247,7 @@ def _table_rule(table: Table, quantize: str, embeddings: str, block_size: int, w
         return INT8_DYNAMIC
     if table.D % block_size == 0:
         return nbits(4, block_size)
-    warnings.append(f"embedding table {table.name}: --block-size {block_size} does not divide its width {table.D}; "
+    warnings.append(f"embedding table {table.name}: `block_size` {block_size} does not divide its width {table.D}; "
                     "stored as int8 instead.")
     return INT8_DYNAMIC
 
@@ -266,8 +266,8 @@ def _measure_quantization(job: QuantizeJob, embeddings, calibration, batch_size,
     if not tables and not tensors:
         return
     if calibration is None:
-        job.warnings.append("no calibration data (--calib) to price embedding tables and int8's activation rounding: "
-                            "tables follow --quantize, and int8's predicted loss counts its weight error only.")
+        job.warnings.append("no calibration data (`calibration`) to price embedding tables and int8's activation rounding: "
+                            "tables follow `quantize`, and int8's predicted loss counts its weight error only.")
         return
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
     meta = prepared.stats.meta
@@ -314,10 +314,10 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
     picked = allocation.allocate(choices, available)
     if picked is None:
         smallest = target - available + allocation.minimum_bytes(choices)
-        what = "the options of --quantize auto" if job.quantize == "auto" else f"{job.quantize} quantization"
+        what = "the options of `quantize` auto" if job.quantize == "auto" else f"{job.quantize} quantization"
         raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
-                        f"(about {smallest:,} bytes); raise --target-size/--ratio"
-                        + (" or use --quantize auto, which can also use low rank." if job.quantize != "auto" else "."))
+                        f"(about {smallest:,} bytes); raise `target_size`/`ratio`"
+                        + (" or use `quantize` auto, which can also use low rank." if job.quantize != "auto" else "."))
     n = len(job.sites)
     tables = dict(job.fixed_tables)
     tables.update({t.name: o.key for t, o in zip(_budgeted_tables(job), picked[n:]) if o.key is not None})

@@ -32,7 +32,7 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.batching import MICRO_BATCH, micro_batches, padded_inputs, sample_axis_first, trim_padding
+from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, open_data
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.pipeline.build import site_replacement
@@ -152,9 +152,9 @@ def _collect(original_session, compressed_session, inputs: list[str], batches: B
     counts = {"fit": 0.0, "held": 0.0}
     for index, (feed, _) in enumerate(batches):
         part = held if holdout_every and index % holdout_every == holdout_every - 1 else fit
-        for piece in pieces(feed):
-            old = dict(zip(inputs, original_session.run(inputs, piece)))
-            new = dict(zip(inputs, compressed_session.run(inputs, piece)))
+        for whole in pieces(feed):
+            old, new, piece = pieces.trimmer(lambda f, _: _run_pair(original_session, compressed_session, inputs, f),
+                                             whole, None)
             mask = piece.get(mask_name) if mask_name else None
             for name in inputs:
                 _accumulate(part[name], _rows(new[name], mask), _rows(old[name], mask))
@@ -162,15 +162,20 @@ def _collect(original_session, compressed_session, inputs: list[str], batches: B
     return fit, held, counts
 
 
+def _run_pair(original_session, compressed_session, inputs: list[str], piece: dict):
+    return (dict(zip(inputs, original_session.run(inputs, piece))),
+            dict(zip(inputs, compressed_session.run(inputs, piece))), piece)
+
+
 def _pieces(model: onnx.ModelProto, batches: Batches, mask_name: str | None):
     """feed -> its micro-batches without trailing padding (io.batching): a depth's two truncated models run on
     56 % of MiniLM's padded positions instead of all of them."""
     size = MICRO_BATCH if sample_axis_first(model, batches.specs) else None
-    names = padded_inputs(batches.specs, mask_name)
 
     def pieces(feed):
         for part, _ in micro_batches(feed, None, size):
-            yield trim_padding(part, None, mask_name, names)[0]
+            yield part
+    pieces.trimmer = PaddingTrimmer(mask_name, padded_inputs(batches.specs, mask_name))  # cuts, as the model allows
     return pieces
 
 
@@ -284,7 +289,7 @@ def correct_sequentially(prepared: Prepared, ranks: list[int | None], calibratio
                          batch_size: int = 32, mask_input=None, shapes=None, progress: bool = True) -> Corrected:
     """Refit the factorised sites depth by depth on the partially compressed model (sequential_factors)."""
     if calibration is None:
-        raise FwlrError("--sequential reads the calibration data once per depth; pass --calib DATA.")
+        raise FwlrError("`sequential` reads the calibration data once per depth; pass `calibration`.")
     start_time = time.perf_counter()
     start, right = {}, {}
     for (site, dec), rank in zip(site_decompositions(prepared, ranks, store=True), ranks):

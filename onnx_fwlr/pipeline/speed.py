@@ -32,8 +32,8 @@ def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dic
     if isinstance(calibration, (str, os.PathLike)) and calibration != "random":
         feed, _ = next(iter(open_data(calibration, model, batch_size=batch_size)))
         return feed
-    raise FwlrError("--rank-multiple auto and --target-latency time the model at its input size; pass the "
-                    "calibration data as a file (--calib DATA) or give the size with --shape NAME:D0,D1,...")
+    raise FwlrError("`rank_multiple` auto and `target_latency` time the model at its input size; pass the "
+                    "calibration data as a file (`calibration`) or give the size with `shapes`AME:D0,D1,...")
 
 
 def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
@@ -63,7 +63,7 @@ def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None
     than its dense op stays dense. Returns (ranks, what was done for the report)."""
     measured = multiple == "auto"
     if not measured and (not isinstance(multiple, int) or multiple < 1):
-        raise FwlrError(f"--rank-multiple {multiple} is out of range; give a positive integer or 'auto'.")
+        raise FwlrError(f"`rank_multiple` {multiple} is out of range; give a positive integer or 'auto'.")
     indices = [i for i, r in enumerate(ranks) if r is not None]
     ensure_decompositions(prepared, _upper_ranks(prepared, ranks, lat.MULTIPLES[-1] if measured else multiple))
     energies, totals, max_ranks = _energies(prepared, indices)
@@ -105,7 +105,7 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
     timed = [i for i, t in enumerate(tables) if t is not None]
     free = [i for i in timed if i not in fixed]
     if not free:
-        raise FwlrError("--target-latency found no MatMul/Gemm site to time; it does not apply to this model.")
+        raise FwlrError("`target_latency` found no MatMul/Gemm site to time; it does not apply to this model.")
     share = latency.site_share(prepared.model, [sites[i] for i in timed], feed)
     floor = 1.0 - share
     ranks: list[int | None] = [fixed.get(i) for i in range(len(sites))]
@@ -116,7 +116,7 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
     best_ratio = floor + share * (fastest + fixed_ms) / dense_ms
     if site_budget < fastest:
         raise FwlrError(
-            f"--target-latency {target:g} cannot be reached: the factorisable sites take {100 * share:.0f}% of the "
+            f"`target_latency` {target:g} cannot be reached: the factorisable sites take {100 * share:.0f}% of the "
             f"original's time on this machine, so factorising reaches about {best_ratio:.2f} at best; ask for "
             f"{best_ratio + 0.01:.2f} or more (or quantize).")
     ensure_decompositions(prepared)  # the budget compares whole spectra, as global allocation does
@@ -151,20 +151,20 @@ def check_speed_options(budget, rank_multiple, method: str, structured: bool) ->
 
     if rank_multiple is None and budget.target_latency is None:
         return
-    flag = "--target-latency" if budget.target_latency is not None else "--rank-multiple"
+    flag = "`target_latency`" if budget.target_latency is not None else "`rank_multiple`"
     if structured:
-        raise FwlrError(f"{flag} works with plain low-rank methods; drop --method kron, --methods or --dope.")
+        raise FwlrError(f"{flag} works with plain low-rank methods; drop `method` kron, `methods` or `dope`.")
     if budget.max_error is not None:
-        raise FwlrError(f"{flag} does not combine with --max-error; pass one of them.")
+        raise FwlrError(f"{flag} does not combine with `max_error`; pass one of them.")
     given = rank_multiple is not None and rank_multiple != "auto"
     if given and (not isinstance(rank_multiple, int) or rank_multiple < 1):
-        raise FwlrError(f"--rank-multiple {rank_multiple} is out of range; give a positive integer or 'auto'.")
+        raise FwlrError(f"`rank_multiple` {rank_multiple} is out of range; give a positive integer or 'auto'.")
     if budget.target_latency is not None:
         if rank_multiple is not None:
-            raise FwlrError("--target-latency already picks ranks the kernels run fast at; drop --rank-multiple.")
+            raise FwlrError("`target_latency` already picks ranks the kernels run fast at; drop `rank_multiple`.")
         if not METHODS[method].loss_units:
-            raise FwlrError("--target-latency spends the budget in loss units and needs gradient statistics; use "
-                            "--method fwsvd or kfac with --calib DATA.")
+            raise FwlrError("`target_latency` spends the budget in loss units and needs gradient statistics; use "
+                            "`method` fwsvd or kfac with `calibration`.")
 
 
 def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_multiple, latency, calibration,
@@ -181,8 +181,8 @@ def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_mul
     if budget.target_latency is None:
         return round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency, feed)
     if any(prepared.site_methods[s.weight] != prepared.method for s in prepared.sites):
-        raise FwlrError("--target-latency needs gradient statistics for every site; some have none (inside "
-                        "subgraphs?): --exclude them.")
+        raise FwlrError("`target_latency` needs gradient statistics for every site; some have none (inside "
+                        "subgraphs?): `exclude` them.")
     overrides = choose_ranks(prepared, Budget(ranks=budget.ranks), allocation) if budget.ranks else []
     fixed = {i: r for i, r in enumerate(overrides) if r is not None}
     return latency_budget_ranks(prepared, budget.target_latency, fixed, latency, feed)

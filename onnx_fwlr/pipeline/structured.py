@@ -30,9 +30,9 @@ def check_dope_share(dope: float, dope_share: float | None) -> None:
     if dope_share is None:
         return
     if dope:
-        raise FwlrError("--dope and --dope-share both set the doping budget; pass one of them.")
+        raise FwlrError("`dope` and `dope_share` both set the doping budget; pass one of them.")
     if not 0.0 < dope_share < 1.0:
-        raise FwlrError(f"--dope-share {dope_share} is out of range; give the share of each site's stored numbers "
+        raise FwlrError(f"`dope_share` {dope_share} is out of range; give the share of each site's stored numbers "
                         "spent on doping, 0 < S < 1 (e.g. 0.3).")
 
 
@@ -48,19 +48,19 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     """
     check_dope_share(dope, dope_share)
     if forms not in ("default", "measured"):
-        raise FwlrError(f"unknown --forms '{forms}'; choose default or measured.")
+        raise FwlrError(f"unknown `forms` '{forms}'; choose default or measured.")
     unknown = [m for m in mix if m not in METHODS]
     low_rank = [m for m in mix if m != "kron"]
     if unknown or len(low_rank) > 1:
-        raise FwlrError(f"--methods {','.join(mix)}: give kron and at most one low-rank method of "
+        raise FwlrError(f"`methods` {','.join(mix)}: give kron and at most one low-rank method of "
                         f"{', '.join(m for m in METHODS if m not in ('kron', 'kfac'))} (e.g. whiten,kron).")
     for m in low_rank:
         structured_metric(m)  # kfac has no structured fit: say so before calibrating
     if allocation != "uniform" or budget.rank is not None or budget.ranks or budget.max_error is not None:
-        raise FwlrError("--method kron, --methods and --dope take --ratio or --target-size with uniform allocation; "
-                        "--rank, --max-error and --allocation global are for plain low-rank methods.")
+        raise FwlrError("`method` kron, `methods` and `dope` take `ratio` or `target_size` with uniform allocation; "
+                        "`rank`, `max_error` and `allocation` global are for plain low-rank methods.")
     if kron_shape is not None and "kron" not in mix:
-        raise FwlrError("--kron-shape only applies to Kronecker structures; add --method kron (or --methods ...,kron).")
+        raise FwlrError("`kron_shape` only applies to Kronecker structures; add `method` kron (or `methods` ...,kron).")
     has_stats = options["calibration"] is not None or options["stats"] is not None
     weighting = low_rank[0] if low_rank else ("whiten" if has_stats else "svd")
     prepared = prepare(model, method=weighting, svd="auto", **options)  # "auto": no low-rank decomposition needed

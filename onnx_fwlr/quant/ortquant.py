@@ -82,7 +82,7 @@ def nbits(bits: int, block_size: int, symmetric: bool = False) -> Scheme:
 def check_block_size(block_size: int) -> None:
     """MatMulNBits and GatherBlockQuantized take powers of two from 16 on."""
     if block_size < 16 or block_size & (block_size - 1):
-        raise FwlrError(f"--block-size {block_size} is not supported; ONNX Runtime's block quantizers take a "
+        raise FwlrError(f"`block_size` {block_size} is not supported; ONNX Runtime's block quantizers take a "
                         "power of two of at least 16 (16, 32, 64, 128, 256).")
 
 
@@ -277,7 +277,7 @@ def upgrade_for_int4(model: onnx.ModelProto) -> onnx.ModelProto:
         except Exception as exc:  # noqa: BLE001 - the converter raises many types; the user needs one sentence
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise FwlrError(f"4-bit embedding tables need opset {INT4_OPSET} and ONNX's version converter failed on "
-                            f"this model ({first}); quantize embeddings to int8 or keep them (--embeddings).") from None
+                            f"this model ({first}); quantize embeddings to int8 or keep them (`embeddings`).") from None
     upgraded.ir_version = max(upgraded.ir_version, INT4_IR)
     return upgraded
 

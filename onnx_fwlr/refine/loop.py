@@ -90,7 +90,7 @@ def split_units(pool: SamplePool, batch_size: int, rng) -> tuple[list[int], list
     """Seeded held-back slice for validation: 10 % of the units, at least one batch, at most half."""
     if pool.units < 2:
         raise FwlrError("the calibration data is too small to hold back validation samples; give more samples "
-                        "or pass validation data (--val).")
+                        "or pass validation data (`validation`).")
     order = rng.permutation(pool.units)
     wanted = max(math.ceil(VAL_FRACTION * pool.units), batch_size if pool.joined else 1)
     held = min(wanted, pool.units // 2)
@@ -213,15 +213,15 @@ class RefineReport:
 
 def _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, patience, schedule):
     if steps < 1:
-        raise FwlrError(f"--steps {steps} is out of range; it must be a positive integer.")
+        raise FwlrError(f"`steps` {steps} is out of range; it must be a positive integer.")
     if not (lr > 0 and math.isfinite(lr)):
-        raise FwlrError(f"--lr {lr} is out of range; give a positive learning rate such as 1e-4.")
+        raise FwlrError(f"`lr` {lr} is out of range; give a positive learning rate such as 1e-4.")
     if batch_size < 1:
-        raise FwlrError(f"--batch-size {batch_size} is out of range; it must be a positive integer.")
+        raise FwlrError(f"`batch_size` {batch_size} is out of range; it must be a positive integer.")
     if loss is not None and loss not in LOSSES:
         raise FwlrError(f"unknown refine loss '{loss}'; choose one of {', '.join(LOSSES)}.")
     if not (label_weight >= 0 and math.isfinite(label_weight)):
-        raise FwlrError(f"--label-weight {label_weight} is out of range; give a number >= 0.")
+        raise FwlrError(f"`label_weight` {label_weight} is out of range; give a number >= 0.")
     if eval_every < 1 or patience < 1:
         raise FwlrError("eval_every and patience must be positive integers.")
     if schedule not in SCHEDULES:
@@ -266,7 +266,7 @@ def refine(
     _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, patience, schedule)
     if reselect:
         if not isinstance(reselect, int) or reselect < 0 or reselect >= steps:
-            raise FwlrError(f"--reselect {reselect} is out of range; give a number of re-selections below --steps.")
+            raise FwlrError(f"`reselect` {reselect} is out of range; give a number of re-selections below `steps`.")
         options = dict(validation=validation, lr=lr, loss=loss, output=output, label_weight=label_weight,
                        eval_every=eval_every, patience=patience, schedule=schedule, seed=seed,
                        dope_dropout=dope_dropout, progress=progress, providers=providers)
@@ -278,7 +278,7 @@ def refine(
     if not trainable:
         raise FwlrError("the compressed model has no factor weights that the original lacks; pass the original "
                         "model first and a model compressed from it second.")
-    out_name = default_output(compressed, output, "--output-name")
+    out_name = default_output(compressed, output, "`output`")
     if out_name not in {o.name for o in original.graph.output}:
         raise FwlrError(f"output '{out_name}' of the compressed model is not an output of the original; pass the "
                         "original the compressed model was made from.")
@@ -295,7 +295,7 @@ def refine(
         val_source = "validation data"
     kind = loss or default_distillation_loss(target, out_name, pool.labelled)
     if label_weight > 0 and not pool.labelled:
-        raise FwlrError("--label-weight needs labels; add a 'labels' key to the calibration .npz or drop it.")
+        raise FwlrError("`label_weight` needs labels; add a 'labels' key to the calibration .npz or drop it.")
 
     objective = Objective(kind, target, label_weight)
     student = Student(compressed, trainable, objective, find_mask_input(model_inputs(compressed)), providers)

@@ -76,7 +76,7 @@ class CoMatrixDropout:
 
     def __init__(self, names: list[str], p: float, seed: int = 0):
         if not 0.0 <= p < 1.0:
-            raise FwlrError(f"--dope-dropout {p} is out of range; give a probability 0 <= p < 1 (e.g. 0.5).")
+            raise FwlrError(f"`dope_dropout` {p} is out of range; give a probability 0 <= p < 1 (e.g. 0.5).")
         self.names, self.p = list(names), p
         self.rng = np.random.default_rng([seed, 0x0D0BE])  # its own stream: the batch order does not change
         self.dropped_count = 0
@@ -148,8 +148,8 @@ def refine_in_phases(run_phase, original, compressed, calibration, *, phases: in
 
     sites = stored_sites(original, compressed)
     if not any(s.doped for s in sites):
-        raise FwlrError("--reselect moves the doping support of doped structured sites, and the compressed model "
-                        "has none; drop --reselect or compress with --dope.")
+        raise FwlrError("`reselect` moves the doping support of doped structured sites, and the compressed model "
+                        "has none; drop `reselect` or compress with `dope`.")
     feeds = [feed for feed, _ in open_data(calibration, original, batch_size=batch_size)]
     row_weights = activation_row_weights(original, sites, feeds)
     model, reports, models = compressed, [], []

@@ -240,7 +240,7 @@ def _check_replacements(sites: list[Site], factors: dict) -> None:
         if isinstance(f, Structured) and is_recurrent(site):
             raise FwlrError(
                 f"{site.name}: an {site.uses[0].op_type} input weight can only take low-rank factors (the op reads a "
-                "dense W); use a low-rank method for it, or --exclude it."
+                "dense W); use a low-rank method for it, or `exclude` it."
             )
         if not isinstance(f, (Factors, Structured)):
             raise FwlrError(f"{site.name}: replacement of type {type(f).__name__} is not Factors or Structured.")

@@ -147,7 +147,7 @@ def find_sites(
         if site is None:
             skipped.append(Skipped(first.node_name or first.output, first.op_type, w_name, reason))
         elif not _selected(site, include, exclude):
-            skipped.append(Skipped(site.name, first.op_type, w_name, "excluded by --include/--exclude"))
+            skipped.append(Skipped(site.name, first.op_type, w_name, "excluded by `include`/`exclude`"))
         else:
             sites.append(site)
     return sites, skipped

@@ -71,8 +71,8 @@ class Listing:
 
 
 def inspect_model(model, include: str | None = None, exclude: str | None = None) -> Listing:
-    validate_regex(include, "--include")
-    validate_regex(exclude, "--exclude")
+    validate_regex(include, "`include`")
+    validate_regex(exclude, "`exclude`")
     model = load_model(model)
     sites, skipped = find_all_sites(model, include, exclude, fisher=False)
     return Listing(sites, skipped, model_parameters(model), detect_quantized(model))

@@ -284,4 +284,4 @@ class GroupedStatistics(Statistics):
 
     def save(self, path) -> None:
         raise FwlrError("statistics measured in groups hold one group's Grams at a time and cannot be saved; "
-                        "raise --stats-memory to measure them in one pass.")
+                        "raise `stats_memory` to measure them in one pass.")

@@ -24,7 +24,7 @@ from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.outputs import score_outputs
-from onnx_fwlr.io.batching import MICRO_BATCH, micro_batches, padded_inputs, sample_axis_first, trim_padding
+from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.sites.find import Site
@@ -32,7 +32,7 @@ from onnx_fwlr.stats.activations import main_graph_tensors
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
-def default_output(model: onnx.ModelProto, name: str | None, option: str = "--fisher-output") -> str:
+def default_output(model: onnx.ModelProto, name: str | None, option: str = "`output`") -> str:
     """The output the loss is defined on: the one named (by `option`), else the first floating-point output."""
     outputs = [o.name for o in model.graph.output]
     if name is not None:
@@ -127,7 +127,7 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     target = fisher.find_seed_target(model, out_name)
     uses = _reachable_uses(model, sites)
     if not uses:
-        raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use --method whiten.")
+        raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use `method` whiten.")
     nodes = [_recurrent_node(model, use) for _, use in uses]
     wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
     inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
@@ -221,7 +221,7 @@ def collect_fisher_stats(
     if loss is not None and loss not in fisher.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
     if samples < 1:
-        raise FwlrError(f"--fisher-samples {samples} is out of range; it must be a positive integer.")
+        raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
     out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
@@ -233,7 +233,7 @@ def collect_fisher_stats(
     if loss is None:
         fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
-    padded = padded_inputs(batches.specs, mask_name) if trim else []
+    trimmer = PaddingTrimmer(mask_name, padded_inputs(batches.specs, mask_name) if trim else [])
     start = time.perf_counter()
     # One BLAS thread for the numpy work between ORT runs (per-sample products, the VJPs): OpenBLAS's spinning
     # threads made it several times slower on a loaded 2-core machine, and ORT keeps its own threads.
@@ -241,7 +241,7 @@ def collect_fisher_stats(
         for feed, labels in tqdm(batches, desc="calibrate (fisher)", unit="batch", disable=not progress,
                                  leave=False):
             for part, part_labels in micro_batches(feed, labels, micro_batch if splittable else None):
-                fold(*trim_padding(part, part_labels, mask_name, padded))
+                trimmer(fold, part, part_labels)
             stats.meta["batches"] += 1
     chosen_loss = fold.loss
     if stats.meta["batches"] == 0:

@@ -112,11 +112,11 @@ class Statistics:
     def require(self, sites: list[Site], needs: tuple[str, ...], method: str) -> None:
         """Stats must cover what the method reads for at least one site; the rest fall back (caller's job)."""
         if "activations" in needs and not any(self.has_activations(s) for s in sites):
-            raise FwlrError(f"--method {method} needs activation statistics, but the statistics hold none for these sites.")
+            raise FwlrError(f"`method` {method} needs activation statistics, but the statistics hold none for these sites.")
         if "gradients" in needs and not any(self.has_gradients(s) for s in sites):
             raise FwlrError(
-                f"--method {method} needs gradient (Fisher) statistics; calibrate with gradients "
-                "(`onnx-fwlr calibrate --fisher`) or pick an activation-based method (asvd, whiten)."
+                f"`method` {method} needs gradient (Fisher) statistics; calibrate with gradients "
+                "(`onnx-fwlr calibrate `fisher``) or pick an activation-based method (asvd, whiten)."
             )
 
     # --- files ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from builders import low_rank, run
 from onnx import TensorProto, helper, numpy_helper
-from test_vjp import check as check_vjp
+from gradcheck import check as check_vjp
 
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.autodiff import losses

@@ -269,8 +269,7 @@ def test_sweep_defaults_reference_row_and_skipped_pairs(tmp_path, capsys):
 
 
 def test_sweep_finds_recurrent_sites_like_compress(tmp_path):
-    sys.path.insert(0, str(ROOT / "tools"))
-    from hash_matrix import write_lstm
+    from builders import write_lstm
 
     write_lstm(tmp_path)
     out = tmp_path / "sweep"

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_erf
 from scipy.special import erf
-from test_backward import BATCH, CLASSES, make_bert, make_feed
+from bert_builder import BATCH, CLASSES, make_bert, make_feed
 
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.autodiff import losses as fisher

@@ -1,6 +1,5 @@
 """The shipped digits model and data are as documented, and the synthetic transformer is a valid model."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +7,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+from transformer_builder import build_transformer, make_token_batch  # noqa: E402
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 from builders import make_model, rel_error, run, vinfo
 from onnx import helper, numpy_helper
-from test_vjp import check, rand
+from gradcheck import check, rand
 
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.vjp import RULES

@@ -220,6 +220,5 @@ def test_unloadable_model_becomes_fwlr_error(tmp_path):
 def test_top_level_validate_stays_the_function_after_importing_the_module():
     """`from onnx_fwlr.validation import ...` in an export script must not shadow `onnx_fwlr.validate`."""
     import onnx_fwlr
-    from onnx_fwlr.evaluate.validation import format_validation
 
     assert callable(onnx_fwlr.validate) and onnx_fwlr.validate.__module__ == "onnx_fwlr.pipeline.compress"

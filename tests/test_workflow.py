@@ -1,7 +1,6 @@
 """The workflow a user runs to pick a model: budgets, validate, sweep, attention detection."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ ROOT = Path(__file__).parents[1]
 DIGITS = ROOT / "sample_models" / "digits_mlp.onnx"
 CALIB = ROOT / "sample_models" / "digits_calib.npz"
 TEST = ROOT / "sample_models" / "digits_test.npz"
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +85,7 @@ def test_budget_options_conflict():
 
 
 def test_keep_attention_finds_the_projections():
-    from synthetic_transformer import build_transformer
+    from transformer_builder import build_transformer
 
     model = build_transformer(hidden=32, layers=2, heads=4, ffn=64, vocab=50, max_len=16)
     sites, _ = find_sites(model)

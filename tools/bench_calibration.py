@@ -141,7 +141,7 @@ def bench_memory(counts: list[int], batch: int, sources: list[str]) -> dict:
                          "delta_mib": high["peak_rss_mib"] - low["peak_rss_mib"]})
     data_mib = {c: c * batch * 1024 * 4 / 2**20 for c in counts}
     print(f"\nPeak RSS of calibration, MLP 4 x MatMul 1024->1024 (K=1024), batch {batch}, one fresh process per run")
-    print(f"(float32 data in total: " + ", ".join(f"{c} batches = {m:.0f} MiB" for c, m in data_mib.items()) + ")")
+    print("(float32 data in total: " + ", ".join(f"{c} batches = {m:.0f} MiB" for c, m in data_mib.items()) + ")")
     header = f"{'data source':<12}" + "".join(f"{f'{c} batches':>14}" for c in counts) + f"{'ratio':>8}{'delta':>10}"
     print(header)
     print("-" * len(header))

@@ -22,10 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the small LSTM model is built by the tests' helpers
+
+from builders import write_lstm  # noqa: E402
 DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
 VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
 TIME_PATTERN = re.compile(r"\d+(\.\d+)?\s?(s|ms)\b")  # "0.1 s", "12 ms" in text output
@@ -36,32 +37,6 @@ MUST_MATCH = [  # pairs that must give the same bytes within one run
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def write_lstm(work: Path, seq=6, inp=16, hidden=12, classes=10):
-    """x [batch, seq, 16] -> Transpose -> LSTM (input weight of rank 6) -> Transpose -> MatMul head -> logits.
-
-    ORT runs only layout 0 (sequence first); the transposes keep samples on the leading axis of the data.
-    """
-    rng = np.random.default_rng(0)
-    w = (rng.normal(size=(4 * hidden, 6)) @ rng.normal(size=(6, inp)) / 3)[None]
-    inits = [numpy_helper.from_array(w.astype(np.float32), "W"),
-             numpy_helper.from_array(rng.normal(0, 0.4, (1, 4 * hidden, hidden)).astype(np.float32), "R"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (1, 8 * hidden)).astype(np.float32), "B"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (hidden, classes)).astype(np.float32), "head")]
-    nodes = [helper.make_node("Transpose", ["x"], ["x_t"], name="to_seq_first", perm=[1, 0, 2]),
-             helper.make_node("LSTM", ["x_t", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden),
-             helper.make_node("Transpose", ["y"], ["y_t"], name="to_batch_first", perm=[2, 0, 1, 3]),
-             helper.make_node("MatMul", ["y_t", "head"], ["logits"], name="head/MatMul")]
-    graph = helper.make_graph(
-        nodes, "lstm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", seq, inp])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", seq, 1, classes])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save(model, str(work / "lstm.onnx"))
-    for name, n, seed in (("lstm_calib", 64, 1), ("lstm_val", 32, 2)):
-        np.savez(work / f"{name}.npz", x=np.random.default_rng(seed).normal(size=(n, seq, inp)).astype(np.float32))
-
-
 def write_transformer(work: Path):
     """tools/synthetic_transformer.py at hidden 64, 2 layers; token batches from its make_token_batch."""
     tool = ROOT / "tools" / "synthetic_transformer.py"

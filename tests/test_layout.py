@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "onnx_fwlr"
-MATHS = ["methods/*.py", "autodiff/vjp.py", "autodiff/recurrent_vjp.py", "autodiff/losses.py",
-         "quant/compensate.py", "quant/budget.py"]
+MATHS = ["methods/*.py", "autodiff/vjp*.py", "autodiff/recurrent_vjp.py", "autodiff/losses.py", "quant/compensate.py",
+         "quant/budget.py"]
 MATHS_MAY_IMPORT = ("numpy", "scipy", "onnx_fwlr.errors", "onnx_fwlr.methods", "onnx_fwlr.autodiff.vjp",
-                    "onnx_fwlr.autodiff.recurrent_vjp", "onnx_fwlr.autodiff.losses")
+                    "onnx_fwlr.autodiff.vjp_base", "onnx_fwlr.autodiff.vjp_shape", "onnx_fwlr.autodiff.recurrent_vjp",
+                    "onnx_fwlr.autodiff.losses")
 GRAPH_LAYER = ["io/*.py", "sites/*.py", "rewrite/*.py"]
 
 

@@ -17,87 +17,35 @@ Pure numpy/scipy: no onnx import, so it can be tested and reused alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, NamedTuple
 
 import numpy as np
 from scipy.special import erf
 
 from onnx_fwlr.autodiff.recurrent_vjp import recurrent_vjp, unsupported_reason
-
-# Ops whose outputs carry no gradient (constant, integer, boolean or piecewise-constant results).
-NON_DIFFERENTIABLE = frozenset({
-    "Constant", "ConstantOfShape", "Shape", "Size", "Range", "EyeLike", "NonZero",
-    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Not", "And", "Or", "Xor",
-    "ArgMax", "ArgMin", "Floor", "Ceil", "Round", "Sign", "IsNaN", "IsInf",
-    "BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot",
-    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
-})
-
-
-class Needs(NamedTuple):
-    """What a rule reads from the forward pass, by input/output index."""
-
-    inputs: tuple[int, ...] = ()        # input values
-    input_shapes: tuple[int, ...] = ()  # inputs whose shape alone is read
-    outputs: tuple[int, ...] = ()       # output values
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One op's VJP and what it needs.
-
-    ``needs(wanted, n_inputs)`` lets a caller expose only the tensors the rule will read.
-    ``diff_inputs``: inputs that can carry a gradient (None = all). ``grad_outputs``: outputs whose
-    cotangent the rule handles (None = all); a gradient through any other output is unsupported.
-    ``unsupported(attrs)``: why the rule cannot handle a node with these attributes (None = it can), so a
-    caller can refuse before running anything.
-    """
-
-    vjp: Callable
-    needs: Callable[[frozenset, int], Needs]
-    diff_inputs: tuple[int, ...] | None = (0,)
-    grad_outputs: tuple[int, ...] | None = (0,)
-    unsupported: Callable[[dict], str | None] | None = None
-
-
-def shape_only(shape, dtype=np.float32) -> np.ndarray:
-    """A zero-memory array with the given shape, for rules that read only a tensor's shape."""
-    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(d) for d in shape))
-
-
-def unbroadcast(g: np.ndarray, shape) -> np.ndarray:
-    """Sum a cotangent down to ``shape``: the adjoint of multidirectional broadcasting."""
-    shape = tuple(shape)
-    if g.shape == shape:
-        return g
-    extra = g.ndim - len(shape)
-    if extra > 0:
-        g = g.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, (gd, d) in enumerate(zip(g.shape, shape)) if d == 1 and gd != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g.reshape(shape)
-
-
-def _static(inputs=(), shapes=(), outputs=()):
-    return lambda wanted, n: Needs(tuple(inputs), tuple(shapes), tuple(outputs))
-
-
-def _all_inputs(values=False, outputs=()):
-    def needs(wanted, n):
-        return Needs(tuple(range(n)) if values else (), tuple(range(n)), tuple(outputs))
-    return needs
-
-
-def _each_wanted(ins, wanted, fn):
-    """Apply fn(index) to each wanted input index; None elsewhere."""
-    return [fn(i) if i in wanted else None for i in range(len(ins))]
-
-
-def _opt(ins, i):
-    return ins[i] if len(ins) > i and ins[i] is not None else None
-
+from onnx_fwlr.autodiff.vjp_base import (  # noqa: F401 (re-exported: the rule frame)
+    NON_DIFFERENTIABLE,
+    Needs,
+    Rule,
+    all_inputs,
+    each_wanted,
+    optional_input,
+    shape_only,
+    static_needs,
+    unbroadcast,
+)
+from onnx_fwlr.autodiff.vjp_shape import (
+    _concat,
+    _expand,
+    _gather,
+    _reshape_back,
+    _scatter_elements,
+    _scatter_nd,
+    _scatter_reduction,
+    _slice,
+    _split,
+    _transpose,
+    _where,
+)
 
 # ---------------------------------------------------------------- linear algebra
 
@@ -140,7 +88,7 @@ def _gemm_needs(wanted, n):
 
 
 def _gemm(ins, outs, attrs, grads, opset, wanted):
-    a, b, c = ins[0], ins[1], _opt(ins, 2)
+    a, b, c = ins[0], ins[1], optional_input(ins, 2)
     g = grads[0]
     alpha, beta = attrs.get("alpha", 1.0), attrs.get("beta", 1.0)
     trans_a, trans_b = attrs.get("transA", 0), attrs.get("transB", 0)
@@ -161,12 +109,12 @@ def _gemm(ins, outs, attrs, grads, opset, wanted):
 # ---------------------------------------------------------------- broadcasting arithmetic
 
 def _add(ins, outs, attrs, grads, opset, wanted):
-    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
+    return each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
 
 
 def _sub(ins, outs, attrs, grads, opset, wanted):
     g = grads[0]
-    return _each_wanted(ins, wanted, lambda i: unbroadcast(g if i == 0 else -g, ins[i].shape))
+    return each_wanted(ins, wanted, lambda i: unbroadcast(g if i == 0 else -g, ins[i].shape))
 
 
 def _mul_needs(wanted, n):
@@ -209,12 +157,12 @@ def _pow(ins, outs, attrs, grads, opset, wanted):
 
 
 def _sum(ins, outs, attrs, grads, opset, wanted):
-    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
+    return each_wanted(ins, wanted, lambda i: unbroadcast(grads[0], ins[i].shape))
 
 
 def _mean(ins, outs, attrs, grads, opset, wanted):
     n = len(ins)
-    return _each_wanted(ins, wanted, lambda i: unbroadcast(grads[0] / n, ins[i].shape))
+    return each_wanted(ins, wanted, lambda i: unbroadcast(grads[0] / n, ins[i].shape))
 
 
 def _extremum(ins, outs, attrs, grads, opset, wanted):
@@ -222,7 +170,7 @@ def _extremum(ins, outs, attrs, grads, opset, wanted):
     y, g = outs[0], grads[0]
     masks = [np.broadcast_to(x == y, y.shape) for x in ins]
     count = np.sum(masks, axis=0)
-    return _each_wanted(ins, wanted, lambda i: unbroadcast(np.where(masks[i], g / count, 0), ins[i].shape))
+    return each_wanted(ins, wanted, lambda i: unbroadcast(np.where(masks[i], g / count, 0), ins[i].shape))
 
 
 # ---------------------------------------------------------------- elementwise
@@ -260,7 +208,7 @@ def _neg(ins, outs, attrs, grads, opset, wanted):
 
 def _clip(ins, outs, attrs, grads, opset, wanted):
     x, g = ins[0], grads[0]
-    lo, hi = _opt(ins, 1), _opt(ins, 2)
+    lo, hi = optional_input(ins, 1), optional_input(ins, 2)
     if opset < 11:
         lo, hi = attrs.get("min"), attrs.get("max")
     inside = np.ones(x.shape, dtype=bool)
@@ -305,7 +253,7 @@ def _log_softmax(ins, outs, attrs, grads, opset, wanted):
 
 def _layer_norm(ins, outs, attrs, grads, opset, wanted):
     """Single-output LayerNormalization; mean and 1/std are recomputed from X."""
-    x, scale, bias = ins[0], ins[1], _opt(ins, 2)
+    x, scale, bias = ins[0], ins[1], optional_input(ins, 2)
     g = grads[0]
     dtype = np.result_type(x.dtype, g.dtype, np.float32)
     axes = tuple(range(attrs.get("axis", -1) % x.ndim, x.ndim))
@@ -344,7 +292,7 @@ def _rms_norm(ins, outs, attrs, grads, opset, wanted):
 
 def _trilu(ins, outs, attrs, grads, opset, wanted):
     """Trilu keeps a triangle of the last two axes: the cotangent keeps the same triangle."""
-    k = int(np.ravel(ins[1])[0]) if _opt(ins, 1) is not None else 0
+    k = int(np.ravel(ins[1])[0]) if optional_input(ins, 1) is not None else 0
     g = grads[0]
     return [np.triu(g, k) if attrs.get("upper", 1) else np.tril(g, k)] + [None] * (len(ins) - 1)
 
@@ -353,7 +301,7 @@ def _trilu(ins, outs, attrs, grads, opset, wanted):
 
 def _reduce_axes(ins, attrs, rank):
     """Normalised reduced axes, or None when the op is a no-op (empty axes + noop_with_empty_axes)."""
-    axes_in = _opt(ins, 1)
+    axes_in = optional_input(ins, 1)
     axes = [int(a) for a in np.ravel(axes_in)] if axes_in is not None else list(attrs.get("axes") or [])
     if not axes:
         if attrs.get("noop_with_empty_axes", 0):
@@ -395,145 +343,6 @@ def _reduce_squares(root: bool):
     return rule
 
 
-# ---------------------------------------------------------------- shape manipulation
-
-def _reshape_back(ins, outs, attrs, grads, opset, wanted):
-    return [grads[0].reshape(ins[0].shape)] + [None] * (len(ins) - 1)
-
-
-def _transpose(ins, outs, attrs, grads, opset, wanted):
-    g = grads[0]
-    perm = attrs.get("perm") or list(range(g.ndim))[::-1]
-    return [g.transpose(np.argsort(perm))]
-
-
-def _expand(ins, outs, attrs, grads, opset, wanted):
-    return [unbroadcast(grads[0], ins[0].shape), None]
-
-
-def _concat(ins, outs, attrs, grads, opset, wanted):
-    g = grads[0]
-    axis = attrs["axis"] % g.ndim
-    edges = np.cumsum([x.shape[axis] for x in ins])[:-1]
-    parts = np.split(g, edges, axis=axis)
-    return _each_wanted(ins, wanted, lambda i: parts[i])
-
-
-def _split(ins, outs, attrs, grads, opset, wanted):
-    x = ins[0]
-    axis = attrs.get("axis", 0) % x.ndim
-    dim, n = x.shape[axis], len(grads)
-    sizes = _opt(ins, 1)
-    if sizes is None:
-        sizes = attrs.get("split")
-    if sizes is None:  # equal parts, the last one smaller (num_outputs semantics)
-        chunk = -(-dim // n)
-        sizes = [chunk] * (n - 1) + [dim - chunk * (n - 1)]
-    dtype = next(g.dtype for g in grads if g is not None)
-    parts = []
-    for size, g in zip(np.ravel(sizes), grads):
-        if g is None:
-            shape = list(x.shape)
-            shape[axis] = int(size)
-            g = np.zeros(shape, dtype=dtype)
-        parts.append(g)
-    return [np.concatenate(parts, axis=axis)] + [None] * (len(ins) - 1)
-
-
-def _slice_index(shape, starts, ends, axes, steps):
-    """ONNX Slice parameters as a tuple of Python slices (clamping per the ONNX spec)."""
-    rank = len(shape)
-    axes = list(range(len(starts))) if axes is None else [int(a) % rank for a in np.ravel(axes)]
-    steps = [1] * len(axes) if steps is None else [int(s) for s in np.ravel(steps)]
-    index = [slice(None)] * rank
-    for start, end, axis, step in zip(np.ravel(starts), np.ravel(ends), axes, steps):
-        dim, start, end = shape[axis], int(start), int(end)
-        start = start + dim if start < 0 else start
-        end = end + dim if end < 0 else end
-        if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-        else:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
-        index[axis] = slice(start, None if end < 0 else end, step)
-    return tuple(index)
-
-
-def _slice(ins, outs, attrs, grads, opset, wanted):
-    x, g = ins[0], grads[0]
-    if opset < 10:
-        index = _slice_index(x.shape, attrs["starts"], attrs["ends"], attrs.get("axes"), None)
-    else:
-        index = _slice_index(x.shape, ins[1], ins[2], _opt(ins, 3), _opt(ins, 4))
-    gx = np.zeros(x.shape, dtype=g.dtype)
-    gx[index] = g
-    return [gx] + [None] * (len(ins) - 1)
-
-
-def _gather(ins, outs, attrs, grads, opset, wanted):
-    """Scatter-add the cotangent back to the gathered rows (repeated indices accumulate)."""
-    data, indices, g = ins[0], np.asarray(ins[1]), grads[0]
-    axis = attrs.get("axis", 0) % data.ndim
-    indices = np.where(indices < 0, indices + data.shape[axis], indices)
-    gd = np.zeros(data.shape, dtype=g.dtype)
-    if axis == 0:
-        np.add.at(gd, indices.reshape(-1), g.reshape((indices.size,) + data.shape[1:]))
-    else:
-        np.add.at(gd, (slice(None),) * axis + (indices,), g)
-    return [gd, None]
-
-
-def _scatter_reduction(op: str, attrs) -> str | None:
-    """Why a Scatter* node has no rule (None when it has one): only reduction none and add are linear."""
-    reduction = attrs.get("reduction", "none")
-    return None if reduction in ("none", "add") else f"{op} with reduction='{reduction}' has no gradient rule"
-
-
-def _nd_index(indices: np.ndarray, shape) -> tuple:
-    """ScatterND indices [..., q] as a numpy index tuple into the first q axes (negative indices wrapped)."""
-    q = indices.shape[-1]
-    return tuple(np.where(indices[..., i] < 0, indices[..., i] + shape[i], indices[..., i]) for i in range(q))
-
-
-def _scatter_nd(ins, outs, attrs, grads, opset, wanted):
-    """data: the cotangent, zero where reduction 'none' overwrote it; updates: the cotangent at their indices
-    (repeated indices under 'add' each get it)."""
-    g, index = grads[0], _nd_index(np.asarray(ins[1]), ins[0].shape)
-    out = [None, None, None]
-    if 0 in wanted:
-        out[0] = g.copy()
-        if attrs.get("reduction", "none") == "none":
-            out[0][index] = 0
-    if 2 in wanted:
-        out[2] = g[index].reshape(ins[2].shape)
-    return out
-
-
-def _scatter_elements(ins, outs, attrs, grads, opset, wanted):
-    """As ScatterND, with indices along one axis (take_along_axis)."""
-    g, indices = grads[0], np.asarray(ins[1])
-    axis = attrs.get("axis", 0) % g.ndim
-    indices = np.where(indices < 0, indices + g.shape[axis], indices)
-    window = tuple(slice(None) if a == axis else slice(0, d) for a, d in enumerate(indices.shape))  # indices may
-    out = [None, None, None]                                                  # be narrower than data off the axis
-    if 0 in wanted:
-        out[0] = g.copy()
-        if attrs.get("reduction", "none") == "none":
-            np.put_along_axis(out[0][window], indices, 0, axis=axis)  # a view: writes through
-    if 2 in wanted:
-        out[2] = np.take_along_axis(g[window], indices, axis=axis)
-    return out
-
-
-def _where(ins, outs, attrs, grads, opset, wanted):
-    cond, g = ins[0], grads[0]
-    out = [None, None, None]
-    if 1 in wanted:
-        out[1] = unbroadcast(np.where(cond, g, 0), ins[1].shape)
-    if 2 in wanted:
-        out[2] = unbroadcast(np.where(cond, 0, g), ins[2].shape)
-    return out
-
-
 # ---------------------------------------------------------------- registry
 
 def _d_sqrt(x, y, a): return 0.5 / y
@@ -549,23 +358,23 @@ def _d_sin(x, y, a): return np.cos(x)
 def _d_cos(x, y, a): return -np.sin(x)
 
 
-_NEEDS_X = _static(inputs=(0,))
-_NEEDS_Y = _static(outputs=(0,))
-_NEEDS_SHAPE = _static(shapes=(0,))
-_NOTHING = _static()
+_NEEDS_X = static_needs(inputs=(0,))
+_NEEDS_Y = static_needs(outputs=(0,))
+_NEEDS_SHAPE = static_needs(shapes=(0,))
+_NOTHING = static_needs()
 
 RULES: dict[str, Rule] = {
     "MatMul": Rule(_matmul, _matmul_needs, (0, 1)),
     "Gemm": Rule(_gemm, _gemm_needs, (0, 1, 2)),
-    "Add": Rule(_add, _static(shapes=(0, 1)), (0, 1)),
-    "Sub": Rule(_sub, _static(shapes=(0, 1)), (0, 1)),
+    "Add": Rule(_add, static_needs(shapes=(0, 1)), (0, 1)),
+    "Sub": Rule(_sub, static_needs(shapes=(0, 1)), (0, 1)),
     "Mul": Rule(_mul, _mul_needs, (0, 1)),
     "Div": Rule(_div, _div_needs, (0, 1)),
     "Pow": Rule(_pow, _pow_needs, (0, 1)),
-    "Sum": Rule(_sum, _all_inputs(), None),
-    "Mean": Rule(_mean, _all_inputs(), None),
-    "Max": Rule(_extremum, _all_inputs(values=True, outputs=(0,)), None),
-    "Min": Rule(_extremum, _all_inputs(values=True, outputs=(0,)), None),
+    "Sum": Rule(_sum, all_inputs(), None),
+    "Mean": Rule(_mean, all_inputs(), None),
+    "Max": Rule(_extremum, all_inputs(values=True, outputs=(0,)), None),
+    "Min": Rule(_extremum, all_inputs(values=True, outputs=(0,)), None),
     "Neg": Rule(_neg, _NOTHING),
     "Abs": Rule(_unary(_d_abs), _NEEDS_X),
     "Sqrt": Rule(_unary(_d_sqrt), _NEEDS_Y),
@@ -578,40 +387,40 @@ RULES: dict[str, Rule] = {
     "Relu": Rule(_unary(_d_relu), _NEEDS_Y),
     "LeakyRelu": Rule(_unary(_leaky_relu_derivative), _NEEDS_X),
     "Gelu": Rule(_unary(_gelu_derivative), _NEEDS_X),
-    "Clip": Rule(_clip, _all_inputs(values=True), (0, 1, 2)),
+    "Clip": Rule(_clip, all_inputs(values=True), (0, 1, 2)),
     "Softmax": Rule(_softmax, _NEEDS_Y),
     "LogSoftmax": Rule(_log_softmax, _NEEDS_Y),
-    "LayerNormalization": Rule(_layer_norm, _static(inputs=(0, 1), shapes=(2,)), (0, 1, 2)),
-    "RMSNormalization": Rule(_rms_norm, _static(inputs=(0, 1)), (0, 1)),
+    "LayerNormalization": Rule(_layer_norm, static_needs(inputs=(0, 1), shapes=(2,)), (0, 1, 2)),
+    "RMSNormalization": Rule(_rms_norm, static_needs(inputs=(0, 1)), (0, 1)),
     "Sin": Rule(_unary(_d_sin), _NEEDS_X),
     "Cos": Rule(_unary(_d_cos), _NEEDS_X),
-    "Trilu": Rule(_trilu, _static(inputs=(1,))),
-    "ReduceSum": Rule(_reduce(mean=False), _static(inputs=(1,), shapes=(0,))),
-    "ReduceMean": Rule(_reduce(mean=True), _static(inputs=(1,), shapes=(0,))),
-    "ReduceL2": Rule(_reduce_squares(root=True), _static(inputs=(0, 1), outputs=(0,))),
-    "ReduceSumSquare": Rule(_reduce_squares(root=False), _static(inputs=(0, 1))),
+    "Trilu": Rule(_trilu, static_needs(inputs=(1,))),
+    "ReduceSum": Rule(_reduce(mean=False), static_needs(inputs=(1,), shapes=(0,))),
+    "ReduceMean": Rule(_reduce(mean=True), static_needs(inputs=(1,), shapes=(0,))),
+    "ReduceL2": Rule(_reduce_squares(root=True), static_needs(inputs=(0, 1), outputs=(0,))),
+    "ReduceSumSquare": Rule(_reduce_squares(root=False), static_needs(inputs=(0, 1))),
     "Reshape": Rule(_reshape_back, _NEEDS_SHAPE),
     "Flatten": Rule(_reshape_back, _NEEDS_SHAPE),
     "Squeeze": Rule(_reshape_back, _NEEDS_SHAPE),
     "Unsqueeze": Rule(_reshape_back, _NEEDS_SHAPE),
     "Transpose": Rule(_transpose, _NOTHING),
     "Expand": Rule(_expand, _NEEDS_SHAPE),
-    "Concat": Rule(_concat, _all_inputs(), None),
-    "Split": Rule(_split, _static(inputs=(1,), shapes=(0,)), (0,), None),
-    "Slice": Rule(_slice, _static(inputs=(1, 2, 3, 4), shapes=(0,))),
-    "Gather": Rule(_gather, _static(inputs=(1,), shapes=(0,))),
-    "ScatterND": Rule(_scatter_nd, _static(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
+    "Concat": Rule(_concat, all_inputs(), None),
+    "Split": Rule(_split, static_needs(inputs=(1,), shapes=(0,)), (0,), None),
+    "Slice": Rule(_slice, static_needs(inputs=(1, 2, 3, 4), shapes=(0,))),
+    "Gather": Rule(_gather, static_needs(inputs=(1,), shapes=(0,))),
+    "ScatterND": Rule(_scatter_nd, static_needs(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
                       lambda attrs: _scatter_reduction("ScatterND", attrs)),
-    "ScatterElements": Rule(_scatter_elements, _static(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
+    "ScatterElements": Rule(_scatter_elements, static_needs(inputs=(1,), shapes=(0, 2)), (0, 2), (0,),
                             lambda attrs: _scatter_reduction("ScatterElements", attrs)),
-    "Where": Rule(_where, _static(inputs=(0,), shapes=(1, 2)), (1, 2)),
+    "Where": Rule(_where, static_needs(inputs=(0,), shapes=(1, 2)), (1, 2)),
     "Cast": Rule(_pass_through, _NOTHING),
     "CastLike": Rule(_pass_through, _NOTHING),
     "Identity": Rule(_pass_through, _NOTHING),
     "Dropout": Rule(_pass_through, _NOTHING),  # inference mode: identity; the mask output is boolean
-    "LSTM": Rule(recurrent_vjp("LSTM"), _all_inputs(values=True), (0, 1, 2, 3, 5, 6, 7), None,
+    "LSTM": Rule(recurrent_vjp("LSTM"), all_inputs(values=True), (0, 1, 2, 3, 5, 6, 7), None,
                  lambda attrs: unsupported_reason("LSTM", attrs)),
-    "GRU": Rule(recurrent_vjp("GRU"), _all_inputs(values=True), (0, 1, 2, 3, 5), None,
+    "GRU": Rule(recurrent_vjp("GRU"), all_inputs(values=True), (0, 1, 2, 3, 5), None,
                 lambda attrs: unsupported_reason("GRU", attrs)),
 }
 

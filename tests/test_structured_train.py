@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from builders import make_model, rel_error, run, vinfo
-from onnx import helper, numpy_helper
 from gradcheck import check, rand
+from onnx import helper, numpy_helper
 
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.vjp import RULES

@@ -105,7 +105,7 @@ class Compress:
         p.add_argument("--refine-lr", type=float, default=3e-5, help="peak learning rate of --refine (default 3e-5)")
         p.add_argument("--dope-dropout", type=float, metavar="P",
                        help="--refine of doped structured sites: drop each site's doping term per step with this "
-                            "probability (co-matrix dropout; default 0.5)")
+                            "probability (co-matrix dropout; default 0: off, docs/doped.md)")
         tolerance_arguments(p)
         comparison_arguments(p)
         language_arguments(p)

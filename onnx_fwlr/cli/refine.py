@@ -36,7 +36,7 @@ class Refine:
         p.add_argument("--seed", type=int, default=0, help="seed of the batch order and held-back split")
         p.add_argument("--dope-dropout", type=float, metavar="P",
                        help="doped structured sites: drop each site's doping term per step with this probability "
-                            "(co-matrix dropout; default 0.5; 0 turns it off)")
+                            "(co-matrix dropout; default 0: off, docs/doped.md)")
         p.add_argument("--reselect", type=int, default=0, metavar="R",
                        help="doped structured sites: train in R+1 phases, re-selecting the doping support "
                             "(top-k of what the trained structure misses) between them (default 0)")

@@ -160,8 +160,8 @@ def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) 
     hint = "" if quantized else ("; try ``quantize` auto` with a byte budget (ONNX Runtime's quantizers plus a "
                                  "low-rank correction)")
     return (f"A plain ONNX Runtime {SAID.get(best['config'], best['config'])} of the original would have been "
-            f"better at {same} bytes on the `validation` data: {best['bytes']:,} bytes and {_quality(best)}, against this "
-            f"model's {ours['bytes']:,} bytes and {_quality(ours)}{hint}.")
+            f"better at {same} bytes on the `validation` data: {best['bytes']:,} bytes and {_quality(best)}, "
+            f"against this model's {ours['bytes']:,} bytes and {_quality(ours)}{hint}.")
 
 
 def _quality(row: dict) -> str:

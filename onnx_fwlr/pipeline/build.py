@@ -23,12 +23,10 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     `keep_decompositions` False: a one-shot build, which drops each decomposition once its factors are made
     (the cache is then empty; another build decomposes again).
     """
-    model = onnx.ModelProto()
-    model.CopyFrom(prepared.model)
     report = Report(method=prepared.method, allocation=allocation, budget=budget.describe(),
                     skipped=list(prepared.skipped), warnings=list(prepared.warnings), timings=dict(prepared.timings))
-    report.model_params_before = model_parameters(model)
-    report.ops_before = op_counts(model)
+    report.model_params_before = model_parameters(prepared.model)
+    report.ops_before = op_counts(prepared.model)
     report.warnings += getattr(ranks, "warnings", [])  # budget.RankChoice: why sites stay dense
     notes = getattr(ranks, "notes", {})
     factors = {}
@@ -44,6 +42,8 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
             dtype = storage_dtype(site)
             factors[site.weight] = Factors(np.asarray(site_factors.A, dtype=dtype),
                                            np.asarray(site_factors.B, dtype=dtype), site_factors.shift)
+    model = onnx.ModelProto()  # copied only now: a one-shot build has let its decompositions go (peak memory)
+    model.CopyFrom(prepared.model)
     apply_factors(model, prepared.sites, factors)
     report.timings = dict(prepared.timings)  # with the decomposition time spent during this build
     if prepared.stats is not None:  # after the build: grouped statistics count the passes it made

@@ -179,13 +179,27 @@ def _pieces(model: onnx.ModelProto, batches: Batches, mask_name: str | None):
     return pieces
 
 
+class _Objective:
+    """‖(X̃W' − XW)Q‖² from one set of sums, for the many W' tried for one site W: the terms without W' (the
+    weighted W, C W Q and the constant) are made once, not per candidate."""
+
+    def __init__(self, sums: dict, W: np.ndarray, right):
+        self.sums, self.right = sums, right
+        Wq = self._weigh(W)
+        self.cross = sums["cross"] @ Wq
+        self.constant = np.sum(Wq * (sums["gram_old"] @ Wq))
+
+    def _weigh(self, M: np.ndarray) -> np.ndarray:
+        return self.right.apply_right(M) if self.right is not None else M
+
+    def __call__(self, Wp: np.ndarray) -> float:
+        Wpq = self._weigh(Wp)
+        return float(np.sum(Wpq * (self.sums["gram_new"] @ Wpq)) - 2 * np.sum(Wpq * self.cross) + self.constant)
+
+
 def _objective(sums: dict, W: np.ndarray, Wp: np.ndarray, right) -> float:
     """‖(X̃W' − XW)Q‖² from the sums, without materialising X."""
-    def weigh(M):
-        return right.apply_right(M) if right is not None else M
-    Wq, Wpq = weigh(W), weigh(Wp)
-    return float(np.sum(Wpq * (sums["gram_new"] @ Wpq)) - 2 * np.sum(Wpq * (sums["cross"] @ Wq))
-                 + np.sum(Wq * (sums["gram_old"] @ Wq)))
+    return _Objective(sums, W, right)(Wp)
 
 
 def _ridge_solution(sums: dict, W: np.ndarray, rank: int, ridge: float, right) -> tuple[np.ndarray, np.ndarray]:
@@ -204,13 +218,13 @@ def correct_site(fit: dict, held: dict, W: np.ndarray, start: Factors, rank: int
     """Best of the closed-form start and the ridge solutions, judged on held-back sums (or on fitting sums
     when nothing was held back); the chosen ridge is then refitted on all the data.
     Returns (A, B, ridge or None, relative held-back error before, after)."""
-    judge = held if held else fit
-    reference = _objective(judge, W, np.zeros_like(W), right) or 1.0
-    best = (start.A, start.B, None, _objective(judge, W, start.A @ start.B, right))
+    judge = _Objective(held if held else fit, W, right)
+    reference = judge(np.zeros_like(W)) or 1.0
+    best = (start.A, start.B, None, judge(start.A @ start.B))
     before = best[3]
     for ridge in ridges:
         A, B = _ridge_solution(fit, W, rank, ridge, right)
-        error = _objective(judge, W, A @ B, right)
+        error = judge(A @ B)
         if error < best[3]:
             best = (A, B, ridge, error)
     A, B, ridge, error = best

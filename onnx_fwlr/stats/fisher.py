@@ -27,6 +27,7 @@ from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
+from onnx_fwlr.io.runtime import release_free_memory
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.activations import main_graph_tensors
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
@@ -249,4 +250,6 @@ def collect_fisher_stats(
     stats.meta.update(loss=chosen_loss, fisher_samples=samples, seconds=time.perf_counter() - start)
     for acc in stats.gradients.values():
         acc["grad_count"] = np.asarray(float(acc["grad_count"]))
+    del fold, runner  # the session and the last batch's intermediates
+    release_free_memory()
     return stats

@@ -7,7 +7,8 @@ import pytest
 from builders import matmul_model, rel_error, run
 
 from onnx_fwlr.cli.main import main
-from onnx_fwlr.methods.structured import dope, nearest_kron
+from onnx_fwlr.methods.doping import dope
+from onnx_fwlr.methods.structured import nearest_kron
 from onnx_fwlr.methods.structured_fit import doping_count, fit_site
 
 SHAPE = (16, 24, 16, 24)  # A 16x16, B 24x24: W is 384 x 384

@@ -31,18 +31,8 @@ import numpy as np
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.methods import registry
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods.structured import (
-    KronSum,
-    LowRank,
-    Structured,
-    dope_growing,
-    doping_params,
-    gram_error,
-    kron_params,
-    kron_shapes,
-    nearest_kron,
-    nearest_low_rank,
-)
+from onnx_fwlr.methods.structured import KronSum, LowRank, Structured, doping_params, kron_params, kron_shapes, nearest_kron, nearest_low_rank
+from onnx_fwlr.methods.doping import dope_growing, gram_error
 
 STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site
@@ -96,7 +86,7 @@ class _Metric:
         return nearest_kron(M, shape, terms, row_weights=self.w)
 
     def dope(self, W: np.ndarray, approx_for, size: int, k: int, max_iter: int, tol: float):
-        """(size used, DopedFit) of structured.dope_growing in this metric."""
+        """(size used, DopedFit) of doping.dope_growing in this metric."""
         if self.chol is not None:
             return dope_growing(W, approx_for, size, k, max_iter=max_iter, tol=tol, gram_chol=self.chol)
         return dope_growing(W, approx_for, size, k, row_weights=self.w, max_iter=max_iter, tol=tol)
@@ -131,7 +121,7 @@ def fit_site(
     Doping alternates (structure ← fit of W − D, D ← top-k of the residual) for at most max_iter rounds,
     stopping when a round gains less than tol (relative); the convergence is linear, so an exactly
     doped-structured W needs a few tens of rounds while real weights plateau after a few. The structure
-    is grown from one term / rank 1 (structured.dope_growing), so a W that is exactly a structure of up to
+    is grown from one term / rank 1 (doping.dope_growing), so a W that is exactly a structure of up to
     8 terms (rank 8) plus k sparse entries can be recovered, with the terms it needs; the plain alternation
     at the full budget is one of the candidates, so the result is never worse than it.
     """

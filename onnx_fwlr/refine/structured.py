@@ -28,7 +28,7 @@ from onnx import numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
-from onnx_fwlr.methods.structured import top_k_doping
+from onnx_fwlr.methods.doping import top_k_doping
 from onnx_fwlr.rewrite.structured import STORED_ROLES, stored_structure
 from onnx_fwlr.sites.find import Site, find_sites, weight_matrix
 

@@ -7,16 +7,16 @@ one check runs the float32 model through ONNX Runtime end to end.
 import numpy as np
 import onnx
 import pytest
+from bert_builder import BATCH, CLASSES, make_bert, make_feed
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_erf
 from scipy.special import erf
 
-from bert_builder import BATCH, CLASSES, make_bert, make_feed
-
 from onnx_fwlr.autodiff import backward
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.errors import FwlrError
+
 
 @pytest.fixture(autouse=True)
 def exact_erf(monkeypatch):

@@ -10,9 +10,9 @@ from builders import low_rank, make_model, matmul_model, vinfo
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr import FwlrError, compress
+from onnx_fwlr.cli.main import main
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.pipeline.compress import calibrate
-from onnx_fwlr.cli.main import main
 from onnx_fwlr.stats.store import Statistics
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"

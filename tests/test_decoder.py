@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from builders import low_rank, run
-from onnx import TensorProto, helper, numpy_helper
 from gradcheck import check as check_vjp
+from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.autodiff import losses

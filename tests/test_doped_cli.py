@@ -171,9 +171,9 @@ def test_lstm_with_clip_is_skipped_with_a_reason_under_fisher_methods():
 
 def test_lstm_input_statistics_follow_the_mask_in_seq_first_layout():
     """X is [seq, batch, K] but the mask is [batch, seq]: padded positions must drop out of E[x xᵀ]."""
-    from onnx_fwlr.stats.activations import collect_activation_stats
     from onnx_fwlr.io.data import open_data
     from onnx_fwlr.sites.recurrent import find_recurrent_sites
+    from onnx_fwlr.stats.activations import collect_activation_stats
 
     model = lstm_model()
     model.graph.input.append(vinfo("attention_mask", [BATCH, SEQ], TensorProto.INT64))

@@ -9,10 +9,10 @@ from builders import gemm_model, make_model, matmul_model, rel_error, run, vinfo
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.rewrite.lowrank import apply_factors
-from onnx_fwlr.sites.find import find_sites, weight_matrix
 from onnx_fwlr.methods.structured import KronSum, LowRank, Structured, kron_params
 from onnx_fwlr.methods.structured_fit import fit_best, fit_site
+from onnx_fwlr.rewrite.lowrank import apply_factors
+from onnx_fwlr.sites.find import find_sites, weight_matrix
 
 SHAPE = (4, 6, 3, 8)  # K = 24, N = 24
 K, N = 24, 24

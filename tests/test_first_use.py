@@ -415,8 +415,8 @@ def test_blas_threads_follow_the_work_and_the_load():
 def test_small_svd_runs_on_one_blas_thread(monkeypatch):
     from threadpoolctl import threadpool_info, threadpool_limits
 
-    from onnx_fwlr.pipeline import decompose
     from onnx_fwlr.methods import lowrank
+    from onnx_fwlr.pipeline import decompose
     from onnx_fwlr.sites.find import WeightRef
 
     seen = []

@@ -5,8 +5,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.autodiff.backward import GradientRunner
+from onnx_fwlr.autodiff.losses import (
+    SeedTarget,
+    accumulate_fisher,
+    ce_seed,
+    default_seed_loss,
+    find_seed_target,
+    gaussian_seeds,
+    make_seeds,
+    mc_seeds,
+    new_accumulator,
+)
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.autodiff.losses import SeedTarget, accumulate_fisher, ce_seed, default_seed_loss, find_seed_target, gaussian_seeds, make_seeds, mc_seeds, new_accumulator
 
 
 def naive_fisher(X, G):

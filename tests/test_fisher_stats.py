@@ -9,8 +9,8 @@ from builders import make_model, vinfo
 from onnx import helper, numpy_helper
 
 from onnx_fwlr import FwlrError, compress
-from onnx_fwlr.pipeline.compress import calibrate
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.pipeline.compress import calibrate
 from onnx_fwlr.stats.store import Statistics
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"

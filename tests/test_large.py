@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fwlr.methods import allocation as alloc
-from onnx_fwlr.pipeline import prepare as api
-from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.pipeline.compress import Budget, build, choose_ranks, compress, prepare
-from onnx_fwlr.stats.activations import activation_plan, gram_groups
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import external_base, load_model, save_model, tensor_array
+from onnx_fwlr.methods import allocation as alloc
+from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.pipeline import prepare as api
+from onnx_fwlr.pipeline.compress import Budget, build, choose_ranks, compress, prepare
+from onnx_fwlr.stats.activations import activation_plan, gram_groups
 from onnx_fwlr.stats.store import Statistics, activation_key
 
 ROOT = Path(__file__).parents[1]

@@ -6,16 +6,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bert_builder import BATCH, CLASSES, make_bert, make_feed
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_erf
 from scipy.special import erf
-from bert_builder import BATCH, CLASSES, make_bert, make_feed
 
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.autodiff import losses as fisher
-from onnx_fwlr.pipeline.compress import validate
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.pipeline.compress import validate
 from onnx_fwlr.refine.loop import SamplePool, refine, split_units
 from onnx_fwlr.refine.losses import Objective
 from onnx_fwlr.refine.optim import learning_rate

@@ -6,8 +6,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-
 from transformer_builder import build_transformer, make_token_batch  # noqa: E402
 
 SAMPLES = Path(__file__).parents[1] / "sample_models"

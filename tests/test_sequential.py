@@ -3,15 +3,14 @@
 import numpy as np
 import onnx
 import pytest
+from builders import make_model, rel_error, run, vinfo
 from onnx import helper, numpy_helper
 
 import onnx_fwlr
 from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.rewrite.lowrank import Factors
 from onnx_fwlr.pipeline.sequential import _objective, _ridge_solution, correct_site, site_depths
+from onnx_fwlr.rewrite.lowrank import Factors
 from onnx_fwlr.sites.find import find_sites
-
-from builders import make_model, rel_error, run, vinfo
 
 
 def chain_model(widths, seed=0):

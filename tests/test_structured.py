@@ -7,9 +7,26 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods.structured import KronSum, doping_params, kron_macs, kron_params, kron_shapes, nearest_kron, nearest_low_rank, weighted_error, weighted_kron_als
 from onnx_fwlr.methods.doping import dope, top_k_doping
-from onnx_fwlr.rewrite.structured import build_doped_kron, build_doped_low_rank, build_doping, build_kron_sum, kron_order, min_opset
+from onnx_fwlr.methods.structured import (
+    KronSum,
+    doping_params,
+    kron_macs,
+    kron_params,
+    kron_shapes,
+    nearest_kron,
+    nearest_low_rank,
+    weighted_error,
+    weighted_kron_als,
+)
+from onnx_fwlr.rewrite.structured import (
+    build_doped_kron,
+    build_doped_low_rank,
+    build_doping,
+    build_kron_sum,
+    kron_order,
+    min_opset,
+)
 
 SHAPE = (4, 5, 3, 6)  # K = 20, N = 18
 

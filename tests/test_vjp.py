@@ -7,13 +7,13 @@ The rule only receives what its ``needs`` declares, so missing declarations fail
 
 import numpy as np
 import pytest
+from gradcheck import INT64_MAX, RNG, away_from_zero, build, check, ints, make_forward, rand
 from onnx import TensorProto
 from onnx.reference.ops import op_erf
 from scipy.special import erf
 
-from gradcheck import INT64_MAX, RNG, away_from_zero, build, check, ints, make_forward, rand
-
 from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, unbroadcast
+
 
 @pytest.fixture(autouse=True)
 def exact_erf(monkeypatch):

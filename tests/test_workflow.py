@@ -9,8 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_fwlr import FwlrError, compress
-from onnx_fwlr.pipeline.compress import calibrate, validate
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.pipeline.compress import calibrate, validate
 from onnx_fwlr.sites.find import attention_projections, find_sites
 
 ROOT = Path(__file__).parents[1]

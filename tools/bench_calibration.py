@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+
 from onnx_fwlr.pipeline import compress as api
 from onnx_fwlr.stats.activations import make_session
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
 MIB = 1024.0  # ru_maxrss is in KiB on Linux
 

@@ -35,12 +35,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_fwlr.stats.activations import collect_activation_stats
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.sites.recurrent import find_recurrent_sites
+from onnx_fwlr.methods.structured_fit import fit_site
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import find_sites, weight_matrix
-from onnx_fwlr.methods.structured_fit import fit_site
+from onnx_fwlr.sites.recurrent import find_recurrent_sites
+from onnx_fwlr.stats.activations import collect_activation_stats
 
 VOCAB, EMBED, HIDDEN, SEQ = 1024, 128, 256, 32
 STATES, WORDS_PER_STATE, SUCCESSORS = 48, 40, 4

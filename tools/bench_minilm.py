@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 import onnx_fwlr  # noqa: E402
 from onnx_fwlr.pipeline.compress import Budget, build, choose_ranks, correct_sequentially, prepare
-from onnx_fwlr.tables import format_table
 from onnx_fwlr.stats.store import Statistics
+from onnx_fwlr.tables import format_table
 
 OUTPUT = "sentence_embedding"
 GRADIENT_METHODS = ("fwsvd", "kfac")

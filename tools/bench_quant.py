@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from onnx_fwlr.errors import FwlrError  # noqa: E402
-from onnx_fwlr.tables import format_table
 from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
 from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
+from onnx_fwlr.tables import format_table
 
 EMBEDDING_FISHER = {"output": "sentence_embedding", "loss": "gaussian"}  # a Gaussian likelihood on the embedding
 

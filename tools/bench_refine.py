@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 def worker(args) -> dict:
     """One measurement in this process: compress with svd, then refine for a fixed number of steps."""
     import onnx
+    from synthetic_transformer import build_transformer, make_token_batch
 
     from onnx_fwlr import compress
     from onnx_fwlr.refine.loop import refine
-    from synthetic_transformer import build_transformer, make_token_batch
 
     original = build_transformer(args.hidden, args.layers, args.heads, args.ffn, args.vocab, max_len=args.seq)
     compressed, _ = compress(original, ratio=args.ratio, method="svd", progress=False)

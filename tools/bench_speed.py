@@ -30,13 +30,13 @@ from synthetic_transformer import build_transformer, make_token_batch  # noqa: E
 
 from onnx_fwlr.evaluate.latency import MeasuredLatency  # noqa: E402
 from onnx_fwlr.evaluate.limits import compare_speed  # noqa: E402
-from onnx_fwlr.tables import format_table
 from onnx_fwlr.io.model import save_model  # noqa: E402
 from onnx_fwlr.methods.registry import get_method  # noqa: E402
 from onnx_fwlr.pipeline.budget import Budget, choose_ranks  # noqa: E402
 from onnx_fwlr.pipeline.build import build  # noqa: E402
 from onnx_fwlr.pipeline.prepare import prepare  # noqa: E402
 from onnx_fwlr.pipeline.speed import round_for_speed  # noqa: E402
+from onnx_fwlr.tables import format_table
 
 MINILM = ROOT / ".cache" / "minilm"
 OUTPUT = "sentence_embedding"

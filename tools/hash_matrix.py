@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the small LSTM model is built by the tests' helpers
 
 from builders import write_lstm  # noqa: E402
+
 DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
 VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
 TIME_PATTERN = re.compile(r"\d+(\.\d+)?\s?(s|ms)\b")  # "0.1 s", "12 ms" in text output

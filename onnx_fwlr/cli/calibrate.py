@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.cli.options import calibration_arguments, fisher_options, parse_shard, shapes
+from onnx_fwlr.errors import FwlrError
 
 
 class Calibrate:
@@ -24,8 +24,8 @@ class Calibrate:
 
     @staticmethod
     def run(args) -> int:
-        from onnx_fwlr.pipeline.compress import calibrate
         from onnx_fwlr.io.model import check_output_path
+        from onnx_fwlr.pipeline.compress import calibrate
 
         output = check_output_path(args.output, [args.model], args.force)
         if args.calib is None:

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from onnx_fwlr.cli.options import comparison_arguments, parse_outputs
-from onnx_fwlr.cli.options import calibration_arguments, decomposition_arguments, fisher_options, language_arguments, printer, parse_kron_shape, parse_ranks, parse_size, report_language, report_validation, shapes, tolerance_arguments, write_json
+from onnx_fwlr.cli.options import (
+    calibration_arguments,
+    comparison_arguments,
+    decomposition_arguments,
+    fisher_options,
+    language_arguments,
+    parse_kron_shape,
+    parse_outputs,
+    parse_ranks,
+    parse_size,
+    printer,
+    report_language,
+    report_validation,
+    shapes,
+    tolerance_arguments,
+    write_json,
+)
 
 
 def _rank_multiple(text: str):

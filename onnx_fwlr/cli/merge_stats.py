@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 class MergeStats:
     name = "merge-stats"
     help = "add statistics computed on different data (shards) into one file"

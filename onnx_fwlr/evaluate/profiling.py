@@ -20,10 +20,10 @@ from onnx import numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.flops import matmul_flops, measure_node_flops  # noqa: F401 (matmul_flops: public here too)
-from onnx_fwlr.tables import format_table
 from onnx_fwlr.io import data, runtime
 from onnx_fwlr.io.model import file_size
 from onnx_fwlr.sites.find import model_parameters
+from onnx_fwlr.tables import format_table
 
 PROFILED_RUNS = 10  # enough for a stable per-op split; the profile JSON grows with runs x nodes
 TOP_NODES = 10

@@ -18,9 +18,9 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io import runtime
 from onnx_fwlr.evaluate.outputs import common_prefix as common_prefix_of
 from onnx_fwlr.evaluate.outputs import score_outputs
+from onnx_fwlr.io import runtime
 from onnx_fwlr.io.onnx_utils import ORT_FLOAT_TYPES
 
 

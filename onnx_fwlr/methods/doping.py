@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods.structured import checked_row_weights, Coo, DopedFit, weighted_error
+from onnx_fwlr.methods.structured import Coo, DopedFit, checked_row_weights, weighted_error
 
 
 def _dense_of(part) -> np.ndarray:

@@ -28,11 +28,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.methods import registry
-from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods.structured import KronSum, LowRank, Structured, doping_params, kron_params, kron_shapes, nearest_kron, nearest_low_rank
 from onnx_fwlr.methods.doping import dope_growing, gram_error
+from onnx_fwlr.methods.structured import (
+    KronSum,
+    LowRank,
+    Structured,
+    doping_params,
+    kron_params,
+    kron_shapes,
+    nearest_kron,
+    nearest_low_rank,
+)
 
 STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site

@@ -19,8 +19,14 @@ from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods.registry import METHODS, get_method
 from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, choose_ranks
 from onnx_fwlr.pipeline.build import build
-from onnx_fwlr.pipeline.defaults import (ACTIVATION_DEFAULT, DATA_FREE_NOTE, check_call, check_data_first,
-                                         default_allocation, default_method)
+from onnx_fwlr.pipeline.defaults import (
+    ACTIVATION_DEFAULT,
+    DATA_FREE_NOTE,
+    check_call,
+    check_data_first,
+    default_allocation,
+    default_method,
+)
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
 from onnx_fwlr.pipeline.sequential import correct_sequentially

@@ -20,8 +20,8 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.pipeline.decompose import Weighting, iter_decompositions
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
+from onnx_fwlr.pipeline.decompose import Weighting, iter_decompositions
 from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats

@@ -22,7 +22,6 @@ from onnx_fwlr.io import runtime
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.refine.losses import Objective, mean_cosine
 
-
 # op -> the inputs at which it may read a trainable factor (structured forms derive their layouts with
 # Transpose / Reshape / Gather, and scatter the doping values as updates)
 FACTOR_READERS = {"MatMul": (0, 1), "Gemm": (0, 1, 2), "Add": (0, 1), "Mul": (0, 1), "Transpose": (0,),

@@ -23,11 +23,11 @@ from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
-from onnx_fwlr.sites.recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
 from onnx_fwlr.io.onnx_utils import default_opset, walk_graphs
-from onnx_fwlr.sites.find import Site, WeightUse
 from onnx_fwlr.methods.structured import KronSum, LowRank, Structured
 from onnx_fwlr.rewrite.structured import build_doped_kron, build_doped_low_rank, min_opset
+from onnx_fwlr.sites.find import Site, WeightUse
+from onnx_fwlr.sites.recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
 
 
 @dataclass

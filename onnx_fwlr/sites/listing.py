@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from onnx_fwlr.io.model import load_model
-from onnx_fwlr.tables import format_table
 from onnx_fwlr.quant.dequantize import detect_quantized
-from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters, validate_regex
+from onnx_fwlr.sites.recurrent import find_all_sites
+from onnx_fwlr.tables import format_table
 
 
 @dataclass

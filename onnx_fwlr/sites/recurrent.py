@@ -23,7 +23,7 @@ from onnx import helper, numpy_helper
 
 from onnx_fwlr.autodiff.recurrent_vjp import unsupported_reason
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES, walk_graphs
-from onnx_fwlr.sites.find import Site, Skipped, WeightUse, _attr, _consumers, _constants, _selected, find_sites
+from onnx_fwlr.sites.find import Site, Skipped, WeightUse, _attr, _constants, _consumers, _selected, find_sites
 
 GATES = {"LSTM": 4, "GRU": 3}
 _W_INPUT = 1  # W is the second input of both ops

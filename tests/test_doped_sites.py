@@ -217,17 +217,31 @@ def test_mixed_choice_picks_the_lower_error():
 def test_opset_is_upgraded_when_safe_and_refused_when_not():
     W = kron_plus_sparse(seed=20)
     fit = exact_kron_fit(W.astype(np.float64))
-    plain = make_model([helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")], [vinfo("x", ["b", K])],
-                       [vinfo("y", ["b", N])], [numpy_helper.from_array(W, "W")], opset=13, ir_version=7)
+    plain = make_model(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")],
+        [vinfo("x", ["b", K])],
+        [vinfo("y", ["b", N])],
+        [numpy_helper.from_array(W, "W")],
+        opset=13,
+        ir_version=7,
+    )
     out = rewritten(plain, {"W": fit.replacement})
     assert out.opset_import[0].version == 16 and out.ir_version >= 8
     x = np.random.default_rng(21).normal(size=(3, K)).astype(np.float32)
     assert rel_error(run(plain, {"x": x})[0], run(out, {"x": x})[0]) <= 1e-5
 
     squeezing = make_model(  # Squeeze takes axes as an input from opset 13: the converter must add a node
-        [helper.make_node("Unsqueeze", ["x"], ["xu"], axes=[0]), helper.make_node("Squeeze", ["xu"], ["xs"], axes=[0]),
-         helper.make_node("MatMul", ["xs", "W"], ["y"], name="mm")],
-        [vinfo("x", ["b", K])], [vinfo("y", ["b", N])], [numpy_helper.from_array(W, "W")], opset=12, ir_version=7)
+        [
+            helper.make_node("Unsqueeze", ["x"], ["xu"], axes=[0]),
+            helper.make_node("Squeeze", ["xu"], ["xs"], axes=[0]),
+            helper.make_node("MatMul", ["xs", "W"], ["y"], name="mm"),
+        ],
+        [vinfo("x", ["b", K])],
+        [vinfo("y", ["b", N])],
+        [numpy_helper.from_array(W, "W")],
+        opset=12,
+        ir_version=7,
+    )
     sites, _ = find_sites(squeezing)
     with pytest.raises(FwlrError, match="opset 16"):
         apply_factors(squeezing, sites, {"W": fit.replacement})

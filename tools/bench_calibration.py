@@ -251,11 +251,16 @@ def make_case(name: str, args) -> tuple[onnx.ModelProto, list[dict], str]:
         h, n, b, s = args.hidden, args.layers, args.tf_batch, args.seq
         model, feeds = transformer_case(h, n, b, s, count)
         real = float(np.mean([f["attention_mask"].mean() for f in feeds]))
-        return model, feeds, f"BERT-like, hidden {h}, FFN {4 * h}, {n} layers, batch {b}, seq {s}, {100 * real:.0f}% real tokens"
+        return (
+            model,
+            feeds,
+            f"BERT-like, hidden {h}, FFN {4 * h}, {n} layers, batch {b}, seq {s}, {100 * real:.0f}% real tokens",
+        )
     raise SystemExit(f"unknown model '{name}'; choose mlp or transformer")
 
 
 # --- command line --------------------------------------------------------------------------------------
+
 
 def main(argv=None) -> None:
     if argv is None:
@@ -268,8 +273,13 @@ def main(argv=None) -> None:
     parser.add_argument("bench", choices=["memory", "overhead", "all"])
     parser.add_argument("--json", help="write the measurements to this JSON file")
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 64], help="memory: batch counts to compare")
-    parser.add_argument("--sources", nargs="+", default=["folder", "reader", "generator"],
-                        choices=["folder", "reader", "generator"], help="memory: how the data reaches calibrate")
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=["folder", "reader", "generator"],
+        choices=["folder", "reader", "generator"],
+        help="memory: how the data reaches calibrate",
+    )
     parser.add_argument("--models", nargs="+", default=["mlp", "transformer"], choices=["mlp", "transformer"])
     parser.add_argument("--warmup", type=int, default=3, help="warm-up batches excluded from every timing")
     parser.add_argument("--measured", type=int, default=20, help="timed batches per run")

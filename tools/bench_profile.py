@@ -108,9 +108,16 @@ def run_case(name: str, build, args) -> dict:
     print(format_table(["compressed", "p50 ms", "param ratio", "FLOP ratio", "latency ratio", "latency/FLOP",
                         "MatMul time ratio"], rows, align="lrrrrrr"))
     op_rows = [row for result in results for row in matrix_op_rows(result["label"], result["comparison"])]
-    print(f"MatMul/Gemm kernel time per run, original vs compressed ({base['op_profile']['profiled_runs']} profiled runs)")
-    print(format_table(["compressed", "op type", "orig ms", "comp ms", "ratio", "orig share", "comp share"],
-                       op_rows, align="llrrrrr"))
+    print(
+        f"MatMul/Gemm kernel time per run, original vs compressed ({base['op_profile']['profiled_runs']} profiled runs)"
+    )
+    print(
+        format_table(
+            ["compressed", "op type", "orig ms", "comp ms", "ratio", "orig share", "comp share"],
+            op_rows,
+            align="llrrrrr",
+        )
+    )
     return {"original": base, "compressed": results}
 
 
@@ -130,9 +137,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     builders = {"digits": digits_case, "transformer": transformer_case}
     results = {name: run_case(name, builders[name], args) for name in args.cases}
-    print(f"\n(latency/FLOP = p50 latency ratio / MatMul FLOP ratio, target <= {TARGET_QUOTIENT}; MatMul time ratio ="
-          f" MatMul/Gemm kernel time compressed / original, from ONNX Runtime's profiler;\n"
-          f"load average {os.getloadavg()[0]:.1f})")
+    print(
+        f"\n(latency/FLOP = p50 latency ratio / MatMul FLOP ratio, target <= {TARGET_QUOTIENT}; MatMul time ratio ="
+        f" MatMul/Gemm kernel time compressed / original, from ONNX Runtime's profiler;\n"
+        f"load average {os.getloadavg()[0]:.1f})"
+    )
     if args.json:
         results["load_average_1min"] = os.getloadavg()[0]
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))

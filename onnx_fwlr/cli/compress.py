@@ -82,7 +82,8 @@ class Compress:
                        help="weighting (default: the best the data allows: kfac with --calib or gradient --stats, "
                             "whiten with activation --stats, svd without data; docs/defaults.md)")
         p.add_argument("--methods", metavar="M,kron",
-                       help="per site, the structure with the lowest weighted error at the same budget (e.g. whiten,kron)")
+                       help="per site, the structure with the lowest weighted error at the same budget "
+                            "(e.g. whiten,kron)")
         p.add_argument("--dope", type=float, default=0.0, metavar="FRACTION",
                        help="keep this fraction of each weight's entries as a sparse correction: W ~ structure + D")
         p.add_argument("--dope-share", type=float, metavar="S",
@@ -107,7 +108,8 @@ class Compress:
                        help="most memory the activation Grams may hold at once (e.g. 4GB; default a third of RAM); "
                             "beyond it asvd/whiten calibrate in several passes, one group of sites each")
         p.add_argument("--sequential", action="store_true",
-                       help="refit each site, depth by depth, to its input in the compressed model (reads --calib once per depth)")
+                       help="refit each site, depth by depth, to its input in the compressed model "
+                            "(reads --calib once per depth)")
         p.add_argument("--no-bias-correction", action="store_true",
                        help="do not fold the mean output shift into a bias (on by default for asvd/whiten/kfac)")
         p.add_argument("--val", metavar="DATA", help="validate against the original on this data afterwards")

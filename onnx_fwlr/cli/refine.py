@@ -8,7 +8,8 @@ from onnx_fwlr.cli.options import printer, refine_plot, write_json
 class Refine:
     name = "refine"
     help = "fine-tune the factors of a compressed model by distillation against the original (no training framework)"
-    flags = {"output": "--output-name"}  # refine() calls the distilled output `output`, as compress calls the Fisher one
+    # refine() calls the distilled output `output`, as compress calls the Fisher one
+    flags = {"output": "--output-name"}
 
     @staticmethod
     def add_arguments(p):

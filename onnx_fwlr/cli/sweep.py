@@ -19,7 +19,8 @@ class Sweep:
                                         "0.9,0.7,0.5,0.3; none with --quantize unless --ratios or --methods is given)")
         p.add_argument("--methods", help="comma-separated methods (default: svd,whiten,kfac with --calib, else svd)")
         p.add_argument("--allocations",
-                       help="comma-separated: uniform, global (default: global for fwsvd/kfac, uniform for the others); "
+                       help="comma-separated: uniform, global (default: global for fwsvd/kfac, uniform for the "
+                            "others); "
                             "pairs that cannot run (global without gradients) are listed")
         p.add_argument("--quantize", metavar="MODES",
                        help="comma-separated int4, int8, auto: ONNX Runtime's quantizer plus a kfac low-rank "

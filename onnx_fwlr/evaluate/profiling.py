@@ -112,7 +112,8 @@ def _open_session(model_path, options, providers):
     missing = [p for p in providers if p not in session.get_providers()]
     if missing:
         raise FwlrError(
-            f"ONNX Runtime could not use {', '.join(missing)} (the session fell back to {', '.join(session.get_providers())}); "
+            f"ONNX Runtime could not use {', '.join(missing)} "
+            f"(the session fell back to {', '.join(session.get_providers())}); "
             f"check the GPU drivers and the onnxruntime-gpu install."
         )
     return session
@@ -234,7 +235,8 @@ def _child_entry(request_folder):
         outcome = {"error": str(error)}
     except Exception as error:  # ONNX Runtime failures (bad feed, unsupported op, ...) reach the user as one line
         detail = " ".join(str(error).split())  # ORT messages span lines; the CLI shows one
-        outcome = {"error": f"ONNX Runtime failed while profiling {request['model_path']}: {type(error).__name__}: {detail}"}
+        outcome = {"error": f"ONNX Runtime failed while profiling {request['model_path']}: "
+                            f"{type(error).__name__}: {detail}"}
     (folder / "result.json").write_text(json.dumps(outcome))
 
 
@@ -245,7 +247,8 @@ def _check_providers(providers):
     missing = [p for p in providers if p not in available]
     if missing:
         raise FwlrError(
-            f"Execution provider {', '.join(missing)} is not available in this onnxruntime build; available: {', '.join(available)}."
+            f"Execution provider {', '.join(missing)} is not available in this onnxruntime build; "
+            f"available: {', '.join(available)}."
         )
 
 

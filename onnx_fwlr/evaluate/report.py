@@ -119,7 +119,9 @@ class Report:
             before, after = self.ops_before.get(op, 0), self.ops_after.get(op, 0)
             if before != after or op in ("MatMul", "Gemm"):
                 rows.append([f"{op} nodes", str(before), str(after), ""])
-        title = f"method {self.method}, allocation {self.allocation}, {self.factorised}/{len(self.sites)} sites factorised"
+        title = (
+            f"method {self.method}, allocation {self.allocation}, {self.factorised}/{len(self.sites)} sites factorised"
+        )
         return title + "\n" + format_table(["", "before", "after", "ratio"], rows, align="lrrr")
 
 

@@ -284,7 +284,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
             onnx.save_model(to_save, str(tmp_model))
         os.replace(tmp_model, out)
     except OSError as exc:
-        raise FwlrError(f"could not write {out} ({_first_line(exc)}); check the folder's free space and rights.") from None
+        raise FwlrError(
+            f"could not write {out} ({_first_line(exc)}); check the folder's free space and rights."
+        ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if external_data and model.ByteSize() > EXTERNAL_DATA_THRESHOLD // 4:
@@ -292,8 +294,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     return out
 
 
-def _write_external(source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str,
-                    size_threshold: int = 1024) -> None:
+def _write_external(
+    source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
+) -> None:
     """Move every tensor of `target` of size_threshold bytes or more into one fresh data file.
 
     `source` is the model `target` was copied from: it knows where lazily loaded tensors live.

@@ -97,7 +97,9 @@ def dope(
     if gram_chol is not None:
         gram_chol = np.asarray(gram_chol, dtype=np.float64)
         if gram_chol.shape != (W.shape[0], W.shape[0]):
-            raise FwlrError(f"gram_chol must be [{W.shape[0]}, {W.shape[0]}], got {gram_chol.shape}; pass the input Gram's factor.")
+            raise FwlrError(
+                f"gram_chol must be [{W.shape[0]}, {W.shape[0]}], got {gram_chol.shape}; pass the input Gram's factor."
+            )
         w = np.linalg.norm(gram_chol, axis=1)
     else:
         w = checked_row_weights(row_weights, W.shape[0])

@@ -104,7 +104,9 @@ class _Metric:
 def doping_count(K: int, N: int, fraction: float) -> int:
     """k = round(fraction · K · N) doping entries."""
     if not 0.0 <= fraction < 1.0:
-        raise FwlrError(f"`dope` {fraction} is out of range; give the fraction of entries to keep, 0 <= f < 1 (e.g. 0.01).")
+        raise FwlrError(
+            f"`dope` {fraction} is out of range; give the fraction of entries to keep, 0 <= f < 1 (e.g. 0.01)."
+        )
     return int(round(fraction * K * N))
 
 
@@ -175,8 +177,10 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
         shape = tuple(int(v) for v in kron_shape)
         m1, m2, n1, n2 = shape
         if m1 * m2 != K or n1 * n2 != N:
-            raise FwlrError(f"`kron_shape` {m1}x{m2},{n1}x{n2} does not factor a [{K}x{N}] weight: "
-                            f"need m1*m2 = {K} and n1*n2 = {N}.")
+            raise FwlrError(
+                f"`kron_shape` {m1}x{m2},{n1}x{n2} does not factor a [{K}x{N}] weight: "
+                f"need m1*m2 = {K} and n1*n2 = {N}."
+            )
         candidates = [shape]
     else:
         candidates = kron_shapes(K, N)[:SHAPE_CANDIDATES]
@@ -233,8 +237,17 @@ def fit_structured_site(
 ) -> SiteFit | None:
     """fit_best in the metric of the low-rank `method` (registry.structured_metric); with mean_input (E[x]) the
     replacement also gets the bias correction shift = E[x]ᵀ (W − W'), exact in expectation."""
-    fit = fit_best(W, structures, budget_params, dope=dope, kron_shape=kron_shape, itemsize=itemsize,
-                   **registry.structured_metric(method, input_gram, fisher_row))
+    fit = fit_best(
+        W,
+        structures,
+        budget_params,
+        dope=dope,
+        kron_shape=kron_shape,
+        itemsize=itemsize,
+        **registry.structured_metric(method, input_gram, fisher_row),
+    )
     if fit is not None and mean_input is not None:
-        fit.replacement.shift = np.asarray(mean_input, dtype=np.float64) @ (np.asarray(W, np.float64) - fit.replacement.dense())
+        fit.replacement.shift = np.asarray(mean_input, dtype=np.float64) @ (
+            np.asarray(W, np.float64) - fit.replacement.dense()
+        )
     return fit

@@ -30,7 +30,7 @@ class Budget:
         _check_types(self)
         given = [n for n in BUDGETS if getattr(self, n) is not None]
         if len(given) > 1:
-            raise FwlrError(f"{' and '.join('--' + g.replace('_', '-') for g in given)} given together; pass one budget.")
+            raise FwlrError(f"{' and '.join(f'`{g}`' for g in given)} given together; pass one budget.")
         if not given and not self.ranks:
             raise FwlrError(("no budget given; pass `ratio` (0 < R <= 1), `rank`, `target_size`, `max_error` or "
                              "`target_latency`."))

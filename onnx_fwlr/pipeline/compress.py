@@ -182,7 +182,8 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
                         "(plain low rank: `rank_multiple` auto).")
     if structured:
         if sequential:
-            raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` or `dope`.")
+            raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
+                            "or `dope`.")
         return compress_structured(
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,

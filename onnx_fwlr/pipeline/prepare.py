@@ -97,7 +97,8 @@ def prepare(
     validate_regex(exclude, "`exclude`")
     start = time.perf_counter()
     model = load_model(model)
-    sites, skipped = find_all_sites(model, include, exclude, fisher=method in METHODS and GRADIENTS in METHODS[method].needs)
+    gradients = method in METHODS and GRADIENTS in METHODS[method].needs
+    sites, skipped = find_all_sites(model, include, exclude, fisher=gradients)
     warnings = _unmatched_patterns(include, exclude, sites, skipped)
     if fallback is not None and sites and stats is None and calibration is not None:
         from onnx_fwlr.pipeline.defaults import gradient_obstacle
@@ -165,7 +166,8 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
             start, calibrating = time.perf_counter(), _later_calibration_seconds(prepared)
             _, dec = next(fresh)
             calibrating = _later_calibration_seconds(prepared) - calibrating  # a pass for the next group of sites
-            for stage, seconds in (("decompose", time.perf_counter() - start - calibrating), ("calibrate", calibrating)):
+            decomposing = time.perf_counter() - start - calibrating
+            for stage, seconds in (("decompose", decomposing), ("calibrate", calibrating)):
                 prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
                 prepared.decompositions[site.weight] = dec

@@ -266,7 +266,8 @@ def _measure_quantization(job: QuantizeJob, embeddings, calibration, batch_size,
     if not tables and not tensors:
         return
     if calibration is None:
-        job.warnings.append("no calibration data (`calibration`) to price embedding tables and int8's activation rounding: "
+        job.warnings.append("no calibration data (`calibration`) to price embedding tables and int8's activation "
+                            "rounding: "
                             "tables follow `quantize`, and int8's predicted loss counts its weight error only.")
         return
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)

@@ -394,6 +394,7 @@ def _with_weights(compressed: onnx.ModelProto, weights: dict | None, dtypes: dic
         return model
     for tensor in model.graph.initializer:
         if tensor.name in weights:
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(weights[tensor.name], dtype=dtypes[tensor.name]),
-                                                    tensor.name))
+            tensor.CopyFrom(
+                numpy_helper.from_array(np.asarray(weights[tensor.name], dtype=dtypes[tensor.name]), tensor.name)
+            )
     return model

@@ -61,7 +61,9 @@ def mse_loss(student: np.ndarray, teacher: np.ndarray, weight=None) -> tuple[flo
     return loss, 2.0 * w * diff / denominator
 
 
-def kl_loss(student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None) -> tuple[float, np.ndarray]:
+def kl_loss(
+    student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None
+) -> tuple[float, np.ndarray]:
     """Mean KL(teacher ‖ student) over rows of logits, and its gradient w.r.t. the student logits (p_s − p_t)."""
     log_s, log_t = _log_softmax(_class_rows(student, target)), _log_softmax(_class_rows(teacher, target))
     w = _row_weights(weight if not target.legacy_2d else None, log_s.shape[0])

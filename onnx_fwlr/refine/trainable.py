@@ -158,8 +158,10 @@ class Teacher:
     def __init__(self, original: onnx.ModelProto, tensor: str, providers=("CPUExecutionProvider",)):
         known = {o for n in original.graph.node for o in n.output} | {i.name for i in original.graph.input}
         if tensor not in known:
-            raise FwlrError(f"tensor '{tensor}' of the compressed model is not in the original model; pass the "
-                            "original the compressed model was made from.")
+            raise FwlrError(
+                f"tensor '{tensor}' of the compressed model is not in the original model; pass the "
+                "original the compressed model was made from."
+            )
         self.tensor = tensor
         self.session = _session(_with_output(original, tensor), providers)
         self.inputs = {i.name for i in self.session.get_inputs()}

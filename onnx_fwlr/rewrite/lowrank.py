@@ -369,11 +369,15 @@ def _ensure_opset(model: onnx.ModelProto, needed: int) -> None:
         converted = version_converter.convert_version(model, needed)
     except Exception as exc:  # noqa: BLE001 - the converter raises many types; the user needs one sentence
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FwlrError(f"{why} and ONNX's version converter failed on it ({first}); re-export the model at "
-                        f"opset {needed} or newer, or use a plain low-rank method.") from None
+        raise FwlrError(
+            f"{why} and ONNX's version converter failed on it ({first}); re-export the model at "
+            f"opset {needed} or newer, or use a plain low-rank method."
+        ) from None
     if _node_layout(converted) != _node_layout(model):
-        raise FwlrError(f"{why}, and converting it would change its nodes; re-export the model at opset {needed} "
-                        "or newer, or use a plain low-rank method.")
+        raise FwlrError(
+            f"{why}, and converting it would change its nodes; re-export the model at opset {needed} "
+            "or newer, or use a plain low-rank method."
+        )
     converted.ir_version = max(converted.ir_version, helper.find_min_ir_version_for(list(converted.opset_import)))
     model.CopyFrom(converted)
 

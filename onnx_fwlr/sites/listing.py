@@ -37,8 +37,15 @@ class Listing:
 
     def format(self) -> str:
         rows = [
-            [s.name, s.uses[0].op_type, s.weight, f"{s.K}x{s.N}", f"{s.params:,}",
-             f"{100 * s.params / max(self.model_params, 1):.1f}%", s.dtype + (f" ({len(s.uses)} uses)" if len(s.uses) > 1 else "")]
+            [
+                s.name,
+                s.uses[0].op_type,
+                s.weight,
+                f"{s.K}x{s.N}",
+                f"{s.params:,}",
+                f"{100 * s.params / max(self.model_params, 1):.1f}%",
+                s.dtype + (f" ({len(s.uses)} uses)" if len(s.uses) > 1 else ""),
+            ]
             for s in self.sites
         ]
         total = sum(s.params for s in self.sites)
@@ -53,7 +60,6 @@ class Listing:
             lines += ["", "not factorised:", format_table(["node", "op", "weight", "reason"], skipped_rows)]
         return "\n".join(lines)
 
-
     def _format_quantized(self) -> list[str]:
         """Quantized weight uses (what each is and that compress dequantizes it) and quantized ops left alone."""
         usable = [q for q in self.quantized if q.scheme is not None]
@@ -61,12 +67,18 @@ class Listing:
         lines = []
         if usable:
             rows = [[q.node, q.op_type, q.weight, f"{q.K}x{q.N}", q.scheme.describe(), q.consumer] for q in usable]
-            lines += ["", f"the model is quantized: {len(usable)} quantized weight(s); compress dequantizes each "
-                      "(float64), compresses it and quantizes it again with the same scheme:",
-                      format_table(["node", "op", "weight", "K x N", "scheme", "float op"], rows, align="lllrll")]
+            lines += [
+                "",
+                f"the model is quantized: {len(usable)} quantized weight(s); compress dequantizes each "
+                "(float64), compresses it and quantizes it again with the same scheme:",
+                format_table(["node", "op", "weight", "K x N", "scheme", "float op"], rows, align="lllrll"),
+            ]
         if left:
-            lines += ["", "quantized nodes left as they are:",
-                      format_table(["node", "op", "reason"], [[q.node, q.op_type, q.reason] for q in left])]
+            lines += [
+                "",
+                "quantized nodes left as they are:",
+                format_table(["node", "op", "reason"], [[q.node, q.op_type, q.reason] for q in left]),
+            ]
         return lines
 
 

@@ -62,7 +62,9 @@ class Statistics:
 
     def merge(self, other: "Statistics") -> "Statistics":
         if other.fingerprint != self.fingerprint:
-            raise FwlrError("these statistics come from different models (fingerprints differ); merge shards of one model only.")
+            raise FwlrError(
+                "these statistics come from different models (fingerprints differ); merge shards of one model only."
+            )
         for mine, theirs in ((self.activations, other.activations), (self.gradients, other.gradients)):
             for key, sums in theirs.items():
                 self.fold(mine.setdefault(key, {}), sums)
@@ -112,7 +114,9 @@ class Statistics:
     def require(self, sites: list[Site], needs: tuple[str, ...], method: str) -> None:
         """Stats must cover what the method reads for at least one site; the rest fall back (caller's job)."""
         if "activations" in needs and not any(self.has_activations(s) for s in sites):
-            raise FwlrError(f"`method` {method} needs activation statistics, but the statistics hold none for these sites.")
+            raise FwlrError(
+                f"`method` {method} needs activation statistics, but the statistics hold none for these sites."
+            )
         if "gradients" in needs and not any(self.has_gradients(s) for s in sites):
             raise FwlrError(
                 f"`method` {method} needs gradient (Fisher) statistics; calibrate with gradients "
@@ -143,7 +147,9 @@ class Statistics:
                 header = json.loads(bytes(archive["header"]).decode())
                 arrays = {k: archive[k] for k in archive.files if k != "header"}
         except (KeyError, ValueError, OSError, zipfile.BadZipFile):
-            raise FwlrError(f"{path}: is not an onnx-fwlr statistics file; create it with `onnx-fwlr calibrate`.") from None
+            raise FwlrError(
+                f"{path}: is not an onnx-fwlr statistics file; create it with `onnx-fwlr calibrate`."
+            ) from None
         if expect_fingerprint is not None and header["fingerprint"] != expect_fingerprint:
             raise FwlrError(f"{path}: these statistics were computed for a different model; recalibrate this one.")
         stats = cls(header["fingerprint"], meta=header.get("meta", {}))

@@ -157,7 +157,7 @@ def test_bias_correction_keeps_the_mean_output():
     x = (rng.standard_normal((256, 24)) + 2.0).astype(np.float32)  # far from zero mean
     compressed, report = compress(model, rank=3, method="whiten", calibration=[{"x": x}], progress=False)
     assert "Add" in report.ops_after
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731, E501
     np.testing.assert_allclose(run(compressed).mean(0), run(model).mean(0), atol=1e-3)
     without, _ = compress(model, rank=3, method="whiten", calibration=[{"x": x}], bias_correction=False, progress=False)
     assert np.abs(run(without).mean(0) - run(model).mean(0)).max() > 1e-2

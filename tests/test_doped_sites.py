@@ -150,7 +150,7 @@ def test_float16_weight_with_doping_runs():
     W = kron_plus_sparse(seed=13, dtype=np.float16)
     model = matmul_model(W)
     out = rewritten(model, {"W": exact_kron_fit(W.astype(np.float64)).replacement})
-    assert {t.data_type for t in out.graph.initializer if t.name.endswith(("/A", "/B", "dope_vals"))} == {TensorProto.FLOAT16}
+    assert {t.data_type for t in out.graph.initializer if t.name.endswith(("/A", "/B", "dope_vals"))} == {TensorProto.FLOAT16}  # noqa: E501
     x = np.random.default_rng(14).normal(size=(4, K)).astype(np.float16)
     assert rel_error(run(model, {"x": x})[0], run(out, {"x": x})[0]) <= 5e-3
 

@@ -180,7 +180,8 @@ def test_cli_refine_end_to_end(digits_svd, tmp_path, capsys):
     onnx.save(digits_svd, str(compressed))
     out, report = tmp_path / "refined.onnx", tmp_path / "refine.json"
     code = main(["refine", str(DIGITS), str(compressed), "-o", str(out), "--calib", str(CALIB), "--val", str(TEST),
-                 "--steps", "40", "--lr", "3e-3", "--quiet", "--json", str(report)])
+                 "--steps", "40", "--lr", "3e-3", "--quiet",
+                 "--json", str(report)])
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     assert data["val_samples"] == 500 and data["after"]["loss"] < data["before"]["loss"]
@@ -211,7 +212,8 @@ def test_cli_refine_bad_input_exits_2_with_one_sentence(digits_svd, tmp_path, ca
 def test_cli_compress_with_refine(tmp_path, capsys):
     out, report = tmp_path / "c.onnx", tmp_path / "c.json"
     code = main(["compress", str(DIGITS), "-o", str(out), "--ratio", "0.3", "--method", "svd", "--calib", str(CALIB),
-                 "--refine", "30", "--max-accuracy-drop", "100", "--refine-lr", "3e-3", "--val", str(TEST), "--quiet", "--json", str(report)])
+                 "--refine", "30", "--max-accuracy-drop", "100", "--refine-lr", "3e-3", "--val", str(TEST), "--quiet",
+                 "--json", str(report)])
     assert code == 0 and out.exists()
     data = json.loads(report.read_text())
     assert data["refine"]["steps"] == 30 and data["refine"]["after"]["loss"] < data["refine"]["before"]["loss"]

@@ -72,7 +72,7 @@ def test_outer_scope_weight_in_if_subgraph():
         [helper.make_node("MatMul", ["x", "W"], ["t_out"], name="then_mm")], "then", [], [vinfo("t_out", ["b", 12])]
     )
     else_graph = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["e_neg"]), helper.make_node("MatMul", ["e_neg", "W"], ["e_out"], name="else_mm")],
+        [helper.make_node("Neg", ["x"], ["e_neg"]), helper.make_node("MatMul", ["e_neg", "W"], ["e_out"], name="else_mm")],  # noqa: E501
         "else", [], [vinfo("e_out", ["b", 12])],
     )
     nodes = [helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_graph, else_branch=else_graph)]

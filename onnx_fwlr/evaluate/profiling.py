@@ -89,7 +89,8 @@ def _check_feed(model, feed):
     if missing:
         raise FwlrError(f"The inputs lack {', '.join(missing)}; the model needs {', '.join(names)}.")
     if extra:
-        raise FwlrError(f"The inputs include {', '.join(extra)}, which the model does not have; it needs {', '.join(names)}.")
+        raise FwlrError(f"The inputs include {', '.join(extra)}, which the model does not have; "
+                        f"it needs {', '.join(names)}.")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +141,8 @@ def parse_ort_profile(events, skip_runs=0):
 
     Node events inside the first `skip_runs` model runs (warm-up) are left out.
     """
-    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"])
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    runs.sort(key=lambda e: e["ts"])
     start = runs[skip_runs]["ts"] if len(runs) > skip_runs else 0
     counted_runs = max(len(runs) - skip_runs, 1)
     by_op, by_node, node_times = {}, {}, {}
@@ -156,7 +158,8 @@ def parse_ort_profile(events, skip_runs=0):
         node_times[node] = node_times.get(node, 0.0) + duration_ms
     total = sum(by_op.values())
     share = (lambda t: t / total) if total > 0 else (lambda t: 0.0)
-    op_types = [{"op_type": op, "time_ms": t, "share": share(t)} for op, t in sorted(by_op.items(), key=lambda kv: (-kv[1], kv[0]))]
+    ranked = sorted(by_op.items(), key=lambda kv: (-kv[1], kv[0]))
+    op_types = [{"op_type": op, "time_ms": t, "share": share(t)} for op, t in ranked]
     nodes = [
         {"node": node, "op_type": op, "time_ms": t, "share": share(t)}
         for (node, op), t in sorted(by_node.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_NODES]
@@ -385,7 +388,8 @@ def _settings_line(result):
 
 
 def _op_rows(op_profile, limit=TOP_OP_TYPES):
-    return [[row["op_type"], f"{row['time_ms']:.3f}", f"{100 * row['share']:.1f}%"] for row in op_profile["op_types"][:limit]]
+    return [[row["op_type"], f"{row['time_ms']:.3f}", f"{100 * row['share']:.1f}%"]
+            for row in op_profile["op_types"][:limit]]
 
 
 def format_profile(result):
@@ -400,7 +404,8 @@ def format_profile(result):
         parts += ["", f"Time per op type (kernel time per run, {profile['profiled_runs']} profiled runs)"]
         parts.append(_table(["op type", "ms", "share"], _op_rows(profile)))
         parts += ["", "Slowest nodes"]
-        node_rows = [[r["node"], r["op_type"], f"{r['time_ms']:.3f}", f"{100 * r['share']:.1f}%"] for r in profile["top_nodes"]]
+        node_rows = [[r["node"], r["op_type"], f"{r['time_ms']:.3f}", f"{100 * r['share']:.1f}%"]
+                     for r in profile["top_nodes"]]
         parts.append(_table(["node", "op type", "ms", "share"], node_rows))
     return "\n".join(parts)
 

@@ -343,7 +343,8 @@ def refine(
         window.append(loss_value)
         report.steps = step
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4g}", val=f"{best_loss:.4g}", ms=f"{1e3 * (time.perf_counter() - tick):.0f}")
+        step_ms = 1e3 * (time.perf_counter() - tick)
+        bar.set_postfix(loss=f"{loss_value:.4g}", val=f"{best_loss:.4g}", ms=f"{step_ms:.0f}")
         if step % eval_every and step != steps:
             continue
         metrics = evaluate(adam.params)

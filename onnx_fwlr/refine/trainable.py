@@ -129,7 +129,8 @@ class Student:
             self._predict_session = _session(self.model, self.providers)
         names = {i.name for i in self._predict_session.get_inputs()}
         full = self.feed(feed, weights)
-        return self._predict_session.run([self.objective.target.tensor], {k: v for k, v in full.items() if k in names})[0]
+        feed = {k: v for k, v in full.items() if k in names}
+        return self._predict_session.run([self.objective.target.tensor], feed)[0]
 
     def evaluate(self, batches, teachers, weights) -> dict:
         """Mean loss (per sample), mean cosine to the teacher and, with labels, accuracy."""

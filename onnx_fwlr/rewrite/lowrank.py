@@ -291,7 +291,8 @@ def _free_prefix(namer: "_Namer", wanted: str, names_of) -> str:
         candidate, i = f"{wanted}_{i}", i + 1
 
 
-def _structured_site(site: Site, rep: Structured, graphs, namer, form=None) -> dict[tuple[int, int], list[onnx.NodeProto]]:
+def _structured_site(site: Site, rep: Structured, graphs, namer,
+                     form=None) -> dict[tuple[int, int], list[onnx.NodeProto]]:
     """Structure initializers once in the owning graph; per use, uniquely named nodes computing the Gemm/MatMul."""
     dtype = storage_dtype(site)
     kind = "kron" if isinstance(rep.structure, KronSum) else "lowrank"

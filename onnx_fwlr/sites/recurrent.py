@@ -176,7 +176,8 @@ def recurrent_use_nodes(node: onnx.NodeProto, use: WeightUse, p_name: str, q_nam
         bias = node.input[_B_INPUT] if len(node.input) > _B_INPUT else ""
         if bias:
             corrected = namer(f"{base}/bias_corrected")
-            nodes.append(helper.make_node("Add", [bias, pad_name], [corrected], name=namer(f"{base}/bias_correction_add")))
+            add_name = namer(f"{base}/bias_correction_add")
+            nodes.append(helper.make_node("Add", [bias, pad_name], [corrected], name=add_name))
             new.input[_B_INPUT] = corrected
         else:
             while len(new.input) <= _B_INPUT:

@@ -55,6 +55,7 @@ class Compress:
     help = "factorise the model's constant MatMul/Gemm weights and write the compressed model"
 
     @staticmethod
+    # Long: one line per flag of the command, grouped as --help shows them.
     def add_arguments(p):
         from onnx_fwlr.pipeline.compress import ALLOCATIONS, METHODS
 

@@ -77,6 +77,7 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f} %"
 
 
+# Long: the sweep's loop over methods, allocations and budgets reads best in one place.
 def sweep(
     model, calibration, validation, *, ratios: list[float], methods: list[str] | None = None,
     allocations: list[str] | None = None, out_dir: str | Path, batch_size: int = 32, mask_input: str | None = None,

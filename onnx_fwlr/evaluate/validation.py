@@ -116,6 +116,7 @@ class Validation:
         return _json_safe(asdict(self) | {"accuracy_drop": self.accuracy_drop})
 
 
+# Long: one streaming pass over both models; splitting it would scatter the per-batch state.
 def compare_models(
     original: str | os.PathLike | onnx.ModelProto,
     compressed: str | os.PathLike | onnx.ModelProto,

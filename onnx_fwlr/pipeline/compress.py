@@ -53,6 +53,7 @@ def check_method(method: str, allocation: str) -> None:
         )
 
 
+# Long: the public signature (one keyword per pipeline option) and its docstring; the body is short.
 def compress(
     model: str | onnx.ModelProto,
     *,
@@ -160,6 +161,7 @@ def compress(
     return compressed, report
 
 
+# Long: a keyword-only signature mirroring compress(); the body is one decision per stage.
 def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation, method, allocation, include,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,

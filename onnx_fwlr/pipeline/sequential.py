@@ -42,6 +42,9 @@ from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.activations import main_graph_tensors, make_session
 
 RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+# The original model's site inputs are kept in memory up to this size for the depths still to come, so one run of
+# the original serves several depths (MiniLM: its 24 depths in 6 original runs instead of 24; _window).
+ORIGINAL_ROWS_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -144,27 +147,55 @@ def _accumulate(sums: dict, x_new: np.ndarray, x_old: np.ndarray) -> None:
             sums[key] = value.astype(np.float64)
 
 
-def _collect(original_session, compressed_session, inputs: list[str], batches: Batches, mask_name, holdout_every,
-             pieces):
-    """Per input tensor: sums on fitting batches and on held-back batches; each batch is run in `pieces`."""
+def _collect(compressed_session, inputs: list[str], batches: Batches, mask_name, holdout_every, pieces,
+             original: dict):
+    """Per input tensor: sums on fitting batches and on held-back batches; each batch is run in `pieces`, and the
+    original's rows for each piece come from `original` (_original_rows)."""
     fit = {name: {} for name in inputs}
     held = {name: {} for name in inputs}
     counts = {"fit": 0.0, "held": 0.0}
     for index, (feed, _) in enumerate(batches):
         part = held if holdout_every and index % holdout_every == holdout_every - 1 else fit
-        for whole in pieces(feed):
-            old, new, piece = pieces.trimmer(lambda f, _: _run_pair(original_session, compressed_session, inputs, f),
-                                             whole, None)
+        for j, whole in enumerate(pieces(feed)):
+            new, piece = pieces.trimmer(lambda f, _: (dict(zip(inputs, compressed_session.run(inputs, f))), f),
+                                        whole, None)
             mask = piece.get(mask_name) if mask_name else None
+            old = original[index, j]
             for name in inputs:
-                _accumulate(part[name], _rows(new[name], mask), _rows(old[name], mask))
-            counts["held" if part is held else "fit"] += _positions(old[inputs[0]], mask)
+                x_new, (x_old, _) = _rows(new[name], mask), old[name]
+                if x_new.shape != x_old.shape:
+                    raise RuntimeError(f"input {name!r}: the two models gave {x_new.shape} and {x_old.shape} rows")
+                _accumulate(part[name], x_new, x_old)
+            counts["held" if part is held else "fit"] += old[inputs[0]][1]
     return fit, held, counts
 
 
-def _run_pair(original_session, compressed_session, inputs: list[str], piece: dict):
-    return (dict(zip(inputs, original_session.run(inputs, piece))),
-            dict(zip(inputs, compressed_session.run(inputs, piece))), piece)
+def _original_rows(session, names: list[str], batches: Batches, mask_name, pieces) -> dict:
+    """(batch index, piece index) -> input name -> (its real rows in the original model, positions counted): one
+    run of the original, truncated at `names`, serves every depth whose inputs are among them."""
+    rows = {}
+    for index, (feed, _) in enumerate(batches):
+        for j, whole in enumerate(pieces(feed)):
+            values, piece = pieces.trimmer(lambda f, _: (dict(zip(names, session.run(names, f))), f), whole, None)
+            mask = piece.get(mask_name) if mask_name else None
+            rows[index, j] = {n: (_rows(values[n], mask), _positions(values[n], mask)) for n in names}
+    return rows
+
+
+def _window(levels: list[int], start: int, inputs_of: dict, widths: dict, positions: float | None,
+            budget: int = ORIGINAL_ROWS_BYTES) -> tuple[list[int], list[str]]:
+    """The depths from levels[start] on whose original inputs fit in `budget` bytes of float32 rows together, and
+    those inputs: at least one depth, and only one while the number of positions is unknown."""
+    chosen, names, total = [], set(), 0.0
+    for level in levels[start:]:
+        new = set(inputs_of[level]) - names
+        extra = 4.0 * (positions or 0.0) * sum(widths[n] for n in new)
+        if chosen and (positions is None or total + extra > budget):
+            break
+        chosen.append(level)
+        names |= new
+        total += extra
+    return chosen, sorted(names)
 
 
 def _pieces(model: onnx.ModelProto, batches: Batches, mask_name: str | None):
@@ -256,17 +287,25 @@ def sequential_factors(
         return factors, []
     depths = site_depths(original, eligible)
     levels = sorted({depths[s.weight] for s in eligible})
-    report = []
-    for level in tqdm(levels, desc="sequential", unit="depth", disable=not progress, leave=False):
+    inputs_of = {level: sorted({s.uses[0].input for s in eligible if depths[s.weight] == level}) for level in levels}
+    widths = {s.uses[0].input: s.K for s in eligible}
+    mask_name = find_mask_input(batches.specs, mask_input)
+    pieces = _pieces(original, batches, mask_name)
+    report, window, positions = [], [], None
+    for i, level in enumerate(tqdm(levels, desc="sequential", unit="depth", disable=not progress, leave=False)):
         level_sites = [s for s in eligible if depths[s.weight] == level]
-        inputs = sorted({s.uses[0].input for s in level_sites})
+        inputs = inputs_of[level]
+        if level not in window:
+            original_rows = None  # the last window's rows go before the next are made
+            window, names = _window(levels, i, inputs_of, widths, positions)
+            original_rows = _original_rows(make_session(_truncated(original, names)), names, batches, mask_name,
+                                           pieces)
         compressed = onnx.ModelProto()
         compressed.CopyFrom(original)
         apply_factors(compressed, sites, {w: f for w, f in factors.items() if _shallower(w, depths, level)})
-        mask_name = find_mask_input(batches.specs, mask_input)
-        fit, held, counts = _collect(make_session(_truncated(original, inputs)),
-                                     make_session(_truncated(compressed, inputs)), inputs, batches, mask_name,
-                                     holdout_every, _pieces(original, batches, mask_name))
+        fit, held, counts = _collect(make_session(_truncated(compressed, inputs)), inputs, batches, mask_name,
+                                     holdout_every, pieces, original_rows)
+        positions = counts["fit"] + counts["held"]
         if counts["fit"] == 0:
             raise FwlrError("sequential correction found no calibration positions to fit on; give more data.")
         for site in level_sites:

@@ -36,6 +36,7 @@ def check_dope_share(dope: float, dope_share: float | None) -> None:
                         "spent on doping, 0 < S < 1 (e.g. 0.3).")
 
 
+# Long: checks, then one loop over sites; the checks must precede any calibration.
 def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options, *,
                         dope_share=None, forms="default", form_timer=None):
     """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at

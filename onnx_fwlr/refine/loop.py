@@ -233,6 +233,7 @@ def _check_arguments(steps, lr, batch_size, loss, label_weight, eval_every, pati
 # One BLAS thread for the numpy backward pass between ORT runs: OpenBLAS's spinning threads made each step several
 # times slower on a loaded 2-core machine (docs/speed.md, "Compression cost"); ORT keeps its own threads.
 @threadpool_limits.wrap(limits=1, user_api="blas")
+# Long: the training loop with early stopping; its state (best weights, curve, patience) lives here.
 def refine(
     original,
     compressed,

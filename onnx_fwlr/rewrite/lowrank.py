@@ -75,6 +75,7 @@ class _Namer:
         return name
 
 
+# Long: one pass over every graph and subgraph so each weight is rewritten once for all its uses.
 def apply_factors(
     model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors | Structured], forms: dict | None = None
 ) -> onnx.ModelProto:

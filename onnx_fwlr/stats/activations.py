@@ -60,6 +60,7 @@ def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     return ranks
 
 
+# Long: builds the in-graph reductions node by node; each block is one statistic.
 def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> tuple[onnx.ModelProto, dict]:
     """A copy of the model whose only outputs are the per-key reductions; returns it and key -> field -> output."""
     augmented = onnx.ModelProto()

@@ -129,3 +129,27 @@ def test_factors_do_not_depend_on_how_much_data_was_summed():
     A1, B1 = _ridge_solution(sums, W, 3, 0.01, None)
     A2, B2 = _ridge_solution({k: 1000.0 * v for k, v in sums.items()}, W, 3, 0.01, None)
     assert rel_error(A1, A2) < 1e-8 and rel_error(B1, B2) < 1e-8
+
+
+def test_original_rows_kept_across_depths_give_the_same_factors(monkeypatch):
+    """One run of the original for several depths (the default) or one per depth (a budget of 0 bytes): the
+    corrected factors and the report are the same."""
+    from onnx_fwlr.pipeline import sequential
+
+    model = chain_model([16, 14, 12, 10, 8])
+    rng = np.random.default_rng(9)
+    calib = [{"x": rng.standard_normal((32, 16)).astype(np.float32)} for _ in range(6)]
+    options = dict(ratio=0.4, method="whiten", calibration=calib, sequential=True, progress=False)
+    windows = []
+    real_window = sequential._window
+    monkeypatch.setattr(sequential, "_window", lambda *a, **k: windows.append(real_window(*a, **k)) or windows[-1])
+    shared, shared_report = onnx_fwlr.compress(model, **options)
+    assert [len(w) for w, _ in windows] == [1, 3]  # the first depth alone, then the rest from one run
+    windows.clear()
+    monkeypatch.setattr(sequential, "_window", lambda *a, **k: windows.append(real_window(*a[:5], budget=0))
+                        or windows[-1])
+    alone, alone_report = onnx_fwlr.compress(model, **options)
+    assert [len(w) for w, _ in windows] == [1, 1, 1, 1]
+    assert [s.note for s in shared_report.sites] == [s.note for s in alone_report.sites]
+    for a, b in zip(shared.graph.initializer, alone.graph.initializer):
+        np.testing.assert_allclose(numpy_helper.to_array(a), numpy_helper.to_array(b), rtol=1e-5, atol=1e-6)

@@ -54,7 +54,7 @@ def parse_args():
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and alternating pairs")
     p.add_argument("--calib", type=int, default=64, help="calibration sequences")
     p.add_argument("--cache", default=str(ROOT / ".cache" / "latency"), help="latency table folder")
-    p.add_argument("--no-minilm", action="store_true", help="skip MiniLM even when it was exported")
+    p.add_argument("--models", default="synthetic,minilm", help="which of synthetic,minilm (MiniLM when exported)")
     p.add_argument("--json", metavar="FILE", help="write every number as JSON")
     return p.parse_args()
 
@@ -71,8 +71,9 @@ def models(args, folder: Path):
     path = save_model(synthetic, folder / "synthetic.onnx")
     calib = folder / "synthetic_calib.npz"
     np.savez(calib, **make_token_batch(args.calib, args.seq, VOCAB, seed=1))
-    found = [(f"synthetic h{h} L{args.layers}", path, calib)]
-    if not args.no_minilm and (MINILM / "minilm.onnx").is_file():
+    chosen = args.models.split(",")
+    found = [(f"synthetic h{h} L{args.layers}", path, calib)] if "synthetic" in chosen else []
+    if "minilm" in chosen and (MINILM / "minilm.onnx").is_file():
         data = {k: v[: args.calib] for k, v in np.load(MINILM / "calib.npz").items()}
         np.savez(folder / "minilm_calib.npz", **data)
         found.append(("MiniLM-L6", MINILM / "minilm.onnx", folder / "minilm_calib.npz"))

@@ -18,7 +18,11 @@ belongs to site `n` when it is `n` or starts with `n/` (the longest such site wi
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -130,49 +134,68 @@ def ratio_summary(seconds_a, seconds_b) -> dict:
             "original_p50_ms": float(np.median(a) * 1000.0), "compressed_p50_ms": float(np.median(b) * 1000.0)}
 
 
-def _paired_times(model_path, other_path, feed, runs, warmup, threads, providers):
-    """Runs in the child: both sessions open, then `runs` pairs, the first model first in even pairs."""
-    from onnx_fwlr.evaluate.profiling import _open_session
-    from onnx_fwlr.io import runtime
-
-    options = runtime.session_options(threads=threads, quiet=False)
-    sessions = [_open_session(path, options, providers) for path in (model_path, other_path)]
-    for _ in range(warmup):
-        for session in sessions:
-            session.run(None, feed)
+def _alternate(sessions, feed, runs) -> list[list[float]]:
+    """Seconds per run of each session, run in alternating pairs (the first session first in even pairs)."""
     seconds = [[], []]
     for pair in range(runs):
-        order = (0, 1) if pair % 2 == 0 else (1, 0)
-        for index in order:
+        for index in ((0, 1) if pair % 2 == 0 else (1, 0)):
             start = time.perf_counter()
             sessions[index].run(None, feed)
             seconds[index].append(time.perf_counter() - start)
-    return ratio_summary(*seconds)
+    return seconds
+
+
+def _paired_times(model_path, other_path, feed, runs, warmup, threads, providers, profile_runs=0):
+    """Runs in the child: `runs` alternating pairs of plain sessions (ratio_summary), then, when profile_runs,
+    `profile_runs` alternating pairs of profiled sessions, so both per-node profiles see the same load
+    ("profiles": [parse_ort_profile of each])."""
+    from onnx_fwlr.evaluate.profiling import _open_session, parse_ort_profile
+    from onnx_fwlr.io import runtime
+
+    paths = (model_path, other_path)
+    options = runtime.session_options(threads=threads, quiet=False)
+    sessions = [_open_session(path, options, providers) for path in paths]
+    _alternate(sessions, feed, warmup)
+    summary = ratio_summary(*_alternate(sessions, feed, runs))
+    del sessions
+    if profile_runs:
+        with tempfile.TemporaryDirectory(prefix="fwlr_profile_") as folder:
+            profiled = [_open_session(path, runtime.session_options(
+                threads=threads, quiet=False, profile_prefix=os.path.join(folder, f"ort{i}")), providers)
+                for i, path in enumerate(paths)]
+            _alternate(profiled, feed, 1 + profile_runs)  # the first pair is warm-up, skipped when parsing
+            summary["profiles"] = [parse_ort_profile(json.loads(Path(s.end_profiling()).read_text()), skip_runs=1)
+                                   for s in profiled]
+    return summary
 
 
 def paired_ratio(model_path, other_path, feed, runs=100, warmup=PAIR_WARMUP, threads=None,
-                 providers=("CPUExecutionProvider",)) -> dict:
-    """Time two models in alternating pairs in a fresh child process; see ratio_summary for the keys."""
+                 providers=("CPUExecutionProvider",), profile_runs=0) -> dict:
+    """Time two models in alternating pairs in a fresh child process; see ratio_summary for the keys, and
+    _paired_times for the per-node profiles of `profile_runs` alternating profiled pairs."""
     from onnx_fwlr.evaluate.profiling import run_in_child
 
     request = {
         "entry": f"{__name__}:_paired_times", "model_path": str(model_path), "other_path": str(other_path),
-        "runs": runs, "warmup": warmup, "threads": threads, "providers": list(providers), "input_names": list(feed),
+        "runs": runs, "warmup": warmup, "threads": threads, "providers": list(providers),
+        "profile_runs": profile_runs, "input_names": list(feed),
     }
     return run_in_child(request, feed)
 
 
 def compare_speed(model_path, other_path, feed, runs=100, warmup=10, threads=None,
                   providers=("CPUExecutionProvider",)) -> dict:
-    """profile_model on both models, their speed limits and the paired ratio: {original, compressed, ratios,
-    limits, paired}."""
-    from onnx_fwlr.evaluate.profiling import compare_profiles, profile_model
+    """profile_model on both models (latency, memory, size, FLOPs), then one child that times them in
+    alternating pairs and profiles them in alternating pairs, so the ratio and both per-node profiles see the
+    same load; their speed limits. Returns {original, compressed, ratios, limits, paired}."""
+    from onnx_fwlr.evaluate.profiling import PROFILED_RUNS, compare_profiles, profile_model
 
-    options = {"runs": runs, "warmup": warmup, "threads": threads, "providers": providers}
+    options = {"runs": runs, "warmup": warmup, "threads": threads, "providers": providers, "op_profile": False}
     original = profile_model(model_path, feed, **options)
     compressed = profile_model(other_path, feed, **options)
     paired = paired_ratio(original["model"], compressed["model"], feed, runs=runs, warmup=min(warmup, PAIR_WARMUP),
-                          threads=threads, providers=providers)
+                          threads=threads, providers=providers, profile_runs=PROFILED_RUNS)
+    original["op_profile"], compressed["op_profile"] = paired.pop("profiles")
     limits = speed_limits(original, compressed)
     limits["unnamed_site_nodes"] = unnamed_site_nodes(onnx.load(str(model_path), load_external_data=False))
     return {"original": original, "compressed": compressed, "ratios": compare_profiles(original, compressed),

@@ -7,6 +7,9 @@ model inputs to the site). For each depth, one pass runs the original and the pa
 
     G̃ = X̃ᵀX̃,   C = X̃ᵀX,   G = XᵀX,   Σx̃,  Σx        (X̃: the input in the compressed model)
 
+(X, which does not change from depth to depth, comes from one run of the original for several depths at a time,
+kept in memory up to ORIGINAL_ROWS_BYTES.)
+
 Each site then solves, with the output-side weighting Q of its method (K-FAC: Cholesky of the output
 gradient Gram; identity otherwise) and s = mean(diag G̃),
 
@@ -43,7 +46,7 @@ from onnx_fwlr.stats.activations import main_graph_tensors, make_session
 
 RIDGES = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 # The original model's site inputs are kept in memory up to this size for the depths still to come, so one run of
-# the original serves several depths (MiniLM: its 24 depths in 6 original runs instead of 24; _window).
+# the original serves several depths (MiniLM: its 24 depths in 4 runs of the original instead of 24; _window).
 ORIGINAL_ROWS_BYTES = 256 * 2**20
 
 

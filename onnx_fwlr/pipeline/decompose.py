@@ -87,7 +87,8 @@ class _JobPlanner:
     def job(self, i: int):
         site, key = self.sites[i], self.keys[i]
         method = self.site_methods[site.weight]
-        with _blas_limit(blas_threads(site.K, site.N)):  # the Cholesky factors, by the rule of the SVDs
+        with _blas_limit(1):  # the Cholesky factors: cheap next to the SVD, and on one thread the same bytes
+            # whatever the load (OpenBLAS's spinning threads made them 3-4x slower on a loaded 2-core machine)
             if key not in self.shared:
                 self.shared[key] = self.weighting.left(method, site, self.stats)
             right = self.weighting.right(method, site, self.stats)

@@ -28,8 +28,8 @@ from onnx_fwlr.errors import FwlrError
 
 GRID_STEP = 8  # timed ranks: multiples of 8, each with the rank one above it (the cost of missing a multiple)
 MULTIPLES = (8, 16, 32)  # candidate defaults for --rank-multiple (1 = no rounding)
-ROUNDS = 3  # passes over a table's points (the fastest of each kept)
-CACHE_VERSION = 2  # 2: each point the fastest of ROUNDS interleaved passes
+ROUNDS = 3  # passes over a table's ranks, each timed right after the dense op
+CACHE_VERSION = 3  # 3: factored/dense ratios of pairs timed together
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,15 +84,25 @@ class SiteTable:
 
 
 def measure_table(K: int, N: int, tokens: int, timer, ranks=None, rounds: int = ROUNDS) -> SiteTable:
-    """Time the dense op and the pair at `ranks` (default rank_grid) with `timer(K, N, rank|None, tokens)`:
-    `rounds` passes over all of them, keeping each one's fastest, so a burst of load on the machine hits one
-    pass of every point rather than all the timings of a few."""
+    """Time the dense op and the pair at `ranks` (default rank_grid) with `timer(K, N, rank|None, tokens)`.
+
+    Each rank is timed right after the dense op, in `rounds` passes over the grid; its time is the median of
+    its factored/dense ratios times the median dense time. A pair timed together sees the same load, so a
+    burst of load on a shared machine moves a ratio far less than it moves a time (timed alone, one lucky
+    dense timing made every pair of a 384x384 table look slower than dense).
+    """
     ranks = rank_grid(K, N) if ranks is None else sorted(ranks)
-    points = [None, *ranks]
-    best = [float(timer(K, N, r, tokens)) for r in points]
-    for _ in range(rounds - 1):
-        best = [min(b, float(timer(K, N, r, tokens))) for b, r in zip(best, points)]
-    return SiteTable(K=K, N=N, tokens=tokens, dense_ms=best[0], ranks=list(ranks), factored_ms=best[1:])
+    dense_times, ratios = [], {r: [] for r in ranks}
+    for _ in range(rounds):
+        for rank in ranks:
+            dense = float(timer(K, N, None, tokens))
+            ratios[rank].append(float(timer(K, N, rank, tokens)) / dense)
+            dense_times.append(dense)
+    if not ranks:
+        dense_times = [float(timer(K, N, None, tokens))]
+    dense_ms = float(np.median(dense_times))
+    return SiteTable(K=K, N=N, tokens=tokens, dense_ms=dense_ms, ranks=list(ranks),
+                     factored_ms=[dense_ms * float(np.median(ratios[r])) for r in ranks])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -360,18 +370,28 @@ class MeasuredLatency:
 class OrtTimer:
     """Times X [tokens, K] @ W [K, N] (rank None) or X @ A [K, r] @ B [r, N] in ONNX Runtime: the fastest of at
     least `runs` runs after a warm-up, continuing until `min_seconds` have passed. The fastest, as timeit
-    advises: slower runs measure the other processes on the machine, not the kernel, and a table is kept."""
+    advises: slower runs measure the other processes on the machine, not the kernel, and a table is kept.
+    The dense session of the last shape is kept, since measure_table times it before every rank."""
 
     def __init__(self, threads: int | None = None, providers=("CPUExecutionProvider",), runs: int = 3,
                  min_seconds: float = 0.05, seed: int = 0):
         self.threads, self.providers, self.runs, self.min_seconds = threads, tuple(providers), runs, min_seconds
         self.seed = seed
+        self._dense = (None, None)  # ((K, N, tokens), session)
 
-    def __call__(self, K: int, N: int, rank: int | None, tokens: int) -> float:
+    def _session(self, K: int, N: int, rank: int | None, tokens: int):
         from onnx_fwlr.io import runtime
 
+        if rank is None and self._dense[0] == (K, N, tokens):
+            return self._dense[1]
         session = runtime.make_session(_site_model(K, N, rank, self.seed),
                                        runtime.session_options(threads=self.threads), self.providers)
+        if rank is None:
+            self._dense = ((K, N, tokens), session)
+        return session
+
+    def __call__(self, K: int, N: int, rank: int | None, tokens: int) -> float:
+        session = self._session(K, N, rank, tokens)
         x = np.random.default_rng(self.seed).standard_normal((tokens, K)).astype(np.float32)
         session.run(None, {"x": x})
         seconds, started = [], time.perf_counter()

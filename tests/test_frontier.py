@@ -20,7 +20,7 @@ TEST = ROOT / "sample_models" / "digits_test.npz"
 
 
 def _row(config, size, cosine, accuracy=None, latency=None):
-    return {"config": config, "bytes": size, "mean_cosine": cosine, "accuracy": accuracy, "latency_ms": latency,
+    return {"config": config, "bytes": size, "mean_cosine": cosine, "accuracy": accuracy, "latency_ratio": latency,
             "output": "y"}
 
 
@@ -112,3 +112,23 @@ def test_sweep_quantize_needs_calibration_and_known_modes(tmp_path, capsys):
                  "--output-name", "probs", "-o", out]) == 2
     assert "output 'probs' is not an output of the model" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_latency_marks_the_latency_frontier_beside_the_baselines(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", str(DIGITS), "--val", str(TEST), "--ratios", "0.5", "--methods", "svd", "--latency",
+                 "-o", str(out), "--quiet", "--no-plots"])
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "latency x" in table and "median of alternating pairs" in table
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    by = {r["config"]: r for r in rows}
+    assert by["original"]["latency_ratio"] == 1.0
+    assert {"ORT int8 dynamic per-channel", "ORT int4 b32 (MatMul only)", "svd/uniform"} <= set(by)  # baselines on
+    for row in rows:
+        assert row["latency_ratio"] > 0 and row["latency_ms"] > 0 and row["baseline_latency_ms"] > 0
+        assert row.get("latency_ratio_p10", 1.0) <= row["latency_ratio"] <= row.get("latency_ratio_p90", 1.0)
+    on_front = [r for r in rows if "latency" in r["pareto"]]
+    assert on_front  # whatever the timings, the fastest of the most faithful rows is a latency Pareto point
+    for row in on_front:  # and no point on it is beaten on both latency and fidelity
+        assert not any(o["latency_ratio"] < row["latency_ratio"] and o["accuracy"] > row["accuracy"] for o in rows)

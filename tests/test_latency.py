@@ -8,17 +8,24 @@ import numpy as np
 import pytest
 
 from onnx_fwlr.evaluate.latency import (
+    FP32,
+    INT8,
     ROUNDS,
     SiteTable,
     cache_path,
+    correction_form,
     default_rank_multiple,
+    form_grid,
+    load_tables,
     measure_table,
+    one_site_model,
     predicted_ms,
     rank_grid,
     round_ranks,
     site_tables,
     slower_than_dense,
 )
+from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.methods.allocation import latency_ranks
 
 ENV = {"machine": "test CPU | x86_64 | 2 CPUs", "providers": ["CPUExecutionProvider"], "threads": 2,
@@ -187,3 +194,101 @@ def test_rounding_and_budget_stay_within_the_highest_usable_rank():
     table = measure_table(64, 64, TOKENS, half_cost)
     assert latency_ranks([np.ones(64)], [table], target_ms=0.999) == [32]
     assert latency_ranks([np.ones(64)], [table], target_ms=0.999, max_ranks=[31]) == [25]  # the next timed rank
+
+
+class FormTimer:
+    """ms = FLOPs / 1e6 in fp32; int8 forms at 0.6 of that; a correction form: its main branch (0.5 of the fp32
+    dense op) plus the fp32 pair. Records (rank, form) of every call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, K, N, rank, tokens, form=FP32):
+        self.calls.append((rank, form))
+        dense, pair = 2 * tokens * K * N / 1e6, 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
+        if form == INT8:
+            return 0.6 * (dense if rank is None else pair)
+        if form != FP32:
+            return 0.5 * dense + pair
+        return dense if rank is None else pair
+
+
+def test_each_form_has_its_own_table_and_cache_file(tmp_path):
+    timer, int4 = FormTimer(), correction_form("int4 b32")
+    tables = {form: site_tables([(64, 128)], TOKENS, timer, ENV, tmp_path, form) for form in (FP32, INT8, int4)}
+    assert {form for _, form in timer.calls} == {FP32, INT8, int4}  # the form reaches the timer
+    assert len(list(tmp_path.glob("latency-*.json"))) == 3
+    assert len({cache_path(tmp_path, ENV, TOKENS, form) for form in tables}) == 3
+    assert cache_path(tmp_path, ENV, TOKENS) == cache_path(tmp_path, ENV, TOKENS, FP32)
+
+    fp32, int8, corrected = (tables[f][(64, 128)] for f in (FP32, INT8, int4))
+    assert int8.dense_ms == pytest.approx(0.6 * fp32.dense_ms) and int8.time(16) == pytest.approx(0.6 * fp32.time(16))
+    assert corrected.ranks == form_grid(64, 128, int4) == [8, 16, 24, 32, 40]  # correction ranks: steps of 8
+    assert corrected.time(None) == pytest.approx(0.5 * fp32.dense_ms)  # the main branch alone
+    # past the grid only the correction grows with the rank; the main branch stays
+    assert corrected.time(80) == pytest.approx(corrected.dense_ms + 2 * (corrected.time(40) - corrected.dense_ms))
+    assert fp32.ranks[-1] == 41 and fp32.time(82) == pytest.approx(2 * fp32.time(41))  # a plain pair scales whole
+
+    calls = len(timer.calls)
+    assert site_tables([(64, 128)], TOKENS, timer, ENV, tmp_path, INT8) == {(64, 128): int8}  # from its file
+    assert len(timer.calls) == calls
+    assert load_tables(cache_path(tmp_path, ENV, TOKENS, INT8), ENV, TOKENS, FP32) == {}  # another form's file
+    again = SiteTable.from_dict(json.loads(json.dumps(corrected.to_dict())))
+    assert again == corrected and again.form == int4
+
+
+def test_one_site_models_are_the_graphs_compress_writes():
+    """Built through ORT's quantizers and quant.graph.rewrite (no timing): the op types say what is timed."""
+    ops = {(form, rank): sorted(n.op_type for n in one_site_model(64, 96, rank, form).graph.node)
+           for form in (FP32, INT8, correction_form("int4 b32"), correction_form("int8 dynamic"))
+           for rank in (None, 8)}
+    assert ops[(FP32, 8)] == ["MatMul", "MatMul"]
+    assert ops[(INT8, None)].count("MatMulInteger") == 1 and ops[(INT8, 8)].count("MatMulInteger") == 2
+    assert ops[("int4 b32 + fp32", None)] == ["MatMulNBits"]
+    assert ops[("int4 b32 + fp32", 8)] == ["Add", "Cast", "Cast", "MatMul", "MatMul", "MatMulNBits"]  # fp16 factors
+    assert ops[("int8 dynamic + fp32", 8)].count("MatMulInteger") == 1
+    assert ops[("int8 dynamic + fp32", 8)].count("MatMul") == 2
+
+
+def test_fused_gemm_nodes_count_as_their_site():
+    """ONNX Runtime names a Gemm fused with its Relu `fused <node>` (the digits MLP profiles as `fused fc1/Gemm`);
+    site_share and profile --compare must still give its time to the site."""
+    from onnx_fwlr.evaluate.limits import owner, per_site
+
+    sites = ["fc1/Gemm", "fc2/MatMul"]
+    assert owner("fused fc1/Gemm", sites) == "fc1/Gemm"
+    times = {"fused fc1/Gemm": 1.3, "fused fc2/MatMul/MatMulAddFusion": 1.5, "head/Gemm": 0.1}
+    assert per_site(times, sites) == pytest.approx({"fc1/Gemm": 1.3, "fc2/MatMul": 1.5, None: 0.1})
+
+
+# --- ranks in steps of a multiple (the default allocation granularity) ------------------------------------------
+
+
+def test_rank_step_applies_only_to_wide_sites():
+    assert alloc.rank_step(384, 1536, 16) == 16 and alloc.rank_step(384, 384, 16) == 16  # break-even 307, 192
+    assert alloc.rank_step(64, 256, 16) == 1 and alloc.rank_step(64, 256, 8) == 8  # break-even 51
+    assert alloc.rank_step(384, 384, None) == alloc.rank_step(384, 384, 1) == 1
+
+
+def test_global_ranks_in_steps_spend_no_more_than_the_budget():
+    rng = np.random.default_rng(0)
+    shapes = [(384, 384), (384, 1536), (1536, 384), (64, 256)]
+    energies = [np.sort(rng.gamma(0.5, size=min(s)))[::-1] * (i + 1) for i, s in enumerate(shapes)]
+    budget = 0.4 * sum(K * N for K, N in shapes)
+    plain = alloc.global_ranks(energies, shapes, budget)
+    stepped = alloc.global_ranks(energies, shapes, budget, multiple=16)
+    assert plain == alloc.global_ranks(energies, shapes, budget, multiple=1)  # no step: the old greedy
+    assert any(r % 16 for r in plain[:3] if r)  # the plain greedy lands off the multiple
+    for (K, N), rank in zip(shapes, stepped):
+        assert rank is None or alloc.rank_step(K, N, 16) == 1 or rank % 16 == 0
+    spent = sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, stepped))
+    assert budget - 16 * (1536 + 384) < spent <= budget  # within one block of the budget
+
+
+def test_uniform_ranks_in_steps_hold_the_budget():
+    shapes = [(384, 384), (384, 1536), (1536, 384), (64, 256)]
+    for ratio in (0.2, 0.3, 0.45, 0.5, 0.7):
+        ranks = alloc.uniform_ranks(shapes, ratio, 16)
+        assert all(r % 16 == 0 for r in ranks[:3]) and ranks[3] == alloc.uniform_ranks(shapes, ratio)[3]
+        spent = sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, ranks))
+        assert spent <= ratio * sum(K * N for K, N in shapes)

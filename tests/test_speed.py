@@ -32,27 +32,41 @@ def fake_timer(multiple=32, penalty=0.2, slower=()):
 class FakeLatency(lat.MeasuredLatency):
     """The measured latency model with a fake timer, and a fixed share of time in the sites (no profiler)."""
 
-    def __init__(self, cache_dir, share=0.9, **timer_options):
+    def __init__(self, cache_dir, share=0.9, measured=0.8, **timer_options):
         super().__init__(threads=1, cache_dir=cache_dir, timer=fake_timer(**timer_options))
-        self.share = share
+        self.share, self.measured, self.compared = share, measured, []
 
     def site_share(self, model, sites, feed, runs=5):
         return self.share
+
+    def model_ratio(self, original, compressed, feed, runs=20):
+        self.compared.append({k: v.shape for k, v in feed.items()})
+        return fake_ratio(self.measured)
+
+
+def fake_ratio(p50):
+    return {"pairs": 20, "ratio_p50": p50, "ratio_p10": p50 - 0.02, "ratio_p90": p50 + 0.03}
 
 
 def _ranks(report):
     return {s.name: s.rank for s in report.sites}
 
 
-def test_rank_multiple_given_rounds_without_timing():
-    _, plain = compress(str(DIGITS), ratio=0.3, allocation="global", **KFAC)
-    _, rounded = compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple=16, **KFAC)
-    before, after = _ranks(plain), _ranks(rounded)
-    for name in ("fc1/Gemm", "fc2/MatMul"):
-        assert before[name] % 16  # not a multiple yet, else the test would prove nothing
-        assert after[name] % 16 == 0 and abs(after[name] - before[name]) < 16
-    assert after["head/Gemm"] == before["head/Gemm"]
-    assert rounded.budget["speed"]["rank_multiple"] == 16 and not rounded.budget["speed"]["measured"]
+def test_ranks_come_in_steps_of_16_on_wide_sites_within_the_budget():
+    _, free = compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple=1, **KFAC)
+    _, default = compress(str(DIGITS), ratio=0.3, allocation="global", **KFAC)
+    _, eights = compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple=8, **KFAC)
+    before, after, by8 = _ranks(free), _ranks(default), _ranks(eights)
+    assert before["fc2/MatMul"] % 16 and before["fc1/Gemm"] % 8  # else the test would prove nothing
+    assert after["fc2/MatMul"] % 16 == 0  # 256x256: break-even 127, wide enough for steps of 16
+    assert after["fc1/Gemm"] % 16  # 64x256: break-even 51 < 4 x 16, keeps fine-grained ranks
+    assert by8["fc2/MatMul"] % 8 == 0 and by8["fc1/Gemm"] % 8 == 0  # break-even 51 >= 4 x 8
+    total = sum(s.params_before for s in free.sites)
+    for report in (free, default, eights):  # the budget holds whatever the step
+        assert sum(s.params_after for s in report.sites) <= 0.3 * total
+    assert default.budget.get("speed") is None  # the default step is not a speed option: nothing timed
+    assert eights.budget["speed"] == {"rank_multiple": 8, "measured": False}
+    assert any("steps of 8" in w for w in eights.warnings)
 
 
 def test_rank_multiple_auto_measures_the_multiple_and_keeps_slower_sites_dense(tmp_path):
@@ -86,12 +100,33 @@ def test_target_latency_meets_the_budget_in_loss_units(tmp_path):
 def test_cli_target_latency_with_injected_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(lat.OrtTimer, "__call__", lambda self, K, N, rank, tokens: fake_timer()(K, N, rank, tokens))
     monkeypatch.setattr(lat.MeasuredLatency, "site_share", lambda self, model, sites, feed, runs=5: 0.9)
+    monkeypatch.setattr(lat.MeasuredLatency, "model_ratio", lambda self, a, b, feed, runs=20: fake_ratio(0.75))
     out, report = tmp_path / "fast.onnx", tmp_path / "r.json"
     code = main(["compress", str(DIGITS), "-o", str(out), "--method", "kfac", "--calib", str(CALIB), "--quiet",
                  "--target-latency", "0.7", "--latency-cache", str(tmp_path / "cache"), "--json", str(report)])
     assert code == 0 and out.is_file()
     speed = json.loads(report.read_text())["budget"]["speed"]
     assert speed["predicted_ratio"] <= 0.7 and speed["tokens"] == [32]  # one calibration batch of 32 rows
+    assert speed["measured_ratio"] == 0.75  # the written model was timed against the original
+
+
+def test_a_model_that_measures_no_faster_is_not_written(tmp_path, monkeypatch, capsys):
+    latency = FakeLatency(tmp_path, measured=1.04)
+    with pytest.raises(FwlrError, match="cannot pay here: the compressed model measures 1.04x"):
+        compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple="auto", latency=latency, **KFAC)
+    assert latency.compared == [{"input": (32, 64)}]  # timed at one calibration batch
+    _, report = compress(str(DIGITS), ratio=0.3, allocation="global", rank_multiple=16, latency=latency, **KFAC)
+    assert "measured_ratio" not in report.budget["speed"] and len(latency.compared) == 1  # a given multiple: no timing
+
+    monkeypatch.setattr(lat.OrtTimer, "__call__", lambda self, K, N, rank, tokens: fake_timer()(K, N, rank, tokens))
+    monkeypatch.setattr(lat.MeasuredLatency, "site_share", lambda self, model, sites, feed, runs=5: 0.9)
+    monkeypatch.setattr(lat.MeasuredLatency, "model_ratio", lambda self, a, b, feed, runs=20: fake_ratio(1.02))
+    out = tmp_path / "slow.onnx"
+    code = main(["compress", str(DIGITS), "-o", str(out), "--method", "kfac", "--calib", str(CALIB), "--quiet",
+                 "--target-latency", "0.7", "--latency-cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists() and list(tmp_path.iterdir()) != []
+    assert "cannot pay here" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert list((tmp_path / "cache").glob("latency-*.json"))
 
 

@@ -69,10 +69,16 @@ class Compress:
                        help="largest relative L2 output error on --val data; the smallest ratio meeting it is found")
         p.add_argument("--target-latency", type=float, metavar="F",
                        help="latency to reach, as a fraction of the original's measured on this machine (e.g. 0.6); "
-                            "ranks go where the loss per millisecond saved is smallest (needs --method fwsvd/kfac)")
+                            "ranks go where the loss per millisecond saved is smallest (needs --method fwsvd/kfac); "
+                            "with --quantize, each site's scheme and correction rank, timed as written (int4 "
+                            "MatMulNBits, dynamic int8, ...); an int8 input is timed as int8, and when no site's "
+                            "factored form is faster nothing is written (exit 2)")
         p.add_argument("--rank-multiple", nargs="?", const="auto", type=_rank_multiple, metavar="N|auto",
-                       help="round ranks to multiples of N where that costs almost no fidelity; 'auto' (or no value) "
-                            "times the kernels here to choose N and keeps dense any site whose factored form is slower")
+                       help="allocate ranks in steps of N on sites wide enough for it, within the budget (default "
+                            "16, which CPU kernels run at their FLOP share; 1: any rank); 'auto' (or no value) times "
+                            "the kernels here, rounds each rank to the fastest nearby one and keeps dense any site "
+                            "whose factored form is slower (int8 pairs against int8 ops for an int8 input); none "
+                            "faster: nothing written (exit 2)")
         p.add_argument("--latency-threads", type=int, metavar="N",
                        help="intra-op threads the latency model times with (default: ONNX Runtime's choice)")
         p.add_argument("--latency-cache", metavar="DIR",
@@ -134,7 +140,8 @@ class Compress:
         q.add_argument("--quantize", choices=["int4", "int8", "auto"],
                        help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
                             "int4 (MatMulNBits), int8 (quantize_dynamic per channel) or auto (per site, under "
-                            "--target-size or --ratio, which then counts bytes of the input model)")
+                            "--target-size or --ratio, which then counts bytes of the input model, or under "
+                            "--target-latency, which times every scheme here and picks the fast ones)")
         q.add_argument("--block-size", type=int, default=32, help="block of K per int4 scale (default 32)")
         q.add_argument("--embeddings", default="auto", choices=["auto", "keep", "int8", "int4"],
                        help="embedding tables: chosen by the budget (auto, with --calib), kept, or forced")
@@ -224,17 +231,19 @@ def _compress_quantized(args, rank, ranks):
     from onnx_fwlr.pipeline.compress import validate
     from onnx_fwlr.pipeline.quantized import compress_quantized
     from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
+    from onnx_fwlr.pipeline.speed import check_measured_speed, input_forms
 
     unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
                    "--dope-share": args.dope_share, "--forms measured": args.forms == "measured",
                    "--sequential": args.sequential, "--max-error": args.max_error, "--refine": args.refine,
                    "--keep-attention": args.keep_attention, "--rank NAME=N": ranks,
-                   "--allocation global": args.allocation == "global"}
+                   "--allocation global": args.allocation == "global", "--rank-multiple": args.rank_multiple}
     given = [flag for flag, value in unsupported.items() if value]
     if given:
         raise FwlrError(f"--quantize does not combine with {given[0]}; drop it (the byte budget allocates per site).")
     method = args.method or ("kfac" if args.calib or args.stats else "svd")
     quantized = dequantize_input(args.model)  # a quantized input: its float form, requantized as --quantize asks
+    forms = input_forms(args.model, quantized) if args.target_latency is not None else None
     model, report = compress_quantized(
         quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
         target_size=parse_size(args.target_size),
@@ -242,10 +251,14 @@ def _compress_quantized(args, rank, ranks):
         embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype,
         bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
-        shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet)
+        shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
+        target_latency=args.target_latency, latency=_latency_model(args), input_forms=forms)
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
+    if args.target_latency is not None and report.sites:  # timed as written, before anything is written
+        check_measured_speed(args.model, model, report, _latency_model(args), args.calib, args.batch_size,
+                             shapes(args))
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
                                   outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)

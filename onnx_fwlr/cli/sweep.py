@@ -32,7 +32,7 @@ class Sweep:
                        help="block of K per int4 scale for --quantize (default 32)")
         p.add_argument("--baselines", action="store_true",
                        help="add ONNX Runtime's int8 per-channel and int4 block 32/128 models of the original "
-                            "(on with --quantize)")
+                            "(on with --quantize or --latency)")
         p.add_argument("--fisher-output", metavar="NAME", help="output the Fisher loss is defined on (default: first "
                                                                 "float one)")
         p.add_argument("--output-name", metavar="NAME",
@@ -41,7 +41,9 @@ class Sweep:
         p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for sweep.json and the plots")
         p.add_argument("--batch-size", type=int, default=32, help="samples per run (default 32)")
         p.add_argument("--mask-input", metavar="NAME", help="input whose zeros mark padding")
-        p.add_argument("--latency", action="store_true", help="also measure ONNX Runtime latency of each model")
+        p.add_argument("--latency", action="store_true",
+                       help="also measure each model's latency against the original's (median of alternating pairs "
+                            "on the first --val batch) and mark the latency frontier; adds --baselines")
         p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
         p.add_argument("--workers", type=int, default=1, help="processes for the per-site decompositions (default 1)")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -107,7 +107,7 @@ def frontier_metric(rows: list[dict]) -> str:
 def mark_pareto(rows: list[dict], metric: str) -> None:
     """row['pareto']: the axes ('bytes', 'latency') along which no other row is at least as small and at least
     as good, and better in one of the two."""
-    for axis, key in (("bytes", "bytes"), ("latency", "latency_ms")):
+    for axis, key in (("bytes", "bytes"), ("latency", "latency_ratio")):
         points = [r for r in rows if r.get(key) is not None and r.get(metric) is not None]
         for row in rows:
             row.setdefault("pareto", [])

@@ -6,9 +6,19 @@ each site shape [K, N] and the model's real number of rows (tokens per batch), t
 factored pair X @ A @ B at a grid of ranks, and keep the table as JSON per machine, execution provider,
 threads, ONNX Runtime version and token count, under ~/.cache/onnx_fwlr/latency (or a given folder).
 
+A table is for one *form* of the site, the kernels it will run as (docs/speed.md, "Quantized forms"):
+  "fp32"                   dense fp32 MatMul; factored: the fp32 pair;
+  "int8"                   the dense op after quantize_dynamic (int8 per channel); factored: both factors int8
+                           dynamic, as an int8 input gets them back after compress requantizes it;
+  "<scheme> + fp32"        (correction_form) the --quantize main branch alone (e.g. "int4 b32", "int8 dynamic");
+                           factored: it plus the fp32 correction pair of rank r, the graph quant/graph writes.
+Kernels differ more than FLOPs say between forms (on a 2-core CPU, MatMulNBits int4 runs at 1.06x fp32 and
+dynamic int8 at 0.57x), so each form is timed, from one-site models built by the same code compress uses.
+
 Everything here except OrtTimer is bookkeeping that takes the timer as a callable
-`timer(K, N, rank or None, tokens) -> milliseconds`, so tests run it with a fake timer. The decisions made with
-the tables: round_ranks (the fastest nearby rank when it costs almost no fidelity), default_rank_multiple,
+`timer(K, N, rank or None, tokens[, form=...]) -> milliseconds` (the form keyword is passed for forms other
+than fp32 only, so an fp32 timer takes four arguments), and tests run it with a fake timer. The decisions made
+with the tables: round_ranks (the fastest nearby rank when it costs almost no fidelity), default_rank_multiple,
 slower_than_dense (sites to keep dense), and methods.allocation.latency_ranks (ranks under a latency budget).
 """
 
@@ -29,7 +39,19 @@ from onnx_fwlr.errors import FwlrError
 GRID_STEP = 8  # timed ranks: multiples of 8, each with the rank one above it (the cost of missing a multiple)
 MULTIPLES = (8, 16, 32)  # candidate defaults for --rank-multiple (1 = no rounding)
 ROUNDS = 3  # passes over a table's ranks, each timed right after the dense op
-CACHE_VERSION = 3  # 3: factored/dense ratios of pairs timed together
+MODEL_CACHE_BYTES = 256 << 20  # one-site models OrtTimer keeps between the rounds over one table's ranks
+CACHE_VERSION = 4  # 3: factored/dense ratios of pairs timed together; 4: one table per form
+FP32, INT8 = "fp32", "int8"
+CORRECTED = " + fp32"  # suffix of a --quantize form: the main branch in a scheme plus an fp32 correction
+
+
+def correction_form(scheme_label: str) -> str:
+    """The form of a --quantize main branch stored as `scheme_label` (ortquant.Scheme.label), with its correction."""
+    return scheme_label + CORRECTED
+
+
+def is_correction_form(form: str) -> bool:
+    return form.endswith(CORRECTED)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,9 +68,18 @@ def rank_grid(K: int, N: int, step: int = GRID_STEP) -> list[int]:
     return sorted(r for r in ranks if r <= limit)
 
 
+def form_grid(K: int, N: int, form: str) -> list[int]:
+    """The ranks a form's table times: rank_grid, or for a correction form the multiples of GRID_STEP up to
+    the same limit (--quantize offers correction ranks in steps of 8, so the ranks one past are not needed)."""
+    if is_correction_form(form):
+        return list(range(GRID_STEP, (K * N) // (K + N) + 1, GRID_STEP))
+    return rank_grid(K, N)
+
+
 @dataclass
 class SiteTable:
-    """Measured times (ms) of one site shape at one token count: the dense op and the pair at `ranks`."""
+    """Measured times (ms) of one site shape at one token count in one form: the dense op (for a correction
+    form, the main branch alone) and the factored form at `ranks` (the pair, or main branch plus correction)."""
 
     K: int
     N: int
@@ -56,16 +87,18 @@ class SiteTable:
     dense_ms: float
     ranks: list[int] = field(default_factory=list)  # ascending
     factored_ms: list[float] = field(default_factory=list)
+    form: str = FP32
 
     def time(self, rank: int | None) -> float:
         """Predicted ms at any rank (None: dense): piecewise linear between timed ranks; past the last one,
-        the last time scaled by FLOPs (rank / last rank)."""
+        the last time scaled by FLOPs (rank / last rank) — for a correction form, the correction's part only."""
         if rank is None:
             return self.dense_ms
+        base = self.dense_ms if is_correction_form(self.form) else 0.0  # the main branch runs at any rank
         if not self.ranks:
-            return self.dense_ms * rank * (self.K + self.N) / (self.K * self.N)
+            return base + self.dense_ms * rank * (self.K + self.N) / (self.K * self.N)
         if rank > self.ranks[-1]:
-            return self.factored_ms[-1] * rank / self.ranks[-1]
+            return base + (self.factored_ms[-1] - base) * rank / self.ranks[-1]
         return float(np.interp(rank, self.ranks, self.factored_ms))
 
     def flop_line(self, rank: int) -> float:
@@ -73,40 +106,47 @@ class SiteTable:
         return self.dense_ms * rank * (self.K + self.N) / (self.K * self.N)
 
     def to_dict(self) -> dict:
-        return {"K": self.K, "N": self.N, "tokens": self.tokens, "dense_ms": self.dense_ms,
+        return {"K": self.K, "N": self.N, "tokens": self.tokens, "dense_ms": self.dense_ms, "form": self.form,
                 "factored_ms": {str(r): t for r, t in zip(self.ranks, self.factored_ms)}}
 
     @classmethod
     def from_dict(cls, data: dict) -> SiteTable:
         pairs = sorted((int(r), float(t)) for r, t in data["factored_ms"].items())
         return cls(K=int(data["K"]), N=int(data["N"]), tokens=int(data["tokens"]), dense_ms=float(data["dense_ms"]),
-                   ranks=[r for r, _ in pairs], factored_ms=[t for _, t in pairs])
+                   ranks=[r for r, _ in pairs], factored_ms=[t for _, t in pairs], form=data.get("form", FP32))
 
 
-def measure_table(K: int, N: int, tokens: int, timer, ranks=None, rounds: int = ROUNDS) -> SiteTable:
-    """Time the dense op and the pair at `ranks` (default rank_grid) with `timer(K, N, rank|None, tokens)`.
+def _timed(timer, K: int, N: int, rank: int | None, tokens: int, form: str) -> float:
+    """One timing; the form keyword only where it is not fp32 (a timer of fp32 alone takes four arguments)."""
+    return float(timer(K, N, rank, tokens) if form == FP32 else timer(K, N, rank, tokens, form=form))
+
+
+def measure_table(K: int, N: int, tokens: int, timer, ranks=None, rounds: int = ROUNDS, form: str = FP32
+                  ) -> SiteTable:
+    """Time the dense op and the factored form at `ranks` (default form_grid) with `timer(K, N, rank|None,
+    tokens[, form=form])`.
 
     Each rank is timed right after the dense op, in `rounds` passes over the grid; its time is the median of
     its factored/dense ratios times the median dense time. A pair timed together sees the same load, so a
     burst of load on a shared machine moves a ratio far less than it moves a time (timed alone, one lucky
     dense timing made every pair of a 384x384 table look slower than dense).
     """
-    ranks = rank_grid(K, N) if ranks is None else sorted(ranks)
+    ranks = form_grid(K, N, form) if ranks is None else sorted(ranks)
     dense_times, ratios = [], {r: [] for r in ranks}
     for _ in range(rounds):
         for rank in ranks:
-            dense = float(timer(K, N, None, tokens))
-            ratios[rank].append(float(timer(K, N, rank, tokens)) / dense)
+            dense = _timed(timer, K, N, None, tokens, form)
+            ratios[rank].append(_timed(timer, K, N, rank, tokens, form) / dense)
             dense_times.append(dense)
     if not ranks:
-        dense_times = [float(timer(K, N, None, tokens))]
+        dense_times = [_timed(timer, K, N, None, tokens, form)]
     dense_ms = float(np.median(dense_times))
     return SiteTable(K=K, N=N, tokens=tokens, dense_ms=dense_ms, ranks=list(ranks),
-                     factored_ms=[dense_ms * float(np.median(ratios[r])) for r in ranks])
+                     factored_ms=[dense_ms * float(np.median(ratios[r])) for r in ranks], form=form)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The cache: one JSON file per machine / provider / threads / ORT version / token count
+# The cache: one JSON file per machine / provider / threads / ORT version / token count / form
 
 
 def machine_name() -> str:
@@ -135,13 +175,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "onnx_fwlr" / "latency"
 
 
-def cache_path(folder, env: dict, tokens: int) -> Path:
-    key = json.dumps({**env, "tokens": tokens, "version": CACHE_VERSION}, sort_keys=True)
+def cache_path(folder, env: dict, tokens: int, form: str = FP32) -> Path:
+    key = json.dumps({**env, "tokens": tokens, "form": form, "version": CACHE_VERSION}, sort_keys=True)
     return Path(folder) / f"latency-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def load_tables(path, env: dict, tokens: int) -> dict[tuple[int, int], SiteTable]:
-    """The cached tables at `path` for exactly this environment and token count; {} when absent or stale."""
+def load_tables(path, env: dict, tokens: int, form: str = FP32) -> dict[tuple[int, int], SiteTable]:
+    """The cached tables at `path` for exactly this environment, token count and form; {} when absent or stale."""
     path = Path(path)
     if not path.is_file():
         return {}
@@ -149,17 +189,18 @@ def load_tables(path, env: dict, tokens: int) -> dict[tuple[int, int], SiteTable
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}  # a damaged cache is remeasured and rewritten
-    if data.get("environment") != env or data.get("tokens") != tokens or data.get("version") != CACHE_VERSION:
+    if (data.get("environment") != env or data.get("tokens") != tokens or data.get("version") != CACHE_VERSION
+            or data.get("form") != form):
         return {}
     tables = [SiteTable.from_dict(entry) for entry in data.get("sites", [])]
     return {(t.K, t.N): t for t in tables}
 
 
-def save_tables(path, env: dict, tokens: int, tables: dict[tuple[int, int], SiteTable]) -> None:
+def save_tables(path, env: dict, tokens: int, tables: dict[tuple[int, int], SiteTable], form: str = FP32) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"version": CACHE_VERSION, "environment": env, "tokens": tokens,
+        data = {"version": CACHE_VERSION, "environment": env, "tokens": tokens, "form": form,
                 "sites": [tables[shape].to_dict() for shape in sorted(tables)]}
         path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     except OSError as error:
@@ -167,15 +208,17 @@ def save_tables(path, env: dict, tokens: int, tables: dict[tuple[int, int], Site
                         "folder.") from None
 
 
-def site_tables(shapes, tokens: int, timer, env: dict, cache_dir=None) -> dict[tuple[int, int], SiteTable]:
-    """Tables for every [K, N] in `shapes`: from the cache, the missing ones timed with `timer` and cached."""
-    path = cache_path(default_cache_dir() if cache_dir is None else cache_dir, env, tokens)
-    tables = load_tables(path, env, tokens)
+def site_tables(shapes, tokens: int, timer, env: dict, cache_dir=None, form: str = FP32
+                ) -> dict[tuple[int, int], SiteTable]:
+    """Tables in `form` for every [K, N] in `shapes`: from the cache, the missing ones timed with `timer` and
+    cached."""
+    path = cache_path(default_cache_dir() if cache_dir is None else cache_dir, env, tokens, form)
+    tables = load_tables(path, env, tokens, form)
     missing = sorted({(int(K), int(N)) for K, N in shapes} - set(tables))
     for K, N in missing:
-        tables[(K, N)] = measure_table(K, N, tokens, timer)
+        tables[(K, N)] = measure_table(K, N, tokens, timer, form=form)
     if missing:
-        save_tables(path, env, tokens, tables)
+        save_tables(path, env, tokens, tables, form)
     return tables
 
 
@@ -323,6 +366,11 @@ def site_rows(model, sites, feed) -> list[int | None]:
     return [rows.get(s.weight) for s in sites]
 
 
+def site_nodes(sites) -> list[str]:
+    """The node names of the sites' uses, as site_share takes them."""
+    return sorted({u.node_name for s in sites for u in s.uses if u.node_name})
+
+
 class MeasuredLatency:
     """The latency model compress uses: per-site tables (cached, timed with `timer`, default OrtTimer) and the
     share of the original's time its sites take (ONNX Runtime's profiler). Tests pass a fake timer."""
@@ -332,18 +380,21 @@ class MeasuredLatency:
         self.timer = timer or OrtTimer(threads, providers)
         self.env = environment(threads, providers)
 
-    def tables(self, model, sites, feed) -> list[SiteTable | None]:
-        """One table per site at its own row count (None where the latency model does not apply)."""
+    def tables(self, model, sites, feed, forms=None) -> list[SiteTable | None]:
+        """One table per site at its own row count, in its form (`forms`: one per site, default fp32; a site
+        may be listed once per form it needs); None where the latency model does not apply."""
         rows = site_rows(model, sites, feed)
+        forms = list(forms) if forms is not None else [FP32] * len(sites)
         found = {}
-        for tokens in sorted({r for r in rows if r}):
-            shapes = [(s.K, s.N) for s, r in zip(sites, rows) if r == tokens]
-            found[tokens] = site_tables(shapes, tokens, self.timer, self.env, self.cache_dir)
-        return [found[r][(s.K, s.N)] if r else None for s, r in zip(sites, rows)]
+        for tokens, form in sorted({(r, f) for r, f in zip(rows, forms) if r}):
+            shapes = [(s.K, s.N) for s, r, f in zip(sites, rows, forms) if (r, f) == (tokens, form)]
+            found[(tokens, form)] = site_tables(shapes, tokens, self.timer, self.env, self.cache_dir, form)
+        return [found[(r, f)][(s.K, s.N)] if r else None for s, r, f in zip(sites, rows, forms)]
 
-    def site_share(self, model, sites, feed, runs: int = 5) -> float:
-        """Fraction of the original's kernel time (ONNX Runtime's profiler, `runs` runs after one warm-up) spent
-        in the nodes of `sites`; the rest does not get faster whatever the ranks."""
+    def site_share(self, model, nodes, feed, runs: int = 5) -> float:
+        """Fraction of the kernel time of `model` (ONNX Runtime's profiler, `runs` runs after one warm-up) spent
+        in the nodes named `nodes` (site_nodes) and those named under them; the rest does not get faster
+        whatever the ranks. `model` is the model the user gave: an int8 input is profiled as int8."""
         import tempfile
 
         from onnx_fwlr.evaluate.limits import per_site
@@ -357,10 +408,22 @@ class MeasuredLatency:
                 session.run(None, feed)
             events = json.loads(Path(session.end_profiling()).read_text())
         profile = parse_ort_profile(events, skip_runs=1)
-        names = sorted({u.node_name for s in sites for u in s.uses if u.node_name})
-        times = per_site(profile["node_times"], names)
+        times = per_site(profile["node_times"], sorted(set(nodes)))
         total = profile["kernel_time_ms"]
         return (total - times[None]) / total if total > 0 else 0.0
+
+    def model_ratio(self, original, compressed, feed, runs: int = 20) -> dict:
+        """The compressed model's latency over the original's on `feed`, measured as profile --compare does
+        (alternating pairs in a fresh process; evaluate.limits.ratio_summary's keys: ratio_p50, ratio_p10, ...)."""
+        import tempfile
+
+        from onnx_fwlr.evaluate.limits import paired_ratio
+        from onnx_fwlr.io.model import save_model
+
+        with tempfile.TemporaryDirectory(prefix="fwlr_speed_check_") as folder:
+            paths = [m if isinstance(m, (str, os.PathLike)) else save_model(m, Path(folder) / f"{name}.onnx")
+                     for name, m in (("original", original), ("compressed", compressed))]
+            return paired_ratio(*paths, feed, runs=runs, threads=self.threads, providers=self.providers)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -368,30 +431,38 @@ class MeasuredLatency:
 
 
 class OrtTimer:
-    """Times X [tokens, K] @ W [K, N] (rank None) or X @ A [K, r] @ B [r, N] in ONNX Runtime: the fastest of at
-    least `runs` runs after a warm-up, continuing until `min_seconds` have passed. The fastest, as timeit
-    advises: slower runs measure the other processes on the machine, not the kernel, and a table is kept.
-    The dense session of the last shape is kept, since measure_table times it before every rank."""
+    """Times X [tokens, K] @ W [K, N] (rank None) or X @ A [K, r] @ B [r, N] in ONNX Runtime, in a form (module
+    docstring): the fastest of at least `runs` runs after a warm-up, continuing until `min_seconds` have passed.
+    The fastest, as timeit advises: slower runs measure the other processes on the machine, not the kernel, and a
+    table is kept. The dense session of the last shape is kept, since measure_table times it before every rank,
+    and so are the models of the last shape and form up to MODEL_CACHE_BYTES (quantizing them again every round
+    would cost more than timing them; past the bound, on LLM-sized shapes, they are rebuilt)."""
 
     def __init__(self, threads: int | None = None, providers=("CPUExecutionProvider",), runs: int = 3,
                  min_seconds: float = 0.05, seed: int = 0):
         self.threads, self.providers, self.runs, self.min_seconds = threads, tuple(providers), runs, min_seconds
         self.seed = seed
-        self._dense = (None, None)  # ((K, N, tokens), session)
+        self._dense = (None, None)  # ((K, N, tokens, form), session)
+        self._models = (None, {})  # ((K, N, form), {rank: one-site model}), at most MODEL_CACHE_BYTES
 
-    def _session(self, K: int, N: int, rank: int | None, tokens: int):
+    def _session(self, K: int, N: int, rank: int | None, tokens: int, form: str):
         from onnx_fwlr.io import runtime
 
-        if rank is None and self._dense[0] == (K, N, tokens):
+        if rank is None and self._dense[0] == (K, N, tokens, form):
             return self._dense[1]
-        session = runtime.make_session(_site_model(K, N, rank, self.seed),
-                                       runtime.session_options(threads=self.threads), self.providers)
+        if self._models[0] != (K, N, form):
+            self._models = ((K, N, form), {})
+        models = self._models[1]
+        model = models[rank] if rank in models else one_site_model(K, N, rank, form, self.seed)
+        if rank not in models and sum(m.ByteSize() for m in models.values()) + model.ByteSize() <= MODEL_CACHE_BYTES:
+            models[rank] = model
+        session = runtime.make_session(model, runtime.session_options(threads=self.threads), self.providers)
         if rank is None:
-            self._dense = ((K, N, tokens), session)
+            self._dense = ((K, N, tokens, form), session)
         return session
 
-    def __call__(self, K: int, N: int, rank: int | None, tokens: int) -> float:
-        session = self._session(K, N, rank, tokens)
+    def __call__(self, K: int, N: int, rank: int | None, tokens: int, form: str = FP32) -> float:
+        session = self._session(K, N, rank, tokens, form)
         x = np.random.default_rng(self.seed).standard_normal((tokens, K)).astype(np.float32)
         session.run(None, {"x": x})
         seconds, started = [], time.perf_counter()
@@ -402,8 +473,11 @@ class OrtTimer:
         return float(min(seconds) * 1000.0)
 
 
-def _site_model(K: int, N: int, rank: int | None, seed: int):
-    """The one-site model OrtTimer times."""
+def one_site_model(K: int, N: int, rank: int | None, form: str = FP32, seed: int = 0):
+    """The one-site model OrtTimer times, built by the code that writes compress's output, so the timed graph
+    is the written one: fp32 MatMuls; for "int8", those after ONNX Runtime's quantize_dynamic (quant.ortquant);
+    for a correction form, quant.graph.rewrite of the dense site into the scheme's main branch plus (at a rank)
+    the fp16-stored correction pair."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -411,7 +485,7 @@ def _site_model(K: int, N: int, rank: int | None, seed: int):
     def weight(name, *shape):
         return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
 
-    if rank is None:
+    if rank is None or is_correction_form(form):
         nodes, weights = [helper.make_node("MatMul", ["x", "W"], ["y"], name="dense")], [weight("W", K, N)]
     else:
         nodes = [helper.make_node("MatMul", ["x", "A"], ["h"], name="factor_A"),
@@ -419,4 +493,20 @@ def _site_model(K: int, N: int, rank: int | None, seed: int):
         weights = [weight("A", K, rank), weight("B", rank, N)]
     graph = helper.make_graph(nodes, "site", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", N])], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if form == FP32:
+        return model
+    if form == INT8:
+        from onnx_fwlr.quant.ortquant import quantize_dynamic_nodes
+
+        return quantize_dynamic_nodes(model, [n.name for n in nodes])
+    if is_correction_form(form):
+        from onnx_fwlr.quant.graph import SitePlan, rewrite
+        from onnx_fwlr.quant.ortquant import scheme_from_label
+
+        A = B = None
+        if rank:
+            A, B = rng.standard_normal((K, rank)) / np.sqrt(K), rng.standard_normal((rank, N)) / np.sqrt(rank)
+        return rewrite(model, {"W": SitePlan(scheme_from_label(form[:-len(CORRECTED)]), A, B)}, {}, "float16")
+    raise ValueError(f"unknown latency form {form!r}")

@@ -12,8 +12,9 @@ hundred runs follows the slowest ones on a loaded machine.
 
 Sites are matched by node name. The rewrite names a factorised site's nodes `<original node>/factor_A`,
 `/factor_B`, `/bias_correction`, `/input_projection` (LSTM/GRU, which keep the original node) or
-`/<structure>/...`, and ONNX Runtime's fusions name a fused node `<first node>/<Fusion>...`; so a profiled node
-belongs to site `n` when it is `n` or starts with `n/` (the longest such site wins).
+`/<structure>/...`, and ONNX Runtime's fusions name a fused node `<first node>/<Fusion>...` (Gemm + activation:
+`fused <node>`); so a profiled node belongs to site `n` when it is `n` or starts with `n/`, after any `fused `
+prefix (the longest such site wins).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.tables import format_table
 
 PAIR_WARMUP = 5
+FUSED = "fused "  # ONNX Runtime's name prefix for a Gemm fused with its activation (FusedGemm)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,6 +48,7 @@ def factorised_sites(original_flops: dict, compressed_flops: dict) -> list[str]:
 
 def owner(node_name: str, sites_longest_first: list[str]) -> str | None:
     """The site a node (profiled or in the graph) belongs to: equal to it or named under it; None for none."""
+    node_name = node_name.removeprefix(FUSED)
     for site in sites_longest_first:
         if node_name == site or node_name.startswith(site + "/"):
             return site

@@ -24,11 +24,12 @@ def plot_sweep(rows: list[dict], metric: str, path: str | Path) -> Path:
     """Fidelity against bytes (and against latency when measured): one line per configuration over its budgets,
     ONNX Runtime's baselines as single squares, Pareto points ringed, the original as reference lines."""
     plt = _pyplot()
-    has_latency = any(r.get("latency_ms") is not None for r in rows)
+    has_latency = any(r.get("latency_ratio") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(12 if has_latency else 6.5, 4.6), squeeze=False)
     panels = [(axes[0][0], "bytes", 1e-6, "model size (MB)", "bytes")]
     if has_latency:
-        panels.append((axes[0][1], "latency_ms", 1.0, "latency (ms, median)", "latency"))
+        panels.append((axes[0][1], "latency_ratio", 1.0, "latency (x original, median of alternating pairs)",
+                       "latency"))
     original = next((r for r in rows if r.get("kind") == "original" or r.get("config") == "original"), None)
     for ax, key, scale, label, axis in panels:
         _sweep_panel(ax, [r for r in rows if r is not original], metric, key, scale, axis)

@@ -54,18 +54,21 @@ class SweepResult:
 
     def format(self) -> str:
         headers = ["config", "budget", "bytes", "vs original", "params kept", "mean cosine", "min cosine", "rel. L2",
-                   "top-1 agree", "accuracy", "latency ms", "Pareto"]
+                   "top-1 agree", "accuracy", "latency x", "Pareto"]
         base = self.rows[0]["bytes"] if self.rows and self.rows[0].get("bytes") else None
         table = [
             [r["config"], budget_label(r), f"{r['bytes']:,}", "" if base is None else f"{r['bytes'] / base:.3f}",
              "" if r.get("param_ratio") is None else f"{r['param_ratio']:.3f}", f"{r['mean_cosine']:.4f}",
              f"{r['min_cosine']:.4f}", f"{r['rel_l2_error']:.4f}", _pct(r.get("top1_agreement")),
-             _pct(r.get("accuracy")), "" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}",
+             _pct(r.get("accuracy")), "" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.3f}",
              ", ".join(r.get("pareto", []))]
             for r in self.rows
         ]
         note = (f"Pareto: no other row is as small (bytes; latency) and as good ({self.metric.replace('_', ' ')}), "
                 "and better in one of the two.")
+        if any(r.get("latency_ratio") is not None for r in self.rows):
+            note += (" latency x: the row's latency over the original's, the median of alternating pairs on the "
+                     "first validation batch (profile --compare's measure).")
         return "\n".join([format_table(headers, table, align="llrrrrrrrrrl"), note] + self.skipped)
 
     def to_dict(self) -> dict:
@@ -94,9 +97,11 @@ def sweep(
     otherwise); given ones run for every method they fit, and the pairs that do not fit are listed in
     `result.skipped`. `quantize` (int4, int8, auto): kfac-corrected quantization (pipeline.quantized) at each of
     `sizes` (bytes) and `int8_fractions` of the bytes of ONNX Runtime's int8 model (default 0.7, 0.8, 0.9, 1.0
-    when no sizes are given). `baselines` (default: with `quantize`): ONNX Runtime's int8 per-channel and int4
-    block 32/128 models of the original. `judge`: the output whose cosines the table reports (default: the
-    Fisher output when named, else the first). An existing `out_dir` with files in it is refused unless `force`.
+    when no sizes are given). `baselines` (default: with `quantize` or `latency`): ONNX Runtime's int8
+    per-channel and int4 block 32/128 models of the original. `latency`: each row's latency over the
+    original's (alternating pairs), and the latency frontier. `judge`: the output whose cosines the table
+    reports (default: the Fisher output when named, else the first). An existing `out_dir` with files in it is
+    refused unless `force`.
     """
     out = _check_folder(out_dir, force)
     for ratio in ratios:
@@ -127,7 +132,7 @@ def sweep(
                        latency_runs, save_models, result, judge)
     _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress)
     int8_bytes = None
-    if baselines or (baselines is None and quantize):
+    if baselines or (baselines is None and (quantize or latency)):
         for name, baseline in baseline_models(original):
             measure.row(baseline, {"config": name, "kind": "baseline", "method": "ONNX Runtime", "allocation": "",
                                    "params_kept": None, "param_ratio": None}, _stem(name))
@@ -193,8 +198,8 @@ class _Measure:
             if self.save_models:
                 self.result.files.append(str(path))
             if self.latency:
-                row["latency_ms"], row["baseline_latency_ms"] = _latency(
-                    self.original_path, path, self.original, self.validation, self.batch_size, self.latency_runs)
+                row.update(_latency(self.original_path, path, self.original, self.validation, self.batch_size,
+                                    self.latency_runs))
             if not self.save_models:
                 path.unlink()
         self.result.rows.append(row)
@@ -278,6 +283,7 @@ def _reference_row(rows: list[dict], original_bytes: int) -> dict:
            "accuracy": first.get("original_accuracy"), "original_accuracy": first.get("original_accuracy")}
     if first.get("baseline_latency_ms") is not None:
         row["latency_ms"] = row["baseline_latency_ms"] = first["baseline_latency_ms"]
+        row["latency_ratio"] = 1.0
     return row
 
 
@@ -304,13 +310,17 @@ def _model_path(model, loaded: onnx.ModelProto, out: Path) -> Path:
     return path
 
 
-def _latency(original_path, path, structure, validation, batch_size, runs) -> tuple[float, float]:
-    from onnx_fwlr.evaluate.profiling import profile_model
+def _latency(original_path, path, structure, validation, batch_size, runs) -> dict:
+    """The row's latency against the original's on the first validation batch, as profile --compare measures it:
+    alternating pairs in one fresh process, the median of the per-pair ratios (a shared machine's load moves
+    separate timings far more than it moves a ratio)."""
+    from onnx_fwlr.evaluate.limits import paired_ratio
 
     feed, _ = next(iter(open_data(validation, structure, batch_size=batch_size)))
-    ours = profile_model(str(path), feed, runs=runs, warmup=3, op_profile=False)
-    base = profile_model(str(original_path), feed, runs=runs, warmup=3, op_profile=False)
-    return ours["latency_50_percentile"], base["latency_50_percentile"]  # the median resists noise spikes
+    paired = paired_ratio(str(original_path), str(path), feed, runs=runs)
+    return {"latency_ratio": paired["ratio_p50"], "latency_ratio_p10": paired["ratio_p10"],
+            "latency_ratio_p90": paired["ratio_p90"], "latency_ms": paired["compressed_p50_ms"],
+            "baseline_latency_ms": paired["original_p50_ms"]}
 
 
 def write_outputs(result: SweepResult, out_dir: str | Path, plots: bool = True) -> list[str]:

@@ -25,16 +25,20 @@ BASE_DIR_KEY = "onnx_fwlr.external_data_dir"
 ALIGNMENT = 65536  # tensors of 1 MB or more start at this boundary in written .data files (mmap-friendly)
 
 
-def load_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool | None = None) -> onnx.ModelProto:
+def load_model(source: str | os.PathLike | onnx.ModelProto, lazy: bool | None = None,
+               copy: bool = True) -> onnx.ModelProto:
     """A checked, independent copy of the model.
 
     External data is loaded into it, unless `lazy` (None = when the external data exceeds LAZY_THRESHOLD):
     then only the structure is in memory and weights are read from the .data files when needed
-    (tensor_array, save_model and onnx_fwlr.io.runtime know how).
+    (tensor_array, save_model and onnx_fwlr.io.runtime know how). copy=False: a given ModelProto is checked
+    and returned itself, for callers that never modify it (a model is not held twice).
     """
     if isinstance(source, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(source)
+        model = source
+        if copy:
+            model = onnx.ModelProto()
+            model.CopyFrom(source)
         _check_parsed(model, "the given ModelProto")
         if external_base(model) is None:
             _run_checker(model, "the given ModelProto")

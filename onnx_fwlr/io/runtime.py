@@ -79,13 +79,16 @@ def runtime_source(model: onnx.ModelProto):
 
 
 def session_options(*, threads: int | None = None, spinning: bool = True, quiet: bool = True, optimize: bool = True,
-                    profile_prefix: str | None = None, external_data_dir: str | os.PathLike | None = None):
+                    profile_prefix: str | None = None, external_data_dir: str | os.PathLike | None = None,
+                    arena: bool = True):
     """ONNX Runtime session options from the choices callers make.
 
     threads: intra-op threads (None or 0: ORT's default). spinning=False stops idle ORT threads from spinning,
     for callers that run numpy between ORT calls. quiet: ORT logs errors only. optimize=False disables graph
     optimisation (shapes of the graph as written). profile_prefix: write ORT's per-op profile there.
-    external_data_dir: where external data lives when the model is given as bytes.
+    external_data_dir: where external data lives when the model is given as bytes. arena=False: ORT frees each
+    run's buffers instead of keeping them in its memory arena, which only grows when the input shapes vary from
+    run to run (batches cut to their length; refine measured 0.25 GB less on all-MiniLM-L6-v2).
     """
     import onnxruntime as ort
 
@@ -94,6 +97,8 @@ def session_options(*, threads: int | None = None, spinning: bool = True, quiet:
         options.log_severity_level = 3
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not arena:
+        options.enable_cpu_mem_arena = False
     if threads is not None:
         options.intra_op_num_threads = threads
     if not optimize:

@@ -23,9 +23,40 @@ def clamp_rank(K: int, N: int, rank: int) -> int | None:
     return rank if rank <= break_even_rank(K, N) else None
 
 
-def uniform_ranks(shapes: list[tuple[int, int]], ratio: float) -> list[int | None]:
-    """Each site keeps about `ratio` of its own parameters: r = ⌊ratio · K N / (K + N)⌋."""
-    return [clamp_rank(K, N, int(np.floor(ratio * K * N / (K + N)))) for K, N in shapes]
+# Ranks the kernels run at their FLOP share: in ONNX Runtime on a CPU a factored pair one rank past a multiple of
+# 16 costs 4-21 % more than at the multiple (docs/speed.md), so wide sites get ranks in steps of this many.
+DEFAULT_RANK_MULTIPLE = 16
+
+
+def rank_step(K: int, N: int, multiple: int | None) -> int:
+    """The rank granularity of a [K, N] site: `multiple` when the site is wide enough for it to matter (its
+    break-even rank holds at least 4 steps), else 1 (a narrow site keeps fine-grained ranks)."""
+    if not multiple or multiple <= 1:
+        return 1
+    return multiple if break_even_rank(K, N) >= 4 * multiple else 1
+
+
+def uniform_ranks(shapes: list[tuple[int, int]], ratio: float, multiple: int | None = None) -> list[int | None]:
+    """Each site keeps about `ratio` of its own parameters: r = ⌊ratio · K N / (K + N)⌋. With `multiple`, each
+    rank moves to the nearest multiple of its site's rank_step (at least one step, at most break-even), then
+    the sites rounded up give a step back, widest first, until the ratio's parameter budget holds again."""
+    ranks = [clamp_rank(K, N, int(np.floor(ratio * K * N / (K + N)))) for K, N in shapes]
+    steps = [rank_step(K, N, multiple) for K, N in shapes]
+    if all(step == 1 for step in steps):
+        return ranks
+    plain = list(ranks)
+    for i, ((K, N), rank, step) in enumerate(zip(shapes, plain, steps)):
+        if step > 1 and rank is not None:
+            ranks[i] = min(max(step, int(np.floor(rank / step + 0.5)) * step), break_even_rank(K, N) // step * step)
+    budget = ratio * sum(K * N for K, N in shapes)
+    raised = sorted((i for i in range(len(shapes)) if plain[i] is not None and ranks[i] > plain[i]),
+                    key=lambda i: (-(shapes[i][0] + shapes[i][1]), i))
+    for i in raised:
+        if sum(site_params(K, N, r) for (K, N), r in zip(shapes, ranks)) <= budget:
+            break
+        if ranks[i] > steps[i]:
+            ranks[i] -= steps[i]
+    return ranks
 
 
 # Below this rank one factorised layer alone costs most of a model's quality (measured in docs/defaults.md:
@@ -33,15 +64,15 @@ def uniform_ranks(shapes: list[tuple[int, int]], ratio: float) -> list[int | Non
 MIN_UNIFORM_RANK = 8
 
 
-def floored_uniform_ranks(shapes: list[tuple[int, int]], ratio: float,
-                          floor: int = MIN_UNIFORM_RANK) -> tuple[list[int | None], list[int]]:
+def floored_uniform_ranks(shapes: list[tuple[int, int]], ratio: float, floor: int = MIN_UNIFORM_RANK,
+                          multiple: int | None = None) -> tuple[list[int | None], list[int]]:
     """uniform_ranks, except that a site whose rank would fall below `floor` stays dense and pays for it
     from the other sites' share: they split what is left of the budget uniformly.
 
     Returns (ranks, indices kept dense by the floor). When the budget cannot pay for that while the other
     sites stay at or above the floor, the plain uniform ranks come back with no index: the caller warns.
     """
-    plain = uniform_ranks(shapes, ratio)
+    plain = uniform_ranks(shapes, ratio, multiple)
     budget = ratio * sum(K * N for K, N in shapes)
     floored: set[int] = set()
     while True:
@@ -50,7 +81,7 @@ def floored_uniform_ranks(shapes: list[tuple[int, int]], ratio: float,
         free_params = sum(shapes[i][0] * shapes[i][1] for i in free)
         if not free or left <= 0:
             return plain, []
-        ranks = dict(zip(free, uniform_ranks([shapes[i] for i in free], min(left / free_params, 1.0))))
+        ranks = dict(zip(free, uniform_ranks([shapes[i] for i in free], min(left / free_params, 1.0), multiple)))
         low = {i for i, r in ranks.items() if r is not None and r < floor}
         if not low:
             return [None if i in floored else ranks[i] for i in range(len(shapes))], sorted(floored)
@@ -62,34 +93,43 @@ def site_params(K: int, N: int, rank: int | None) -> int:
 
 
 def global_ranks(
-    energies: list[np.ndarray], shapes: list[tuple[int, int]], budget: float, min_rank: int = 1
+    energies: list[np.ndarray], shapes: list[tuple[int, int]], budget: float, min_rank: int = 1,
+    multiple: int | None = None,
 ) -> list[int | None]:
-    """Greedy over all sites: keep the component with the most weighted energy per parameter next.
+    """Greedy over all sites: keep the block of components with the most weighted energy per parameter next.
 
     energies[i] holds site i's σ² in descending order, all in one currency (loss units for Fisher/K-FAC
-    weighting). Every site starts at `min_rank`. When a site's next component would pass break-even, the
-    site turns dense instead (that costs less than the component would) and takes no more components.
+    weighting). A block is rank_step(K, N, multiple) components (1 without `multiple`), so wide sites get ranks
+    that are multiples of `multiple`. Every site starts at one block (at least `min_rank`). When a site's next
+    block would pass break-even, the site turns dense instead (that costs less than the block would) and takes
+    no more components.
     """
-    ranks: list[int | None] = [min(min_rank, break_even_rank(K, N)) for K, N in shapes]
+    steps = [rank_step(K, N, multiple) for K, N in shapes]
+    ranks: list[int | None] = [min(max(min_rank, step), break_even_rank(K, N)) for (K, N), step in zip(shapes, steps)]
     spent = float(sum(site_params(K, N, r) for (K, N), r in zip(shapes, ranks)))
     heap = []
-    for i, ((K, N), energy) in enumerate(zip(shapes, energies)):
-        if ranks[i] < len(energy):
-            heapq.heappush(heap, (-float(energy[ranks[i]]) / (K + N), i))
+
+    def push(i: int) -> None:
+        rank, energy = ranks[i], energies[i]
+        if rank < len(energy):
+            K, N = shapes[i]
+            heapq.heappush(heap, (-float(np.sum(energy[rank:rank + steps[i]])) / (steps[i] * (K + N)), i))
+
+    for i in range(len(shapes)):
+        push(i)
     while heap:
         _, i = heapq.heappop(heap)
         K, N = shapes[i]
-        rank = ranks[i]
-        if rank + 1 > break_even_rank(K, N):
+        rank, step = ranks[i], steps[i]
+        if rank + step > break_even_rank(K, N):
             cost = K * N - rank * (K + N)
             if spent + cost <= budget:
                 ranks[i], spent = None, spent + cost
             continue
-        if spent + (K + N) > budget:
+        if spent + step * (K + N) > budget:
             continue  # smaller sites may still fit
-        ranks[i], spent = rank + 1, spent + (K + N)
-        if rank + 1 < len(energies[i]):
-            heapq.heappush(heap, (-float(energies[i][rank + 1]) / (K + N), i))
+        ranks[i], spent = rank + step, spent + step * (K + N)
+        push(i)
     return ranks
 
 

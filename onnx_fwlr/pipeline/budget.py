@@ -66,8 +66,13 @@ class RankChoice(list):
         self.warnings = list(warnings or [])
 
 
-def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> RankChoice:
+def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
+                 multiple: int | None = alloc.DEFAULT_RANK_MULTIPLE) -> RankChoice:
     """One rank per site (None = dense) under the budget; per-site overrides are honoured first.
+
+    Ranks allocated under `ratio` or `target_size` come in steps of `multiple` on sites wide enough for it
+    (alloc.rank_step; 1 or None: any rank), which the kernels run at their FLOP share; `rank` and per-site
+    overrides are taken as given.
 
     A budget that allows every weight as it is (a ratio of 1, or a target size the model already meets)
     keeps every free site dense: nothing to do. Uniform allocation keeps dense a site whose rank would fall
@@ -97,23 +102,24 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str) -> RankCho
                                 "(inside subgraphs?): use `allocation` uniform or `exclude` them.")
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
-            chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes))
+            chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes), multiple=multiple)
             ranks.notes.update({i: "kept dense: global allocation found its components worth more loss than the "
                                    "parameters factorising would save" for i, r in zip(free, chosen) if r is None})
         else:
-            chosen = _floored_uniform(ranks, free, shapes, ratio)
+            chosen = _floored_uniform(ranks, free, shapes, ratio, multiple)
     for i, r in zip(free, chosen):
         ranks[i] = r
     return ranks
 
 
-def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float) -> list[int | None]:
+def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float, multiple: int | None
+                     ) -> list[int | None]:
     """Uniform ranks with the floor (alloc.floored_uniform_ranks); says in `choice` which sites it kept dense,
     or that the budget is too small to keep them dense."""
-    chosen, floored = alloc.floored_uniform_ranks(shapes, ratio)
+    chosen, floored = alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)
     floor = alloc.MIN_UNIFORM_RANK
     for j in floored:
-        rank = alloc.uniform_ranks([shapes[j]], ratio)[0]
+        rank = alloc.uniform_ranks([shapes[j]], ratio, multiple)[0]
         choice.notes[free[j]] = (f"kept dense: its uniform rank {rank} is below the floor of {floor}, where one layer "
                                  "alone loses most of the model's quality; the other sites pay for it")
     low = [j for j, r in enumerate(chosen) if r is not None and r < floor]

@@ -30,7 +30,13 @@ from onnx_fwlr.pipeline.defaults import (
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
 from onnx_fwlr.pipeline.sequential import correct_sequentially
-from onnx_fwlr.pipeline.speed import check_speed_options, choose_ranks_for_speed, speed_notes
+from onnx_fwlr.pipeline.speed import (
+    check_measured_speed,
+    check_speed_options,
+    choose_ranks_for_speed,
+    input_forms,
+    speed_notes,
+)
 from onnx_fwlr.pipeline.structured import compress_structured
 from onnx_fwlr.sites.find import validate_regex
 from onnx_fwlr.sites.recurrent import find_all_sites
@@ -143,7 +149,8 @@ def compress(
         structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
     quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
     source = quantized.float_model if quantized else model
-    compressed, report = _factorise(source, **options)
+    timed = target_latency is not None or rank_multiple == "auto"
+    compressed, report = _factorise(source, **options, input_forms=input_forms(model, quantized) if timed else None)
     if refine_steps is not None and report.factorised:
         from onnx_fwlr.refine.loop import refine  # the training loop and its backward pass: only when asked for
 
@@ -153,6 +160,8 @@ def compress(
             dope_dropout=refine_dope_dropout, progress=progress)
     if quantized:
         compressed = requantize_output(compressed, quantized, report)
+    if report.factorised and (target_latency is not None or rank_multiple == "auto"):
+        check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
     if validation is not None and report.sites:
         if report.checked is None or report.refined is not None or quantized:
             report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
@@ -165,7 +174,8 @@ def compress(
 def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation, method, allocation, include,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
-               rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None):
+               rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
+               input_forms=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
     budget.check()
@@ -211,7 +221,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress,
                                  compare or {})
     ranks_chosen, speed = choose_ranks_for_speed(prepared, budget, allocation, rank_multiple, latency, calibration,
-                                                 batch_size, shapes)
+                                                 batch_size, shapes, input_forms)
     corrected = None
     if sequential:
         corrected = correct_sequentially(prepared, ranks_chosen, calibration, bias_correction, batch_size=batch_size,

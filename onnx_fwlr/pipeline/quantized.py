@@ -7,7 +7,8 @@ Each site becomes deq(Q(W)) + A B with Q one of ONNX Runtime's quantizers and A 
 fit of the residual (quant.compensate); a byte budget is spread over every site and embedding table by
 predicted loss per byte (quant.budget). quantize "int4"/"int8" fixes the main branch's scheme and spends the
 rest of the budget on correction ranks; "auto" lets each site choose among dense, int8, int4 (block sizes),
-either with a correction, and low rank alone.
+either with a correction, and low rank alone. A latency budget (`target_latency`) spends measured milliseconds
+instead of bytes (pipeline.quantized_speed).
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import numpy as np
 import onnx
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes
 from onnx_fwlr.methods.registry import get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
+from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
+from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import budget as allocation
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option
@@ -74,6 +78,7 @@ class QuantizeJob:
     original_bytes: int = 0
     warnings: list = field(default_factory=list)
     choices: list | None = None
+    feed: dict | None = None  # one batch at the size a latency budget times the sites at
 
 
 def compress_quantized(
@@ -82,7 +87,8 @@ def compress_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
-    fisher_options: dict | None = None, progress: bool = True,
+    fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
+    input_forms=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -94,17 +100,23 @@ def compress_quantized(
     "dynamic" (quantize_dynamic per channel, MatMulInteger) or "block" (weight-only MatMulNBits, 8 bits).
     `factors` "float16" (default; measured to change no output digit that matters) stores the corrections at
     half the bytes, "float32" as they are computed. `alternate` > 0 refits Q on W − A B that
-    many rounds, keeping the best (CALDERA/LQER).
+    many rounds, keeping the best (CALDERA/LQER). `target_latency` (a fraction of the original's latency, a
+    budget of its own) picks per site by predicted loss per millisecond from the measured latency tables of
+    each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
+    size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
+    given was already int8 and this is its float form.
     """
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
-    check_budget(quantize, method, target_size, ratio, rank)
+    check_budget(quantize, method, target_size, ratio, rank, target_latency)
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
         embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
         bias_correction=bias_correction,
-        budgeted=target_size is not None or ratio is not None, include=include, exclude=exclude,
-        batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options, progress=progress)
-    return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank)
+        budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
+        exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
+        progress=progress, timed=target_latency is not None)
+    return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
+                           latency=latency, input_forms=input_forms)
 
 
 def prepare_quantized(
@@ -112,8 +124,10 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
+    timed: bool = False,
 ) -> QuantizeJob:
-    """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics)."""
+    """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
+    `timed`, for a latency budget, the timing batch instead, the tables following the rule)."""
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
@@ -131,29 +145,57 @@ def prepare_quantized(
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     if budgeted:
-        _measure_quantization(job, embeddings, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+        priced = job.tables if embeddings == "auto" and not timed else []
+        _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+    if timed:
+        job.feed = timing_feed(prepared.model, calibration, batch_size, shapes)
     job.rule_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables}
     job.fixed_tables = {name: s for name, s in job.rule_tables.items() if name not in job.table_loss}
     return job
 
 
 def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: float | None = None,
-                    rank: int = 0) -> tuple[onnx.ModelProto, Report]:
+                    rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None
+                    ) -> tuple[onnx.ModelProto, Report]:
     """The model and its report for one budget (or, without one, the scheme plus a rank-`rank` correction)."""
-    check_budget(job.quantize, job.prepared.method, target_size, ratio, rank)
+    check_budget(job.quantize, job.prepared.method, target_size, ratio, rank, target_latency)
     target = target_size if target_size is not None else (None if ratio is None else int(ratio * job.original_bytes))
-    if target is None:
+    speed = None
+    if target_latency is not None:
+        model_out, results, tables, speed = _build_for_latency(job, target_latency, latency, input_forms)
+    elif target is None:
         chosen = [_fixed_option(s, job.schemes[0], rank, FACTOR_DTYPES[job.factors]) for s in job.sites]
         tables = dict(job.rule_tables)
         model_out, results = _build(job, chosen, tables)
     else:
         model_out, results, tables = _build_within(job, target)
     report = _report(job, model_out, results, tables)
-    report.allocation = "budget" if target is not None else "uniform"
+    report.allocation = "latency" if speed else "budget" if target is not None else "uniform"
     report.budget = {"quantize": job.quantize, "block_size": job.block_size, "int8": job.int8, "rank": rank,
                      "target_size": target, "ratio": ratio, "bias_correction": job.bias_correction,
-                     "bytes_before": job.original_bytes, "bytes_after": _bytes(model_out)}
+                     "bytes_before": job.original_bytes, "bytes_after": _bytes(model_out),
+                     "target_latency": target_latency}
+    if speed:
+        report.budget["speed"] = speed
+        report.warnings += latency_notes(speed)
     return model_out, report
+
+
+def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
+    """The options within the latency budget (pipeline.quantized_speed), built, each site's report line with
+    its predicted time; embedding tables follow the rule (a lookup is not where the time goes)."""
+    if job.feed is None:
+        raise RuntimeError("a latency budget needs the job prepared with timed=True")
+    latency = latency if latency is not None else MeasuredLatency()
+    forms = input_forms or InputForms(job.prepared.model)
+    site_choices = _options(job)[:len(job.sites)]
+    chosen, speed = allocate_latency(job.prepared.model, job.sites, site_choices, target, latency, job.feed, forms,
+                                     job.quantize)
+    tables = dict(job.fixed_tables)
+    model_out, results = _build(job, chosen, tables)
+    for result, row in zip(results, speed["sites"]):
+        result.note += f", {row['ms']:.3g} ms predicted ({speed['own_form']} as it is {row['own_ms']:.3g} ms)"
+    return model_out, results, tables, speed
 
 
 def check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate) -> None:
@@ -172,17 +214,25 @@ def check_options(quantize, block_size, method, embeddings, int8, factors, rank_
         raise FwlrError("the rank step must be a positive integer and the alternation rounds non-negative.")
 
 
-def check_budget(quantize, method, target_size, ratio, rank) -> None:
-    if target_size is not None and ratio is not None:
-        raise FwlrError("`target_size` and `ratio` given together; pass one budget.")
+def check_budget(quantize, method, target_size, ratio, rank, target_latency=None) -> None:
+    if sum(b is not None for b in (target_size, ratio, target_latency)) > 1:
+        given = [f"`{n}`" for n, b in (("target_size", target_size), ("ratio", ratio),
+                                       ("target_latency", target_latency)) if b is not None]
+        raise FwlrError(f"{' and '.join(given)} given together; pass one budget.")
+    if target_latency is not None and not 0 < target_latency <= 1:
+        raise FwlrError(f"`target_latency` {target_latency} is out of range; give the fraction of the original's "
+                        "latency to reach, 0 < F <= 1.")
     if target_size is not None and target_size <= 0:
         raise FwlrError(f"`target_size` {target_size} is out of range; give a positive number of bytes.")
     if ratio is not None and not 0 < ratio <= 1:
         raise FwlrError(f"`ratio` {ratio} is out of range; it must satisfy 0 < ratio <= 1 (of the input's bytes).")
-    if quantize == "auto" and target_size is None and ratio is None:
-        raise FwlrError("`quantize` auto chooses per site under a byte budget; pass `target_size` or `ratio`.")
-    if (target_size is not None or ratio is not None) and not get_method(method).loss_units:
-        raise FwlrError(f"a byte budget compares sites in loss units, which needs gradient statistics; use `method` "
+    budgeted = target_size is not None or ratio is not None or target_latency is not None
+    if quantize == "auto" and not budgeted:
+        raise FwlrError("`quantize` auto chooses per site under a budget; pass `target_size` or `ratio` (bytes), "
+                        "or `target_latency`.")
+    if budgeted and not get_method(method).loss_units:
+        what = "a latency budget" if target_latency is not None else "a byte budget"
+        raise FwlrError(f"{what} compares sites in loss units, which needs gradient statistics; use `method` "
                         f"kfac or fwsvd instead of {method}, or drop the budget.")
     if rank < 0:
         raise FwlrError(f"`rank` {rank} is out of range; give a non-negative correction rank.")
@@ -252,12 +302,12 @@ def _table_rule(table: Table, quantize: str, embeddings: str, block_size: int, w
     return INT8_DYNAMIC
 
 
-def _measure_quantization(job: QuantizeJob, embeddings, calibration, batch_size, mask_input, shapes, fisher_options,
+def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mask_input, shapes, fisher_options,
                           progress) -> None:
-    """The losses the budget needs beyond the sites' statistics, in one pass (quant.calibration): tables'
-    (with --embeddings auto) and dynamic int8's activation rounding (with a K-FAC output Gram)."""
+    """The losses the budget needs beyond the sites' statistics, in one pass (quant.calibration): the `tables`'
+    (budgeted ones: --embeddings auto under a byte budget) and dynamic int8's activation rounding (with a K-FAC
+    output Gram)."""
     prepared = job.prepared
-    tables = job.tables if embeddings == "auto" else []
     dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and all(
         m.right is not None for m in job.metrics.values())
     visible = main_graph_tensors(prepared.model)

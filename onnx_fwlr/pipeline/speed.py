@@ -6,13 +6,20 @@ the calibration data, or --shape); the share of the original's time the sites ta
 Runtime's profiler. A target latency F (a fraction of the original's) leaves the sites
     Σ t_site(rank) ≤ Σ t_site(dense) · (F − (1 − share)) / share,
 which methods.allocation.latency_ranks fills greedily by loss per millisecond saved.
+
+An already-quantized int8 input (quantize_dynamic) is factorised in float and requantized, so its sites are
+timed in the latency model's "int8" form (dense and pair both int8) and its share is profiled on the input as
+given (InputForms). When no site's factored form is faster than its dense op, nothing is factorised and the
+run stops with one sentence: a model that is not faster is never written when speed was asked for.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
+import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate import latency as lat
@@ -36,6 +43,50 @@ def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dic
                     "calibration data as a file (`calibration`) or give the size with `shapes`AME:D0,D1,...")
 
 
+@dataclass
+class InputForms:
+    """The form each site runs in once compress is done, and the model whose profile gives the sites' share of
+    the time: for a float input, fp32 in the model itself; for an int8 dynamic input (requantized after
+    factorising), "int8" in the input as given, whose nodes for those sites are the quantized ones."""
+
+    model: onnx.ModelProto
+    int8: dict[str, str] = field(default_factory=dict)  # float node name -> the quantized node in `model`
+
+    def forms(self, sites) -> list[str]:
+        return [lat.INT8 if any(u.node_name in self.int8 for u in s.uses) else lat.FP32 for s in sites]
+
+    def nodes(self, sites) -> list[str]:
+        return sorted({self.int8.get(name, name) for name in lat.site_nodes(sites)})
+
+
+def input_forms(model, quantized) -> InputForms | None:
+    """InputForms of an already-quantized input (pipeline.quantized_input.QuantizedInput; None: a float input).
+    Only int8 dynamic sites have a latency form; another quantized scheme stops the speed options here."""
+    from onnx_fwlr.io.model import load_model
+
+    if quantized is None:
+        return None
+    sites = quantized.dequantized.sites
+    other = sorted({s.describe() for s in sites if s.scheme.format not in ("dynamic", "dynamic_lstm")})
+    if other:
+        raise FwlrError(f"`rank_multiple` auto and `target_latency` time float and int8 dynamic (quantize_dynamic) "
+                        f"weights, and this model holds {other[0]} weights; drop the speed option, or compress the "
+                        "float original.")
+    int8 = {name: s.node for s in sites if s.scheme.format == "dynamic" for name in s.float_nodes}
+    return InputForms(load_model(model), int8)
+
+
+def _cannot_pay(ratios: list[float], quantized: bool, where: str) -> str:
+    """The one sentence when no site's factored form is faster than its dense op here."""
+    pair, dense = ("int8 pair", "int8 dense op") if quantized else ("factored pair", "dense op")
+    model, advice = (("int8 model", "keep the int8 model, or compress the float original") if quantized else
+                     ("model", "keep the original, or quantize it (`quantize` int8)"))
+    low, high = f"{min(ratios):.2f}", f"{max(ratios):.2f}"
+    span = low if low == high else f"{low}-{high}"
+    return (f"Factorisation cannot pay on this {model} at this size on this machine: {where} each site's {pair} "
+            f"takes {span}x its {dense}'s time, so nothing was written; {advice}.")
+
+
 def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
     """Per site: σ² (loss units with gradient statistics), the total energy, and the highest rank it can take
     (factors held by the decomposition, and fewer parameters than dense)."""
@@ -57,10 +108,12 @@ def _upper_ranks(prepared: Prepared, ranks, multiple: int | None) -> list[int | 
     return upper
 
 
-def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None) -> tuple[list, dict]:
+def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None, forms: InputForms | None = None
+                    ) -> tuple[list, dict]:
     """Ranks rounded to kernel-friendly values (evaluate.latency.round_ranks); with multiple "auto", the
-    multiple and the rounding come from the measured tables, and a site whose factored form is not faster
-    than its dense op stays dense. Returns (ranks, what was done for the report)."""
+    multiple and the rounding come from the measured tables (in each site's form, `forms`), and a site whose
+    factored form is not faster than its dense op stays dense (its time ratio at the rank kept in the info).
+    Returns (ranks, what was done for the report)."""
     measured = multiple == "auto"
     if not measured and (not isinstance(multiple, int) or multiple < 1):
         raise FwlrError(f"`rank_multiple` {multiple} is out of range; give a positive integer or 'auto'.")
@@ -69,7 +122,8 @@ def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None
     energies, totals, max_ranks = _energies(prepared, indices)
     tables = [None] * len(indices)
     if measured:
-        all_tables = latency.tables(prepared.model, prepared.sites, feed)
+        forms = forms or InputForms(prepared.model)
+        all_tables = latency.tables(prepared.model, prepared.sites, feed, forms.forms(prepared.sites))
         tables = [all_tables[i] for i in indices]
         timed = [t for t in tables if t is not None]
         multiple = lat.default_rank_multiple(timed) if timed else 1
@@ -83,6 +137,8 @@ def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None
     if measured:
         slower = lat.slower_than_dense([new[i] for i in indices], tables)
         info["kept_dense"] = [prepared.sites[indices[k]].name for k in slower]
+        info["kept_dense_ratios"] = [tables[k].time(chosen[k]) / tables[k].dense_ms for k in slower]
+        info["int8"] = bool(forms.int8)
         for k in slower:
             new[indices[k]] = None
         info["predicted_sites_ratio"] = _sites_ratio(new, all_tables)
@@ -95,18 +151,23 @@ def _sites_ratio(ranks, tables) -> float | None:
     return lat.predicted_ms(*zip(*timed)) / dense if timed and dense > 0 else None
 
 
-def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int | None], latency, feed
-                         ) -> tuple[list, dict]:
-    """Ranks whose predicted latency is `target` × the original's: sites with a table are allocated by
-    methods.allocation.latency_ranks in loss units; `fixed` ({site index: rank}) and sites without a table
-    (LSTM/GRU) keep their rank or stay dense. Returns (ranks, what was predicted for the report)."""
+def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int | None], latency, feed,
+                         forms: InputForms | None = None) -> tuple[list, dict]:
+    """Ranks whose predicted latency is `target` × the original's: sites with a table (in their form, `forms`)
+    are allocated by methods.allocation.latency_ranks in loss units; `fixed` ({site index: rank}) and sites
+    without a table (LSTM/GRU) keep their rank or stay dense. FwlrError when no site's factored form is faster
+    than its dense op, or the target is out of reach. Returns (ranks, what was predicted for the report)."""
     sites = prepared.sites
-    tables = latency.tables(prepared.model, sites, feed)
+    forms = forms or InputForms(prepared.model)
+    tables = latency.tables(prepared.model, sites, feed, forms.forms(sites))
     timed = [i for i, t in enumerate(tables) if t is not None]
     free = [i for i in timed if i not in fixed]
     if not free:
         raise FwlrError("`target_latency` found no MatMul/Gemm site to time; it does not apply to this model.")
-    share = latency.site_share(prepared.model, [sites[i] for i in timed], feed)
+    fastest_pairs = [min(tables[i].factored_ms, default=np.inf) / tables[i].dense_ms for i in free]
+    if min(fastest_pairs) >= 1.0:
+        raise FwlrError(_cannot_pay(fastest_pairs, bool(forms.int8), "at its fastest timed rank,"))
+    share = latency.site_share(forms.model, forms.nodes([sites[i] for i in timed]), feed)
     floor = 1.0 - share
     ranks: list[int | None] = [fixed.get(i) for i in range(len(sites))]
     dense_ms = sum(tables[i].dense_ms for i in timed)
@@ -126,7 +187,7 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
         ranks[i] = rank
     predicted = floor + share * lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]) / dense_ms
     info = {"target_latency": target, "site_share": share, "best_ratio": best_ratio,
-            "predicted_ratio": predicted, "tokens": sorted({tables[i].tokens for i in free})}
+            "predicted_ratio": predicted, "tokens": sorted({tables[i].tokens for i in free}), "int8": bool(forms.int8)}
     return ranks, info
 
 
@@ -137,11 +198,15 @@ def speed_notes(info: dict) -> list[str]:
         notes.append(f"latency budget {info['target_latency']:g}: the sites take {100 * info['site_share']:.0f}% of "
                      f"the original's time here; predicted latency ratio {info['predicted_ratio']:.3f} "
                      f"(best reachable {info['best_ratio']:.3f})")
-    if "rank_multiple" in info:
-        how = "measured" if info.get("measured") else "given"
-        notes.append(f"ranks rounded to multiples of {info['rank_multiple']} ({how}); {len(info['rounded'])} moved")
+    if info.get("measured"):
+        notes.append(f"ranks rounded to multiples of {info['rank_multiple']} (measured); {len(info['rounded'])} moved")
+    elif "rank_multiple" in info and info["rank_multiple"] > 1:
+        notes.append(f"ranks in steps of {info['rank_multiple']} on sites wide enough for it (given)")
     if info.get("kept_dense"):
         notes.append(f"kept dense, their factored form is not faster here: {', '.join(info['kept_dense'])}")
+    if info.get("int8"):
+        notes.append("the int8 input's sites were timed as int8 (dense op and pair), the form they are requantized "
+                     "to")
     return notes
 
 
@@ -168,21 +233,60 @@ def check_speed_options(budget, rank_multiple, method: str, structured: bool) ->
 
 
 def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_multiple, latency, calibration,
-                           batch_size: int, shapes) -> tuple[list, dict | None]:
-    """budget.choose_ranks, or the latency budget, then --rank-multiple: (ranks, what was done or None)."""
+                           batch_size: int, shapes, forms: InputForms | None = None) -> tuple[list, dict | None]:
+    """budget.choose_ranks (ranks in steps of `rank_multiple` when given, else the default multiple), or the
+    latency budget, or with `rank_multiple` "auto" the ranks rounded by measurement: (ranks, what was done or
+    None).
+    `forms`: input_forms of an already-quantized input (None: a float one)."""
     from onnx_fwlr.pipeline.budget import Budget, choose_ranks
 
-    if budget.target_latency is None and rank_multiple is None:
-        return choose_ranks(prepared, budget, allocation), None
+    if budget.target_latency is None and rank_multiple != "auto":  # ranks in steps of the given or default multiple
+        if rank_multiple is None:
+            return choose_ranks(prepared, budget, allocation), None
+        return choose_ranks(prepared, budget, allocation, rank_multiple), {"rank_multiple": rank_multiple,
+                                                                           "measured": False}
     feed, needs_timing = None, budget.target_latency is not None or rank_multiple == "auto"
     if needs_timing:
         feed = timing_feed(prepared.model, calibration, batch_size, shapes)
         latency = latency if latency is not None else lat.MeasuredLatency()
     if budget.target_latency is None:
-        return round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency, feed)
+        ranks, info = round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency,
+                                      feed, forms)
+        if info.get("kept_dense") and all(r is None for r in ranks):
+            raise FwlrError(_cannot_pay(info["kept_dense_ratios"], info["int8"], "at the ranks the budget gives,"))
+        return ranks, info
     if any(prepared.site_methods[s.weight] != prepared.method for s in prepared.sites):
         raise FwlrError("`target_latency` needs gradient statistics for every site; some have none (inside "
                         "subgraphs?): `exclude` them.")
     overrides = choose_ranks(prepared, Budget(ranks=budget.ranks), allocation) if budget.ranks else []
     fixed = {i: r for i, r in enumerate(overrides) if r is not None}
-    return latency_budget_ranks(prepared, budget.target_latency, fixed, latency, feed)
+    return latency_budget_ranks(prepared, budget.target_latency, fixed, latency, feed, forms)
+
+
+def _feed_shape(feed: dict) -> str:
+    name, value = next(iter(feed.items()))
+    return f"{name} {'x'.join(str(d) for d in np.shape(value))}"
+
+
+def check_measured_speed(original, compressed, report, latency, calibration, batch_size: int, shapes) -> None:
+    """When speed was asked for (`target_latency`, `rank_multiple` auto), time the result against the original
+    at the timing size before anything is written: a model that measures no faster is refused with one
+    sentence (the tables predict per site; this measures the whole graph, fusions and the other ops
+    included). The measured ratio goes into the report beside the predicted one."""
+    from onnx_fwlr.io.model import load_model
+
+    latency = latency if latency is not None else lat.MeasuredLatency()
+    structure = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
+    feed = timing_feed(structure, calibration, batch_size, shapes)
+    measured = latency.model_ratio(original, compressed, feed)
+    p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
+    speed = report.budget.setdefault("speed", {})
+    speed.update(measured_ratio=p50, measured_p10=p10, measured_p90=p90, measured_pairs=measured["pairs"])
+    where = f"at {_feed_shape(feed)} on this machine"
+    if p50 >= 1.0:
+        raise FwlrError(
+            f"Factorisation cannot pay here: the compressed model measures {p50:.2f}x the original's latency "
+            f"(median of {measured['pairs']} alternating pairs, p10-p90 {p10:.2f}-{p90:.2f}) {where}, so nothing "
+            "was written; keep the original, ask for a smaller model with `ratio`, or quantize it.")
+    report.warnings.append(f"measured latency ratio {p50:.3f} (p10-p90 {p10:.3f}-{p90:.3f}, {measured['pairs']} "
+                           f"alternating pairs) {where}")

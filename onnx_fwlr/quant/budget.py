@@ -1,11 +1,12 @@
-"""One byte budget across precisions and ranks (numpy only).
+"""One byte budget across precisions and ranks (numpy only); the same rule spends a latency budget.
 
 Each site (or embedding table) has options — dense fp32, int8, int4 at a block size, either of those plus a
 rank-r correction, low rank alone — each with its bytes and its predicted loss (the dropped weighted energy,
 in loss units with gradient statistics). The allocation is the greedy rule of global rank allocation
 (DESIGN §3) extended to these options: start every site at its smallest option, then take the upgrades
 with the most loss removed per byte until the budget is spent. Upgrades are the steps along each site's
-lower convex hull in (bytes, loss), so per site they come in order of falling benefit per byte.
+lower convex hull in (bytes, loss), so per site they come in order of falling benefit per byte. With
+`cost=by_ms` the currency is each option's predicted milliseconds instead (`--quantize ... --target-latency`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Option:
     bytes: int
     loss: float
     key: object = field(default=None, compare=False)
+    ms: float | None = field(default=None, compare=False)  # predicted time, when a latency model timed the site
 
     @property
     def label(self) -> str:
@@ -36,10 +38,19 @@ def rank_grid(K: int, N: int, step: int = 8) -> list[int]:
     return list(range(step, min(K, N), step))
 
 
-def lower_hull(options: list[Option]) -> list[Option]:
-    """The options worth having: bytes ascending, loss strictly falling, and convex (each step removes less
-    loss per byte than the one before), so greedy upgrades along it are optimal for a concave benefit."""
-    ordered = sorted(options, key=lambda o: (o.bytes, o.loss))
+def by_bytes(option: Option) -> float:
+    return option.bytes
+
+
+def by_ms(option: Option) -> float:
+    return option.ms
+
+
+def lower_hull(options: list[Option], cost=by_bytes) -> list[Option]:
+    """The options worth having: cost (bytes, or `cost(option)`) ascending, loss strictly falling, and convex
+    (each step removes less loss per unit of cost than the one before), so greedy upgrades along it are optimal
+    for a concave benefit."""
+    ordered = sorted(options, key=lambda o: (cost(o), o.loss))
     frontier: list[Option] = []
     for option in ordered:
         if frontier and option.loss >= frontier[-1].loss:
@@ -47,15 +58,15 @@ def lower_hull(options: list[Option]) -> list[Option]:
         frontier.append(option)
     hull: list[Option] = []
     for option in frontier:
-        while len(hull) >= 2 and _turn(hull[-2], hull[-1], option) <= 0:
+        while len(hull) >= 2 and _turn(hull[-2], hull[-1], option, cost) <= 0:
             hull.pop()
         hull.append(option)
     return hull
 
 
-def _turn(a: Option, b: Option, c: Option) -> float:
-    """> 0 when a → b → c turns left in (bytes, loss): b lies below the chord a–c, so it stays on the hull."""
-    return (b.bytes - a.bytes) * (c.loss - a.loss) - (b.loss - a.loss) * (c.bytes - a.bytes)
+def _turn(a: Option, b: Option, c: Option, cost=by_bytes) -> float:
+    """> 0 when a → b → c turns left in (cost, loss): b lies below the chord a–c, so it stays on the hull."""
+    return (cost(b) - cost(a)) * (c.loss - a.loss) - (b.loss - a.loss) * (cost(c) - cost(a))
 
 
 def minimum_bytes(choices: list[list[Option]]) -> int:
@@ -63,11 +74,11 @@ def minimum_bytes(choices: list[list[Option]]) -> int:
     return sum(min(o.bytes for o in options) for options in choices)
 
 
-def allocate(choices: list[list[Option]], available: int) -> list[Option] | None:
-    """One option per site with total bytes ≤ available and the least predicted loss the greedy rule finds;
-    None when even the cheapest options do not fit."""
-    hulls = [lower_hull(options) for options in choices]
-    spent = sum(h[0].bytes for h in hulls)
+def allocate(choices: list[list[Option]], available: float, cost=by_bytes) -> list[Option] | None:
+    """One option per site with total cost (bytes, or `cost(option)`) ≤ available and the least predicted loss
+    the greedy rule finds; None when even the cheapest options do not fit."""
+    hulls = [lower_hull(options, cost) for options in choices]
+    spent = sum(cost(h[0]) for h in hulls)
     if spent > available:
         return None
     position = [0] * len(hulls)
@@ -75,16 +86,16 @@ def allocate(choices: list[list[Option]], available: int) -> list[Option] | None
     for i, hull in enumerate(hulls):
         for j in range(1, len(hull)):
             gain = hull[j - 1].loss - hull[j].loss
-            steps.append((gain / (hull[j].bytes - hull[j - 1].bytes), i, j))
+            steps.append((gain / (cost(hull[j]) - cost(hull[j - 1])), i, j))
     steps.sort(key=lambda s: (-s[0], s[1], s[2]))
     blocked: set[int] = set()
     for _, i, j in steps:
         if i in blocked or position[i] != j - 1:
             continue
-        cost = hulls[i][j].bytes - hulls[i][j - 1].bytes
-        if spent + cost > available:
+        extra = cost(hulls[i][j]) - cost(hulls[i][j - 1])
+        if spent + extra > available:
             blocked.add(i)  # its later steps build on this one
             continue
         position[i] = j
-        spent += cost
+        spent += extra
     return [hull[p] for hull, p in zip(hulls, position)]

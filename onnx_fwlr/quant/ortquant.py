@@ -79,6 +79,18 @@ def nbits(bits: int, block_size: int, symmetric: bool = False) -> Scheme:
     return Scheme("nbits", bits, block_size, symmetric)
 
 
+def scheme_from_label(label: str) -> Scheme:
+    """The Scheme whose `label` this is ("int8 dynamic", "int4 b32", "int8 b128 sym"): latency tables name forms
+    by it."""
+    if label == INT8_DYNAMIC.label:
+        return INT8_DYNAMIC
+    parts = label.split()
+    if len(parts) not in (2, 3) or not parts[0].startswith("int") or not parts[1].startswith("b") \
+            or parts[2:] not in ([], ["sym"]):
+        raise ValueError(f"not a scheme label: {label!r}")
+    return nbits(int(parts[0][3:]), int(parts[1][1:]), symmetric=parts[2:] == ["sym"])
+
+
 def check_block_size(block_size: int) -> None:
     """MatMulNBits and GatherBlockQuantized take powers of two from 16 on."""
     if block_size < 16 or block_size & (block_size - 1):

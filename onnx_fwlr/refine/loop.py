@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.batching import padded_inputs, trim_padding
+from onnx_fwlr.io.batching import MICRO_BATCH, padded_inputs, sample_axis_first, trim_padding
 from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
 from onnx_fwlr.io.model import load_model, tensor_array
 from onnx_fwlr.refine.losses import LOSSES, Objective, default_distillation_loss
@@ -120,6 +120,16 @@ class TeacherCache:
                 self.cache[u] = value
             self.bytes += z.nbytes
         return z
+
+    def fill(self, chunks, cut) -> bool:
+        """Compute the outputs of these units now, one chunk per batch cut like a training batch, while they fit
+        the budget; True when all are cached (then the teacher session is no longer needed)."""
+        for chunk in chunks:
+            if not all(u in self.cache for u in chunk):
+                self(chunk, cut(*self.pool.take(chunk)[0])[0])
+            if not all(u in self.cache for u in chunk):
+                return False
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -276,7 +286,7 @@ def refine(
         return refine_in_phases(refine, load_model(original), load_model(compressed), calibration,
                                 phases=reselect + 1, steps=steps, batch_size=batch_size, **options)
     start = time.perf_counter()
-    original, compressed = load_model(original), load_model(compressed)
+    original, compressed = load_model(original, copy=False), load_model(compressed, copy=False)  # only read here
     trainable = trainable_factors(original, compressed)
     if not trainable:
         raise FwlrError("the compressed model has no factor weights that the original lacks; pass the original "
@@ -301,7 +311,9 @@ def refine(
         raise FwlrError("`label_weight` needs labels; add a 'labels' key to the calibration .npz or drop it.")
 
     objective = Objective(kind, target, label_weight)
-    student = Student(compressed, trainable, objective, find_mask_input(model_inputs(compressed)), providers)
+    specs = model_inputs(compressed)
+    micro_batch = MICRO_BATCH if sample_axis_first(compressed, specs) else None
+    student = Student(compressed, trainable, objective, find_mask_input(specs), providers, micro_batch)
     teacher = Teacher(original, target.tensor, providers)
     train_teacher = TeacherCache(teacher, pool)
     val_teacher = train_teacher if val_pool is pool else TeacherCache(teacher, val_pool)
@@ -314,11 +326,14 @@ def refine(
         teachers = [val_teacher(chunk, feed) for chunk, (feed, _) in zip(val_chunks, val_batches)]
         return student.evaluate(val_batches, teachers, weights)
 
-    initial = {t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)}
-    adam = Adam(initial)
+    # Memory: when every teacher output fits the cache, compute them now and free the original and its session.
+    if val_teacher.fill(val_chunks, cut) and train_teacher.fill(pool.chunks(train_units, batch_size), cut):
+        teacher.release()
+    adam = Adam({t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)})
     dropout_p = DOPE_DROPOUT if dope_dropout is None else dope_dropout
     dropout = CoMatrixDropout(doping_tensors(trainable, stored_sites(original, compressed)), dropout_p, seed)
-    report = RefineReport(kind, out_name, target.tensor, trainable, int(sum(v.size for v in initial.values())),
+    del original
+    report = RefineReport(kind, out_name, target.tensor, trainable, int(sum(v.size for v in adam.params.values())),
                           pool.count(train_units), val_pool.count(val_units), val_source, lr, batch_size, schedule,
                           seed, dope_dropout=dropout_p if dropout.names else 0.0)
     report.before = evaluate(adam.params)
@@ -334,7 +349,7 @@ def refine(
         feed, labels = cut(*pool.take(chunk)[0])
         dropped = dropout.draw()
         loss_value, grads = student.loss_and_grads(feed, dropout.feed(adam.params, dropped), train_teacher(chunk, feed),
-                                                   labels)
+                                                   labels, cut)
         grads = dropout.mask(grads, dropped)
         if not math.isfinite(loss_value) or not all(np.all(np.isfinite(g)) for g in grads.values()):
             report.steps, report.stopped = step, "diverged"
@@ -353,7 +368,7 @@ def refine(
         window = []
         if math.isfinite(metrics["loss"]) and metrics["loss"] < best_loss:
             best_loss, report.best_step, report.after, stale = metrics["loss"], step, metrics, 0
-            best_weights = {k: v.copy() for k, v in adam.params.items()}
+            best_weights = {k: v.astype(student.dtypes[k]) for k, v in adam.params.items()}  # as they are saved
         else:
             stale += 1
             if stale >= patience:

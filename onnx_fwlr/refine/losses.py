@@ -47,35 +47,58 @@ def _row_weights(weight, count: int) -> np.ndarray:
     return w if w.size == count else np.ones(count)
 
 
-def mse_loss(student: np.ndarray, teacher: np.ndarray, weight=None) -> tuple[float, np.ndarray]:
-    """Mean squared error and its gradient w.r.t. the student; `weight` [leading axes] weights positions
-    (an attention mask: padding counts for nothing)."""
-    diff = student.astype(np.float64) - teacher.astype(np.float64)
-    if weight is None or diff.shape[:np.ndim(weight)] != np.shape(weight):
+def _position_weights(weight, shape) -> np.ndarray:
+    """`weight` [leading axes] as float64 broadcastable to `shape` (ones when it does not lead the shape)."""
+    if weight is None or tuple(shape[:np.ndim(weight)]) != np.shape(weight):
         w = np.ones(())
     else:
         w = np.asarray(weight, dtype=np.float64)
-    w = w.reshape(w.shape + (1,) * (diff.ndim - w.ndim))
-    denominator = max(float(np.broadcast_to(w, diff.shape).sum()), 1e-12)
+    return w.reshape(w.shape + (1,) * (len(shape) - w.ndim))
+
+
+def mse_total(shape, weight=None) -> float:
+    """What the mean squared error divides by: the weighted count of elements of a tensor of this shape."""
+    return max(float(np.broadcast_to(_position_weights(weight, shape), shape).sum()), 1e-12)
+
+
+def mse_loss(student: np.ndarray, teacher: np.ndarray, weight=None, total: float | None = None
+             ) -> tuple[float, np.ndarray]:
+    """Mean squared error and its gradient w.r.t. the student; `weight` [leading axes] weights positions
+    (an attention mask: padding counts for nothing). `total`: divide by the whole batch's mse_total instead
+    of this part's, so the losses and gradients of micro-batches add up to the batch's."""
+    diff = student.astype(np.float64) - teacher.astype(np.float64)
+    w = _position_weights(weight, diff.shape)
+    denominator = mse_total(diff.shape, weight) if total is None else total
     loss = float(np.sum(w * diff * diff) / denominator)
     return loss, 2.0 * w * diff / denominator
 
 
+def kl_total(teacher: np.ndarray, target: fisher.SeedTarget, weight=None) -> float:
+    """What the mean KL divides by: the weighted count of rows of logits."""
+    shape = np.shape(teacher)
+    axis = target.axis % len(shape)
+    rows = int(np.prod(shape[:axis] if target.legacy_2d else shape[:axis] + shape[axis + 1:], dtype=np.int64))
+    return max(float(_row_weights(weight if not target.legacy_2d else None, rows).sum()), 1e-12)
+
+
 def kl_loss(
-    student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None
+    student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None, total: float | None = None
 ) -> tuple[float, np.ndarray]:
-    """Mean KL(teacher ‖ student) over rows of logits, and its gradient w.r.t. the student logits (p_s − p_t)."""
+    """Mean KL(teacher ‖ student) over rows of logits, and its gradient w.r.t. the student logits (p_s − p_t).
+    `total`: the whole batch's kl_total (see mse_loss)."""
     log_s, log_t = _log_softmax(_class_rows(student, target)), _log_softmax(_class_rows(teacher, target))
     w = _row_weights(weight if not target.legacy_2d else None, log_s.shape[0])
-    total = max(float(w.sum()), 1e-12)
+    total = max(float(w.sum()), 1e-12) if total is None else total
     p_t = np.exp(log_t)
     loss = float(np.sum(w * np.sum(p_t * (log_t - log_s), axis=1)) / total)
     grad = (np.exp(log_s) - p_t) * (w[:, None] / total)
     return loss, _rows_back(grad, student, target)
 
 
-def ce_loss(student: np.ndarray, labels: np.ndarray, target: fisher.SeedTarget) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy against integer labels, and its gradient w.r.t. the logits (p − onehot)/rows."""
+def ce_loss(student: np.ndarray, labels: np.ndarray, target: fisher.SeedTarget, total: float | None = None
+            ) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy against integer labels, and its gradient w.r.t. the logits (p − onehot)/rows.
+    `total`: the whole batch's number of labels (see mse_loss)."""
     log_s = _log_softmax(_class_rows(student, target))
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     rows, classes = log_s.shape
@@ -86,7 +109,9 @@ def ce_loss(student: np.ndarray, labels: np.ndarray, target: fisher.SeedTarget) 
     picked = log_s[np.arange(rows), labels]
     grad = np.exp(log_s)
     grad[np.arange(rows), labels] -= 1.0
-    return float(-picked.mean()), _rows_back(grad / rows, student, target)
+    if total is None:
+        return float(-picked.mean()), _rows_back(grad / rows, student, target)
+    return float(-picked.sum() / total), _rows_back(grad / total, student, target)
 
 
 def mean_cosine(student: np.ndarray, teacher: np.ndarray) -> tuple[float, int]:
@@ -106,13 +131,23 @@ class Objective:
     target: fisher.SeedTarget
     label_weight: float = 0.0
 
-    def __call__(self, student, teacher, labels=None, weight=None) -> tuple[float, np.ndarray]:
+    def totals(self, teacher, labels=None, weight=None) -> tuple[float, float | None]:
+        """What the distillation and label terms of a whole batch divide by (the teacher is shaped like the
+        student output): pass to each micro-batch's call so their losses and gradients add up to the batch's."""
         if self.kind == "mse":
-            loss, grad = mse_loss(student, teacher, weight)
+            distil = mse_total(np.shape(teacher), weight)
         else:
-            loss, grad = kl_loss(student, teacher, self.target, weight)
+            distil = kl_total(teacher, self.target, weight)
+        return distil, (float(np.size(labels)) if labels is not None else None)
+
+    def __call__(self, student, teacher, labels=None, weight=None, totals=None) -> tuple[float, np.ndarray]:
+        distil, labelled = totals if totals is not None else (None, None)
+        if self.kind == "mse":
+            loss, grad = mse_loss(student, teacher, weight, distil)
+        else:
+            loss, grad = kl_loss(student, teacher, self.target, weight, distil)
         if self.label_weight and labels is not None:
-            ce, ce_grad = ce_loss(student, labels, self.target)
+            ce, ce_grad = ce_loss(student, labels, self.target, labelled)
             loss, grad = loss + self.label_weight * ce, grad + self.label_weight * ce_grad
         seed_dtype = np.float64 if student.dtype == np.float64 else np.float32
         return loss, grad.astype(seed_dtype)

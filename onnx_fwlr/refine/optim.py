@@ -22,23 +22,28 @@ def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") ->
 
 
 class Adam:
-    """Adam (Kingma & Ba) on float64 master weights and moments.
+    """Adam (Kingma & Ba) on float64 master weights, with moments in the weights' own precision.
 
-    float64 because an update lr·m/√v ≈ 1e-4 · 1e-2 relative would round away in float32 weights, and the
-    factors are few parameters by construction (three float64 copies of a compressed model's factors).
+    float64 weights because an update lr·m/√v ≈ 1e-4 · 1e-2 relative would round away in float32 weights; the
+    moments only scale the step, and float32 carries them to 1e-7 relative (for a float32 model: one float64
+    and two float32 copies of its factors, four times their bytes rather than six).
     """
 
     def __init__(self, params: dict[str, np.ndarray], beta1=0.9, beta2=0.999, eps=1e-8):
+        moment = {k: np.result_type(np.asarray(v).dtype, np.float32) for k, v in params.items()}
         self.params = {k: np.array(v, dtype=np.float64) for k, v in params.items()}
-        self.m = {k: np.zeros_like(v) for k, v in self.params.items()}
-        self.v = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self.m = {k: np.zeros(v.shape, moment[k]) for k, v in self.params.items()}
+        self.v = {k: np.zeros(v.shape, moment[k]) for k, v in self.params.items()}
         self.beta1, self.beta2, self.eps, self.t = beta1, beta2, eps, 0
 
     def step(self, grads: dict[str, np.ndarray], lr: float) -> None:
         self.t += 1
         c1, c2 = 1 - self.beta1 ** self.t, 1 - self.beta2 ** self.t
         for name, p in self.params.items():
-            g = grads[name].astype(np.float64)
-            self.m[name] = self.beta1 * self.m[name] + (1 - self.beta1) * g
-            self.v[name] = self.beta2 * self.v[name] + (1 - self.beta2) * g * g
-            p -= lr * (self.m[name] / c1) / (np.sqrt(self.v[name] / c2) + self.eps)
+            m, v = self.m[name], self.v[name]  # updated in place: long-lived arrays keep their memory
+            g = grads[name].astype(m.dtype, copy=False)
+            m *= self.beta1
+            m += (1 - self.beta1) * g
+            v *= self.beta2
+            v += (1 - self.beta2) * g * g
+            p -= lr * (m / c1) / (np.sqrt(v / c2) + self.eps)

@@ -75,9 +75,14 @@ def training_model(compressed: onnx.ModelProto, trainable: list[str]) -> onnx.Mo
     return model
 
 
+def _options(quiet: bool = True):
+    """numpy runs between ORT calls: spinning ORT threads would steal its cores. No memory arena: batches are cut
+    to their length, so shapes vary and an arena would keep the largest buffers of every shape seen."""
+    return runtime.session_options(spinning=False, quiet=quiet, arena=False)
+
+
 def _session(model: onnx.ModelProto, providers):
-    """numpy runs between ORT calls: spinning ORT threads would steal its cores."""
-    return runtime.make_session(model, runtime.session_options(spinning=False), providers)
+    return runtime.make_session(model, _options(), providers)
 
 
 def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
@@ -90,21 +95,40 @@ def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     return copy
 
 
+def _micro_batches(feed: dict, labels, teacher: np.ndarray, size: int | None):
+    """(feed, labels, teacher) in pieces of at most `size` samples along the leading axis they all share;
+    whole when they share none or `size` is None."""
+    arrays = [*feed.values(), teacher] + ([labels] if labels is not None else [])
+    counts = {np.shape(a)[0] if np.ndim(a) else -1 for a in arrays}
+    count = counts.pop() if len(counts) == 1 else -1
+    if size is None or count <= size:
+        yield feed, labels, teacher
+        return
+    for start in range(0, count, size):
+        part = slice(start, start + size)
+        yield ({k: v[part] for k, v in feed.items()}, labels[part] if labels is not None else None,
+               teacher[part])
+
+
 class Student:
     """Loss and factor gradients of the compressed model on one batch.
 
     Forward in ONNX Runtime (one session for the training copy; ``forward`` may be swapped, e.g. for a
     float64 reference evaluator in tests), backward with ``GradientRunner`` over only the needed tensors.
+    `micro_batch`: samples per forward and backward pass (None: the whole batch); the intermediates of one
+    pass are what a step holds, so memory follows it and not the batch size.
     """
 
     def __init__(self, compressed: onnx.ModelProto, trainable: list[str], objective: Objective,
-                 mask_input: str | None = None, providers=("CPUExecutionProvider",)):
+                 mask_input: str | None = None, providers=("CPUExecutionProvider",), micro_batch: int | None = None):
         self.trainable = list(trainable)
         self.objective = objective
         self.mask_input = mask_input
         self.providers = providers
+        self.micro_batch = micro_batch
         self.model = training_model(compressed, trainable)
-        self.runner = GradientRunner(self.model, objective.target.tensor, self.trainable, providers=providers)
+        self.runner = GradientRunner(self.model, objective.target.tensor, self.trainable, providers=providers,
+                                     session_options=_options(quiet=False))
         self.dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
                        for t in compressed.graph.initializer if t.name in set(trainable)}
         self.forward = self.runner.forward
@@ -117,11 +141,26 @@ class Student:
         mask = feed.get(self.mask_input) if self.mask_input else None
         return mask if mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape else None
 
-    def loss_and_grads(self, feed, weights, teacher, labels=None) -> tuple[float, dict[str, np.ndarray]]:
-        values = self.forward(self.feed(feed, weights))
-        z = values[self.objective.target.tensor]
-        loss, seed = self.objective(z, teacher, labels, self._weight(feed, z))
-        return loss, self.runner.backward(values, seed)
+    def loss_and_grads(self, feed, weights, teacher, labels=None, cut=None) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and gradients of the batch, summed over its micro-batches: each part's loss divides by the whole
+        batch's totals (Objective.totals), so the sums are the batch's loss and gradient up to float rounding.
+        `cut(feed, labels)` trims each part's padding (refine.loop passes it where the loss allows)."""
+        typed = self.feed({}, weights)
+        totals = self.objective.totals(teacher, labels, self._weight(feed, teacher))
+        loss, grads = 0.0, {}
+        for part, part_labels, part_teacher in _micro_batches(feed, labels, teacher, self.micro_batch):
+            if cut is not None:
+                part, part_labels = cut(part, part_labels)
+            values = self.forward({**part, **typed})
+            z = values[self.objective.target.tensor]
+            part_loss, seed = self.objective(z, part_teacher, part_labels, self._weight(part, z), totals)
+            del z
+            part_grads = self.runner.backward(values, seed)
+            del values, seed  # this part's intermediates go before the next part runs
+            loss += part_loss
+            for name, g in part_grads.items():
+                grads[name] = grads[name] + g if name in grads else g
+        return loss, grads
 
     def predict(self, feed, weights) -> np.ndarray:
         """The loss tensor alone (no intermediates): for evaluation."""
@@ -168,4 +207,10 @@ class Teacher:
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def __call__(self, feed: dict) -> np.ndarray:
+        if self.session is None:
+            raise RuntimeError("the teacher session was released; cache every output before releasing it")
         return self.session.run([self.tensor], {k: v for k, v in feed.items() if k in self.inputs})[0]
+
+    def release(self) -> None:
+        """Free the session (the original's weights) once every output it will be asked for is cached."""
+        self.session = None

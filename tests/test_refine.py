@@ -18,7 +18,7 @@ from onnx_fwlr.cli.main import main
 from onnx_fwlr.pipeline.compress import validate
 from onnx_fwlr.refine.loop import SamplePool, refine, split_units
 from onnx_fwlr.refine.losses import Objective
-from onnx_fwlr.refine.optim import learning_rate
+from onnx_fwlr.refine.optim import Adam, learning_rate
 from onnx_fwlr.refine.trainable import Student, trainable_factors
 
 ROOT = Path(__file__).parents[1]
@@ -95,6 +95,40 @@ def test_refine_gradients_match_finite_differences_float64(exact_erf, output, ki
         assert np.all(grads["head.b"] == 0)
     err = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
     assert err <= 1e-5, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("output, kind", [("probs", "kl"), ("l1.ln2", "mse")])
+def test_micro_batches_give_the_whole_batch_loss_gradient_and_update(exact_erf, output, kind):
+    rng = np.random.default_rng(1)
+    original = make_bert(np.float64)
+    compressed, _ = compress(original, rank=2, progress=False)
+    trainable = trainable_factors(original, compressed)
+    target = fisher.find_seed_target(compressed, output)
+    objective = Objective(kind, target, label_weight=0.5 if kind == "kl" else 0.0)
+    feed = make_feed(rng, batch=7)
+    feed["attention_mask"][[2, 3, 6], -3:] = 0  # pieces with different numbers of real positions
+    teacher = ReferenceEvaluator(original).run([target.tensor], feed)[0]
+    labels = rng.integers(0, CLASSES, size=7)
+    weights = {k: v + rng.normal(0, 0.05, v.shape) for k, v in initializers(compressed).items() if k in trainable}
+    results = {}
+    for micro_batch in (None, 3):  # whole, and pieces of 3, 3 and 1 samples
+        student = Student(compressed, trainable, objective, mask_input="attention_mask", micro_batch=micro_batch)
+        reference_student(student)
+        calls = []
+        forward = student.forward
+        student.forward = lambda f: calls.append(len(f["input_ids"])) or forward(f)
+        loss, grads = student.loss_and_grads(feed, weights, teacher, labels)
+        adam = Adam(weights)
+        adam.step(grads, 1e-2)
+        results[micro_batch] = loss, grads, adam.params, calls
+    (whole, whole_grads, whole_params, whole_calls), (parts, part_grads, part_params, part_calls) = results.values()
+    assert whole_calls == [7] and part_calls == [3, 3, 1]
+    assert parts == pytest.approx(whole, rel=1e-12)
+    scale = max(np.abs(g).max() for g in whole_grads.values())  # some tensors get no gradient, up to rounding
+    assert scale > 1e-3
+    for name in trainable:
+        np.testing.assert_allclose(part_grads[name], whole_grads[name], rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(part_params[name], whole_params[name], rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------- what is trained

@@ -4,8 +4,8 @@ For each model (the synthetic BERT-style encoder of tools/synthetic_transformer.
 .cache/minilm/minilm.onnx exists) and each timed batch (--batches, x --seq tokens) and thread count (--threads):
 
   - ORT int8 `quantize_dynamic` per channel and int4 `MatMulNBits` block 32 of the original (measured only);
-  - kfac + global allocation at each --ratios value, as allocated ("none"), with ranks rounded to a given
-    multiple ("16"), and rounded by the measured latency model ("auto" = compress --rank-multiple auto);
+  - kfac + global allocation at each --ratios value, with ranks in steps of 1 (any rank, --rank-multiple 1) and
+    of 16 (the default), and rounded by the measured latency model ("auto" = compress --rank-multiple auto);
   - kfac under a latency budget at each --targets value (compress --target-latency F).
 
 Every low-rank row is measured by `profile ORIGINAL --compare COMPRESSED` (onnx_fwlr.evaluate.limits.
@@ -18,7 +18,7 @@ measured latency). The load average (`uptime`) is printed before and after; on a
 measured ratios are only meaningful next to it.
 
     python tools/bench_speed.py [--models minilm] [--ratios 0.9,0.7,0.5] [--targets 0.8,0.6,0.5] \
-        [--batches 32,1] [--threads 2] [--roundings none,16,auto] [--json FILE]
+        [--batches 32,1] [--threads 2] [--roundings 1,16,auto] [--json FILE]
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def parse_args():
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence in the timed batches")
     p.add_argument("--ratios", default="0.9,0.7,0.5")
     p.add_argument("--targets", default="0.8,0.6,0.5", help="--target-latency values ('' for none)")
-    p.add_argument("--roundings", default="none,auto", help="of the ratio rows: none, a multiple (16), auto")
+    p.add_argument("--roundings", default="1,16,auto",
+                   help="rank steps of the ratio rows (1: any rank; 16: the default) and auto (measured rounding)")
     p.add_argument("--batches", default="32,1")
     p.add_argument("--threads", default="2")
     p.add_argument("--runs", type=int, default=30, help="timed runs per model and alternating pairs")
@@ -181,19 +182,17 @@ def measure(bench: Bench, batch: int, threads: int) -> list[dict]:
             report(baseline_row(bench, label, feed, threads))
     for ratio in split(args.ratios, float):
         budget = Budget(ratio=ratio)
-        ranks = choose_ranks(prepared, budget, "global")
         for rounding in split(args.roundings):
             extra = {"ratio": ratio, "rounding": rounding}
-            if rounding == "none":
-                label, chosen = f"ratio {ratio:g}", ranks
-            else:
-                multiple = "auto" if rounding == "auto" else int(rounding)
+            if rounding == "auto":  # compress --rank-multiple auto: the default steps, then measured rounding
                 start = time.perf_counter()
-                chosen, info = round_for_speed(prepared, ranks, multiple, latency, feed)
+                chosen, info = round_for_speed(prepared, choose_ranks(prepared, budget, "global"), "auto", latency,
+                                               feed)
                 extra.update(rank_multiple=info["rank_multiple"], moved=len(info["rounded"]),
                              kept_dense=info.get("kept_dense", []), table_seconds=time.perf_counter() - start)
-                label = f"ratio {ratio:g} x{info['rank_multiple']}" + (f" b{batch}t{threads}" if multiple == "auto"
-                                                                        else "")
+                label = f"ratio {ratio:g} auto (x{info['rank_multiple']}) b{batch}t{threads}"
+            else:  # compress --rank-multiple N: ranks allocated in steps of N (16 is the default, 1 any rank)
+                chosen, label = choose_ranks(prepared, budget, "global", int(rounding)), f"ratio {ratio:g} steps {rounding}"
             report(low_rank_row(bench, "ratio", label, bench.save(label, chosen, budget), feed, threads, extra))
     for target in split(args.targets, float):
         ranks, info = latency_budget_ranks(prepared, target, {}, latency, feed)

@@ -62,6 +62,12 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
+def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    return copy
+
+
 def _has_subgraph(node: onnx.NodeProto) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
@@ -109,6 +115,7 @@ class GradientRunner:
         graph = model.graph
         self._model_ref = model  # lazily loaded initializers are read through it (modelio.tensor_array)
         self._initializers = {t.name: t for t in graph.initializer}
+        self._initializer_shapes = {t.name: tuple(t.dims) for t in graph.initializer}
         self._graph_inputs = [i.name for i in graph.input if i.name not in self._initializers]
         self._constant_cache: dict[str, np.ndarray] = {}
         self._types = _elem_types(model)
@@ -211,6 +218,8 @@ class GradientRunner:
     def exposed_model(self) -> onnx.ModelProto:
         """A copy of the model whose outputs include every tensor the backward pass reads (made on each access
         and not kept: it is as large as the model, and the session needs it only while it is created)."""
+        if self._model_ref is None:
+            raise RuntimeError("the runner released its model (release_model); make a new runner to re-export it")
         exposed = onnx.ModelProto()
         exposed.CopyFrom(self._model_ref)
         graph = exposed.graph
@@ -232,6 +241,24 @@ class GradientRunner:
     def fetch_names(self) -> list[str]:
         """Outputs of ``exposed_model`` that ``forward`` fetches (run it elsewhere, e.g. in float64)."""
         return list(self._fetch)
+
+    def release_model(self) -> None:
+        """Open the session now and keep only what backward reads: the constants its rules need, the
+        initializers' shapes and copies of the differentiated nodes. A caller that made the model for this runner
+        can then free it (a protobuf sub-message, a node or initializer, keeps its whole model alive)."""
+        if self._session is None:
+            self._session = self._make_session()
+        needed = set(self._extra_constants)
+        for step in self._steps:
+            node = step.node
+            needed.update(node.input[i] for i in step.needs.inputs if i < len(node.input))
+            needed.update(node.output[i] for i in step.needs.outputs)
+        for name in sorted(needed & set(self._initializers)):
+            self._value({}, name)  # cached as an independent array
+        for step in self._steps:
+            step.node = _copy_node(step.node)
+            step.attrs = _attributes(step.node)
+        self._initializers, self._model_ref = {}, None
 
     # ------------------------------------------------------------ running
 
@@ -255,6 +282,8 @@ class GradientRunner:
     def _value(self, values, name: str) -> np.ndarray:
         if name in values:
             return values[name]
+        if name in self._constant_cache:
+            return self._constant_cache[name]
         if name in self._initializers:
             if name not in self._constant_cache:
                 self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name])
@@ -267,8 +296,8 @@ class GradientRunner:
             return values[name].shape
         if name + _SHAPE_SUFFIX in values:
             return tuple(int(d) for d in values[name + _SHAPE_SUFFIX])
-        if name in self._initializers:
-            return tuple(self._initializers[name].dims)
+        if name in self._initializer_shapes:
+            return self._initializer_shapes[name]
         raise FwlrError(f"Shape of tensor {name!r} is missing from the forward values; pass the dict "
                         "that GradientRunner.forward returned.")
 

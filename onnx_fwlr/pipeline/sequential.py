@@ -93,20 +93,25 @@ def correctable(model: onnx.ModelProto, site: Site) -> bool:
             and use.input in visible)
 
 
-def _truncated(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def _truncated(model: onnx.ModelProto, names: list[str], copy: bool = True) -> onnx.ModelProto:
     """A copy of the model that returns only the named float tensors and runs only the nodes they need
-    (a shallow depth costs a fraction of a full forward pass)."""
-    needed, kept = set(names), []
-    for node in reversed(model.graph.node):
+    (a shallow depth costs a fraction of a full forward pass). copy=False cuts `model` itself: for a throwaway
+    model, so that the model is not held twice."""
+    needed, keep = set(names), set()
+    for index in reversed(range(len(model.graph.node))):
+        node = model.graph.node[index]
         if needed.intersection(node.output):
-            kept.append(node)
+            keep.add(index)
             needed.update(node.input)
             needed.update(_subgraph_reads(node))
-    truncated = onnx.ModelProto()
-    truncated.CopyFrom(model)
+    truncated = model
+    if copy:
+        truncated = onnx.ModelProto()
+        truncated.CopyFrom(model)
     graph = truncated.graph
+    kept = [node for index, node in enumerate(graph.node) if index in keep]
     del graph.node[:]
-    graph.node.extend(reversed(kept))
+    graph.node.extend(kept)
     del graph.output[:]
     graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
     initializers = [t for t in graph.initializer if t.name in needed]
@@ -199,6 +204,11 @@ def _window(levels: list[int], start: int, inputs_of: dict, widths: dict, positi
         names |= new
         total += extra
     return chosen, sorted(names)
+
+
+def _session(model: onnx.ModelProto):
+    """Pieces are cut to their length, so shapes vary from run to run: no memory arena (io.runtime)."""
+    return make_session(model, arena=False)
 
 
 def _pieces(model: onnx.ModelProto, batches: Batches, mask_name: str | None):
@@ -301,13 +311,14 @@ def sequential_factors(
         if level not in window:
             original_rows = None  # the last window's rows go before the next are made
             window, names = _window(levels, i, inputs_of, widths, positions)
-            original_rows = _original_rows(make_session(_truncated(original, names)), names, batches, mask_name,
-                                           pieces)
+            original_rows = _original_rows(_session(_truncated(original, names)), names, batches, mask_name, pieces)
         compressed = onnx.ModelProto()
         compressed.CopyFrom(original)
         apply_factors(compressed, sites, {w: f for w, f in factors.items() if _shallower(w, depths, level)})
-        fit, held, counts = _collect(make_session(_truncated(compressed, inputs)), inputs, batches, mask_name,
-                                     holdout_every, pieces, original_rows)
+        session = _session(_truncated(compressed, inputs, copy=False))
+        del compressed  # only its session is needed: the model is not held while the sums are made
+        fit, held, counts = _collect(session, inputs, batches, mask_name, holdout_every, pieces, original_rows)
+        del session
         positions = counts["fit"] + counts["held"]
         if counts["fit"] == 0:
             raise FwlrError("sequential correction found no calibration positions to fit on; give more data.")
@@ -323,6 +334,7 @@ def sequential_factors(
                 shift = (total["sum_old"] / n) @ W - ((total["sum_new"] / n) @ A) @ B
             factors[site.weight] = Factors(A, B, shift)
             report.append(SequentialSite(site.weight, level, ridge, before, after))
+        del fit, held  # this depth's Grams go before the next depth's model and session are made
     return factors, report
 
 

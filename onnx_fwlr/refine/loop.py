@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from onnx_fwlr.autodiff import losses as fisher
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.batching import MICRO_BATCH, padded_inputs, sample_axis_first, trim_padding
+from onnx_fwlr.io.batching import padded_inputs, sample_axis_first, trim_padding
 from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
 from onnx_fwlr.io.model import load_model, tensor_array
 from onnx_fwlr.refine.losses import LOSSES, Objective, default_distillation_loss
@@ -35,6 +35,10 @@ from onnx_fwlr.stats.fisher import default_output
 
 VAL_FRACTION = 0.1  # share of the calibration samples held back for validation when none is given
 TEACHER_CACHE_BYTES = 512 * 2**20  # teacher outputs are kept in memory up to this size, else recomputed
+# Samples per forward and backward pass of a training step (Student.micro_batch): a step holds one pass's
+# intermediates, so the peak follows this, not `batch_size`. On all-MiniLM-L6-v2 (batches of 32, 30 steps, in the
+# pipeline) 4 peaked at 786-790 MiB with 28-29 s of CPU, 8 at 860 MiB / 32 s, 2 at 742 MiB / 34 s.
+MICRO_BATCH = 4
 # Co-matrix dropout default: off. On the LSTM LM of docs/doped.md ("Training") p = 0.5 and p = 0.25 were worse
 # than none at 10x and 20x, after 300 and 1,000 steps.
 DOPE_DROPOUT = 0.0
@@ -310,10 +314,6 @@ def refine(
     if label_weight > 0 and not pool.labelled:
         raise FwlrError("`label_weight` needs labels; add a 'labels' key to the calibration .npz or drop it.")
 
-    objective = Objective(kind, target, label_weight)
-    specs = model_inputs(compressed)
-    micro_batch = MICRO_BATCH if sample_axis_first(compressed, specs) else None
-    student = Student(compressed, trainable, objective, find_mask_input(specs), providers, micro_batch)
     teacher = Teacher(original, target.tensor, providers)
     train_teacher = TeacherCache(teacher, pool)
     val_teacher = train_teacher if val_pool is pool else TeacherCache(teacher, val_pool)
@@ -322,17 +322,24 @@ def refine(
     cut = _padding_cut(compressed, val_teacher, val_chunks, val_batches)
     val_batches = [cut(*batch) for batch in val_batches]
 
+    # Memory, one model at a time: when every teacher output fits the cache, compute them now and free the
+    # original and its session before the student's sessions and the optimiser exist.
+    if val_teacher.fill(val_chunks, cut) and train_teacher.fill(pool.chunks(train_units, batch_size), cut):
+        teacher.release()
+    dropout_p = DOPE_DROPOUT if dope_dropout is None else dope_dropout
+    dropout = CoMatrixDropout(doping_tensors(trainable, stored_sites(original, compressed)), dropout_p, seed)
+    del original
+    objective = Objective(kind, target, label_weight)
+    specs = model_inputs(compressed)
+    micro_batch = MICRO_BATCH if sample_axis_first(compressed, specs) else None
+    student = Student(compressed, trainable, objective, find_mask_input(specs), providers, micro_batch)
+    student.release_model()  # its sessions now: the training copy of the model goes before training starts
+    adam = Adam({t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)})
+
     def evaluate(weights):
         teachers = [val_teacher(chunk, feed) for chunk, (feed, _) in zip(val_chunks, val_batches)]
         return student.evaluate(val_batches, teachers, weights)
 
-    # Memory: when every teacher output fits the cache, compute them now and free the original and its session.
-    if val_teacher.fill(val_chunks, cut) and train_teacher.fill(pool.chunks(train_units, batch_size), cut):
-        teacher.release()
-    adam = Adam({t.name: tensor_array(compressed, t) for t in compressed.graph.initializer if t.name in set(trainable)})
-    dropout_p = DOPE_DROPOUT if dope_dropout is None else dope_dropout
-    dropout = CoMatrixDropout(doping_tensors(trainable, stored_sites(original, compressed)), dropout_p, seed)
-    del original
     report = RefineReport(kind, out_name, target.tensor, trainable, int(sum(v.size for v in adam.params.values())),
                           pool.count(train_units), val_pool.count(val_units), val_source, lr, batch_size, schedule,
                           seed, dope_dropout=dropout_p if dropout.names else 0.0)

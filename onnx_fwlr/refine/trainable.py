@@ -162,10 +162,21 @@ class Student:
                 grads[name] = grads[name] + g if name in grads else g
         return loss, grads
 
-    def predict(self, feed, weights) -> np.ndarray:
-        """The loss tensor alone (no intermediates): for evaluation."""
+    def release_model(self) -> None:
+        """Open both sessions now and drop the training copy of the model (as large as the model): the steps and
+        evaluations then need only the sessions and the constants the backward pass reads."""
+        self._open_predict_session()
+        self.runner.release_model()
+        self.model = None
+
+    def _open_predict_session(self):
         if self._predict_session is None:
             self._predict_session = _session(self.model, self.providers)
+        return self._predict_session
+
+    def predict(self, feed, weights) -> np.ndarray:
+        """The loss tensor alone (no intermediates): for evaluation."""
+        self._open_predict_session()
         names = {i.name for i in self._predict_session.get_inputs()}
         full = self.feed(feed, weights)
         feed = {k: v for k, v in full.items() if k in names}

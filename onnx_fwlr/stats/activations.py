@@ -124,10 +124,10 @@ def build_stats_model(model: onnx.ModelProto, plan: dict, mask: str | None) -> t
     return augmented, outputs
 
 
-def make_session(model: onnx.ModelProto, providers=runtime.CPU, threads: int | None = None):
+def make_session(model: onnx.ModelProto, providers=runtime.CPU, threads: int | None = None, arena: bool = True):
     """The session calibration runs in. numpy folds the sums between runs: spinning ORT threads would steal
-    its cores."""
-    options = runtime.session_options(threads=threads, spinning=False)
+    its cores. arena: runtime.session_options."""
+    options = runtime.session_options(threads=threads, spinning=False, arena=arena)
     return runtime.make_session(model, options, providers, role="model for calibration")
 
 

@@ -358,6 +358,16 @@ def test_a_node_belongs_to_the_longest_site_it_is_named_under():
     assert factorised_sites({"a": 1, "ab": 1, "c": 1}, {"a/factor_A": 1, "a/factor_B": 1, "ab": 1, "c": 1}) == ["a"]
 
 
+def test_an_int8_inputs_sites_match_their_requantized_factors():
+    # quantize_dynamic names the int8 MatMul `<node>_quant`; compress requantizes its factors `<node>/factor_A_quant`
+    original = {"l0/MatMul_quant": 1, "l1/MatMul_quant": 1}
+    compressed = {"l0/MatMul/factor_A_quant": 1, "l0/MatMul/factor_B_quant": 1, "l1/MatMul_quant": 1}
+    assert factorised_sites(original, compressed) == ["l0/MatMul_quant"]
+    sites = ["l0/MatMul_quant", "l1/MatMul_quant"]
+    assert owner("l0/MatMul/factor_B_quant", sites) == "l0/MatMul_quant"
+    assert owner("l0/MatMul_quant", sites) == "l0/MatMul_quant" and owner("l0/MatMul_1", sites) is None
+
+
 def test_measured_ratio_headline_is_the_median_of_pairs():
     a = [0.010] * 9 + [0.010]
     b = [0.005] * 9 + [0.300]  # one run of the second model hit by load

@@ -76,6 +76,7 @@ def test_rank_multiple_auto_measures_the_multiple_and_keeps_slower_sites_dense(t
     assert speed["measured"] and speed["rank_multiple"] == 32
     ranks = _ranks(report)
     assert ranks["fc1/Gemm"] is None and speed["kept_dense"] == ["fc1/Gemm"]  # its pair is slower than dense
+    assert "not faster than its dense op" in next(s.note for s in report.sites if s.name == "fc1/Gemm")
     assert ranks["fc2/MatMul"] == 32  # from 20: rank 32 runs faster here, and drops less
     assert any("not faster" in w for w in report.warnings)
     assert list(tmp_path.glob("latency-*.json"))  # the tables were cached

@@ -33,24 +33,31 @@ from onnx_fwlr.tables import format_table
 
 PAIR_WARMUP = 5
 FUSED = "fused "  # ONNX Runtime's name prefix for a Gemm fused with its activation (FusedGemm)
+QUANT_SUFFIX = "_quant"  # quantize_dynamic names a quantized MatMul <node>_quant
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Matching nodes to sites
 
 
+def stem(site: str) -> str:
+    """The name a site's new nodes are named under: the node's own name, less the `_quant` that ONNX Runtime's
+    quantize_dynamic appends (an int8 input's `<node>_quant` is compressed into `<node>/factor_A_quant`, ...)."""
+    return site.removesuffix(QUANT_SUFFIX)
+
+
 def factorised_sites(original_flops: dict, compressed_flops: dict) -> list[str]:
-    """Counted nodes of the original (MatMul/Gemm/LSTM/GRU) that the compressed model factorised: those with a
-    new counted node named under them (`<node>/...`) in the compressed model."""
+    """Counted nodes of the original (MatMul/Gemm/MatMulInteger/LSTM/GRU) that the compressed model factorised:
+    those with a new counted node named under them (`<node>/...`, `_quant` dropped) in the compressed model."""
     new_names = [name for name in compressed_flops if name not in original_flops]
-    return sorted(site for site in original_flops if any(name.startswith(site + "/") for name in new_names))
+    return sorted(site for site in original_flops if any(name.startswith(stem(site) + "/") for name in new_names))
 
 
 def owner(node_name: str, sites_longest_first: list[str]) -> str | None:
     """The site a node (profiled or in the graph) belongs to: equal to it or named under it; None for none."""
     node_name = node_name.removeprefix(FUSED)
     for site in sites_longest_first:
-        if node_name == site or node_name.startswith(site + "/"):
+        if node_name == site or node_name.startswith(stem(site) + "/"):
             return site
     return None
 
@@ -235,7 +242,8 @@ def format_speed(limits: dict, paired: dict, top: int = 12) -> str:
         lines.append(f"  {limits['unnamed_site_nodes']} matrix nodes of the original have no name, so their time "
                      f"counts as 'everything else'; name the nodes for a per-site split")
     if not count:
-        lines.append("  no factorised sites found (nodes named <original node>/...), so nothing can get faster")
+        lines.append("  no factorised site was matched by node name (nodes named <original node>/...), so the "
+                     "achievable ratio counts every node as 'everything else'")
         return "\n".join(lines)
     rows = sorted(limits["sites"], key=lambda row: (-row["dense_ms"], row["node"]))[:top]
     table = format_table(

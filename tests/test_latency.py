@@ -292,3 +292,15 @@ def test_uniform_ranks_in_steps_hold_the_budget():
         assert all(r % 16 == 0 for r in ranks[:3]) and ranks[3] == alloc.uniform_ranks(shapes, ratio)[3]
         spent = sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, ranks))
         assert spent <= ratio * sum(K * N for K, N in shapes)
+
+
+def test_turning_dense_is_priced_by_the_whole_tail_it_keeps():
+    # site 0 is worth keeping up to its break-even rank 191, and past it its 193 small components add up; site 1's
+    # components are each worth more than one of those small ones, less than the whole tail per parameter
+    shapes = [(384, 384), (384, 1536)]
+    energies = [np.concatenate([np.full(191, 10.0), np.full(193, 0.02)]), np.full(384, 0.5)]
+    budget = 384 * 384 + 100 * (384 + 1536) - 500  # priced as one small component, site 0 stopped at rank 191
+    ranks = alloc.global_ranks(energies, shapes, budget)
+    assert ranks[0] is None  # dense: 768 parameters buy back 3.86 of energy, more per parameter than site 1's
+    spent = sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, ranks))
+    assert spent <= budget and ranks[1] == (budget - 384 * 384) // (384 + 1536)

@@ -101,8 +101,9 @@ def global_ranks(
     energies[i] holds site i's σ² in descending order, all in one currency (loss units for Fisher/K-FAC
     weighting). A block is rank_step(K, N, multiple) components (1 without `multiple`), so wide sites get ranks
     that are multiples of `multiple`. Every site starts at one block (at least `min_rank`). When a site's next
-    block would pass break-even, the site turns dense instead (that costs less than the block would) and takes
-    no more components.
+    block would pass break-even, its next move is to turn dense, priced as what it is: all of its remaining
+    energy for the few parameters left to break-even (priced as one more component, a site could end at its
+    break-even rank, saving almost nothing and dropping its tail).
     """
     steps = [rank_step(K, N, multiple) for K, N in shapes]
     ranks: list[int | None] = [min(max(min_rank, step), break_even_rank(K, N)) for (K, N), step in zip(shapes, steps)]
@@ -110,10 +111,12 @@ def global_ranks(
     heap = []
 
     def push(i: int) -> None:
-        rank, energy = ranks[i], energies[i]
-        if rank < len(energy):
-            K, N = shapes[i]
-            heapq.heappush(heap, (-float(np.sum(energy[rank:rank + steps[i]])) / (steps[i] * (K + N)), i))
+        rank, energy, step = ranks[i], energies[i], steps[i]
+        K, N = shapes[i]
+        if rank + step > break_even_rank(K, N):  # the next move turns the site dense: all its tail for the rest
+            heapq.heappush(heap, (-float(np.sum(energy[rank:])) / (K * N - rank * (K + N)), i))
+        elif rank < len(energy):
+            heapq.heappush(heap, (-float(np.sum(energy[rank:rank + step])) / (step * (K + N)), i))
 
     for i in range(len(shapes)):
         push(i)

@@ -55,20 +55,30 @@ def reference_student(student):
     return evaluator
 
 
-@pytest.mark.parametrize("output, kind", [("probs", "kl"), ("l1.ln2", "mse")])
-def test_refine_gradients_match_finite_differences_float64(exact_erf, output, kind):
-    rng = np.random.default_rng(0)
+def float64_bert_objective(output: str, kind: str):
+    """The float64 synthetic BERT, compressed at rank 2, its trainable factors and the objective on `output`."""
     original = make_bert(np.float64)
     compressed, _ = compress(original, rank=2, progress=False)
     trainable = trainable_factors(original, compressed)
     target = fisher.find_seed_target(compressed, output)
-    objective = Objective(kind, target, label_weight=0.5 if kind == "kl" else 0.0)
+    return original, compressed, trainable, target, Objective(kind, target, label_weight=0.5 if kind == "kl" else 0.0)
+
+
+def perturbed_factors(compressed, trainable, rng) -> dict:
+    """The trainable weights moved off the closed form, so gradients are not all near zero."""
+    return {k: v + rng.normal(0, 0.05, v.shape) for k, v in initializers(compressed).items() if k in trainable}
+
+
+@pytest.mark.parametrize("output, kind", [("probs", "kl"), ("l1.ln2", "mse")])
+def test_refine_gradients_match_finite_differences_float64(exact_erf, output, kind):
+    rng = np.random.default_rng(0)
+    original, compressed, trainable, target, objective = float64_bert_objective(output, kind)
     student = Student(compressed, trainable, objective, mask_input="attention_mask")
     evaluator = reference_student(student)
     feed = make_feed(rng)
     teacher = ReferenceEvaluator(original).run([target.tensor], feed)[0]
     labels = rng.integers(0, CLASSES, size=BATCH)
-    weights = {k: v + rng.normal(0, 0.05, v.shape) for k, v in initializers(compressed).items() if k in trainable}
+    weights = perturbed_factors(compressed, trainable, rng)
 
     def loss(w):
         z = evaluator.run([target.tensor], student.feed(feed, w))[0]
@@ -100,16 +110,12 @@ def test_refine_gradients_match_finite_differences_float64(exact_erf, output, ki
 @pytest.mark.parametrize("output, kind", [("probs", "kl"), ("l1.ln2", "mse")])
 def test_micro_batches_give_the_whole_batch_loss_gradient_and_update(exact_erf, output, kind):
     rng = np.random.default_rng(1)
-    original = make_bert(np.float64)
-    compressed, _ = compress(original, rank=2, progress=False)
-    trainable = trainable_factors(original, compressed)
-    target = fisher.find_seed_target(compressed, output)
-    objective = Objective(kind, target, label_weight=0.5 if kind == "kl" else 0.0)
+    original, compressed, trainable, target, objective = float64_bert_objective(output, kind)
     feed = make_feed(rng, batch=7)
     feed["attention_mask"][[2, 3, 6], -3:] = 0  # pieces with different numbers of real positions
     teacher = ReferenceEvaluator(original).run([target.tensor], feed)[0]
     labels = rng.integers(0, CLASSES, size=7)
-    weights = {k: v + rng.normal(0, 0.05, v.shape) for k, v in initializers(compressed).items() if k in trainable}
+    weights = perturbed_factors(compressed, trainable, rng)
     results = {}
     for micro_batch in (None, 3):  # whole, and pieces of 3, 3 and 1 samples
         student = Student(compressed, trainable, objective, mask_input="attention_mask", micro_batch=micro_batch)

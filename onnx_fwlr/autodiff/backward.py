@@ -285,8 +285,7 @@ class GradientRunner:
         if name in self._constant_cache:
             return self._constant_cache[name]
         if name in self._initializers:
-            if name not in self._constant_cache:
-                self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name])
+            self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name])
             return self._constant_cache[name]
         raise FwlrError(f"Tensor {name!r} is missing from the forward values; pass the dict that "
                         "GradientRunner.forward returned.")

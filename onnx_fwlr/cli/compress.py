@@ -244,6 +244,7 @@ def _compress_quantized(args, rank, ranks):
     method = args.method or ("kfac" if args.calib or args.stats else "svd")
     quantized = dequantize_input(args.model)  # a quantized input: its float form, requantized as --quantize asks
     forms = input_forms(args.model, quantized) if args.target_latency is not None else None
+    latency = _latency_model(args)
     model, report = compress_quantized(
         quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
         target_size=parse_size(args.target_size),
@@ -252,13 +253,12 @@ def _compress_quantized(args, rank, ranks):
         bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
-        target_latency=args.target_latency, latency=_latency_model(args), input_forms=forms)
+        target_latency=args.target_latency, latency=latency, input_forms=forms)
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
     if args.target_latency is not None and report.sites:  # timed as written, before anything is written
-        check_measured_speed(args.model, model, report, _latency_model(args), args.calib, args.batch_size,
-                             shapes(args))
+        check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
                                   outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)

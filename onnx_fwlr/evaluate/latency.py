@@ -54,6 +54,11 @@ def is_correction_form(form: str) -> bool:
     return form.endswith(CORRECTED)
 
 
+def scheme_label(form: str) -> str:
+    """The scheme label of a correction form (the inverse of correction_form)."""
+    return form.removesuffix(CORRECTED)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tables
 
@@ -508,5 +513,5 @@ def one_site_model(K: int, N: int, rank: int | None, form: str = FP32, seed: int
         A = B = None
         if rank:
             A, B = rng.standard_normal((K, rank)) / np.sqrt(K), rng.standard_normal((rank, N)) / np.sqrt(rank)
-        return rewrite(model, {"W": SitePlan(scheme_from_label(form[:-len(CORRECTED)]), A, B)}, {}, "float16")
+        return rewrite(model, {"W": SitePlan(scheme_from_label(scheme_label(form)), A, B)}, {}, "float16")
     raise ValueError(f"unknown latency form {form!r}")

@@ -26,6 +26,7 @@ from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_fr
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes
 from onnx_fwlr.methods.registry import get_method, input_scaling, output_scaling
+from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
@@ -219,9 +220,8 @@ def check_budget(quantize, method, target_size, ratio, rank, target_latency=None
         given = [f"`{n}`" for n, b in (("target_size", target_size), ("ratio", ratio),
                                        ("target_latency", target_latency)) if b is not None]
         raise FwlrError(f"{' and '.join(given)} given together; pass one budget.")
-    if target_latency is not None and not 0 < target_latency <= 1:
-        raise FwlrError(f"`target_latency` {target_latency} is out of range; give the fraction of the original's "
-                        "latency to reach, 0 < F <= 1.")
+    if target_latency is not None:
+        Budget(target_latency=target_latency).check()  # its range, checked where every budget is
     if target_size is not None and target_size <= 0:
         raise FwlrError(f"`target_size` {target_size} is out of range; give a positive number of bytes.")
     if ratio is not None and not 0 < ratio <= 1:

@@ -21,7 +21,7 @@ import numpy as np
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate import latency as lat
-from onnx_fwlr.pipeline.speed import InputForms
+from onnx_fwlr.pipeline.speed import InputForms, predicted_ratio, sites_budget_ms
 from onnx_fwlr.quant import budget, plan
 from onnx_fwlr.quant.budget import Option
 
@@ -61,7 +61,7 @@ def scheme_ratios(tables: dict, baseline: list) -> dict[str, float]:
     ratios: dict[str, list[float]] = {}
     for (i, form), table in tables.items():
         if lat.is_correction_form(form):
-            ratios.setdefault(form[:-len(lat.CORRECTED)], []).append(table.dense_ms / baseline[i].dense_ms)
+            ratios.setdefault(lat.scheme_label(form), []).append(table.dense_ms / baseline[i].dense_ms)
     return {label: float(np.mean(values)) for label, values in sorted(ratios.items())}
 
 
@@ -73,12 +73,12 @@ def allocate_latency(model, sites, choices, target: float, latency, feed, forms:
         raise FwlrError("`target_latency` found no MatMul/Gemm site to quantize; it does not apply to this model.")
     timed, baseline, tables = timed_choices(model, sites, choices, latency, feed, forms)
     share = latency.site_share(forms.model, forms.nodes(sites), feed)
-    floor, dense_ms = 1.0 - share, sum(t.dense_ms for t in baseline)
+    dense_ms = sum(t.dense_ms for t in baseline)
     fastest = sum(min(o.ms for o in options) for options in timed)
-    best = floor + share * fastest / dense_ms
+    best = predicted_ratio(fastest, share, dense_ms)
     ratios = scheme_ratios(tables, baseline)
     own = "int8" if forms.int8 else "fp32"
-    available = dense_ms * (target - floor) / share if share > 0 else -1.0
+    available = sites_budget_ms(target, share, dense_ms)
     if best >= 1.0:
         measured = ", ".join(f"{label} x{r:.2f}" for label, r in ratios.items())
         raise FwlrError(f"`target_latency` {target:g} cannot be reached with `quantize` {quantize}: no option measures "
@@ -90,7 +90,7 @@ def allocate_latency(model, sites, choices, target: float, latency, feed, forms:
                         f"sites take {100 * share:.0f}% of the original's time on this machine, so their fastest forms "
                         f"reach about {best:.2f} at best; ask for {best + 0.01:.2f} or more.")
     chosen = budget.allocate(timed, available, cost=budget.by_ms)
-    predicted = floor + share * sum(o.ms for o in chosen) / dense_ms
+    predicted = predicted_ratio(sum(o.ms for o in chosen), share, dense_ms)
     info = {"target_latency": target, "site_share": share, "best_ratio": best, "predicted_ratio": predicted,
             "tokens": sorted({t.tokens for t in baseline}), "own_form": own, "scheme_ratios": ratios,
             "sites": [{"site": s.name, "option": o.label, "ms": o.ms, "own_ms": t.dense_ms}

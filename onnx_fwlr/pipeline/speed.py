@@ -87,6 +87,17 @@ def _cannot_pay(ratios: list[float], quantized: bool, where: str) -> str:
             f"takes {span}x its {dense}'s time, so nothing was written; {advice}.")
 
 
+def sites_budget_ms(target: float, share: float, dense_ms: float) -> float:
+    """Milliseconds the sites (`dense_ms` as they are, a `share` of the model's time) may take for the model to
+    run at `target` × its time: the rest of the model does not shrink. Negative when out of reach."""
+    return dense_ms * (target - (1.0 - share)) / share if share > 0 else -1.0
+
+
+def predicted_ratio(sites_ms: float, share: float, dense_ms: float) -> float:
+    """The model's latency ratio when its sites take `sites_ms` instead of `dense_ms` (the rest unchanged)."""
+    return 1.0 - share + share * sites_ms / dense_ms
+
+
 def _energies(prepared: Prepared, indices: list[int]) -> tuple[list[np.ndarray], list[float], list[int]]:
     """Per site: σ² (loss units with gradient statistics), the total energy, and the highest rank it can take
     (factors held by the decomposition, and fewer parameters than dense)."""
@@ -168,13 +179,12 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
     if min(fastest_pairs) >= 1.0:
         raise FwlrError(_cannot_pay(fastest_pairs, bool(forms.int8), "at its fastest timed rank,"))
     share = latency.site_share(forms.model, forms.nodes([sites[i] for i in timed]), feed)
-    floor = 1.0 - share
     ranks: list[int | None] = [fixed.get(i) for i in range(len(sites))]
     dense_ms = sum(tables[i].dense_ms for i in timed)
     fixed_ms = sum(tables[i].time(fixed[i]) for i in timed if i in fixed)
-    site_budget = dense_ms * (target - floor) / share - fixed_ms if share > 0 else -1.0
+    site_budget = sites_budget_ms(target, share, dense_ms) - fixed_ms
     fastest = sum(min([tables[i].dense_ms, *tables[i].factored_ms]) for i in free)
-    best_ratio = floor + share * (fastest + fixed_ms) / dense_ms
+    best_ratio = predicted_ratio(fastest + fixed_ms, share, dense_ms)
     if site_budget < fastest:
         raise FwlrError(
             f"`target_latency` {target:g} cannot be reached: the factorisable sites take {100 * share:.0f}% of the "
@@ -185,7 +195,8 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
     chosen = alloc.latency_ranks(energies, [tables[i] for i in free], site_budget, totals=totals, max_ranks=max_ranks)
     for i, rank in zip(free, chosen):
         ranks[i] = rank
-    predicted = floor + share * lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]) / dense_ms
+    predicted = predicted_ratio(lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]), share,
+                                dense_ms)
     info = {"target_latency": target, "site_share": share, "best_ratio": best_ratio,
             "predicted_ratio": predicted, "tokens": sorted({tables[i].tokens for i in free}), "int8": bool(forms.int8)}
     return ranks, info

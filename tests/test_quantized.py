@@ -184,7 +184,13 @@ def test_output_model_is_valid_and_matches_numpy():
     assert {s.op_type for s in report.sites} == {"MatMul", "Gemm", "Gather"}
 
 
-def test_int8_dynamic_sites_store_exactly_the_weights_the_correction_was_fitted_to():
+@pytest.mark.parametrize("saturating", [None, "1"], ids=["this-cpu", "forced-saturating"])
+def test_int8_dynamic_sites_store_exactly_the_weights_the_correction_was_fitted_to(saturating, monkeypatch):
+    """On every CPU (the forced verdict writes what an AVX2-only one writes: 7-bit weights)."""
+    if saturating:
+        monkeypatch.setenv("ONNX_FWLR_INT8_SATURATES", saturating)
+    else:
+        monkeypatch.delenv("ONNX_FWLR_INT8_SATURATES", raising=False)
     rng = np.random.default_rng(9)
     W = rng.standard_normal((48, 40)).astype(np.float32)
     model = gemm_model(W, trans_a=0, trans_b=1, alpha=1.0, beta=1.0, bias=True)
@@ -195,6 +201,8 @@ def test_int8_dynamic_sites_store_exactly_the_weights_the_correction_was_fitted_
     base = name[: -len("_quantized")]
     stored = (arrays[name].astype(np.float64) - arrays[base + "_zero_point"]) * arrays[base + "_scale"]
     np.testing.assert_allclose(stored, ortquant.dynamic_int8_weight(W), atol=1e-7)
+    if saturating:
+        assert np.abs(arrays[name].astype(int)).max() <= 64
     X = rng.standard_normal((5, 48)).astype(np.float32)
     exact = X @ W + np.linspace(-1, 1, 40)
     assert np.linalg.norm(run(out, {"x": X})[0] - exact) < 0.02 * np.linalg.norm(exact)

@@ -159,9 +159,20 @@ def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) 
     same = "the same" if best["bytes"] == ours["bytes"] else "fewer"
     hint = "" if quantized else ("; try ``quantize` auto` with a byte budget (ONNX Runtime's quantizers plus a "
                                  "low-rank correction)")
-    return (f"A plain ONNX Runtime {SAID.get(best['config'], best['config'])} of the original would have been "
+    return (f"A plain ONNX Runtime {_said(best['config'])} of the original would have been "
             f"better at {same} bytes on the `validation` data: {best['bytes']:,} bytes and {_quality(best)}, "
             f"against this model's {ours['bytes']:,} bytes and {_quality(ours)}{hint}.")
+
+
+def _said(config: str) -> str:
+    """The baseline in words; the int8 one says when it was made with 7-bit weights because this CPU's u8s8
+    kernels saturate on 8-bit ones (quant.int8_kernels), as a user following the sentence must make it too."""
+    from onnx_fwlr.quant.int8_kernels import int8_saturates
+
+    said = SAID.get(config, config)
+    if config == INT8_BASELINE and int8_saturates():
+        said = said[:-1] + " with reduce_range=True, the 7-bit weights ONNX Runtime advises on this CPU)"
+    return said
 
 
 def _quality(row: dict) -> str:

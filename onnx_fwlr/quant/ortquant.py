@@ -258,16 +258,24 @@ def dynamic_int8_table(T: np.ndarray) -> np.ndarray:
         np.float64)
 
 
-def quantize_dynamic_nodes(model: onnx.ModelProto, node_names: list[str]) -> onnx.ModelProto:
+def quantize_dynamic_nodes(model: onnx.ModelProto, node_names: list[str],
+                           reduce_range: bool | None = None) -> onnx.ModelProto:
     """`quantize_dynamic` int8 per channel of exactly these MatMul/Gemm/Gather nodes (weights QInt8, as the
-    ONNX Runtime documentation recommends for CPUs); every other node is left as it is."""
+    ONNX Runtime documentation recommends for CPUs); every other node is left as it is. reduce_range None: 7-bit
+    weights where this CPU's u8s8 kernels saturate on 8-bit ones (quant.int8_kernels), so that the weights read
+    back from the written initializers are what the runtime computes with."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnx_fwlr.quant.int8_kernels import int8_saturates
+
+    if reduce_range is None:
+        reduce_range = int8_saturates()
 
     large = model.ByteSize() > 1_800_000_000
     with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
         output = Path(folder) / "quantized.onnx"
         quantize_dynamic(model, output, op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_quantize=list(node_names),
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_quantize=list(node_names),
                          use_external_data_format=large,
                          # shape inference cannot type the outputs of com.microsoft ops (MatMulNBits) it reads
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
@@ -310,14 +318,17 @@ BASELINES = {
 
 
 def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """`quantize_dynamic` int8 per channel of every op it quantizes by default (embeddings included)."""
+    """`quantize_dynamic` int8 per channel of every op it quantizes by default (embeddings included), with
+    7-bit weights (reduce_range) where this CPU's u8s8 kernels saturate, as ONNX Runtime advises there."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnx_fwlr.quant.int8_kernels import int8_saturates
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
         output = Path(folder) / "int8.onnx"
-        quantize_dynamic(copy, output, per_channel=True, weight_type=QuantType.QInt8,
+        quantize_dynamic(copy, output, per_channel=True, weight_type=QuantType.QInt8, reduce_range=int8_saturates(),
                          use_external_data_format=model.ByteSize() > 1_800_000_000)
         return onnx.load(str(output))
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import calibration_arguments, fisher_options, parse_shard, shapes
+from onnx_fwlr.cli.options import CALIB_IN, MODEL_IN, calibration_arguments, fisher_options, parse_shard, shapes
 from onnx_fwlr.errors import FwlrError
 
 
 class Calibrate:
     name = "calibrate"
     help = "measure activation (and with --fisher, gradient) statistics once, to reuse with compress --stats"
+    inputs, outputs = MODEL_IN | CALIB_IN, {"output": ("-o", "file")}
 
     @staticmethod
     def add_arguments(p):

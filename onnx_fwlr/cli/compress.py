@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 
 from onnx_fwlr.cli.options import (
+    CALIB_IN,
+    JSON_OUT,
+    MODEL_IN,
+    VAL_IN,
     calibration_arguments,
     comparison_arguments,
     decomposition_arguments,
@@ -53,6 +57,8 @@ def _form_timer(args):
 class Compress:
     name = "compress"
     help = "factorise the model's constant MatMul/Gemm weights and write the compressed model"
+    inputs = MODEL_IN | CALIB_IN | VAL_IN | {"stats": ("the --stats file", "file")}
+    outputs = {"output": ("-o", "model")} | JSON_OUT
 
     @staticmethod
     # Long: one line per flag of the command, grouped as --help shows them.

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
-        p.set_defaults(handler=command.run, flags=getattr(command, "flags", {}))
+        p.set_defaults(handler=command.run, flags=getattr(command, "flags", {}), path_inputs=command.inputs,
+                       path_outputs=command.outputs)
     return parser
 
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", None) is False and not sys.stderr.isatty():
         args.quiet = True  # progress bars only on a terminal: in a log file their frames are noise
     try:
-        check_before_work(args, outputs=("json", "plot"))
+        check_before_work(args)
         return args.handler(args)
     except FwlrError as exc:
         print(f"onnx-fwlr: error: {in_flag_terms(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)

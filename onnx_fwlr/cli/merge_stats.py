@@ -6,6 +6,7 @@ from __future__ import annotations
 class MergeStats:
     name = "merge-stats"
     help = "add statistics computed on different data (shards) into one file"
+    inputs, outputs = {"inputs": ("the statistics file", "file")}, {"output": ("-o", "file")}
 
     @staticmethod
     def add_arguments(p):

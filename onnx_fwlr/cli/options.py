@@ -193,26 +193,28 @@ def report_validation(validation, args, out) -> int:
     return 0 if verdict.passed else 1
 
 
-def check_before_work(args, outputs: tuple[str, ...] = ("json",)) -> None:
-    """Every output path and tolerance of the command checked before any work, so a typo costs nothing and
-    leaves nothing behind: `outputs` names the args holding file paths ('-' = stdout)."""
-    for name in outputs:
-        target = getattr(args, name, None)
-        if target and target != "-":
-            check_file_target(target, "--" + name.replace("_", "-"))
+def check_before_work(args) -> None:
+    """Every path and tolerance of the command checked before any work, so a typo costs nothing and leaves
+    nothing behind: the command's `outputs` and `inputs` (arg name -> (label, kind), io.model.check_paths_apart)
+    never alias each other, existing outputs need --force, output folders must take a file."""
+    outputs, inputs = getattr(args, "path_outputs", {}), getattr(args, "path_inputs", {})
+    if outputs:
+        from onnx_fwlr.io.model import check_paths_apart
+
+        check_paths_apart([(label, getattr(args, name, None), kind) for name, (label, kind) in outputs.items()],
+                          [(label, getattr(args, name, None), kind) for name, (label, kind) in inputs.items()],
+                          force=bool(getattr(args, "force", False)))
     if hasattr(args, "max_accuracy_drop"):
         from onnx_fwlr.evaluate.tolerance import check_tolerances
 
         check_tolerances(args.min_cosine, args.max_rel_error, args.max_accuracy_drop)
 
 
-def check_file_target(target: str, flag: str) -> None:
-    path = Path(target)
-    if path.is_dir():
-        raise FwlrError(f"{flag} {target} is a folder; give a file path.")
-    if not path.parent.is_dir():
-        raise FwlrError(f"{flag} {target}: folder {path.parent} does not exist; create it first or choose another "
-                        "path.")
+# What commands read and write, for check_before_work: arg name -> (label in messages, kind).
+MODEL_IN = {"model": ("the input model", "model")}
+JSON_OUT = {"json": ("--json", "file")}
+CALIB_IN = {"calib": ("the --calib data", "data")}
+VAL_IN = {"val": ("the --val data", "data")}
 
 
 def parse_shard(text):

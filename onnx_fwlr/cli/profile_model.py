@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import printer, shapes, write_json
+from onnx_fwlr.cli.options import JSON_OUT, MODEL_IN, printer, shapes, write_json
 
 
 class Profile:
     name = "profile"
     help = ("ONNX Runtime latency, memory, size, FLOPs and per-op time; --compare for a side-by-side table with "
             "the achievable and the measured latency ratio")
+    inputs = MODEL_IN | {"compare": ("the --compare model", "model"), "data": ("the --data", "data")}
+    outputs = {"save_test_data": ("--save-test-data", "folder")} | JSON_OUT
 
     @staticmethod
     def add_arguments(p):
@@ -26,6 +28,7 @@ class Profile:
         p.add_argument("--save-test-data", metavar="DIR",
                        help="write ONNX Runtime's test_data_set_0 layout (inputs and the original's outputs)")
         p.add_argument("--json", metavar="FILE", help="write the numbers as JSON ('-' for stdout)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
 
     @staticmethod
     def run(args) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import printer, refine_plot, write_json
+from onnx_fwlr.cli.options import CALIB_IN, JSON_OUT, VAL_IN, printer, refine_plot, write_json
 
 
 class Refine:
@@ -10,6 +10,9 @@ class Refine:
     help = "fine-tune the factors of a compressed model by distillation against the original (no training framework)"
     # refine() calls the distilled output `output`, as compress calls the Fisher one
     flags = {"output": "--output-name"}
+    inputs = {"original": ("the original model", "model"), "compressed": ("the compressed model", "model")} | \
+        CALIB_IN | VAL_IN
+    outputs = {"output": ("-o", "model"), "plot": ("--plot", "file")} | JSON_OUT
 
     @staticmethod
     def add_arguments(p):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import printer, write_json
+from onnx_fwlr.cli.options import CALIB_IN, JSON_OUT, MODEL_IN, VAL_IN, printer, write_json
 from onnx_fwlr.errors import FwlrError
 
 
 class Sweep:
     name = "sweep"
     help = "evaluate many budgets and methods from one calibration: table, JSON and PNG plots"
+    inputs, outputs = MODEL_IN | CALIB_IN | VAL_IN, {"output": ("-o", "folder")} | JSON_OUT
 
     @staticmethod
     def add_arguments(p):

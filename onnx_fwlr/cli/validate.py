@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnx_fwlr.cli.options import (
+    JSON_OUT,
     comparison_arguments,
     language_arguments,
     parse_outputs,
@@ -17,6 +18,9 @@ from onnx_fwlr.cli.options import (
 class Validate:
     name = "validate"
     help = "compare a compressed model with its original on the same data; exit 1 when a tolerance fails"
+    inputs = {"original": ("the original model", "model"), "compressed": ("the compressed model", "model"),
+              "data": ("the --data", "data")}
+    outputs = JSON_OUT
 
     @staticmethod
     def add_arguments(p):
@@ -28,6 +32,7 @@ class Validate:
         comparison_arguments(p)
         language_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the metrics as JSON ('-' for stdout)")
+        p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     @staticmethod

@@ -250,6 +250,87 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
     return out
 
 
+def check_paths_apart(outputs: list[tuple[str, str | None, str]], inputs: list[tuple[str, str | None, str]],
+                      force: bool = False) -> None:
+    """Before any work: no output path may be, or alias (a link to), an input or another output, whatever
+    `force` says; an existing output file needs `force`; every output's folder must exist and take a file.
+
+    outputs and inputs are (label, path, kind): label the flag ("--json") or what the input is ("the input
+    model"), kind "model" (an input's external .data files count as
+    inputs too; an output model may write `<path>.data` beside it), "file", "folder" or "data" (an input that
+    is a file or a folder of files; 'random' is no path). A path None or '-' (stdout) is skipped.
+    """
+    taken = [(flag, path) for flag, value, kind in inputs for path in _input_paths(value, kind)]
+    for flag, value, kind in outputs:
+        if value is None or value == "-":
+            continue
+        out = Path(value)
+        for written in [out] + ([out.with_name(out.name + ".data")] if kind == "model" else []):
+            for source_flag, source in taken:
+                if _same_path(written, source):
+                    what = "is" if written == out else f"would write {written.name}, which is"
+                    raise FwlrError(f"{flag} {value} {what} {source_flag} ({source}); no output may replace an "
+                                    f"input or another output, even with --force: choose another path for {flag}.")
+        taken.append((f"the {flag} output", out))
+        _check_target(flag, out, kind, force)
+
+
+def _input_paths(value, kind: str) -> list[Path]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _input_paths(v, kind)]
+    if kind == "data" and str(value) == "random":
+        return []
+    path = Path(value)
+    paths = [path]
+    if kind == "model" and path.is_file():
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - not a readable model: loading it later says so in one sentence
+            return paths
+        paths += [path.parent / external_data_helper.ExternalDataInfo(t).location
+                  for t in external_data_helper._get_all_tensors(model)
+                  if external_data_helper.uses_external_data(t)]
+    return paths
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """The same file or folder: equal once resolved (symbolic links followed), or one inode (hard links)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_target(flag: str, out: Path, kind: str, force: bool) -> None:
+    if kind == "folder":
+        if out.exists() and not out.is_dir():
+            raise FwlrError(f"{flag} {out} is a file; give a folder.")
+        _check_writable(flag, out if out.is_dir() else out.parent)
+        return
+    if out.is_dir():
+        raise FwlrError(f"{flag} {out} is a folder; give a file path.")
+    if out.exists() and not force:
+        raise FwlrError(f"{flag} {out} already exists; pass --force to overwrite it, or choose another path.")
+    _check_writable(flag, out.parent)
+
+
+def _check_writable(flag: str, folder: Path) -> None:
+    """The folder exists and a file can be created in it (tried, not guessed from permission bits)."""
+    if not folder.is_dir():
+        raise FwlrError(f"{flag}: folder {folder} does not exist; create it first or choose another path.")
+    try:
+        handle, name = tempfile.mkstemp(prefix=".fwlr-write-check-", dir=folder)
+    except OSError as exc:
+        raise FwlrError(f"{flag}: folder {folder} cannot be written ({_first_line(exc)}); choose another "
+                        "path.") from None
+    os.close(handle)
+    os.unlink(name)
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write atomically: everything goes to a temporary folder beside the output, then is moved into place.
 

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.quant.int8_kernels import int8_saturates
 from onnx_fwlr.quant.dequantize import dequantize_model, detect_quantized, weight_matrix
+from onnx_fwlr.quant.int8_kernels import int8_saturates
 from onnx_fwlr.quant.requantize import requantize
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import weight_matrix as float_weight_matrix

@@ -63,7 +63,7 @@ class Compress:
     @staticmethod
     # Long: one line per flag of the command, grouped as --help shows them.
     def add_arguments(p):
-        from onnx_fwlr.pipeline.compress import ALLOCATIONS, METHODS
+        from onnx_fwlr.cli.choices import ALLOCATIONS, METHODS
 
         p.add_argument("model", help="ONNX model file")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")

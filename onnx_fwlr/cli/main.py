@@ -13,7 +13,7 @@ from onnx_fwlr.cli.calibrate import Calibrate
 from onnx_fwlr.cli.compress import Compress
 from onnx_fwlr.cli.inspect_model import Inspect
 from onnx_fwlr.cli.merge_stats import MergeStats
-from onnx_fwlr.cli.options import check_before_work, in_flag_terms
+from onnx_fwlr.cli.options import check_before_work, in_flag_terms, user_texts
 from onnx_fwlr.cli.profile_model import Profile
 from onnx_fwlr.cli.refine import Refine
 from onnx_fwlr.cli.sweep import Sweep
@@ -38,18 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; Ctrl-C at any moment (the library is imported lazily, inside the command) is one line."""
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print("onnx-fwlr: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "quiet", None) is False and not sys.stderr.isatty():
         args.quiet = True  # progress bars only on a terminal: in a log file their frames are noise
+    args.verbatim = user_texts(argv)
     try:
         check_before_work(args)
         return args.handler(args)
     except FwlrError as exc:
-        print(f"onnx-fwlr: error: {in_flag_terms(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)
+        message = in_flag_terms(str(exc), getattr(args, "flags", {}), args.verbatim)
+        print(f"onnx-fwlr: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("onnx-fwlr: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # output piped into `head` and closed early: not an error of ours
         sys.stderr.close()
         return 0

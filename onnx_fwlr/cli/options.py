@@ -31,10 +31,19 @@ FLAGS = {
 }
 
 
-def in_flag_terms(message: str, overrides: dict | None = None) -> str:
-    """A library message with each `parameter` written as the flag that sets it."""
+def in_flag_terms(message: str, overrides: dict | None = None, verbatim=()) -> str:
+    """A library message with each `parameter` written as the flag that sets it. Text the user supplied is
+    left as it is: the `verbatim` strings (command-line values) and names the message quotes ('...')."""
     flags = FLAGS | (overrides or {})
-    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    kept = [re.escape(text) for text in sorted(verbatim, key=len, reverse=True) if "`" in text]
+    parts = re.split("(" + "|".join(kept + [r"(?<!\w)'[^'\n]*'(?!\w)"]) + ")", message)
+    return "".join(part if i % 2 else re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), part)
+                   for i, part in enumerate(parts))
+
+
+def user_texts(argv: list[str]) -> list[str]:
+    """The values the user typed (whole arguments, and the part after '=' of --flag=value)."""
+    return [text for arg in argv for text in (arg, arg.partition("=")[2] if arg.startswith("--") else "") if text]
 
 
 def write_json(data: dict, target: str) -> None:
@@ -59,8 +68,8 @@ def printer(args) -> "callable":
     """Where tables go: stdout, or stderr when stdout carries JSON; report notes and warnings name parameters
     in library terms, so they are shown as this command's flags."""
     stream = sys.stderr if getattr(args, "json", None) == "-" else sys.stdout
-    flags = getattr(args, "flags", {})
-    return lambda text="": print(in_flag_terms(str(text), flags), file=stream)
+    flags, verbatim = getattr(args, "flags", {}), getattr(args, "verbatim", ())
+    return lambda text="": print(in_flag_terms(str(text), flags, verbatim), file=stream)
 
 
 def parse_kron_shape(text: str | None):

@@ -16,7 +16,8 @@ class Refine:
 
     @staticmethod
     def add_arguments(p):
-        from onnx_fwlr.refine import LOSSES, SCHEDULES
+        from onnx_fwlr.cli.choices import REFINE_LOSSES as LOSSES
+        from onnx_fwlr.cli.choices import SCHEDULES
 
         p.add_argument("original", help="the original ONNX model (the teacher)")
         p.add_argument("compressed", help="the compressed ONNX model whose factors are trained")

@@ -155,13 +155,24 @@ def _sharded(make, shard):
     return lambda: (batch for i, batch in enumerate(make()) if i % count == index)
 
 
+
+def _plain_array(archive, key: str, path) -> np.ndarray:
+    """One array of an .npz; object arrays (pickled Python objects) are refused, never unpickled."""
+    try:
+        return archive[key]
+    except ValueError:
+        raise FwlrError(f"{path}: array '{key}' holds Python objects (dtype object), which are not read (they "
+                        "would need unpickling); save plain numeric arrays, e.g. np.stack of equal-length rows."
+                        ) from None
+
+
 def _npz_batches(path: Path, batch_size: int, limit: int | None):
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any failure to open means "not a usable npz"
         raise FwlrError(f"{path}: could not be read as .npz ({exc}); save it with numpy.savez.") from None
     with archive:
-        arrays = {key: archive[key] for key in archive.files}
+        arrays = {key: _plain_array(archive, key, path) for key in archive.files}
     if not arrays:
         raise FwlrError(f"{path}: holds no arrays; save the model inputs under their input names.")
     counts = {key: len(a) if a.ndim else 0 for key, a in arrays.items()}

@@ -112,7 +112,10 @@ class Statistics:
         return site.weight in self.gradients
 
     def require(self, sites: list[Site], needs: tuple[str, ...], method: str) -> None:
-        """Stats must cover what the method reads for at least one site; the rest fall back (caller's job)."""
+        """Stats must cover what the method reads for at least one site; the rest fall back (caller's job).
+        Every array they hold for these sites must have the site's shape (an edited or damaged file is refused
+        here, not met as a broadcasting error mid-way)."""
+        self.check_shapes(sites)
         if "activations" in needs and not any(self.has_activations(s) for s in sites):
             raise FwlrError(
                 f"`method` {method} needs activation statistics, but the statistics hold none for these sites."
@@ -122,6 +125,24 @@ class Statistics:
                 f"`method` {method} needs gradient (Fisher) statistics; calibrate with gradients "
                 "(`onnx-fwlr calibrate `fisher``) or pick an activation-based method (asvd, whiten)."
             )
+
+    def check_shapes(self, sites: list[Site]) -> None:
+        """Activation sums of a site's input are [K] / [K, K], gradient sums [K] (rows) / [N] / [N, N], counts
+        scalars."""
+        for site in sites:
+            K, N = site.K, site.N
+            expected = [(self.activations.get(activation_key(use), {}), {"sum": (K,), "abs_sum": (K,),
+                                                                        "gram": (K, K), "count": ()})
+                        for use in site.uses]
+            expected.append((self.gradients.get(site.weight, {}), {"fisher_row": (K,), "fisher_col": (N,),
+                                                                    "grad_gram": (N, N), "grad_count": ()}))
+            for arrays, shapes in expected:
+                for name, shape in shapes.items():
+                    if name in arrays and np.shape(arrays[name]) != shape:
+                        raise FwlrError(f"the statistics' '{name}' array for site '{site.name}' has shape "
+                                        f"{list(np.shape(arrays[name]))}, not {list(shape)} for its [{K}, {N}] "
+                                        "weight; the file is damaged or edited: recalibrate with `onnx-fwlr "
+                                        "calibrate`.")
 
     # --- files ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -151,6 +151,21 @@ def compare_language_models(original, compressed, batches: Iterable[Mapping[str,
     return sums.result()
 
 
+def check_language_model(model, logits: str = "logits") -> None:
+    """Before any work: the model takes token ids and has the `logits` output that perplexity is computed on."""
+    from onnx_fwlr.io.data import find_token_input, model_inputs
+    from onnx_fwlr.io.model import load_model
+
+    reference = load_model(model, lazy=True) if isinstance(model, (str, os.PathLike)) else model
+    if find_token_input(model_inputs(reference)) is None:
+        raise FwlrError("The model has no token-id input (input_ids); perplexity needs a language model fed token "
+                        "ids (or use the default per-output comparison).")
+    outputs = [o.name for o in reference.graph.output]
+    if logits not in outputs:
+        raise FwlrError(f"The model has no output '{logits}' to compute perplexity on; its outputs are {outputs} "
+                        "(name the logits with --logits).")
+
+
 def validate_language(original, compressed, data, *, batch_size: int = 32, logits: str = "logits",
                       progress: bool = True) -> LanguageMetrics:
     """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the inputs

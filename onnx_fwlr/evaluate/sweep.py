@@ -103,9 +103,12 @@ def sweep(
     reports (default: the Fisher output when named, else the first). An existing `out_dir` with files in it is
     refused unless `force`.
     """
+    if workers < 1:  # before the folder is made
+        raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
     out = _check_folder(out_dir, force)
     for ratio in ratios:
-        Budget(ratio=ratio).check()
+        if not 0 < ratio <= 1:
+            raise FwlrError(f"`ratios` entry {ratio:g} is out of range; each ratio must satisfy 0 < ratio <= 1.")
     quantize = list(quantize or [])
     _check_quantize(quantize, calibration, list(sizes or []) + list(int8_fractions or []), block_size)
     if not ratios and not quantize and not baselines:

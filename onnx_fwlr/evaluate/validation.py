@@ -332,6 +332,10 @@ def _count_correct(name: str, ref: np.ndarray, out: np.ndarray, labels: np.ndarr
             f"Output '{name}' is not shaped [batch, classes], so it cannot be scored against labels; "
             "name a logits output."
         )
+    classes = ref.shape[-1]
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):  # as the Fisher loss refuses them
+        raise FwlrError(f"Labels must lie in [0, {classes}) for output '{name}' with {classes} classes (got "
+                        f"{labels.min()} to {labels.max()}); fix the label encoding.")
     return np.array([np.sum(_top1(ref) == labels), np.sum(_top1(out) == labels)], dtype=np.int64)
 
 

@@ -132,6 +132,8 @@ def compress(
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     """
+    if refine_steps is not None and refine_steps < 1:  # checked here, in its own name, not by refine() at the end
+        raise FwlrError(f"`refine_steps` {refine_steps} is out of range; it must be a positive number of steps.")
     if refine_steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
         raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
     check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,

@@ -97,6 +97,10 @@ def prepare(
     validate_regex(exclude, "`exclude`")
     start = time.perf_counter()
     model = load_model(model)
+    if (fisher_options or {}).get("output") is not None:  # a typo is an error, not a quiet switch of method
+        from onnx_fwlr.stats.fisher import default_output
+
+        default_output(model, fisher_options["output"])
     gradients = method in METHODS and GRADIENTS in METHODS[method].needs
     sites, skipped = find_all_sites(model, include, exclude, fisher=gradients)
     warnings = _unmatched_patterns(include, exclude, sites, skipped)

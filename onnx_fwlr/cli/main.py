@@ -53,6 +53,9 @@ def _run(argv: list[str]) -> int:
     args.verbatim = user_texts(argv)
     try:
         check_before_work(args)
+        from onnx_fwlr.io.runtime import silence_onnxruntime
+
+        silence_onnxruntime()
         return args.handler(args)
     except FwlrError as exc:
         message = in_flag_terms(str(exc), getattr(args, "flags", {}), args.verbatim)

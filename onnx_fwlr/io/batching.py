@@ -19,7 +19,7 @@ import logging
 import numpy as np
 import onnx
 
-from onnx_fwlr.io.data import InputSpec
+from onnx_fwlr.io.data import InputSpec, find_token_input
 
 # Samples per forward (and backward) pass in the passes that hold a batch's intermediates. The Fisher pass exposes
 # about 25 MB per all-MiniLM-L6-v2 sample of 57 positions: its memory peak scales with this, not the batch.
@@ -58,13 +58,15 @@ def micro_batches(feed: dict, labels, size: int | None):
 
 def padded_inputs(specs: list[InputSpec], mask_name: str | None) -> list[str]:
     """Inputs to cut with the mask: 2-D [batch, seq] like it, with the same symbolic sequence dimension (no
-    input whose sequence length the model fixes). Empty without a mask: then nothing is cut."""
+    input whose sequence length the model fixes), and the token ids even when their axis is named apart (a
+    decoder's mask spans `total_sequence` = past + new tokens; without a past both are one length, and cutting
+    the mask alone made ONNX Runtime refuse the batch). Empty without a mask: then nothing is cut."""
     spec = next((s for s in specs if s.name == mask_name), None)
     if spec is None or len(spec.shape) != 2 or isinstance(spec.shape[1], int):
         return []
-    seq = spec.shape[1]
+    seq, tokens = spec.shape[1], find_token_input(specs)
     return [s.name for s in specs if len(s.shape) == 2 and not isinstance(s.shape[1], int)
-            and (s.shape[1] == seq or seq is None or s.shape[1] is None)]
+            and (s.shape[1] == seq or seq is None or s.shape[1] is None or s.name == tokens)]
 
 
 def trim_padding(feed: dict, labels, mask_name: str | None, names: list[str]):
@@ -73,6 +75,8 @@ def trim_padding(feed: dict, labels, mask_name: str | None, names: list[str]):
     mask = feed.get(mask_name) if mask_name else None
     if not names or mask is None or mask.ndim != 2:
         return feed, labels
+    if any(np.shape(feed[k]) != mask.shape for k in names if k in feed):
+        return feed, labels  # e.g. a decoder's past + new mask beside new token ids: cut all or none
     used = np.flatnonzero(np.any(mask != 0, axis=0))
     length = max(int(used[-1]) + 1 if used.size else 1, 1)
     if length == mask.shape[1]:

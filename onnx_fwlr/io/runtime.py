@@ -84,8 +84,9 @@ def session_options(*, threads: int | None = None, spinning: bool = True, quiet:
     """ONNX Runtime session options from the choices callers make.
 
     threads: intra-op threads (None or 0: ORT's default). spinning=False stops idle ORT threads from spinning,
-    for callers that run numpy between ORT calls. quiet: ORT logs errors only. optimize=False disables graph
-    optimisation (shapes of the graph as written). profile_prefix: write ORT's per-op profile there.
+    for callers that run numpy between ORT calls. quiet: ORT logs nothing (its errors come back as exceptions);
+    quiet=False: its default logger's level (silence_onnxruntime). optimize=False disables graph optimisation
+    (shapes of the graph as written). profile_prefix: write ORT's per-op profile there.
     external_data_dir: where external data lives when the model is given as bytes. arena=False: ORT frees each
     run's buffers instead of keeping them in its memory arena, which only grows when the input shapes vary from
     run to run (batches cut to their length; 186 MB less in refine on all-MiniLM-L6-v2).
@@ -93,8 +94,8 @@ def session_options(*, threads: int | None = None, spinning: bool = True, quiet:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if quiet:
-        options.log_severity_level = 3
+    if quiet:  # ORT's failures come back as exceptions, which callers turn into sentences; its log lines never
+        options.log_severity_level = 4
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not arena:
@@ -110,6 +111,14 @@ def session_options(*, threads: int | None = None, spinning: bool = True, quiet:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                          str(external_data_dir))
     return options
+
+
+def silence_onnxruntime() -> None:
+    """Keep ONNX Runtime's own log lines (its default logger, used by sessions that ONNX Runtime's quantizers
+    and tools make themselves) out of the terminal: the command line reports failures as one sentence."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
 
 
 def make_session(model: onnx.ModelProto | str | os.PathLike, options=None, providers: Sequence[str] = CPU,

@@ -12,6 +12,10 @@ from onnx_fwlr.io.onnx_utils import walk_graphs
 from onnx_fwlr.sites.find import Skipped
 from onnx_fwlr.tables import format_table
 
+QUANTIZED_ALLOCATIONS = {"budget": "each site's storage chosen under the byte budget (least loss per byte)",
+                         "latency": "each site's storage chosen for the latency target",
+                         "uniform": "one storage for every site"}
+
 
 @dataclass
 class SiteResult:
@@ -26,6 +30,11 @@ class SiteResult:
     weighted_error: float | None = None  # dropped σ² in the method's weighted norm (a squared error)
     relative_error: float | None = None  # ‖P (W − W') Q‖_F / ‖P W Q‖_F: relative Frobenius error, not squared
     note: str = ""
+    # --quantize: how the site is stored ("fp32", "low rank", "quantized", "quantized + correction") and its
+    # bytes as float32 and as stored (its params_after counts stored numbers of every width alike)
+    form: str = ""
+    bytes_before: int | None = None
+    bytes_after: int | None = None
 
 
 @dataclass
@@ -64,6 +73,11 @@ class Report:
     def factorised(self) -> int:
         return sum(1 for s in self.sites if s.rank is not None)
 
+    @property
+    def quantized(self) -> bool:
+        """A --quantize report: sites are measured in bytes, not parameters."""
+        return any(s.bytes_after is not None for s in self.sites)
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["skipped"] = [asdict(s) for s in self.skipped]
@@ -91,24 +105,31 @@ class Report:
         return "\n".join(parts)
 
     def format_sites(self) -> str:
-        rows = []
+        rows, unit = [], "bytes" if self.quantized else "params"
         for s in self.sites:
+            before, after = (s.bytes_before, s.bytes_after) if self.quantized else (s.params_before, s.params_after)
             rows.append([
                 s.name, f"{s.K}x{s.N}", "dense" if s.rank is None else str(s.rank),
-                f"{s.params_before:,}", f"{s.params_after:,}",
+                f"{before:,}", f"{after:,}",
                 "" if s.relative_error is None else f"{s.relative_error:.3g}",
                 "" if s.weighted_error is None else f"{s.weighted_error:.4g}",
             ])
-        headers = ["site", "K x N", "rank", "params before", "params after", "rel. Frobenius error", "weighted error²"]
+        headers = ["site", "K x N", "rank", f"{unit} before", f"{unit} after", "rel. Frobenius error",
+                   "weighted error²"]
         return format_table(headers, rows, align="lllrrrr")
 
     def format_summary(self) -> str:
         def ratio(a, b):
             return f"{b / a:.3f}" if a else ""
 
+        if self.quantized:
+            before, after = (sum(s.bytes_before or 0 for s in self.sites), sum(s.bytes_after or 0 for s in self.sites))
+            first = ["weights (bytes)", f"{before:,}", f"{after:,}", ratio(before, after)]
+        else:
+            first = ["factorised weights (params)", f"{self.site_params_before:,}", f"{self.site_params_after:,}",
+                     ratio(self.site_params_before, self.site_params_after)]
         rows = [
-            ["factorised weights (params)", f"{self.site_params_before:,}", f"{self.site_params_after:,}",
-             ratio(self.site_params_before, self.site_params_after)],
+            first,
             ["model parameters", f"{self.model_params_before:,}", f"{self.model_params_after:,}",
              ratio(self.model_params_before, self.model_params_after)],
         ]
@@ -119,10 +140,17 @@ class Report:
             before, after = self.ops_before.get(op, 0), self.ops_after.get(op, 0)
             if before != after or op in ("MatMul", "Gemm"):
                 rows.append([f"{op} nodes", str(before), str(after), ""])
-        title = (
+        title = self._quantized_title() if self.quantized else (
             f"method {self.method}, allocation {self.allocation}, {self.factorised}/{len(self.sites)} sites factorised"
         )
         return title + "\n" + format_table(["", "before", "after", "ratio"], rows, align="lrrr")
+
+    def _quantized_title(self) -> str:
+        forms = collections.Counter(s.form or "fp32" for s in self.sites)
+        kept = forms.pop("fp32", 0)
+        counts = ", ".join(f"{n} {form}" for form, n in sorted(forms.items()))
+        return (f"method {self.method}, {QUANTIZED_ALLOCATIONS.get(self.allocation, self.allocation)}; "
+                f"{len(self.sites) - kept}/{len(self.sites)} sites changed" + (f" ({counts})" if counts else ""))
 
 
 def relative_frobenius(dropped_energy: float, total_energy: float) -> float:

@@ -66,6 +66,8 @@ class SweepResult:
         ]
         note = (f"Pareto: no other row is as small (bytes; latency) and as good ({self.metric.replace('_', ' ')}), "
                 "and better in one of the two.")
+        if self.metric == "accuracy":
+            note += " Accuracy ties (common on small test sets) are broken by the mean cosine with the original."
         if any(r.get("latency_ratio") is not None for r in self.rows):
             note += (" latency x: the row's latency over the original's, the median of alternating pairs on the "
                      "first validation batch (profile --compare's measure).")

@@ -420,10 +420,18 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
-            note=f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})"))
+            note=f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})", form=_form(option),
+            bytes_before=4 * site.params, bytes_after=option.bytes))
         if site_plan is not None:
             plans[site.weight] = site_plan
     return rewrite(job.prepared.model, plans, tables, job.factors), results
+
+
+def _form(option: Option) -> str:
+    """How the report counts a site: kept, low rank alone, quantized, or quantized with a correction."""
+    if option.storage in (plan.FP32, plan.LOW_RANK):
+        return option.storage if option.storage == plan.LOW_RANK and option.rank else "fp32"
+    return "quantized + correction" if option.rank else "quantized"
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:
@@ -438,7 +446,9 @@ def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> 
         size = 4 * table.params if scheme is None else scheme.table_bytes(table.V, table.D)
         report.sites.append(SiteResult(name=table.name, weight=table.name, op_type="Gather", K=table.V, N=table.D,
                                        rank=None, params_before=table.params, params_after=table.params,
-                                       note=f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})"))
+                                       note=f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})",
+                                       form="fp32" if scheme is None else "quantized",
+                                       bytes_before=4 * table.params, bytes_after=size))
     report.model_params_before, report.ops_before = model_parameters(prepared.model), op_counts(prepared.model)
     report.model_params_after, report.ops_after = model_parameters(model_out), op_counts(model_out)
     return report

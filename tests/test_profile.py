@@ -348,6 +348,20 @@ def test_achievable_ratio_from_a_parsed_profile():
     assert achievable_ratio(10.0, {"a": 6.0, "b": 2.0}, {"a": 0.5, "b": 1.0}) == pytest.approx(0.7)
     text = format_speed(limits, ratio_summary([1.0] * 4, [0.8] * 4))
     assert "achievable latency ratio 0.550" in text and "measured latency ratio 0.800" in text
+    assert "warning" not in text  # a steady pair and a site at twice its FLOP share: nothing to doubt
+
+
+def test_profile_compare_warns_when_the_timings_cannot_be_read_per_site():
+    """The newcomer's case: a site at 0.038 of its dense time for a FLOP ratio of 0.125 on a loaded machine."""
+    original = _fake_result({"l/MatMul": ("MatMul", 8.0), "act": ("Relu", 2.0)}, {"l/MatMul": 1000})
+    compressed = _fake_result({"l/MatMul/factor_A": ("MatMul", 0.1), "l/MatMul/factor_B": ("MatMul", 0.204),
+                               "act": ("Relu", 2.0)}, {"l/MatMul/factor_A": 50, "l/MatMul/factor_B": 75})
+    limits = speed_limits(original, compressed)
+    assert limits["sites"][0]["time_ratio"] == pytest.approx(0.038) and limits["sites"][0]["flop_ratio"] == 0.125
+    steady = format_speed(limits, ratio_summary([1.0] * 10, [0.3] * 10))
+    assert "0.038 *" in steady and "not a speed-up" in steady and "spread" not in steady
+    loaded = format_speed(limits, ratio_summary([1.0] * 10, [0.2, 0.25, 0.3, 0.3, 0.3, 0.3, 0.35, 0.4, 0.5, 0.6]))
+    assert "per-site ratios are unreliable" in loaded
 
 
 def test_a_node_belongs_to_the_longest_site_it_is_named_under():

@@ -248,12 +248,39 @@ def format_speed(limits: dict, paired: dict, top: int = 12) -> str:
     rows = sorted(limits["sites"], key=lambda row: (-row["dense_ms"], row["node"]))[:top]
     table = format_table(
         ["site", "dense ms", "factored ms", "time ratio", "FLOP ratio"],
-        [[row["node"], f"{row['dense_ms']:.3f}", f"{row['factored_ms']:.3f}", _fmt(row["time_ratio"]),
-          _fmt(row["flop_ratio"])] for row in rows],
+        [[row["node"], f"{row['dense_ms']:.3f}", f"{row['factored_ms']:.3f}",
+          _fmt(row["time_ratio"]) + (" *" if _implausible(row) else ""), _fmt(row["flop_ratio"])] for row in rows],
         align="lrrrr",
     )
     more = f" ({count - top} more in the JSON)" if count > top else ""
-    return "\n".join(lines + ["", f"Factorised sites, slowest first{more}", table])
+    return "\n".join(lines + ["", f"Factorised sites, slowest first{more}", table] + reliability_notes(limits, paired))
+
+
+# A per-site time ratio below this share of its FLOP ratio is not a kernel speed-up but a timing artefact; a
+# paired p10-p90 spread above this share of the median means the machine's load moved the timings.
+IMPLAUSIBLE_SHARE = 0.5
+WIDE_SPREAD = 0.25
+
+
+def _implausible(row: dict) -> bool:
+    return row["time_ratio"] is not None and row["time_ratio"] < IMPLAUSIBLE_SHARE * row["flop_ratio"]
+
+
+def reliability_notes(limits: dict, paired: dict) -> list[str]:
+    """Warnings when the per-site ratios cannot be read as measured speed: a wide spread of the paired ratios
+    (load), or sites whose factored time is far below their FLOP share (marked *)."""
+    notes = []
+    spread = (paired["ratio_p90"] - paired["ratio_p10"]) / paired["ratio_p50"] if paired["ratio_p50"] else 0.0
+    if spread > WIDE_SPREAD:
+        notes.append(f"warning: the paired ratios spread over {100 * spread:.0f}% of their median (p10-p90), so "
+                     "the machine's load moved the timings: per-site ratios are unreliable; rerun with more --runs "
+                     "on a quieter machine.")
+    odd = [row["node"] for row in limits["sites"] if _implausible(row)]
+    if odd:
+        notes.append(f"warning: {len(odd)} site(s) (*) took less than {IMPLAUSIBLE_SHARE:g} of their FLOP share "
+                     "of the dense time, more than a smaller matrix product can save: a timing artefact (load, or "
+                     "time the profiler gave to another node), not a speed-up; rerun to check.")
+    return notes
 
 
 def unnamed_site_nodes(model: onnx.ModelProto) -> int:

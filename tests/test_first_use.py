@@ -444,6 +444,55 @@ def test_readme_quickstart_uses_the_defaults_and_writes_to_an_ignored_path():
     assert ignored.returncode == 0, f"{output} is not covered by .gitignore"
 
 
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*(?:e-?\d+)?")
+
+
+def _same_line(shown: str, printed: str) -> bool:
+    """A README line and a printed one: the same words; integers (ranks, parameters, bytes) equal; decimals
+    within 1 % (their last digit moves between CPUs: 0.02827 here, 0.02828 on an AVX2-only EPYC)."""
+    if NUMBER.sub("#", shown) != NUMBER.sub("#", printed):
+        return False
+    for a, b in zip(NUMBER.findall(shown), NUMBER.findall(printed)):
+        if "." in a or "e" in a:
+            if abs(float(a) - float(b)) > 0.01 * abs(float(a)):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def _shown_in_order(shown: list[str], printed: list[str]) -> list[str]:
+    """The README's lines that are not printed in its order: runs of lines are consecutive, '...' skips lines,
+    and 'wrote PATH' matches any path."""
+    missing, at, gap = [], 0, True
+    for line in shown:
+        if line == "...":
+            gap = True
+            continue
+        def same(candidate):
+            return candidate.startswith("wrote ") if line.startswith("wrote ") else _same_line(line, candidate)
+        window = range(at, len(printed)) if gap else range(at, min(at + 1, len(printed)))
+        found = next((i for i in window if same(printed[i])), None)
+        if found is None:
+            missing.append(line)
+        else:
+            at, gap = found + 1, False
+    return missing
+
+
+def test_readme_quickstart_output_is_what_the_command_prints(tmp_path, capsys):
+    readme = (ROOT / "README.md").read_text()
+    command = next(block for block in re.findall(r"```bash\n(.*?)```", readme, re.S) if "onnx-fwlr compress" in block)
+    argv = command.split("onnx-fwlr ", 1)[1].split()
+    argv[argv.index("-o") + 1] = str(tmp_path / "digits_small.onnx")
+    argv = [str(ROOT / a) if a.startswith("sample_models/") else a for a in argv]
+    shown = readme.split("What the first command prints", 1)[1].split("```\n", 1)[1].split("```", 1)[0]
+    assert main(argv + ["--quiet"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(shown.splitlines()) > 20
+    assert _shown_in_order(shown.splitlines(), printed) == []
+
+
 def test_compress_prints_where_the_model_went(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["compress", str(DIGITS), "-o", "o.onnx", "--ratio", "0.5", "--quiet"]) == 0

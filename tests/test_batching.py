@@ -91,6 +91,21 @@ def test_trim_padding_cuts_only_trailing_columns_no_sample_uses():
     assert empty["attention_mask"].shape == (2, 1)  # never an empty sequence
 
 
+def test_a_decoders_token_ids_are_cut_with_its_mask_or_nothing_is():
+    """The shipped decoder's mask spans `total_sequence` (past + new), its input_ids `sequence`: cutting the mask
+    alone made ONNX Runtime refuse every trimmed batch (And node, 63 by 64)."""
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "total_sequence"))]
+    assert padded_inputs(specs, "attention_mask") == ["input_ids", "attention_mask"]
+    mask = np.ones((2, 6), np.int64)
+    mask[:, 4:] = 0
+    feed = {"input_ids": np.arange(12).reshape(2, 6), "attention_mask": mask}
+    trimmed, _ = trim_padding(feed, None, "attention_mask", ["input_ids", "attention_mask"])
+    assert trimmed["input_ids"].shape == trimmed["attention_mask"].shape == (2, 4)
+    with_past = {"input_ids": np.arange(4).reshape(2, 2), "attention_mask": mask}  # 4 past + 2 new positions
+    assert trim_padding(with_past, None, "attention_mask", ["input_ids", "attention_mask"])[0] is with_past
+
+
 def test_nothing_is_cut_where_the_model_fixes_the_axis():
     fixed_seq = [InputSpec(name, np.dtype(np.int64), ("batch", 8)) for name in ("ids", "mask")]
     assert padded_inputs(fixed_seq, "mask") == [] and padded_inputs(fixed_seq, None) == []

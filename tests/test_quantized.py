@@ -194,8 +194,11 @@ def test_int8_dynamic_sites_store_exactly_the_weights_the_correction_was_fitted_
     rng = np.random.default_rng(9)
     W = rng.standard_normal((48, 40)).astype(np.float32)
     model = gemm_model(W, trans_a=0, trans_b=1, alpha=1.0, beta=1.0, bias=True)
-    out, _ = compress_quantized(model, quantize="int8", rank=8, method="svd", progress=False)
+    out, report = compress_quantized(model, quantize="int8", rank=8, method="svd", progress=False)
     onnx.checker.check_model(out)
+    from onnx_fwlr.quant.int8_kernels import int8_saturates
+
+    assert any("7-bit weights" in w for w in report.warnings) == int8_saturates()
     arrays = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
     name = next(n for n in arrays if n.endswith("_quantized"))
     base = name[: -len("_quantized")]

@@ -68,6 +68,11 @@ class SweepResult:
                 "and better in one of the two.")
         if self.metric == "accuracy":
             note += " Accuracy ties (common on small test sets) are broken by the mean cosine with the original."
+        if any(r.get("kind") in ("baseline", "quantized") or r["config"].startswith("ORT int8") for r in self.rows):
+            from onnx_fwlr.quant.int8_kernels import WHY, int8_saturates
+
+            if int8_saturates():
+                note += f" Dynamic int8 here: {WHY}."
         if any(r.get("latency_ratio") is not None for r in self.rows):
             note += (" latency x: the row's latency over the original's, the median of alternating pairs on the "
                      "first validation batch (profile --compare's measure).")

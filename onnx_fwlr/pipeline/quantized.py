@@ -451,4 +451,9 @@ def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> 
                                        bytes_before=4 * table.params, bytes_after=size))
     report.model_params_before, report.ops_before = model_parameters(prepared.model), op_counts(prepared.model)
     report.model_params_after, report.ops_after = model_parameters(model_out), op_counts(model_out)
+    if any(s.note.startswith(INT8_DYNAMIC.label) for s in report.sites):
+        from onnx_fwlr.quant.int8_kernels import WHY, int8_saturates
+
+        if int8_saturates():  # the same file from a VNNI machine would have 8-bit weights: say why not here
+            report.warnings.append(f"dynamic int8 sites have {WHY}.")
     return report

@@ -68,7 +68,7 @@ def test_load_failure_is_one_sentence_with_a_role_and_ors_own_error_without(tmp_
 
 def test_session_options_carry_each_callers_choices(tmp_path):
     default = session_options()
-    assert default.log_severity_level == 3 and default.intra_op_num_threads == 0
+    assert default.log_severity_level == 4 and default.intra_op_num_threads == 0  # fatal only: errors are exceptions
     chosen = session_options(threads=2, spinning=False, quiet=False, optimize=False,
                              profile_prefix=str(tmp_path / "ort"))
     assert chosen.intra_op_num_threads == 2 and chosen.log_severity_level == ort.SessionOptions().log_severity_level

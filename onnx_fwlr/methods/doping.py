@@ -40,16 +40,20 @@ def gram_error(E: np.ndarray, gram_chol: np.ndarray) -> float:
     return float(np.linalg.norm(gram_chol.T @ E))
 
 
-def refit_doping_values(residual: np.ndarray, support: Coo, gram_chol: np.ndarray) -> Coo:
+def refit_doping_values(residual: np.ndarray, support: Coo, gram_chol: np.ndarray, gram: np.ndarray | None = None
+                        ) -> Coo:
     """Best values on a fixed support in the Gram metric: per column j, G[S,S] d = (G r_j)[S].
 
     With a non-diagonal G the entries of one column interact, so the residual values themselves are
-    not optimal; columns are independent, so each is one small positive definite solve.
+    not optimal; columns are independent, so each is one small positive definite solve. `gram`: G itself,
+    when the caller has it (dope computes it once for all its rounds).
     """
     if len(support.vals) == 0:
         return support
-    G = gram_chol @ gram_chol.T
-    G_res = G @ residual
+    G = gram_chol @ gram_chol.T if gram is None else gram
+    touched = np.unique(support.rows)
+    G_res = np.zeros(residual.shape)
+    G_res[touched] = G[touched] @ residual  # only the rows of the support are read below
     vals = np.empty(len(support.vals))
     order = np.argsort(support.cols, kind="stable")
     cols = support.cols[order]
@@ -101,6 +105,7 @@ def dope(
                 f"gram_chol must be [{W.shape[0]}, {W.shape[0]}], got {gram_chol.shape}; pass the input Gram's factor."
             )
         w = np.linalg.norm(gram_chol, axis=1)
+        gram = gram_chol @ gram_chol.T
     else:
         w = checked_row_weights(row_weights, W.shape[0])
     D = _empty_doping(W.shape) if start is None else start
@@ -113,7 +118,7 @@ def dope(
         if gram_chol is None:
             err = weighted_error(residual, D_new.dense(), w)
         else:
-            D_new = refit_doping_values(residual, D_new, gram_chol)
+            D_new = refit_doping_values(residual, D_new, gram_chol, gram)
             err = gram_error(residual - D_new.dense(), gram_chol)
         if history and err > history[-1]:
             break

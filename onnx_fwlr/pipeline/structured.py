@@ -126,7 +126,9 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
         chosen, measured = measured_forms(prepared, pairs, options, form_timer)
     model_out, report = assemble(prepared, allocation, budget, pairs, chosen)
     report.method = ",".join(mix)
-    shape_note = {} if not kron_shape else {"kron_shape": kron_shape if isinstance(kron_shape, str) else list(kron_shape)}
+    shape_note = {}
+    if kron_shape:
+        shape_note["kron_shape"] = kron_shape if isinstance(kron_shape, str) else list(kron_shape)
     report.budget.update(dope=dope, weighting=weighting, **shape_note)
     if dope_share is not None:
         report.budget["dope_share"] = dope_share

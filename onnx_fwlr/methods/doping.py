@@ -129,6 +129,9 @@ def dope(
     return DopedFit(structure=best[0], doping=best[1], history=history)
 
 
+GROW_MIN_GAIN = 0.1  # dope_growing stops growing when a level lowers the error by less than this (relative)
+
+
 def _empty_doping(shape) -> Coo:
     return Coo(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), tuple(shape))
 
@@ -151,6 +154,7 @@ def dope_growing(
     tol: float = 1e-6,
     grow_to: int = 8,
     exact_tol: float = 1e-6,
+    grow_min_gain: float = GROW_MIN_GAIN,
 ) -> tuple[int, DopedFit]:
     """`dope` with the structure grown from one term (or rank 1) upwards, robust-PCA style: (size used, fit).
 
@@ -162,6 +166,12 @@ def dope_growing(
     more terms are not spent on fitting rounding noise); `dope` at the full size from an empty D (the plain
     alternation, so never worse than it); and the full size warm-started from the best grown level.
     The lowest error wins; ties go to the fewer terms. approx_for(s) returns the approx_fn for s terms.
+
+    Growing also stops when a level lowers the error by less than `grow_min_gain` (relative) from the level
+    below (level 0: ‖W‖): a weight that is a few terms plus sparse entries loses a large share of its error
+    per term until it is exact, while a trained weight loses ~1-2 % per term (measured on 1024² weights: 0.976,
+    0.966, 0.956, ... 0.914 at 8 terms against 0.719 at the full 49), so its growth, which never wins there,
+    stops after one level instead of eight.
     """
     W = np.asarray(W, dtype=np.float64)
     options = dict(row_weights=row_weights, gram_chol=gram_chol, max_iter=max_iter, tol=tol)
@@ -173,13 +183,16 @@ def dope_growing(
         if best is None or fit.history[-1] < best[0]:
             best = (fit.history[-1], s, fit)
 
-    D = None
+    D, previous = None, _metric_norm(W, row_weights, gram_chol)
     for s in range(1, min(grow_to, size) + 1):
         fit = dope(W, approx_for(s), k, start=D, **options)
         consider(s, fit)
         D = fit.doping
         if fit.history[-1] <= exact:
             return best[1], best[2]
+        if fit.history[-1] > (1.0 - grow_min_gain) * previous:
+            break
+        previous = fit.history[-1]
     if size > grow_to:
         consider(size, dope(W, approx_for(size), k, start=best[2].doping, **options))
     consider(size, dope(W, approx_for(size), k, **options))

@@ -11,7 +11,7 @@ from builders import matmul_model, rel_error, run
 from onnx import numpy_helper
 
 import onnx_fwlr
-from onnx_fwlr.evaluate.kron_speed import DEFAULT_ROWS, MAX_MAC_SHARE, KronSpeed, fast_candidates
+from onnx_fwlr.evaluate.kron_speed import DEFAULT_ROWS, KronSpeed
 from onnx_fwlr.methods.doping import dope_growing
 from onnx_fwlr.methods.structured import (
     KronFitter,
@@ -22,7 +22,7 @@ from onnx_fwlr.methods.structured import (
     nearest_kron,
     truncated_svd,
 )
-from onnx_fwlr.methods.structured_fit import fit_site
+from onnx_fwlr.methods.structured_fit import MAX_MAC_SHARE, fast_candidates, fit_site
 
 
 class ShapeTimer:

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from onnx_fwlr.methods.structured import Coo, KronSum, LowRank, Structured, kron_macs, kron_params, kron_shapes
-from onnx_fwlr.rewrite.structured import ORDERS, Form, kron_intermediate
+from onnx_fwlr.methods.structured import Coo, KronSum, LowRank, Structured
+from onnx_fwlr.methods.structured_fit import fast_orders
+from onnx_fwlr.rewrite.structured import Form
 
 DEFAULT_ROWS = (32, 1024)  # rows timed when the model's are unknown (no data file, no --shape): a sequence, a batch
-MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
-MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
 SPEED_MARGIN = 0.05  # a structure is taken when it measures at most (1 − margin) × the dense time at every row count
-MAX_TIMED = 6  # candidates timed per site, in order of error, before the site gives up on Kronecker
 ELEMENTS_ROWS = 4  # below this many rows the element-wise doping form is timed too (it wins at one row)
 CACHE_VERSION = 1
 
@@ -44,27 +42,6 @@ class Speed:
 
     def faster(self) -> bool:
         return self.ratio <= 1.0 - SPEED_MARGIN
-
-
-def fast_candidates(K: int, N: int, available: float) -> list[tuple[tuple[int, int, int, int], int]]:
-    """(shape, terms) worth timing for a [K, N] weight with `available` stored numbers for the structure: every
-    divisor split with at least one term, whose multiply-adds per row (the cheaper contraction order) are at most
-    MAX_MAC_SHARE of the dense op's and whose intermediate in that order is not huge. Terms: as many as fit."""
-    found = []
-    for shape in kron_shapes(K, N):
-        m1, m2, n1, n2 = shape
-        terms = min(int(available // kron_params(shape, 1)), m1 * n1, m2 * n2)
-        if terms < 1 or not _orders(shape, terms, K, N):
-            continue
-        found.append((shape, terms))
-    return found
-
-
-def _orders(shape, terms: int, K: int, N: int) -> list[str]:
-    """Contraction orders whose multiply-adds and intermediate are small enough to be worth timing."""
-    macs = dict(zip(ORDERS, kron_macs(shape, terms)))
-    return [o for o in ORDERS if macs[o] <= MAX_MAC_SHARE * K * N
-            and kron_intermediate(shape, terms, o) <= MAX_INTERMEDIATE * (K + N)]
 
 
 def random_structure(K: int, N: int, shape, terms: int, k: int, seed: int = 0) -> Structured:
@@ -132,7 +109,7 @@ class KronSpeed:
             self.path = None  # an unwritable cache costs a remeasurement next time, never the run
 
     def _forms(self, shape, terms: int, K: int, N: int, k: int) -> list[Form]:
-        orders = [None] if shape is None else _orders(shape, terms, K, N)
+        orders = [None] if shape is None else fast_orders(shape, terms, K, N)
         dopings = ["scatternd"] if min(self.rows) >= ELEMENTS_ROWS else ["scatternd", "elements"]
         if k == 0:
             dopings = ["scatternd"]  # unused without doping

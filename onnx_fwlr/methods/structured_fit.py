@@ -39,6 +39,7 @@ from onnx_fwlr.methods.structured import (
     Structured,
     doping_params,
     kron_energy_left,
+    kron_macs,
     kron_params,
     kron_shapes,
     nearest_kron,
@@ -48,6 +49,9 @@ from onnx_fwlr.methods.structured import (
 STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site (without a speed measure)
 BALANCED = "balanced"  # kron_shape: the SHAPE_CANDIDATES most balanced shapes by error alone (no speed measure)
+MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
+MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
+MAX_TIMED = 6  # candidates timed per site, in order of error, before the site gives up on Kronecker
 ALS_TOL = 1e-4  # a cold weighted ALS stops when a sweep gains less than this (relative), as the doping rounds do
 
 
@@ -223,8 +227,6 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
 def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
     """(shape, terms, Speed) of the lowest-error candidate that measures faster than the dense weight, or None
     with speed.rejected saying why (evaluate.kron_speed: candidates, timing, cache)."""
-    from onnx_fwlr.evaluate.kron_speed import MAX_TIMED, fast_candidates
-
     K, N = W.shape
     speed.rejected = None
     candidates = fast_candidates(K, N, available)
@@ -302,3 +304,25 @@ def fit_structured_site(
             np.asarray(W, np.float64) - fit.replacement.dense()
         )
     return fit
+
+
+def fast_orders(shape, terms: int, K: int, N: int) -> list[str]:
+    """Contraction orders ('b_first', 'a_first': structured.kron_macs) whose multiply-adds per row are at most
+    MAX_MAC_SHARE of the dense op's and whose intermediate is at most MAX_INTERMEDIATE × (K + N) floats."""
+    m1, m2, n1, n2 = shape
+    macs = dict(zip(("b_first", "a_first"), kron_macs(shape, terms)))
+    intermediate = {"b_first": terms * m1 * n2, "a_first": terms * m2 * n1}
+    return [o for o in ("b_first", "a_first")
+            if macs[o] <= MAX_MAC_SHARE * K * N and intermediate[o] <= MAX_INTERMEDIATE * (K + N)]
+
+
+def fast_candidates(K: int, N: int, available: float) -> list[tuple[tuple[int, int, int, int], int]]:
+    """(shape, terms) worth timing for a [K, N] weight with `available` stored numbers for the structure: every
+    divisor split with at least one term and a contraction order in fast_orders. Terms: as many as fit."""
+    found = []
+    for shape in kron_shapes(K, N):
+        m1, m2, n1, n2 = shape
+        terms = min(int(available // kron_params(shape, 1)), m1 * n1, m2 * n2)
+        if terms >= 1 and fast_orders(shape, terms, K, N):
+            found.append((shape, terms))
+    return found

@@ -4,6 +4,7 @@ weighted error at the same number of stored numbers (methods.structured_fit)."""
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import SiteResult
@@ -81,7 +82,9 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     speeds = site_speeds(prepared, options, form_timer, latency) if "kron" in structures and kron_shape is None \
         else [None] * len(sites)
     pairs, speed_forms = [], {}
-    for site, speed in zip(sites, speeds):
+    bar = tqdm(list(zip(sites, speeds)), desc="structured fit", unit="site", disable=not options.get("progress"),
+               leave=False)  # a 1024 x 1024 site takes ~5-15 s here: elapsed time and ETA per site
+    for site, speed in bar:
         method = prepared.site_methods[site.weight]
         recurrent = is_recurrent(site)
         active = stats is not None and stats.has_activations(site)

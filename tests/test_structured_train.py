@@ -122,7 +122,7 @@ CALIB = ROOT / "sample_models" / "digits_calib.npz"
 @pytest.fixture(scope="module")
 def digits_kron():
     model, report = compress(str(DIGITS), ratio=0.25, method="kron", dope=0.01, calibration=str(CALIB),
-                             exclude="head", progress=False)
+                             exclude="head", kron_shape="balanced", progress=False)  # Kronecker even if slower
     assert report.factorised == 2
     return model
 
@@ -200,7 +200,7 @@ def test_refine_in_phases_reselects_between_them(digits_kron):
 
 def test_dope_share_spends_that_share_of_each_site():
     model, report = compress(str(DIGITS), ratio=0.25, method="kron", dope_share=0.3, calibration=str(CALIB),
-                             exclude="head", progress=False)
+                             exclude="head", kron_shape="balanced", progress=False)
     for site in report.sites:
         k = int(0.3 * 0.25 * site.K * site.N // 3)
         assert f"+ {k} doped" in site.note
@@ -232,7 +232,8 @@ def test_measured_forms_pick_per_site_and_keep_slower_sites_dense():
 
     timer = RuleTimer(rule)
     model, report = compress(str(DIGITS), ratio=0.25, method="kron", dope=0.01, calibration=str(CALIB),
-                             exclude="head", forms="measured", form_timer=timer, progress=False)
+                             exclude="head", forms="measured", form_timer=timer, kron_shape="balanced",
+                             progress=False)
     notes = {s.name: s.note for s in report.sites}
     fc1, fc2 = (next(n for name, n in notes.items() if name.startswith(p)) for p in ("fc1", "fc2"))
     assert fc1.startswith("kept dense") and "doping elements" in fc2 and report.factorised == 1
@@ -246,7 +247,7 @@ def test_cli_refine_and_compress_refine_accept_structured_models(tmp_path, capsy
     structured = tmp_path / "kron.onnx"
     assert main(["compress", str(DIGITS), "-o", str(structured), "--method", "kron", "--dope", "0.01", "--ratio",
                  "0.25", "--exclude", "head", "--calib", str(CALIB), "--refine", "6", "--refine-lr", "3e-3",
-                 "--dope-dropout", "0.3", "--quiet"]) == 0
+                 "--dope-dropout", "0.3", "--kron-shape", "balanced", "--quiet"]) == 0
     assert "refine:" in capsys.readouterr().out
     out = tmp_path / "refined.onnx"
     assert main(["refine", str(DIGITS), str(structured), "-o", str(out), "--calib", str(CALIB), "--steps", "6",

@@ -2,6 +2,14 @@
 
 Run from the repository root:
     python tools/bench_kron_speed.py [--threads 1,2] [--tokens 1024,32,1] [--json FILE]
+    python tools/bench_kron_speed.py --goals [--json FILE]     # issue 29's goals, printed PASS/FAIL
+
+--goals: `compress --method kron --dope 0.001 --ratio 0.1` with default shapes (timed at one thread, fresh latency
+cache, so the fit's wall time includes the timing) on a 1024 x 1024 MatMul, for a trained-like weight (decaying
+spectrum plus noise) and a Gaussian one; then the written model, the balanced shape's (`--kron-shape balanced`,
+yesterday's default) and the dense original, timed back to back (ratios of interleaved rounds) at T = 1024 and
+T = 32 rows on one thread. Goals: the default below 1.0x dense at both row counts, its relative error at most
+1.1x the balanced shape's, the fit under 30 s. The load average is printed next to every latency.
 
 A 1024 x 1024 MatMul weight replaced by Σ_s A_s ⊗ B_s + D at several shapes, term counts and doping shares,
 each at >= 8x compression (stored numbers: factor entries + 3 per doping entry). For each configuration,
@@ -80,6 +88,70 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def goal_weight(kind: str, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "gaussian":
+        return rng.standard_normal((K, N)) / np.sqrt(K)
+    U, _ = np.linalg.qr(rng.standard_normal((K, K)))
+    V, _ = np.linalg.qr(rng.standard_normal((N, N)))
+    return (U / (1.0 + np.arange(K) / 20.0)) @ V.T + 0.002 * rng.standard_normal((K, N))
+
+
+def load() -> str:
+    return "load " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def goals(rounds: int) -> dict:
+    """Issue 29's goals on both weights; returns the rows for --json."""
+    import tempfile
+    import time
+
+    from onnx_fwlr import compress
+    from onnx_fwlr.evaluate.latency import MeasuredLatency
+
+    results = []
+    for kind in ("trained-like", "gaussian"):
+        model = dense_model(goal_weight(kind).astype(np.float32))
+        with tempfile.TemporaryDirectory() as cache:
+            start, load_before = time.perf_counter(), load()
+            fast, fast_report = compress(model, ratio=0.1, method="kron", dope=0.001, progress=False,
+                                         latency=MeasuredLatency(threads=1, cache_dir=cache))
+            fit_s = time.perf_counter() - start
+        start = time.perf_counter()
+        balanced, balanced_report = compress(model, ratio=0.1, method="kron", dope=0.001, kron_shape="balanced",
+                                             progress=False)
+        balanced_s = time.perf_counter() - start
+        (site,), (old,) = fast_report.sites, balanced_report.sites
+        row = {"weight": kind, "default": site.note.split(",")[0], "balanced": old.note.split(",")[0],
+               "error": site.relative_error, "balanced_error": old.relative_error, "fit_s": fit_s,
+               "balanced_fit_s": balanced_s, "fit_load": load_before, "latency": {}}
+        timer = OrtFormTimer(threads=1, rounds=rounds)
+        for tokens in (1024, 32):
+            before = load()
+            times = timer({DENSE: model, "default": fast, "balanced": balanced}, K, tokens)
+            row["latency"][tokens] = {"dense_ms": times[DENSE], "default": times["default"] / times[DENSE],
+                                      "balanced": times["balanced"] / times[DENSE], "load": f"{before} / {load()}"}
+        results.append(row)
+    print(f"\n1024x1024 MatMul, ratio 0.1, dope 0.001; ONNX Runtime {ort.__version__} CPU, 1 thread; ratios of "
+          "back-to-back interleaved rounds (medians)")
+    for row in results:
+        print(f"\n{row['weight']} weight")
+        print(f"  default : {row['default']:<42} rel. error {row['error']:.4f}  fit {row['fit_s']:.1f} s "
+              f"(timing included, {row['fit_load']})")
+        print(f"  balanced: {row['balanced']:<42} rel. error {row['balanced_error']:.4f}  fit "
+              f"{row['balanced_fit_s']:.1f} s")
+        for tokens, lat in row["latency"].items():
+            print(f"  T={tokens:<5} dense {lat['dense_ms']:8.3f} ms   default {lat['default']:.2f}x   balanced "
+                  f"{lat['balanced']:.2f}x dense   ({lat['load']})")
+        checks = [(f"default below 1.0x dense at T={t}", lat["default"] < 1.0) for t, lat in row["latency"].items()]
+        checks.append(("relative error at most 1.1x the balanced shape's", row["error"] <= 1.1 * row["balanced_error"]))
+        checks.append(("fit under 30 s", row["fit_s"] < 30.0))
+        row["goals"] = {name: ok for name, ok in checks}
+        for name, ok in checks:
+            print(f"  {'PASS' if ok else 'FAIL'}  {name}")
+    return {"onnxruntime": ort.__version__, "goals": results}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2", help="intra-op thread counts (comma-separated)")
@@ -87,7 +159,13 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", help="indices into CONFIGS to run (comma-separated; default all)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per measurement")
     parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--goals", action="store_true", help="issue 29's goals, PASS/FAIL (see the docstring)")
     args = parser.parse_args(argv)
+    if args.goals:
+        data = goals(max(args.rounds, 15))
+        if args.json:
+            Path(args.json).write_text(json.dumps(data, indent=1) + "\n")
+        return 0 if all(all(r["goals"].values()) for r in data["goals"]) else 1
     configs = CONFIGS if not args.configs else [CONFIGS[int(i)] for i in args.configs.split(",")]
     rows = []
     for m1, m2, n1, n2, terms, dope, touched in configs:

@@ -37,8 +37,10 @@ def _rank_multiple(text: str):
 
 
 def _latency_model(args):
-    """The measured latency model, when a flag needs one (it times on first use, then reads its cache)."""
-    if args.target_latency is None and args.rank_multiple != "auto":
+    """The measured latency model, when a flag needs one (it times on first use, then reads its cache); for
+    Kronecker structures its threads and cache folder time the candidate shapes."""
+    kron = args.method == "kron" or "kron" in (args.methods or "").split(",")
+    if args.target_latency is None and args.rank_multiple != "auto" and not kron:
         return None
     from onnx_fwlr.evaluate.latency import MeasuredLatency
 
@@ -102,7 +104,10 @@ class Compress:
         p.add_argument("--dope-share", type=float, metavar="S",
                        help="instead of --dope: spend this share of each site's stored numbers on doping entries "
                             "(3 numbers each), e.g. 0.3")
-        p.add_argument("--kron-shape", metavar="m1xm2,n1xn2", help="force Kronecker factor shapes (K=m1*m2, N=n1*n2)")
+        p.add_argument("--kron-shape", metavar="m1xm2,n1xn2",
+                       help="force Kronecker factor shapes (K=m1*m2, N=n1*n2), or 'balanced': the most balanced shapes "
+                            "by error alone, no timing (default: the lowest-error shape measured faster than the dense "
+                            "weight at the model's rows; docs/doped.md)")
         p.add_argument("--forms", choices=["default", "measured"], default="default",
                        help="ONNX form of structured sites: by multiply-adds (default, deterministic), or the fastest "
                             "timed here at the model's row count, keeping dense a site whose structure is slower than "

@@ -72,13 +72,19 @@ def printer(args) -> "callable":
     return lambda text="": print(in_flag_terms(str(text), flags, verbatim), file=stream)
 
 
+BALANCED = "balanced"  # --kron-shape: the most balanced shapes by error alone, no timing
+
+
 def parse_kron_shape(text: str | None):
-    """`--kron-shape 8x8,16x16` -> (m1, m2, n1, n2)."""
+    """`--kron-shape 8x8,16x16` -> (m1, m2, n1, n2); `--kron-shape balanced` -> "balanced" (by error alone)."""
     if text is None:
         return None
+    if text.strip() == BALANCED:
+        return BALANCED
     match = re.fullmatch(r"\s*(\d+)x(\d+)\s*,\s*(\d+)x(\d+)\s*", text)
     if not match or 0 in (shape := tuple(int(v) for v in match.groups())):
-        raise FwlrError(f"--kron-shape '{text}' is not m1xm2,n1xn2 with positive integers (e.g. 8x8,16x16).")
+        raise FwlrError(f"--kron-shape '{text}' is not m1xm2,n1xn2 with positive integers (e.g. 8x8,16x16) or "
+                        "'balanced'.")
     return shape
 
 

@@ -139,7 +139,9 @@ def choose_form(rep: Structured, tokens: int, timer, dtype=np.float32) -> FormCh
 class OrtFormTimer:
     """Times one-site models in ONNX Runtime: x [tokens, K] random, one warm-up run each, then rounds in which
     every model runs `runs` times in a rotating order (interleaved, so load changes hit all of them alike),
-    until `rounds` rounds and `min_seconds` have passed; each model's time is the median over rounds."""
+    until `rounds` rounds and `min_seconds` have passed. The dense model's time is its median over rounds; every
+    other model's is the median of its ratios to the dense time of the same round times that median (a ratio of
+    runs close together moves far less under a burst of load than a time: evaluate.latency.measure_table)."""
 
     def __init__(self, threads: int | None = None, providers=("CPUExecutionProvider",), runs: int = 3,
                  rounds: int = 7, min_seconds: float = 0.2, seed: int = 0):
@@ -167,4 +169,9 @@ class OrtFormTimer:
                     sessions[label].run(None, feed)
                 samples[label].append((time.perf_counter() - tick) / self.runs * 1000.0)
             round_index += 1
-        return {label: float(np.median(values)) for label, values in samples.items()}
+        medians = {label: float(np.median(values)) for label, values in samples.items()}
+        if DENSE not in samples:
+            return medians
+        dense = np.asarray(samples[DENSE])
+        return {label: medians[DENSE] * float(np.median(np.asarray(values) / dense)) if label != DENSE
+                else medians[DENSE] for label, values in samples.items()}

@@ -40,16 +40,20 @@ def gram_error(E: np.ndarray, gram_chol: np.ndarray) -> float:
     return float(np.linalg.norm(gram_chol.T @ E))
 
 
-def refit_doping_values(residual: np.ndarray, support: Coo, gram_chol: np.ndarray) -> Coo:
+def refit_doping_values(residual: np.ndarray, support: Coo, gram_chol: np.ndarray, gram: np.ndarray | None = None
+                        ) -> Coo:
     """Best values on a fixed support in the Gram metric: per column j, G[S,S] d = (G r_j)[S].
 
     With a non-diagonal G the entries of one column interact, so the residual values themselves are
-    not optimal; columns are independent, so each is one small positive definite solve.
+    not optimal; columns are independent, so each is one small positive definite solve. `gram`: G itself,
+    when the caller has it (dope computes it once for all its rounds).
     """
     if len(support.vals) == 0:
         return support
-    G = gram_chol @ gram_chol.T
-    G_res = G @ residual
+    G = gram_chol @ gram_chol.T if gram is None else gram
+    touched = np.unique(support.rows)
+    G_res = np.zeros(residual.shape)
+    G_res[touched] = G[touched] @ residual  # only the rows of the support are read below
     vals = np.empty(len(support.vals))
     order = np.argsort(support.cols, kind="stable")
     cols = support.cols[order]
@@ -101,6 +105,7 @@ def dope(
                 f"gram_chol must be [{W.shape[0]}, {W.shape[0]}], got {gram_chol.shape}; pass the input Gram's factor."
             )
         w = np.linalg.norm(gram_chol, axis=1)
+        gram = gram_chol @ gram_chol.T
     else:
         w = checked_row_weights(row_weights, W.shape[0])
     D = _empty_doping(W.shape) if start is None else start
@@ -113,7 +118,7 @@ def dope(
         if gram_chol is None:
             err = weighted_error(residual, D_new.dense(), w)
         else:
-            D_new = refit_doping_values(residual, D_new, gram_chol)
+            D_new = refit_doping_values(residual, D_new, gram_chol, gram)
             err = gram_error(residual - D_new.dense(), gram_chol)
         if history and err > history[-1]:
             break
@@ -122,6 +127,9 @@ def dope(
         if len(history) > 1 and history[-2] - err <= tol * history[-2]:
             break
     return DopedFit(structure=best[0], doping=best[1], history=history)
+
+
+GROW_MIN_GAIN = 0.1  # dope_growing stops growing when a level lowers the error by less than this (relative)
 
 
 def _empty_doping(shape) -> Coo:
@@ -146,6 +154,7 @@ def dope_growing(
     tol: float = 1e-6,
     grow_to: int = 8,
     exact_tol: float = 1e-6,
+    grow_min_gain: float = GROW_MIN_GAIN,
 ) -> tuple[int, DopedFit]:
     """`dope` with the structure grown from one term (or rank 1) upwards, robust-PCA style: (size used, fit).
 
@@ -157,6 +166,12 @@ def dope_growing(
     more terms are not spent on fitting rounding noise); `dope` at the full size from an empty D (the plain
     alternation, so never worse than it); and the full size warm-started from the best grown level.
     The lowest error wins; ties go to the fewer terms. approx_for(s) returns the approx_fn for s terms.
+
+    Growing also stops when a level lowers the error by less than `grow_min_gain` (relative) from the level
+    below (level 0: ‖W‖): a weight that is a few terms plus sparse entries loses a large share of its error
+    per term until it is exact, while a trained weight loses ~1-2 % per term (measured on 1024² weights: 0.976,
+    0.966, 0.956, ... 0.914 at 8 terms against 0.719 at the full 49), so its growth, which never wins there,
+    stops after one level instead of eight.
     """
     W = np.asarray(W, dtype=np.float64)
     options = dict(row_weights=row_weights, gram_chol=gram_chol, max_iter=max_iter, tol=tol)
@@ -168,13 +183,16 @@ def dope_growing(
         if best is None or fit.history[-1] < best[0]:
             best = (fit.history[-1], s, fit)
 
-    D = None
+    D, previous = None, _metric_norm(W, row_weights, gram_chol)
     for s in range(1, min(grow_to, size) + 1):
         fit = dope(W, approx_for(s), k, start=D, **options)
         consider(s, fit)
         D = fit.doping
         if fit.history[-1] <= exact:
             return best[1], best[2]
+        if fit.history[-1] > (1.0 - grow_min_gain) * previous:
+            break
+        previous = fit.history[-1]
     if size > grow_to:
         consider(size, dope(W, approx_for(size), k, start=best[2].doping, **options))
     consider(size, dope(W, approx_for(size), k, **options))

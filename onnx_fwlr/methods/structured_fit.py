@@ -33,10 +33,13 @@ from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.methods import registry
 from onnx_fwlr.methods.doping import dope_growing, gram_error
 from onnx_fwlr.methods.structured import (
+    KronFitter,
     KronSum,
     LowRank,
     Structured,
     doping_params,
+    kron_energy_left,
+    kron_macs,
     kron_params,
     kron_shapes,
     nearest_kron,
@@ -44,7 +47,12 @@ from onnx_fwlr.methods.structured import (
 )
 
 STRUCTURES = ("lowrank", "kron")
-SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site
+SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site (without a speed measure)
+BALANCED = "balanced"  # kron_shape: the SHAPE_CANDIDATES most balanced shapes by error alone (no speed measure)
+MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
+MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
+MAX_TIMED = 6  # candidates timed per site, in order of error, before the site gives up on Kronecker
+ALS_TOL = 1e-4  # a cold weighted ALS stops when a sweep gains less than this (relative), as the doping rounds do
 
 
 @dataclass
@@ -56,6 +64,7 @@ class SiteFit:
     error: float  # squared error in the call's metric
     relative_error: float  # √(error / same metric of W): the relative Frobenius error, not squared
     description: str
+    speed: object = None  # evaluate.kron_speed.Speed when the shape was chosen by measured speed (its form included)
 
 
 class _Metric:
@@ -94,6 +103,11 @@ class _Metric:
     def kron(self, M: np.ndarray, shape, terms: int) -> KronSum:
         return nearest_kron(M, shape, terms, row_weights=self.w)
 
+    def kron_fitter(self, shape, terms: int) -> KronFitter:
+        """A fitter for a sequence of nearby matrices (the doping rounds), each warm-started from the last. Its cold
+        ALS stops when a sweep gains less than ALS_TOL: measured on a 1024² weight, all of 20 sweeps gain < 7e-4."""
+        return KronFitter(shape, terms, row_weights=self.w, tol=ALS_TOL)
+
     def dope(self, W: np.ndarray, approx_for, size: int, k: int, max_iter: int, tol: float):
         """(size used, DopedFit) of doping.dope_growing in this metric."""
         if self.chol is not None:
@@ -122,12 +136,14 @@ def fit_site(
     itemsize: int = 4,
     max_iter: int = 30,
     tol: float = 1e-4,
+    speed=None,
 ) -> SiteFit | None:
     """The best `structure` ("lowrank" | "kron") for W [K, N] within budget_params stored numbers.
 
     None when nothing fits: the doping alone takes the budget, not even one term / rank 1 fits, or the
     budget is at least K·N (the dense weight is then both exact and no larger). Kronecker shapes: the
-    forced kron_shape (m1, m2, n1, n2), else the SHAPE_CANDIDATES most balanced of kron_shapes(K, N),
+    forced kron_shape (m1, m2, n1, n2), else (or with kron_shape "balanced") the SHAPE_CANDIDATES most balanced of
+    kron_shapes(K, N),
     keeping the one with the lowest undoped error at its largest affordable number of terms.
     Doping alternates (structure ← fit of W − D, D ← top-k of the residual) for at most max_iter rounds,
     stopping when a round gains less than tol (relative); the convergence is linear, so an exactly
@@ -135,6 +151,12 @@ def fit_site(
     is grown from one term / rank 1 (doping.dope_growing), so a W that is exactly a structure of up to
     8 terms (rank 8) plus k sparse entries can be recovered, with the terms it needs; the plain alternation
     at the full budget is one of the candidates, so the result is never worse than it.
+
+    speed (evaluate.kron_speed.KronSpeed; not with kron_shape): the shape and term count are chosen among every
+    divisor split by error and measured time instead: the candidates few enough multiply-adds allow, ranked by a
+    quick estimate of their error in this metric, are timed in that order (cached), and the first that runs
+    faster than the dense weight at every deployment row count is fitted, in the form it was timed in. None
+    when none does (speed.rejected then says why).
     """
     W = np.asarray(W, dtype=np.float64)
     if W.ndim != 2:
@@ -147,6 +169,7 @@ def fit_site(
     metric = _Metric(K, row_weights, gram)
     k = doping_count(K, N, dope)
     available = budget_params - 3 * k
+    timed = None
     if structure == "lowrank":
         size = min(int(available // (K + N)), min(K, N))
         if size < 1:
@@ -154,11 +177,14 @@ def fit_site(
         fit_for = lambda s: lambda M: metric.low_rank(M, s)  # noqa: E731
         name = lambda s: f"low rank {s}"  # noqa: E731
     else:
-        choice = _kron_choice(W, metric, available, kron_shape)
+        if speed is not None and kron_shape is None:
+            choice = _fast_kron_choice(W, metric, available, speed, k)
+        else:
+            choice = _kron_choice(W, metric, available, kron_shape)
         if choice is None:
             return None
-        shape, size = choice
-        fit_for = lambda s: lambda M: metric.kron(M, shape, s)  # noqa: E731
+        shape, size, timed = choice
+        fit_for = lambda s: metric.kron_fitter(shape, s)  # noqa: E731
         m1, m2, n1, n2 = shape
         name = lambda s: f"kron {s}x({m1}x{n1} ⊗ {m2}x{n2})"  # noqa: E731
     if k == 0:
@@ -167,13 +193,15 @@ def fit_site(
         size, doped = metric.dope(W, fit_for, size, k, max_iter, tol)
         replacement = Structured(doped.structure, doped.doping)
         label = name(size) + f" + {k} doped ({k / (K * N):.2%})"
-    return _site_fit(W, replacement, structure, metric, itemsize, label)
+    fit = _site_fit(W, replacement, structure, metric, itemsize, label)
+    fit.speed = timed  # when the growth kept fewer terms than were timed, they run no slower
+    return fit
 
 
 def _kron_choice(W, metric: _Metric, available: float, kron_shape):
     """(shape, terms) with the lowest undoped error among the candidate shapes, or None if none fits."""
     K, N = W.shape
-    if kron_shape is not None:
+    if kron_shape is not None and kron_shape != BALANCED:
         shape = tuple(int(v) for v in kron_shape)
         m1, m2, n1, n2 = shape
         if m1 * m2 != K or n1 * n2 != N:
@@ -193,7 +221,30 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
         error = metric.error(W - metric.kron(W, shape, terms).dense())
         if best is None or error < best[0]:
             best = (error, shape, terms)
-    return None if best is None else best[1:]
+    return None if best is None else (*best[1:], None)
+
+
+def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
+    """(shape, terms, Speed) of the lowest-error candidate that measures faster than the dense weight, or None
+    with speed.rejected saying why (evaluate.kron_speed: candidates, timing, cache)."""
+    K, N = W.shape
+    speed.rejected = None
+    candidates = fast_candidates(K, N, available)
+    if not candidates:
+        speed.rejected = ("no Kronecker shape of this weight at this budget needs fewer multiply-adds than the "
+                          "dense weight's")
+        return None
+    scaled = W if metric.w is None else metric.w[:, None] * W
+    ranked = sorted(candidates, key=lambda c: (kron_energy_left(scaled, *c), kron_params(*c), c))
+    timed = []
+    for shape, terms in speed.progress_over(ranked[:MAX_TIMED], "time shapes"):
+        measured = speed.measure(K, N, shape, terms, k)
+        if measured.faster():
+            return shape, terms, measured
+        timed.append(measured.ratio)
+    speed.rejected = (f"no Kronecker shape measured faster than the dense weight at {speed.describe_rows()}: the "
+                      f"{len(timed)} with the lowest error took {min(timed):.2f}-{max(timed):.2f}x its time")
+    return None
 
 
 def _site_fit(W, replacement: Structured, structure: str, metric: _Metric, itemsize: int, label: str) -> SiteFit:
@@ -234,6 +285,7 @@ def fit_structured_site(
     dope: float = 0.0,
     kron_shape=None,
     itemsize: int = 4,
+    speed=None,
 ) -> SiteFit | None:
     """fit_best in the metric of the low-rank `method` (registry.structured_metric); with mean_input (E[x]) the
     replacement also gets the bias correction shift = E[x]ᵀ (W − W'), exact in expectation."""
@@ -244,6 +296,7 @@ def fit_structured_site(
         dope=dope,
         kron_shape=kron_shape,
         itemsize=itemsize,
+        speed=speed,
         **registry.structured_metric(method, input_gram, fisher_row),
     )
     if fit is not None and mean_input is not None:
@@ -251,3 +304,25 @@ def fit_structured_site(
             np.asarray(W, np.float64) - fit.replacement.dense()
         )
     return fit
+
+
+def fast_orders(shape, terms: int, K: int, N: int) -> list[str]:
+    """Contraction orders ('b_first', 'a_first': structured.kron_macs) whose multiply-adds per row are at most
+    MAX_MAC_SHARE of the dense op's and whose intermediate is at most MAX_INTERMEDIATE × (K + N) floats."""
+    m1, m2, n1, n2 = shape
+    macs = dict(zip(("b_first", "a_first"), kron_macs(shape, terms)))
+    intermediate = {"b_first": terms * m1 * n2, "a_first": terms * m2 * n1}
+    return [o for o in ("b_first", "a_first")
+            if macs[o] <= MAX_MAC_SHARE * K * N and intermediate[o] <= MAX_INTERMEDIATE * (K + N)]
+
+
+def fast_candidates(K: int, N: int, available: float) -> list[tuple[tuple[int, int, int, int], int]]:
+    """(shape, terms) worth timing for a [K, N] weight with `available` stored numbers for the structure: every
+    divisor split with at least one term and a contraction order in fast_orders. Terms: as many as fit."""
+    found = []
+    for shape in kron_shapes(K, N):
+        m1, m2, n1, n2 = shape
+        terms = min(int(available // kron_params(shape, 1)), m1 * n1, m2 * n2)
+        if terms >= 1 and fast_orders(shape, terms, K, N):
+            found.append((shape, terms))
+    return found

@@ -130,6 +130,8 @@ def compress(
     Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
+    without `kron_shape`, Kronecker shapes are chosen by error and time measured with `form_timer` (at `latency`'s
+    threads and cache folder when given; evaluate.kron_speed);
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     """
     if refine_steps is not None and refine_steps < 1:  # checked here, in its own name, not by refine() at the end
@@ -202,7 +204,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
                  batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-                 stats_memory=stats_memory, progress=progress), **structured_options)
+                 stats_memory=stats_memory, progress=progress), latency=latency, **structured_options)
     method = mix[0]
     check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:

@@ -4,6 +4,7 @@ weighted error at the same number of stored numbers (methods.structured_fit)."""
 from __future__ import annotations
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import SiteResult
@@ -38,7 +39,7 @@ def check_dope_share(dope: float, dope_share: float | None) -> None:
 
 # Long: checks, then one loop over sites; the checks must precede any calibration.
 def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options, *,
-                        dope_share=None, forms="default", form_timer=None):
+                        dope_share=None, forms="default", form_timer=None, latency=None):
     """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at
     ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric.
 
@@ -46,6 +47,12 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     site's ONNX form is the fastest measured here at the model's row count (evaluate.forms, timed with
     `form_timer`, default OrtFormTimer), and a site whose fastest form is slower than its dense weight stays
     dense; "default": the form by multiply-adds (deterministic, no timing).
+
+    Kronecker shapes (without `kron_shape`): chosen by error and measured time at the sites' rows per use
+    (evaluate.kron_speed.KronSpeed, timed with `form_timer`, at `latency`'s threads and cache folder when given):
+    the lowest-error shape that runs faster than the dense weight, written in the form it was timed in. A site
+    no shape makes faster gets low rank at the same budget when that measures faster (a size budget prefers a
+    smaller weight), else stays dense; its note says why.
     """
     check_dope_share(dope, dope_share)
     if forms not in ("default", "measured"):
@@ -72,19 +79,29 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     if ratio is None and sites:
         ratio = ratio_for_size(prepared, budget.target_size, [None] * len(sites), list(range(len(sites))))
     structures = ["kron" if m == "kron" else "lowrank" for m in mix]
-    pairs = []
-    for site in sites:
+    speeds = site_speeds(prepared, options, form_timer, latency) if "kron" in structures and kron_shape is None \
+        else [None] * len(sites)
+    pairs, speed_forms = [], {}
+    bar = tqdm(list(zip(sites, speeds)), desc="structured fit", unit="site", disable=not options.get("progress"),
+               leave=False)  # a 1024 x 1024 site takes ~5-15 s here: elapsed time and ETA per site
+    for site, speed in bar:
         method = prepared.site_methods[site.weight]
         recurrent = is_recurrent(site)
         active = stats is not None and stats.has_activations(site)
-        fit = fit_structured_site(
-            weight_matrix(prepared.model, site), ["lowrank"] if recurrent else structures, ratio * site.K * site.N,
+        fit_options = dict(
             method=method, input_gram=stats.input_gram(site) if active else None,
             fisher_row=stats.fisher_row(site) if stats is not None and stats.has_gradients(site) else None,
             mean_input=stats.mean_input(site) if active and bias_correction else None,
             dope=0.0 if recurrent else site_doping(site.K, site.N, ratio, dope, dope_share),
             kron_shape=None if recurrent else kron_shape,
             itemsize={"float16": 2, "bfloat16": 2, "float64": 8}.get(site.dtype, 4))
+        W, budget_params = weight_matrix(prepared.model, site), ratio * site.K * site.N
+        speed = None if recurrent else speed
+        fit = fit_structured_site(W, ["lowrank"] if recurrent else structures, budget_params, speed=speed,
+                                  **fit_options)
+        speed_note = None
+        if speed is not None and speed.rejected is not None:
+            fit, speed_note = _without_kron(W, structures, budget_params, fit, speed, fit_options)
         result = SiteResult(name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
                             rank=None, params_before=site.params, params_after=site.params,
                             note="kept dense: no structure fits this budget with fewer stored numbers")
@@ -96,18 +113,26 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
             result.relative_error = fit.relative_error
             result.note = f"{fit.description}, {fit.bytes:,} bytes"
             replacement = fit.replacement
+            if fit.speed is not None:
+                speed_forms[site.weight] = fit.speed.form
+                result.note += "; " + _speed_words(fit.speed, fit.structure == "kron", fit.replacement.nnz > 0)
             if recurrent:
                 replacement = Factors(structure.A, structure.B, fit.replacement.shift)
                 result.note += "; recurrent weight R stays dense, low rank only (the op reads a dense W)"
+        if speed_note is not None:
+            result.note = speed_note if fit is None else f"{result.note}; {speed_note}"
         if method != weighting:
             result.note += "; no statistics reach this site: plain Frobenius fit"
         pairs.append((result, replacement))
-    chosen, measured = {}, None
+    chosen, measured = speed_forms, None
     if forms == "measured":
         chosen, measured = measured_forms(prepared, pairs, options, form_timer)
     model_out, report = assemble(prepared, allocation, budget, pairs, chosen)
     report.method = ",".join(mix)
-    report.budget.update(dope=dope, weighting=weighting, **({"kron_shape": list(kron_shape)} if kron_shape else {}))
+    shape_note = {}
+    if kron_shape:
+        shape_note["kron_shape"] = kron_shape if isinstance(kron_shape, str) else list(kron_shape)
+    report.budget.update(dope=dope, weighting=weighting, **shape_note)
     if dope_share is not None:
         report.budget["dope_share"] = dope_share
     if measured is not None:
@@ -159,3 +184,59 @@ def _timing_key(rep: Structured, tokens: int, dtype) -> tuple:
     touched = 0 if rep.doping is None else len(np.unique(rep.doping.rows))
     return (type(rep.structure).__name__, rep.structure.A.shape, rep.structure.B.shape, rep.nnz, touched, tokens,
             str(np.dtype(dtype)))
+
+
+def site_speeds(prepared, options, timer, latency) -> list:
+    """Per site, the KronSpeed that times its Kronecker candidates at its rows per use: one batch of the
+    calibration file or the `shapes` feed when given, else evaluate.kron_speed.DEFAULT_ROWS. Sites with the same
+    rows share one (and its cache)."""
+    from onnx_fwlr.evaluate.kron_speed import DEFAULT_ROWS, KronSpeed
+    from onnx_fwlr.evaluate.latency import site_rows
+    from onnx_fwlr.pipeline.speed import timing_feed
+    from onnx_fwlr.rewrite.lowrank import storage_dtype
+
+    calibration, shapes = options["calibration"], options["shapes"]
+    rows = [None] * len(prepared.sites)
+    if shapes or (calibration is not None and not (isinstance(calibration, str) and calibration == "random")
+                  and not hasattr(calibration, "get_next")):
+        try:
+            feed = timing_feed(prepared.model, calibration, options["batch_size"], shapes)
+        except FwlrError:
+            feed = None  # an in-memory iterable: the model's rows are unknown, the default ones are timed
+        if feed is not None:
+            rows = site_rows(prepared.model, prepared.sites, feed)
+    made = {}
+    speeds = []
+    for site, site_rows_ in zip(prepared.sites, rows):
+        wanted = (max(1, round(site_rows_ / len(site.uses))),) if site_rows_ else DEFAULT_ROWS
+        key = (wanted, str(np.dtype(storage_dtype(site))))
+        if key not in made:
+            made[key] = KronSpeed(wanted, timer=timer, threads=getattr(latency, "threads", None),
+                                  cache_dir=getattr(latency, "cache_dir", None), dtype=storage_dtype(site),
+                                  progress=options.get("progress", False))
+        speeds.append(made[key])
+    return speeds
+
+
+def _without_kron(W, structures, budget_params, fit, speed, fit_options):
+    """No Kronecker shape beats the dense weight here: (the fit to keep, the note). With a low-rank method in the
+    mix its fit stands; with kron alone, low rank at the same budget when it measures faster than dense (the
+    size budget prefers a smaller weight), else nothing (dense)."""
+    why = f"kron: {speed.rejected}"
+    if fit is not None or structures != ["kron"]:
+        return fit, why
+    fallback = fit_structured_site(W, ["lowrank"], budget_params, **fit_options)
+    if fallback is None:
+        return None, f"kept dense: {why}"
+    rank = fallback.replacement.structure.A.shape[1]
+    measured = speed.measure(W.shape[0], W.shape[1], None, rank, fallback.replacement.nnz)
+    if not measured.faster():
+        return None, (f"kept dense: {why}; low rank {rank} at the same budget took {measured.ratio:.2f}x the dense "
+                      f"time at {speed.describe_rows()}")
+    fallback.speed = measured
+    return fallback, f"{why}; low rank at the same budget instead"
+
+
+def _speed_words(speed, kron: bool, doped: bool) -> str:
+    at = ", ".join(f"{ratio:.2f}x at {rows} rows" for rows, ratio in sorted(speed.ratios.items()))
+    return f"form {speed.form.label(kron, doped)}: {at} the dense time (measured)"

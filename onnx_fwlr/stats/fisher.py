@@ -133,7 +133,31 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
     inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
     runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    # No memory arena: every exposed tensor is an output, copied out to numpy; an arena would keep a second
+    # copy of the largest run's (a decoder's activations for a micro-batch: gigabytes).
+    runner.session_options = _session_options()
     return out_name, target, uses, nodes, runner
+
+
+def _session_options():
+    from onnx_fwlr.io import runtime
+
+    return runtime.session_options(spinning=False, quiet=False, arena=False)
+
+
+# Most bytes of exposed forward values per micro-batch: a larger model runs fewer samples at a time
+# (_fitting_micro_batch). The backward pass holds about as much again in cotangents.
+ACTIVATION_BUDGET = 128 << 20
+
+
+def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:
+    """The micro-batch size whose exposed forward values stay within ACTIVATION_BUDGET, measured by running the
+    first sample of the first batch (not folded); `size` when that already fits (small models keep it)."""
+    if size is None:
+        return None
+    probe = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
+    per_sample = sum(np.asarray(v).nbytes for v in runner.forward(probe).values())
+    return max(1, min(size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
 def class_scores(model: onnx.ModelProto, output: str) -> bool | None:
@@ -249,9 +273,12 @@ def collect_fisher_stats(
     # One BLAS thread for the numpy work between ORT runs (per-sample products, the VJPs): OpenBLAS's spinning
     # threads made it several times slower on a loaded 2-core machine, and ORT keeps its own threads.
     with ThreadpoolController().limit(limits=1, user_api="blas"):
+        size = None
         for feed, labels in tqdm(batches, desc=description, unit="batch", disable=not progress,
                                  leave=False):
-            for part, part_labels in micro_batches(feed, labels, micro_batch if splittable else None):
+            if size is None:
+                size = _fitting_micro_batch(runner, feed, micro_batch if splittable else None) or 0
+            for part, part_labels in micro_batches(feed, labels, size or None):
                 trimmer(fold, part, part_labels)
             stats.meta["batches"] += 1
     chosen_loss = fold.loss

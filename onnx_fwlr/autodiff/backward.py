@@ -285,7 +285,8 @@ class GradientRunner:
         if name in self._constant_cache:
             return self._constant_cache[name]
         if name in self._initializers:
-            self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name])
+            # a lazily loaded weight stays memory-mapped (read-only): ONNX Runtime holds the model's weights already
+            self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name], copy=False)
             return self._constant_cache[name]
         raise FwlrError(f"Tensor {name!r} is missing from the forward values; pass the dict that "
                         "GradientRunner.forward returned.")

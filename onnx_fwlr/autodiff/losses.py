@@ -220,12 +220,58 @@ def make_seeds(loss: str, z: np.ndarray, *, target: SeedTarget | None = None, la
     raise FwlrError(f"Unknown loss {loss!r}; choose one of {', '.join(LOSSES)}.")
 
 
-def new_accumulator(k: int, n: int, with_gram: bool = True) -> dict:
-    """Zeroed running sums for one site with weight [K, N]."""
+# The output-side Gram Σ g gᵀ of a site wider than this is never formed: an LM head's is vocabulary²
+# (49,152² float64 = 19 GB). It is kept as a rank-SKETCH_RANK factor plus its exact diagonal instead
+# (docs/llm.md, "Memory and K-FAC at scale", says why this estimator and these numbers).
+SKETCH_MIN_DIM = 8192
+SKETCH_RANK = 256
+
+
+def sketched(n: int, min_dim: int = SKETCH_MIN_DIM) -> bool:
+    """Whether an output side of width n gets the low-rank + diagonal estimator instead of its exact Gram."""
+    return n > min_dim
+
+
+def new_accumulator(k: int, n: int, with_gram: bool = True, sketch_rank: int | None = None) -> dict:
+    """Zeroed running sums for one site with weight [K, N]; with `sketch_rank`, the output-side Gram is held
+    as 'grad_sketch' [≤ rank, N] (S, with Sᵀ S the Gram's leading part) and 'grad_diag' [N] (its exact diagonal)."""
     acc = {"fisher_row": np.zeros(k), "fisher_col": np.zeros(n), "grad_count": 0}
-    if with_gram:
+    if with_gram and sketch_rank:
+        acc["grad_sketch"] = np.zeros((0, n))
+        acc["grad_diag"] = np.zeros(n)
+        acc["sketch_rank"] = sketch_rank
+    elif with_gram:
         acc["grad_gram"] = np.zeros((n, n))
     return acc
+
+
+def fold_sketch(sketch: np.ndarray, rows: np.ndarray, rank: int) -> np.ndarray:
+    """The best rank-`rank` factor S' (S'ᵀ S' ≈ Sᵀ S + rowsᵀ rows) of the stacked rows, in float64.
+
+    The rows of the result are σ_i v_iᵀ for the leading right singular vectors v_i of [S; rows], found from
+    the small (r+m)² Gram of the stack; what is cut is positive semi-definite, so S'ᵀ S' never exceeds the
+    true Gram and the exact diagonal minus diag(S'ᵀ S') is the residual's diagonal (≥ 0). Deterministic."""
+    for start in range(0, max(len(rows), 1), max(rank, 1)):  # at most `rank` new rows per step: a bounded stack
+        stacked = np.concatenate([sketch, np.asarray(rows[start:start + max(rank, 1)], dtype=np.float64)], axis=0)
+        if stacked.shape[0] <= rank:
+            sketch = stacked
+            continue
+        values, vectors = np.linalg.eigh(stacked @ stacked.T)
+        top = np.argsort(values)[::-1][:rank]
+        top = top[values[top] > 0]
+        sketch = vectors[:, top].T @ stacked
+    return sketch
+
+
+def sketch_peak_bytes(n: int, rank: int = SKETCH_RANK) -> int:
+    """Most bytes the estimator holds for an output side of width n while folding (fold_sketch): the stack of
+    the factor and at most `rank` new rows, its (2·rank)² Gram, and the new factor (float64)."""
+    return 8 * (2 * rank * n + 4 * rank * rank + rank * n + n)
+
+
+def output_stat_bytes(n: int, sketch_min_dim: int = SKETCH_MIN_DIM, rank: int = SKETCH_RANK) -> int:
+    """Bytes the output-side statistic of a width-n site takes at rest: n² float64, or the estimator's."""
+    return 8 * (rank * n + n) if sketched(n, sketch_min_dim) else 8 * n * n
 
 
 def _fisher_squares(pairs, k: int, n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
@@ -255,7 +301,8 @@ def _fisher_squares(pairs, k: int, n: int, dtype) -> tuple[np.ndarray, np.ndarra
     return row, col
 
 
-def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray | None = None) -> dict:
+def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray | None = None,
+                      sketch_rank: int | None = None) -> dict:
     """Fold one batch of per-sample gradients of a site's weight into running float64 sums.
 
     X [B, ..., K] is the site input and G [B, ..., N] the cotangent of the site output, per sample B
@@ -265,6 +312,8 @@ def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray 
     skipped when 'grad_gram' is absent) and returns it: 'fisher_row' [K] += Σ_n Σ_j dW_n[i,j]²,
     'fisher_col' [N] += Σ_n Σ_i dW_n[i,j]², 'grad_gram' [N,N] += Σ_{n,p} g gᵀ, 'grad_count' += B.
     One sample at a time as 2-D BLAS products, so memory stays at a few [K, N] (or [P, P]) buffers.
+    `sketch_rank` (for a new accumulator): hold the output-side Gram as a low-rank factor plus its diagonal
+    (fold_sketch) instead of [N, N].
     """
     if X.shape[0] != G.shape[0]:
         raise FwlrError(f"Site input has {X.shape[0]} samples but its gradient has {G.shape[0]}; pass "
@@ -277,7 +326,7 @@ def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray 
         raise FwlrError(f"Site input has {p} positions per sample but its gradient has {G.shape[1]}; "
                         "pass the input and output of the same site.")
     if not acc:
-        acc.update(new_accumulator(k, n))
+        acc.update(new_accumulator(k, n, sketch_rank=sketch_rank))
     dtype = np.result_type(X.dtype, G.dtype, np.float32)
     X, G = X.astype(dtype, copy=False), G.astype(dtype, copy=False)
     if keep is not None:
@@ -291,5 +340,9 @@ def accumulate_fisher(acc: dict, X: np.ndarray, G: np.ndarray, keep: np.ndarray 
     if "grad_gram" in acc:
         flat = G[keep] if keep is not None else G.reshape(-1, n)
         acc["grad_gram"] += flat.T @ flat  # in place: no new [N, N] float64 array per batch
+    elif "grad_sketch" in acc:
+        flat = G[keep] if keep is not None else G.reshape(-1, n)
+        acc["grad_diag"] += np.einsum("pn,pn->n", flat, flat, dtype=np.float64)
+        acc["grad_sketch"] = fold_sketch(acc["grad_sketch"], flat, int(acc["sketch_rank"]))
     acc["grad_count"] = acc["grad_count"] + b
     return acc

@@ -56,6 +56,7 @@ class Report:
     validation: dict | None = None
     versions: dict = field(default_factory=dict)
     input_quantization: str = ""  # one line when the input was quantized (pipeline/quantized_input.py)
+    tied: list[str] = field(default_factory=list)  # what happened to each LM head tied to its embedding table
     # Objects of the later stages, not fields (to_dict writes their own dicts): the refine.loop.RefineReport of
     # refine_steps, and the evaluate.validation.Validation of the final check on validation data.
     refined = None
@@ -83,6 +84,8 @@ class Report:
         data["skipped"] = [asdict(s) for s in self.skipped]
         data["site_params_before"] = self.site_params_before
         data["site_params_after"] = self.site_params_after
+        if not data["tied"]:
+            del data["tied"]  # reports of models without a tied head stay as they were
         if self.refined is not None:
             data["refine"] = self.refined.to_dict()
         return data
@@ -101,6 +104,7 @@ class Report:
                       "whose Grams fit in `stats_memory`"]
         if self.input_quantization:
             parts.append(self.input_quantization)
+        parts += [f"tied: {line}" for line in self.tied]
         parts += [f"warning: {w}" for w in self.warnings]
         return "\n".join(parts)
 

@@ -18,7 +18,9 @@ from onnx_fwlr.errors import FwlrError
 # Above this serialized size protobuf cannot hold the model in one message; keep weights outside.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 # Above this many bytes of external data a model is loaded lazily: structure in memory, weights read per site.
-LAZY_THRESHOLD = 1 << 30
+# 256 MiB: a 135 M-parameter decoder's 650 MB of weights are then neither held in memory nor serialised for ONNX
+# Runtime on every session (docs/llm.md, "Memory and K-FAC at scale").
+LAZY_THRESHOLD = 256 << 20
 # Metadata entry that marks a lazily loaded model and names the folder its external data lives in. Copies of
 # the model (CopyFrom) carry it along; save_model removes it from what it writes.
 BASE_DIR_KEY = "onnx_fwlr.external_data_dir"

@@ -80,6 +80,56 @@ def gram_scaling(gram: np.ndarray, damping: float = 1e-4) -> Scaling:
     raise FwlrError("the activation Gram matrix could not be made positive definite; use `method` svd or asvd.")
 
 
+@dataclass(frozen=True)
+class LowRankDiagonal:
+    """An output-side weighting Q with Q Qᵀ = D + Sᵀ S (D diagonal > 0, S [r, N]), applied without forming
+    any N × N matrix: Q = D^½ (I + U diag(grow) Uᵀ), U [N, r] orthonormal (the thin SVD of D^-½ Sᵀ), so W Q and
+    Vt Q⁻¹ cost O(K·N·r). The weighted low-rank solution depends on Q Qᵀ only, so any square root serves."""
+
+    root_diag: np.ndarray  # √D [N]
+    basis: np.ndarray  # U [N, r]
+    grow: np.ndarray  # √(1 + σ²) − 1 [r]
+    shrink: np.ndarray  # 1/√(1 + σ²) − 1 [r]
+
+    def apply_right(self, W: np.ndarray) -> np.ndarray:  # W Q
+        M = W * self.root_diag[None, :]
+        return _add_low_rank(M, (M @ self.basis) * self.grow[None, :], self.basis)
+
+    def solve_right(self, Vt: np.ndarray) -> np.ndarray:  # Vt Q⁻¹
+        M = _add_low_rank(np.array(Vt, dtype=np.float64), (Vt @ self.basis) * self.shrink[None, :], self.basis)
+        M /= self.root_diag[None, :]
+        return M
+
+
+def _add_low_rank(M: np.ndarray, left: np.ndarray, basis: np.ndarray, columns: int = 4096) -> np.ndarray:
+    """M += left @ basisᵀ in column blocks (no second [K, N] temporary)."""
+    for start in range(0, M.shape[1], columns):
+        M[:, start:start + columns] += left @ basis[start:start + columns].T
+    return M
+
+
+def low_rank_diagonal_scaling(factor: np.ndarray, diagonal: np.ndarray, damping: float = 1e-4) -> LowRankDiagonal:
+    """The weighting of a Gram known as Sᵀ S plus a residual diagonal (autodiff.losses.fold_sketch): D is the
+    exact diagonal minus diag(Sᵀ S) (clipped at 0), damped by `damping`·mean(diagonal) as gram_scaling damps."""
+    factor = np.asarray(factor, dtype=np.float64)
+    diagonal = np.asarray(diagonal, dtype=np.float64)
+    if not (np.all(np.isfinite(factor)) and np.all(np.isfinite(diagonal))):
+        raise FwlrError("gradient statistics contain NaN or Inf; check the calibration data for NaN/Inf inputs.")
+    scale = float(np.mean(diagonal)) if diagonal.size else 0.0
+    if scale <= 0:
+        n = diagonal.shape[0]
+        return LowRankDiagonal(np.ones(n), np.zeros((n, 0)), np.zeros(0), np.zeros(0))
+    residual = np.maximum(diagonal - np.einsum("rn,rn->n", factor, factor), 0.0) + damping * scale
+    root = np.sqrt(residual)
+    C = factor.T / root[:, None]  # [N, r]
+    values, vectors = np.linalg.eigh(C.T @ C)
+    keep = values > values.max(initial=0.0) * 1e-12
+    sigma2, vectors = values[keep], vectors[:, keep]
+    basis = (C @ vectors) / np.sqrt(sigma2)[None, :]
+    lift = np.sqrt(1.0 + sigma2)
+    return LowRankDiagonal(root, basis, lift - 1.0, 1.0 / lift - 1.0)
+
+
 @dataclass
 class Decomposition:
     """The SVD of the weighted weight P W Q; any rank's factors and error follow from it without recomputing.
@@ -94,7 +144,7 @@ class Decomposition:
     s: np.ndarray  # [p], descending
     Vt: np.ndarray  # [p, N]
     left: Scaling | None
-    right: Scaling | None
+    right: Scaling | LowRankDiagonal | None
     total_energy: float | None = None  # ‖PWQ‖_F²; None = sum of s² (an exact, complete decomposition)
     exact: bool = True
 

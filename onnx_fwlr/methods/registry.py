@@ -58,6 +58,9 @@ def _fisher_rows(site, stats):
 
 
 def _gradient_gram(site, stats):
+    sketch = stats.output_grad_sketch(site) if hasattr(stats, "output_grad_sketch") else None
+    if sketch is not None:  # a vocabulary-wide output side: low rank + diagonal, never N × N
+        return lowrank.low_rank_diagonal_scaling(*sketch)
     return lowrank.gram_scaling(stats.output_grad_gram(site))
 
 

@@ -12,6 +12,7 @@ from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors, storage_dtype
 from onnx_fwlr.sites.find import Site, model_parameters
+from onnx_fwlr.sites.tied import retie
 
 
 def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: Budget,
@@ -45,6 +46,8 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     model = onnx.ModelProto()  # copied only now: a one-shot build has let its decompositions go (peak memory)
     model.CopyFrom(prepared.model)
     apply_factors(model, prepared.sites, factors)
+    retie(model, prepared.ties)
+    report.tied = [tie.describe() for tie in prepared.ties]
     report.timings = dict(prepared.timings)  # with the decomposition time spent during this build
     if prepared.stats is not None:  # after the build: grouped statistics count the passes it made
         report.calibration = dict(prepared.stats.meta)

@@ -213,7 +213,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
+        fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None, tie_heads=True,
     )
     method = prepared.method  # a default gradient method may have fallen back to whiten
     allocation = _resolve_allocation(prepared, allocation, data_free=defaulted and method == "svd")

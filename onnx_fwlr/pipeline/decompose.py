@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
@@ -218,3 +219,47 @@ def _blas_threads_for_children(threads: int):
 def _seed(name: str) -> int:
     """A fixed seed per weight: the same bytes whatever the order, the worker or the run."""
     return zlib.crc32(name.encode())
+
+
+# --- decompositions kept for later budgets, on disk -------------------------------------------------------
+
+# A model whose site decompositions would take more than this in float64 keeps them on disk as factors
+# (SpilledDecomposition): global allocation needs every site's spectrum before any rank is known, and holding
+# every U and Vᵀ costs twice the model in float64 (1 GB for a 135 M-parameter decoder).
+SPILL_BYTES = 512 << 20
+
+
+def spill_needed(sites: list[Site]) -> bool:
+    """Whether these sites' decompositions are spilled to disk when kept (SPILL_BYTES)."""
+    return 8 * sum(s.K * s.N for s in sites) > SPILL_BYTES
+
+
+class SpilledDecomposition(factorize.Decomposition):
+    """A decomposition whose spectrum stays in memory (what allocation reads) while its factors for every rank
+    it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in float32 files (the dtype the model
+    stores them in); factors(r) reads the first r columns and rows back. Made from a Decomposition, which can
+    then go: the scalings (Cholesky factors) are not kept."""
+
+    def __init__(self, dec: factorize.Decomposition, folder, name: str):
+        super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
+                         exact=dec.exact)
+        rank = dec.max_rank
+        A, B = dec.factors(rank)
+        stem = f"{zlib.crc32(name.encode()):08x}"
+        self._paths = (os.path.join(folder, stem + "_A.npy"), os.path.join(folder, stem + "_B.npy"))
+        for path, array in zip(self._paths, (A, B)):
+            np.save(path, np.asarray(array, dtype=np.float32))
+        self._rank = rank
+
+    @property
+    def max_rank(self) -> int:
+        return self._rank
+
+    def keep_components(self, rank: int) -> "SpilledDecomposition":
+        return self
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check_rank(rank)
+        A = np.load(self._paths[0], mmap_mode="r")
+        B = np.load(self._paths[1], mmap_mode="r")
+        return np.array(A[:, :rank], dtype=np.float64), np.array(B[:rank], dtype=np.float64)

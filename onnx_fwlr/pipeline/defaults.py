@@ -56,18 +56,20 @@ def default_allocation(prepared) -> tuple[str, str | None]:
 
 
 def gradient_obstacle(model: onnx.ModelProto, sites, fisher_options: dict, stats_memory: int | None) -> str | None:
-    """Why the default gradient method cannot run here (None: it can): its Grams would not fit the memory
-    limit, or the backward pass cannot reach the sites. Reads no data."""
-    from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, default_memory_limit
+    """Why the default gradient method cannot run here (None: it can): one site's statistics alone would not
+    fit the memory limit, or the backward pass cannot reach the sites. Reads no data. Statistics of many sites
+    that do not fit together are measured a group at a time (stats.fisher.GroupedFisherStatistics), and an
+    output side as wide as a vocabulary keeps a low-rank + diagonal estimate, so neither is an obstacle."""
+    from onnx_fwlr.stats.activations import default_memory_limit
+    from onnx_fwlr.stats.fisher import fisher_stats_bytes
     from onnx_fwlr.stats.fisher import gradient_obstacle as backward_obstacle
-    from onnx_fwlr.stats.store import activation_key
 
-    inputs = {activation_key(u): s.K for s in sites for u in s.uses}
-    needed = GRAM_BYTES_PER_ENTRY * (sum(K * K for K in inputs.values()) + sum(s.N * s.N for s in sites))
+    sketch = {k: v for k, v in (fisher_options or {}).items() if k in ("sketch_min_dim", "sketch_rank")}
+    needed = max((fisher_stats_bytes([s], **sketch) for s in sites), default=0)
     limit = default_memory_limit() if stats_memory is None else stats_memory
     if needed > limit:
-        return (f"its gradient statistics would take about {needed / 2**30:.1f} GiB, over the memory limit of "
-                f"{limit / 2**30:.1f} GiB (`stats_memory`)")
+        return (f"the gradient statistics of one of its weights would take about {needed / 2**30:.1f} GiB, over "
+                f"the memory limit of {limit / 2**30:.1f} GiB (`stats_memory`)")
     return backward_obstacle(model, sites, (fisher_options or {}).get("output"))
 
 

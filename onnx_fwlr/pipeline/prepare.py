@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,10 +24,11 @@ from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods import lowrank as factorize
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
-from onnx_fwlr.pipeline.decompose import Weighting, iter_decompositions
+from onnx_fwlr.pipeline.decompose import SpilledDecomposition, Weighting, iter_decompositions, spill_needed
 from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
 from onnx_fwlr.sites.recurrent import find_all_sites
-from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.sites.tied import find_ties
+from onnx_fwlr.stats.activations import collect_activation_stats, default_memory_limit
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
@@ -56,6 +60,8 @@ class Prepared:
     svd: str = "exact"  # exact | randomized | auto (factorize.use_randomized)
     workers: int = 1  # processes for decomposition
     progress: bool = True
+    spill_folder: str | None = None  # where SpilledDecomposition factors are kept (large models)
+    ties: list = field(default_factory=list)  # sites.tied.Tie: heads that repeat their embedding table
 
 
 class SiteWeights(Mapping):
@@ -79,12 +85,14 @@ class SiteWeights(Mapping):
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
-    progress=True, fallback=None,
+    progress=True, fallback=None, tie_heads=False,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
 
     `fallback`: the method to use instead of a gradient `method` the caller did not choose (a default) when
     its statistics cannot be measured on this model (defaults.gradient_obstacle); the report says why.
+    `tie_heads`: an LM head that repeats its embedding table (sites.tied) is no site; `build` points it at the
+    table instead of its copy, so the pair is stored once.
 
     Sites are decomposed when first needed (ensure_decompositions, choose_ranks for global allocation, build),
     so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
@@ -104,6 +112,8 @@ def prepare(
     gradients = method in METHODS and GRADIENTS in METHODS[method].needs
     sites, skipped = find_all_sites(model, include, exclude, fisher=gradients)
     warnings = _unmatched_patterns(include, exclude, sites, skipped)
+    ties = find_ties(model, sites) if tie_heads else []  # a head repeating its table: one weight, re-tied
+    sites = _untied(sites, ties)
     if fallback is not None and sites and stats is None and calibration is not None:
         from onnx_fwlr.pipeline.defaults import gradient_obstacle
 
@@ -112,13 +122,14 @@ def prepare(
             warnings.append(f"default method {fallback} rather than {method}: {obstacle.rstrip('.')}.")
             method = fallback
             sites, skipped = find_all_sites(model, include, exclude, fisher=GRADIENTS in METHODS[method].needs)
+            sites = _untied(sites, ties)
     if keep_attention:
         projections = attention_projections(model, sites)
         skipped += [Skipped(s.name, s.uses[0].op_type, s.weight, "attention projection kept dense (`keep_attention`)")
                     for s in sites if s.weight in projections]
         sites = [s for s in sites if s.weight not in projections]
     prepared = Prepared(model, sites, skipped, method, None, warnings=warnings, svd=svd, workers=workers,
-                        progress=progress)
+                        progress=progress, ties=ties)
     prepared.weights = SiteWeights(model, sites)
     prepared.timings["load"] = time.perf_counter() - start
     if not sites:
@@ -133,6 +144,11 @@ def prepare(
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
     prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
     return prepared
+
+
+def _untied(sites: list[Site], ties) -> list[Site]:
+    heads = {tie.head for tie in ties}
+    return [s for s in sites if s.weight not in heads]
 
 
 def ensure_decompositions(prepared: Prepared, ranks: list[int | None] | None = None) -> None:
@@ -174,12 +190,22 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
             for stage, seconds in (("decompose", decomposing), ("calibrate", calibrating)):
                 prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
+                if spill_needed(prepared.sites):  # spectra in memory, factors on disk (large models)
+                    dec = SpilledDecomposition(dec, _spill_folder(prepared), site.weight)
                 prepared.decompositions[site.weight] = dec
         elif store:
             dec = prepared.decompositions.get(site.weight)
         else:
             dec = prepared.decompositions.pop(site.weight, None)
         yield site, (dec if ranks is None or ranks[i] is not None else None)
+
+
+def _spill_folder(prepared: Prepared) -> str:
+    """A temporary folder for the prepared model's spilled factors, removed with the Prepared object."""
+    if prepared.spill_folder is None:
+        prepared.spill_folder = tempfile.mkdtemp(prefix="onnx-fwlr-factors-")
+        weakref.finalize(prepared, shutil.rmtree, prepared.spill_folder, True)
+    return prepared.spill_folder
 
 
 def _later_calibration_seconds(prepared: Prepared) -> float:
@@ -201,10 +227,7 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
     if stats is None and calibration is not None and needs:
         batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes)
         if "gradients" in needs:
-            from onnx_fwlr.stats.fisher import collect_fisher_stats  # imports the backward pass: only when needed
-
-            stats = collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress,
-                                         **fisher_options)
+            stats = _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory)
         else:
             stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress,
                                              memory_limit=stats_memory)
@@ -213,6 +236,20 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
             raise FwlrError(f"`method` {method} needs calibration data; pass `calibration` (or `stats`).")
         stats.require(sites, needs, method)
     return stats
+
+
+def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory):
+    """Gradient statistics in one pass, or one pass per group of sites when they would not fit `stats_memory`
+    (default activations.default_memory_limit()) together: the Grams of a 1 B decoder take 30 GB."""
+    from onnx_fwlr.stats import fisher  # imports the backward pass: only when needed
+
+    options = dict(mask_input=mask_input, progress=progress, **fisher_options)
+    sketch = {k: options[k] for k in ("sketch_min_dim", "sketch_rank") if k in options}
+    limit = default_memory_limit() if stats_memory is None else stats_memory
+    if fisher.fisher_stats_bytes(sites, **sketch) > limit:
+        return fisher.GroupedFisherStatistics(model, sites, fisher.fisher_groups(sites, limit, **sketch), batches,
+                                              options)
+    return fisher.collect_fisher_stats(model, sites, batches, **options)
 
 
 def _unmatched_patterns(include, exclude, sites, skipped) -> list[str]:

@@ -167,6 +167,10 @@ def _computed_weight_reason(w_name: str, graph: onnx.GraphProto, constants) -> s
         return node is not None and node.op_type == "Cast" and integer_constant(node.input[0])
 
     node = producer.get(w_name)
+    if node is not None and node.op_type == "Transpose" and node.input[0] in constants and any(
+            n.op_type == "Gather" and n.input and n.input[0] == node.input[0] for n in graph.node):
+        return (f"the weight is Transpose('{node.input[0]}'), the embedding table read by a Gather: a tied head, "
+                "stored once; kept as it is")
     if node is not None and node.op_type == "DequantizeLinear" and integer_constant(node.input[0]):
         kind = "DequantizeLinear"
     elif node is not None and node.op_type == "Mul" and any(

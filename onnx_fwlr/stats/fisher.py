@@ -29,7 +29,7 @@ from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.io.runtime import release_free_memory
 from onnx_fwlr.sites.find import Site
-from onnx_fwlr.stats.activations import main_graph_tensors
+from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, main_graph_tensors
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
@@ -133,7 +133,31 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
     inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
     runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    # No memory arena: every exposed tensor is an output, copied out to numpy; an arena would keep a second
+    # copy of the largest run's (a decoder's activations for a micro-batch: gigabytes).
+    runner.session_options = _session_options()
     return out_name, target, uses, nodes, runner
+
+
+def _session_options():
+    from onnx_fwlr.io import runtime
+
+    return runtime.session_options(spinning=False, quiet=False, arena=False)
+
+
+# Most bytes of exposed forward values per micro-batch: a larger model runs fewer samples at a time
+# (_fitting_micro_batch). The backward pass holds about as much again in cotangents.
+ACTIVATION_BUDGET = 128 << 20
+
+
+def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:
+    """The micro-batch size whose exposed forward values stay within ACTIVATION_BUDGET, measured by running the
+    first sample of the first batch (not folded); `size` when that already fits (small models keep it)."""
+    if size is None:
+        return None
+    probe = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
+    per_sample = sum(np.asarray(v).nbytes for v in runner.forward(probe).values())
+    return max(1, min(size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
 def class_scores(model: onnx.ModelProto, output: str) -> bool | None:
@@ -158,8 +182,10 @@ class _BatchFolder:
     """Runs one (micro-)batch forward and backward and folds its sums into `stats`; what it exposes and computes
     is freed when the call returns."""
 
-    def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats):
+    def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
+                 sketch_ranks=None):
         self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
+        self.sketch_ranks = sketch_ranks or {}  # weight -> rank of its output-side estimator (wide sites only)
         self.mask_name, self.token_name, self.loss, self.samples = mask_name, token_name, loss, samples
         self.rng, self.stats = rng, stats
         self.class_scores = None  # the graph's reading of the output, for the default loss (collect_fisher_stats)
@@ -187,7 +213,7 @@ class _BatchFolder:
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 acc = self.stats.gradients.setdefault(site.weight, {})
-                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
+                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask), sketch_rank=self.sketch_ranks.get(site.weight))
             del cotangents
         self.stats.meta["samples"] += len(z) if z.ndim else 1
 
@@ -205,6 +231,9 @@ def collect_fisher_stats(
     providers=("CPUExecutionProvider",),
     micro_batch: int | None = MICRO_BATCH,
     trim: bool = True,
+    sketch_min_dim: int = fisher.SKETCH_MIN_DIM,
+    sketch_rank: int = fisher.SKETCH_RANK,
+    description: str = "calibrate (fisher)",
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -218,6 +247,9 @@ def collect_fisher_stats(
     the sums as it is done, so memory grows with the piece, not the batch; with `trim`, a piece's trailing
     positions that are padding in every sample are not run at all (io.batching; docs/speed.md, "Compression
     cost").
+
+    A site wider than `sketch_min_dim` outputs (an LM head: the vocabulary) keeps its output-gradient Gram as a
+    rank-`sketch_rank` factor plus the exact diagonal (autodiff.losses.fold_sketch), never N × N.
     """
     if loss is not None and loss not in fisher.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
@@ -230,7 +262,9 @@ def collect_fisher_stats(
     stats = Statistics(model_fingerprint(model), meta={
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
-    fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats)
+    sketch_ranks = {site.weight: sketch_rank for site, _ in uses if fisher.sketched(site.N, sketch_min_dim)}
+    fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
+                        sketch_ranks)
     if loss is None:
         fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
@@ -239,9 +273,12 @@ def collect_fisher_stats(
     # One BLAS thread for the numpy work between ORT runs (per-sample products, the VJPs): OpenBLAS's spinning
     # threads made it several times slower on a loaded 2-core machine, and ORT keeps its own threads.
     with ThreadpoolController().limit(limits=1, user_api="blas"):
-        for feed, labels in tqdm(batches, desc="calibrate (fisher)", unit="batch", disable=not progress,
+        size = None
+        for feed, labels in tqdm(batches, desc=description, unit="batch", disable=not progress,
                                  leave=False):
-            for part, part_labels in micro_batches(feed, labels, micro_batch if splittable else None):
+            if size is None:
+                size = _fitting_micro_batch(runner, feed, micro_batch if splittable else None) or 0
+            for part, part_labels in micro_batches(feed, labels, size or None):
                 trimmer(fold, part, part_labels)
             stats.meta["batches"] += 1
     chosen_loss = fold.loss
@@ -253,3 +290,121 @@ def collect_fisher_stats(
     del fold, runner  # the session and the last batch's intermediates
     release_free_memory()
     return stats
+
+
+# --- statistics larger than memory: one backward pass per group of sites --------------------------------
+
+# Arrays dropped when the next group is measured; the small per-channel sums stay for bias correction, the
+# report and fwsvd-style reads.
+_LARGE_FIELDS = ("gram", "grad_gram", "grad_sketch", "grad_diag")
+
+
+def fisher_site_bytes(site: Site, sketch_min_dim: int = fisher.SKETCH_MIN_DIM,
+                      sketch_rank: int = fisher.SKETCH_RANK) -> int:
+    """Bytes of a site's output-side statistic while it is measured (the estimator's folding peak for a wide one)."""
+    if fisher.sketched(site.N, sketch_min_dim):
+        return fisher.sketch_peak_bytes(site.N, sketch_rank)
+    return GRAM_BYTES_PER_ENTRY * site.N * site.N
+
+
+def fisher_stats_bytes(sites: list[Site], **sketch) -> int:
+    """What one pass holds for these sites: every distinct input's Gram and every output-side statistic."""
+    inputs = {activation_key(u): s.K for s in sites for u in s.uses}
+    return GRAM_BYTES_PER_ENTRY * sum(K * K for K in inputs.values()) + sum(
+        fisher_site_bytes(s, **sketch) for s in sites)
+
+
+def fisher_groups(sites: list[Site], limit: int, **sketch) -> list[list[Site]]:
+    """Sites in order, cut into consecutive groups whose statistics fit in `limit` bytes (a site alone larger
+    than the limit makes a group of its own: the limit is a target)."""
+    groups: list[list[Site]] = []
+    for site in sites:
+        if groups and fisher_stats_bytes(groups[-1] + [site], **sketch) <= limit:
+            groups[-1].append(site)
+        else:
+            groups.append([site])
+    return groups
+
+
+class GroupedFisherStatistics(Statistics):
+    """Gradient and activation statistics measured one group of sites at a time (one forward and backward pass
+    over the data per group), for models whose Grams together do not fit in memory: a decoder's FFN Grams
+    alone are 30 GB at 1.1 B parameters.
+
+    The first group is measured at once; asking for a large statistic of a site of another group drops the
+    current group's Grams and measures that group. Decomposing in site order therefore reads the data once
+    per group. The small sums of every group measured stay.
+    """
+
+    def __init__(self, model, sites: list[Site], groups: list[list[Site]], batches: Batches, options: dict):
+        super().__init__(model_fingerprint(model))
+        self._measure_sites = lambda group, text: collect_fisher_stats(model, group, batches, description=text,
+                                                                       **options)
+        self.groups = groups
+        self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
+        reachable = _reachable_uses(model, sites)
+        self._with_gradients = {site.weight for site, _ in reachable}
+        self._with_activations = {activation_key(use) for _, use in reachable}
+        self.later_seconds = 0.0
+        self.current = None
+        self._measure(0)
+
+    def _measure(self, index: int) -> None:
+        start = time.perf_counter()
+        for table in (self.activations, self.gradients):
+            for sums in table.values():
+                for name in _LARGE_FIELDS:
+                    sums.pop(name, None)
+        release_free_memory()
+        done = self.meta.get("passes", 0)
+        description = f"calibrate (fisher) group {index + 1} of {len(self.groups)}"
+        if done:  # every pass reads the same data: the mean pass so far times the passes left
+            left = (self.meta["seconds"] / done) * (len(self.groups) - done)
+            description += f", about {left / 60:.1f} min for the passes left"
+        measured = self._measure_sites(self.groups[index], description)
+        self.activations.update(measured.activations)
+        self.gradients.update(measured.gradients)
+        self.current = index
+        if not self.meta:
+            self.meta = dict(measured.meta, passes=1, groups=len(self.groups))
+        else:
+            self.meta["passes"] += 1
+            self.meta["seconds"] += measured.meta["seconds"]
+            self.later_seconds += time.perf_counter() - start
+
+    def _ensure(self, site: Site) -> None:
+        index = self.group_of.get(site.weight)
+        if index is not None and index != self.current:
+            self._measure(index)
+
+    def _activation_sums(self, site: Site) -> tuple[dict, float]:
+        if not all(activation_key(u) in self.activations for u in site.uses):
+            self._ensure(site)
+        return super()._activation_sums(site)
+
+    def input_gram(self, site: Site) -> np.ndarray:
+        self._ensure(site)
+        return super().input_gram(site)
+
+    def fisher_row(self, site: Site) -> np.ndarray:
+        if site.weight not in self.gradients:
+            self._ensure(site)
+        return super().fisher_row(site)
+
+    def output_grad_gram(self, site: Site) -> np.ndarray:
+        self._ensure(site)
+        return super().output_grad_gram(site)
+
+    def output_grad_sketch(self, site: Site):
+        self._ensure(site)
+        return super().output_grad_sketch(site)
+
+    def has_activations(self, site: Site) -> bool:
+        return all(activation_key(u) in self._with_activations for u in site.uses)
+
+    def has_gradients(self, site: Site) -> bool:
+        return site.weight in self._with_gradients
+
+    def save(self, path) -> None:
+        raise FwlrError("gradient statistics measured in groups hold one group's Grams at a time and cannot be "
+                        "saved; raise `stats_memory` to measure them in one pass.")

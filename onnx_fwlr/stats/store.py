@@ -3,7 +3,8 @@
 activations[key]: statistics of one site input X (key = tensor name, or "name|T" when a Gemm reads it
 transposed): 'gram' Σ w x xᵀ [K,K], 'sum' Σ w x [K], 'abs_sum' Σ w |x| [K], 'count' Σ w (w = mask weight, 1
 without a mask), over every position of every sample.
-gradients[weight]: 'fisher_row' [K], 'fisher_col' [N], 'grad_gram' [N,N], 'grad_count' (samples × seeds).
+gradients[weight]: 'fisher_row' [K], 'fisher_col' [N], 'grad_gram' [N,N], 'grad_count' (samples × seeds); a
+site too wide for an [N,N] Gram (an LM head) holds 'grad_sketch' [r,N], 'grad_diag' [N] and 'sketch_rank' instead.
 """
 
 from __future__ import annotations
@@ -53,9 +54,17 @@ class Statistics:
     # --- accumulation ---------------------------------------------------------------------------
     @staticmethod
     def fold(target: dict, update: dict) -> None:
-        """Add one batch's sums into the running sums."""
+        """Add one batch's sums into the running sums (a low-rank Gram factor merges by re-truncating the stack
+        of both factors, autodiff.losses.fold_sketch)."""
         for name, value in update.items():
-            if name in target:
+            if name == "sketch_rank" and name in target:
+                continue
+            if name == "grad_sketch" and name in target:
+                from onnx_fwlr.autodiff.losses import fold_sketch
+
+                rank = int(target.get("sketch_rank", update.get("sketch_rank", len(value))))
+                target[name] = fold_sketch(target[name], value, rank)
+            elif name in target:
                 target[name] += value  # in place: a float32 Gram is cast in small chunks, never copied whole
             else:
                 target[name] = np.array(value, dtype=np.float64)
@@ -104,6 +113,15 @@ class Statistics:
     def output_grad_gram(self, site: Site) -> np.ndarray:
         grads = self.gradients[site.weight]
         return grads["grad_gram"] / max(float(grads["grad_count"]), 1.0)
+
+    def output_grad_sketch(self, site: Site) -> tuple[np.ndarray, np.ndarray] | None:
+        """(S [r, N], d [N]) with Sᵀ S + diag(d − diag(Sᵀ S)) the mean output-gradient Gram, for a site whose
+        Gram was too wide to form (autodiff.losses.sketched); None when the exact Gram was kept."""
+        grads = self.gradients[site.weight]
+        if "grad_sketch" not in grads:
+            return None
+        count = max(float(grads["grad_count"]), 1.0)
+        return grads["grad_sketch"] / np.sqrt(count), grads["grad_diag"] / count
 
     def has_activations(self, site: Site) -> bool:
         return all(activation_key(u) in self.activations for u in site.uses)

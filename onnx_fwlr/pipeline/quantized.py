@@ -143,11 +143,12 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
-    timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False,
+    timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
-    accuracy_level per site (`accuracy_level` 0, 4 or "auto" with `level_timer`, compress_quantized)."""
+    accuracy_level per site (`accuracy_level` 0, 4 or "auto" with `level_timer`, compress_quantized). `feed`: the
+    batch to time and check at (default: one calibration batch, or `shapes`)."""
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_accuracy_level(accuracy_level, level_timer)
     fisher_options = fisher_options or {}
@@ -169,7 +170,7 @@ def prepare_quantized(
         priced = job.tables if embeddings == "auto" and not timed else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
     if timed or accuracy_level != 0:
-        job.feed = timing_feed(prepared.model, calibration, batch_size, shapes)
+        job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
     if accuracy_level != 0:
         _choose_levels(job, accuracy_level, level_timer)
     job.rule_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables}

@@ -335,14 +335,16 @@ def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(output))
 
 
-def ort_int4_model(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    """`MatMulNBitsQuantizer` int4 (asymmetric) of the MatMul nodes, its defaults otherwise."""
+def ort_int4_model(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
+    """`MatMulNBitsQuantizer` int4 (asymmetric) of the MatMul nodes, its defaults otherwise (`accuracy_level` 4:
+    its int8-activation compute, as ONNX Runtime's own LLM builder writes for CPUs)."""
     check_block_size(block_size)
     module = _nbits_module()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     with _quiet_ort_logging():
-        quantizer = module.MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=False)
+        quantizer = module.MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=False,
+                                                accuracy_level=accuracy_level or None)
         quantizer.process()
     return quantizer.model.model
 

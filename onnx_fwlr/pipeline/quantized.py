@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate import latency as lat
@@ -83,6 +84,8 @@ class QuantizeJob:
     feed: dict | None = None  # one batch at the size a latency budget times the sites at
     levels: dict = field(default_factory=dict)  # (weight, scheme label at level 0) -> levels.LevelChoice
     merge: bool = False  # corrections of sites reading one activation share a first factor (quant.graph)
+    progress: bool = False  # progress bars (with ETA) over the sites while options and plans are computed
+    plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it."""
@@ -163,7 +166,7 @@ def prepare_quantized(
         bias_correction = get_method(method).bias_correction
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
                       schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
-                      original_bytes=_bytes(prepared.model), merge=merge)
+                      original_bytes=_bytes(prepared.model), merge=merge, progress=progress)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     if budgeted:
@@ -445,7 +448,7 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
     """Every site's and budgeted table's options, computed once per run."""
     if job.choices is None:
         job.choices = []
-        for site in job.sites:
+        for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
             usable = job.site_schemes(site)
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], usable, dense=job.quantize == "auto",
@@ -508,11 +511,15 @@ def _bytes(model: onnx.ModelProto) -> int:
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     """The rewritten model for these options, and one SiteResult per site."""
     plans, results = {}, []
-    for site, option in zip(job.sites, chosen):
+    pairs = list(zip(job.sites, chosen))
+    for site, option in tqdm(pairs, desc="quantize build", unit="site", disable=not job.progress, leave=False):
         W = job.prepared.weights[site.weight]
         metric = job.metrics[site.weight]
-        site_plan, error = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                          alternate_rounds=job.alternate)
+        key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
+        if key not in job.plans:
+            job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
+                                            alternate_rounds=job.alternate)
+        site_plan, error = job.plans[key]
         if option.key == INT8_DYNAMIC:
             error += job.rounding_loss.get(site.weight, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)

@@ -4,6 +4,13 @@
     python tools/bench_quant.py transformer             # tools/synthetic_transformer.py (hidden 128, 4 layers)
     python tools/bench_quant.py minilm                  # .cache/minilm from tools/export_minilm.py
     python tools/bench_quant.py digits --json out.json --latency
+    python tools/bench_quant.py minilm --modes int8,auto --fractions 0.8,1.0 --latency --targets 0.45,0.6
+
+With --latency every row gets its latency relative to the fp32 original at batch 1 and batch 32 (held-out rows,
+`--threads`, the median of `--pairs` alternating pairs in one process, evaluate.limits.paired_ratio), ONNX
+Runtime's int4 models are also measured at accuracy_level 4, our int4/auto models choose their accuracy_level
+per site by timing (at batch 1 rows: quant.levels), `--targets` adds `--quantize auto --target-latency F` rows
+(timed at batch 32 and at batch 1), and the issue-26 goals are printed PASS/FAIL below the table.
 
 Rows: the fp32 original; ONNX Runtime's `quantize_dynamic` int8 per channel (every op it quantizes, embeddings
 included, as a new user runs it); `MatMulNBitsQuantizer` int4 at block 32 and 128 (its defaults: MatMul
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +41,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from onnx_fwlr.errors import FwlrError  # noqa: E402
+from onnx_fwlr.evaluate.latency import OrtTimer, machine_name  # noqa: E402
 from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
 from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
-from onnx_fwlr.tables import format_table
+from onnx_fwlr.tables import format_table  # noqa: E402
+
+LATENCY_BATCHES = (1, 32)
 
 EMBEDDING_FISHER = {"output": "sentence_embedding", "loss": "gaussian"}  # a Gaussian likelihood on the embedding
 
@@ -43,8 +54,10 @@ EMBEDDING_FISHER = {"output": "sentence_embedding", "loss": "gaussian"}  # a Gau
 class Workload:
     """A model, its calibration batches, its held-out batches (with labels when it has them), the output judged."""
 
-    def __init__(self, name, model, calibration, evaluation, output, labels=None, note="", fisher=None):
+    def __init__(self, name, model, calibration, evaluation, output, labels=None, note="", fisher=None,
+                 held_out=None):
         self.name, self.model, self.calibration, self.evaluation = name, model, calibration, evaluation
+        self.held_out = held_out  # the held-out arrays as stored (full width): the latency feeds' rows
         self.output, self.labels, self.note = output, labels, note
         self.fisher = fisher or {}  # Fisher options: the loss is defined on the output judged
 
@@ -71,7 +84,8 @@ def digits() -> Workload:
     test = dict(np.load(ROOT / "sample_models/digits_test.npz"))
     return Workload("digits", onnx.load(ROOT / "sample_models/digits_mlp.onnx"),
                     batches({"input": calib["input"]}, 64), batches({"input": test["input"]}, 100), "logits",
-                    labels=test["labels"], note=f"{len(calib['input'])} calibration / {len(test['input'])} test digits")
+                    labels=test["labels"], note=f"{len(calib['input'])} calibration / {len(test['input'])} test digits",
+                    held_out={"input": test["input"]})
 
 
 def transformer(args) -> Workload:
@@ -83,7 +97,7 @@ def transformer(args) -> Workload:
     note = (f"synthetic BERT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
             f"{args.calib_samples} calibration / {args.eval_samples} held-out sequences of up to {args.seq} tokens")
     return Workload("transformer", model, batches(calib, 32, True), batches(held_out, 32, True), "sentence_embedding",
-                    note=note, fisher=EMBEDDING_FISHER)
+                    note=note, fisher=EMBEDDING_FISHER, held_out=held_out)
 
 
 def minilm(args) -> Workload:
@@ -92,7 +106,8 @@ def minilm(args) -> Workload:
     held_out = dict(np.load(folder / "eval.npz"))
     note = f"all-MiniLM-L6-v2; {args.calib_samples} calibration / {len(held_out['input_ids'])} held-out sentences"
     return Workload("minilm", onnx.load(folder / "minilm.onnx"), batches(calib, 32, True),
-                    batches(held_out, 32, True), "sentence_embedding", note=note, fisher=EMBEDDING_FISHER)
+                    batches(held_out, 32, True), "sentence_embedding", note=note, fisher=EMBEDDING_FISHER,
+                    held_out=held_out)
 
 
 def outputs(model: onnx.ModelProto, work: Workload) -> np.ndarray:
@@ -101,18 +116,23 @@ def outputs(model: onnx.ModelProto, work: Workload) -> np.ndarray:
                            for feed in work.evaluation])
 
 
-def latency(model: onnx.ModelProto, feed: dict, runs: int = 15) -> float:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def latency_feeds(work: Workload, sizes) -> dict[int, dict]:
+    """Per batch size, the first held-out rows at their full width (real tokens, not a trimmed batch)."""
+    return {b: {k: v[:b] for k, v in work.held_out.items()} for b in sizes}
+
+
+def paired_latency(original_path: Path, model: onnx.ModelProto, feeds: dict, args, folder: Path) -> dict:
+    """Per batch size, the median (and p10/p90) of `args.pairs` alternating (original, model) pairs in one
+    process: the model's time over the original's."""
+    from onnx_fwlr.evaluate.limits import paired_ratio
+
+    path = folder / "timed.onnx"
+    onnx.save(model, path)
+    found = {}
+    for batch, feed in feeds.items():
+        summary = paired_ratio(original_path, path, feed, runs=args.pairs, threads=args.threads)
+        found[batch] = {"ratio": summary["ratio_p50"], "p10": summary["ratio_p10"], "p90": summary["ratio_p90"]}
+    return found
 
 
 def measure(name: str, model: onnx.ModelProto, work: Workload, reference: np.ndarray, seconds: float,
@@ -124,14 +144,17 @@ def measure(name: str, model: onnx.ModelProto, work: Workload, reference: np.nda
     if work.labels is not None:
         row["accuracy"] = float(np.mean(out.argmax(1) == work.labels))
     if args.latency:
-        row["latency_ratio"] = latency(model, work.evaluation[0]) / base_latency
+        row["latency"] = paired_latency(base_latency["path"], model, base_latency["feeds"], args,
+                                        base_latency["folder"])
     if args.save_models:  # for `onnx-fwlr profile ORIGINAL --compare MODEL` at other batch sizes
         folder = Path(args.save_models)
         folder.mkdir(parents=True, exist_ok=True)
         row["file"] = str(folder / ("_".join("".join(c if c.isalnum() or c == "." else " " for c in name).split())
                                     + ".onnx"))
         onnx.save(model, row["file"])
-    print(f"  {name}: {row['bytes']:,} bytes, cos {row['cos_mean']:.4f} / {row['cos_min']:.4f}", file=sys.stderr)
+    timed = "".join(f", b{b} x{v['ratio']:.3f}" for b, v in row.get("latency", {}).items())
+    print(f"  {name}: {row['bytes']:,} bytes, cos {row['cos_mean']:.4f} / {row['cos_min']:.4f}{timed}",
+          file=sys.stderr)
     return row
 
 
@@ -141,36 +164,46 @@ def ort_int8(model: onnx.ModelProto) -> onnx.ModelProto:
     return ort_int8_model(model)  # the same baseline as sweep --quantize and compress's closing comparison
 
 
-def ort_int4(model: onnx.ModelProto, block: int) -> onnx.ModelProto:
+def ort_int4(model: onnx.ModelProto, block: int, level: int = 0) -> onnx.ModelProto:
     from onnx_fwlr.quant.ortquant import ort_int4_model
 
-    return ort_int4_model(model, block)
+    return ort_int4_model(model, block, level)
 
 
-def run(work: Workload, args) -> list[dict]:
+def run(work: Workload, args, folder: Path) -> list[dict]:
     import logging
 
     reference = outputs(work.model, work)
-    base = latency(work.model, work.evaluation[0]) if args.latency else None
+    base = None
+    if args.latency:
+        original_path = folder / "original.onnx"
+        onnx.save(work.model, original_path)
+        base = {"path": original_path, "folder": folder, "feeds": latency_feeds(work, LATENCY_BATCHES)}
     rows = [measure("fp32 original", work.model, work, reference, 0.0, args, base)]
     logging.disable(logging.WARNING)  # ORT's quantizers log every node
     start = time.perf_counter()
     int8 = ort_int8(work.model)
     rows.append(measure("ORT int8 dynamic per-channel", int8, work, reference, time.perf_counter() - start, args, base))
     for block in (32, 128):
-        start = time.perf_counter()
-        rows.append(measure(f"ORT int4 b{block} (MatMul only)", ort_int4(work.model, block), work, reference,
-                            time.perf_counter() - start, args, base))
+        for level in (0, 4) if args.latency else (0,):
+            start = time.perf_counter()
+            name = f"ORT int4 b{block} (MatMul only)" + (f", accuracy_level {level}" if args.latency else "")
+            rows.append(measure(name, ort_int4(work.model, block, level), work, reference,
+                                time.perf_counter() - start, args, base))
     logging.disable(logging.NOTSET)
     start = time.perf_counter()
     stats = calibrate(work.model, work.calibration, fisher=True, progress=False, **work.fisher)
     print(f"  statistics: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     int8_bytes = rows[1]["bytes"]
     common = dict(calibration=work.calibration, stats=stats, progress=False)
+    levels = {}
+    if args.latency:  # int4 sites choose their accuracy_level by timing at batch 1's rows
+        levels = dict(accuracy_level="auto", level_timer=OrtTimer(threads=args.threads), feed=base["feeds"][1])
     for quantize in args.modes.split(","):
         start = time.perf_counter()
         job = prepare_quantized(work.model, quantize=quantize, block_size=args.block_size, method="kfac",
-                                factors=args.factors, budgeted=True, **common)
+                                factors=args.factors, budgeted=True, merge=args.merge,
+                                **(levels if quantize != "int8" else {}), **common)
         prepared = time.perf_counter() - start
         suffix = ", fp32 factors" if args.factors == "float32" else ""
         if quantize != "auto":
@@ -186,9 +219,63 @@ def run(work: Workload, args) -> list[dict]:
                 continue
             rows.append(measure(f"ours {quantize}, target {fraction:g} x int8{suffix}", model, work, reference,
                                 time.perf_counter() - start, args, base))
+    if args.targets:
+        rows += latency_targets(work, args, reference, base, common)
     if args.ablations:
         rows += ablations(work, args, reference, base, common)
     return rows
+
+
+def latency_targets(work: Workload, args, reference, base, common) -> list[dict]:
+    """`--quantize auto --target-latency F` at each batch size's rows (its tables, levels and site share timed at
+    that feed, `--threads`)."""
+    from onnx_fwlr.evaluate.latency import MeasuredLatency
+
+    rows = []
+    latency = MeasuredLatency(threads=args.threads, cache_dir=args.latency_cache)
+    for batch, feed in base["feeds"].items():
+        start = time.perf_counter()
+        job = prepare_quantized(work.model, quantize="auto", block_size=args.block_size, method="kfac",
+                                factors=args.factors, budgeted=True, timed=True, accuracy_level="auto",
+                                level_timer=latency.timer, feed=feed, merge=args.merge, **common)
+        prepared = time.perf_counter() - start
+        for target in (float(t) for t in args.targets.split(",")):
+            start = time.perf_counter()
+            try:
+                model, report = build_quantized(job, target_latency=target, latency=latency)
+            except FwlrError as exc:
+                print(f"  target latency {target} at batch {batch}: {exc}", file=sys.stderr)
+                continue
+            row = measure(f"ours auto, target latency {target:g} (batch {batch})", model, work, reference,
+                          prepared + time.perf_counter() - start, args, base)
+            row["predicted_latency"] = report.budget["speed"]["predicted_ratio"]
+            rows.append(row)
+    return rows
+
+
+def goals(rows: list[dict]) -> list[str]:
+    """Issue 26's goals, PASS/FAIL, from the table's rows."""
+    by_name = {r["model"]: r for r in rows}
+    int8 = by_name.get("ORT int8 dynamic per-channel")
+    ours = [r for r in rows if r["model"].startswith("ours") and "latency" in r]
+    if int8 is None or "latency" not in int8:
+        return ["goals need --latency"]
+    lines = []
+    for batch in LATENCY_BATCHES:
+        limit = 1.02 * int8["latency"][batch]["ratio"]
+        passing = [r for r in ours if r["latency"][batch]["ratio"] <= limit and r["cos_mean"] > int8["cos_mean"]]
+        best = max(passing, key=lambda r: r["cos_mean"]) if passing else None
+        lines.append(f"{'PASS' if best else 'FAIL'}  batch {batch}: latency <= 1.02 x ORT int8's "
+                     f"({limit:.3f}) and mean cos > {int8['cos_mean']:.4f}"
+                     + (f": {best['model']} x{best['latency'][batch]['ratio']:.3f}, cos {best['cos_mean']:.4f}"
+                        if best else ""))
+    small = [r for r in ours if r["bytes"] <= 0.8 * int8["bytes"] and r["latency"][1]["ratio"] <= 1.0]
+    best = max(small, key=lambda r: r["cos_mean"]) if small else None
+    lines.append(f"{'PASS' if best else 'FAIL'}  bytes <= 0.8 x ORT int8's ({int(0.8 * int8['bytes']):,}) and "
+                 f"batch-1 latency <= 1.0 x fp32" + (f": {best['model']} {best['bytes']:,} bytes, "
+                                                     f"x{best['latency'][1]['ratio']:.3f}, cos {best['cos_mean']:.4f}"
+                                                     if best else ""))
+    return lines
 
 
 def ablations(work: Workload, args, reference, base, common) -> list[dict]:
@@ -212,16 +299,17 @@ def table(rows: list[dict], base_bytes: int) -> str:
     headers = ["model", "bytes", "vs fp32", "cos mean", "cos min", "rel. L2"]
     if any("accuracy" in r for r in rows):
         headers.append("accuracy")
-    if any("latency_ratio" in r for r in rows):
-        headers.append("latency")
+    timed = any("latency" in r for r in rows)
+    if timed:
+        headers += [f"latency b{b}" for b in LATENCY_BATCHES]
     lines = []
     for r in rows:
         line = [r["model"], f"{r['bytes']:,}", f"{r['bytes'] / base_bytes:.3f}", f"{r['cos_mean']:.4f}",
                 f"{r['cos_min']:.4f}", f"{r['rel_l2']:.4f}"]
         if "accuracy" in headers:
             line.append(f"{100 * r['accuracy']:.1f} %")
-        if "latency" in headers:
-            line.append(f"{r['latency_ratio']:.2f}")
+        if timed:
+            line += [f"{r['latency'][b]['ratio']:.3f}" if "latency" in r else "" for b in LATENCY_BATCHES]
         lines.append(line)
     return format_table(headers, lines, align="l" + "r" * (len(headers) - 1))
 
@@ -235,7 +323,13 @@ def main() -> int:
     p.add_argument("--factors", default="float16", choices=["float16", "float32"], help="correction factor storage")
     p.add_argument("--ablations", action="store_true", help="also the uniform-rank ablations")
     p.add_argument("--ablation-rank", type=int, default=8)
-    p.add_argument("--latency", action="store_true", help="latency ratio to fp32 on one held-out batch, 2 threads")
+    p.add_argument("--latency", action="store_true",
+                   help="latency ratio to fp32 at batch 1 and 32 (alternating pairs), int4 levels, the goals")
+    p.add_argument("--threads", type=int, default=1, help="--latency: ONNX Runtime intra-op threads")
+    p.add_argument("--pairs", type=int, default=20, help="--latency: alternating pairs per model and batch")
+    p.add_argument("--targets", default="", help="--latency: target latencies of `--quantize auto` rows, e.g. 0.5")
+    p.add_argument("--merge", action="store_true", help="merged corrections for sites reading one tensor")
+    p.add_argument("--latency-cache", help="--targets: folder of the latency tables (default: the user's cache)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -249,13 +343,22 @@ def main() -> int:
     p.add_argument("--save-models", metavar="DIR", help="also write every model of the table into DIR")
     args = p.parse_args()
     work = {"digits": digits, "transformer": lambda: transformer(args), "minilm": lambda: minilm(args)}[args.workload]()
+    if args.targets and not args.latency:
+        p.error("--targets needs --latency")
     start = time.perf_counter()
-    rows = run(work, args)
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench_quant_") as folder:
+        rows = run(work, args, Path(folder))
     print(f"{work.name}: {work.note}")
+    if args.latency:
+        print(f"latency: {machine_name()}, {args.threads} thread(s), median of {args.pairs} alternating pairs "
+              f"with fp32 per batch size; load {load:.1f} at start, {os.getloadavg()[0]:.1f} at the end")
     print(table(rows, rows[0]["bytes"]))
+    if args.latency:
+        print("\n".join(goals(rows)))
     print(f"({time.perf_counter() - start:.0f} s)")
     if args.json:
-        summary = {"workload": work.name, "note": work.note, "rows": rows}
+        summary = {"workload": work.name, "note": work.note, "rows": rows, "goals": goals(rows) if args.latency else []}
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -160,6 +160,12 @@ class Compress:
                        help="int8 as quantize_dynamic per channel (fast on CPUs) or weight-only MatMulNBits blocks")
         q.add_argument("--factor-dtype", default="float16", choices=["float16", "float32"],
                        help="storage of the correction factors (float16: half the bytes, cast once at load)")
+        q.add_argument("--accuracy-level", choices=["0", "4", "auto"],
+                       help="MatMulNBits compute: 0 float, 4 int8 activations (where a check on the calibration "
+                            "activations passes), auto per site by what measures faster here at the timing rows "
+                            "(default: auto with --target-latency, else 0)")
+        q.add_argument("--merge-corrections", action="store_true",
+                       help="corrections of sites reading the same tensor (q/k/v) share one first-factor MatMul")
 
     @staticmethod
     def run(args) -> int:
@@ -240,6 +246,22 @@ def _ort_comparison(args, report, output, out) -> list[dict]:
     return rows
 
 
+def _accuracy_level(args):
+    """--accuracy-level as compress_quantized takes it (None: its default)."""
+    level = getattr(args, "accuracy_level", None)
+    return None if level is None else level if level == "auto" else int(level)
+
+
+def _level_timer(args):
+    """The ONNX Runtime timer accuracy_level auto times the levels with, at --latency-threads (the latency model's,
+    as OrtTimer is patched in tests)."""
+    if _accuracy_level(args) == "auto" or (_accuracy_level(args) is None and args.target_latency is not None):
+        from onnx_fwlr.evaluate.latency import OrtTimer
+
+        return OrtTimer(threads=args.latency_threads)
+    return None
+
+
 def _compress_quantized(args, rank, ranks):
     """--quantize: ONNX Runtime's quantizer plus a low-rank correction (pipeline.quantized), validated on --val."""
     from onnx_fwlr.errors import FwlrError
@@ -268,7 +290,9 @@ def _compress_quantized(args, rank, ranks):
         bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
-        target_latency=args.target_latency, latency=latency, input_forms=forms)
+        target_latency=args.target_latency, latency=latency, input_forms=forms,
+        accuracy_level=_accuracy_level(args), merge=args.merge_corrections,
+        level_timer=_level_timer(args))
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")

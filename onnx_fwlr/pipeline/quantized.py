@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
@@ -80,6 +82,16 @@ class QuantizeJob:
     warnings: list = field(default_factory=list)
     choices: list | None = None
     feed: dict | None = None  # one batch at the size a latency budget times the sites at
+    levels: dict = field(default_factory=dict)  # (weight, scheme label at level 0) -> levels.LevelChoice
+    merge: bool = False  # corrections of sites reading one activation share a first factor (quant.graph)
+    progress: bool = False  # progress bars (with ETA) over the sites while options and plans are computed
+    plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
+
+    def site_schemes(self, site: Site) -> list[Scheme]:
+        """The schemes this site may use, each at the accuracy_level chosen for it."""
+        usable = [s for s in self.schemes if s.kind != "nbits" or site.K % s.block_size == 0]
+        return [s.at_level(self.levels[(site.weight, s.label)].level) if (site.weight, s.label) in self.levels
+                else s for s in usable]
 
 
 def compress_quantized(
@@ -89,7 +101,7 @@ def compress_quantized(
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
-    input_forms=None,
+    input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -105,17 +117,26 @@ def compress_quantized(
     budget of its own) picks per site by predicted loss per millisecond from the measured latency tables of
     each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
-    given was already int8 and this is its float form.
+    given was already int8 and this is its float form. `accuracy_level` of the int4/int8 MatMulNBits sites: 0
+    (float compute), 4 (int8 activations where the check passes) or "auto" (per site, timed at the deployment
+    rows with `level_timer`, evaluate.latency's timer interface; default `latency`'s) — default "auto" under a
+    latency budget, else 0 (quant.levels). `merge`: corrections of sites reading one activation share their
+    first factor (quant.graph.rewrite).
     """
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_budget(quantize, method, target_size, ratio, rank, target_latency)
+    if accuracy_level is None:
+        accuracy_level = "auto" if target_latency is not None else 0
+    if level_timer is None and accuracy_level == "auto":
+        level_timer = latency.timer if latency is not None else lat.OrtTimer()
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
         embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
         bias_correction=bias_correction,
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-        progress=progress, timed=target_latency is not None)
+        progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
+        merge=merge)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
                            latency=latency, input_forms=input_forms)
 
@@ -125,11 +146,14 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
-    timed: bool = False,
+    timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
-    `timed`, for a latency budget, the timing batch instead, the tables following the rule)."""
+    `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
+    accuracy_level per site (`accuracy_level` 0, 4 or "auto" with `level_timer`, compress_quantized). `feed`: the
+    batch to time and check at (default: one calibration batch, or `shapes`)."""
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
+    check_accuracy_level(accuracy_level, level_timer)
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
@@ -142,14 +166,16 @@ def prepare_quantized(
         bias_correction = get_method(method).bias_correction
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
                       schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
-                      original_bytes=_bytes(prepared.model))
+                      original_bytes=_bytes(prepared.model), merge=merge, progress=progress)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     if budgeted:
         priced = job.tables if embeddings == "auto" and not timed else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
-    if timed:
-        job.feed = timing_feed(prepared.model, calibration, batch_size, shapes)
+    if timed or accuracy_level != 0:
+        job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
+    if accuracy_level != 0:
+        _choose_levels(job, accuracy_level, level_timer)
     job.rule_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables}
     job.fixed_tables = {name: s for name, s in job.rule_tables.items() if name not in job.table_loss}
     return job
@@ -165,7 +191,7 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     if target_latency is not None:
         model_out, results, tables, speed = _build_for_latency(job, target_latency, latency, input_forms)
     elif target is None:
-        chosen = [_fixed_option(s, job.schemes[0], rank, FACTOR_DTYPES[job.factors]) for s in job.sites]
+        chosen = [_fixed_option(s, job.site_schemes(s)[0], rank, FACTOR_DTYPES[job.factors]) for s in job.sites]
         tables = dict(job.rule_tables)
         model_out, results = _build(job, chosen, tables)
     else:
@@ -179,7 +205,86 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     if speed:
         report.budget["speed"] = speed
         report.warnings += latency_notes(speed)
+    if job.levels:
+        report.budget["accuracy_levels"] = _level_rows(job, results)
+        report.warnings += _level_notes(report.budget["accuracy_levels"])
     return model_out, report
+
+
+ACCURACY_MODES = (0, 4, "auto")
+
+
+def check_accuracy_level(accuracy_level, level_timer) -> None:
+    if accuracy_level not in ACCURACY_MODES:
+        raise FwlrError(f"unknown `accuracy_level` {accuracy_level!r}; choose 0 (float compute), 4 (int8 "
+                        "activations) or auto (per site, measured here).")
+    if accuracy_level == "auto" and level_timer is None:
+        raise ValueError("accuracy_level auto needs a level_timer")
+
+
+def _choose_levels(job: QuantizeJob, accuracy_level, level_timer) -> None:
+    """Per site and MatMulNBits scheme, level 4 when it is asked for or measures faster at the site's rows
+    (each shape timed once), and its check on the site's calibration activations passes (quant.levels)."""
+    from onnx_fwlr.evaluate.latency import site_rows
+    from onnx_fwlr.quant import levels
+
+    blocked = [s for s in job.schemes if s.kind == "nbits"]
+    if not blocked or not job.sites:
+        return
+    model = job.prepared.model
+    rows = site_rows(model, job.sites, job.feed)
+    activations = levels.site_activations(model, job.sites, job.feed)
+    timings: dict = {}
+    forced = None if accuracy_level == "auto" else int(accuracy_level)
+    for site, site_rows_count in zip(job.sites, rows):
+        for scheme in blocked:
+            if site.K % scheme.block_size:
+                continue
+            measured = None
+            if forced is None and site_rows_count:
+                key = (site.K, site.N, site_rows_count, scheme.label)
+                if key not in timings:
+                    timings[key] = levels.time_levels(site.K, site.N, site_rows_count, scheme, level_timer)
+                measured = timings[key]
+            X = activations.get(site.weight)
+            wanted = forced == levels.FAST or (measured is not None and measured[levels.FAST] < measured[0])
+            ratio = levels.check_ratio(job.prepared.weights[site.weight], scheme, X) if wanted and X is not None \
+                else None
+            job.levels[(site.weight, scheme.label)] = levels.choose_level(measured, ratio, site_rows_count, forced)
+
+
+def _level_rows(job: QuantizeJob, results) -> list[dict]:
+    """Per site whose chosen option is a MatMulNBits scheme: its level and why."""
+    rows = []
+    for site, result in zip(job.sites, results):
+        label = result.note.split(":")[0].split(" + ")[0]
+        if not label.startswith("int") or label == INT8_DYNAMIC.label:
+            continue
+        base = label.replace(" acc4", "")
+        choice = job.levels.get((site.weight, base))
+        if choice is not None:
+            rows.append({"site": site.name, "scheme": base, "level": choice.level, "rows": choice.rows,
+                         "ms": {str(k): v for k, v in (choice.ms or {}).items()}, "check_ratio": choice.check_ratio,
+                         "why": choice.reason})
+    return rows
+
+
+def _level_notes(rows: list[dict]) -> list[str]:
+    """One sentence: how many MatMulNBits sites run at each accuracy_level, and the sites the check kept at 0."""
+    if not rows:
+        return []
+    fast = [r for r in rows if r["level"] == 4]
+    failed = [r for r in rows if r["check_ratio"] is not None and r["level"] == 0]
+    note = (f"MatMulNBits accuracy_level: 4 (int8 activations) for {len(fast)} of {len(rows)} site"
+            f"{'s' if len(rows) > 1 else ''}, 0 (float) for the rest")
+    if failed:
+        worst = max(failed, key=lambda r: r["check_ratio"])
+        note += (f"; kept at 0 by the check (ONNX Runtime issue 29849, large activations): "
+                 f"{', '.join(r['site'] for r in failed)} (e.g. {worst['site']}: {worst['why']})")
+    slower = [r for r in rows if r["level"] == 0 and r["check_ratio"] is None and r["ms"]]
+    if slower:
+        note += f"; level 4 measured no faster at {slower[0]['rows']} rows for {len(slower)}"
+    return [note]
 
 
 def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
@@ -343,8 +448,8 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
     """Every site's and budgeted table's options, computed once per run."""
     if job.choices is None:
         job.choices = []
-        for site in job.sites:
-            usable = [s for s in job.schemes if s.kind != "nbits" or site.K % s.block_size == 0]
+        for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
+            usable = job.site_schemes(site)
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], usable, dense=job.quantize == "auto",
                 low_rank=job.quantize == "auto", rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
@@ -406,11 +511,15 @@ def _bytes(model: onnx.ModelProto) -> int:
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     """The rewritten model for these options, and one SiteResult per site."""
     plans, results = {}, []
-    for site, option in zip(job.sites, chosen):
+    pairs = list(zip(job.sites, chosen))
+    for site, option in tqdm(pairs, desc="quantize build", unit="site", disable=not job.progress, leave=False):
         W = job.prepared.weights[site.weight]
         metric = job.metrics[site.weight]
-        site_plan, error = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                          alternate_rounds=job.alternate)
+        key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
+        if key not in job.plans:
+            job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
+                                            alternate_rounds=job.alternate)
+        site_plan, error = job.plans[key]
         if option.key == INT8_DYNAMIC:
             error += job.rounding_loss.get(site.weight, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)
@@ -424,7 +533,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             bytes_before=4 * site.params, bytes_after=option.bytes))
         if site_plan is not None:
             plans[site.weight] = site_plan
-    return rewrite(job.prepared.model, plans, tables, job.factors), results
+    return rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge), results
 
 
 def _form(option: Option) -> str:

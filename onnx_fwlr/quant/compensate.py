@@ -25,6 +25,25 @@ def residual_spectrum(W: np.ndarray, dequantized: np.ndarray, left: Scaling | No
     return weighted_svd(np.asarray(W, dtype=np.float64) - np.asarray(dequantized, dtype=np.float64), left, right)
 
 
+def spectrum_energy(M: np.ndarray) -> np.ndarray:
+    """σ² of M, descending, from the eigenvalues of its smaller Gram (M Mᵀ or Mᵀ M): what a budget needs of a
+    decomposition it may never build, at a fraction of an SVD's cost (MiniLM's 384x1536 sites: 0.2 s against
+    4.3 s on the loaded 2-core machine). Rounding moves each value by about eps·σ₁², far below any loss a
+    budget compares."""
+    M = np.asarray(M, dtype=np.float64)
+    gram = M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+    values = np.linalg.eigvalsh(gram)[::-1]
+    return np.clip(values, 0.0, None)
+
+
+def residual_energy(W: np.ndarray, dequantized: np.ndarray, left: Scaling | None = None,
+                    right: Scaling | None = None) -> np.ndarray:
+    """σ² of the weighted residual P (W − deq(Q(W))) Q, descending: residual_spectrum's energy without its
+    vectors."""
+    E = np.asarray(W, dtype=np.float64) - np.asarray(dequantized, dtype=np.float64)
+    return spectrum_energy(weighted_matrix(E, left, right))
+
+
 def weighted_error(E: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> float:
     """‖P E Q‖_F²."""
     M = weighted_matrix(E, left, right)

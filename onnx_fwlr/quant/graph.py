@@ -4,6 +4,10 @@
                        →   Y = MatMulInteger path (quantize_dynamic) + MatMul(MatMul(X, A), B) [+ bias]
                        →   Y = MatMul(MatMul(X, A), B) [+ bias]                         (low rank alone)
 
+With `merge`, the corrections of sites that read the same activation (q/k/v, gate/up) share their first factor:
+one MatMul(X, [A_1 | ... | A_n]) then a Split into each site's X A_i, and each site's own B_i (the same numbers
+as separate pairs up to float rounding; tools/bench_quant_kernels.py --merged times both).
+
 The bias stays where it was: a MatMul's following Add(bias) is untouched (a mean-shift correction is added
 into that bias constant when it is read only there), a Gemm's alpha, C and beta become Mul/Add after the sum.
 Embedding tables become GatherBlockQuantized (4 bits, after ONNX's version converter lifts the model to
@@ -63,11 +67,12 @@ class _Namer:
 
 
 def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme],
-            factor_dtype: str = "float32") -> onnx.ModelProto:
+            factor_dtype: str = "float32", merge: bool = False) -> onnx.ModelProto:
     """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
     replaced; the input model is not modified. `factor_dtype` "float16" stores the correction factors in
     half precision behind a Cast to float32, which ONNX Runtime folds when it loads the model: half the
-    bytes on disk, the same float32 kernels at run time."""
+    bytes on disk, the same float32 kernels at run time. `merge`: corrections of sites reading the same
+    activation share one first-factor MatMul and a Split (module docstring)."""
     if any(s.kind == "nbits" for s in tables.values()):
         model = ortquant.upgrade_for_int4(model)  # may add nodes: sites are found again below
     else:
@@ -82,11 +87,16 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     casts: dict[int, list[onnx.NodeProto]] = {}  # per graph, Cast nodes of half-precision factors (placed first)
     dynamic: list[str] = []
     removed: dict[int, set[str]] = {}
+    groups = merge_groups(sites, plans) if merge else []
+    shared: dict[str, tuple[str, str]] = {}  # weight -> (its X A_i from the merged Split, its B_i)
+    for group in groups:
+        shared.update(_merged_first_factor(model, [sites[w] for w in group], [plans[w] for w in group], graphs,
+                                           namer, factor_dtype, casts, swaps))
     for weight, plan in plans.items():
         site = sites[weight]
-        factors = _factor_tensors(site, plan, graphs, namer, factor_dtype, casts)
+        factors = shared.get(weight) or _factor_tensors(site, plan, graphs, namer, factor_dtype, casts)
         for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic).items():
-            swaps[key] = nodes
+            swaps[key] = swaps.get(key, []) + nodes  # after a merged first factor placed at this node
         _mark_removed(site, removed, swaps)
     for name, scheme in tables.items():
         for key, nodes in _table_swaps(model, name, scheme, namer, dynamic).items():
@@ -122,29 +132,84 @@ def _mark_removed(site: Site, removed: dict[int, set[str]], swaps: dict) -> None
         swaps[(site.graph_index, site.constant_node)] = []
 
 
-def _factor_tensors(site: Site, plan: SitePlan, graphs, namer, factor_dtype: str, casts: dict):
-    """The names the uses read A and B by (None without a correction); in float16, the factors are first
-    balanced (A·c, B/c with equal largest entries) so neither leaves half precision's range."""
-    if plan.A is None:
-        return None
-    owner = graphs[site.graph_index]
+def _balanced(plan: SitePlan, factor_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """A, B in float64; for float16 storage balanced first (A·c, B/c with equal largest entries) so neither
+    leaves half precision's range."""
     A, B = np.asarray(plan.A, dtype=np.float64), np.asarray(plan.B, dtype=np.float64)
-    names = (namer(f"{site.weight}/correction_A"), namer(f"{site.weight}/correction_B"))
     if factor_dtype == "float32":
-        owner.initializer.extend(numpy_helper.from_array(M.astype(np.float32), n) for M, n in zip((A, B), names))
-        return names
+        return A, B
     largest_a, largest_b = np.abs(A).max(), np.abs(B).max()
     if largest_a > 0 and largest_b > 0:
         balance = np.sqrt(largest_b / largest_a)
         A, B = A * balance, B / balance
-    read = []
-    for M, name in zip((A, B), names):
-        stored = namer(f"{name}_fp16")
-        owner.initializer.append(numpy_helper.from_array(M.astype(np.float16), stored))
-        casts.setdefault(site.graph_index, []).append(
-            helper.make_node("Cast", [stored], [name], name=namer(f"{name}/cast"), to=TensorProto.FLOAT))
-        read.append(name)
-    return tuple(read)
+    return A, B
+
+
+def _stored_factor(M: np.ndarray, name: str, graph_index: int, graphs, namer, factor_dtype: str, casts: dict) -> str:
+    """Store one factor (float32, or float16 behind a Cast placed first in its graph); the name it is read by."""
+    owner = graphs[graph_index]
+    if factor_dtype == "float32":
+        owner.initializer.append(numpy_helper.from_array(M.astype(np.float32), name))
+        return name
+    stored = namer(f"{name}_fp16")
+    owner.initializer.append(numpy_helper.from_array(M.astype(np.float16), stored))
+    casts.setdefault(graph_index, []).append(
+        helper.make_node("Cast", [stored], [name], name=namer(f"{name}/cast"), to=TensorProto.FLOAT))
+    return name
+
+
+def _factor_tensors(site: Site, plan: SitePlan, graphs, namer, factor_dtype: str, casts: dict):
+    """The names the uses read A and B by (None without a correction)."""
+    if plan.A is None:
+        return None
+    A, B = _balanced(plan, factor_dtype)
+    return tuple(_stored_factor(M, namer(f"{site.weight}/correction_{which}"), site.graph_index, graphs, namer,
+                                factor_dtype, casts) for M, which in ((A, "A"), (B, "B")))
+
+
+def merge_groups(sites: dict[str, Site], plans: dict[str, SitePlan]) -> list[list[str]]:
+    """Weights whose corrections can share a first factor: sites with a correction and one use, in the graph
+    that owns them, reading the same activation without a transpose; groups of two or more, in node order."""
+    by_input: dict[tuple[int, str], list[tuple[int, str]]] = {}
+    for weight, plan in plans.items():
+        site = sites[weight]
+        if plan.A is None or len(site.uses) != 1:
+            continue
+        use = site.uses[0]
+        if use.trans_a or use.graph_index != site.graph_index:
+            continue
+        by_input.setdefault((use.graph_index, use.input), []).append((use.node_index, weight))
+    return [[w for _, w in sorted(members)] for _, members in sorted(by_input.items()) if len(members) > 1]
+
+
+def _merged_first_factor(model, group: list[Site], plans: list[SitePlan], graphs, namer, factor_dtype: str,
+                         casts: dict, swaps: dict) -> dict[str, tuple[str, str]]:
+    """MatMul(X, [A_1 | ... | A_n]) and a Split into each site's X A_i, placed before the group's first use
+    (every use reads X, so X exists there); per weight, (its X A_i, its B_i)."""
+    first = group[0]
+    use = first.uses[0]
+    balanced = [_balanced(p, factor_dtype) for p in plans]
+    base = namer(f"{first.weight}/merged_correction")
+    a_name = _stored_factor(np.concatenate([A for A, _ in balanced], axis=1), namer(f"{base}_A"),
+                            first.graph_index, graphs, namer, factor_dtype, casts)
+    joined = namer(f"{base}_xA")
+    middles = [namer(f"{s.uses[0].node_name or s.uses[0].output}/correction_xA") for s in group]
+    ranks = np.asarray([A.shape[1] for A, _ in balanced], dtype=np.int64)
+    nodes = [helper.make_node("MatMul", [use.input, a_name], [joined], name=namer(f"{base}/A"))]
+    if _default_opset(model) >= 13:
+        sizes = _constant(graphs[first.graph_index], namer(f"{base}_sizes"), ranks)
+        nodes.append(helper.make_node("Split", [joined, sizes], middles, name=namer(f"{base}/split"), axis=-1))
+    else:
+        nodes.append(helper.make_node("Split", [joined], middles, name=namer(f"{base}/split"), axis=-1,
+                                      split=[int(r) for r in ranks]))
+    swaps[(use.graph_index, use.node_index)] = nodes
+    return {site.weight: (None, _stored_factor(B, namer(f"{site.weight}/correction_B"), site.graph_index, graphs,
+                                               namer, factor_dtype, casts), middle)
+            for site, (_, B), middle in zip(group, balanced, middles)}
+
+
+def _default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str]) -> dict:
@@ -191,8 +256,12 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
             dynamic.append(node_name)
         parts.append(out)
     if factors is not None:
-        middle, out = namer(f"{base}/correction_xA"), namer(f"{base}/correction")
-        nodes.append(helper.make_node("MatMul", [x, factors[0]], [middle], name=namer(f"{base}/correction_A")))
+        out = namer(f"{base}/correction")
+        if len(factors) == 3:  # (None, B, X A from a merged first factor)
+            middle = factors[2]
+        else:
+            middle = namer(f"{base}/correction_xA")
+            nodes.append(helper.make_node("MatMul", [x, factors[0]], [middle], name=namer(f"{base}/correction_A")))
         nodes.append(helper.make_node("MatMul", [middle, factors[1]], [out], name=namer(f"{base}/correction_B")))
         parts.append(out)
     terms = _tail_terms(model, graph, use, shift, namer, nodes)

@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 INT4_OPSET = 21  # int4/uint4 tensors (GatherBlockQuantized's table) need opset 21 and IR 10
 INT4_IR = 10
 MS_DOMAIN = "com.microsoft"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,18 @@ class Scheme:
     bits: int = 8
     block_size: int = 0
     symmetric: bool = False
+    accuracy_level: int = 0  # MatMulNBits' compute type: 0 float (as the weight), 4 int8 activations (docs/speed.md)
 
     @property
     def label(self) -> str:
         if self.kind == "dynamic":
             return "int8 dynamic"
-        return f"int{self.bits} b{self.block_size}" + (" sym" if self.symmetric else "")
+        return (f"int{self.bits} b{self.block_size}" + (" sym" if self.symmetric else "")
+                + (f" acc{self.accuracy_level}" if self.accuracy_level else ""))
+
+    def at_level(self, level: int) -> Scheme:
+        """The same stored weight computed at MatMulNBits accuracy_level `level` (bytes and deq(Q(W)) unchanged)."""
+        return Scheme(self.kind, self.bits, self.block_size, self.symmetric, level)
 
     def matmul_bytes(self, K: int, N: int) -> int:
         """Bytes of the quantized [K, N] weight as stored (data, scales, zero points)."""
@@ -72,23 +79,29 @@ class Scheme:
 INT8_DYNAMIC = Scheme("dynamic")
 
 
-def nbits(bits: int, block_size: int, symmetric: bool = False) -> Scheme:
+def nbits(bits: int, block_size: int, symmetric: bool = False, accuracy_level: int = 0) -> Scheme:
     check_block_size(block_size)
     if bits not in (4, 8):
         raise FwlrError(f"{bits}-bit weights are not offered; choose 4 or 8 bits.")
-    return Scheme("nbits", bits, block_size, symmetric)
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise FwlrError(f"`accuracy_level` {accuracy_level} is not one of MatMulNBits' levels "
+                        f"{', '.join(map(str, ACCURACY_LEVELS))}.")
+    return Scheme("nbits", bits, block_size, symmetric, accuracy_level)
 
 
 def scheme_from_label(label: str) -> Scheme:
-    """The Scheme whose `label` this is ("int8 dynamic", "int4 b32", "int8 b128 sym"): latency tables name forms
-    by it."""
+    """The Scheme whose `label` this is ("int8 dynamic", "int4 b32", "int8 b128 sym", "int4 b32 acc4"): latency
+    tables name forms by it."""
     if label == INT8_DYNAMIC.label:
         return INT8_DYNAMIC
     parts = label.split()
+    level = 0
+    if parts and parts[-1].startswith("acc") and parts[-1][3:].isdigit():
+        level, parts = int(parts[-1][3:]), parts[:-1]
     if len(parts) not in (2, 3) or not parts[0].startswith("int") or not parts[1].startswith("b") \
             or parts[2:] not in ([], ["sym"]):
         raise ValueError(f"not a scheme label: {label!r}")
-    return nbits(int(parts[0][3:]), int(parts[1][1:]), symmetric=parts[2:] == ["sym"])
+    return nbits(int(parts[0][3:]), int(parts[1][1:]), symmetric=parts[2:] == ["sym"], accuracy_level=level)
 
 
 def check_block_size(block_size: int) -> None:
@@ -145,7 +158,7 @@ def _nbits_quantizer(scheme: Scheme, op_type: str):
     module = _nbits_module()
     config = module.DefaultWeightOnlyQuantConfig(
         block_size=scheme.block_size, is_symmetric=scheme.symmetric, bits=scheme.bits,
-        op_types_to_quantize=(op_type,))
+        op_types_to_quantize=(op_type,), accuracy_level=scheme.accuracy_level or None)
     return module.DefaultWeightOnlyQuantizer(config)
 
 
@@ -333,14 +346,16 @@ def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
         return onnx.load(str(output))
 
 
-def ort_int4_model(model: onnx.ModelProto, block_size: int) -> onnx.ModelProto:
-    """`MatMulNBitsQuantizer` int4 (asymmetric) of the MatMul nodes, its defaults otherwise."""
+def ort_int4_model(model: onnx.ModelProto, block_size: int, accuracy_level: int = 0) -> onnx.ModelProto:
+    """`MatMulNBitsQuantizer` int4 (asymmetric) of the MatMul nodes, its defaults otherwise (`accuracy_level` 4:
+    its int8-activation compute, as ONNX Runtime's own LLM builder writes for CPUs)."""
     check_block_size(block_size)
     module = _nbits_module()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     with _quiet_ort_logging():
-        quantizer = module.MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=False)
+        quantizer = module.MatMulNBitsQuantizer(copy, block_size=block_size, is_symmetric=False,
+                                                accuracy_level=accuracy_level or None)
         quantizer.process()
     return quantizer.model.model
 

@@ -2,7 +2,8 @@
 
 The predicted loss of storing W as deq(Q(W)) + A B is ‖P (W − deq(Q(W)) − A B) Q‖², the energy the rank-r
 correction leaves of the weighted residual: one SVD per site and scheme gives it for every rank. Only the
-singular values are kept while allocating; the chosen option's factors are recomputed (quantization is
+singular values are kept while allocating (σ² from the eigenvalues of the smaller Gram, compensate.spectrum_energy:
+a fraction of an SVD's time); the chosen option's factors are recomputed with a full SVD (quantization is
 deterministic), so memory stays at one site's decomposition at a time.
 """
 
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_fwlr.methods.lowrank import Scaling, weighted_svd
+from onnx_fwlr.methods.lowrank import Scaling, weighted_matrix, weighted_svd
 from onnx_fwlr.quant import compensate, ortquant
 from onnx_fwlr.quant.budget import Option, rank_grid
 from onnx_fwlr.quant.graph import SitePlan
@@ -56,10 +57,10 @@ def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense:
     ranks = rank_grid(K, N, rank_step)
     per_rank = factor_bytes * (K + N)
     if low_rank:
-        energy = weighted_svd(W, metric.left, metric.right).energy
+        energy = compensate.spectrum_energy(weighted_matrix(W, metric.left, metric.right))
         options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if r * per_rank < dense_bytes], per_rank)
     for scheme in schemes:
-        energy = compensate.residual_spectrum(W, dequantized(W, scheme), metric.left, metric.right).energy
+        energy = compensate.residual_energy(W, dequantized(W, scheme), metric.left, metric.right)
         base = scheme.matmul_bytes(K, N)
         usable = [0] + [r for r in ranks if base + r * per_rank < dense_bytes]
         extra = (scheme_loss or {}).get(scheme, 0.0)

@@ -17,6 +17,7 @@ from onnx_fwlr.cli.options import (
     printer,
     report_language,
     report_validation,
+    resolve_metric,
     shapes,
     tolerance_arguments,
     write_json,
@@ -157,6 +158,8 @@ class Compress:
 
         output = check_output_path(args.output, [args.model], args.force)
         rank, ranks = parse_ranks(args.rank)
+        if args.val:
+            resolve_metric(args, args.model)
         if args.quantize:
             model, report = _compress_quantized(args, rank, ranks)
         else:

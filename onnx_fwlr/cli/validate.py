@@ -9,6 +9,7 @@ from onnx_fwlr.cli.options import (
     printer,
     report_language,
     report_validation,
+    resolve_metric,
     tolerance_arguments,
     write_json,
 )
@@ -34,7 +35,7 @@ class Validate:
     def run(args) -> int:
         from onnx_fwlr.pipeline.compress import validate
 
-        if args.metric == "perplexity":
+        if resolve_metric(args, args.original) == "perplexity":
             from onnx_fwlr.evaluate.language import validate_language
 
             metrics = validate_language(args.original, args.compressed, args.data, batch_size=args.batch_size,

@@ -151,6 +151,31 @@ def compare_language_models(original, compressed, batches: Iterable[Mapping[str,
     return sums.result()
 
 
+def is_language_model(model, logits: str = "logits") -> bool:
+    """Whether ``model`` (path or ModelProto) reads token ids and has a ``logits`` output [batch, seq, vocab]: the
+    models `validate` and `compress --val` judge by perplexity rather than by output errors. Reads the graph's
+    declared inputs and outputs only (external weights are not loaded)."""
+    import onnx
+
+    from onnx_fwlr.io.data import find_token_input, model_inputs
+
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the loader that follows
+            return False
+    outputs = {o.name: o for o in model.graph.output}
+    if logits not in outputs or not outputs[logits].type.HasField("tensor_type"):
+        return False
+    tensor = outputs[logits].type.tensor_type
+    rank = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    token = find_token_input(model_inputs(model))
+    return rank == 3 and token is not None and tensor.elem_type in FLOAT_TYPES
+
+
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
 def validate_language(original, compressed, data, *, batch_size: int = 32, logits: str = "logits",
                       progress: bool = True) -> LanguageMetrics:
     """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the inputs

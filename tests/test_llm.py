@@ -76,3 +76,58 @@ def test_compress_val_reports_perplexity_for_a_language_model(tmp_path, capsys):
     language = json.loads(report.read_text())["language"]
     assert 1.0 < language["perplexity_ratio"] < 1.5 and language["top1_agreement"] > 0.7
     assert "validation" not in json.loads(report.read_text()) or not json.loads(report.read_text())["validation"]
+
+
+# ---------------------------------------------------------------- --also: the KV-cache exports with the same factors
+
+def _save_token_npz(path, batches):
+    np.savez(path, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+
+
+def test_also_writes_cache_exports_whose_greedy_tokens_equal_the_originals_at_full_rank(tmp_path, capsys):
+    from test_decoder import RANK, decoder, merged_decoder, token_batch
+
+    from onnx_fwlr.evaluate.language import greedy_check
+
+    for name, model in (("nocache", decoder(False)), ("past", decoder(True)), ("merged", merged_decoder())):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    _save_token_npz(tmp_path / "calib.npz", [token_batch(seed=s, padded=False) for s in range(3)])
+    report = tmp_path / "report.json"
+    code = cli("compress", tmp_path / "nocache.onnx", "-o", tmp_path / "small.onnx", "--rank", RANK, "--method",
+               "kfac", "--loss", "lm", "--calib", tmp_path / "calib.npz", "--also",
+               f"{tmp_path / 'past.onnx'}={tmp_path / 'small_past.onnx'}", "--also",
+               f"{tmp_path / 'merged.onnx'}={tmp_path / 'small_merged.onnx'}", "--quiet", "--json", report)
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("greedy decoding through its KV cache matches small.onnx") == 2
+    also = json.loads(report.read_text())["also"]
+    assert [len(item["weights"]) for item in also] == [8, 8] and all(item["greedy_matches"] for item in also)
+    prompt = token_batch(batch=2, length=4, padded=False)["input_ids"]
+    want = greedy_check(str(tmp_path / "past.onnx"), prompt, 6, no_cache=str(tmp_path / "nocache.onnx"))
+    for name in ("small_past", "small_merged"):
+        got = greedy_check(str(tmp_path / f"{name}.onnx"), prompt, 6)
+        assert got.matches and np.array_equal(got.cached, want.cached)  # full rank: the original's tokens
+
+
+def test_also_on_the_sample_decoder_keeps_the_cache_path_at_ratio_0_8(tmp_path, capsys):
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", tmp_path / "small.onnx", "--ratio", "0.8", "--calib", CALIB,
+               "--also", f"{SAMPLE / 'decoder_merged.onnx'}={tmp_path / 'small_merged.onnx'}", "--quiet",
+               "--json", tmp_path / "report.json")
+    assert code == 0
+    item = json.loads((tmp_path / "report.json").read_text())["also"][0]
+    assert item["greedy_matches"] and item["greedy_tokens"] == 8 and len(item["weights"]) >= 1
+    assert (tmp_path / "small_merged.onnx").is_file()
+
+
+@pytest.mark.parametrize("also, extra, message", [
+    ("nosep.onnx", [], "is not MODEL=OUT"),
+    ("missing.onnx=x.onnx", [], "is not a model file"),
+    ("{past}={out}", [], "writes"),
+    ("{past}=y.onnx", ["--quantize", "int4"], "does not combine with --quantize"),
+])
+def test_also_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, also, extra, message):
+    out = tmp_path / "small.onnx"
+    also = also.format(past=SAMPLE / "decoder_with_past.onnx", out=out)
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", out, "--ratio", "0.8", "--also", also, "--quiet", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -230,9 +230,11 @@ class CachedDecoder:
     token and the previous call's present tensors.
     """
 
-    def __init__(self, model, no_cache=None, *, logits: str = "logits", providers: Sequence[str] = runtime.CPU):
-        self.session = runtime.make_session(model, runtime.session_options(), providers, role="decoder")
-        self.first = (runtime.make_session(no_cache, runtime.session_options(), providers, role="no-cache decoder")
+    def __init__(self, model, no_cache=None, *, logits: str = "logits", providers: Sequence[str] = runtime.CPU,
+                 options=None):
+        options = options or runtime.session_options()
+        self.session = runtime.make_session(model, options, providers, role="decoder")
+        self.first = (runtime.make_session(no_cache, options, providers, role="no-cache decoder")
                       if no_cache is not None else None)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = [name for name in self.inputs if "past" in name]
@@ -288,3 +290,35 @@ def greedy_check(model, prompt: np.ndarray, steps: int, *, no_cache=None, logits
         new = b.argmax(axis=-1)[:, None].astype(np.int64)
         cached = np.concatenate([cached, new], axis=1)
     return GreedyCheck(full, cached, worst)
+
+
+def decode_speed(model, prompt: np.ndarray, steps: int, *, no_cache=None, logits: str = "logits",
+                 providers: Sequence[str] = runtime.CPU, threads: int | None = None) -> dict:
+    """Greedy decoding through the KV cache at the prompt's batch size: the prompt's (prefill) seconds, then
+    ``steps`` one-token steps; returns prefill seconds, decode seconds and decode tokens per second (per row).
+
+    Sessions are built before the clock starts; one untimed warm-up step runs first.
+    """
+    import time
+
+    options = runtime.session_options()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    decoder = CachedDecoder(model, no_cache, logits=logits, providers=providers, options=options)
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or steps < 1:
+        raise FwlrError("Decode timing needs a prompt of token ids [batch, length >= 1] and at least one step.")
+    warm, past = decoder.step(prompt, prompt.shape[1])
+    decoder.step(warm[:, -1].argmax(axis=-1)[:, None].astype(np.int64), prompt.shape[1] + 1, past)
+    start = time.perf_counter()
+    out, past = decoder.step(prompt, prompt.shape[1])
+    prefill = time.perf_counter() - start
+    total = prompt.shape[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        new = out[:, -1].argmax(axis=-1)[:, None].astype(np.int64)
+        total += 1
+        out, past = decoder.step(new, total, past)
+    decode = time.perf_counter() - start
+    return {"prefill_seconds": prefill, "decode_seconds": decode, "tokens_per_second": steps / decode,
+            "steps": steps, "batch": int(prompt.shape[0])}

@@ -131,3 +131,59 @@ def test_also_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, als
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- fp16 exports (weights stored in half precision)
+
+@pytest.fixture(scope="module")
+def half_decoder(tmp_path_factory):
+    """The sample decoder as a GPU-style export: every float tensor, inputs and outputs included, in float16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = tmp_path_factory.mktemp("fp16") / "decoder_fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(SAMPLE / "decoder.onnx"), keep_io_types=False), path)
+    return path
+
+
+def _initializers(path):
+    model = onnx.load(path)
+    return model, {t.name: t for t in model.graph.initializer}
+
+
+def test_fp16_low_rank_keeps_half_precision_storage(half_decoder, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert cli("compress", half_decoder, "-o", out, "--ratio", "0.8", "--calib", CALIB, "--val", EVAL,
+               "--max-perplexity-ratio", "1.3", "--quiet") == 0
+    _, tensors = _initializers(out)
+    factors = [t for name, t in tensors.items() if "/factor_" in name]
+    assert factors and all(t.data_type == onnx.TensorProto.FLOAT16 for t in factors)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.dims and np.prod(t.dims) > 64
+                   for t in tensors.values())  # nothing large was widened to float32
+    assert out.stat().st_size < 0.9 * half_decoder.stat().st_size
+
+
+@pytest.mark.parametrize("quantize, ratio, extra", [("int4", 0.7, []), ("auto", 0.7, []),
+                                                    ("int8", 0.8, ["--int8", "block"])])
+def test_fp16_quantize_writes_half_precision_matmulnbits_and_factors(half_decoder, tmp_path, capsys, quantize, ratio,
+                                                                     extra):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    code = cli("compress", half_decoder, "-o", out, "--quantize", quantize, "--ratio", ratio, "--calib", CALIB,
+               "--val", EVAL, "--quiet", "--json", report, *extra)
+    assert code == 0
+    model, tensors = _initializers(out)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(tensors[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)  # scales
+    corrections = [t for name, t in tensors.items() if "/correction_" in name]
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in corrections)
+    assert not any(n.op_type == "Cast" and any("/correction_" in i for i in n.input) for n in model.graph.node)
+    summary = json.loads(report.read_text())
+    assert summary["file_size_after"] <= ratio * summary["file_size_before"]
+    assert summary["language"]["perplexity_ratio"] < 1.05  # measured: 1.00-1.01
+
+
+def test_fp16_dynamic_int8_is_refused_in_one_sentence(half_decoder, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert cli("compress", half_decoder, "-o", out, "--quantize", "int8", "--rank", "4", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "float16" in err and "--int8 block" in err and "Traceback" not in err
+    assert not out.exists()

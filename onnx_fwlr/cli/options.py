@@ -34,7 +34,7 @@ FLAGS = {
 def in_flag_terms(message: str, overrides: dict | None = None) -> str:
     """A library message with each `parameter` written as the flag that sets it."""
     flags = FLAGS | (overrides or {})
-    return re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), message)
+    return re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), message)
 
 
 def write_json(data: dict, target: str) -> None:

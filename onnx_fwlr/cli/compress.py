@@ -21,6 +21,7 @@ from onnx_fwlr.cli.options import (
     printer,
     report_language,
     report_validation,
+    resolve_metric,
     shapes,
     tolerance_arguments,
     write_json,
@@ -118,6 +119,12 @@ class Compress:
         p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
         p.add_argument("--external-data", action="store_true", help="store weights in OUTPUT.data beside the model")
+        p.add_argument("--also", action="append", default=[], metavar="MODEL=OUT",
+                       help="apply the same factors to another export of the same checkpoint (a decoder's with-past "
+                            "or merged model, e.g. Optimum's decoder_with_past_model.onnx / decoder_model_merged.onnx; "
+                            "weights matched by name and value) and write it to OUT, checking greedy decoding through "
+                            "its KV cache against the compressed model on --val/--calib token ids (repeatable; "
+                            "low-rank methods, not --quantize)")
         p.add_argument("--write-unchanged", action="store_true",
                        help="write the output even when no site can be factorised")
         calibration_arguments(p)
@@ -177,7 +184,10 @@ class Compress:
             from onnx_fwlr.evaluate.language import check_language_model
 
             check_language_model(args.model, args.logits)
+        also = parse_also(args.also, args, output)
         rank, ranks = parse_ranks(args.rank)
+        if args.val:
+            resolve_metric(args, args.model)
         if args.quantize:
             model, report = _compress_quantized(args, rank, ranks)
         else:
@@ -214,8 +224,11 @@ class Compress:
             out(f"nothing to do: no weight was factorised, so {output} was not written (--write-unchanged writes "
                 "the model unchanged).")
         code = 0
+        if also and written:
+            summary_also = write_also(also, args, model, output, out)
+            code = 1 if any(not item["greedy_matches"] for item in summary_also if "greedy_matches" in item) else 0
         if report.checked is not None and written:
-            code = report_validation(report.checked, args, out)
+            code = max(code, report_validation(report.checked, args, out))
         summary = report.to_dict()
         if report.checked is not None and written and not args.no_ort_comparison:
             summary["ort_baselines"] = _ort_comparison(args, report, output, out)
@@ -224,11 +237,92 @@ class Compress:
 
             metrics = validate_language(args.model, model, args.val, batch_size=args.batch_size, logits=args.logits,
                                         progress=not args.quiet)
-            code = report_language(metrics, args, out)
+            code = max(code, report_language(metrics, args, out))
             summary["language"] = metrics.to_dict()
+        if also and written:
+            summary["also"] = summary_also
         if args.json:
             write_json(summary, args.json)
         return code
+
+
+def parse_also(items, args, output):
+    """--also MODEL=OUT pairs, checked before any work: MODEL exists, OUT is a new path apart from every input and
+    output."""
+    from pathlib import Path
+
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.io.model import check_output_path
+
+    if items and args.quantize:
+        raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
+                        "(quantize each export with the same flags instead).")
+    pairs, outputs = [], [output.resolve()]
+    for item in items:
+        source, sep, target = item.partition("=")
+        if not sep or not source or not target:
+            raise FwlrError(f"--also '{item}' is not MODEL=OUT (e.g. decoder_with_past_model.onnx=small_past.onnx).")
+        if not Path(source).is_file():
+            raise FwlrError(f"--also: {source} is not a model file; check the path.")
+        target = check_output_path(target, [args.model, source, *(s for s, _ in pairs)], args.force)
+        if target.resolve() in outputs:
+            raise FwlrError(f"--also writes {target} twice; give every output its own path.")
+        outputs.append(target.resolve())
+        pairs.append((Path(source), target))
+    return pairs
+
+
+def write_also(pairs, args, model, output, out) -> list[dict]:
+    """The other exports with the compressed model's factors, each checked by greedy decoding through its cache."""
+    from onnx_fwlr.io.model import save_model
+    from onnx_fwlr.pipeline.transplant import apply_same_factors
+
+    results = []
+    prompt = _prompt_ids(args.val or args.calib)
+    for source, target in pairs:
+        other, replaced = apply_same_factors(str(source), args.model, model)
+        save_model(other, target, external_data=True if args.external_data else None)
+        line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the factors of {output.name})"
+        item = {"model": str(source), "output": str(target), "weights": replaced}
+        if prompt is not None:
+            check = _greedy(other, model, prompt)
+            item |= {"greedy_matches": check.matches, "greedy_tokens": int(check.cached.shape[1] - prompt.shape[1]),
+                     "max_logit_diff": check.max_logit_diff}
+            verdict = "matches" if check.matches else "FAIL: differs from"
+            line += (f"; greedy decoding through its KV cache {verdict} {output.name} "
+                     f"({item['greedy_tokens']} tokens x {prompt.shape[0]} prompts)")
+        out(line)
+        results.append(item)
+    return results
+
+
+GREEDY_STEPS = 8
+
+
+def _greedy(other, compressed, prompt):
+    """Greedy tokens of ``other`` (cached) against ``compressed`` (no cache) on the same prompts."""
+    from onnx_fwlr.evaluate.language import CACHE_FLAG, greedy_check
+
+    merged = CACHE_FLAG in {i.name for i in other.graph.input}
+    return greedy_check(other, prompt, GREEDY_STEPS, no_cache=None if merged else compressed)
+
+
+def _prompt_ids(data):
+    """Up to 2 prompts of 8 real tokens from a token .npz (None: no such data, no greedy check)."""
+    import numpy as np
+
+    if not data or not str(data).endswith(".npz"):
+        return None
+    with np.load(data) as arrays:
+        if "input_ids" not in arrays.files:
+            return None
+        ids = arrays["input_ids"]
+        mask = arrays["attention_mask"] if "attention_mask" in arrays.files else np.ones_like(ids)
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        return None
+    length = min(8, ids.shape[1])
+    rows = [i for i in range(ids.shape[0]) if mask[i, :length].all()][:2]
+    return ids[rows, :length].astype(np.int64) if rows else None
 
 
 def _ort_comparison(args, report, output, out) -> list[dict]:

@@ -37,7 +37,7 @@ def in_flag_terms(message: str, overrides: dict | None = None, verbatim=()) -> s
     flags = FLAGS | (overrides or {})
     kept = [re.escape(text) for text in sorted(verbatim, key=len, reverse=True) if "`" in text]
     parts = re.split("(" + "|".join(kept + [r"(?<!\w)'[^'\n]*'(?!\w)"]) + ")", message)
-    return "".join(part if i % 2 else re.sub(r"`([a-z_]+)`", lambda m: flags.get(m.group(1), m.group(0)), part)
+    return "".join(part if i % 2 else re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: flags.get(m.group(1), m.group(0)), part)
                    for i, part in enumerate(parts))
 
 
@@ -171,13 +171,27 @@ def parse_outputs(text: str | None) -> list[str] | None:
 
 
 def language_arguments(p):
-    p.add_argument("--metric", choices=["outputs", "perplexity"], default="outputs",
-                   help="outputs (default): per-output errors; perplexity: a language model's next-token perplexity "
-                        "of both models, their ratio, top-1 agreement and KL on token data (input_ids, attention_mask)")
+    p.add_argument("--metric", choices=["auto", "outputs", "perplexity"], default="auto",
+                   help="perplexity: a language model's next-token perplexity of both models, their ratio, top-1 "
+                        "agreement and KL(original || compressed) on token data (input_ids, attention_mask); outputs: "
+                        "per-output errors; auto (default): perplexity for a model reading input_ids with a 'logits' "
+                        "[batch, seq, vocab] output (--logits names another) unless an output tolerance (--min-cosine, "
+                        "--max-rel-error, --max-accuracy-drop, --outputs) is given, else outputs")
     p.add_argument("--logits", default="logits", metavar="NAME", help="logits output for --metric perplexity")
     p.add_argument("--max-perplexity-ratio", type=float, help="fail when compressed/original perplexity exceeds this")
     p.add_argument("--max-kl", type=float, help="fail when the mean next-token KL divergence (nats) exceeds this")
     p.add_argument("--min-top1-agreement", type=float, help="fail when next-token top-1 agreement falls below this")
+
+
+def resolve_metric(args, model) -> str:
+    """--metric auto made concrete for ``model`` (the original), written back to ``args.metric``."""
+    if args.metric == "auto":
+        from onnx_fwlr.evaluate.language import is_language_model
+
+        output_tolerance = any(getattr(args, name, None) is not None for name in
+                               ("min_cosine", "max_rel_error", "max_accuracy_drop", "outputs"))
+        args.metric = "perplexity" if not output_tolerance and is_language_model(model, args.logits) else "outputs"
+    return args.metric
 
 
 def report_language(metrics, args, out) -> int:

@@ -10,6 +10,7 @@ from onnx_fwlr.cli.options import (
     printer,
     report_language,
     report_validation,
+    resolve_metric,
     tolerance_arguments,
     write_json,
 )
@@ -39,7 +40,7 @@ class Validate:
     def run(args) -> int:
         from onnx_fwlr.pipeline.compress import validate
 
-        if args.metric == "perplexity":
+        if resolve_metric(args, args.original) == "perplexity":
             from onnx_fwlr.evaluate.language import check_language_model, validate_language
 
             check_language_model(args.original, args.logits)

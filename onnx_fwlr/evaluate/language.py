@@ -166,6 +166,31 @@ def check_language_model(model, logits: str = "logits") -> None:
                         "(name the logits with --logits).")
 
 
+def is_language_model(model, logits: str = "logits") -> bool:
+    """Whether ``model`` (path or ModelProto) reads token ids and has a ``logits`` output [batch, seq, vocab]: the
+    models `validate` and `compress --val` judge by perplexity rather than by output errors. Reads the graph's
+    declared inputs and outputs only (external weights are not loaded)."""
+    import onnx
+
+    from onnx_fwlr.io.data import find_token_input, model_inputs
+
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - unreadable files are reported by the loader that follows
+            return False
+    outputs = {o.name: o for o in model.graph.output}
+    if logits not in outputs or not outputs[logits].type.HasField("tensor_type"):
+        return False
+    tensor = outputs[logits].type.tensor_type
+    rank = len(tensor.shape.dim) if tensor.HasField("shape") else None
+    token = find_token_input(model_inputs(model))
+    return rank == 3 and token is not None and tensor.elem_type in FLOAT_TYPES
+
+
+FLOAT_TYPES = (1, 10, 11, 16)  # onnx TensorProto FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
 def validate_language(original, compressed, data, *, batch_size: int = 32, logits: str = "logits",
                       progress: bool = True) -> LanguageMetrics:
     """`compare_language_models` on a data source (.npz path, folder, feed dicts), checked against the inputs
@@ -220,9 +245,11 @@ class CachedDecoder:
     token and the previous call's present tensors.
     """
 
-    def __init__(self, model, no_cache=None, *, logits: str = "logits", providers: Sequence[str] = runtime.CPU):
-        self.session = runtime.make_session(model, runtime.session_options(), providers, role="decoder")
-        self.first = (runtime.make_session(no_cache, runtime.session_options(), providers, role="no-cache decoder")
+    def __init__(self, model, no_cache=None, *, logits: str = "logits", providers: Sequence[str] = runtime.CPU,
+                 options=None):
+        options = options or runtime.session_options()
+        self.session = runtime.make_session(model, options, providers, role="decoder")
+        self.first = (runtime.make_session(no_cache, options, providers, role="no-cache decoder")
                       if no_cache is not None else None)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past = [name for name in self.inputs if "past" in name]
@@ -278,3 +305,35 @@ def greedy_check(model, prompt: np.ndarray, steps: int, *, no_cache=None, logits
         new = b.argmax(axis=-1)[:, None].astype(np.int64)
         cached = np.concatenate([cached, new], axis=1)
     return GreedyCheck(full, cached, worst)
+
+
+def decode_speed(model, prompt: np.ndarray, steps: int, *, no_cache=None, logits: str = "logits",
+                 providers: Sequence[str] = runtime.CPU, threads: int | None = None) -> dict:
+    """Greedy decoding through the KV cache at the prompt's batch size: the prompt's (prefill) seconds, then
+    ``steps`` one-token steps; returns prefill seconds, decode seconds and decode tokens per second (per row).
+
+    Sessions are built before the clock starts; one untimed warm-up step runs first.
+    """
+    import time
+
+    options = runtime.session_options()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    decoder = CachedDecoder(model, no_cache, logits=logits, providers=providers, options=options)
+    prompt = np.asarray(prompt, dtype=np.int64)
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or steps < 1:
+        raise FwlrError("Decode timing needs a prompt of token ids [batch, length >= 1] and at least one step.")
+    warm, past = decoder.step(prompt, prompt.shape[1])
+    decoder.step(warm[:, -1].argmax(axis=-1)[:, None].astype(np.int64), prompt.shape[1] + 1, past)
+    start = time.perf_counter()
+    out, past = decoder.step(prompt, prompt.shape[1])
+    prefill = time.perf_counter() - start
+    total = prompt.shape[1]
+    start = time.perf_counter()
+    for _ in range(steps):
+        new = out[:, -1].argmax(axis=-1)[:, None].astype(np.int64)
+        total += 1
+        out, past = decoder.step(new, total, past)
+    decode = time.perf_counter() - start
+    return {"prefill_seconds": prefill, "decode_seconds": decode, "tokens_per_second": steps / decode,
+            "steps": steps, "batch": int(prompt.shape[0])}

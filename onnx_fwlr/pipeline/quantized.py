@@ -37,7 +37,7 @@ from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
-from onnx_fwlr.quant.graph import rewrite
+from onnx_fwlr.quant.graph import rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import is_recurrent
@@ -89,7 +89,7 @@ class QuantizeJob:
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it."""
-        usable = [s for s in self.schemes if s.kind != "nbits" or site.K % s.block_size == 0]
+        usable = _usable_schemes(site, self.schemes)
         return [s.at_level(self.levels[(site.weight, s.label)].level) if (site.weight, s.label) in self.levels
                 else s for s in usable]
 
@@ -160,6 +160,7 @@ def prepare_quantized(
                        fisher_options=fisher_options, progress=progress)
     sites, skipped = _quantizable(prepared)
     schemes = _site_schemes(quantize, block_size, int8)
+    _check_half(sites, quantize, int8)
     if quantize != "auto":
         _check_divisible(sites, schemes[0])
     if bias_correction is None:
@@ -191,7 +192,7 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     if target_latency is not None:
         model_out, results, tables, speed = _build_for_latency(job, target_latency, latency, input_forms)
     elif target is None:
-        chosen = [_fixed_option(s, job.site_schemes(s)[0], rank, FACTOR_DTYPES[job.factors]) for s in job.sites]
+        chosen = [_fixed_option(s, job.site_schemes(s)[0], rank, _factor_bytes(job, s)) for s in job.sites]
         tables = dict(job.rule_tables)
         model_out, results = _build(job, chosen, tables)
     else:
@@ -349,8 +350,8 @@ def _quantizable(prepared: Prepared) -> tuple[list[Site], list[Skipped]]:
         reason = None
         if is_recurrent(site):
             reason = "an LSTM/GRU weight: ONNX Runtime's block quantizers take MatMul weights only"
-        elif site.dtype != "float32":
-            reason = f"a {site.dtype} weight: quantized from float32 weights only"
+        elif site.dtype not in ("float32", "float16"):
+            reason = f"a {site.dtype} weight: quantized from float32 or float16 weights only"
         elif prepared.site_methods.get(site.weight) != prepared.method:
             reason = "no calibration statistics reach it (inside a subgraph?), so its loss cannot be measured"
         if reason:
@@ -368,6 +369,21 @@ def _site_schemes(quantize: str, block_size: int, int8: str) -> list[Scheme]:
         return [eight]
     blocks = sorted(set(AUTO_BLOCKS) | {block_size})
     return [nbits(4, b) for b in blocks] + [eight]
+
+
+def _check_half(sites: list[Site], quantize: str, int8: str) -> None:
+    """Dynamic int8 quantizes activations with DynamicQuantizeLinear, which reads float32 only: a float16 site
+    can take MatMulNBits (int4, or int8 blocks) but not it."""
+    half = [s for s in sites if s.dtype == "float16"]
+    if half and quantize == "int8" and int8 == "dynamic":
+        raise FwlrError(f"{half[0].name}: its weight is float16, and dynamic int8 (MatMulInteger) needs float32 "
+                        "activations; use `int8` block (weight-only MatMulNBits) or `quantize` int4/auto.")
+
+
+def _usable_schemes(site: Site, schemes: list[Scheme]) -> list[Scheme]:
+    """The schemes a site can take: blocks dividing its K; no dynamic int8 for a float16 site (_check_half)."""
+    return [s for s in schemes if (s.kind != "nbits" or site.K % s.block_size == 0)
+            and not (s.kind == "dynamic" and site.dtype == "float16")]
 
 
 def _check_divisible(sites: list[Site], scheme: Scheme) -> None:
@@ -416,7 +432,8 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
     dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and all(
         m.right is not None for m in job.metrics.values())
     visible = main_graph_tensors(prepared.model)
-    inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites} if dynamic else {}
+    inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites
+              if s.dtype == "float32"} if dynamic else {}
     tensors = sorted({name for names in inputs.values() for name in names})
     if not tables and not tensors:
         return
@@ -449,11 +466,11 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
     if job.choices is None:
         job.choices = []
         for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
-            usable = job.site_schemes(site)
             job.choices.append(plan.site_options(
-                job.prepared.weights[site.weight], job.metrics[site.weight], usable, dense=job.quantize == "auto",
-                low_rank=job.quantize == "auto", rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
-                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
+                job.prepared.weights[site.weight], job.metrics[site.weight], job.site_schemes(site),
+                dense=job.quantize == "auto", low_rank=job.quantize == "auto", rank_step=job.rank_step,
+                factor_bytes=_factor_bytes(job, site),
+                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}, dtype=site_dtype(site)))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
@@ -482,7 +499,7 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
 
 def _fixed_bytes(job: QuantizeJob) -> int:
     """Bytes the budget cannot move: everything but the budgeted weights, plus the records rewriting adds."""
-    fixed = job.original_bytes - sum(4 * s.K * s.N for s in job.sites) + SITE_OVERHEAD * len(job.sites)
+    fixed = job.original_bytes - sum(_dense_bytes(s) for s in job.sites) + SITE_OVERHEAD * len(job.sites)
     for table in job.tables:
         fixed += TABLE_OVERHEAD - 4 * table.V * table.D
         if table.name in job.fixed_tables:
@@ -504,6 +521,19 @@ def _build_within(job: QuantizeJob, target: int):
     raise RuntimeError(f"the built model stays {excess:,} bytes above the target after {FIT_ATTEMPTS} allocations")
 
 
+def _dense_bytes(site: Site) -> int:
+    return np.dtype(site_dtype(site)).itemsize * site.K * site.N
+
+
+def _dense_label(site: Site) -> str:
+    return "fp16" if site.dtype == "float16" else "fp32"
+
+
+def _factor_bytes(job: QuantizeJob, site: Site) -> int:
+    """Bytes per stored correction entry: float16 sites always store float16 factors."""
+    return 2 if site.dtype == "float16" else FACTOR_DTYPES[job.factors]
+
+
 def _bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize() + external_bytes(model)
 
@@ -518,7 +548,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
         if key not in job.plans:
             job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                            alternate_rounds=job.alternate)
+                                            alternate_rounds=job.alternate, dtype=site_dtype(site))
         site_plan, error = job.plans[key]
         if option.key == INT8_DYNAMIC:
             error += job.rounding_loss.get(site.weight, 0.0)
@@ -529,8 +559,8 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
-            note=f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})", form=_form(option),
-            bytes_before=4 * site.params, bytes_after=option.bytes))
+            note=f"{option.label}: {option.bytes:,} bytes ({_dense_label(site)} {_dense_bytes(site):,})",
+            form=_form(option), bytes_before=_dense_bytes(site), bytes_after=option.bytes))
         if site_plan is not None:
             plans[site.weight] = site_plan
     return rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge), results

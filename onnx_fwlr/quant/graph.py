@@ -71,8 +71,10 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
     replaced; the input model is not modified. `factor_dtype` "float16" stores the correction factors in
     half precision behind a Cast to float32, which ONNX Runtime folds when it loads the model: half the
-    bytes on disk, the same float32 kernels at run time. `merge`: corrections of sites reading the same
-    activation share one first-factor MatMul and a Split (module docstring)."""
+    bytes on disk, the same float32 kernels at run time. A float16 site (a half-precision export) keeps
+    everything it adds in float16: MatMulNBits with float16 scales, factors stored and read as float16.
+    `merge`: corrections of sites reading the same activation share one first-factor MatMul and a Split
+    (module docstring)."""
     if any(s.kind == "nbits" for s in tables.values()):
         model = ortquant.upgrade_for_int4(model)  # may add nodes: sites are found again below
     else:
@@ -118,6 +120,11 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     return model
 
 
+def site_dtype(site: Site):
+    """The numpy storage type of a site's weight: float16 for a half-precision export, else float32."""
+    return np.float16 if site.dtype == "float16" else np.float32
+
+
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
@@ -132,11 +139,11 @@ def _mark_removed(site: Site, removed: dict[int, set[str]], swaps: dict) -> None
         swaps[(site.graph_index, site.constant_node)] = []
 
 
-def _balanced(plan: SitePlan, factor_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _balanced(plan: SitePlan, factor_dtype: str, half: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A, B in float64; for float16 storage balanced first (A·c, B/c with equal largest entries) so neither
     leaves half precision's range."""
     A, B = np.asarray(plan.A, dtype=np.float64), np.asarray(plan.B, dtype=np.float64)
-    if factor_dtype == "float32":
+    if factor_dtype == "float32" and not half:
         return A, B
     largest_a, largest_b = np.abs(A).max(), np.abs(B).max()
     if largest_a > 0 and largest_b > 0:
@@ -145,9 +152,14 @@ def _balanced(plan: SitePlan, factor_dtype: str) -> tuple[np.ndarray, np.ndarray
     return A, B
 
 
-def _stored_factor(M: np.ndarray, name: str, graph_index: int, graphs, namer, factor_dtype: str, casts: dict) -> str:
-    """Store one factor (float32, or float16 behind a Cast placed first in its graph); the name it is read by."""
+def _stored_factor(M: np.ndarray, name: str, graph_index: int, graphs, namer, factor_dtype: str, casts: dict,
+                   half: bool = False) -> str:
+    """Store one factor (float32, or float16 behind a Cast placed first in its graph; a float16 site reads it
+    as stored, without a Cast); the name it is read by."""
     owner = graphs[graph_index]
+    if half:
+        owner.initializer.append(numpy_helper.from_array(M.astype(np.float16), name))
+        return name
     if factor_dtype == "float32":
         owner.initializer.append(numpy_helper.from_array(M.astype(np.float32), name))
         return name
@@ -162,9 +174,10 @@ def _factor_tensors(site: Site, plan: SitePlan, graphs, namer, factor_dtype: str
     """The names the uses read A and B by (None without a correction)."""
     if plan.A is None:
         return None
-    A, B = _balanced(plan, factor_dtype)
+    half = site_dtype(site) == np.float16
+    A, B = _balanced(plan, factor_dtype, half)
     return tuple(_stored_factor(M, namer(f"{site.weight}/correction_{which}"), site.graph_index, graphs, namer,
-                                factor_dtype, casts) for M, which in ((A, "A"), (B, "B")))
+                                factor_dtype, casts, half) for M, which in ((A, "A"), (B, "B")))
 
 
 def merge_groups(sites: dict[str, Site], plans: dict[str, SitePlan]) -> list[list[str]]:
@@ -188,10 +201,11 @@ def _merged_first_factor(model, group: list[Site], plans: list[SitePlan], graphs
     (every use reads X, so X exists there); per weight, (its X A_i, its B_i)."""
     first = group[0]
     use = first.uses[0]
-    balanced = [_balanced(p, factor_dtype) for p in plans]
+    half = site_dtype(first) == np.float16
+    balanced = [_balanced(p, factor_dtype, half) for p in plans]
     base = namer(f"{first.weight}/merged_correction")
     a_name = _stored_factor(np.concatenate([A for A, _ in balanced], axis=1), namer(f"{base}_A"),
-                            first.graph_index, graphs, namer, factor_dtype, casts)
+                            first.graph_index, graphs, namer, factor_dtype, casts, half)
     joined = namer(f"{base}_xA")
     middles = [namer(f"{s.uses[0].node_name or s.uses[0].output}/correction_xA") for s in group]
     ranks = np.asarray([A.shape[1] for A, _ in balanced], dtype=np.int64)
@@ -204,7 +218,7 @@ def _merged_first_factor(model, group: list[Site], plans: list[SitePlan], graphs
                                       split=[int(r) for r in ranks]))
     swaps[(use.graph_index, use.node_index)] = nodes
     return {site.weight: (None, _stored_factor(B, namer(f"{site.weight}/correction_B"), site.graph_index, graphs,
-                                               namer, factor_dtype, casts), middle)
+                                               namer, factor_dtype, casts, half), middle)
             for site, (_, B), middle in zip(group, balanced, middles)}
 
 
@@ -218,7 +232,7 @@ def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynam
     owner = graphs[site.graph_index]
     main = None  # (op builder inputs, attributes) of the main branch
     if plan.scheme is not None and plan.scheme.kind == "nbits":
-        q = ortquant.quantize_matmul_weight(plan.main_matrix(model, site), plan.scheme, site.weight)
+        q = ortquant.quantize_matmul_weight(plan.main_matrix(model, site), plan.scheme, site.weight, site_dtype(site))
         renamed = [namer(t.name) for t in q.tensors]
         for tensor, name in zip(q.tensors, renamed):
             tensor.name = name
@@ -234,11 +248,11 @@ def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynam
     for use in site.uses:
         graph = graphs[use.graph_index]
         swaps[(use.graph_index, use.node_index)] = _use_nodes(model, graph, use, main, factors, plan.shift, namer,
-                                                              dynamic)
+                                                              dynamic, site_dtype(site))
     return swaps
 
 
-def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynamic: list[str]) -> list:
+def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynamic: list[str], dtype) -> list:
     """Nodes computing the original node's output: [Transpose X] → main + correction → [·alpha] [+ C, shift]."""
     base = use.node_name or use.output
     nodes, parts = [], []
@@ -264,7 +278,7 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
             nodes.append(helper.make_node("MatMul", [x, factors[0]], [middle], name=namer(f"{base}/correction_A")))
         nodes.append(helper.make_node("MatMul", [middle, factors[1]], [out], name=namer(f"{base}/correction_B")))
         parts.append(out)
-    terms = _tail_terms(model, graph, use, shift, namer, nodes)
+    terms = _tail_terms(model, graph, use, shift, namer, nodes, dtype)
     y = parts[0]
     steps = ([("Add", parts[1], "sum")] if len(parts) > 1 else []) + terms
     for i, (op, operand, role) in enumerate(steps):
@@ -276,26 +290,28 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
     return nodes
 
 
-def _tail_terms(model, graph, use: WeightUse, shift, namer, prefix: list) -> list[tuple[str, str, str]]:
+def _tail_terms(model, graph, use: WeightUse, shift, namer, prefix: list, dtype=np.float32
+                ) -> list[tuple[str, str, str]]:
     """(op, operand, role) after X W': a Gemm's alpha and beta·C (the shift folded into a constant C), or a
     MatMul's shift (added into the bias constant of the Add that alone reads the output, when there is one).
-    Nodes the terms need first (beta · a computed C) are appended to `prefix`."""
+    Nodes the terms need first (beta · a computed C) are appended to `prefix`. Constants are of the site's
+    `dtype`."""
     base = use.node_name or use.output
     shift = None if shift is None or not np.any(shift) else np.asarray(shift, dtype=np.float64)
     if use.op_type != "Gemm":
         if shift is None or _fold_into_following_bias(model, graph, use.output, shift):
             return []
-        return [("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(shift, np.float32)), "shift")]
+        return [("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(shift, dtype)), "shift")]
     terms = []
     if use.alpha != 1.0:
-        terms.append(("Mul", _constant(graph, namer(f"{base}/alpha"), np.float32(use.alpha)), "alpha"))
+        terms.append(("Mul", _constant(graph, namer(f"{base}/alpha"), np.asarray(use.alpha, dtype)), "alpha"))
     scaled_shift = None if shift is None else use.alpha * shift
     bias = _initializer(graph, use.bias)
     if use.bias is not None and bias is None:  # a computed C, scaled by beta at run time
         c = use.bias
         if use.beta != 1.0:
             c = namer(f"{base}/beta_C")
-            beta = _constant(graph, namer(f"{base}/beta"), np.float32(use.beta))
+            beta = _constant(graph, namer(f"{base}/beta"), np.asarray(use.beta, dtype))
             prefix.append(helper.make_node("Mul", [use.bias, beta], [c], name=namer(f"{base}/scale_C")))
         terms.append(("Add", c, "bias"))
     elif bias is not None and scaled_shift is None and use.beta == 1.0:
@@ -304,10 +320,10 @@ def _tail_terms(model, graph, use: WeightUse, shift, namer, prefix: list) -> lis
     elif bias is not None:  # one constant: beta · C + alpha · shift
         value = use.beta * tensor_array(model, bias).astype(np.float64)
         value = value + scaled_shift if scaled_shift is not None else value
-        terms.append(("Add", _constant(graph, namer(f"{base}/bias"), np.asarray(value, np.float32)), "bias"))
+        terms.append(("Add", _constant(graph, namer(f"{base}/bias"), np.asarray(value, dtype)), "bias"))
         return terms
     if scaled_shift is not None:
-        terms.append(("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(scaled_shift, np.float32)), "shift"))
+        terms.append(("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(scaled_shift, dtype)), "shift"))
     return terms
 
 

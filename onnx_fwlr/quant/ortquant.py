@@ -162,11 +162,13 @@ def _nbits_quantizer(scheme: Scheme, op_type: str):
     return module.DefaultWeightOnlyQuantizer(config)
 
 
-def quantize_matmul_weight(W: np.ndarray, scheme: Scheme, name: str) -> QuantizedWeight:
-    """MatMulNBits for X @ W (W [K, N] float32), made by ONNX Runtime's quantizer; tensors named from `name`."""
+def quantize_matmul_weight(W: np.ndarray, scheme: Scheme, name: str, dtype=np.float32) -> QuantizedWeight:
+    """MatMulNBits for X @ W (W [K, N] stored as `dtype`: float32, or float16 for a half-precision model, whose
+    scales then come out in float16 as the op's activations need), made by ONNX Runtime's quantizer; tensors
+    named from `name`."""
     if scheme.kind != "nbits":
         raise ValueError(f"{scheme.label} is applied by quantize_dynamic, not node by node")
-    W = np.ascontiguousarray(W, dtype=np.float32)
+    W = np.ascontiguousarray(W, dtype=dtype)
     graph = helper.make_graph([helper.make_node("MatMul", ["X", name], ["Y"], name=f"{name}/matmul")], "scratch",
                               [], [], [numpy_helper.from_array(W, name)])
     with _quiet_ort_logging():

@@ -32,11 +32,12 @@ class Metric:
     mean_input: np.ndarray | None = None
 
 
-def dequantized(W: np.ndarray, scheme: Scheme) -> np.ndarray:
-    """deq(Q(W)) as ONNX Runtime computes it, float64 [K, N]."""
+def dequantized(W: np.ndarray, scheme: Scheme, dtype=np.float32) -> np.ndarray:
+    """deq(Q(W)) as ONNX Runtime computes it, float64 [K, N]; `dtype`: the weight's storage (float16 weights are
+    quantized as stored, with float16 scales)."""
     if scheme.kind == "dynamic":
         return ortquant.dynamic_int8_weight(W)
-    return ortquant.dequantize_matmul_weight(ortquant.quantize_matmul_weight(W, scheme, "w"))
+    return ortquant.dequantize_matmul_weight(ortquant.quantize_matmul_weight(W, scheme, "w", dtype))
 
 
 def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
@@ -46,13 +47,15 @@ def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
 
 
 def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense: bool, low_rank: bool,
-                 rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None) -> list[Option]:
+                 rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None,
+                 dtype=np.float32) -> list[Option]:
     """Every option for one weight [K, N]: each scheme at correction ranks 0, step, 2·step, … (while it stays
     smaller than the dense weight), plus dense fp32 and low rank alone when asked; factors take
     `factor_bytes` per number. `scheme_loss[scheme]` is a loss the correction cannot remove (the activation
-    rounding of dynamic int8), added to each of that scheme's options."""
+    rounding of dynamic int8), added to each of that scheme's options. `dtype`: the weight's storage (its
+    dense bytes; float16 weights are quantized as stored)."""
     K, N = W.shape
-    dense_bytes = 4 * K * N
+    dense_bytes = np.dtype(dtype).itemsize * K * N
     options = [Option(FP32, 0, dense_bytes, 0.0)] if dense else []
     ranks = rank_grid(K, N, rank_step)
     per_rank = factor_bytes * (K + N)
@@ -60,7 +63,7 @@ def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense:
         energy = compensate.spectrum_energy(weighted_matrix(W, metric.left, metric.right))
         options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if r * per_rank < dense_bytes], per_rank)
     for scheme in schemes:
-        energy = compensate.residual_energy(W, dequantized(W, scheme), metric.left, metric.right)
+        energy = compensate.residual_energy(W, dequantized(W, scheme, dtype), metric.left, metric.right)
         base = scheme.matmul_bytes(K, N)
         usable = [0] + [r for r in ranks if base + r * per_rank < dense_bytes]
         extra = (scheme_loss or {}).get(scheme, 0.0)
@@ -86,7 +89,7 @@ def table_options(T: np.ndarray, loss, schemes: list[Scheme], dense: bool = True
 
 
 def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction: bool,
-              alternate_rounds: int = 0) -> tuple[SitePlan | None, float]:
+              alternate_rounds: int = 0, dtype=np.float32) -> tuple[SitePlan | None, float]:
     """The chosen option made concrete, and its weighted error ‖P (W − W') Q‖² (None: the site stays dense).
 
     With `alternate_rounds`, quantization and correction alternate (compensate.alternate) and the best
@@ -101,16 +104,16 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
             decomposition.dropped_energy(option.rank)
     scheme = option.key
     if option.rank == 0:
-        approx = dequantized(W, scheme)
+        approx = dequantized(W, scheme, dtype)
         error = compensate.weighted_error(W - approx, metric.left, metric.right)
         return _with_shift(SitePlan(scheme), W, approx, metric, bias_correction), error
     if alternate_rounds:
-        result = compensate.alternate(W, lambda M: dequantized(M, scheme), option.rank, alternate_rounds,
+        result = compensate.alternate(W, lambda M: dequantized(M, scheme, dtype), option.rank, alternate_rounds,
                                       metric.left, metric.right)
         deq, A, B, error = result.dequantized, result.A, result.B, result.errors[result.chosen_round]
         plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
         return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
-    deq = dequantized(W, scheme)
+    deq = dequantized(W, scheme, dtype)
     spectrum = compensate.residual_spectrum(W, deq, metric.left, metric.right)
     A, B = spectrum.factors(option.rank)
     error = spectrum.dropped_energy(option.rank)

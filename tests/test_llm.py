@@ -1,0 +1,189 @@
+"""Language models from the CLI: perplexity by default in `validate` and `compress --val`, the KV-cache
+exports written with the same factors, fp16 exports; on the shipped tiny decoder (tools/export_decoder.py)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from onnx_fwlr import compress, save_model
+from onnx_fwlr.cli.main import main
+from onnx_fwlr.evaluate.language import is_language_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models" / "decoder"
+EVAL = SAMPLE / "eval.npz"
+CALIB = SAMPLE / "calib.npz"
+
+
+def cli(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def svd_half(tmp_path_factory):
+    """The sample decoder at half its linear-layer parameters (plain SVD: clearly worse than the original)."""
+    path = tmp_path_factory.mktemp("svd") / "half.onnx"
+    model, _ = compress(str(SAMPLE / "decoder.onnx"), ratio=0.5, method="svd", progress=False)
+    save_model(model, path)
+    return path
+
+
+def test_language_models_are_recognised_by_their_io():
+    assert is_language_model(SAMPLE / "decoder.onnx")
+    assert is_language_model(SAMPLE / "decoder_with_past.onnx")
+    assert not is_language_model(SAMPLE / "decoder.onnx", logits="present.0.key")  # 4-D, not [batch, seq, vocab]
+    assert not is_language_model(ROOT / "sample_models" / "digits_mlp.onnx")  # a classifier: no token ids
+
+
+def test_validate_reports_perplexity_kl_and_top1_by_default(svd_half, tmp_path, capsys):
+    report = tmp_path / "metrics.json"
+    assert cli("validate", SAMPLE / "decoder.onnx", svd_half, "--data", EVAL, "--quiet", "--json", report) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "KL(original" in out and "no tolerance given" in out
+    metrics = json.loads(report.read_text())
+    assert metrics["perplexity_ratio"] > 1.05 and 0 < metrics["top1_agreement"] < 1 and metrics["kl_divergence"] > 0
+    eval_rows = np.load(EVAL)
+    mask = eval_rows["attention_mask"]
+    assert metrics["tokens"] == int((mask[:, 1:] * mask[:, :-1]).sum())  # real tokens with a real next token
+
+
+def test_max_perplexity_ratio_is_the_tolerance(svd_half, capsys):
+    args = ("validate", SAMPLE / "decoder.onnx", svd_half, "--data", EVAL, "--quiet")
+    assert cli(*args, "--max-perplexity-ratio", "1.01") == 1
+    assert "FAIL: perplexity ratio" in capsys.readouterr().out
+    assert cli(*args, "--max-perplexity-ratio", "50") == 0
+    assert capsys.readouterr().out.rstrip().endswith("PASS")
+
+
+def test_an_output_tolerance_or_metric_outputs_keeps_the_output_table(svd_half, capsys):
+    args = ("validate", SAMPLE / "decoder.onnx", svd_half, "--data", EVAL, "--quiet")
+    assert cli(*args, "--min-cosine", "0.0") == 0
+    assert "cos mean" in capsys.readouterr().out
+    assert cli(*args, "--metric", "outputs") == 0
+    out = capsys.readouterr().out
+    assert "cos mean" in out and "perplexity" not in out
+
+
+def test_compress_val_reports_perplexity_for_a_language_model(tmp_path, capsys):
+    out_path, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", out_path, "--ratio", "0.8", "--calib", CALIB,
+               "--val", EVAL, "--max-perplexity-ratio", "1.5", "--quiet", "--json", report)
+    out = capsys.readouterr().out
+    assert code == 0 and "perplexity" in out and "ratio" in out and out.rstrip().endswith("PASS")
+    language = json.loads(report.read_text())["language"]
+    assert 1.0 < language["perplexity_ratio"] < 1.5 and language["top1_agreement"] > 0.7
+    assert "validation" not in json.loads(report.read_text()) or not json.loads(report.read_text())["validation"]
+
+
+# ---------------------------------------------------------------- --also: the KV-cache exports with the same factors
+
+def _save_token_npz(path, batches):
+    np.savez(path, **{k: np.concatenate([b[k] for b in batches]) for k in batches[0]})
+
+
+def test_also_writes_cache_exports_whose_greedy_tokens_equal_the_originals_at_full_rank(tmp_path, capsys):
+    from test_decoder import RANK, decoder, merged_decoder, token_batch
+
+    from onnx_fwlr.evaluate.language import greedy_check
+
+    for name, model in (("nocache", decoder(False)), ("past", decoder(True)), ("merged", merged_decoder())):
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    _save_token_npz(tmp_path / "calib.npz", [token_batch(seed=s, padded=False) for s in range(3)])
+    report = tmp_path / "report.json"
+    code = cli("compress", tmp_path / "nocache.onnx", "-o", tmp_path / "small.onnx", "--rank", RANK, "--method",
+               "kfac", "--loss", "lm", "--calib", tmp_path / "calib.npz", "--also",
+               f"{tmp_path / 'past.onnx'}={tmp_path / 'small_past.onnx'}", "--also",
+               f"{tmp_path / 'merged.onnx'}={tmp_path / 'small_merged.onnx'}", "--quiet", "--json", report)
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("greedy decoding through its KV cache matches small.onnx") == 2
+    also = json.loads(report.read_text())["also"]
+    assert [len(item["weights"]) for item in also] == [8, 8] and all(item["greedy_matches"] for item in also)
+    prompt = token_batch(batch=2, length=4, padded=False)["input_ids"]
+    want = greedy_check(str(tmp_path / "past.onnx"), prompt, 6, no_cache=str(tmp_path / "nocache.onnx"))
+    for name in ("small_past", "small_merged"):
+        got = greedy_check(str(tmp_path / f"{name}.onnx"), prompt, 6)
+        assert got.matches and np.array_equal(got.cached, want.cached)  # full rank: the original's tokens
+
+
+def test_also_on_the_sample_decoder_keeps_the_cache_path_at_ratio_0_8(tmp_path, capsys):
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", tmp_path / "small.onnx", "--ratio", "0.8", "--calib", CALIB,
+               "--also", f"{SAMPLE / 'decoder_merged.onnx'}={tmp_path / 'small_merged.onnx'}", "--quiet",
+               "--json", tmp_path / "report.json")
+    assert code == 0
+    item = json.loads((tmp_path / "report.json").read_text())["also"][0]
+    assert item["greedy_matches"] and item["greedy_tokens"] == 8 and len(item["weights"]) >= 1
+    assert (tmp_path / "small_merged.onnx").is_file()
+
+
+@pytest.mark.parametrize("also, extra, message", [
+    ("nosep.onnx", [], "is not MODEL=OUT"),
+    ("missing.onnx=x.onnx", [], "is not a model file"),
+    ("{past}={out}", [], "writes"),
+    ("{past}=y.onnx", ["--quantize", "int4"], "does not combine with --quantize"),
+])
+def test_also_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, also, extra, message):
+    out = tmp_path / "small.onnx"
+    also = also.format(past=SAMPLE / "decoder_with_past.onnx", out=out)
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", out, "--ratio", "0.8", "--also", also, "--quiet", *extra)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- fp16 exports (weights stored in half precision)
+
+@pytest.fixture(scope="module")
+def half_decoder(tmp_path_factory):
+    """The sample decoder as a GPU-style export: every float tensor, inputs and outputs included, in float16."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    path = tmp_path_factory.mktemp("fp16") / "decoder_fp16.onnx"
+    onnx.save(convert_float_to_float16(onnx.load(SAMPLE / "decoder.onnx"), keep_io_types=False), path)
+    return path
+
+
+def _initializers(path):
+    model = onnx.load(path)
+    return model, {t.name: t for t in model.graph.initializer}
+
+
+def test_fp16_low_rank_keeps_half_precision_storage(half_decoder, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert cli("compress", half_decoder, "-o", out, "--ratio", "0.8", "--calib", CALIB, "--val", EVAL,
+               "--max-perplexity-ratio", "1.3", "--quiet") == 0
+    _, tensors = _initializers(out)
+    factors = [t for name, t in tensors.items() if "/factor_" in name]
+    assert factors and all(t.data_type == onnx.TensorProto.FLOAT16 for t in factors)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and t.dims and np.prod(t.dims) > 64
+                   for t in tensors.values())  # nothing large was widened to float32
+    assert out.stat().st_size < 0.9 * half_decoder.stat().st_size
+
+
+@pytest.mark.parametrize("quantize, ratio, extra", [("int4", 0.7, []), ("auto", 0.7, []),
+                                                    ("int8", 0.8, ["--int8", "block"])])
+def test_fp16_quantize_writes_half_precision_matmulnbits_and_factors(half_decoder, tmp_path, capsys, quantize, ratio,
+                                                                     extra):
+    out, report = tmp_path / "small.onnx", tmp_path / "report.json"
+    code = cli("compress", half_decoder, "-o", out, "--quantize", quantize, "--ratio", ratio, "--calib", CALIB,
+               "--val", EVAL, "--quiet", "--json", report, *extra)
+    assert code == 0
+    model, tensors = _initializers(out)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(tensors[n.input[2]].data_type == onnx.TensorProto.FLOAT16 for n in nbits)  # scales
+    corrections = [t for name, t in tensors.items() if "/correction_" in name]
+    assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in corrections)
+    assert not any(n.op_type == "Cast" and any("/correction_" in i for i in n.input) for n in model.graph.node)
+    summary = json.loads(report.read_text())
+    assert summary["file_size_after"] <= ratio * summary["file_size_before"]
+    assert summary["language"]["perplexity_ratio"] < 1.05  # measured: 1.00-1.01
+
+
+def test_fp16_dynamic_int8_is_refused_in_one_sentence(half_decoder, tmp_path, capsys):
+    out = tmp_path / "small.onnx"
+    assert cli("compress", half_decoder, "-o", out, "--quantize", "int8", "--rank", "4", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "float16" in err and "--int8 block" in err and "Traceback" not in err
+    assert not out.exists()

@@ -24,7 +24,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import external_bytes
+from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.methods.registry import get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
@@ -38,7 +38,7 @@ from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import rewrite
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
-from onnx_fwlr.sites.recurrent import is_recurrent
+from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
 from onnx_fwlr.stats.activations import main_graph_tensors
 
 logger = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ class QuantizeJob:
     warnings: list = field(default_factory=list)
     choices: list | None = None
     feed: dict | None = None  # one batch at the size a latency budget times the sites at
+    source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
+    # float form: each site may stay as the input stored it, at the bytes it had there
 
 
 def compress_quantized(
@@ -89,7 +91,7 @@ def compress_quantized(
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
-    input_forms=None,
+    input_forms=None, source=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -106,16 +108,24 @@ def compress_quantized(
     each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
     given was already int8 and this is its float form.
+
+    `source` (pipeline.quantized_input.QuantizedInput): `model` is the float form of this quantized input.
+    Budgets then count the input's bytes (`ratio` of the input file), every site may also stay exactly as
+    the input stored it (at its bytes there), and a weight kept is quantized back with its own scheme.
     """
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_budget(quantize, method, target_size, ratio, rank, target_latency)
+    if target_size is not None or ratio is not None:  # an unreachable budget is said before any statistics
+        check_reachable(model, target_size=target_size, ratio=ratio, quantize=quantize, block_size=block_size,
+                        int8=int8, embeddings=embeddings, factors=factors, rank_step=rank_step, include=include,
+                        exclude=exclude, source=source)
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
         embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
         bias_correction=bias_correction,
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-        progress=progress, timed=target_latency is not None)
+        progress=progress, timed=target_latency is not None, source=source)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
                            latency=latency, input_forms=input_forms)
 
@@ -125,7 +135,7 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
-    timed: bool = False,
+    timed: bool = False, source=None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule)."""
@@ -142,7 +152,8 @@ def prepare_quantized(
         bias_correction = get_method(method).bias_correction
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
                       schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
-                      original_bytes=_bytes(prepared.model))
+                      original_bytes=source.input_bytes if source is not None else _bytes(prepared.model),
+                      source=source)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     if budgeted:
@@ -346,13 +357,57 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
         for site in job.sites:
             usable = [s for s in job.schemes if s.kind != "nbits" or site.K % s.block_size == 0]
             job.choices.append(plan.site_options(
-                job.prepared.weights[site.weight], job.metrics[site.weight], usable, dense=job.quantize == "auto",
+                job.prepared.weights[site.weight], job.metrics[site.weight], usable,
+                dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
                 low_rank=job.quantize == "auto", rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
                 scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
     return job.choices
+
+
+def _stored(job: QuantizeJob) -> dict[str, int]:
+    """Weight -> bytes the quantized input stores it in (empty for a float input)."""
+    return job.source.stored if job.source is not None else {}
+
+
+def _dense_bytes(job: QuantizeJob, site: Site) -> int:
+    """The bytes of a site left as it is: as the quantized input stored it, else fp32."""
+    return _stored(job).get(site.weight, 4 * site.params)
+
+
+def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, embeddings, factors, rank_step,
+                    include, exclude, source=None) -> None:
+    """Refuse a byte budget below the smallest model the options can reach, from the sites' shapes alone, so
+    it is said before any statistics are gathered (a lower bound: the allocation checks the exact one)."""
+    loaded = load_model(model, copy=False)
+    sites, _ = find_all_sites(loaded, include, exclude, fisher=False)
+    stored = source.stored if source is not None else {}
+    original = source.input_bytes if source is not None else _bytes(loaded)
+    target = target_size if target_size is not None else int(ratio * original)
+    schemes = _site_schemes(quantize, block_size, int8)
+    smallest = original
+    for site in sites:
+        if is_recurrent(site) or site.dtype != "float32":
+            continue  # kept as it is
+        dense = stored.get(site.weight, 4 * site.params)
+        sizes = [s.matmul_bytes(site.K, site.N) for s in schemes if s.kind != "nbits" or site.K % s.block_size == 0]
+        if quantize == "auto" and rank_step < min(site.K, site.N):
+            sizes.append(rank_step * (site.K + site.N) * FACTOR_DTYPES[factors])
+        if quantize == "auto" or site.weight in stored or not sizes:
+            sizes.append(dense)
+        smallest += min(sizes) - dense
+    if embeddings != "keep":
+        for table in find_tables(loaded, exclude={s.weight for s in sites}):
+            sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
+            smallest += min(sizes) - 4 * table.params
+    if target < smallest:
+        what = "the options of `quantize` auto" if quantize == "auto" else f"{quantize} quantization"
+        raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
+                        f"(about {smallest:,} bytes{' of the quantized input' if source is not None else ''}); "
+                        "raise `target_size`/`ratio`"
+                        + (" or use `quantize` auto, which can also use low rank." if quantize != "auto" else "."))
 
 
 def _budgeted_tables(job: QuantizeJob) -> list[Table]:
@@ -377,7 +432,7 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
 
 def _fixed_bytes(job: QuantizeJob) -> int:
     """Bytes the budget cannot move: everything but the budgeted weights, plus the records rewriting adds."""
-    fixed = job.original_bytes - sum(4 * s.K * s.N for s in job.sites) + SITE_OVERHEAD * len(job.sites)
+    fixed = job.original_bytes - sum(_dense_bytes(job, s) for s in job.sites) + SITE_OVERHEAD * len(job.sites)
     for table in job.tables:
         fixed += TABLE_OVERHEAD - 4 * table.V * table.D
         if table.name in job.fixed_tables:
@@ -420,10 +475,21 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
-            note=f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})"))
+            note=_site_note(job, site, option)))
         if site_plan is not None:
             plans[site.weight] = site_plan
-    return rewrite(job.prepared.model, plans, tables, job.factors), results
+    model_out = rewrite(job.prepared.model, plans, tables, job.factors)
+    if job.source is not None:  # weights kept go back to the input's own scheme, so the bytes are measured as written
+        model_out = job.source.kept_as_input(model_out)
+    return model_out, results
+
+
+def _site_note(job: QuantizeJob, site: Site, option: Option) -> str:
+    """'int4 b32 + rank 8: 12,345 bytes (fp32 65,536)'; for a quantized input, bytes before and after."""
+    if site.weight not in _stored(job):
+        return f"{option.label}: {option.bytes:,} bytes (fp32 {4 * site.params:,})"
+    label = "as the input stored it" if option.storage == plan.FP32 else option.label
+    return f"{label}: {_stored(job)[site.weight]:,} -> {option.bytes:,} bytes"
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:

@@ -5,15 +5,20 @@ ONNX Runtime's quantizers (quant/dequantize.py, quant/requantize.py)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
+from onnx import external_data_helper
 
 from onnx_fwlr.evaluate.report import Report, op_counts
-from onnx_fwlr.io.model import load_model
+from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.quant.dequantize import Dequantized, dequantize_model
 from onnx_fwlr.quant.requantize import requantize
-from onnx_fwlr.sites.find import model_parameters
+from onnx_fwlr.sites.find import _constants, model_parameters, walk_graphs
+
+# site.tensors roles holding the stored weight (integers, scales, zero points); an LSTM's site is its input
+# weight W (its recurrent weight R is no site: it stays as stored)
+STORED_ROLES = ("q", "scale", "zero_point", "W", "W_scale", "W_zero_point")
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +32,14 @@ class QuantizedInput:
     dequantized: Dequantized
     params_before: int
     ops_before: dict
+    input_bytes: int = 0  # the quantized input's bytes (protobuf plus external data): what budgets count
+    stored: dict = field(default_factory=dict)  # float weight name -> bytes the input stores that weight in
+
+    def kept_as_input(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """`model` with each recovered weight whose float node is still there (kept as it was) quantized back
+        with its own scheme: the same integers, so the same bytes as the input."""
+        return requantize(model, self.dequantized.sites,
+                          nodes={site.node: list(site.float_nodes) for site in self.dequantized.sites})
 
 
 def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
@@ -38,7 +51,26 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
     if not dequantized.sites and not dequantized.left:
         return None
     logger.info("quantized input: %s", dequantized.summary())
-    return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded))
+    return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded),
+                          loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites))
+
+
+def stored_bytes(model: onnx.ModelProto, sites) -> dict[str, int]:
+    """Float weight name -> bytes of the tensors the input stores it in (integers, scales, zero points), each
+    tensor counted once however many sites read it."""
+    constants = _constants(walk_graphs(model))
+    tensors: dict[str, set[str]] = {}
+    for site in sites:
+        names = {site.tensors.get(role, "") for role in STORED_ROLES} & set(constants)
+        tensors.setdefault(site.float_weight, set()).update(names)
+    return {weight: sum(_tensor_bytes(constants[name][2]) for name in sorted(names))
+            for weight, names in tensors.items()}
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if external_data_helper.uses_external_data(tensor):
+        return tensor.ByteSize() + (external_data_helper.ExternalDataInfo(tensor).length or 0)
+    return tensor.ByteSize()
 
 
 def requantize_output(compressed: onnx.ModelProto, quantized: QuantizedInput, report: Report,

@@ -45,13 +45,15 @@ def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
 
 
 def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense: bool, low_rank: bool,
-                 rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None) -> list[Option]:
+                 rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None,
+                 dense_bytes: int | None = None) -> list[Option]:
     """Every option for one weight [K, N]: each scheme at correction ranks 0, step, 2·step, … (while it stays
-    smaller than the dense weight), plus dense fp32 and low rank alone when asked; factors take
+    smaller than the weight as it is), plus the weight as it is and low rank alone when asked; factors take
     `factor_bytes` per number. `scheme_loss[scheme]` is a loss the correction cannot remove (the activation
-    rounding of dynamic int8), added to each of that scheme's options."""
+    rounding of dynamic int8), added to each of that scheme's options. `dense_bytes`: the bytes of the weight
+    as it is (default fp32; a quantized input's stored bytes), above which no option is offered."""
     K, N = W.shape
-    dense_bytes = 4 * K * N
+    dense_bytes = 4 * K * N if dense_bytes is None else dense_bytes
     options = [Option(FP32, 0, dense_bytes, 0.0)] if dense else []
     ranks = rank_grid(K, N, rank_step)
     per_rank = factor_bytes * (K + N)
@@ -61,6 +63,8 @@ def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense:
     for scheme in schemes:
         energy = compensate.residual_spectrum(W, dequantized(W, scheme), metric.left, metric.right).energy
         base = scheme.matmul_bytes(K, N)
+        if base >= dense_bytes:
+            continue  # no smaller than the weight as it is
         usable = [0] + [r for r in ranks if base + r * per_rank < dense_bytes]
         extra = (scheme_loss or {}).get(scheme, 0.0)
         options += _ranked(scheme.label, scheme, energy, base, usable, per_rank, extra)

@@ -28,7 +28,7 @@ from onnx_fwlr.pipeline.defaults import (
     default_method,
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
-from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
+from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output, site_budget_ratio
 from onnx_fwlr.pipeline.sequential import correct_sequentially
 from onnx_fwlr.pipeline.speed import (
     check_measured_speed,
@@ -149,6 +149,11 @@ def compress(
         structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
     quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
     source = quantized.float_model if quantized else model
+    in_bytes = quantized is not None and bool(quantized.dequantized.sites) and (
+        ratio is not None or target_size is not None)
+    if in_bytes:  # the input's bytes are the budget's unit: the share of the sites' stored bytes that meets it
+        options.update(ratio=site_budget_ratio(quantized, include, exclude, ratio=ratio, target_size=target_size),
+                       target_size=None)
     timed = target_latency is not None or rank_multiple == "auto"
     compressed, report = _factorise(source, **options, input_forms=input_forms(model, quantized) if timed else None)
     if refine_steps is not None and report.factorised:
@@ -160,6 +165,12 @@ def compress(
             dope_dropout=refine_dope_dropout, progress=progress)
     if quantized:
         compressed = requantize_output(compressed, quantized, report)
+        if in_bytes:
+            report.budget.update(ratio=ratio, target_size=target_size, input_bytes=quantized.input_bytes,
+                                 sites_ratio=options["ratio"])
+            report.input_quantization += (f"; the budget counted the input's {quantized.input_bytes:,} bytes "
+                                          f"(the factorised weights kept {options['ratio']:.3f} of their stored "
+                                          "bytes)")
     if report.factorised and (target_latency is not None or rank_multiple == "auto"):
         check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
     if validation is not None and report.sites:

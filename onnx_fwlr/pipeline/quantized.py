@@ -359,7 +359,7 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], usable,
                 dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
-                low_rank=job.quantize == "auto", rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
+                low_rank=job.quantize == "auto", low_rank_bytes=_low_rank_bytes(job, site), rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
                 scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
@@ -375,6 +375,15 @@ def _stored(job: QuantizeJob) -> dict[str, int]:
 def _dense_bytes(job: QuantizeJob, site: Site) -> int:
     """The bytes of a site left as it is: as the quantized input stored it, else fp32."""
     return _stored(job).get(site.weight, 4 * site.params)
+
+
+def _low_rank_bytes(job: QuantizeJob, site: Site):
+    """For a weight of a quantized input: rank r -> bytes of its two factors stored in the input's own scheme
+    (they are quantized with it once built); None otherwise (factors at the factor storage's bytes)."""
+    scheme = job.source.scheme_of(site.weight) if site.weight in _stored(job) else None
+    if scheme is None:
+        return None
+    return lambda r: scheme.matrix_bytes(site.K, r) + scheme.matrix_bytes(r, site.N)
 
 
 def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, embeddings, factors, rank_step,
@@ -460,7 +469,7 @@ def _bytes(model: onnx.ModelProto) -> int:
 
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     """The rewritten model for these options, and one SiteResult per site."""
-    plans, results = {}, []
+    plans, results, low_rank = {}, [], set()
     for site, option in zip(job.sites, chosen):
         W = job.prepared.weights[site.weight]
         metric = job.metrics[site.weight]
@@ -476,11 +485,14 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
             note=_site_note(job, site, option)))
+        if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
+            site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+            low_rank.add(site.weight)
         if site_plan is not None:
             plans[site.weight] = site_plan
     model_out = rewrite(job.prepared.model, plans, tables, job.factors)
-    if job.source is not None:  # weights kept go back to the input's own scheme, so the bytes are measured as written
-        model_out = job.source.kept_as_input(model_out)
+    if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
+        model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results
 
 

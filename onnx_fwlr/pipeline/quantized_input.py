@@ -13,7 +13,7 @@ from onnx import external_data_helper
 from onnx_fwlr.evaluate.report import Report, op_counts
 from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.quant.dequantize import Dequantized, dequantize_model
-from onnx_fwlr.quant.requantize import requantize
+from onnx_fwlr.quant.requantize import float_weight_nodes, requantize
 from onnx_fwlr.sites.find import _constants, model_parameters, walk_graphs
 
 # site.tensors roles holding the stored weight (integers, scales, zero points); an LSTM's site is its input
@@ -35,11 +35,22 @@ class QuantizedInput:
     input_bytes: int = 0  # the quantized input's bytes (protobuf plus external data): what budgets count
     stored: dict = field(default_factory=dict)  # float weight name -> bytes the input stores that weight in
 
-    def kept_as_input(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def scheme_of(self, weight: str):
+        """The QuantScheme the input stored this float weight in (None: not a recovered weight)."""
+        return next((s.scheme for s in self.dequantized.sites if s.float_weight == weight), None)
+
+    def kept_as_input(self, model: onnx.ModelProto, low_rank: set[str] = frozenset()) -> onnx.ModelProto:
         """`model` with each recovered weight whose float node is still there (kept as it was) quantized back
-        with its own scheme: the same integers, so the same bytes as the input."""
-        return requantize(model, self.dequantized.sites,
-                          nodes={site.node: list(site.float_nodes) for site in self.dequantized.sites})
+        with its own scheme (the same integers, so the same bytes as the input), and the float32 factors of
+        the weights in `low_rank` (low rank alone) quantized with their weight's scheme."""
+        holding = float_weight_nodes(model)
+        nodes = {}
+        for site in self.dequantized.sites:
+            names = list(site.float_nodes)
+            if site.float_weight in low_rank:
+                names += sorted(n for n in holding for f in site.float_nodes if n.startswith(f"{f}/correction_"))
+            nodes[site.node] = names
+        return requantize(model, self.dequantized.sites, nodes=nodes)
 
 
 def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
@@ -53,6 +64,29 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
     logger.info("quantized input: %s", dequantized.summary())
     return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded),
                           loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites))
+
+
+# Bytes of the records (nodes, scales, zero points, names) one factorised site adds once its two factors are
+# quantized again (dynamic int8 chains: about 1.1 kB measured on the synthetic MLPs of tests/test_shipped.py).
+FACTOR_OVERHEAD = 1200
+
+
+def site_budget_ratio(quantized: QuantizedInput, include=None, exclude=None, *, ratio: float | None = None,
+                      target_size: int | None = None) -> float:
+    """The share of its factorisable weights' bytes the float pipeline may keep so that the requantized output
+    is about `ratio` of the input's bytes (or `target_size` bytes): budgets of a quantized input count its
+    bytes, not float parameters. Checked before any statistics; too small a target is one sentence."""
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.sites.recurrent import find_all_sites
+
+    sites, _ = find_all_sites(quantized.float_model, include, exclude, fisher=False)
+    target = target_size if target_size is not None else int(ratio * quantized.input_bytes)
+    stored = sum(quantized.stored.get(s.weight, 4 * s.params) for s in sites)
+    fixed = quantized.input_bytes - stored + FACTOR_OVERHEAD * len(sites)
+    if not sites or target <= fixed:
+        raise FwlrError(f"the target of {target:,} bytes is too small: the quantized input without its factorisable "
+                        f"weights already takes about {fixed:,} bytes (of {quantized.input_bytes:,}).")
+    return min(1.0, (target - fixed) / stored)
 
 
 def stored_bytes(model: onnx.ModelProto, sites) -> dict[str, int]:

@@ -38,6 +38,8 @@ class SitePlan:
     B: np.ndarray | None = None
     shift: np.ndarray | None = None
     quantized: np.ndarray | None = None  # the [K, N] matrix the main branch stores; None: W itself
+    factor_dtype: str | None = None  # this site's factor storage when not the rewrite's (float32 factors that a
+    # quantized input's own scheme then quantizes)
 
     def main_matrix(self, model, site: Site) -> np.ndarray:
         return self.quantized if self.quantized is not None else weight_matrix(model, site)
@@ -84,7 +86,7 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     removed: dict[int, set[str]] = {}
     for weight, plan in plans.items():
         site = sites[weight]
-        factors = _factor_tensors(site, plan, graphs, namer, factor_dtype, casts)
+        factors = _factor_tensors(site, plan, graphs, namer, plan.factor_dtype or factor_dtype, casts)
         for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic).items():
             swaps[key] = nodes
         _mark_removed(site, removed, swaps)

@@ -378,9 +378,13 @@ def _dense_bytes(job: QuantizeJob, site: Site) -> int:
 
 
 def _low_rank_bytes(job: QuantizeJob, site: Site):
+    return _stored_factor_bytes(job.source, site)
+
+
+def _stored_factor_bytes(source, site: Site):
     """For a weight of a quantized input: rank r -> bytes of its two factors stored in the input's own scheme
     (they are quantized with it once built); None otherwise (factors at the factor storage's bytes)."""
-    scheme = job.source.scheme_of(site.weight) if site.weight in _stored(job) else None
+    scheme = source.scheme_of(site.weight) if source is not None and site.weight in source.stored else None
     if scheme is None:
         return None
     return lambda r: scheme.matrix_bytes(site.K, r) + scheme.matrix_bytes(r, site.N)
@@ -403,7 +407,8 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
         dense = stored.get(site.weight, 4 * site.params)
         sizes = [s.matmul_bytes(site.K, site.N) for s in schemes if s.kind != "nbits" or site.K % s.block_size == 0]
         if quantize == "auto" and rank_step < min(site.K, site.N):
-            sizes.append(rank_step * (site.K + site.N) * FACTOR_DTYPES[factors])
+            low_rank = _stored_factor_bytes(source, site)
+            sizes.append(low_rank(rank_step) if low_rank else rank_step * (site.K + site.N) * FACTOR_DTYPES[factors])
         if quantize == "auto" or site.weight in stored or not sizes:
             sizes.append(dense)
         smallest += min(sizes) - dense

@@ -66,9 +66,9 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
                           loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites))
 
 
-# Bytes of the records (nodes, scales, zero points, names) one factorised site adds once its two factors are
-# quantized again (dynamic int8 chains: about 1.1 kB measured on the synthetic MLPs of tests/test_shipped.py).
-FACTOR_OVERHEAD = 1200
+# Bytes of the records (nodes, scales, zero points, names) each use of a factorised weight adds once its two
+# factors are quantized again (two dynamic int8 chains: 1.1-1.4 kB measured on tests/test_shipped.py's models).
+FACTOR_OVERHEAD = 1400
 
 
 def site_budget_ratio(quantized: QuantizedInput, include=None, exclude=None, *, ratio: float | None = None,
@@ -82,7 +82,8 @@ def site_budget_ratio(quantized: QuantizedInput, include=None, exclude=None, *, 
     sites, _ = find_all_sites(quantized.float_model, include, exclude, fisher=False)
     target = target_size if target_size is not None else int(ratio * quantized.input_bytes)
     stored = sum(quantized.stored.get(s.weight, 4 * s.params) for s in sites)
-    fixed = quantized.input_bytes - stored + FACTOR_OVERHEAD * len(sites)
+    # each use adds its factor chains' records and (bias correction) its own mean shift of N floats
+    fixed = quantized.input_bytes - stored + sum((FACTOR_OVERHEAD + 4 * s.N) * len(s.uses) for s in sites)
     if not sites or target <= fixed:
         raise FwlrError(f"the target of {target:,} bytes is too small: the quantized input without its factorisable "
                         f"weights already takes about {fixed:,} bytes (of {quantized.input_bytes:,}).")

@@ -196,7 +196,7 @@ class Compress:
         if report.checked is not None and written:
             code = report_validation(report.checked, args, out)
         summary = report.to_dict()
-        if report.checked is not None and written and not args.no_ort_comparison:
+        if report.checked is not None and written and not args.no_ort_comparison and not report.checked.unjudged:
             summary["ort_baselines"] = _ort_comparison(args, report, output, out)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
@@ -261,6 +261,7 @@ def _compress_quantized(args, rank, ranks):
         check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
-                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)
+                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
+                                  set_aside=True)
         report.validation = report.checked.to_dict()
     return model, report

@@ -176,7 +176,7 @@ def compress(
     if validation is not None and report.sites:
         if report.checked is None or report.refined is not None or quantized:
             report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
-                                      outputs=outputs, common_prefix=common_prefix)
+                                      outputs=outputs, common_prefix=common_prefix, set_aside=True)
         report.validation = report.checked.to_dict()
     return compressed, report
 
@@ -329,9 +329,10 @@ def validate(
     outputs: list[str] | None = None,
     progress: bool = True,
     common_prefix: bool = False,
+    set_aside: bool = False,
 ):
-    """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`
-    and `common_prefix` as in evaluate.validation.compare_models."""
+    """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`,
+    `common_prefix` and `set_aside` as in evaluate.validation.compare_models."""
     from onnx_fwlr.evaluate.validation import compare_models
 
     reference = original if isinstance(original, onnx.ModelProto) else load_model(original)
@@ -340,4 +341,4 @@ def validate(
     feeds = (feed for feed, _ in batches)
     return compare_models(original, compressed, feeds, labels=np.concatenate(labels) if labels else None,
                           outputs=outputs, progress=progress, common_prefix=common_prefix,
-                          total=getattr(batches, "total", None))
+                          total=getattr(batches, "total", None), set_aside=set_aside)

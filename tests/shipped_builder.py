@@ -66,7 +66,13 @@ def cast_mul(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def quantized(model: onnx.ModelProto, fmt: str, folder: Path, calibration: np.ndarray) -> onnx.ModelProto:
     """`model` in one shipped format, by ONNX Runtime's own quantizers where it has one."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     source, target = folder / f"float_{fmt}.onnx", folder / f"quantized_{fmt}.onnx"
     onnx.save(model, source)

@@ -182,3 +182,53 @@ def test_an_output_whose_length_changes_is_set_aside_and_the_model_is_written(tm
     text = capsys.readouterr().out
     assert code == 0 and "compared over the common prefix only" in text and "audio" in text
     assert "not judged" not in text
+
+
+def _int8_conv_model() -> onnx.ModelProto:
+    """A Conv whose kernel is stored as int8 through Mul(Cast(q), scale), then a MatMul head."""
+    rng = np.random.default_rng(2)
+    q = rng.integers(-127, 128, (32, 16, 3, 3)).astype(np.int8)
+    inits = [numpy_helper.from_array(q, "kernel_q"), numpy_helper.from_array(np.float32(0.01), "kernel_s"),
+             numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "head")]
+    nodes = [helper.make_node("Cast", ["kernel_q"], ["kernel_c"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["kernel_c", "kernel_s"], ["kernel"], name="kernel_dequantize"),
+             helper.make_node("Conv", ["x", "kernel"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "head"], ["y"], name="classifier")]
+    return make_model(nodes, [vinfo("x", ["n", 16, 8, 8])], [vinfo("y", ["n", 10])], inits)
+
+
+def test_inspect_lists_every_weight_it_leaves_alone_and_counts_quantized_sites(tmp_path, capsys):
+    """Recurrent weights of a DynamicQuantizeLSTM and an int8 Conv kernel are named with their reason, and the
+    headline counts the quantized weights compress works on."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from shipped_builder import lstm_tagger
+
+    from onnx_fwlr.sites.listing import inspect_model
+
+    onnx.save(lstm_tagger(), tmp_path / "lstm.onnx")
+    quantize_dynamic(tmp_path / "lstm.onnx", tmp_path / "lstm_int8.onnx", per_channel=True,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
+    text = inspect_model(str(tmp_path / "lstm_int8.onnx")).format()
+    assert text.splitlines()[2].startswith("2 factorisable site(s): 2 quantized weight(s)")
+    kept = text.split("weights left as they are:")[1]
+    assert "R_quantized" in kept and "recurrent weight R of DynamicQuantizeLSTM" in kept
+    conv = inspect_model(_int8_conv_model())
+    assert [(s.weight, s.op_type) for s in conv.left_alone] == [("kernel_q", "Conv")]
+    assert "stored as integers (Cast+Mul); a convolution kernel" in conv.left_alone[0].reason
+    assert "4,608 numbers" in conv.left_alone[0].reason
+
+
+def test_compress_names_the_weights_it_keeps_as_the_input_stored_them(tmp_path, capsys):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from shipped_builder import lstm_tagger
+
+    onnx.save(lstm_tagger(), tmp_path / "lstm.onnx")
+    quantize_dynamic(tmp_path / "lstm.onnx", tmp_path / "lstm_int8.onnx", per_channel=True,
+                     weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
+    code = _cli("compress", tmp_path / "lstm_int8.onnx", "-o", tmp_path / "out.onnx", "--rank", 8, "--quiet")
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "1 weight(s) of the input are kept as it stored them, not factorised: R_quantized (DynamicQuantizeLSTM)" \
+        in text

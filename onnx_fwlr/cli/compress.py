@@ -61,10 +61,14 @@ class Compress:
 
         p.add_argument("model", help="ONNX model file")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
-        p.add_argument("--ratio", type=float, help="parameters kept in the factorised weights (0 < R <= 1)")
+        p.add_argument("--ratio", type=float,
+                       help="parameters kept in the factorised weights (0 < R <= 1); for an already-quantized input "
+                            "(int8 MatMulInteger, QDQ, Cast+Mul, MatMulNBits), the share of the input file's bytes")
         p.add_argument("--rank", action="append", default=[], metavar="N|NAME=N",
                        help="one fixed rank for every site (N), or for one site (NAME=N, repeatable)")
-        p.add_argument("--target-size", metavar="BYTES", help="size of the output model, e.g. 20MB or 150000")
+        p.add_argument("--target-size", metavar="BYTES",
+                       help="size of the output model, e.g. 20MB or 150000 (bytes as written: a quantized input's "
+                            "factors are quantized again)")
         p.add_argument("--max-error", type=float,
                        help="largest relative L2 output error on --val data; the smallest ratio meeting it is found")
         p.add_argument("--target-latency", type=float, metavar="F",

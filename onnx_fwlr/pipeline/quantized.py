@@ -359,7 +359,8 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], usable,
                 dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
-                low_rank=job.quantize == "auto", low_rank_bytes=_low_rank_bytes(job, site), rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
+                low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
+                rank_step=job.rank_step, factor_bytes=FACTOR_DTYPES[job.factors],
                 scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
@@ -375,10 +376,6 @@ def _stored(job: QuantizeJob) -> dict[str, int]:
 def _dense_bytes(job: QuantizeJob, site: Site) -> int:
     """The bytes of a site left as it is: as the quantized input stored it, else fp32."""
     return _stored(job).get(site.weight, 4 * site.params)
-
-
-def _low_rank_bytes(job: QuantizeJob, site: Site):
-    return _stored_factor_bytes(job.source, site)
 
 
 def _stored_factor_bytes(source, site: Site):

@@ -34,6 +34,7 @@ class QuantizedInput:
     ops_before: dict
     input_bytes: int = 0  # the quantized input's bytes (protobuf plus external data): what budgets count
     stored: dict = field(default_factory=dict)  # float weight name -> bytes the input stores that weight in
+    kept: list = field(default_factory=list)  # sites.find.Skipped: weights no site covers (recurrent R, kernels)
 
     def scheme_of(self, weight: str):
         """The QuantScheme the input stored this float weight in (None: not a recovered weight)."""
@@ -63,7 +64,18 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
         return None
     logger.info("quantized input: %s", dequantized.summary())
     return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded),
-                          loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites))
+                          loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites),
+                          _weights_kept(loaded, dequantized))
+
+
+def _weights_kept(model: onnx.ModelProto, dequantized: Dequantized) -> list:
+    """The input's weights that neither a float nor a quantized site covers (sites.listing.left_alone)."""
+    from onnx_fwlr.sites.listing import left_alone
+    from onnx_fwlr.sites.recurrent import find_all_sites
+
+    sites, skipped = find_all_sites(model, None, None, fisher=False)
+    listed = {s.weight for s in sites} | {s.weight for s in skipped if s.weight}
+    return left_alone(model, listed, dequantized.sites + dequantized.left)
 
 
 # Bytes of the records (nodes, scales, zero points, names) each use of a factorised weight adds once its two
@@ -120,6 +132,11 @@ def requantize_output(compressed: onnx.ModelProto, quantized: QuantizedInput, re
         report.warnings.append(f"the model holds quantized ops that compress does not dequantize ({ops}); they are "
                                "left as they are (a QDQ or dynamically quantized model of the float original can be "
                                "compressed)")
+    if quantized.kept:
+        names = ", ".join(f"{s.weight} ({s.op_type})" for s in quantized.kept[:4])
+        more = f" and {len(quantized.kept) - 4} more" if len(quantized.kept) > 4 else ""
+        report.warnings.append(f"{len(quantized.kept)} weight(s) of the input are kept as it stored them, not "
+                               f"factorised: {names}{more}; `onnx-fwlr inspect` says why for each")
     if not sites:
         return compressed
     nodes = {site.node: list(site.float_nodes) for site in sites} if only_float_nodes else None

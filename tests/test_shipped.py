@@ -46,7 +46,8 @@ def test_half_of_a_quantized_input_is_half_its_bytes(shipped, fmt, budget, tmp_p
     folder, paths = shipped
     out = tmp_path / "out.onnx"
     code = _cli("compress", paths[fmt], "-o", out, *BUDGETS[budget], "--calib", folder / "calib.npz",
-                "--val", folder / "val.npz", "--min-cosine", 0.95, "--quiet", "--no-ort-comparison")
+                "--val", folder / "val.npz", "--min-cosine", 0.95, "--quiet", "--no-ort-comparison",
+                "--no-latency-check")
     text = capsys.readouterr().out
     assert code == 0, text
     assert file_size(out) <= 0.55 * file_size(paths[fmt])
@@ -63,7 +64,7 @@ def test_no_budget_writes_more_bytes_than_the_input(shipped, fmt, tmp_path, caps
     folder, paths = shipped
     out = tmp_path / "out.onnx"
     code = _cli("compress", paths[fmt], "-o", out, "--quantize", "auto", "--ratio", 1.0, "--calib",
-                folder / "calib.npz", "--quiet")
+                folder / "calib.npz", "--quiet", "--no-latency-check")
     text = capsys.readouterr().out
     assert code == 0
     assert file_size(out) <= file_size(paths[fmt])
@@ -110,7 +111,8 @@ def test_a_weight_read_by_twelve_nodes_is_one_site(shared):
 def test_a_shared_weight_is_factorised_once_and_counted_once(shared, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     code = _cli("compress", shared / "int8.onnx", "-o", out, "--ratio", 0.5, "--calib", shared / "calib.npz",
-                "--val", shared / "val.npz", "--min-cosine", 0.95, "--quiet", "--no-ort-comparison")
+                "--val", shared / "val.npz", "--min-cosine", 0.95, "--quiet", "--no-ort-comparison",
+                "--no-latency-check")
     text = capsys.readouterr().out
     assert code == 0, text
     rows = [line.split() for line in text.splitlines() if line.startswith(("layer", "head"))]
@@ -232,3 +234,28 @@ def test_compress_names_the_weights_it_keeps_as_the_input_stored_them(tmp_path, 
     assert code == 0
     assert "1 weight(s) of the input are kept as it stored them, not factorised: R_quantized (DynamicQuantizeLSTM)" \
         in text
+
+
+class _FakeLatency:
+    """model_ratio as evaluate.latency.MeasuredLatency returns it, without timing anything."""
+
+    def __init__(self, ratio: float):
+        self.ratio, self.feeds = ratio, []
+
+    def model_ratio(self, original, compressed, feed, runs: int = 20) -> dict:
+        self.feeds.append({k: v.shape for k, v in feed.items()})
+        return {"ratio_p50": self.ratio, "ratio_p10": self.ratio - 0.05, "ratio_p90": self.ratio + 0.05, "pairs": 20}
+
+
+@pytest.mark.parametrize("ratio, words", [(0.8, "not slower than the input"), (1.2, "slower than the input here")])
+def test_the_output_is_timed_against_the_quantized_input_at_the_data_rows(shipped, ratio, words):
+    from onnx_fwlr.pipeline.compress import compress
+
+    folder, paths = shipped
+    latency = _FakeLatency(ratio)
+    _, report = compress(str(paths["dynamic"]), ratio=0.5, calibration=str(folder / "calib.npz"), batch_size=16,
+                         latency=latency, latency_check=True, progress=False)
+    assert latency.feeds == [{"x": (16, 256)}]
+    line = next(w for w in report.warnings if w.startswith("latency:"))
+    assert f"{ratio:.2f}x the quantized input's" in line and line.endswith(words) and "x 16x256" in line
+    assert report.budget["input_latency"]["ratio_p50"] == ratio

@@ -83,6 +83,10 @@ class Compress:
                             "the kernels here, rounds each rank to the fastest nearby one and keeps dense any site "
                             "whose factored form is slower (int8 pairs against int8 ops for an int8 input); none "
                             "faster: nothing written (exit 2)")
+        p.add_argument("--no-latency-check", action="store_true",
+                       help="an already-quantized input's output is timed against the input at the data's row "
+                            "count (one --calib batch or --shape; 20 alternating pairs) and the report says when it "
+                            "is slower: skip that measurement")
         p.add_argument("--latency-threads", type=int, metavar="N",
                        help="intra-op threads the latency model times with (default: ONNX Runtime's choice)")
         p.add_argument("--latency-cache", metavar="DIR",
@@ -180,6 +184,7 @@ class Compress:
                 refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
                 dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
                 rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
+                latency_check=not args.no_latency_check,
             )
         out = printer(args)
         report.file_size_before = file_size(args.model)
@@ -234,7 +239,7 @@ def _compress_quantized(args, rank, ranks):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.pipeline.compress import validate
     from onnx_fwlr.pipeline.quantized import compress_quantized
-    from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
+    from onnx_fwlr.pipeline.quantized_input import dequantize_input, measure_against_input, requantize_output
     from onnx_fwlr.pipeline.speed import check_measured_speed, input_forms
 
     unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
@@ -263,6 +268,8 @@ def _compress_quantized(args, rank, ranks):
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
     if args.target_latency is not None and report.sites:  # timed as written, before anything is written
         check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
+    elif quantized and report.sites and not args.no_latency_check:
+        measure_against_input(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
                                   outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,

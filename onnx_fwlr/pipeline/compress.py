@@ -28,7 +28,12 @@ from onnx_fwlr.pipeline.defaults import (
     default_method,
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
-from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output, site_budget_ratio
+from onnx_fwlr.pipeline.quantized_input import (
+    dequantize_input,
+    measure_against_input,
+    requantize_output,
+    site_budget_ratio,
+)
 from onnx_fwlr.pipeline.sequential import correct_sequentially
 from onnx_fwlr.pipeline.speed import (
     check_measured_speed,
@@ -100,6 +105,7 @@ def compress(
     target_latency: float | None = None,
     latency=None,
     progress: bool = True,
+    latency_check: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
 
@@ -126,7 +132,9 @@ def compress(
     `rank_multiple` (an int, or "auto" to measure it) rounds ranks to values the kernels run fast at;
     `target_latency` (a fraction of the original's latency, a budget of its own) allocates ranks by measured
     latency in loss units (pipeline/speed.py); `latency` is the latency model to use (default
-    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer).
+    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer). An already-quantized input is
+    dequantized, compressed in float and quantized back; its `ratio`/`target_size` count the input's bytes,
+    and `latency_check` times the output against it at the data's row count and says how they compare.
     Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
@@ -173,6 +181,8 @@ def compress(
                                           "bytes)")
     if report.factorised and (target_latency is not None or rank_multiple == "auto"):
         check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
+    elif quantized and report.factorised and latency_check:
+        measure_against_input(model, compressed, report, latency, calibration, batch_size, shapes)
     if validation is not None and report.sites:
         if report.checked is None or report.refined is not None or quantized:
             report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,

@@ -5,6 +5,7 @@ ONNX Runtime's quantizers (quant/dequantize.py, quant/requantize.py)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 import onnx
@@ -100,6 +101,28 @@ def site_budget_ratio(quantized: QuantizedInput, include=None, exclude=None, *, 
         raise FwlrError(f"the target of {target:,} bytes is too small: the quantized input without its factorisable "
                         f"weights already takes about {fixed:,} bytes (of {quantized.input_bytes:,}).")
     return min(1.0, (target - fixed) / stored)
+
+
+def measure_against_input(source, compressed: onnx.ModelProto, report: Report, latency, calibration,
+                          batch_size: int, shapes) -> None:
+    """Time the output against the quantized input it came from at the data's row count (one calibration batch,
+    or `shapes`), alternating pairs in a fresh process, and say in the report how it compares; nothing when
+    there is no data to time with. `latency`: evaluate.latency.MeasuredLatency (a fake in tests)."""
+    from onnx_fwlr.evaluate.latency import MeasuredLatency
+    from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
+
+    if not shapes and not (isinstance(calibration, (str, os.PathLike)) and calibration != "random"):
+        return
+    structure = source if isinstance(source, onnx.ModelProto) else load_model(source, lazy=True)
+    feed = timing_feed(structure, calibration, batch_size, shapes)
+    measured = (latency if latency is not None else MeasuredLatency()).model_ratio(source, compressed, feed)
+    p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
+    report.budget["input_latency"] = {"ratio_p50": p50, "ratio_p10": p10, "ratio_p90": p90,
+                                      "pairs": measured["pairs"], "feed": _feed_shape(feed)}
+    verdict = "slower than the input here" if p50 > 1.0 else "not slower than the input"
+    report.warnings.append(f"latency: the output measures {p50:.2f}x the quantized input's (p10-p90 {p10:.2f}-"
+                           f"{p90:.2f}, {measured['pairs']} alternating pairs) at {_feed_shape(feed)} on this "
+                           f"machine: {verdict}")
 
 
 def stored_bytes(model: onnx.ModelProto, sites) -> dict[str, int]:

@@ -70,10 +70,14 @@ class Compress:
 
         p.add_argument("model", help="ONNX model file")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
-        p.add_argument("--ratio", type=float, help="parameters kept in the factorised weights (0 < R <= 1)")
+        p.add_argument("--ratio", type=float,
+                       help="parameters kept in the factorised weights (0 < R <= 1); for an already-quantized input "
+                            "(int8 MatMulInteger, QDQ, Cast+Mul, MatMulNBits), the share of the input file's bytes")
         p.add_argument("--rank", action="append", default=[], metavar="N|NAME=N",
                        help="one fixed rank for every site (N), or for one site (NAME=N, repeatable)")
-        p.add_argument("--target-size", metavar="BYTES", help="size of the output model, e.g. 20MB or 150000")
+        p.add_argument("--target-size", metavar="BYTES",
+                       help="size of the output model, e.g. 20MB or 150000 (bytes as written: a quantized input's "
+                            "factors are quantized again)")
         p.add_argument("--max-error", type=float,
                        help="largest relative L2 output error on --val data; the smallest ratio meeting it is found")
         p.add_argument("--target-latency", type=float, metavar="F",
@@ -88,6 +92,10 @@ class Compress:
                             "the kernels here, rounds each rank to the fastest nearby one and keeps dense any site "
                             "whose factored form is slower (int8 pairs against int8 ops for an int8 input); none "
                             "faster: nothing written (exit 2)")
+        p.add_argument("--no-latency-check", action="store_true",
+                       help="an already-quantized input's output is timed against the input at the data's row "
+                            "count (one --calib batch or --shape; 20 alternating pairs) and the report says when it "
+                            "is slower: skip that measurement")
         p.add_argument("--latency-threads", type=int, metavar="N",
                        help="intra-op threads the latency model times with (default: ONNX Runtime's choice)")
         p.add_argument("--latency-cache", metavar="DIR",
@@ -207,6 +215,7 @@ class Compress:
                 refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
                 dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
                 rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
+                latency_check=not args.no_latency_check,
             )
         out = printer(args)
         report.file_size_before = file_size(args.model)
@@ -230,7 +239,7 @@ class Compress:
         if report.checked is not None and written:
             code = max(code, report_validation(report.checked, args, out))
         summary = report.to_dict()
-        if report.checked is not None and written and not args.no_ort_comparison:
+        if report.checked is not None and written and not args.no_ort_comparison and not report.checked.unjudged:
             summary["ort_baselines"] = _ort_comparison(args, report, output, out)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
@@ -361,7 +370,7 @@ def _compress_quantized(args, rank, ranks):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.pipeline.compress import validate
     from onnx_fwlr.pipeline.quantized import compress_quantized
-    from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
+    from onnx_fwlr.pipeline.quantized_input import dequantize_input, measure_against_input, requantize_output
     from onnx_fwlr.pipeline.speed import check_measured_speed, input_forms
 
     unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
@@ -386,14 +395,17 @@ def _compress_quantized(args, rank, ranks):
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
         target_latency=args.target_latency, latency=latency, input_forms=forms,
         accuracy_level=_accuracy_level(args), merge=args.merge_corrections,
-        level_timer=_level_timer(args))
+        level_timer=_level_timer(args), source=quantized)
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
     if args.target_latency is not None and report.sites:  # timed as written, before anything is written
         check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
+    elif quantized and report.sites and not args.no_latency_check:
+        measure_against_input(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
-                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)
+                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
+                                  set_aside=True)
         report.validation = report.checked.to_dict()
     return model, report

@@ -57,9 +57,12 @@ def _graph(model) -> onnx.GraphProto | None:
 
 
 def common_prefix(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Both arrays cut to the sizes they share on every axis (the leading, sample axis must agree);
-    None when their ranks or sample counts differ, which no prefix can reconcile."""
-    if reference.ndim != candidate.ndim or (reference.ndim and reference.shape[0] != candidate.shape[0]):
+    """Both arrays cut to the sizes they share on every axis, whichever axis varies; None when their ranks
+    differ, which no prefix can reconcile. A 1-D output whose length varies (generated audio) has no sample
+    axis: it comes back as one sample, [1, length]."""
+    if reference.ndim != candidate.ndim or reference.ndim == 0:
         return None
     shared = tuple(slice(0, min(a, b)) for a, b in zip(reference.shape, candidate.shape))
+    if reference.ndim == 1:
+        return reference[shared][None], candidate[shared][None]
     return reference[shared], candidate[shared]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -53,6 +53,8 @@ class Validation:
     original_accuracy: float | None = None
     compressed_accuracy: float | None = None
     num_batches: int = 0
+    unjudged: dict = field(default_factory=dict)  # output -> why it was set aside (its shape changed)
+    prefix_compared: list = field(default_factory=list)  # outputs compared over the common prefix only
 
     @property
     def accuracy_drop(self) -> float | None:
@@ -76,7 +78,7 @@ class Validation:
         from onnx_fwlr.evaluate.tolerance import check_tolerances
 
         check_tolerances(min_cosine, max_rel_error, max_accuracy_drop)
-        failures = []
+        failures = _nothing_judged(self)
         for out in self.outputs:
             if out.nonfinite_count:
                 failures.append(
@@ -113,7 +115,11 @@ class Validation:
 
     def to_dict(self) -> dict:
         """Plain JSON-ready dict; non-finite numbers become None (their counts say what happened)."""
-        return _json_safe(asdict(self) | {"accuracy_drop": self.accuracy_drop})
+        data = asdict(self) | {"accuracy_drop": self.accuracy_drop}
+        for key in ("unjudged", "prefix_compared"):  # only when something was set aside or cut
+            if not data[key]:
+                del data[key]
+        return _json_safe(data)
 
 
 # Long: one streaming pass over both models; splitting it would scatter the per-batch state.
@@ -128,6 +134,7 @@ def compare_models(
     progress: bool = True,
     common_prefix: bool = False,
     total: int | None = None,
+    set_aside: bool = False,
 ) -> Validation:
     """Run both models on every batch and measure how far the compressed outputs stray.
 
@@ -137,7 +144,9 @@ def compare_models(
     the models (its length depends on what the model computes, e.g. audio) is an error unless
     `common_prefix`: then both are compared over the sizes they share. Top-1 agreement is measured only on
     class scores (evaluate.outputs.score_outputs): on an embedding it means nothing. `total`: the number of
-    batches, when known, for the progress bar.
+    batches, when known, for the progress bar. `set_aside`: an output whose shape changed (and that no common
+    prefix reconciles) is not an error but left out of the comparison, with the reason in
+    `Validation.unjudged`, so a finished compression is judged on what can be judged.
     """
     original_session = _session(original, providers, "original")
     compressed_session = _session(compressed, providers, "compressed")
@@ -150,6 +159,8 @@ def compare_models(
 
     scores = score_outputs(original)
     stats = {name: _OutputStats(scores is None or name in scores) for name in names}
+    unjudged: dict[str, str] = {}
+    prefixed: set[str] = set()
     correct = np.zeros(2, dtype=np.int64)  # samples the original / compressed model gets right
     num_samples = 0
     num_batches = 0
@@ -158,8 +169,14 @@ def compare_models(
         candidate = _run(compressed_session, feed, names, "compressed", num_batches)
         batch_size = _batch_size(feed)
         for name, ref, out in zip(names, reference, candidate):
+            if name in unjudged:
+                continue
             if ref.shape != out.shape:
-                ref, out = _same_shape(name, ref, out, common_prefix)
+                shared = _shared_part(name, ref, out, common_prefix, set_aside, unjudged)
+                if shared is None:
+                    continue
+                ref, out = shared
+                prefixed.add(name)
             stats[name].update(ref, out)
         if labels is not None:
             label_output = label_output or _first_logit_output(names, reference)
@@ -172,9 +189,11 @@ def compare_models(
     if num_batches == 0:
         raise FwlrError("The validation data has no batches; give at least one sample.")
     validation = Validation(
-        outputs=[stats[name].result(name) for name in names],
+        outputs=[stats[name].result(name) for name in names if name not in unjudged],
         num_samples=num_samples,
         num_batches=num_batches,
+        unjudged=unjudged,
+        prefix_compared=sorted(prefixed - set(unjudged)),
     )
     if labels is not None:
         if len(labels) != num_samples:
@@ -220,8 +239,43 @@ def format_validation(v: Validation, failures: Sequence[str], verdict: str | Non
             f"Accuracy on '{v.label_output}': original {100 * v.original_accuracy:.2f} %, "
             f"compressed {100 * v.compressed_accuracy:.2f} % (drop {100 * v.accuracy_drop:.2f} points)."
         )
+    lines.extend(_set_aside_lines(v))
     lines.append(verdict if verdict is not None else "PASS" if not failures else "FAIL: " + " ".join(failures))
     return "\n".join(lines)
+
+
+def _set_aside_lines(v: Validation) -> list[str]:
+    """What the verdict does not cover: outputs set aside (their shape changed) or compared over a prefix."""
+    lines = [f"not judged: {reason}" for reason in v.unjudged.values()]
+    if v.prefix_compared:
+        lines.append(f"compared over the common prefix only (the length changed): {', '.join(v.prefix_compared)}")
+    if v.unjudged and v.outputs:
+        lines.append(f"the verdict below covers {', '.join(o.name for o in v.outputs)} only")
+    return lines
+
+
+def _nothing_judged(v: Validation) -> list[str]:
+    """A failure when every output was set aside: a verdict over nothing is no PASS."""
+    if v.outputs or not v.unjudged:
+        return []
+    return ["no output could be compared: every output's shape changed (see 'not judged'); compare the outputs "
+            "whose length changed over their common prefix (`common_prefix`) or judge them by their task."]
+
+
+def _shared_part(name: str, ref: np.ndarray, out: np.ndarray, common_prefix: bool, set_aside: bool,
+                 unjudged: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The parts of an output whose shape changed that can be compared (common prefix), or None after
+    recording why it is set aside (`set_aside`); without `set_aside` a mismatch is an error."""
+    shared = common_prefix_of(ref, out) if common_prefix else None
+    if shared is not None:
+        return shared
+    if not set_aside:
+        _same_shape(name, ref, out, common_prefix)  # raises the one-sentence error
+    why = ("their ranks differ, so no common prefix exists" if common_prefix
+           else "pass `common_prefix` to compare the part both have")
+    unjudged[name] = (f"output '{name}' has shape {ref.shape} in the original model but {out.shape} in the "
+                      f"compressed one ({why})")
+    return None
 
 
 def _same_shape(name: str, ref: np.ndarray, out: np.ndarray, common_prefix: bool):

@@ -28,7 +28,12 @@ from onnx_fwlr.pipeline.defaults import (
     default_method,
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
-from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
+from onnx_fwlr.pipeline.quantized_input import (
+    dequantize_input,
+    measure_against_input,
+    requantize_output,
+    site_budget_ratio,
+)
 from onnx_fwlr.pipeline.sequential import correct_sequentially
 from onnx_fwlr.pipeline.speed import (
     check_measured_speed,
@@ -100,6 +105,7 @@ def compress(
     target_latency: float | None = None,
     latency=None,
     progress: bool = True,
+    latency_check: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
 
@@ -126,7 +132,9 @@ def compress(
     `rank_multiple` (an int, or "auto" to measure it) rounds ranks to values the kernels run fast at;
     `target_latency` (a fraction of the original's latency, a budget of its own) allocates ranks by measured
     latency in loss units (pipeline/speed.py); `latency` is the latency model to use (default
-    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer).
+    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer). An already-quantized input is
+    dequantized, compressed in float and quantized back; its `ratio`/`target_size` count the input's bytes,
+    and `latency_check` times the output against it at the data's row count and says how they compare.
     Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
@@ -153,6 +161,11 @@ def compress(
         structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
     quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
     source = quantized.float_model if quantized else model
+    in_bytes = quantized is not None and bool(quantized.dequantized.sites) and (
+        ratio is not None or target_size is not None)
+    if in_bytes:  # the input's bytes are the budget's unit: the share of the sites' stored bytes that meets it
+        options.update(ratio=site_budget_ratio(quantized, include, exclude, ratio=ratio, target_size=target_size),
+                       target_size=None)
     timed = target_latency is not None or rank_multiple == "auto"
     compressed, report = _factorise(source, **options, input_forms=input_forms(model, quantized) if timed else None)
     if refine_steps is not None and report.factorised:
@@ -164,12 +177,20 @@ def compress(
             dope_dropout=refine_dope_dropout, progress=progress)
     if quantized:
         compressed = requantize_output(compressed, quantized, report)
+        if in_bytes:
+            report.budget.update(ratio=ratio, target_size=target_size, input_bytes=quantized.input_bytes,
+                                 sites_ratio=options["ratio"])
+            report.input_quantization += (f"; the budget counted the input's {quantized.input_bytes:,} bytes "
+                                          f"(the factorised weights kept {options['ratio']:.3f} of their stored "
+                                          "bytes)")
     if report.factorised and (target_latency is not None or rank_multiple == "auto"):
         check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
+    elif quantized and report.factorised and latency_check:
+        measure_against_input(model, compressed, report, latency, calibration, batch_size, shapes)
     if validation is not None and report.sites:
         if report.checked is None or report.refined is not None or quantized:
             report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
-                                      outputs=outputs, common_prefix=common_prefix)
+                                      outputs=outputs, common_prefix=common_prefix, set_aside=True)
         report.validation = report.checked.to_dict()
     return compressed, report
 
@@ -322,9 +343,10 @@ def validate(
     outputs: list[str] | None = None,
     progress: bool = True,
     common_prefix: bool = False,
+    set_aside: bool = False,
 ):
-    """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`
-    and `common_prefix` as in evaluate.validation.compare_models."""
+    """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`,
+    `common_prefix` and `set_aside` as in evaluate.validation.compare_models."""
     from onnx_fwlr.evaluate.validation import compare_models
 
     reference = original if isinstance(original, onnx.ModelProto) else load_model(original)
@@ -333,4 +355,4 @@ def validate(
     feeds = (feed for feed, _ in batches)
     return compare_models(original, compressed, feeds, labels=np.concatenate(labels) if labels else None,
                           outputs=outputs, progress=progress, common_prefix=common_prefix,
-                          total=getattr(batches, "total", None))
+                          total=getattr(batches, "total", None), set_aside=set_aside)

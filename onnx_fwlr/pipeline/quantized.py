@@ -26,7 +26,7 @@ from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import external_bytes
+from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.methods.registry import get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
@@ -40,7 +40,7 @@ from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
-from onnx_fwlr.sites.recurrent import is_recurrent
+from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
 from onnx_fwlr.stats.activations import main_graph_tensors
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ class QuantizeJob:
     merge: bool = False  # corrections of sites reading one activation share a first factor (quant.graph)
     progress: bool = False  # progress bars (with ETA) over the sites while options and plans are computed
     plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
+    source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
+    # float form: each site may stay as the input stored it, at the bytes it had there
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it."""
@@ -101,7 +103,7 @@ def compress_quantized(
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
-    input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False,
+    input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False, source=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -122,6 +124,10 @@ def compress_quantized(
     rows with `level_timer`, evaluate.latency's timer interface; default `latency`'s) — default "auto" under a
     latency budget, else 0 (quant.levels). `merge`: corrections of sites reading one activation share their
     first factor (quant.graph.rewrite).
+
+    `source` (pipeline.quantized_input.QuantizedInput): `model` is the float form of this quantized input.
+    Budgets then count the input's bytes (`ratio` of the input file), every site may also stay exactly as
+    the input stored it (at its bytes there), and a weight kept is quantized back with its own scheme.
     """
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_budget(quantize, method, target_size, ratio, rank, target_latency)
@@ -129,6 +135,10 @@ def compress_quantized(
         accuracy_level = "auto" if target_latency is not None else 0
     if level_timer is None and accuracy_level == "auto":
         level_timer = latency.timer if latency is not None else lat.OrtTimer()
+    if target_size is not None or ratio is not None:  # an unreachable budget is said before any statistics
+        check_reachable(model, target_size=target_size, ratio=ratio, quantize=quantize, block_size=block_size,
+                        int8=int8, embeddings=embeddings, factors=factors, rank_step=rank_step, include=include,
+                        exclude=exclude, source=source)
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
         embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
@@ -136,7 +146,7 @@ def compress_quantized(
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
         progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
-        merge=merge)
+        merge=merge, source=source)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
                            latency=latency, input_forms=input_forms)
 
@@ -147,6 +157,7 @@ def prepare_quantized(
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
+    source=None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
@@ -167,7 +178,8 @@ def prepare_quantized(
         bias_correction = get_method(method).bias_correction
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
                       schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
-                      original_bytes=_bytes(prepared.model), merge=merge, progress=progress)
+                      original_bytes=source.input_bytes if source is not None else _bytes(prepared.model),
+                      merge=merge, progress=progress, source=source)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     if budgeted:
@@ -468,13 +480,68 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
         for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], job.site_schemes(site),
-                dense=job.quantize == "auto", low_rank=job.quantize == "auto", rank_step=job.rank_step,
-                factor_bytes=_factor_bytes(job, site),
+                dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
+                low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
+                rank_step=job.rank_step, factor_bytes=_factor_bytes(job, site),
                 scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}, dtype=site_dtype(site)))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
     return job.choices
+
+
+def _stored(job: QuantizeJob) -> dict[str, int]:
+    """Weight -> bytes the quantized input stores it in (empty for a float input)."""
+    return job.source.stored if job.source is not None else {}
+
+
+def _dense_bytes(job: QuantizeJob, site: Site) -> int:
+    """The bytes of a site left as it is: as the quantized input stored it, else at its float storage."""
+    return _stored(job).get(site.weight, np.dtype(site_dtype(site)).itemsize * site.params)
+
+
+def _stored_factor_bytes(source, site: Site):
+    """For a weight of a quantized input: rank r -> bytes of its two factors stored in the input's own scheme
+    (they are quantized with it once built); None otherwise (factors at the factor storage's bytes)."""
+    scheme = source.scheme_of(site.weight) if source is not None and site.weight in source.stored else None
+    if scheme is None:
+        return None
+    return lambda r: scheme.matrix_bytes(site.K, r) + scheme.matrix_bytes(r, site.N)
+
+
+def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, embeddings, factors, rank_step,
+                    include, exclude, source=None) -> None:
+    """Refuse a byte budget below the smallest model the options can reach, from the sites' shapes alone, so
+    it is said before any statistics are gathered (a lower bound: the allocation checks the exact one)."""
+    loaded = load_model(model, copy=False)
+    sites, _ = find_all_sites(loaded, include, exclude, fisher=False)
+    stored = source.stored if source is not None else {}
+    original = source.input_bytes if source is not None else _bytes(loaded)
+    target = target_size if target_size is not None else int(ratio * original)
+    schemes = _site_schemes(quantize, block_size, int8)
+    smallest = original
+    for site in sites:
+        if is_recurrent(site) or site.dtype not in ("float32", "float16"):
+            continue  # kept as it is
+        dense = stored.get(site.weight, np.dtype(site_dtype(site)).itemsize * site.params)
+        sizes = [s.matmul_bytes(site.K, site.N) for s in _usable_schemes(site, schemes)]
+        if quantize == "auto" and rank_step < min(site.K, site.N):
+            low_rank = _stored_factor_bytes(source, site)
+            per_number = 2 if site.dtype == "float16" else FACTOR_DTYPES[factors]
+            sizes.append(low_rank(rank_step) if low_rank else rank_step * (site.K + site.N) * per_number)
+        if quantize == "auto" or site.weight in stored or not sizes:
+            sizes.append(dense)
+        smallest += min(sizes) - dense
+    if embeddings != "keep":
+        for table in find_tables(loaded, exclude={s.weight for s in sites}):
+            sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
+            smallest += min(sizes) - 4 * table.params
+    if target < smallest:
+        what = "the options of `quantize` auto" if quantize == "auto" else f"{quantize} quantization"
+        raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
+                        f"(about {smallest:,} bytes{' of the quantized input' if source is not None else ''}); "
+                        "raise `target_size`/`ratio`"
+                        + (" or use `quantize` auto, which can also use low rank." if quantize != "auto" else "."))
 
 
 def _budgeted_tables(job: QuantizeJob) -> list[Table]:
@@ -499,7 +566,7 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
 
 def _fixed_bytes(job: QuantizeJob) -> int:
     """Bytes the budget cannot move: everything but the budgeted weights, plus the records rewriting adds."""
-    fixed = job.original_bytes - sum(_dense_bytes(s) for s in job.sites) + SITE_OVERHEAD * len(job.sites)
+    fixed = job.original_bytes - sum(_dense_bytes(job, s) for s in job.sites) + SITE_OVERHEAD * len(job.sites)
     for table in job.tables:
         fixed += TABLE_OVERHEAD - 4 * table.V * table.D
         if table.name in job.fixed_tables:
@@ -521,10 +588,6 @@ def _build_within(job: QuantizeJob, target: int):
     raise RuntimeError(f"the built model stays {excess:,} bytes above the target after {FIT_ATTEMPTS} allocations")
 
 
-def _dense_bytes(site: Site) -> int:
-    return np.dtype(site_dtype(site)).itemsize * site.K * site.N
-
-
 def _dense_label(site: Site) -> str:
     return "fp16" if site.dtype == "float16" else "fp32"
 
@@ -540,7 +603,7 @@ def _bytes(model: onnx.ModelProto) -> int:
 
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     """The rewritten model for these options, and one SiteResult per site."""
-    plans, results = {}, []
+    plans, results, low_rank = {}, [], set()
     pairs = list(zip(job.sites, chosen))
     for site, option in tqdm(pairs, desc="quantize build", unit="site", disable=not job.progress, leave=False):
         W = job.prepared.weights[site.weight]
@@ -559,11 +622,17 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N,
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
-            note=f"{option.label}: {option.bytes:,} bytes ({_dense_label(site)} {_dense_bytes(site):,})",
-            form=_form(option), bytes_before=_dense_bytes(site), bytes_after=option.bytes))
+            note=_site_note(job, site, option), form=_form(option), bytes_before=_dense_bytes(job, site),
+            bytes_after=option.bytes))
+        if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
+            site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+            low_rank.add(site.weight)
         if site_plan is not None:
             plans[site.weight] = site_plan
-    return rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge), results
+    model_out = rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge)
+    if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
+        model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
+    return model_out, results
 
 
 def _form(option: Option) -> str:
@@ -571,6 +640,14 @@ def _form(option: Option) -> str:
     if option.storage in (plan.FP32, plan.LOW_RANK):
         return option.storage if option.storage == plan.LOW_RANK and option.rank else "fp32"
     return "quantized + correction" if option.rank else "quantized"
+
+
+def _site_note(job: QuantizeJob, site: Site, option: Option) -> str:
+    """'int4 b32 + rank 8: 12,345 bytes (fp32 65,536)'; for a quantized input, bytes before and after."""
+    if site.weight not in _stored(job):
+        return f"{option.label}: {option.bytes:,} bytes ({_dense_label(site)} {_dense_bytes(job, site):,})"
+    label = "as the input stored it" if option.storage == plan.FP32 else option.label
+    return f"{label}: {_stored(job)[site.weight]:,} -> {option.bytes:,} bytes"
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:

@@ -56,6 +56,7 @@ def rewrite_sites(model: onnx.ModelProto, sites: list[QuantizedSite],
     names = _Names(model)
     inserted: dict[tuple[int, int], list[onnx.NodeProto]] = {}  # (graph, node replaced) -> its float nodes
     removable: set[str] = set()  # pattern outputs and integer tensors, removed once nothing reads them
+    shared: dict[tuple, str] = {}  # one float initializer per stored weight, however many nodes read it
     done = []
     for site, arrays in zip(sites, weights):
         graph = graphs[site.graph_index]
@@ -64,7 +65,7 @@ def rewrite_sites(model: onnx.ModelProto, sites: list[QuantizedSite],
         if site.op_type in _MATMUL_FAMILY or site.op_type == "DynamicQuantizeLSTM":
             anchor = _producer_index(graph, site.tensors["output"])
             build = _lstm_nodes if site.op_type == "DynamicQuantizeLSTM" else _matmul_nodes
-            nodes, float_weight = build(graph, site, arrays, elem, names)
+            nodes, float_weight = build(graph, site, arrays, elem, names, shared)
             inserted[(site.graph_index, anchor)] = nodes
             float_nodes = [nodes[0].name]
         else:
@@ -102,11 +103,22 @@ def _float_type(graph: onnx.GraphProto, constants: dict, site: QuantizedSite) ->
     return tensor.data_type if tensor is not None and tensor.data_type in FLOAT_TYPES else onnx.TensorProto.FLOAT
 
 
-def _matmul_nodes(graph, site: QuantizedSite, arrays, elem: int, names: _Names):
-    """MatMul(x, W) producing the site's output, with Add(bias) after it when the op had a bias."""
+def _stored_key(site: QuantizedSite) -> tuple:
+    """What identifies the stored weight: the same integers, scales and zero points read by several nodes (a
+    layer shared ALBERT-style, a tied matrix) are one weight, so its float form is one initializer."""
+    t = site.tensors
+    return site.graph_index, site.op_type, t.get("q", ""), t.get("scale", ""), t.get("zero_point", "")
+
+
+def _matmul_nodes(graph, site: QuantizedSite, arrays, elem: int, names: _Names, shared: dict):
+    """MatMul(x, W) producing the site's output, with Add(bias) after it when the op had a bias; W is one float
+    initializer per stored weight (`shared` remembers those already written)."""
     base = _float_name(site.node)
-    weight = names.new(_float_name(site.weight))
-    _float_initializer(graph, weight, arrays["B"], elem)
+    key = _stored_key(site)
+    weight = shared.get(key)
+    if weight is None:
+        weight = shared[key] = names.new(_float_name(site.weight))
+        _float_initializer(graph, weight, arrays["B"], elem)
     output, bias = site.tensors["output"], site.tensors.get("bias", "")
     matmul_out = names.new(f"{base}/matmul_out") if bias else output
     nodes = [helper.make_node("MatMul", [site.tensors["x"], weight], [matmul_out], name=names.new(base))]
@@ -115,7 +127,7 @@ def _matmul_nodes(graph, site: QuantizedSite, arrays, elem: int, names: _Names):
     return nodes, weight
 
 
-def _lstm_nodes(graph, site: QuantizedSite, arrays, elem: int, names: _Names):
+def _lstm_nodes(graph, site: QuantizedSite, arrays, elem: int, names: _Names, shared: dict):
     """An LSTM with the DynamicQuantizeLSTM's inputs (X, B, sequence_lens, initial_h, initial_c, P), attributes
     and outputs, and float W and R."""
     node = graph.node[site.nodes[0]]

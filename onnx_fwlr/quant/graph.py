@@ -42,6 +42,8 @@ class SitePlan:
     B: np.ndarray | None = None
     shift: np.ndarray | None = None
     quantized: np.ndarray | None = None  # the [K, N] matrix the main branch stores; None: W itself
+    factor_dtype: str | None = None  # this site's factor storage when not the rewrite's (float32 factors that a
+    # quantized input's own scheme then quantizes)
 
     def main_matrix(self, model, site: Site) -> np.ndarray:
         return self.quantized if self.quantized is not None else weight_matrix(model, site)
@@ -96,7 +98,8 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
                                            namer, factor_dtype, casts, swaps))
     for weight, plan in plans.items():
         site = sites[weight]
-        factors = shared.get(weight) or _factor_tensors(site, plan, graphs, namer, factor_dtype, casts)
+        factors = shared.get(weight) or _factor_tensors(site, plan, graphs, namer, plan.factor_dtype or factor_dtype,
+                                                        casts)
         for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic).items():
             swaps[key] = swaps.get(key, []) + nodes  # after a merged first factor placed at this node
         _mark_removed(site, removed, swaps)
@@ -186,8 +189,8 @@ def merge_groups(sites: dict[str, Site], plans: dict[str, SitePlan]) -> list[lis
     by_input: dict[tuple[int, str], list[tuple[int, str]]] = {}
     for weight, plan in plans.items():
         site = sites[weight]
-        if plan.A is None or len(site.uses) != 1:
-            continue
+        if plan.A is None or plan.factor_dtype is not None or len(site.uses) != 1:
+            continue  # a factor stored otherwise (quantized back with a quantized input's scheme) stays its own
         use = site.uses[0]
         if use.trans_a or use.graph_index != site.graph_index:
             continue

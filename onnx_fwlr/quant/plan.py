@@ -48,32 +48,45 @@ def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
 
 def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense: bool, low_rank: bool,
                  rank_step: int = 8, factor_bytes: int = 4, scheme_loss: dict | None = None,
-                 dtype=np.float32) -> list[Option]:
+                 dtype=np.float32, dense_bytes: int | None = None, low_rank_bytes=None) -> list[Option]:
     """Every option for one weight [K, N]: each scheme at correction ranks 0, step, 2·step, … (while it stays
-    smaller than the dense weight), plus dense fp32 and low rank alone when asked; factors take
+    smaller than the weight as it is), plus the weight as it is and low rank alone when asked; factors take
     `factor_bytes` per number. `scheme_loss[scheme]` is a loss the correction cannot remove (the activation
-    rounding of dynamic int8), added to each of that scheme's options. `dtype`: the weight's storage (its
-    dense bytes; float16 weights are quantized as stored)."""
+    rounding of dynamic int8), added to each of that scheme's options. `dtype`: the weight's storage (float16
+    weights are quantized as stored). `dense_bytes`: the bytes of the weight as it is (default: its dtype's;
+    a quantized input's stored bytes), above which no option is offered; `low_rank_bytes(r)`: the bytes of low
+    rank r alone when its factors are stored otherwise (a quantized input's scheme), default `factor_bytes` per
+    number."""
     K, N = W.shape
-    dense_bytes = np.dtype(dtype).itemsize * K * N
+    dense_bytes = np.dtype(dtype).itemsize * K * N if dense_bytes is None else dense_bytes
     options = [Option(FP32, 0, dense_bytes, 0.0)] if dense else []
     ranks = rank_grid(K, N, rank_step)
     per_rank = factor_bytes * (K + N)
     if low_rank:
         energy = compensate.spectrum_energy(weighted_matrix(W, metric.left, metric.right))
-        options += _ranked(LOW_RANK, None, energy, 0, [r for r in ranks if r * per_rank < dense_bytes], per_rank)
+        size = low_rank_bytes or (lambda r: r * per_rank)
+        tail = _tail(energy)
+        options += [Option(LOW_RANK, r, size(r), float(tail[min(r, len(energy))])) for r in ranks
+                    if size(r) < dense_bytes]
     for scheme in schemes:
         energy = compensate.residual_energy(W, dequantized(W, scheme, dtype), metric.left, metric.right)
         base = scheme.matmul_bytes(K, N)
+        if base >= dense_bytes:
+            continue  # no smaller than the weight as it is
         usable = [0] + [r for r in ranks if base + r * per_rank < dense_bytes]
         extra = (scheme_loss or {}).get(scheme, 0.0)
         options += _ranked(scheme.label, scheme, energy, base, usable, per_rank, extra)
     return options
 
 
+def _tail(energy: np.ndarray) -> np.ndarray:
+    """tail[r] = Σ_{i≥r} σ_i²: the energy rank r leaves."""
+    return np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+
+
 def _ranked(storage: str, scheme, energy: np.ndarray, base: int, ranks: list[int], per_rank: int,
             extra: float = 0.0) -> list[Option]:
-    tail = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} σ_i²
+    tail = _tail(energy)
     return [Option(storage, r, base + r * per_rank, extra + float(tail[min(r, len(energy))]), key=scheme)
             for r in ranks]
 

@@ -3,6 +3,7 @@ matchers (dequantize_match.py) read."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import onnx
@@ -45,6 +46,15 @@ class QuantScheme:
         grain = f"block {self.block_size}" if self.granularity == "block" else self.granularity
         zero = "symmetric" if self.symmetric else "zero point"
         return f"{kind} {grain}, {zero}" + (", reduced range" if self.reduce_range else "")
+
+    def matrix_bytes(self, K: int, N: int) -> int:
+        """About the bytes a [K, N] matrix (X @ W view) takes in this scheme: the integers packed, and a float
+        scale and a zero point per tensor, per channel or per block (what a factor stored this way costs)."""
+        if self.granularity == "block":
+            blocks = math.ceil(K / self.block_size)
+            return N * blocks * (math.ceil(self.block_size * self.bits / 8) + 5)
+        groups = 1 if self.granularity == "per-tensor" else (N if self.axis in (1, None) else K)
+        return math.ceil(K * N * self.bits / 8) + 5 * groups
 
 
 @dataclass

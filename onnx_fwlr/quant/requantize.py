@@ -182,10 +182,10 @@ def _write_quantized(graph: onnx.GraphProto, weight: str, values: np.ndarray, ax
     float_dtype = helper.tensor_dtype_to_np_dtype(float_type)
     q_name, s_name, z_name = f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"
     out = f"{weight}_dequantized"
-    graph.initializer.append(helper.make_tensor(q_name, qtype, q.shape, q.ravel().astype(np.int64).tolist()))
+    graph.initializer.append(packed_integers(q, qtype, q_name))
     if scheme.format == "qdq":
         graph.initializer.append(numpy_helper.from_array(scale.astype(float_dtype), s_name))
-        graph.initializer.append(helper.make_tensor(z_name, qtype, zero.shape, zero.ravel().astype(np.int64).tolist()))
+        graph.initializer.append(packed_integers(zero, qtype, z_name))
         attrs = {} if axis is None else {"axis": axis}
         return out, [helper.make_node("DequantizeLinear", [q_name, s_name, z_name], [out], name=out, **attrs)]
     shape = [1] * values.ndim
@@ -200,6 +200,13 @@ def _write_quantized(graph: onnx.GraphProto, weight: str, values: np.ndarray, ax
         operand = f"{weight}_shifted"
     nodes.append(helper.make_node("Mul", [operand, s_name], [out], name=out))
     return out, nodes
+
+
+def packed_integers(values: np.ndarray, qtype: int, name: str) -> onnx.TensorProto:
+    """An integer initializer stored as packed bytes (raw_data: one byte per int8, two int4 per byte), not as one
+    varint per element (helper.make_tensor from a list: up to 10 bytes for each negative int8)."""
+    dtype = helper.tensor_dtype_to_np_dtype(qtype)
+    return numpy_helper.from_array(np.asarray(values).astype(np.int64).astype(dtype), name)
 
 
 def _drop_unread_initializers(graphs: list[onnx.GraphProto], names: set[str]) -> None:

@@ -79,3 +79,17 @@ def test_an_unreadable_override_is_one_sentence(monkeypatch):
     monkeypatch.setenv(ENV, "yes")
     with pytest.raises(FwlrError, match="neither 1 nor 0"):
         int8_saturates()
+
+
+def test_a_probe_that_cannot_run_chooses_the_weights_exact_everywhere(monkeypatch):
+    from onnx_fwlr.quant import int8_kernels
+
+    def broken():
+        raise RuntimeError("no MatMulInteger kernel")
+
+    monkeypatch.setattr(int8_kernels, "probe_outputs", broken)
+    int8_kernels.probe_saturation.cache_clear()
+    try:
+        assert int8_kernels.probe_saturation() is True
+    finally:
+        int8_kernels.probe_saturation.cache_clear()

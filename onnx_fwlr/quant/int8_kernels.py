@@ -15,11 +15,14 @@ CPUs from a VNNI machine).
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import numpy as np
 
 from onnx_fwlr.errors import FwlrError
+
+logger = logging.getLogger(__name__)
 
 ENV = "ONNX_FWLR_INT8_SATURATES"
 WHY = ("7-bit weights (reduce_range): this CPU's ONNX Runtime u8s8 kernels saturate on full 8-bit weights, as "
@@ -47,7 +50,11 @@ def reduce_range() -> bool:
 def probe_saturation() -> bool:
     """Measured: does ONNX Runtime's dynamic int8 MatMul on this CPU differ from exact integer arithmetic where
     pairs of products overflow int16? (A few milliseconds, once per process.)"""
-    y, exact = probe_outputs()
+    try:
+        y, exact = probe_outputs()
+    except Exception as exc:  # noqa: BLE001 - no verdict: 7-bit weights are exact on every CPU
+        logger.info("the int8 kernel probe failed (%s: %s); dynamic int8 uses 7-bit weights", type(exc).__name__, exc)
+        return True
     return not np.allclose(y, exact, rtol=1e-4, atol=0)
 
 

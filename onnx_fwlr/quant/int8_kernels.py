@@ -41,15 +41,11 @@ def int8_saturates() -> bool:
     return probe_saturation()
 
 
-def reduce_range() -> bool:
-    """`reduce_range` for quantize_dynamic here: 7-bit weights exactly where full 8-bit ones would saturate."""
-    return int8_saturates()
-
-
 @functools.lru_cache(maxsize=1)
 def probe_saturation() -> bool:
     """Measured: does ONNX Runtime's dynamic int8 MatMul on this CPU differ from exact integer arithmetic where
-    pairs of products overflow int16? (A few milliseconds, once per process.)"""
+    pairs of products overflow int16? Once per process, well under a second; a probe that cannot run answers
+    True (7-bit weights are exact on every CPU)."""
     try:
         y, exact = probe_outputs()
     except Exception as exc:  # noqa: BLE001 - no verdict: 7-bit weights are exact on every CPU
@@ -60,8 +56,8 @@ def probe_saturation() -> bool:
 
 def probe_outputs() -> tuple[np.ndarray, np.ndarray]:
     """(ONNX Runtime's output, the exact result) of the probe: activations that quantize to u8 255 exactly
-    (scale 1, zero point 0) times weights of one sign that quantize to s8 127 exactly, so that every pair of
-    products is 64,770 and a saturating kernel returns about half of the exact sum."""
+    (scale 1, zero point 0) times weight columns of one sign each (+1 or -1, quantized to s8 +-127 exactly), so
+    that every pair of products is +-64,770 and a saturating kernel returns about half of the exact sum."""
     import onnx
     from onnx import helper, numpy_helper
 

@@ -77,6 +77,10 @@ CASES = [
      "the --stats file"),
     ("refine-plot-is-the-model", ["refine", M, M, "-o", "out.onnx", "--calib", "calib.npz", "--plot", M],
      "--plot model.onnx is the original model"),
+    ("refine-output-is-the-compressed-model", ["refine", M, "hard.onnx", "-o", M, "--calib", "calib.npz", "--force"],
+     "is the original model"),
+    ("merge-output-is-an-input", ["merge-stats", "stats.npz", "damaged_stats.npz", "-o", "stats.npz", "--force"],
+     "is the statistics file"),
     ("profile-test-data-at-a-file", ["profile", M, "--save-test-data", "test.npz"], "is a file; give a folder"),
     ("profile-json-is-the-data", ["profile", M, "--data", "test.npz", "--json", "test.npz", "--force"],
      "is the --data"),
@@ -194,3 +198,15 @@ def test_onnxruntime_failures_are_exceptions_not_log_lines(capfd):
     with pytest.raises(Exception, match="broadcast"):
         session.run(None, {"a": np.ones(3, np.float32), "b": np.ones(4, np.float32)})
     assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_the_flag_mapping_leaves_user_text_alone():
+    from onnx_fwlr.cli.options import in_flag_terms, user_texts
+
+    message = "input 'in put `ratio`' of a.onnx is unknown; `ratio` is a budget; ONNX Runtime's `ratio` too"
+    assert in_flag_terms(message) == ("input 'in put `ratio`' of a.onnx is unknown; --ratio is a budget; ONNX "
+                                      "Runtime's --ratio too")
+    typed = user_texts(["compress", "x `rank`.onnx"])
+    assert in_flag_terms("x `rank`.onnx: not found (`rank`)", None, typed) == "x `rank`.onnx: not found (--rank)"
+    typed = user_texts(["compress", "--include=`rank`"])  # the value of --flag=value counts as typed too
+    assert in_flag_terms("pattern `rank` matches nothing", None, typed) == "pattern `rank` matches nothing"

@@ -315,7 +315,8 @@ def test_round_trip_gives_back_the_same_integers(kind, tmp_path):
     onnx.checker.check_model(again)
     found_again = [s.describe() for s in detect_quantized(again)]
     if kind == "dynamic-fused":  # quantize_dynamic writes the MatMulInteger chain ORT fuses at load
-        assert found_again == ["MatMulInteger int8 per-channel, symmetric"] * 2
+        reduced = ", reduced range" if int8_saturates() else ""  # the fixture's 7-bit weights on such a CPU
+        assert found_again == [f"MatMulInteger int8 per-channel, symmetric{reduced}"] * 2
     else:
         assert found_again == [s.describe() for s in detect_quantized(model)]
     before, after = _integers(model), _integers(again)

@@ -30,11 +30,13 @@ def _exact_dynamic(quantized, x: np.ndarray) -> np.ndarray:
 
 
 def _overflowing_case(seed: int = 0):
-    """Weights of one sign (q mostly 64..127) and activations spread over the whole u8 range: most pairs of
-    products overflow int16 on a saturating kernel."""
+    """Weights of one sign (q mostly 64..127) and activations spread over the whole u8 range, exactly on its
+    grid (so no rounding rule of any kernel can differ): many pairs of products overflow int16 on a saturating
+    kernel."""
     rng = np.random.default_rng(seed)
     W = rng.uniform(0.5, 1.0, size=(64, 24)).astype(np.float32)
-    x = rng.uniform(0.0, 4.0, size=(32, 64)).astype(np.float32)
+    x = (rng.integers(0, 256, size=(32, 64)) / 64).astype(np.float32)  # on the u8 grid: step 1/64, no rounding
+    x[0, :2] = 0.0, 255 / 64
     return W, x
 
 
@@ -79,3 +81,17 @@ def test_an_unreadable_override_is_one_sentence(monkeypatch):
     monkeypatch.setenv(ENV, "yes")
     with pytest.raises(FwlrError, match="neither 1 nor 0"):
         int8_saturates()
+
+
+def test_a_probe_that_cannot_run_chooses_the_weights_exact_everywhere(monkeypatch):
+    from onnx_fwlr.quant import int8_kernels
+
+    def broken():
+        raise RuntimeError("no MatMulInteger kernel")
+
+    monkeypatch.setattr(int8_kernels, "probe_outputs", broken)
+    int8_kernels.probe_saturation.cache_clear()
+    try:
+        assert int8_kernels.probe_saturation() is True
+    finally:
+        int8_kernels.probe_saturation.cache_clear()

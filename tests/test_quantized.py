@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -305,3 +307,20 @@ def test_cli_bad_quantized_inputs_are_one_sentence_exit_2_and_write_nothing(flag
     error = capsys.readouterr().err
     assert code == 2 and message in error and error.count("\n") == 1 and "Traceback" not in error, error
     assert not output.exists()
+
+
+def test_the_quantized_report_counts_bytes_and_says_how_each_site_is_stored():
+    from onnx_fwlr.evaluate.report import Report, SiteResult
+
+    def site(name, form, rank, after):
+        return SiteResult(name=name, weight=name, op_type="MatMul", K=64, N=64, rank=rank, params_before=4096,
+                          params_after=after // 2, form=form, bytes_before=16384, bytes_after=after)
+
+    report = Report(method="kfac", allocation="budget", budget={},
+                    sites=[site("a", "low rank", 16, 8192), site("b", "quantized + correction", 8, 6000),
+                           site("c", "fp32", None, 16384)])
+    text = report.format()
+    assert "bytes before" in text and "params before" not in text
+    assert "chosen under the byte budget" in text and "allocation budget" not in text
+    assert "2/3 sites changed (1 low rank, 1 quantized + correction)" in text and "factorised" not in text
+    assert re.search(r"weights \(bytes\) +49,152 +30,576 +0.622", text)

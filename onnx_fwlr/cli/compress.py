@@ -188,10 +188,6 @@ class Compress:
         from onnx_fwlr.pipeline.compress import compress
 
         output = check_output_path(args.output, [args.model], args.force)
-        if args.metric == "perplexity":  # refused before any work, not after the model is written
-            from onnx_fwlr.evaluate.language import check_language_model
-
-            check_language_model(args.model, args.logits)
         also = parse_also(args.also, args, output)
         rank, ranks = parse_ranks(args.rank)
         if args.val:

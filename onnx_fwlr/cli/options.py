@@ -237,6 +237,10 @@ def check_before_work(args) -> None:
         from onnx_fwlr.evaluate.tolerance import check_tolerances
 
         check_tolerances(args.min_cosine, args.max_rel_error, args.max_accuracy_drop)
+    if getattr(args, "metric", None) == "perplexity":  # refused now, not after the model is written
+        from onnx_fwlr.evaluate.language import check_language_model
+
+        check_language_model(getattr(args, "model", None) or args.original, args.logits)
 
 
 # What commands read and write, for check_before_work: arg name -> (label in messages, kind).

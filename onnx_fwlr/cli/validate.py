@@ -41,9 +41,8 @@ class Validate:
         from onnx_fwlr.pipeline.compress import validate
 
         if resolve_metric(args, args.original) == "perplexity":
-            from onnx_fwlr.evaluate.language import check_language_model, validate_language
+            from onnx_fwlr.evaluate.language import validate_language
 
-            check_language_model(args.original, args.logits)
             metrics = validate_language(args.original, args.compressed, args.data, batch_size=args.batch_size,
                                         logits=args.logits, progress=not args.quiet)
             code = report_language(metrics, args, printer(args))

@@ -258,9 +258,9 @@ def check_paths_apart(outputs: list[tuple[str, str | None, str]], inputs: list[t
     `force` says; an existing output file needs `force`; every output's folder must exist and take a file.
 
     outputs and inputs are (label, path, kind): label the flag ("--json") or what the input is ("the input
-    model"), kind "model" (an input's external .data files count as
-    inputs too; an output model may write `<path>.data` beside it), "file", "folder" or "data" (an input that
-    is a file or a folder of files; 'random' is no path). A path None or '-' (stdout) is skipped.
+    model"); kind "model" (an input's external .data files count as inputs too; an output model may write
+    `<path>.data` beside it), "file", "folder" or "data" (an input that is a file or a folder of files;
+    'random' is no path). A path None or '-' (stdout) is skipped; a list of paths is several inputs.
     """
     taken = [(flag, path) for flag, value, kind in inputs for path in _input_paths(value, kind)]
     for flag, value, kind in outputs:

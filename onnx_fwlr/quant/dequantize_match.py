@@ -196,8 +196,19 @@ def _lstm_scheme(model, view: _Graph, names: dict, tensors: dict) -> QuantScheme
     bits, signed = _integer_kind(tensors["W"])
     per_channel = len(tensors["W_scale"].dims) == 2
     symmetric = all(_is_symmetric(model, view, names[z], bits, signed) for z in ("W_zero_point", "R_zero_point"))
+    reduced = all(_lstm_reduced(model, view, names[w], names[f"{w}_zero_point"], signed) for w in ("W", "R"))
     return QuantScheme("dynamic_lstm", bits, signed, "per-channel" if per_channel else "per-tensor", symmetric,
-                       1 if per_channel else None)
+                       1 if per_channel else None, reduce_range=reduced)
+
+
+def _lstm_reduced(model, view: _Graph, weight: str, zero_point: str, signed: bool) -> bool:
+    """Whether a DynamicQuantizeLSTM weight [dirs, K, 4H] holds 7-bit values (reduce_range), so that it is
+    requantized as 7-bit (zero points per direction, or per direction and column)."""
+    q = tensor_array(model, view.const(weight)).astype(np.int64)
+    zero = view.const(zero_point) if zero_point else None
+    z = np.zeros(1, np.int64) if zero is None else tensor_array(model, zero).astype(np.int64)
+    z = z.reshape(q.shape[0], 1, -1) if z.size > 1 else z.reshape(())
+    return bool(np.abs(q - z).max(initial=0) <= 64 if signed else q.max(initial=0) <= 127)
 
 
 # --- weight-only: QDQ, Cast+Mul, MatMulNBits ----------------------------------------------------------------------

@@ -24,6 +24,7 @@ Pure numpy/scipy: no ONNX here.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +53,7 @@ BALANCED = "balanced"  # kron_shape: the SHAPE_CANDIDATES most balanced shapes b
 MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
 MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
 MAX_TIMED = 6  # candidates timed per site, in order of error, before the site gives up on Kronecker
+FEWER_TERMS_TARGET = 0.85  # a candidate too slow is tried again with terms × this / its measured ratio
 ALS_TOL = 1e-4  # a cold weighted ALS stops when a sweep gains less than this (relative), as the doping rounds do
 
 
@@ -226,7 +228,9 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
 
 def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
     """(shape, terms, Speed) of the lowest-error candidate that measures faster than the dense weight, or None
-    with speed.rejected saying why (evaluate.kron_speed: candidates, timing, cache)."""
+    with speed.rejected saying why (evaluate.kron_speed: timing, cache). A candidate a little too slow comes back
+    with fewer terms (time is about linear in them: aimed at FEWER_TERMS_TARGET × dense), ranked again by its error,
+    so the shape and the number of terms are chosen together."""
     K, N = W.shape
     speed.rejected = None
     candidates = fast_candidates(K, N, available)
@@ -235,13 +239,26 @@ def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
                           "dense weight's")
         return None
     scaled = W if metric.w is None else metric.w[:, None] * W
-    ranked = sorted(candidates, key=lambda c: (kron_energy_left(scaled, *c), kron_params(*c), c))
+
+    def ranked(shape, terms):
+        return kron_energy_left(scaled, shape, terms), kron_params(shape, terms), shape, terms
+
+    queue = sorted(ranked(*c) for c in candidates)
     timed = []
-    for shape, terms in speed.progress_over(ranked[:MAX_TIMED], "time shapes"):
-        measured = speed.measure(K, N, shape, terms, k)
-        if measured.faster():
-            return shape, terms, measured
-        timed.append(measured.ratio)
+    bar = speed.bar(MAX_TIMED, "time shapes")
+    try:
+        while queue and len(timed) < MAX_TIMED:
+            _, _, shape, terms = queue.pop(0)
+            measured = speed.measure(K, N, shape, terms, k)
+            bar.update()
+            if measured.faster():
+                return shape, terms, measured
+            timed.append(measured.ratio)
+            fewer = int(terms * FEWER_TERMS_TARGET / measured.ratio)
+            if 1 <= fewer < terms and fast_orders(shape, fewer, K, N):
+                bisect.insort(queue, ranked(shape, fewer))
+    finally:
+        bar.close()
     speed.rejected = (f"no Kronecker shape measured faster than the dense weight at {speed.describe_rows()}: the "
                       f"{len(timed)} with the lowest error took {min(timed):.2f}-{max(timed):.2f}x its time")
     return None

@@ -153,8 +153,8 @@ def test_the_lowest_error_shape_that_measures_faster_wins():
 
 def test_a_shape_a_little_too_slow_comes_back_with_fewer_terms():
     rng = np.random.default_rng(6)
-    shape = (8, 16, 16, 8)
-    W = sum(np.kron(rng.normal(size=(8, 16)), rng.normal(size=(16, 8))) for _ in range(2))
+    shape = (8, 16, 16, 8)  # W is exactly 3 terms of it (other shapes need more than the budget's 4-5 terms)
+    W = sum(np.kron(rng.normal(size=(8, 16)), rng.normal(size=(16, 8))) for _ in range(3))
     W += 1e-3 * rng.normal(size=W.shape)
     timer = ShapeTimer(lambda kind, dims, form, tokens: 0.25 * dims[0] if dims[1:] == shape else 1.5)
     fit = fit_site(W, "kron", 0.08 * W.size, speed=KronSpeed((64,), timer=timer))  # the budget allows 5 terms

@@ -151,6 +151,17 @@ def test_the_lowest_error_shape_that_measures_faster_wins():
     assert len(slow_there.calls) == 2 and speed.rejected is None
 
 
+def test_a_shape_a_little_too_slow_comes_back_with_fewer_terms():
+    rng = np.random.default_rng(6)
+    shape = (8, 16, 16, 8)  # W is exactly 3 terms of it (other shapes need more than the budget's 4-5 terms)
+    W = sum(np.kron(rng.normal(size=(8, 16)), rng.normal(size=(16, 8))) for _ in range(3))
+    W += 1e-3 * rng.normal(size=W.shape)
+    timer = ShapeTimer(lambda kind, dims, form, tokens: 0.25 * dims[0] if dims[1:] == shape else 1.5)
+    fit = fit_site(W, "kron", 0.08 * W.size, speed=KronSpeed((64,), timer=timer))  # the budget allows 5 terms
+    assert fit.replacement.structure.shape4 == shape and fit.replacement.structure.A.shape[0] == 3
+    assert fit.speed.ratio == 0.75 and fit.relative_error < 1e-2  # 5 terms at 1.25x, then 3 = 5 · 0.85 / 1.25
+
+
 def test_no_shape_faster_says_so_and_returns_nothing():
     W = weight(128, 128)
     speed = KronSpeed((64,), timer=ShapeTimer(lambda kind, dims, form, tokens: 1.3))

@@ -142,13 +142,11 @@ class KronSpeed:
         best = min(forms, key=lambda f: (max(table[f].values()), forms.index(f)))
         return Speed(max(table[best].values()), best, table[best])
 
-    def progress_over(self, items, what: str):
-        """`items`, with a progress bar and ETA when asked for (timing at 1024 rows takes seconds per shape)."""
-        if not self.progress:
-            return items
+    def bar(self, total: int, what: str):
+        """A progress bar with ETA when asked for (timing at 1024 rows takes seconds per shape), else a silent one."""
         from tqdm.auto import tqdm
 
-        return tqdm(items, desc=what, unit="shape", leave=False)
+        return tqdm(total=total, desc=what, unit="shape", disable=not self.progress, leave=False)
 
     def describe_rows(self) -> str:
         return " and ".join(str(r) for r in self.rows) + " rows"

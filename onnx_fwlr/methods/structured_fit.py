@@ -24,6 +24,7 @@ Pure numpy/scipy: no ONNX here.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,7 @@ from onnx_fwlr.methods.structured import (
     kron_params,
     kron_shapes,
     nearest_kron,
-    nearest_low_rank,
+    truncated_svd,
 )
 
 STRUCTURES = ("lowrank", "kron")
@@ -51,7 +52,8 @@ SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site (without a
 BALANCED = "balanced"  # kron_shape: the SHAPE_CANDIDATES most balanced shapes by error alone (no speed measure)
 MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
 MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
-MAX_TIMED = 6  # candidates timed per site, in order of error, before the site gives up on Kronecker
+MAX_TIMED = 4  # candidates timed per site, in order of error, before the site gives up on Kronecker
+FEWER_TERMS_TARGET = 0.85  # a candidate too slow is tried again with terms × this / its measured ratio
 ALS_TOL = 1e-4  # a cold weighted ALS stops when a sweep gains less than this (relative), as the doping rounds do
 
 
@@ -94,11 +96,22 @@ class _Metric:
             return float(np.sum((self.w[:, None] * E) ** 2))
         return float(np.sum(E**2))
 
-    def low_rank(self, M: np.ndarray, rank: int) -> LowRank:
-        if self.chol is not None:
-            A, B = factorize.weighted_svd(M, left=self.scaling).factors(rank)
-            return LowRank(A, B)
-        return nearest_low_rank(M, rank, row_weights=self.w)
+    def low_rank_fitter(self, rank: int):
+        """Nearest rank-`rank` in this metric for a sequence of nearby matrices (the doping rounds): the truncated
+        SVD of the weighted matrix, warm-started from the previous round's basis (structured.truncated_svd)."""
+        scaling = self.scaling if self.chol is not None else (
+            None if self.w is None else factorize.Scaling(diag=self.w))
+        basis = None
+
+        def fit(M: np.ndarray) -> LowRank:
+            nonlocal basis
+            scaled = M if scaling is None else scaling.apply_left(np.asarray(M, dtype=np.float64))
+            U, sigma, Vt, basis = truncated_svd(scaled, rank, basis)
+            root = np.sqrt(sigma)
+            A = U * root
+            return LowRank(A if scaling is None else scaling.solve_left(A), root[:, None] * Vt)
+
+        return fit
 
     def kron(self, M: np.ndarray, shape, terms: int) -> KronSum:
         return nearest_kron(M, shape, terms, row_weights=self.w)
@@ -174,7 +187,7 @@ def fit_site(
         size = min(int(available // (K + N)), min(K, N))
         if size < 1:
             return None
-        fit_for = lambda s: lambda M: metric.low_rank(M, s)  # noqa: E731
+        fit_for = metric.low_rank_fitter
         name = lambda s: f"low rank {s}"  # noqa: E731
     else:
         if speed is not None and kron_shape is None:
@@ -226,7 +239,9 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
 
 def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
     """(shape, terms, Speed) of the lowest-error candidate that measures faster than the dense weight, or None
-    with speed.rejected saying why (evaluate.kron_speed: candidates, timing, cache)."""
+    with speed.rejected saying why (evaluate.kron_speed: timing, cache). A candidate a little too slow comes back
+    with fewer terms (time is about linear in them: aimed at FEWER_TERMS_TARGET × dense), ranked again by its error,
+    so the shape and the number of terms are chosen together."""
     K, N = W.shape
     speed.rejected = None
     candidates = fast_candidates(K, N, available)
@@ -235,13 +250,26 @@ def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
                           "dense weight's")
         return None
     scaled = W if metric.w is None else metric.w[:, None] * W
-    ranked = sorted(candidates, key=lambda c: (kron_energy_left(scaled, *c), kron_params(*c), c))
+
+    def ranked(shape, terms):
+        return kron_energy_left(scaled, shape, terms), kron_params(shape, terms), shape, terms
+
+    queue = sorted(ranked(*c) for c in candidates)
     timed = []
-    for shape, terms in speed.progress_over(ranked[:MAX_TIMED], "time shapes"):
-        measured = speed.measure(K, N, shape, terms, k)
-        if measured.faster():
-            return shape, terms, measured
-        timed.append(measured.ratio)
+    bar = speed.bar(MAX_TIMED, "time shapes")
+    try:
+        while queue and len(timed) < MAX_TIMED:
+            _, _, shape, terms = queue.pop(0)
+            measured = speed.measure(K, N, shape, terms, k)
+            bar.update()
+            if measured.faster():
+                return shape, terms, measured
+            timed.append(measured.ratio)
+            fewer = int(terms * FEWER_TERMS_TARGET / measured.ratio)
+            if 1 <= fewer < terms and fast_orders(shape, fewer, K, N):
+                bisect.insort(queue, ranked(shape, fewer))
+    finally:
+        bar.close()
     speed.rejected = (f"no Kronecker shape measured faster than the dense weight at {speed.describe_rows()}: the "
                       f"{len(timed)} with the lowest error took {min(timed):.2f}-{max(timed):.2f}x its time")
     return None

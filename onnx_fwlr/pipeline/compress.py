@@ -139,7 +139,7 @@ def compress(
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
     without `kron_shape`, Kronecker shapes are chosen by error and time measured with `form_timer` (at `latency`'s
-    threads and cache folder when given; evaluate.kron_speed);
+    threads and cache folder when given; evaluate.kron_speed); `kron_shape="balanced"`: by error alone, no timing;
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     """
     if refine_steps is not None and refine_steps < 1:  # checked here, in its own name, not by refine() at the end

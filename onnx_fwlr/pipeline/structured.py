@@ -97,6 +97,8 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
             itemsize={"float16": 2, "bfloat16": 2, "float64": 8}.get(site.dtype, 4))
         W, budget_params = weight_matrix(prepared.model, site), ratio * site.K * site.N
         speed = None if recurrent else speed
+        if speed is not None:
+            speed.rejected = None  # shared by the sites timed at the same rows: this site's verdict only
         fit = fit_structured_site(W, ["lowrank"] if recurrent else structures, budget_params, speed=speed,
                                   **fit_options)
         speed_note = None

@@ -19,6 +19,8 @@ parent's peak as its own).
 import argparse
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,9 +100,11 @@ def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Pa
     out, report = workdir / f"{name}.onnx", workdir / f"{name}.json"
     command = [sys.executable, "-m", "onnx_fwlr", "compress", str(model), "-o", str(out), "--calib", str(calib),
                "--force", "--json", str(report), *args]
+    if shutil.which("script"):  # a terminal for the child, so its progress bars (stage, group i of N, ETA) are logged
+        command = ["script", "-qfec", shlex.join(command), str(workdir / f"{name}.progress")]
     log = open(workdir / f"{name}.log", "w")
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
     tree = TreePeak(child.pid)
     timer = threading.Timer(timeout, child.kill)
@@ -121,7 +125,7 @@ def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Pa
         row["passes"] = data.get("calibration", {}).get("passes", 1)
         row["bytes_out"] = sum(p.stat().st_size for p in workdir.glob(f"{name}.onnx*"))
     else:
-        row["log_tail"] = (workdir / f"{name}.log").read_text()[-2000:]
+        row["log_tail"] = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
     return row
 
 

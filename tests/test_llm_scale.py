@@ -225,3 +225,30 @@ def test_only_an_equal_copy_counts_as_tied(models):
     values[0, 0] += 1.0
     head.CopyFrom(onnx.numpy_helper.from_array(values, head.name))
     assert find_ties(model, find_sites(model)[0]) == []
+
+
+def test_a_gemm_head_with_trans_b_reads_the_table_itself(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((40, 12)).astype(np.float32)
+    hidden = rng.standard_normal((12, 12)).astype(np.float32) / 4
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["x"], name="embed"),
+             helper.make_node("MatMul", ["x", "Wh"], ["h"], name="proj"),
+             helper.make_node("Gemm", ["h", "head"], ["logits"], name="head_gemm", transB=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 40])],
+                              [numpy_helper.from_array(table, "E"), numpy_helper.from_array(hidden, "Wh"),
+                               numpy_helper.from_array(table.copy(), "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    ties = find_ties(model, find_sites(model)[0])
+    assert [(t.head, t.table, t.node) for t in ties] == [("head", "E", "head_gemm")]
+    calib = [{"ids": rng.integers(0, 40, size=(16,))}]
+    out, report = compress(model, ratio=1.0, calibration=calib, progress=False)
+    gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
+    assert list(gemm.input) == ["h", "E"] and "Transpose" not in {n.op_type for n in out.graph.node}
+    assert [t.name for t in out.graph.initializer] == ["E", "Wh"] and len(report.tied) == 1
+    feed = {"ids": np.arange(40, dtype=np.int64)}
+    np.testing.assert_array_equal(ort.InferenceSession(out.SerializeToString()).run(None, feed)[0],
+                                  ort.InferenceSession(model.SerializeToString()).run(None, feed)[0])

@@ -22,7 +22,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.autodiff import losses  # noqa: E402
 from onnx_fwlr.io.data import open_data  # noqa: E402
 from onnx_fwlr.io.model import load_model  # noqa: E402
 from onnx_fwlr.methods import lowrank  # noqa: E402

@@ -1,7 +1,8 @@
 """Peak memory and wall time of `onnx-fwlr compress` on a decoder language model, against the issue's limits.
 
 Runs each configuration as `python -m onnx_fwlr compress MODEL ...` in a child process (its own process tree)
-and records: the child tree's peak RSS (the child's ru_maxrss from wait4, and the largest
+and records: the CPU time of the tree (user + system: on a shared machine the wall time mostly measures the
+others' load), the child tree's peak RSS (the child's ru_maxrss from wait4, and the largest
 sum of VmRSS over the tree polled twice a second: decomposition workers run beside their parent), the wall
 time, and the wall per stage from the report's timings. PASS when the peak RSS is at most 1.5 × the model's
 files (model + external data) and the wall within the limit: 10 min below 0.5 B parameters (SmolLM2-135M),
@@ -19,6 +20,8 @@ parent's peak as its own).
 import argparse
 import json
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,16 +80,25 @@ def _rss_kib(pid: int) -> int:
 
 
 class TreePeak:
-    """Largest sum of VmRSS over a process tree, polled twice a second."""
+    """Largest sum of VmRSS over a process tree, polled twice a second; the tree is killed past `limit_kib` (a
+    shared machine must not meet the kernel's out-of-memory killer)."""
 
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.done = pid, 0, threading.Event()
+    def __init__(self, pid: int, limit_kib: int | None = None):
+        self.pid, self.peak, self.done, self.limit, self.killed = pid, 0, threading.Event(), limit_kib, False
         self.thread = threading.Thread(target=self._poll, daemon=True)
         self.thread.start()
 
     def _poll(self):
         while not self.done.wait(0.5):
-            self.peak = max(self.peak, sum(_rss_kib(p) for p in _tree(self.pid)))
+            tree = _tree(self.pid)
+            self.peak = max(self.peak, sum(_rss_kib(p) for p in tree))
+            if self.limit and self.peak > self.limit and not self.killed:
+                self.killed = True
+                for pid in reversed(tree):
+                    try:
+                        os.kill(pid, 9)
+                    except OSError:
+                        pass
 
     def stop(self) -> int:
         self.done.set()
@@ -94,15 +106,18 @@ class TreePeak:
         return self.peak
 
 
-def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Path, timeout: float) -> dict:
+def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Path, timeout: float,
+               max_rss_mb: float | None = None) -> dict:
     out, report = workdir / f"{name}.onnx", workdir / f"{name}.json"
     command = [sys.executable, "-m", "onnx_fwlr", "compress", str(model), "-o", str(out), "--calib", str(calib),
                "--force", "--json", str(report), *args]
+    if shutil.which("script"):  # a terminal for the child, so its progress bars (stage, group i of N, ETA) are logged
+        command = ["script", "-qfec", shlex.join(command), str(workdir / f"{name}.progress")]
     log = open(workdir / f"{name}.log", "w")
     start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    child = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    tree = TreePeak(child.pid)
+    tree = TreePeak(child.pid, int(max_rss_mb * 1024) if max_rss_mb else None)
     timer = threading.Timer(timeout, child.kill)
     timer.start()
     _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage: its peak, not an earlier config's
@@ -112,8 +127,9 @@ def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Pa
     tree_peak = tree.stop()
     log.close()
     row = {"config": name, "args": " ".join(args), "exit": code, "wall_s": wall,
-           "peak_rss_mb": usage.ru_maxrss / 1024,
-           "tree_peak_rss_mb": tree_peak / 1024, "stages": {}, "method": "", "passes": None}
+           "peak_rss_mb": usage.ru_maxrss / 1024, "cpu_s": usage.ru_utime + usage.ru_stime,
+           "tree_peak_rss_mb": tree_peak / 1024, "stages": {}, "method": "", "passes": None,
+           "killed_over_max_rss": tree.killed, "timed_out": wall >= timeout}
     if code == 0 and report.exists():
         data = json.loads(report.read_text())
         row["stages"] = {k: round(v, 1) for k, v in data.get("timings", {}).items()}
@@ -121,7 +137,7 @@ def run_config(name: str, model: Path, calib: Path, args: list[str], workdir: Pa
         row["passes"] = data.get("calibration", {}).get("passes", 1)
         row["bytes_out"] = sum(p.stat().st_size for p in workdir.glob(f"{name}.onnx*"))
     else:
-        row["log_tail"] = (workdir / f"{name}.log").read_text()[-2000:]
+        row["log_tail"] = (workdir / f"{name}.log").read_text(errors="replace")[-2000:]
     return row
 
 
@@ -134,7 +150,8 @@ def main():
     parser.add_argument("--target-size", type=int, help="bytes for --quantize auto (default: 30 %% of the model)")
     parser.add_argument("--extra", action="append", default=[], help="more compress arguments, e.g. --extra=--workers=2")
     parser.add_argument("--workdir", type=Path, help="outputs and logs (default: a temporary folder)")
-    parser.add_argument("--timeout", type=float, default=7200)
+    parser.add_argument("--timeout", type=float, default=7200, help="seconds before a run is killed")
+    parser.add_argument("--max-rss-mb", type=float, help="kill a run whose process tree passes this many MiB")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     size, params = model_bytes(args.model), model_parameters(args.model)
@@ -146,21 +163,22 @@ def main():
     workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.configs.split(","):
-        rows.append(run_config(name, args.model, args.calib, configs[name] + extra, workdir, args.timeout))
+        rows.append(run_config(name, args.model, args.calib, configs[name] + extra, workdir, args.timeout,
+                               args.max_rss_mb))
     load = os.getloadavg()
     print(f"model {args.model}: {params / 1e6:.1f} M parameters, {size / 2**20:.0f} MiB of files; "
           f"limits: peak RSS <= {MEMORY_FACTOR} x = {MEMORY_FACTOR * size / 2**20:.0f} MiB, wall <= {wall_limit / 60:.0f} min; "
           f"load average {load[0]:.1f} ({os.cpu_count()} cores)")
-    print("| config | method | exit | passes | wall s | stages (s) | peak RSS MiB (largest process) | "
+    print("| config | method | exit | passes | wall s | CPU s | stages (s) | peak RSS MiB (largest process) | "
           "tree peak MiB | memory | time |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         memory_ok = row["exit"] == 0 and max(row["peak_rss_mb"], row["tree_peak_rss_mb"]) * 2**20 <= MEMORY_FACTOR * size
         time_ok = row["exit"] == 0 and row["wall_s"] <= wall_limit
         row["memory_pass"], row["time_pass"] = memory_ok, time_ok
         stages = ", ".join(f"{k} {v}" for k, v in row["stages"].items())
         print(f"| {row['config']} {row['args']} | {row['method']} | {row['exit']} | {row['passes']} | "
-              f"{row['wall_s']:.0f} | {stages} | {row['peak_rss_mb']:.0f} | {row['tree_peak_rss_mb']:.0f} | "
+              f"{row['wall_s']:.0f} | {row['cpu_s']:.0f} | {stages} | {row['peak_rss_mb']:.0f} | {row['tree_peak_rss_mb']:.0f} | "
               f"{'PASS' if memory_ok else 'FAIL'} | {'PASS' if time_ok else 'FAIL'} |")
         if row["exit"] != 0:
             print(row.get("log_tail", ""))

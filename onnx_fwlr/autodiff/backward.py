@@ -13,6 +13,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from onnx_fwlr.autodiff.vjp import NON_DIFFERENTIABLE, RULES, Needs, shape_only
 from onnx_fwlr.errors import FwlrError
@@ -254,7 +255,7 @@ class GradientRunner:
             needed.update(node.input[i] for i in step.needs.inputs if i < len(node.input))
             needed.update(node.output[i] for i in step.needs.outputs)
         for name in sorted(needed & set(self._initializers)):
-            self._value({}, name)  # cached as an independent array
+            self._value({}, name, keep=True)  # cached as an independent array
         for step in self._steps:
             step.node = _copy_node(step.node)
             step.attrs = _attributes(step.node)
@@ -279,14 +280,18 @@ class GradientRunner:
         values.update((name, self._value({}, name)) for name in self._extra_constants)
         return values
 
-    def _value(self, values, name: str) -> np.ndarray:
+    def _value(self, values, name: str, keep: bool = False) -> np.ndarray:
         if name in values:
             return values[name]
         if name in self._constant_cache:
             return self._constant_cache[name]
         if name in self._initializers:
-            # a lazily loaded weight stays memory-mapped (read-only): ONNX Runtime holds the model's weights already
-            self._constant_cache[name] = tensor_array(self._model_ref, self._initializers[name], copy=False)
+            tensor = self._initializers[name]
+            if uses_external_data(tensor) and not keep:
+                # a lazily loaded weight is mapped for the step that reads it and unmapped after: ONNX Runtime holds
+                # the model's weights already, and a mapping kept for every weight would count them all again
+                return tensor_array(self._model_ref, tensor, copy=False)
+            self._constant_cache[name] = tensor_array(self._model_ref, tensor, copy=False)
             return self._constant_cache[name]
         raise FwlrError(f"Tensor {name!r} is missing from the forward values; pass the dict that "
                         "GradientRunner.forward returned.")

@@ -33,8 +33,8 @@ class Tie:
 
     def describe(self) -> str:
         return (f"{self.node}: its weight '{self.head}' is the embedding table '{self.table}' transposed (same "
-                f"values): treated as one weight, not factorised; the head now reads Transpose('{self.table}'), "
-                f"so {self.params:,} numbers are stored once instead of twice")
+                f"values): treated as one weight. The table is kept as it is; the head is not factorised and now "
+                f"reads Transpose('{self.table}'), so {self.params:,} numbers are stored once instead of twice")
 
 
 def embedding_tables(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -75,7 +75,8 @@ def _same_transposed(model: onnx.ModelProto, weight: onnx.TensorProto, table: on
     E = tensor_array(model, table, copy=False)
     for start in range(0, E.shape[0], _CHUNK_ROWS):
         rows = np.asarray(E[start:start + _CHUNK_ROWS])
-        mine = np.asarray(W[start:start + _CHUNK_ROWS]) if site.transposed else np.asarray(W[:, start:start + _CHUNK_ROWS]).T
+        stop = start + _CHUNK_ROWS
+        mine = np.asarray(W[start:stop]) if site.transposed else np.asarray(W[:, start:stop]).T
         if not np.array_equal(rows, mine):
             return False
     return True

@@ -140,17 +140,23 @@ def rss_mib(pid: int) -> float:
 
 def run_child(spec: dict, max_gb: float) -> dict:
     """The child's JSON, or {'error': why} (its last error line; or the memory limit it passed)."""
-    process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    peak = 0.0
-    while process.poll() is None:
-        peak = max(peak, rss_mib(process.pid))
-        if peak > max_gb * 1024:
-            process.kill()
-            process.communicate()
-            return {"error": f"stopped at {peak / 1024:.1f} GB resident (over --max-memory {max_gb:g} GB)"}
-        time.sleep(0.5)
-    out, err = process.communicate()
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out_file, tempfile.TemporaryFile("w+") as err_file:
+        # files, not pipes: a child writing more than a pipe holds would block while this loop only polls
+        process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=out_file,
+                                   stderr=err_file, text=True)
+        peak = 0.0
+        while process.poll() is None:
+            peak = max(peak, rss_mib(process.pid))
+            if peak > max_gb * 1024:
+                process.kill()
+                process.wait()
+                return {"error": f"stopped at {peak / 1024:.1f} GB resident (over --max-memory {max_gb:g} GB)"}
+            time.sleep(0.5)
+        out_file.seek(0)
+        err_file.seek(0)
+        out, err = out_file.read(), err_file.read()
     line = next((ln for ln in out.splitlines() if ln.startswith("CHILD ")), None)
     if process.returncode != 0 or line is None:
         lines = [ln for ln in (err + out).splitlines() if ln.strip()]
@@ -233,6 +239,11 @@ def measure(args, spec: dict) -> dict:
             print(f"  {spec['key']}: not run: {made['error']}", flush=True)
             return row | made
         row |= {"seconds": made["seconds"], "peak_rss_mib": made["peak_rss_mib"]}
+    report = Path(str(out).replace(".onnx", ".json"))
+    if spec["kind"] == "cli" and report.is_file():  # what the CLI did (kfac may fall back to whiten)
+        summary = json.loads(report.read_text())
+        row |= {"method": summary.get("method"), "allocation": summary.get("allocation"),
+                "warnings": summary.get("warnings", [])[:3]}
     row |= evaluate(args, out)
     if args.decode:
         past = Path(spec.get("past_out") or str(out).replace(".onnx", "_past.onnx"))
@@ -319,6 +330,8 @@ def main():
     for spec in row_specs(args, int4_bytes):
         if spec["key"] not in ORT_ROWS and (wanted is None or spec["key"] in wanted):
             results[spec["key"]] = measure(args, spec)
+            if args.json:  # after every row: a long run stopped early keeps what it measured
+                Path(args.json).write_text(json.dumps({"rows": list(results.values())}, indent=1) + "\n")
     print()
     print(table(list(results.values())))
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")

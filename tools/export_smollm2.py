@@ -156,9 +156,8 @@ def to_external(path):
 
 
 def export_models(lm, out_dir, calib, names):
-    import torch
-
     import export_decoder as ed
+    import torch
 
     example = tuple(torch.from_numpy(calib[k][:2, :8]) for k in ("input_ids", "attention_mask"))
     config = lm.config
@@ -246,9 +245,8 @@ def merge_shared(out_dir):
     back from external data carries an explicit data_location field, so every initializer is first written
     inline and alike (field cleared) to scratch copies.
     """
-    import onnx
-
     import export_decoder as ed
+    import onnx
 
     scratch = []
     for name in ("model", "model_with_past"):
@@ -301,10 +299,9 @@ def check_no_cache(lm, path, rows):
 
 def check_cache(out_dir, rows):
     """The with-past model continuing a prefix, and both branches of the merged model, against model.onnx."""
+    import export_decoder as ed
     import numpy as np
     import onnxruntime as ort
-
-    import export_decoder as ed
 
     feed = {k: v[:2] for k, v in rows.items()}
     mask = feed["attention_mask"]

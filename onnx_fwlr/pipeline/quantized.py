@@ -364,8 +364,8 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             job.choices.append(plan.site_options(
                 job.prepared.weights[site.weight], job.metrics[site.weight], _usable_schemes(site, job.schemes),
                 dense=job.quantize == "auto", low_rank=job.quantize == "auto", rank_step=job.rank_step,
-                factor_bytes=_factor_bytes(job, site), scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)},
-                dtype=site_dtype(site)))
+                factor_bytes=_factor_bytes(job, site), dtype=site_dtype(site),
+                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))

@@ -207,12 +207,57 @@ def row_specs(args, int4_bytes: int | None) -> list[dict]:
     return specs
 
 
+def original_logits(args):
+    """The original's logits on eval.npz, computed once and kept in --work as a memory-mapped .npy (float32): every
+    row is then judged by running only its own model."""
+    import numpy as np
+
+    from onnx_fwlr.io import runtime
+
+    path = args.work / f"{args.prefix}_original_logits.npy"
+    with np.load(args.dir / "eval.npz") as rows:
+        feed = {k: rows[k] for k in rows.files}
+    if path.is_file():
+        cached = np.load(path, mmap_mode="r")
+        if cached.shape[:2] == feed["input_ids"].shape:
+            return cached, feed
+    session = runtime.make_session(str(args.dir / f"{args.prefix}.onnx"), runtime.session_options(), runtime.CPU,
+                                   role="original model")
+    first = session.run(["logits"], {k: v[:1] for k, v in feed.items()})[0]
+    scratch = path.with_suffix(".tmp.npy")
+    cached = np.lib.format.open_memmap(scratch, mode="w+", dtype=np.float32,
+                                       shape=feed["input_ids"].shape + first.shape[-1:])
+    for start in range(0, cached.shape[0], args.batch_size):
+        part = {k: v[start:start + args.batch_size] for k, v in feed.items()}
+        cached[start:start + args.batch_size] = session.run(["logits"], part)[0]
+    cached.flush()
+    del cached
+    scratch.rename(path)
+    return np.load(path, mmap_mode="r"), feed
+
+
 def evaluate(args, path: Path) -> dict:
-    from onnx_fwlr.evaluate.language import validate_language
+    """Perplexity, KL and top-1 agreement of the model at ``path`` against the original's cached logits (the same
+    sums as evaluate.language.compare_language_models)."""
+    import numpy as np
+
+    from onnx_fwlr.autodiff.losses import next_token_targets
+    from onnx_fwlr.evaluate.language import _Sums
+    from onnx_fwlr.io import runtime
     from onnx_fwlr.io.model import file_size
 
-    metrics = validate_language(str(args.dir / f"{args.prefix}.onnx"), str(path), str(args.dir / "eval.npz"),
-                                batch_size=args.batch_size, progress=False)
+    reference, feed = original_logits(args)
+    is_original = Path(path).resolve() == (args.dir / f"{args.prefix}.onnx").resolve()
+    session = None if is_original else runtime.make_session(str(path), runtime.session_options(), runtime.CPU,
+                                                            role="compressed model")
+    sums = _Sums()
+    for start in range(0, reference.shape[0], args.batch_size):
+        part = {k: v[start:start + args.batch_size] for k, v in feed.items()}
+        ref = np.asarray(reference[start:start + args.batch_size])
+        out = ref if session is None else session.run(["logits"], part)[0]
+        targets, keep = next_token_targets(part["input_ids"], part.get("attention_mask"))
+        sums.add(ref, out, targets, keep)
+    metrics = sums.result()
     return {"bytes": file_size(path), "perplexity": metrics.compressed_perplexity,
             "original_perplexity": metrics.original_perplexity, "perplexity_ratio": metrics.perplexity_ratio,
             "kl": metrics.kl_divergence, "top1_agreement": metrics.top1_agreement, "tokens": metrics.tokens}

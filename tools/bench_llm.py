@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 RATIOS = (0.9, 0.8, 0.7)
+PAIRS = 3  # decode timings alternate row / original this many times; the median ratio is reported
 ORT_ROWS = ("ort-int4", "ort-kquant", "ort-hqq", "ort-int8-weight", "ort-int8-dynamic")
 
 
@@ -57,6 +58,10 @@ def parse_args():
                         help="stop a child whose resident memory passes this (default 9 GB)")
     parser.add_argument("--decode", action="store_true", help="also time greedy decoding through the KV cache")
     parser.add_argument("--decode-steps", type=int, default=32, help="tokens generated per decode timing (default 32)")
+    parser.add_argument("--decode-threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads for the decode timing (default 1: steady on a busy machine)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only time decoding of the original and of the rows' models already in --work")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation rows per ONNX Runtime run (default 8)")
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --work (no rebuild)")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
@@ -272,7 +277,8 @@ def decode(args, past: Path, no_cache: Path) -> float | None:
         return None
     with np.load(args.dir / "eval.npz") as rows:
         prompt = rows["input_ids"][:1, :16]
-    return decode_speed(str(past), prompt, args.decode_steps, no_cache=str(no_cache))["tokens_per_second"]
+    return decode_speed(str(past), prompt, args.decode_steps, no_cache=str(no_cache),
+                        threads=args.decode_threads)["tokens_per_second"]
 
 
 def measure(args, spec: dict) -> dict:
@@ -345,6 +351,32 @@ def goals(rows: dict) -> list[str]:
             + ("" if value is None else f" (measured {value:.3f}x)") for text, value, test in checks]
 
 
+def decode_table(args, wanted) -> None:
+    """tok/s through the cache at batch 1 for the original and every row whose with-past model is in --work, each
+    timed alternately with the original (the machine's load drifts): the median ratio of the pairs."""
+    original = (args.dir / f"{args.prefix}_with_past.onnx", args.dir / f"{args.prefix}.onnx")
+    rows = {"original": original}
+    for spec in row_specs(args, None):
+        past = args.work / f"{spec['key']}_past.onnx"
+        if past.is_file() and (wanted is None or spec["key"] in wanted):
+            rows[spec["key"]] = (past, Path(spec["out"]))
+    print(f"decode, batch 1, 16-token prompt, {args.decode_steps} tokens, {args.decode_threads} thread(s); load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    results = {}
+    import statistics
+
+    for key, (past, no_cache) in rows.items():
+        pairs = [(decode(args, past, no_cache), decode(args, *original)) for _ in range(PAIRS)]
+        speed = statistics.median(p[0] for p in pairs)
+        ratio = statistics.median(p[0] / p[1] for p in pairs)
+        results[key] = {"tokens_per_second": speed, "vs_original": ratio, "pairs": pairs}
+        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {PAIRS} back-to-back pairs)",
+              flush=True)
+    print(f"load after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"decode": results}, indent=1) + "\n")
+
+
 def main():
     args = parse_args()
     if args.child:
@@ -353,6 +385,9 @@ def main():
     args.dir, args.work = args.dir.resolve(), args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     wanted = None if not args.rows else {r.strip() for r in args.rows.split(",")}
+    if args.decode_only:
+        decode_table(args, wanted)
+        return
     print(f"load: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)", flush=True)
     results = {}
     if wanted is None or "original" in wanted:

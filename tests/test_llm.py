@@ -187,3 +187,15 @@ def test_fp16_dynamic_int8_is_refused_in_one_sentence(half_decoder, tmp_path, ca
     err = capsys.readouterr().err
     assert "float16" in err and "--int8 block" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_decode_speed_runs_the_cache_path_for_the_asked_steps():
+    from onnx_fwlr.evaluate.language import decode_speed
+
+    prompt = np.load(EVAL)["input_ids"][:1, :6]
+    result = decode_speed(str(SAMPLE / "decoder_with_past.onnx"), prompt, 5, no_cache=str(SAMPLE / "decoder.onnx"),
+                          threads=1)
+    assert result["steps"] == 5 and result["batch"] == 1
+    assert result["tokens_per_second"] == pytest.approx(5 / result["decode_seconds"])
+    with pytest.raises(Exception, match="at least one step"):
+        decode_speed(str(SAMPLE / "decoder_with_past.onnx"), prompt, 0)

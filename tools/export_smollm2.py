@@ -45,6 +45,8 @@ def parse_args():
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / ".cache",
                         help="folder for the virtual environment (default: <repo>/.cache)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <cache>/smollm2)")
+    parser.add_argument("--merge-only", action="store_true",
+                        help="only (re)build model_merged.onnx from the model.onnx and model_with_past.onnx in <out>")
     return parser.parse_args()
 
 
@@ -154,9 +156,8 @@ def to_external(path):
 
 
 def export_models(lm, out_dir, calib, names):
-    import torch
-
     import export_decoder as ed
+    import torch
 
     example = tuple(torch.from_numpy(calib[k][:2, :8]) for k in ("input_ids", "attention_mask"))
     config = lm.config
@@ -214,9 +215,8 @@ def export_all(out_dir):
     print(f"READY: model.onnx, calib.npz, eval.npz ({time.perf_counter() - start:.0f} s so far)")
 
     merge_start = time.perf_counter()
-    ed.merge(out_dir / "model.onnx", out_dir / "model_with_past.onnx", out_dir / "model_merged.onnx")
-    for name in ("model_with_past", "model_merged"):
-        to_external(out_dir / f"{name}.onnx")
+    to_external(out_dir / "model_with_past.onnx")
+    merge_shared(out_dir)
     timings["merge"] = round(time.perf_counter() - merge_start, 1)
     diffs.update(check_cache(out_dir, evaluation))
     report = {"checkpoint": f"{GGUF_PACKAGE}: {path.name}", "parameters": params,
@@ -236,6 +236,38 @@ def export_all(out_dir):
     greedy_sample(tokenizer, out_dir / "model.onnx")
     for file in sorted(out_dir.iterdir()):
         print(f"  {file}  {file.stat().st_size / 1e6:.1f} MB")
+
+
+def merge_shared(out_dir):
+    """model_merged.onnx from model.onnx and model_with_past.onnx (both with external data), weights stored once.
+
+    export_decoder.merge shares an initializer when its serialized form is equal in both graphs; a tensor read
+    back from external data carries an explicit data_location field, so every initializer is first written
+    inline and alike (field cleared) to scratch copies.
+    """
+    import export_decoder as ed
+    import onnx
+
+    scratch = []
+    for name in ("model", "model_with_past"):
+        model = onnx.load(str(out_dir / f"{name}.onnx"))
+        for tensor in model.graph.initializer:
+            tensor.ClearField("data_location")
+        path = out_dir / f".{name}.inline.onnx"
+        onnx.save(model, str(path))
+        scratch.append(path)
+        del model
+    try:
+        ed.merge(scratch[0], scratch[1], out_dir / "model_merged.onnx")
+    finally:
+        for path in scratch:
+            path.unlink(missing_ok=True)
+    to_external(out_dir / "model_merged.onnx")
+    size = Path(str(out_dir / "model_merged.onnx") + ".data").stat().st_size
+    single = Path(str(out_dir / "model.onnx") + ".data").stat().st_size
+    print(f"model_merged.onnx.data: {size / 1e6:.1f} MB (model.onnx.data {single / 1e6:.1f} MB)")
+    if size > 1.1 * single:
+        sys.exit("ERROR: the merged model holds the weights twice; the two exports' initializers differ.")
 
 
 def max_diff(got, want, mask, label):
@@ -267,10 +299,9 @@ def check_no_cache(lm, path, rows):
 
 def check_cache(out_dir, rows):
     """The with-past model continuing a prefix, and both branches of the merged model, against model.onnx."""
+    import export_decoder as ed
     import numpy as np
     import onnxruntime as ort
-
-    import export_decoder as ed
 
     feed = {k: v[:2] for k, v in rows.items()}
     mask = feed["attention_mask"]
@@ -293,6 +324,25 @@ def check_cache(out_dir, rows):
     return diffs
 
 
+def merge_only(out_dir):
+    """Rebuild the merged model and check both branches against model.onnx; the report's numbers are updated."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    start = time.perf_counter()
+    merge_shared(out_dir)
+    with np.load(out_dir / "eval.npz") as arrays:
+        evaluation = {k: arrays[k] for k in arrays.files}
+    diffs = check_cache(out_dir, evaluation)
+    report_path = out_dir / "report.json"
+    report = json.loads(report_path.read_text())
+    report["max_abs_logit_diff"].update(diffs)
+    report["seconds"]["merge"] = round(time.perf_counter() - start, 1)
+    report["files"] = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir()) if p.is_file()
+                       and p.name.startswith(("model", "calib", "eval", "READY"))}
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+
+
 def greedy_sample(tokenizer, path):
     import numpy as np
     import onnxruntime as ort
@@ -313,12 +363,15 @@ def main():
     out = (args.out or cache / "smollm2").resolve()
     if in_venv(venv):
         start = time.perf_counter()
-        export_all(out)
+        if args.merge_only:
+            merge_only(out)
+        else:
+            export_all(out)
         print(f"export and checks took {time.perf_counter() - start:.1f} s")
         return
     ensure_venv(venv)
     os.execv(str(venv_python(venv)), [str(venv_python(venv)), str(Path(__file__).resolve()), "--cache", str(cache),
-                                      "--out", str(out)])
+                                      "--out", str(out), *(["--merge-only"] if args.merge_only else [])])
 
 
 if __name__ == "__main__":

@@ -135,6 +135,8 @@ def test_sweep_latency_marks_the_latency_frontier_beside_the_baselines(tmp_path,
     by = {r["config"]: r for r in rows}
     assert by["original"]["latency_ratio"] == 1.0
     assert {"ORT int8 dynamic per-channel", "ORT int4 b32 (MatMul only)", "svd/uniform"} <= set(by)  # baselines on
+    level4 = by["ORT int4 b32 (MatMul only), accuracy_level 4"]  # with --latency, int4 at both compute levels
+    assert 0 < level4["bytes"] - by["ORT int4 b32 (MatMul only)"]["bytes"] <= 30  # one attribute per node, 3 nodes
     for row in rows:
         assert row["latency_ratio"] > 0 and row["latency_ms"] > 0 and row["baseline_latency_ms"] > 0
         assert row.get("latency_ratio_p10", 1.0) <= row["latency_ratio"] <= row.get("latency_ratio_p90", 1.0)

@@ -210,3 +210,26 @@ def test_compress_quantized_merge_keeps_the_outputs(tmp_path):
     feed = make_token_batch(4, 8, 50, seed=3)
     for a, b in zip(run(separate, feed), run(merged, feed)):
         assert np.max(np.abs(a - b)) <= 1e-4 * max(np.max(np.abs(a)), 1e-6)
+
+
+# --- the budget's cost: energies and leading factors from the smaller Gram -------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48)])
+def test_gram_energies_and_leading_factors_match_the_svd(shape):
+    from onnx_fwlr.methods.lowrank import weighted_svd
+    from onnx_fwlr.quant import compensate
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal(shape) @ np.diag(np.linspace(0.5, 3.0, shape[1]))
+    exact = weighted_svd(M)
+    assert np.allclose(compensate.spectrum_energy(M)[:min(shape)], exact.energy, rtol=1e-10, atol=1e-10)
+    leading = compensate.leading_svd(M, 12)
+    A, B = leading.factors(12)
+    A2, B2 = exact.factors(12)
+    assert np.max(np.abs(A @ B - A2 @ B2)) <= 1e-10 * np.max(np.abs(A2 @ B2))
+    assert leading.dropped_energy(12) == pytest.approx(exact.dropped_energy(12), rel=1e-10)
+    # rank deficient: components the Gram cannot resolve come back as zeros, never as noise
+    low = rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, shape[1]))
+    A, B = compensate.leading_svd(low, 8).factors(8)
+    assert np.all(np.isfinite(A)) and np.max(np.abs(A @ B - low)) <= 1e-8 * np.max(np.abs(low))

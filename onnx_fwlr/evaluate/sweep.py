@@ -38,6 +38,7 @@ from onnx_fwlr.pipeline.compress import (
     prepare,
 )
 from onnx_fwlr.pipeline.defaults import check_data_first
+from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats
 from onnx_fwlr.tables import format_table
@@ -143,7 +144,8 @@ def sweep(
     _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress)
     int8_bytes = None
     if baselines or (baselines is None and (quantize or latency)):
-        for name, baseline in baseline_models(original):
+        names = tuple(BASELINES) + (tuple(LEVEL4_BASELINES) if latency else ())
+        for name, baseline in baseline_models(original, names):
             measure.row(baseline, {"config": name, "kind": "baseline", "method": "ONNX Runtime", "allocation": "",
                                    "params_kept": None, "param_ratio": None}, _stem(name))
             int8_bytes = result.rows[-1]["bytes"] if name == INT8_BASELINE else int8_bytes

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
@@ -169,6 +170,16 @@ def prepare_quantized(
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
                        fisher_options=fisher_options, progress=progress)
+    with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
+        return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
+                            rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
+                            fisher_options, progress, timed, accuracy_level, level_timer, merge, feed)
+
+
+def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors, rank_step,
+                 alternate, bias_correction, budgeted, batch_size, mask_input, shapes, fisher_options, progress,
+                 timed, accuracy_level, level_timer, merge, feed) -> QuantizeJob:
+    """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
     schemes = _site_schemes(quantize, block_size, int8)
     _check_half(sites, quantize, int8)
@@ -194,6 +205,7 @@ def prepare_quantized(
     return job
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")  # SVDs and Grams: one BLAS thread (docs/speed.md)
 def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: float | None = None,
                     rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None
                     ) -> tuple[onnx.ModelProto, Report]:

@@ -330,6 +330,12 @@ BASELINES = {
     "ORT int4 b32 (MatMul only)": "MatMulNBitsQuantizer, block 32, asymmetric; Gemm and embedding tables stay fp32",
     "ORT int4 b128 (MatMul only)": "MatMulNBitsQuantizer, block 128, asymmetric; Gemm and embedding tables stay fp32",
 }
+# The same int4 models computing with int8 activations (accuracy_level 4): the same bytes and nearly the same
+# outputs, a different speed (sweep --latency adds them; docs/speed.md).
+LEVEL4_BASELINES = {
+    "ORT int4 b32 (MatMul only), accuracy_level 4": "as ORT int4 b32, with MatMulNBits accuracy_level 4",
+    "ORT int4 b128 (MatMul only), accuracy_level 4": "as ORT int4 b128, with MatMulNBits accuracy_level 4",
+}
 
 
 def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -363,9 +369,9 @@ def ort_int4_model(model: onnx.ModelProto, block_size: int, accuracy_level: int 
 
 
 def ort_baseline(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """The baseline `name` (a key of BASELINES) of the float model."""
-    if name not in BASELINES:
+    """The baseline `name` (a key of BASELINES or LEVEL4_BASELINES) of the float model."""
+    if name not in BASELINES and name not in LEVEL4_BASELINES:
         raise ValueError(f"unknown baseline {name!r}")
     if "int8" in name:
         return ort_int8_model(model)
-    return ort_int4_model(model, 32 if "b32" in name else 128)
+    return ort_int4_model(model, 32 if "b32" in name else 128, 4 if name in LEVEL4_BASELINES else 0)

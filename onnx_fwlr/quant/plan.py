@@ -3,8 +3,8 @@
 The predicted loss of storing W as deq(Q(W)) + A B is ‖P (W − deq(Q(W)) − A B) Q‖², the energy the rank-r
 correction leaves of the weighted residual: one SVD per site and scheme gives it for every rank. Only the
 singular values are kept while allocating (σ² from the eigenvalues of the smaller Gram, compensate.spectrum_energy:
-a fraction of an SVD's time); the chosen option's factors are recomputed with a full SVD (quantization is
-deterministic), so memory stays at one site's decomposition at a time.
+a fraction of an SVD's time); the chosen option's factors are recomputed (quantization is deterministic) from
+the leading eigenvectors of the same Gram, so memory stays at one site's decomposition at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_fwlr.methods.lowrank import Scaling, weighted_matrix, weighted_svd
+from onnx_fwlr.methods.lowrank import Scaling, weighted_matrix
 from onnx_fwlr.quant import compensate, ortquant
 from onnx_fwlr.quant.budget import Option, rank_grid
 from onnx_fwlr.quant.graph import SitePlan
@@ -111,7 +111,8 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
     if option.storage == FP32:
         return None, 0.0
     if option.storage == LOW_RANK:
-        decomposition = weighted_svd(W, metric.left, metric.right)
+        decomposition = compensate.leading_svd(weighted_matrix(W, metric.left, metric.right), option.rank,
+                                               metric.left, metric.right)
         A, B = decomposition.factors(option.rank)
         return _with_shift(SitePlan(None, A, B), W, A @ B, metric, bias_correction), \
             decomposition.dropped_energy(option.rank)
@@ -127,7 +128,7 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
         plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
         return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
     deq = dequantized(W, scheme, dtype)
-    spectrum = compensate.residual_spectrum(W, deq, metric.left, metric.right)
+    spectrum = compensate.residual_leading(W, deq, option.rank, metric.left, metric.right)
     A, B = spectrum.factors(option.rank)
     error = spectrum.dropped_energy(option.rank)
     return _with_shift(SitePlan(scheme, A, B), W, deq + A @ B, metric, bias_correction), error

@@ -259,3 +259,69 @@ def test_the_output_is_timed_against_the_quantized_input_at_the_data_rows(shippe
     line = next(w for w in report.warnings if w.startswith("latency:"))
     assert f"{ratio:.2f}x the quantized input's" in line and line.endswith(words) and "x 16x256" in line
     assert report.budget["input_latency"]["ratio_p50"] == ratio
+
+
+def _conv_only(folder) -> tuple:
+    rng = np.random.default_rng(0)
+    kernel = numpy_helper.from_array(rng.standard_normal((32, 16, 3, 3)).astype(np.float32), "kernel")
+    nodes = [helper.make_node("Conv", ["x", "kernel"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    onnx.save(make_model(nodes, [vinfo("x", ["n", 16, 8, 8])], [vinfo("y", ["n", 32, 8, 8])], [kernel]),
+              folder / "conv.onnx")
+    np.savez(folder / "calib.npz", x=rng.standard_normal((8, 16, 8, 8)).astype(np.float32))
+    return folder / "conv.onnx", folder / "calib.npz"
+
+
+@pytest.mark.parametrize("flags", [("--ratio", 0.5), ("--quantize", "auto", "--ratio", 0.5), ("--quantize", "int4"),
+                                   ("--quantize", "auto", "--target-size", 1000),
+                                   ("--quantize", "auto", "--method", "whiten", "--ratio", 0.5)])
+def test_a_model_with_nothing_to_do_says_so_under_every_budget(flags, tmp_path, capsys):
+    model, calibration = _conv_only(tmp_path)
+    code = _cli("compress", model, "-o", tmp_path / "out.onnx", "--calib", calibration, "--quiet", *flags)
+    text = capsys.readouterr().out
+    assert code == 0 and "nothing to do" in text and not (tmp_path / "out.onnx").exists()
+    assert "raise" not in text and "below the smallest" not in text
+
+
+def test_quantize_budget_with_activation_statistics_when_gradients_are_not_used(shipped):
+    """whiten (activations only) spends a byte budget too, comparing sites by output error, and says so."""
+    from onnx_fwlr.pipeline.quantized import compress_quantized
+    from onnx_fwlr.pipeline.quantized_input import dequantize_input
+
+    folder, paths = shipped
+    source = dequantize_input(str(paths["dynamic"]))
+    model, report = compress_quantized(source.float_model, quantize="auto", ratio=0.5, method="whiten",
+                                       calibration=str(folder / "calib.npz"), source=source, progress=False)
+    assert model.ByteSize() <= 0.5 * source.input_bytes
+    assert report.method == "whiten" and any("by their output error, not by the loss" in w for w in report.warnings)
+
+
+def _recognizer(W: np.ndarray) -> onnx.ModelProto:
+    """x [n, T, 8] -> MatMul -> per-step class scores [n, T, 6] (class 0: the CTC blank)."""
+    return make_model([helper.make_node("MatMul", ["x", "W"], ["logits"], name="classifier")],
+                      [vinfo("x", ["n", "T", 8])], [vinfo("logits", ["n", "T", 6])],
+                      [numpy_helper.from_array(W.astype(np.float32), "W")])
+
+
+def test_sequence_outputs_are_judged_per_step_and_as_decoded_sequences(tmp_path, capsys):
+    from onnx_fwlr.evaluate.validation import compare_models
+
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((8, 6))
+    W2 = W + rng.standard_normal((8, 6)) * 0.1
+    x = rng.standard_normal((20, 12, 8)).astype(np.float32)
+    v = compare_models(_recognizer(W), _recognizer(W2), [{"x": x[:7]}, {"x": x[7:]}], progress=False)
+    a, b = np.argmax(x @ W, -1), np.argmax(x.astype(np.float64) @ W2, -1)
+
+    def decode(ids):
+        collapsed = [int(i) for j, i in enumerate(ids) if j == 0 or i != ids[j - 1]]
+        return [i for i in collapsed if i != 0]
+
+    same = sum(decode(p) == decode(q) for p, q in zip(a, b))
+    sequence = v.outputs[0].sequence
+    assert sequence["step_top1_agreement"] == pytest.approx(np.mean(a == b))
+    assert sequence["decoded_same"] == same and sequence["samples"] == 20 and 0 < same < 20
+    onnx.save(_recognizer(W), tmp_path / "a.onnx")
+    onnx.save(_recognizer(W2), tmp_path / "b.onnx")
+    np.savez(tmp_path / "data.npz", x=x)
+    assert _cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--data", tmp_path / "data.npz") == 0
+    assert f"greedy/CTC-decoded sequences identical for {same}/20 samples" in capsys.readouterr().out

@@ -262,7 +262,8 @@ def _compress_quantized(args, rank, ranks):
         bias_correction=False if args.no_bias_correction else None,
         include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
-        target_latency=args.target_latency, latency=latency, input_forms=forms, source=quantized)
+        target_latency=args.target_latency, latency=latency, input_forms=forms, source=quantized,
+        fallback="whiten" if args.method is None and args.calib else None)
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")

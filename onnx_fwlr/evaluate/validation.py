@@ -37,6 +37,7 @@ class OutputMetrics:
     nan_count: int  # NaNs in the compressed output
     inf_count: int  # Infs in the compressed output
     top1_agreement: float | None  # fraction of samples with equal argmax; None if not logit-like
+    sequence: dict | None = None  # class scores per step [batch, T, classes]: _SequenceStats.result()
 
     @property
     def nonfinite_count(self) -> int:
@@ -239,9 +240,18 @@ def format_validation(v: Validation, failures: Sequence[str], verdict: str | Non
             f"Accuracy on '{v.label_output}': original {100 * v.original_accuracy:.2f} %, "
             f"compressed {100 * v.compressed_accuracy:.2f} % (drop {100 * v.accuracy_drop:.2f} points)."
         )
+    lines.extend(_sequence_lines(v))
     lines.extend(_set_aside_lines(v))
     lines.append(verdict if verdict is not None else "PASS" if not failures else "FAIL: " + " ".join(failures))
     return "\n".join(lines)
+
+
+def _sequence_lines(v: Validation) -> list[str]:
+    """Per-step and decoded agreement of each sequence-of-class-scores output."""
+    return [f"output '{o.name}' as sequences [batch, T, classes]: per-step argmax agreement "
+            f"{100 * o.sequence['step_top1_agreement']:.2f} %, greedy/CTC-decoded sequences identical for "
+            f"{o.sequence['decoded_same']}/{o.sequence['samples']} samples "
+            f"({100 * o.sequence['decoded_agreement']:.2f} %)" for o in v.outputs if o.sequence]
 
 
 def _set_aside_lines(v: Validation) -> list[str]:
@@ -304,6 +314,7 @@ class _OutputStats:
         self.inf_count = 0
         self.agree = 0
         self.logit_like = scores  # class scores by the graph; the shape must agree too ([batch, classes])
+        self.sequence = _SequenceStats() if scores else None  # the same per step, [batch, T, classes]
 
     def update(self, ref: np.ndarray, out: np.ndarray) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are counted, not warned
@@ -329,6 +340,8 @@ class _OutputStats:
         self.logit_like = self.logit_like and _is_logit_like(ref)
         if self.logit_like:
             self.agree += int(np.sum(_top1(ref) == _top1(out)))
+        if self.sequence is not None:
+            self.sequence = self.sequence.update(ref, out)
 
     def result(self, name: str) -> OutputMetrics:
         return OutputMetrics(
@@ -341,7 +354,42 @@ class _OutputStats:
             nan_count=self.nan_count,
             inf_count=self.inf_count,
             top1_agreement=self.agree / max(self.num_rows, 1) if self.logit_like else None,
+            sequence=self.sequence.result() if self.sequence is not None and self.sequence.samples else None,
         )
+
+
+class _SequenceStats:
+    """Class scores per step ([batch, T, classes]: a recognizer's or tagger's output) judged as the task reads
+    them: the share of steps whose argmax agrees, and the share of samples whose greedy decoding agrees
+    (argmax per step, repeats collapsed, class 0 taken as the CTC blank and dropped), the text an OCR or
+    speech model would print."""
+
+    BLANK = 0
+
+    def __init__(self):
+        self.steps = self.steps_agree = self.samples = self.decoded_agree = 0
+
+    def update(self, ref: np.ndarray, out: np.ndarray):
+        """Self with this batch added, or None once an output is not [batch, T, classes]."""
+        if ref.ndim != 3 or ref.shape[-1] < 2 or ref.shape != out.shape:
+            return None
+        a, b = np.argmax(ref, axis=-1), np.argmax(out, axis=-1)
+        self.steps += a.size
+        self.steps_agree += int(np.sum(a == b))
+        self.samples += a.shape[0]
+        self.decoded_agree += sum(_greedy_decode(x) == _greedy_decode(y) for x, y in zip(a, b))
+        return self
+
+    def result(self) -> dict:
+        return {"step_top1_agreement": self.steps_agree / self.steps, "decoded_agreement":
+                self.decoded_agree / self.samples, "decoded_same": self.decoded_agree, "samples": self.samples}
+
+
+def _greedy_decode(ids: np.ndarray) -> tuple[int, ...]:
+    """Greedy CTC decoding of one sample's per-step argmax: repeats collapsed, blanks (class 0) dropped."""
+    keep = np.ones(len(ids), dtype=bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return tuple(int(i) for i in ids[keep] if i != _SequenceStats.BLANK)
 
 
 def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

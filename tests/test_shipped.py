@@ -5,6 +5,8 @@ that can be compared (the others are named, not an error)."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnx
 import pytest
@@ -52,6 +54,7 @@ def test_half_of_a_quantized_input_is_half_its_bytes(shipped, fmt, budget, tmp_p
     assert code == 0, text
     assert file_size(out) <= 0.55 * file_size(paths[fmt])
     assert "cos mean" in text and "PASS" in text
+    assert re.search(r"^  fc\d: .*\d -> [\d,]+ bytes", text, re.M)  # each site's bytes before and after
     result = onnx.load(out)
     floats = [t.name for t in result.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2
               and min(t.dims) > 1 and "scale" not in t.name]
@@ -325,3 +328,14 @@ def test_sequence_outputs_are_judged_per_step_and_as_decoded_sequences(tmp_path,
     np.savez(tmp_path / "data.npz", x=x)
     assert _cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--data", tmp_path / "data.npz") == 0
     assert f"greedy/CTC-decoded sequences identical for {same}/20 samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("qtype, values", [(TensorProto.INT8, [-128, -1, 0, 127]), (TensorProto.UINT8, [0, 255, 7]),
+                                           (TensorProto.INT4, [-8, -1, 0, 7, 3]), (TensorProto.UINT4, [0, 15, 9])])
+def test_packed_integers_round_trip_at_their_bit_width(qtype, values):
+    from onnx_fwlr.quant.requantize import packed_integers
+
+    tensor = packed_integers(np.array(values), qtype, "q")
+    bits = 4 if qtype in (TensorProto.INT4, TensorProto.UINT4) else 8
+    assert tensor.data_type == qtype and len(tensor.raw_data) == -(-len(values) * bits // 8)
+    assert numpy_helper.to_array(tensor).astype(np.int64).tolist() == values

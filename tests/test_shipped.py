@@ -339,3 +339,38 @@ def test_packed_integers_round_trip_at_their_bit_width(qtype, values):
     bits = 4 if qtype in (TensorProto.INT4, TensorProto.UINT4) else 8
     assert tensor.data_type == qtype and len(tensor.raw_data) == -(-len(values) * bits // 8)
     assert numpy_helper.to_array(tensor).astype(np.int64).tolist() == values
+
+
+def _states_model(W: np.ndarray) -> onnx.ModelProto:
+    """x [n, 8] -> MatMul -> states [2, n, 4] (two 'layers' of the same state): the sample axis is 1."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="cell"),
+             helper.make_node("Unsqueeze", ["h", "zero"], ["h0"], name="layer_axis"),
+             helper.make_node("Concat", ["h0", "h0"], ["states"], name="layers", axis=0)]
+    inits = [numpy_helper.from_array(W.astype(np.float32), "W"), numpy_helper.from_array(np.array([0]), "zero")]
+    return make_model(nodes, [vinfo("x", ["n", 8])], [vinfo("states", [2, "n", 4])], inits)
+
+
+def test_outputs_whose_sample_axis_is_not_0_are_compared_per_sample(tmp_path, capsys):
+    """[layers, batch, H]: found from the symbolic 'n', the min cosine is the worst sample's (not a layer's)."""
+    from onnx_fwlr.evaluate.validation import compare_models
+
+    rng = np.random.default_rng(6)
+    W, x = rng.standard_normal((8, 4)), rng.standard_normal((10, 8)).astype(np.float32)
+    W2 = W + rng.standard_normal((8, 4)) * 0.3
+    v = compare_models(_states_model(W), _states_model(W2), [{"x": x}], progress=False)
+    a, b = x @ W, x.astype(np.float64) @ W2
+    per_sample = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert v.outputs[0].min_cosine == pytest.approx(per_sample.min(), abs=1e-5)
+    assert v.outputs[0].mean_cosine == pytest.approx(per_sample.mean(), abs=1e-5)
+    onnx.save(_states_model(W), tmp_path / "a.onnx")
+    onnx.save(_states_model(W2), tmp_path / "b.onnx")
+    np.savez(tmp_path / "data.npz", x=x)
+    assert _cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--data", tmp_path / "data.npz",
+                "--batch-axis", "states:0", "--json", tmp_path / "v.json") == 0  # the user's word wins: per layer
+    import json
+
+    assert json.loads((tmp_path / "v.json").read_text())["outputs"][0]["min_cosine"] == pytest.approx(
+        min(np.sum(a * b) / np.linalg.norm(a) / np.linalg.norm(b), 1.0), abs=1e-5)
+    assert _cli("validate", tmp_path / "a.onnx", tmp_path / "b.onnx", "--data", tmp_path / "data.npz",
+                "--batch-axis", "states") == 2
+    assert "is not OUTPUT:AXIS" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.outputs import batch_axes as find_batch_axes
 from onnx_fwlr.evaluate.outputs import common_prefix as common_prefix_of
 from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io import runtime
@@ -136,6 +137,7 @@ def compare_models(
     common_prefix: bool = False,
     total: int | None = None,
     set_aside: bool = False,
+    batch_axes: dict[str, int] | None = None,
 ) -> Validation:
     """Run both models on every batch and measure how far the compressed outputs stray.
 
@@ -147,7 +149,9 @@ def compare_models(
     class scores (evaluate.outputs.score_outputs): on an embedding it means nothing. `total`: the number of
     batches, when known, for the progress bar. `set_aside`: an output whose shape changed (and that no common
     prefix reconciles) is not an error but left out of the comparison, with the reason in
-    `Validation.unjudged`, so a finished compression is judged on what can be judged.
+    `Validation.unjudged`, so a finished compression is judged on what can be judged. An output whose sample
+    axis is not 0 (`batch_axes`: name -> axis, else found from the model's symbolic dimensions) is compared
+    per sample along that axis.
     """
     original_session = _session(original, providers, "original")
     compressed_session = _session(compressed, providers, "compressed")
@@ -162,6 +166,7 @@ def compare_models(
     stats = {name: _OutputStats(scores is None or name in scores) for name in names}
     unjudged: dict[str, str] = {}
     prefixed: set[str] = set()
+    axes = _checked_batch_axes(original, batch_axes, names)
     correct = np.zeros(2, dtype=np.int64)  # samples the original / compressed model gets right
     num_samples = 0
     num_batches = 0
@@ -172,6 +177,8 @@ def compare_models(
         for name, ref, out in zip(names, reference, candidate):
             if name in unjudged:
                 continue
+            if axes.get(name):
+                ref, out = _samples_first(name, ref, out, axes[name])
             if ref.shape != out.shape:
                 shared = _shared_part(name, ref, out, common_prefix, set_aside, unjudged)
                 if shared is None:
@@ -252,6 +259,22 @@ def _sequence_lines(v: Validation) -> list[str]:
             f"{100 * o.sequence['step_top1_agreement']:.2f} %, greedy/CTC-decoded sequences identical for "
             f"{o.sequence['decoded_same']}/{o.sequence['samples']} samples "
             f"({100 * o.sequence['decoded_agreement']:.2f} %)" for o in v.outputs if o.sequence]
+
+
+def _checked_batch_axes(model, given: dict[str, int] | None, names: list[str]) -> dict[str, int]:
+    """The sample axis of each compared output that has one other than 0 (evaluate.outputs.batch_axes)."""
+    unknown = sorted(set(given or {}) - set(names))
+    if unknown:
+        raise FwlrError(f"`batch_axes` names {', '.join(unknown)}, which is not a compared output; choose from "
+                        f"{', '.join(names)}.")
+    return {name: axis for name, axis in find_batch_axes(model, given).items() if name in names}
+
+
+def _samples_first(name: str, ref: np.ndarray, out: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    if not -ref.ndim <= axis < ref.ndim or ref.ndim != out.ndim:
+        raise FwlrError(f"`batch_axes` gives output '{name}' axis {axis}, but it has {ref.ndim} axes; give an "
+                        "axis it has.")
+    return np.moveaxis(ref, axis, 0), np.moveaxis(out, axis, 0)
 
 
 def _set_aside_lines(v: Validation) -> list[str]:

@@ -397,3 +397,22 @@ def test_a_dynamic_quantize_lstm_model_where_its_sites_allow(tmp_path, capsys):
     assert _cli("compress", tmp_path / "int8.onnx", "-o", out, "--quantize", "auto", "--ratio", 0.8, *common) == 2
     err = capsys.readouterr().err
     assert "below the smallest model" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_a_weight_no_quantizer_can_write_back_is_kept_as_the_input_has_it():
+    """Blocked int8 QDQ weights (ONNX Runtime writes blocked QDQ at 4 bits only) are not dequantized: the
+    site stays exactly as stored, with the reason, instead of failing after the work."""
+    from onnx_fwlr.quant.dequantize import dequantize_model
+    from onnx_fwlr.sites.listing import inspect_model
+
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (64, 16)).astype(np.int8), "w_q"),
+             numpy_helper.from_array((rng.random((2, 16)) * 0.01 + 0.001).astype(np.float32), "w_s")]
+    nodes = [helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], name="w_dq", axis=0, block_size=32),
+             helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    model = make_model(nodes, [vinfo("x", ["n", 64])], [vinfo("y", ["n", 16])], inits, opset=21, ir_version=10)
+    recovered = dequantize_model(model)
+    assert recovered.sites == [] and recovered.model is model
+    assert [s.node for s in recovered.left] == ["w_dq"] and "4 bits only" in recovered.left[0].reason
+    text = inspect_model(model).format()
+    assert "kept as the input has it: ONNX Runtime writes blocked QDQ weights at 4 bits only" in text

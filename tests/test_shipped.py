@@ -416,3 +416,28 @@ def test_a_weight_no_quantizer_can_write_back_is_kept_as_the_input_has_it():
     assert [s.node for s in recovered.left] == ["w_dq"] and "4 bits only" in recovered.left[0].reason
     text = inspect_model(model).format()
     assert "kept as the input has it: ONNX Runtime writes blocked QDQ weights at 4 bits only" in text
+
+
+def test_inputs_whose_sample_axis_is_not_0_are_split_along_it(tmp_path, capsys):
+    """x [n, 8] beside an initial state h [2, n, 4] (symbolic 'n' on axis 1): one .npz holds both, each batch
+    cuts h along axis 1, and compress and validate run on it."""
+    from onnx_fwlr.io.data import open_data
+
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "W2"),
+             numpy_helper.from_array(np.array([0]), "layers")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="fc"),
+             helper.make_node("MatMul", ["a", "W2"], ["b"], name="fc2"),
+             helper.make_node("ReduceSum", ["h", "layers"], ["h_sum"], name="state", keepdims=0),
+             helper.make_node("Add", ["b", "h_sum"], ["y"], name="join")]
+    model = make_model(nodes, [vinfo("x", ["n", 8]), vinfo("h", [2, "n", 4])], [vinfo("y", ["n", 4])], inits,
+                       opset=18)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=data(20, 8, seed=1), h=rng.standard_normal((2, 20, 4)).astype(np.float32))
+    shapes = [(f["x"].shape, f["h"].shape) for f, _ in open_data(str(tmp_path / "d.npz"), model, batch_size=8)]
+    assert shapes == [((8, 8), (2, 8, 4)), ((8, 8), (2, 8, 4)), ((4, 8), (2, 4, 4))]
+    assert _cli("compress", tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--rank", 2, "--calib",
+                tmp_path / "d.npz", "--val", tmp_path / "d.npz", "--batch-size", 8, "--quiet",
+                "--no-ort-comparison") == 0
+    assert "Compared 20 samples in 3 batches" in capsys.readouterr().out

@@ -233,7 +233,7 @@ def test_budget_is_met_and_a_larger_budget_keeps_more():
     (dict(quantize="int4", target_size=2_000), "below the smallest model int4 quantization can reach"),
     (dict(quantize="auto"), "`target_size` or `ratio`"),
     (dict(quantize="int2"), "unknown `quantize`"),
-    (dict(quantize="int4", ratio=0.5, method="whiten"), "loss units"),
+    (dict(quantize="int4", ratio=0.5, method="svd"), "loss units"),
 ])
 def test_bad_inputs_get_one_sentence(kwargs, message):
     model, _ = _three_site_model()

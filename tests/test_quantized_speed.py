@@ -171,7 +171,9 @@ def test_cli_quantize_target_latency_on_an_int8_input_times_kept_sites_as_int8(t
 
 def test_int8_input_sites_are_timed_as_int8_and_stay_int8_unless_their_pair_is_faster(tmp_path, int8_model):
     latency = FakeLatency(tmp_path, slow_pairs={(64, 256), (256, 10)})  # only fc2's int8 pair is faster
-    model, report = compress(str(int8_model), ratio=0.3, allocation="global", rank_multiple="auto", latency=latency,
+    # ratio 0.4 of the int8 input's bytes: about 0.29 of the sites' parameters (a quantized input's budget counts
+    # its bytes, issue 30)
+    model, report = compress(str(int8_model), ratio=0.4, allocation="global", rank_multiple="auto", latency=latency,
                              **KFAC)
     assert set(latency.calls) == {lat.INT8}  # never timed as fp32: the sites run as int8 once requantized
     ranks = {s.name: s.rank for s in report.sites}

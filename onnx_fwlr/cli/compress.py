@@ -14,6 +14,7 @@ from onnx_fwlr.cli.options import (
     decomposition_arguments,
     fisher_options,
     language_arguments,
+    parse_batch_axes,
     parse_kron_shape,
     parse_outputs,
     parse_ranks,
@@ -211,7 +212,7 @@ class Compress:
                 refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
                 dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
                 rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
-                latency_check=not args.no_latency_check,
+                latency_check=not args.no_latency_check, batch_axes=parse_batch_axes(args.batch_axis),
             )
         out = printer(args)
         report.file_size_before = file_size(args.model)
@@ -391,7 +392,8 @@ def _compress_quantized(args, rank, ranks):
         shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
         target_latency=args.target_latency, latency=latency, input_forms=forms,
         accuracy_level=_accuracy_level(args), merge=args.merge_corrections,
-        level_timer=_level_timer(args), source=quantized)
+        level_timer=_level_timer(args), source=quantized,
+        fallback="whiten" if args.method is None and args.calib else None)
     if quantized:  # weights --quantize left in float go back to their own scheme
         model = requantize_output(model, quantized, report, only_float_nodes=True,
                                   how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
@@ -402,6 +404,6 @@ def _compress_quantized(args, rank, ranks):
     if args.val and args.metric == "outputs":
         report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
                                   outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
-                                  set_aside=True)
+                                  set_aside=True, batch_axes=parse_batch_axes(args.batch_axis))
         report.validation = report.checked.to_dict()
     return model, report

@@ -159,6 +159,23 @@ def comparison_arguments(p):
                    help="outputs to compare (default: every floating-point output both models share)")
     p.add_argument("--common-prefix", action="store_true",
                    help="compare outputs whose length differs between the models (e.g. audio) over the part both have")
+    p.add_argument("--batch-axis", action="append", default=[], metavar="OUTPUT:AXIS",
+                   help="the sample axis of an output when it is not 0 (e.g. states:1 for [layers, batch, H]; "
+                        "found from the model's symbolic dimensions when they say it); repeatable")
+
+
+def parse_batch_axes(items: list[str]) -> dict[str, int]:
+    axes = {}
+    for item in items:
+        name, _, axis = item.rpartition(":")
+        try:
+            axes[name] = int(axis)
+        except ValueError:
+            name = ""
+        if not name:
+            raise FwlrError(f"--batch-axis '{item}' is not OUTPUT:AXIS; give an output name and an axis, e.g. "
+                            "states:1.")
+    return axes
 
 
 def parse_outputs(text: str | None) -> list[str] | None:

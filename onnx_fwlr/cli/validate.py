@@ -6,6 +6,7 @@ from onnx_fwlr.cli.options import (
     JSON_OUT,
     comparison_arguments,
     language_arguments,
+    parse_batch_axes,
     parse_outputs,
     printer,
     report_language,
@@ -51,7 +52,7 @@ class Validate:
             return code
         validation = validate(args.original, args.compressed, args.data, batch_size=args.batch_size,
                               progress=not args.quiet, outputs=parse_outputs(args.outputs),
-                              common_prefix=args.common_prefix)
+                              common_prefix=args.common_prefix, batch_axes=parse_batch_axes(args.batch_axis))
         code = report_validation(validation, args, printer(args))
         if args.json:
             write_json(validation.to_dict(), args.json)

@@ -56,6 +56,24 @@ def _graph(model) -> onnx.GraphProto | None:
         return None
 
 
+def batch_axes(model, given: dict[str, int] | None = None) -> dict[str, int]:
+    """Output name -> its sample axis, where it is not 0: the axis whose symbolic dimension has the name of the
+    first input's axis 0 (the axis the data is split along; e.g. LSTM states [layers, batch, H] -> 1), and the
+    `given` ones (`--batch-axis NAME:AXIS`) over those."""
+    axes: dict[str, int] = {}
+    graph = _graph(model)
+    if graph is not None:
+        constants = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in constants and i.type.tensor_type.shape.dim]
+        batch = inputs[0].type.tensor_type.shape.dim[0].dim_param if inputs else ""
+        for output in graph.output if batch else []:
+            names = [d.dim_param for d in output.type.tensor_type.shape.dim]
+            if names.count(batch) == 1 and names.index(batch) != 0:
+                axes[output.name] = names.index(batch)
+    axes.update(given or {})
+    return axes
+
+
 def common_prefix(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Both arrays cut to the sizes they share on every axis, whichever axis varies; None when their ranks
     differ, which no prefix can reconcile. A 1-D output whose length varies (generated audio) has no sample

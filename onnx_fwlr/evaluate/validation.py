@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.outputs import batch_axes as find_batch_axes
 from onnx_fwlr.evaluate.outputs import common_prefix as common_prefix_of
 from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io import runtime
@@ -37,6 +38,7 @@ class OutputMetrics:
     nan_count: int  # NaNs in the compressed output
     inf_count: int  # Infs in the compressed output
     top1_agreement: float | None  # fraction of samples with equal argmax; None if not logit-like
+    sequence: dict | None = None  # class scores per step [batch, T, classes]: _SequenceStats.result()
 
     @property
     def nonfinite_count(self) -> int:
@@ -135,6 +137,7 @@ def compare_models(
     common_prefix: bool = False,
     total: int | None = None,
     set_aside: bool = False,
+    batch_axes: dict[str, int] | None = None,
 ) -> Validation:
     """Run both models on every batch and measure how far the compressed outputs stray.
 
@@ -146,7 +149,9 @@ def compare_models(
     class scores (evaluate.outputs.score_outputs): on an embedding it means nothing. `total`: the number of
     batches, when known, for the progress bar. `set_aside`: an output whose shape changed (and that no common
     prefix reconciles) is not an error but left out of the comparison, with the reason in
-    `Validation.unjudged`, so a finished compression is judged on what can be judged.
+    `Validation.unjudged`, so a finished compression is judged on what can be judged. An output whose sample
+    axis is not 0 (`batch_axes`: name -> axis, else found from the model's symbolic dimensions) is compared
+    per sample along that axis.
     """
     original_session = _session(original, providers, "original")
     compressed_session = _session(compressed, providers, "compressed")
@@ -161,6 +166,7 @@ def compare_models(
     stats = {name: _OutputStats(scores is None or name in scores) for name in names}
     unjudged: dict[str, str] = {}
     prefixed: set[str] = set()
+    axes = _checked_batch_axes(original, batch_axes, names)
     correct = np.zeros(2, dtype=np.int64)  # samples the original / compressed model gets right
     num_samples = 0
     num_batches = 0
@@ -171,6 +177,8 @@ def compare_models(
         for name, ref, out in zip(names, reference, candidate):
             if name in unjudged:
                 continue
+            if axes.get(name):
+                ref, out = _samples_first(name, ref, out, axes[name])
             if ref.shape != out.shape:
                 shared = _shared_part(name, ref, out, common_prefix, set_aside, unjudged)
                 if shared is None:
@@ -239,9 +247,34 @@ def format_validation(v: Validation, failures: Sequence[str], verdict: str | Non
             f"Accuracy on '{v.label_output}': original {100 * v.original_accuracy:.2f} %, "
             f"compressed {100 * v.compressed_accuracy:.2f} % (drop {100 * v.accuracy_drop:.2f} points)."
         )
+    lines.extend(_sequence_lines(v))
     lines.extend(_set_aside_lines(v))
     lines.append(verdict if verdict is not None else "PASS" if not failures else "FAIL: " + " ".join(failures))
     return "\n".join(lines)
+
+
+def _sequence_lines(v: Validation) -> list[str]:
+    """Per-step and decoded agreement of each sequence-of-class-scores output."""
+    return [f"output '{o.name}' as sequences [batch, T, classes]: per-step argmax agreement "
+            f"{100 * o.sequence['step_top1_agreement']:.2f} %, greedy/CTC-decoded sequences identical for "
+            f"{o.sequence['decoded_same']}/{o.sequence['samples']} samples "
+            f"({100 * o.sequence['decoded_agreement']:.2f} %)" for o in v.outputs if o.sequence]
+
+
+def _checked_batch_axes(model, given: dict[str, int] | None, names: list[str]) -> dict[str, int]:
+    """The sample axis of each compared output that has one other than 0 (evaluate.outputs.batch_axes)."""
+    unknown = sorted(set(given or {}) - set(names))
+    if unknown:
+        raise FwlrError(f"`batch_axes` names {', '.join(unknown)}, which is not a compared output; choose from "
+                        f"{', '.join(names)}.")
+    return {name: axis for name, axis in find_batch_axes(model, given).items() if name in names}
+
+
+def _samples_first(name: str, ref: np.ndarray, out: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    if not -ref.ndim <= axis < ref.ndim or ref.ndim != out.ndim:
+        raise FwlrError(f"`batch_axes` gives output '{name}' axis {axis}, but it has {ref.ndim} axes; give an "
+                        "axis it has.")
+    return np.moveaxis(ref, axis, 0), np.moveaxis(out, axis, 0)
 
 
 def _set_aside_lines(v: Validation) -> list[str]:
@@ -304,6 +337,7 @@ class _OutputStats:
         self.inf_count = 0
         self.agree = 0
         self.logit_like = scores  # class scores by the graph; the shape must agree too ([batch, classes])
+        self.sequence = _SequenceStats() if scores else None  # the same per step, [batch, T, classes]
 
     def update(self, ref: np.ndarray, out: np.ndarray) -> None:
         with np.errstate(invalid="ignore", over="ignore"):  # non-finite outputs are counted, not warned
@@ -329,6 +363,8 @@ class _OutputStats:
         self.logit_like = self.logit_like and _is_logit_like(ref)
         if self.logit_like:
             self.agree += int(np.sum(_top1(ref) == _top1(out)))
+        if self.sequence is not None:
+            self.sequence = self.sequence.update(ref, out)
 
     def result(self, name: str) -> OutputMetrics:
         return OutputMetrics(
@@ -341,7 +377,42 @@ class _OutputStats:
             nan_count=self.nan_count,
             inf_count=self.inf_count,
             top1_agreement=self.agree / max(self.num_rows, 1) if self.logit_like else None,
+            sequence=self.sequence.result() if self.sequence is not None and self.sequence.samples else None,
         )
+
+
+class _SequenceStats:
+    """Class scores per step ([batch, T, classes]: a recognizer's or tagger's output) judged as the task reads
+    them: the share of steps whose argmax agrees, and the share of samples whose greedy decoding agrees
+    (argmax per step, repeats collapsed, class 0 taken as the CTC blank and dropped), the text an OCR or
+    speech model would print."""
+
+    BLANK = 0
+
+    def __init__(self):
+        self.steps = self.steps_agree = self.samples = self.decoded_agree = 0
+
+    def update(self, ref: np.ndarray, out: np.ndarray):
+        """Self with this batch added, or None once an output is not [batch, T, classes]."""
+        if ref.ndim != 3 or ref.shape[-1] < 2 or ref.shape != out.shape:
+            return None
+        a, b = np.argmax(ref, axis=-1), np.argmax(out, axis=-1)
+        self.steps += a.size
+        self.steps_agree += int(np.sum(a == b))
+        self.samples += a.shape[0]
+        self.decoded_agree += sum(_greedy_decode(x) == _greedy_decode(y) for x, y in zip(a, b))
+        return self
+
+    def result(self) -> dict:
+        return {"step_top1_agreement": self.steps_agree / self.steps, "decoded_agreement":
+                self.decoded_agree / self.samples, "decoded_same": self.decoded_agree, "samples": self.samples}
+
+
+def _greedy_decode(ids: np.ndarray) -> tuple[int, ...]:
+    """Greedy CTC decoding of one sample's per-step argmax: repeats collapsed, blanks (class 0) dropped."""
+    keep = np.ones(len(ids), dtype=bool)
+    keep[1:] = ids[1:] != ids[:-1]
+    return tuple(int(i) for i in ids[keep] if i != _SequenceStats.BLANK)
 
 
 def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

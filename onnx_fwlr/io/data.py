@@ -76,8 +76,21 @@ def _sized(batches: Batches, total: int | None, shard) -> Batches:
     return SizedBatches(batches._source, batches.specs, batches.description, total, batches.smoke_test)
 
 
-def npz_batch_count(path: Path, batch_size: int, limit: int | None = None) -> int | None:
-    """How many batches an .npz gives, from its array headers alone (None when they cannot be read)."""
+def input_batch_axes(specs: list[InputSpec]) -> dict[str, int]:
+    """Input name -> its sample axis where it is not 0: the axis whose symbolic dimension has the name of the
+    first input's axis 0 (an LSTM's initial state [layers, batch, H] next to x [batch, T, F] -> 1)."""
+    batch = specs[0].shape[0] if specs and specs[0].shape and isinstance(specs[0].shape[0], str) else None
+    axes = {}
+    for spec in specs[1:] if batch else []:
+        if spec.shape.count(batch) == 1 and spec.shape.index(batch) != 0:
+            axes[spec.name] = spec.shape.index(batch)
+    return axes
+
+
+def npz_batch_count(path: Path, batch_size: int, limit: int | None = None,
+                    axes: dict[str, int] | None = None) -> int | None:
+    """How many batches an .npz gives, from its array headers alone (None when they cannot be read); `axes`:
+    the sample axis of inputs whose samples are not on axis 0."""
     import zipfile
 
     try:
@@ -89,7 +102,8 @@ def npz_batch_count(path: Path, batch_size: int, limit: int | None = None) -> in
                     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                         np.lib.format.read_array_header_2_0
                     shape = read(member)[0]
-                    counts.append(shape[0] if shape else 0)
+                    axis = (axes or {}).get(name.removesuffix(".npy"), 0)
+                    counts.append(shape[axis] if len(shape) > axis else 0)
     except Exception:  # noqa: BLE001 - unknown count: reading the data later names any problem
         return None
     samples = min(counts) if counts else 0
@@ -110,6 +124,7 @@ def open_data(
     """Turn any supported source into checked batches. `limit` caps the samples of .npz sources;
     `shard=(i, n)` keeps the i-th of n interleaved parts of the batches (for calibration spread over processes)."""
     specs = model_inputs(model)
+    axes = input_batch_axes(specs)
     if batch_size < 1:
         raise FwlrError(f"`batch_size` {batch_size} is out of range; it must be a positive integer.")
     if isinstance(source, str) and source == "random":
@@ -121,16 +136,16 @@ def open_data(
             files = sorted(path.glob("*.npz"))
             if not files:
                 raise FwlrError(f"{path}: folder holds no .npz files; put one batch per .npz file in it.")
-            make = lambda: (batch for f in files for batch in _npz_batches(f, batch_size, None))  # noqa: E731
-            counts = [npz_batch_count(f, batch_size) for f in files]
+            make = lambda: (batch for f in files for batch in _npz_batches(f, batch_size, None, axes))  # noqa: E731
+            counts = [npz_batch_count(f, batch_size, None, axes) for f in files]
             total = None if None in counts else sum(counts)
             return _sized(Batches(_sharded(make, shard), specs, str(path)), total, shard)
         if not path.exists():
             raise FwlrError(f"{path}: data file not found; check the path.")
         if path.suffix != ".npz":
             raise FwlrError(f"{path}: calibration data must be a .npz file (keys = input names) or a folder of them.")
-        return _sized(Batches(_sharded(lambda: _npz_batches(path, batch_size, limit), shard), specs, str(path)),
-                      npz_batch_count(path, batch_size, limit), shard)
+        return _sized(Batches(_sharded(lambda: _npz_batches(path, batch_size, limit, axes), shard), specs,
+                              str(path)), npz_batch_count(path, batch_size, limit, axes), shard)
     if hasattr(source, "get_next"):
         reader = source
         return Batches(lambda: iter(reader.get_next, None), specs, "CalibrationDataReader")
@@ -155,7 +170,6 @@ def _sharded(make, shard):
     return lambda: (batch for i, batch in enumerate(make()) if i % count == index)
 
 
-
 def _plain_array(archive, key: str, path) -> np.ndarray:
     """One array of an .npz; object arrays (pickled Python objects) are refused, never unpickled."""
     try:
@@ -166,7 +180,10 @@ def _plain_array(archive, key: str, path) -> np.ndarray:
                         ) from None
 
 
-def _npz_batches(path: Path, batch_size: int, limit: int | None):
+def _npz_batches(path: Path, batch_size: int, limit: int | None, axes: dict[str, int] | None = None):
+    """Batches of `batch_size` samples, each array cut along its sample axis (0, or `axes`' for inputs whose
+    samples are on another axis)."""
+    axes = axes or {}
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - any failure to open means "not a usable npz"
@@ -175,16 +192,18 @@ def _npz_batches(path: Path, batch_size: int, limit: int | None):
         arrays = {key: _plain_array(archive, key, path) for key in archive.files}
     if not arrays:
         raise FwlrError(f"{path}: holds no arrays; save the model inputs under their input names.")
-    counts = {key: len(a) if a.ndim else 0 for key, a in arrays.items()}
+    counts = {key: a.shape[axes.get(key, 0)] if a.ndim > axes.get(key, 0) else 0 for key, a in arrays.items()}
     n = min(counts.values())
     if len(set(counts.values())) > 1:
-        raise FwlrError(
-            f"{path}: arrays disagree on the number of samples ({counts}); the leading axis must be samples in all."
-        )
+        where = "the leading axis must be samples in all" + (
+            f" (samples on axis {', '.join(f'{k}: {v}' for k, v in sorted(axes.items()))}, as the model's "
+            "symbolic dimensions say)" if axes else "")
+        raise FwlrError(f"{path}: arrays disagree on the number of samples ({counts}); {where}.")
     if limit is not None:
         n = min(n, limit)
     for start in range(0, n, batch_size):
-        yield {key: a[start:start + batch_size] for key, a in arrays.items()}
+        rows = slice(start, start + batch_size)
+        yield {key: a[(slice(None),) * axes.get(key, 0) + (rows,)] for key, a in arrays.items()}
 
 
 def check_batch(raw: dict, specs: list[InputSpec], where: str) -> tuple[dict, np.ndarray | None]:

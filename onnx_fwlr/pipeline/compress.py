@@ -106,6 +106,7 @@ def compress(
     latency=None,
     progress: bool = True,
     latency_check: bool = False,
+    batch_axes: dict[str, int] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
 
@@ -116,7 +117,7 @@ def compress(
     the report says the result is data-free. A method given with no allocation gets global allocation when
     it has loss-unit (gradient) statistics, else uniform. Every argument is checked, and every sample of
     `validation` and file or list `calibration` data is read and checked, before any work. `outputs` and
-    `common_prefix` choose what `validation` compares (evaluate.validation.compare_models).
+    `common_prefix` (and `batch_axes`) choose what `validation` compares (evaluate.validation.compare_models).
     The input (path or ModelProto) is never modified. Methods other than svd need statistics: give
     `calibration` data (a .npz path, a folder of them, an iterable of feed dicts, a CalibrationDataReader,
     or "random" for a smoke test) or precomputed `stats` (a Statistics object or a stats file path).
@@ -157,7 +158,7 @@ def compress(
         bias_correction=bias_correction, fisher_options=fisher_options, sequential=sequential, methods=methods,
         dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
         rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
-        compare=dict(outputs=outputs, common_prefix=common_prefix),
+        compare=dict(outputs=outputs, common_prefix=common_prefix, batch_axes=batch_axes),
         structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
     quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
     source = quantized.float_model if quantized else model
@@ -190,7 +191,8 @@ def compress(
     if validation is not None and report.sites:
         if report.checked is None or report.refined is not None or quantized:
             report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
-                                      outputs=outputs, common_prefix=common_prefix, set_aside=True)
+                                      outputs=outputs, common_prefix=common_prefix, set_aside=True,
+                                      batch_axes=batch_axes)
         report.validation = report.checked.to_dict()
     return compressed, report
 
@@ -344,9 +346,10 @@ def validate(
     progress: bool = True,
     common_prefix: bool = False,
     set_aside: bool = False,
+    batch_axes: dict[str, int] | None = None,
 ):
     """Compare both models on the same batches (labels from the data's `labels` key, when present); `outputs`,
-    `common_prefix` and `set_aside` as in evaluate.validation.compare_models."""
+    `common_prefix`, `set_aside` and `batch_axes` as in evaluate.validation.compare_models."""
     from onnx_fwlr.evaluate.validation import compare_models
 
     reference = original if isinstance(original, onnx.ModelProto) else load_model(original)
@@ -355,4 +358,4 @@ def validate(
     feeds = (feed for feed, _ in batches)
     return compare_models(original, compressed, feeds, labels=np.concatenate(labels) if labels else None,
                           outputs=outputs, progress=progress, common_prefix=common_prefix,
-                          total=getattr(batches, "total", None), set_aside=set_aside)
+                          total=getattr(batches, "total", None), set_aside=set_aside, batch_axes=batch_axes)

@@ -28,7 +28,7 @@ from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes, load_model
-from onnx_fwlr.methods.registry import get_method, input_scaling, output_scaling
+from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
@@ -105,6 +105,7 @@ def compress_quantized(
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
     input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False, source=None,
+    fallback: str | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -129,6 +130,9 @@ def compress_quantized(
     `source` (pipeline.quantized_input.QuantizedInput): `model` is the float form of this quantized input.
     Budgets then count the input's bytes (`ratio` of the input file), every site may also stay exactly as
     the input stored it (at its bytes there), and a weight kept is quantized back with its own scheme.
+    `fallback`: the method to use when `method` was a default whose gradients cannot run on this model
+    (prepare's rule); a budget then compares sites by their activation-weighted output error, as the report
+    says.
     """
     check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_budget(quantize, method, target_size, ratio, rank, target_latency)
@@ -147,7 +151,7 @@ def compress_quantized(
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
         progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
-        merge=merge, source=source)
+        merge=merge, source=source, fallback=fallback)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
                            latency=latency, input_forms=input_forms)
 
@@ -158,7 +162,7 @@ def prepare_quantized(
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
-    source=None,
+    source=None, fallback: str | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
@@ -169,16 +173,16 @@ def prepare_quantized(
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-                       fisher_options=fisher_options, progress=progress)
+                       fisher_options=fisher_options, progress=progress, fallback=fallback)
     with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
         return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
                             rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
-                            fisher_options, progress, timed, accuracy_level, level_timer, merge, feed)
+                            fisher_options, progress, timed, accuracy_level, level_timer, merge, feed, source)
 
 
 def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors, rank_step,
                  alternate, bias_correction, budgeted, batch_size, mask_input, shapes, fisher_options, progress,
-                 timed, accuracy_level, level_timer, merge, feed) -> QuantizeJob:
+                 timed, accuracy_level, level_timer, merge, feed, source) -> QuantizeJob:
     """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
     schemes = _site_schemes(quantize, block_size, int8)
@@ -193,8 +197,13 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
                       merge=merge, progress=progress, source=source)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
+    gradients = get_method(prepared.method).loss_units
+    if budgeted and not gradients and sites:
+        job.warnings.append(f"{prepared.method} weighs each site's error by its input activations only (no "
+                            "gradients): the budget compares sites by their output error, not by the loss, and "
+                            "embedding tables follow `embeddings`.")
     if budgeted:
-        priced = job.tables if embeddings == "auto" and not timed else []
+        priced = job.tables if embeddings == "auto" and not timed and gradients else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
     if timed or accuracy_level != 0:
         job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
@@ -360,10 +369,11 @@ def check_budget(quantize, method, target_size, ratio, rank, target_latency=None
     if quantize == "auto" and not budgeted:
         raise FwlrError("`quantize` auto chooses per site under a budget; pass `target_size` or `ratio` (bytes), "
                         "or `target_latency`.")
-    if budgeted and not get_method(method).loss_units:
+    if budgeted and not get_method(method).loss_units and ACTIVATIONS not in get_method(method).needs:
         what = "a latency budget" if target_latency is not None else "a byte budget"
-        raise FwlrError(f"{what} compares sites in loss units, which needs gradient statistics; use `method` "
-                        f"kfac or fwsvd instead of {method}, or drop the budget.")
+        raise FwlrError(f"{what} compares sites in loss units, which needs gradient statistics (or, short of "
+                        f"them, activation statistics); use `method` kfac, fwsvd or whiten instead of {method}, or "
+                        "drop the budget.")
     if rank < 0:
         raise FwlrError(f"`rank` {rank} is out of range; give a non-negative correction rank.")
 
@@ -531,6 +541,9 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
     original = source.input_bytes if source is not None else _bytes(loaded)
     target = target_size if target_size is not None else int(ratio * original)
     schemes = _site_schemes(quantize, block_size, int8)
+    tables = [] if embeddings == "keep" else find_tables(loaded, exclude={s.weight for s in sites})
+    if not tables and not any(not is_recurrent(s) and s.dtype == "float32" for s in sites):
+        return  # nothing to quantize: the command says so, whatever the budget
     smallest = original
     for site in sites:
         if is_recurrent(site) or site.dtype not in ("float32", "float16"):
@@ -544,10 +557,9 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
         if quantize == "auto" or site.weight in stored or not sizes:
             sizes.append(dense)
         smallest += min(sizes) - dense
-    if embeddings != "keep":
-        for table in find_tables(loaded, exclude={s.weight for s in sites}):
-            sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
-            smallest += min(sizes) - 4 * table.params
+    for table in tables:
+        sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
+        smallest += min(sizes) - 4 * table.params
     if target < smallest:
         what = "the options of `quantize` auto" if quantize == "auto" else f"{quantize} quantization"
         raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
@@ -589,6 +601,9 @@ def _fixed_bytes(job: QuantizeJob) -> int:
 def _build_within(job: QuantizeJob, target: int):
     """Allocate, build, and measure; when the records cost more than estimated, allocate again with the
     excess taken off (the bytes of a model are only known once it is built)."""
+    if not job.sites and not _budgeted_tables(job):  # nothing the budget can move: nothing to allocate
+        model_out, results = _build(job, [], dict(job.fixed_tables))
+        return model_out, results, dict(job.fixed_tables)
     available, slack = target - _fixed_bytes(job), 0
     for _ in range(FIT_ATTEMPTS):
         chosen, tables = _allocate(job, available - slack, target)

@@ -125,6 +125,20 @@ def measure_against_input(source, compressed: onnx.ModelProto, report: Report, l
                            f"machine: {verdict}")
 
 
+def _note_site_bytes(model: onnx.ModelProto, quantized: QuantizedInput, report: Report) -> None:
+    """Each factorised site's bytes in the input and as written (the tensors named after its weight: its
+    quantized factors, or the weight itself with its scales and zero points)."""
+    sizes: dict[str, int] = {}
+    for tensor in walk_graphs(model)[0].initializer:
+        for weight in quantized.stored:
+            if tensor.name.startswith((f"{weight}/", f"{weight}_")):
+                sizes[weight] = sizes.get(weight, 0) + _tensor_bytes(tensor)
+    for row in report.sites:
+        if row.weight in quantized.stored and row.weight in sizes and row.rank is not None:
+            bytes_note = f"{quantized.stored[row.weight]:,} -> {sizes[row.weight]:,} bytes"
+            row.note = f"{row.note}; {bytes_note}" if row.note else bytes_note
+
+
 def stored_bytes(model: onnx.ModelProto, sites) -> dict[str, int]:
     """Float weight name -> bytes of the tensors the input stores it in (integers, scales, zero points), each
     tensor counted once however many sites read it."""
@@ -164,6 +178,8 @@ def requantize_output(compressed: onnx.ModelProto, quantized: QuantizedInput, re
         return compressed
     nodes = {site.node: list(site.float_nodes) for site in sites} if only_float_nodes else None
     result = requantize(compressed, sites, nodes=nodes)
+    if not only_float_nodes:  # --quantize writes its own per-site bytes
+        _note_site_bytes(result, quantized, report)
     report.model_params_before, report.ops_before = quantized.params_before, quantized.ops_before
     report.model_params_after, report.ops_after = model_parameters(result), op_counts(result)
     report.input_quantization = (f"the input was quantized ({quantized.dequantized.summary()}): dequantized in "

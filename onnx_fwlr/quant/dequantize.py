@@ -17,6 +17,7 @@ Activation QuantizeLinear/DequantizeLinear pairs of QDQ models are activations, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.quant.dequantize_match import match_node
 from onnx_fwlr.quant.quantized_site import QUANTIZED_WEIGHT_OPS, QuantizedSite, QuantScheme, graph_views
+from onnx_fwlr.quant.requantize import cannot_requantize
 from onnx_fwlr.sites.find import _constants, walk_graphs
 
 __all__ = [
@@ -173,8 +175,14 @@ def dequantize_model(model: onnx.ModelProto) -> Dequantized:
     bad = [s for s in found if s.scheme is None and s.op_type in QUANTIZED_WEIGHT_OPS]
     if bad:
         raise FwlrError(f"{bad[0].node}: {bad[0].reason}")
-    sites = [s for s in found if s.scheme is not None]
-    left = [s for s in found if s.scheme is None]
+    sites, left = [], [s for s in found if s.scheme is None]
+    for site in (s for s in found if s.scheme is not None):
+        why = cannot_requantize(site.scheme)
+        if why is None:
+            sites.append(site)
+        else:  # not dequantized: it stays exactly as the input has it
+            left.append(dataclasses.replace(site, reason=f"kept as the input has it: {why}, so compressing it "
+                                                         "could not be written back"))
     if not sites:
         return Dequantized(model, [], left)  # nothing to do: the input itself, not a copy
     copy = onnx.ModelProto()

@@ -74,6 +74,20 @@ def requantize(model: onnx.ModelProto, sites: list[QuantizedSite], nodes: dict[s
     return result
 
 
+def cannot_requantize(scheme: QuantScheme) -> str | None:
+    """Why ONNX Runtime's quantizers cannot write a weight back in this scheme (None: they can), so that such a
+    weight is left as the input has it rather than found out after the work."""
+    if scheme.format in ("dynamic", "dynamic_lstm") and scheme.bits != 8:
+        return f"quantize_dynamic writes 8-bit weights, not {scheme.bits}-bit ones"
+    if scheme.format == "qdq" and scheme.granularity == "block" and scheme.bits != 4:
+        return f"ONNX Runtime writes blocked QDQ weights at 4 bits only, not {scheme.bits}"
+    if scheme.format == "nbits" and scheme.bits not in (2, 4, 8):
+        return f"MatMulNBitsQuantizer writes 2, 4 or 8 bits, not {scheme.bits}"
+    if scheme.format not in ("dynamic", "dynamic_lstm", "qdq", "cast_mul", "nbits"):
+        return f"no ONNX Runtime quantizer writes the '{scheme.format}' scheme"
+    return None
+
+
 def _route(scheme: QuantScheme) -> str:
     if scheme.format in ("dynamic", "dynamic_lstm"):
         return "dynamic"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -89,8 +90,12 @@ class Listing:
 
     def _format_quantized(self) -> list[str]:
         """Quantized weight uses (what each is and that compress dequantizes it) and quantized ops left alone."""
-        usable = [q for q in self.quantized if q.scheme is not None]
-        left = [q for q in self.quantized if q.scheme is None]
+        from onnx_fwlr.quant.requantize import cannot_requantize
+
+        usable = [q for q in self.quantized if q.scheme is not None and cannot_requantize(q.scheme) is None]
+        left = [q if q.scheme is None else dataclasses.replace(q, reason=f"kept as the input has it: "
+                                                                        f"{cannot_requantize(q.scheme)}")
+                for q in self.quantized if q not in usable]
         lines = []
         if usable:
             rows = [[q.node, q.op_type, q.weight, f"{q.K}x{q.N}", q.scheme.describe(), q.consumer] for q in usable]

@@ -15,6 +15,7 @@ from onnx_fwlr.cli.options import (
     parse_ranks,
     parse_size,
     printer,
+    read_json,
     report_language,
     report_validation,
     shapes,
@@ -32,24 +33,6 @@ def _rank_multiple(text: str):
         raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor 'auto'") from None
 
 
-def _latency_model(args):
-    """The measured latency model, when a flag needs one (it times on first use, then reads its cache)."""
-    if args.target_latency is None and args.rank_multiple != "auto":
-        return None
-    from onnx_fwlr.evaluate.latency import MeasuredLatency
-
-    return MeasuredLatency(threads=args.latency_threads, cache_dir=args.latency_cache)
-
-
-def _form_timer(args):
-    """The ONNX Runtime timer of --forms measured, at --latency-threads."""
-    if args.forms != "measured":
-        return None
-    from onnx_fwlr.evaluate.forms import OrtFormTimer
-
-    return OrtFormTimer(threads=args.latency_threads)
-
-
 class Compress:
     name = "compress"
     help = "factorise the model's constant MatMul/Gemm weights and write the compressed model"
@@ -59,7 +42,7 @@ class Compress:
     def add_arguments(p):
         from onnx_fwlr.pipeline.compress import ALLOCATIONS, METHODS
 
-        p.add_argument("model", help="ONNX model file")
+        p.add_argument("model", nargs="?", help="ONNX model file (with --config: the config's model when omitted)")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
         p.add_argument("--ratio", type=float, help="parameters kept in the factorised weights (0 < R <= 1)")
         p.add_argument("--rank", action="append", default=[], metavar="N|NAME=N",
@@ -135,8 +118,13 @@ class Compress:
         language_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--save-config", metavar="FILE",
+                       help="write the run's options (every group, defaults included) as JSON, to replay with --config")
+        p.add_argument("--config", metavar="FILE",
+                       help="run the options a --save-config file holds (the model too, unless given); option flags "
+                            "other than output, report and tolerance flags are not read then")
         decomposition_arguments(p)
-        q = p.add_argument_group("quantization with a low-rank correction (DESIGN §7)")
+        q = p.add_argument_group("quantization with a low-rank correction (docs/quantization.md)")
         q.add_argument("--quantize", choices=["int4", "int8", "auto"],
                        help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
                             "int4 (MatMulNBits), int8 (quantize_dynamic per channel) or auto (per site, under "
@@ -153,33 +141,16 @@ class Compress:
     @staticmethod
     def run(args) -> int:
         from onnx_fwlr.io.model import check_output_path, file_size, save_model
-        from onnx_fwlr.pipeline.compress import compress
+        from onnx_fwlr.pipeline.run import run
 
-        output = check_output_path(args.output, [args.model], args.force)
-        rank, ranks = parse_ranks(args.rank)
-        if args.quantize:
-            model, report = _compress_quantized(args, rank, ranks)
-        else:
-            model, report = compress(
-                args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
-                max_error=args.max_error,
-                validation=args.val if args.metric == "outputs" or args.max_error is not None else None,
-                outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
-                method=args.method, allocation=args.allocation,
-                include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
-                calibration=args.calib, stats=args.stats,
-                batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
-                bias_correction=False if args.no_bias_correction else None, fisher_options=fisher_options(args),
-                methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
-                dope=args.dope, kron_shape=parse_kron_shape(args.kron_shape), sequential=args.sequential,
-                svd=args.svd, workers=args.workers, stats_memory=parse_size(args.stats_memory, "--stats-memory"),
-                refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
-                dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
-                rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
-            )
+        config = run_config(args)
+        output = check_output_path(args.output, [config.model], args.force)
+        if args.save_config:
+            write_json(config.to_dict(), args.save_config)
+        model, report = run(config)
         out = printer(args)
-        report.file_size_before = file_size(args.model)
-        changed = bool(report.sites) if args.quantize else report.factorised > 0
+        report.file_size_before = file_size(config.model)
+        changed = bool(report.sites) if config.quantize.mode else report.factorised > 0
         written = changed or args.write_unchanged
         if written:
             save_model(model, output, external_data=True if args.external_data else None)
@@ -197,12 +168,12 @@ class Compress:
             code = report_validation(report.checked, args, out)
         summary = report.to_dict()
         if report.checked is not None and written and not args.no_ort_comparison:
-            summary["ort_baselines"] = _ort_comparison(args, report, output, out)
+            summary["ort_baselines"] = _ort_comparison(config, report, output, out)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
-            metrics = validate_language(args.model, model, args.val, batch_size=args.batch_size, logits=args.logits,
-                                        progress=not args.quiet)
+            metrics = validate_language(config.model, model, args.val, batch_size=config.data.batch_size,
+                                        logits=args.logits, progress=not args.quiet)
             code = report_language(metrics, args, out)
             summary["language"] = metrics.to_dict()
         if args.json:
@@ -210,57 +181,57 @@ class Compress:
         return code
 
 
-def _ort_comparison(args, report, output, out) -> list[dict]:
+def _ort_comparison(config, report, output, out) -> list[dict]:
     """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
     no more bytes (evaluate.frontier.ort_comparison); the measured baselines for the JSON report."""
     from onnx_fwlr.evaluate.frontier import ort_comparison
     from onnx_fwlr.io.model import file_size
 
-    sentence, rows = ort_comparison(args.model, file_size(output), report.checked, args.val,
-                                    batch_size=args.batch_size, outputs=parse_outputs(args.outputs),
-                                    common_prefix=args.common_prefix, quantized=bool(args.quantize),
-                                    judge=args.fisher_output)
+    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
+    sentence, rows = ort_comparison(config.model, file_size(output), report.checked, config.data.validation,
+                                    batch_size=config.data.batch_size, outputs=outputs,
+                                    common_prefix=config.compare.common_prefix, quantized=bool(config.quantize.mode),
+                                    judge=config.fisher.output)
     if sentence:
         out(sentence)
     return rows
 
 
-def _compress_quantized(args, rank, ranks):
-    """--quantize: ONNX Runtime's quantizer plus a low-rank correction (pipeline.quantized), validated on --val."""
+def run_config(args):
+    """The RunConfig the flags (or a --config file) ask for; the config checks itself."""
     from onnx_fwlr.errors import FwlrError
-    from onnx_fwlr.pipeline.compress import validate
-    from onnx_fwlr.pipeline.quantized import compress_quantized
-    from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
-    from onnx_fwlr.pipeline.speed import check_measured_speed, input_forms
+    from onnx_fwlr.pipeline import config as cfg
 
-    unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
-                   "--dope-share": args.dope_share, "--forms measured": args.forms == "measured",
-                   "--sequential": args.sequential, "--max-error": args.max_error, "--refine": args.refine,
-                   "--keep-attention": args.keep_attention, "--rank NAME=N": ranks,
-                   "--allocation global": args.allocation == "global", "--rank-multiple": args.rank_multiple}
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise FwlrError(f"--quantize does not combine with {given[0]}; drop it (the byte budget allocates per site).")
-    method = args.method or ("kfac" if args.calib or args.stats else "svd")
-    quantized = dequantize_input(args.model)  # a quantized input: its float form, requantized as --quantize asks
-    forms = input_forms(args.model, quantized) if args.target_latency is not None else None
-    latency = _latency_model(args)
-    model, report = compress_quantized(
-        quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
-        target_size=parse_size(args.target_size),
-        ratio=args.ratio, rank=rank or 0, method=method, calibration=args.calib, stats=args.stats,
-        embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype,
-        bias_correction=False if args.no_bias_correction else None,
-        include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
-        shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
-        target_latency=args.target_latency, latency=latency, input_forms=forms)
-    if quantized:  # weights --quantize left in float go back to their own scheme
-        model = requantize_output(model, quantized, report, only_float_nodes=True,
-                                  how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
-    if args.target_latency is not None and report.sites:  # timed as written, before anything is written
-        check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
-    if args.val and args.metric == "outputs":
-        report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
-                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix)
-        report.validation = report.checked.to_dict()
-    return model, report
+    if args.config:
+        values = read_json(args.config, "--config")
+        if args.model:
+            values["model"] = args.model
+        return cfg.RunConfig.from_dict(values)
+    if args.model is None:
+        raise FwlrError("give the model to compress (or a --config file that names it).")
+    rank, ranks = parse_ranks(args.rank)
+    validation = args.val if args.metric == "outputs" or args.max_error is not None else None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    outputs = parse_outputs(args.outputs)
+    return cfg.RunConfig(
+        model=args.model,
+        data=cfg.DataOptions(calibration=args.calib, stats=args.stats, validation=validation,
+                             batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
+                             stats_memory=parse_size(args.stats_memory, "--stats-memory")),
+        fisher=cfg.FisherOptions(**fisher_options(args)),
+        sites=cfg.SiteOptions(include=args.include, exclude=args.exclude, keep_attention=args.keep_attention),
+        budget=cfg.BudgetOptions(ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
+                                 max_error=args.max_error, target_latency=args.target_latency),
+        method=cfg.MethodOptions(method=args.method, allocation=args.allocation,
+                                 bias_correction=False if args.no_bias_correction else None,
+                                 sequential=args.sequential, svd=args.svd, workers=args.workers),
+        structured=cfg.StructuredOptions(methods=methods, dope=args.dope, dope_share=args.dope_share,
+                                         kron_shape=parse_kron_shape(args.kron_shape), forms=args.forms),
+        quantize=cfg.QuantizeOptions(mode=args.quantize, block_size=args.block_size, embeddings=args.embeddings,
+                                     int8=args.int8, factor_dtype=args.factor_dtype),
+        refine=cfg.RefineOptions(steps=args.refine, lr=args.refine_lr, dope_dropout=args.dope_dropout),
+        speed=cfg.SpeedOptions(rank_multiple=args.rank_multiple, latency_threads=args.latency_threads,
+                               latency_cache=args.latency_cache),
+        compare=cfg.CompareOptions(outputs=tuple(outputs) if outputs is not None else None,
+                                   common_prefix=args.common_prefix),
+        progress=not args.quiet)

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "quiet", None) is False and not sys.stderr.isatty():
         args.quiet = True  # progress bars only on a terminal: in a log file their frames are noise
     try:
-        check_before_work(args, outputs=("json", "plot"))
+        check_before_work(args, outputs=("json", "plot", "save_config"))
         return args.handler(args)
     except FwlrError as exc:
         print(f"onnx-fwlr: error: {in_flag_terms(str(exc), getattr(args, 'flags', {}))}", file=sys.stderr)

@@ -15,6 +15,7 @@ FLAGS = {
     "allocation": "--allocation", "baselines": "--baselines", "batch_size": "--batch-size",
     "block_size": "--block-size", "calibration": "--calib", "common_prefix": "--common-prefix", "dope": "--dope",
     "dope_dropout": "--dope-dropout", "dope_share": "--dope-share", "embeddings": "--embeddings",
+    "factor_dtype": "--factor-dtype", "latency_cache": "--latency-cache", "latency_threads": "--latency-threads",
     "exclude": "--exclude", "fisher": "--fisher", "force": "--force", "forms": "--forms", "include": "--include",
     "int8": "--int8", "keep_attention": "--keep-attention", "kron_shape": "--kron-shape",
     "label_weight": "--label-weight", "loss": "--loss", "lr": "--lr", "mask_input": "--mask-input",
@@ -43,6 +44,19 @@ def write_json(data: dict, target: str) -> None:
         sys.stdout.write(text + "\n")
     else:
         Path(target).write_text(text + "\n")
+
+
+def read_json(path: str, flag: str) -> dict:
+    """A JSON object from a file, or one sentence saying why not."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FwlrError(f"{flag} {path}: file not found; check the path.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FwlrError(f"{flag} {path}: is not a readable JSON file ({exc}).") from None
+    if not isinstance(values, dict):
+        raise FwlrError(f"{flag} {path}: holds no JSON object; write it with --save-config.")
+    return values
 
 
 def json_default(value):

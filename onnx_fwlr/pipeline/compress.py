@@ -19,24 +19,28 @@ from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods.registry import METHODS, get_method
 from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, choose_ranks
 from onnx_fwlr.pipeline.build import build
+from onnx_fwlr.pipeline.config import (
+    BudgetOptions,
+    CompareOptions,
+    DataOptions,
+    MethodOptions,
+    QuantizeOptions,
+    RefineOptions,
+    RunConfig,
+    SiteOptions,
+    SpeedOptions,
+    StructuredOptions,
+    fisher_group,
+)
 from onnx_fwlr.pipeline.defaults import (
     ACTIVATION_DEFAULT,
     DATA_FREE_NOTE,
-    check_call,
-    check_data_first,
     default_allocation,
     default_method,
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
-from onnx_fwlr.pipeline.quantized_input import dequantize_input, requantize_output
 from onnx_fwlr.pipeline.sequential import correct_sequentially
-from onnx_fwlr.pipeline.speed import (
-    check_measured_speed,
-    check_speed_options,
-    choose_ranks_for_speed,
-    input_forms,
-    speed_notes,
-)
+from onnx_fwlr.pipeline.speed import check_speed_options, choose_ranks_for_speed, speed_notes
 from onnx_fwlr.pipeline.structured import compress_structured
 from onnx_fwlr.sites.find import validate_regex
 from onnx_fwlr.sites.recurrent import find_all_sites
@@ -99,6 +103,13 @@ def compress(
     rank_multiple: int | str | None = None,
     target_latency: float | None = None,
     latency=None,
+    latency_threads: int | None = None,
+    latency_cache: str | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    embeddings: str = "auto",
+    int8: str = "dynamic",
+    factor_dtype: str = "float16",
     progress: bool = True,
 ) -> tuple[onnx.ModelProto, Report]:
     """Factorise every selected constant MatMul/Gemm weight; returns the new model and a report.
@@ -131,43 +142,34 @@ def compress(
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
     whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
+    `latency_threads` and `latency_cache` set the measured latency model made when none is given.
+    `quantize` "int4" | "int8" | "auto" stores each weight with ONNX Runtime's quantizer plus a low-rank
+    correction instead (pipeline.quantized.compress_quantized: `block_size`, `embeddings`, `int8`, and
+    `factor_dtype` its `factors`); `ratio`/`target_size` then count bytes, `rank` is the correction rank.
+    The keywords fill a pipeline.config.RunConfig, which pipeline.run.run carries out.
     """
-    if refine_steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
-        raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
-    check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
-               batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
-    Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
-    check_data_first(model, [calibration, validation], batch_size, shapes)
-    options = dict(
-        ratio=ratio, rank=rank, ranks=ranks, target_size=target_size, max_error=max_error, validation=validation,
-        method=method, allocation=allocation, include=include, exclude=exclude, keep_attention=keep_attention,
-        calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-        bias_correction=bias_correction, fisher_options=fisher_options, sequential=sequential, methods=methods,
-        dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
-        compare=dict(outputs=outputs, common_prefix=common_prefix),
-        structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
-    quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
-    source = quantized.float_model if quantized else model
-    timed = target_latency is not None or rank_multiple == "auto"
-    compressed, report = _factorise(source, **options, input_forms=input_forms(model, quantized) if timed else None)
-    if refine_steps is not None and report.factorised:
-        from onnx_fwlr.refine.loop import refine  # the training loop and its backward pass: only when asked for
+    from onnx_fwlr.pipeline.run import run  # run calls back into _factorise and validate below
 
-        compressed, report.refined = refine(
-            source, compressed, calibration, steps=refine_steps, lr=refine_lr, batch_size=batch_size,
-            seed=(fisher_options or {}).get("seed", 0), output=(fisher_options or {}).get("output"),
-            dope_dropout=refine_dope_dropout, progress=progress)
-    if quantized:
-        compressed = requantize_output(compressed, quantized, report)
-    if report.factorised and (target_latency is not None or rank_multiple == "auto"):
-        check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
-    if validation is not None and report.sites:
-        if report.checked is None or report.refined is not None or quantized:
-            report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
-                                      outputs=outputs, common_prefix=common_prefix)
-        report.validation = report.checked.to_dict()
-    return compressed, report
+    config = RunConfig(
+        model=model,
+        data=DataOptions(calibration=calibration, stats=stats, validation=validation, batch_size=batch_size,
+                         mask_input=mask_input, shapes=shapes, stats_memory=stats_memory),
+        fisher=fisher_group(fisher_options),
+        sites=SiteOptions(include=include, exclude=exclude, keep_attention=keep_attention),
+        budget=BudgetOptions(ratio=ratio, rank=rank, ranks=dict(ranks or {}), target_size=target_size,
+                             max_error=max_error, target_latency=target_latency),
+        method=MethodOptions(method=method, allocation=allocation, bias_correction=bias_correction,
+                             sequential=sequential, svd=svd, workers=workers),
+        structured=StructuredOptions(methods=tuple(methods) if methods else None, dope=dope, dope_share=dope_share,
+                                     kron_shape=tuple(kron_shape) if kron_shape is not None else None, forms=forms),
+        quantize=QuantizeOptions(mode=quantize, block_size=block_size, embeddings=embeddings, int8=int8,
+                                 factor_dtype=factor_dtype),
+        refine=RefineOptions(steps=refine_steps, lr=refine_lr, dope_dropout=refine_dope_dropout),
+        speed=SpeedOptions(rank_multiple=rank_multiple, latency_threads=latency_threads,
+                           latency_cache=latency_cache),
+        compare=CompareOptions(outputs=tuple(outputs) if outputs is not None else None, common_prefix=common_prefix),
+        progress=progress)
+    return run(config, latency=latency, form_timer=form_timer)
 
 
 # Long: a keyword-only signature mirroring compress(); the body is one decision per stage.
@@ -176,9 +178,9 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
                rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
                input_forms=None):
-    """compress() up to the factorised model: budget, structure choice, statistics, ranks, build."""
+    """compress() up to the factorised model: budget, structure choice, statistics, ranks, build (pipeline.run
+    calls it with options RunConfig has checked)."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
-    budget.check()
     defaulted = method is None and not methods
     structured_options = structured_options or {}
     structured = bool(methods and len(methods) > 1) or "kron" in (methods or [method]) or bool(dope) \

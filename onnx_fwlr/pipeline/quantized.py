@@ -89,7 +89,7 @@ def compress_quantized(
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
-    input_forms=None,
+    input_forms=None, checked: bool = False,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -105,19 +105,21 @@ def compress_quantized(
     budget of its own) picks per site by predicted loss per millisecond from the measured latency tables of
     each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
-    given was already int8 and this is its float form.
+    given was already int8 and this is its float form. `checked`: the caller (pipeline.run, through
+    RunConfig) has checked every option already.
     """
-    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
-    check_budget(quantize, method, target_size, ratio, rank, target_latency)
+    if not checked:
+        check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
+        check_budget(quantize, method, target_size, ratio, rank, target_latency)
     job = prepare_quantized(
         model, quantize=quantize, block_size=block_size, method=method, calibration=calibration, stats=stats,
         embeddings=embeddings, int8=int8, factors=factors, rank_step=rank_step, alternate=alternate,
         bias_correction=bias_correction,
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-        progress=progress, timed=target_latency is not None)
+        progress=progress, timed=target_latency is not None, checked=True)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
-                           latency=latency, input_forms=input_forms)
+                           latency=latency, input_forms=input_forms, checked=True)
 
 
 def prepare_quantized(
@@ -125,11 +127,13 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
-    timed: bool = False,
+    timed: bool = False, checked: bool = False,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
-    `timed`, for a latency budget, the timing batch instead, the tables following the rule)."""
-    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
+    `timed`, for a latency budget, the timing batch instead, the tables following the rule). `checked`: the
+    options were checked by the caller."""
+    if not checked:
+        check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
@@ -156,10 +160,12 @@ def prepare_quantized(
 
 
 def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: float | None = None,
-                    rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None
-                    ) -> tuple[onnx.ModelProto, Report]:
-    """The model and its report for one budget (or, without one, the scheme plus a rank-`rank` correction)."""
-    check_budget(job.quantize, job.prepared.method, target_size, ratio, rank, target_latency)
+                    rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None,
+                    checked: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """The model and its report for one budget (or, without one, the scheme plus a rank-`rank` correction);
+    `checked`: the budget was checked by the caller."""
+    if not checked:
+        check_budget(job.quantize, job.prepared.method, target_size, ratio, rank, target_latency)
     target = target_size if target_size is not None else (None if ratio is None else int(ratio * job.original_bytes))
     speed = None
     if target_latency is not None:

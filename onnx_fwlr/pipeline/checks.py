@@ -1,0 +1,59 @@
+"""How a RunConfig's option groups combine, checked once before any work (RunConfig.__post_init__)."""
+
+from __future__ import annotations
+
+from onnx_fwlr.errors import FwlrError
+
+
+def check_config(config) -> None:
+    """One sentence for the first problem: data the run would read more than once, then the budget, then (with
+    `quantize`) the options that do not combine with it and the quantizer's own options."""
+    data, refine = config.data, config.refine
+    calibration = data.calibration
+    if refine.steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
+        raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
+    from onnx_fwlr.pipeline.defaults import one_shot
+
+    if one_shot(calibration) and (config.method.sequential or refine.steps is not None):
+        step = "`sequential` reads it once per depth" if config.method.sequential else \
+            "`refine_steps` reads it once per epoch"
+        raise FwlrError(f"`calibration` is a generator or reader that can be read only once, but {step}; pass a "
+                        "list of feed dicts, a .npz path or a folder of them.")
+    if config.quantize.mode is None:
+        from onnx_fwlr.pipeline.budget import Budget
+
+        budget = config.budget
+        Budget(budget.ratio, budget.rank, budget.target_size, budget.max_error, dict(budget.ranks),
+               target_latency=budget.target_latency).check()
+        return
+    check_quantize_combination(config)
+    from onnx_fwlr.pipeline.quantized import check_budget, check_options
+
+    quantize, method = config.quantize, quantize_method(config)
+    check_options(quantize.mode, quantize.block_size, method, quantize.embeddings, quantize.int8,
+                  quantize.factor_dtype, 8, 0)
+    budget = config.budget
+    check_budget(quantize.mode, method, budget.target_size, budget.ratio, budget.rank or 0, budget.target_latency)
+
+
+def quantize_method(config) -> str:
+    """The weighting of `quantize`'s corrections: the caller's, or the default every run derives
+    (pipeline.defaults.default_method: kfac with calibration data or gradient statistics, whiten with
+    activation statistics, svd without data)."""
+    from onnx_fwlr.pipeline.defaults import default_method
+
+    return config.method.method or default_method(config.data.calibration, config.data.stats)
+
+
+def check_quantize_combination(config) -> None:
+    """The options of plain low rank that `quantize` has no use for (its byte budget allocates per site)."""
+    structured, budget = config.structured, config.budget
+    unsupported = {"`methods`": structured.methods, "`dope`": structured.dope, "`kron_shape`": structured.kron_shape,
+                   "`dope_share`": structured.dope_share, "`forms` measured": structured.forms == "measured",
+                   "`sequential`": config.method.sequential, "`max_error`": budget.max_error,
+                   "`refine_steps`": config.refine.steps, "`keep_attention`": config.sites.keep_attention,
+                   "`ranks`": budget.ranks, "`allocation` global": config.method.allocation == "global",
+                   "`rank_multiple`": config.speed.rank_multiple}
+    given = [name for name, value in unsupported.items() if value]
+    if given:
+        raise FwlrError(f"`quantize` does not combine with {given[0]}; drop it (the byte budget allocates per site).")

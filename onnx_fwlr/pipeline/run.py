@@ -1,0 +1,160 @@
+"""The one compress run behind `onnx_fwlr.compress` and `onnx-fwlr compress`:
+
+    quantized input → float (dequantize) → replacement (low rank | structured | quantized + correction)
+    → [sequential] → [refine] → requantize → speed guard → validate
+
+`run(config)` owns that sequence; what it derives once (the loaded quantized input, its latency forms, the
+latency model, the form timer) lives in a RunContext, so no stage builds its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnx_fwlr.evaluate.report import Report
+from onnx_fwlr.pipeline.checks import quantize_method
+from onnx_fwlr.pipeline.config import RunConfig
+from onnx_fwlr.pipeline.defaults import check_data_first
+from onnx_fwlr.pipeline.quantized_input import QuantizedInput, dequantize_input, requantize_output
+from onnx_fwlr.pipeline.speed import InputForms, check_measured_speed, input_forms
+
+
+@dataclass
+class RunContext:
+    """What a run derives from its config once: the quantized input's float form (None for a float input), the
+    forms its sites are timed in, and the latency model and form timer (given by the caller, e.g. with a fake
+    timer in tests, or made here from the speed options when the run times anything)."""
+
+    quantized: QuantizedInput | None
+    input_forms: InputForms | None
+    latency: object = None
+    form_timer: object = None
+
+    @property
+    def source(self):
+        """The model the replacement stage works on: the input, or its dequantized float form."""
+        return self.quantized.float_model if self.quantized else None
+
+
+def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext:
+    """Dequantize a quantized input, and make the latency model and form timer the options need."""
+    quantized = dequantize_input(config.model)
+    timed = config.timed if config.quantize.mode is None else config.budget.target_latency is not None
+    forms = input_forms(config.model, quantized) if timed else None
+    if latency is None and timed:
+        from onnx_fwlr.evaluate.latency import MeasuredLatency
+
+        latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
+    if form_timer is None and config.structured.forms == "measured":
+        from onnx_fwlr.evaluate.forms import OrtFormTimer
+
+        form_timer = OrtFormTimer(threads=config.speed.latency_threads)
+    return RunContext(quantized, forms, latency, form_timer)
+
+
+def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.ModelProto, Report]:
+    """Compress `config.model` as `config` asks; returns the new model and its report (the input is never
+    modified). `latency` (evaluate.latency.MeasuredLatency) and `form_timer` (evaluate.forms.OrtFormTimer)
+    replace the ones the speed options would make (tests pass fakes)."""
+    data = config.data
+    check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)
+    context = make_context(config, latency, form_timer)
+    source = context.source if context.quantized else config.model
+    if config.quantize.mode is not None:
+        compressed, report = _quantized_replacement(source, config, context)
+    else:
+        compressed, report = _factorised_replacement(source, config, context)
+        compressed = _refine(source, compressed, report, config)
+    if context.quantized:
+        compressed = _requantize(compressed, context.quantized, report, config)
+    if _speed_checked(config, report):  # timed as written, before anything is written
+        check_measured_speed(config.model, compressed, report, context.latency, data.calibration, data.batch_size,
+                             data.shapes)
+    _validate(compressed, report, config, context)
+    return compressed, report
+
+
+def _factorised_replacement(source, config: RunConfig, context: RunContext):
+    """Low rank (or structured) factors of every selected site (pipeline.compress._factorise)."""
+    from onnx_fwlr.pipeline.compress import _factorise
+
+    data, method, budget, structured = config.data, config.method, config.budget, config.structured
+    return _factorise(
+        source, ratio=budget.ratio, rank=budget.rank, ranks=dict(budget.ranks), target_size=budget.target_size,
+        max_error=budget.max_error, validation=data.validation, method=method.method, allocation=method.allocation,
+        include=config.sites.include, exclude=config.sites.exclude, keep_attention=config.sites.keep_attention,
+        calibration=data.calibration, stats=data.stats, batch_size=data.batch_size, mask_input=data.mask_input,
+        shapes=data.shapes, bias_correction=method.bias_correction, fisher_options=config.fisher.as_dict(),
+        sequential=method.sequential, methods=list(structured.methods) if structured.methods else None,
+        dope=structured.dope, kron_shape=structured.kron_shape, svd=method.svd, workers=method.workers,
+        stats_memory=data.stats_memory, progress=config.progress, rank_multiple=config.speed.rank_multiple,
+        target_latency=budget.target_latency, latency=context.latency, compare=_compare(config),
+        structured_options=dict(dope_share=structured.dope_share, forms=structured.forms,
+                                form_timer=context.form_timer),
+        input_forms=context.input_forms)
+
+
+def _quantized_replacement(source, config: RunConfig, context: RunContext):
+    """ONNX Runtime's quantizer plus a low-rank correction per site (pipeline.quantized.compress_quantized)."""
+    from onnx_fwlr.pipeline.quantized import compress_quantized
+
+    data, budget, quantize = config.data, config.budget, config.quantize
+    return compress_quantized(
+        source, quantize=quantize.mode, block_size=quantize.block_size, target_size=budget.target_size,
+        ratio=budget.ratio, rank=budget.rank or 0, method=quantize_method(config), calibration=data.calibration,
+        stats=data.stats, embeddings=quantize.embeddings, int8=quantize.int8, factors=quantize.factor_dtype,
+        bias_correction=config.method.bias_correction, include=config.sites.include, exclude=config.sites.exclude,
+        batch_size=data.batch_size, mask_input=data.mask_input, shapes=data.shapes,
+        fisher_options=config.fisher.as_dict(), progress=config.progress, target_latency=budget.target_latency,
+        latency=context.latency, input_forms=context.input_forms, checked=True)
+
+
+def _refine(source, compressed, report: Report, config: RunConfig):
+    """Distil the factors against the (float) input when asked and something was factorised."""
+    if config.refine.steps is None or not report.factorised:
+        return compressed
+    from onnx_fwlr.refine.loop import refine  # the training loop and its backward pass: only when asked for
+
+    data = config.data
+    compressed, report.refined = refine(
+        source, compressed, data.calibration, steps=config.refine.steps, lr=config.refine.lr,
+        batch_size=data.batch_size, seed=config.fisher.seed, output=config.fisher.output,
+        dope_dropout=config.refine.dope_dropout, progress=config.progress)
+    return compressed
+
+
+def _requantize(compressed, quantized: QuantizedInput, report: Report, config: RunConfig):
+    """A quantized input's weights back in their own scheme; with `quantize`, only the weights it kept in float
+    (it quantized the others its own way)."""
+    if config.quantize.mode is None:
+        return requantize_output(compressed, quantized, report)
+    return requantize_output(compressed, quantized, report, only_float_nodes=True,
+                             how=f"as `quantize` {config.quantize.mode} asks (weights it kept get their own scheme)")
+
+
+def _speed_checked(config: RunConfig, report: Report) -> bool:
+    """Whether the finished model is timed against the input: whenever speed was asked for and a site changed."""
+    if config.quantize.mode is not None:
+        return config.budget.target_latency is not None and bool(report.sites)
+    return bool(report.factorised) and config.timed
+
+
+def _validate(compressed, report: Report, config: RunConfig, context: RunContext) -> None:
+    """Compare the result with the input on the validation data (kept from the max_error search when that
+    result is still the final model)."""
+    from onnx_fwlr.pipeline.compress import validate
+
+    validation = config.data.validation
+    if validation is None or not (report.sites or config.quantize.mode is not None):
+        return
+    if report.checked is None or report.refined is not None or context.quantized or config.quantize.mode:
+        report.checked = validate(config.model, compressed, validation, batch_size=config.data.batch_size,
+                                  progress=config.progress, **_compare(config))
+    report.validation = report.checked.to_dict()
+
+
+def _compare(config: RunConfig) -> dict:
+    outputs = config.compare.outputs
+    return dict(outputs=list(outputs) if outputs is not None else None, common_prefix=config.compare.common_prefix)

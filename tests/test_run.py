@@ -150,3 +150,11 @@ def test_a_bad_config_file_is_one_sentence(tmp_path, capsys):
     assert "group 'budget' has no option 'ratios'" in err and "Traceback" not in err and not out.exists()
     with pytest.raises(FwlrError, match="a config file cannot hold"):
         RunConfig(model=onnx.load(str(DIGITS)), budget=BudgetOptions(ratio=0.5)).to_dict()
+
+
+def test_the_report_records_the_config_it_ran_with(tmp_path):
+    feeds = [{"input": __import__("numpy").zeros((4, 64), "float32")}]
+    _, report = compress(str(DIGITS), ratio=0.5, method="whiten", calibration=feeds, progress=False)
+    recorded = report.to_dict()["config"]
+    assert recorded["budget"]["ratio"] == 0.5 and recorded["method"]["method"] == "whiten"
+    assert recorded["data"]["calibration"] == "<list>" and recorded["model"] == str(DIGITS)

@@ -51,6 +51,7 @@ class Report:
     # refine_steps, and the evaluate.validation.Validation of the final check on validation data.
     refined = None
     checked = None
+    config = None  # the options of the run (pipeline.config.RunConfig.to_dict), written as the report's "config"
 
     @property
     def site_params_before(self) -> int:
@@ -71,6 +72,8 @@ class Report:
         data["site_params_after"] = self.site_params_after
         if self.refined is not None:
             data["refine"] = self.refined.to_dict()
+        if self.config is not None:
+            data["config"] = self.config
         return data
 
     def format(self) -> str:

@@ -222,9 +222,10 @@ class RunConfig:
         """Whether the run measures speed here (a latency budget, or ranks rounded by measurement)."""
         return self.budget.target_latency is not None or self.speed.rank_multiple == "auto"
 
-    def to_dict(self) -> dict:
-        """The config as JSON values; only a config whose model and data are paths (or "random") can be saved."""
-        result = {"model": _path_value(self.model, "model")}
+    def to_dict(self, strict: bool = True) -> dict:
+        """The config as JSON values. Only a config whose model and data are paths (or "random") can be saved;
+        `strict` False (the report's record) writes any other model or data as its type, e.g. "<list>"."""
+        result = {"model": _path_value(self.model, "model", strict)}
         for name in GROUPS:
             group = dataclasses.asdict(getattr(self, name))
             for key, value in group.items():
@@ -232,7 +233,7 @@ class RunConfig:
                     group[key] = list(value)
             result[name] = group
         for key in ("calibration", "stats", "validation"):
-            result["data"][key] = _path_value(result["data"][key], key)
+            result["data"][key] = _path_value(getattr(self.data, key), key, strict)
         result["progress"] = self.progress
         return result
 
@@ -260,10 +261,12 @@ class RunConfig:
         return cls(model=values["model"], progress=values.get("progress", True), **groups)
 
 
-def _path_value(value, name: str):
+def _path_value(value, name: str, strict: bool = True):
     """A path as a string, None as None; anything else cannot be written to a config file."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, os.PathLike):
         return os.fspath(value)
+    if not strict:
+        return f"<{type(value).__name__}>"
     raise FwlrError(f"`{name}` is a {type(value).__name__}, which a config file cannot hold; give a path.")

@@ -73,6 +73,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
         check_measured_speed(config.model, compressed, report, context.latency, data.calibration, data.batch_size,
                              data.shapes)
     _validate(compressed, report, config, context)
+    report.config = config.to_dict(strict=False)
     return compressed, report
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.cli.main import main
-from onnx_fwlr.evaluate import latency as lat
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.pipeline import budget as budget_module
 from onnx_fwlr.pipeline import quantized as quantized_module
 from onnx_fwlr.pipeline.compress import calibrate

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
-from onnx_fwlr.evaluate.profiling import compare_profiles, profile_model
+from onnx_fwlr.cost.profiling import compare_profiles, profile_model
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.pipeline import compress as api

@@ -183,9 +183,9 @@ class Compress:
 
 def _ort_comparison(config, report, output, out) -> list[dict]:
     """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
-    no more bytes (evaluate.frontier.ort_comparison); the measured baselines for the JSON report."""
-    from onnx_fwlr.evaluate.frontier import ort_comparison
+    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report."""
     from onnx_fwlr.io.model import file_size
+    from onnx_fwlr.workflows.frontier import ort_comparison
 
     outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
     sentence, rows = ort_comparison(config.model, file_size(output), report.checked, config.data.validation,

@@ -190,7 +190,7 @@ def report_language(metrics, args, out) -> int:
 
 
 def shapes(args):
-    from onnx_fwlr.evaluate.profiling import parse_shape_args
+    from onnx_fwlr.cost.profiling import parse_shape_args
 
     return parse_shape_args(args.shape) if args.shape else None
 

@@ -137,10 +137,10 @@ def compress(
     `rank_multiple` (an int, or "auto" to measure it) rounds ranks to values the kernels run fast at;
     `target_latency` (a fraction of the original's latency, a budget of its own) allocates ranks by measured
     latency in loss units (pipeline/speed.py); `latency` is the latency model to use (default
-    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer).
+    cost.latency.MeasuredLatency(); tests pass one with a fake timer).
     Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
-    whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
+    whose forms beats its dense weight (`form_timer`: cost.forms.OrtFormTimer by default, a fake in tests);
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
     `latency_threads` and `latency_cache` set the measured latency model made when none is given.
     `quantize` "int4" | "int8" | "auto" stores each weight with ONNX Runtime's quantizer plus a low-rank

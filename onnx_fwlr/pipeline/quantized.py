@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_fwlr.cost.latency import MeasuredLatency
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes
@@ -103,7 +103,7 @@ def compress_quantized(
     half the bytes, "float32" as they are computed. `alternate` > 0 refits Q on W − A B that
     many rounds, keeping the best (CALDERA/LQER). `target_latency` (a fraction of the original's latency, a
     budget of its own) picks per site by predicted loss per millisecond from the measured latency tables of
-    each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
+    each option's form (`latency`: cost.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
     given was already int8 and this is its float form. `checked`: the caller (pipeline.run, through
     RunConfig) has checked every option already.

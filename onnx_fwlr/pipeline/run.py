@@ -44,11 +44,11 @@ def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext
     timed = config.timed if config.quantize.mode is None else config.budget.target_latency is not None
     forms = input_forms(config.model, quantized) if timed else None
     if latency is None and timed:
-        from onnx_fwlr.evaluate.latency import MeasuredLatency
+        from onnx_fwlr.cost.latency import MeasuredLatency
 
         latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
     if form_timer is None and config.structured.forms == "measured":
-        from onnx_fwlr.evaluate.forms import OrtFormTimer
+        from onnx_fwlr.cost.forms import OrtFormTimer
 
         form_timer = OrtFormTimer(threads=config.speed.latency_threads)
     return RunContext(quantized, forms, latency, form_timer)
@@ -56,7 +56,7 @@ def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext
 
 def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.ModelProto, Report]:
     """Compress `config.model` as `config` asks; returns the new model and its report (the input is never
-    modified). `latency` (evaluate.latency.MeasuredLatency) and `form_timer` (evaluate.forms.OrtFormTimer)
+    modified). `latency` (cost.latency.MeasuredLatency) and `form_timer` (cost.forms.OrtFormTimer)
     replace the ones the speed options would make (tests pass fakes)."""
     data = config.data
     check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)

@@ -1,5 +1,5 @@
 """Ranks chosen for speed: `--rank-multiple` (round to ranks the kernels like) and `--target-latency` (ranks
-under a latency budget), both from the measured latency model of evaluate/latency.py.
+under a latency budget), both from the measured latency model of cost/latency.py.
 
 The latency model times each site's dense op and factored pair at the model's own row count (one batch of
 the calibration data, or --shape); the share of the original's time the sites take comes from ONNX
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
 
@@ -33,7 +33,7 @@ def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dic
     from onnx_fwlr.io.data import open_data
 
     if shapes:
-        from onnx_fwlr.evaluate.profiling import synthetic_feed
+        from onnx_fwlr.cost.profiling import synthetic_feed
 
         return synthetic_feed(model, shapes)
     if isinstance(calibration, (str, os.PathLike)) and calibration != "random":
@@ -121,7 +121,7 @@ def _upper_ranks(prepared: Prepared, ranks, multiple: int | None) -> list[int | 
 
 def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None, forms: InputForms | None = None
                     ) -> tuple[list, dict]:
-    """Ranks rounded to kernel-friendly values (evaluate.latency.round_ranks); with multiple "auto", the
+    """Ranks rounded to kernel-friendly values (cost.latency.round_ranks); with multiple "auto", the
     multiple and the rounding come from the measured tables (in each site's form, `forms`), and a site whose
     factored form is not faster than its dense op stays dense (its time ratio at the rank kept in the info).
     Returns (ranks, what was done for the report)."""

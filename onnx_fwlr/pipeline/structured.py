@@ -43,7 +43,7 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric.
 
     `dope_share`: doping as a share of each site's stored numbers instead of `dope`. `forms` "measured": each
-    site's ONNX form is the fastest measured here at the model's row count (evaluate.forms, timed with
+    site's ONNX form is the fastest measured here at the model's row count (cost.forms, timed with
     `form_timer`, default OrtFormTimer), and a site whose fastest form is slower than its dense weight stays
     dense; "default": the form by multiply-adds (deterministic, no timing).
     """
@@ -119,11 +119,11 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
 
 
 def measured_forms(prepared, pairs, options, timer) -> tuple[dict, dict]:
-    """Per structured site, the fastest form timed at its rows per use (evaluate.forms.choose_form); a site whose
+    """Per structured site, the fastest form timed at its rows per use (cost.forms.choose_form); a site whose
     fastest form is slower than its dense weight is put back to dense in `pairs` (in place). Returns (weight name
     -> Form, what was measured for the report). Identical shapes and sparsity are timed once."""
-    from onnx_fwlr.evaluate.forms import OrtFormTimer, choose_form
-    from onnx_fwlr.evaluate.latency import site_rows
+    from onnx_fwlr.cost.forms import OrtFormTimer, choose_form
+    from onnx_fwlr.cost.latency import site_rows
     from onnx_fwlr.pipeline.speed import timing_feed
     from onnx_fwlr.rewrite.lowrank import storage_dtype
 

@@ -8,7 +8,7 @@ Cases:
 
 Each model is measured by onnx_fwlr.profile.profile_model (a fresh child process: warm-up, then p50 over the
 runs, MatMul FLOPs from the shapes seen, per-op-type kernel time from ONNX Runtime's profiler). Printed per
-compressed model: p50 latency, the latency ratio next to the MatMul FLOP ratio and their quotient (DESIGN's
+compressed model: p50 latency, the latency ratio next to the MatMul FLOP ratio and their quotient (the project's
 target: latency ratio within 1.1x of the FLOP ratio), and the MatMul/Gemm rows of the per-op-type table.
 
     python tools/bench_profile.py [--cases digits transformer] [--runs 50] [--json FILE]

@@ -200,38 +200,38 @@ def _ort_comparison(config, report, output, out) -> list[dict]:
 def run_config(args):
     """The RunConfig the flags (or a --config file) ask for; the config checks itself."""
     from onnx_fwlr.errors import FwlrError
-    from onnx_fwlr.pipeline import config as cfg
+    from onnx_fwlr.pipeline import config
 
     if args.config:
         values = read_json(args.config, "--config")
         if args.model:
             values["model"] = args.model
-        return cfg.RunConfig.from_dict(values)
+        return config.RunConfig.from_dict(values)
     if args.model is None:
         raise FwlrError("give the model to compress (or a --config file that names it).")
     rank, ranks = parse_ranks(args.rank)
     validation = args.val if args.metric == "outputs" or args.max_error is not None else None
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
     outputs = parse_outputs(args.outputs)
-    return cfg.RunConfig(
+    return config.RunConfig(
         model=args.model,
-        data=cfg.DataOptions(calibration=args.calib, stats=args.stats, validation=validation,
+        data=config.DataOptions(calibration=args.calib, stats=args.stats, validation=validation,
                              batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
                              stats_memory=parse_size(args.stats_memory, "--stats-memory")),
-        fisher=cfg.FisherOptions(**fisher_options(args)),
-        sites=cfg.SiteOptions(include=args.include, exclude=args.exclude, keep_attention=args.keep_attention),
-        budget=cfg.BudgetOptions(ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
+        fisher=config.FisherOptions(**fisher_options(args)),
+        sites=config.SiteOptions(include=args.include, exclude=args.exclude, keep_attention=args.keep_attention),
+        budget=config.BudgetOptions(ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
                                  max_error=args.max_error, target_latency=args.target_latency),
-        method=cfg.MethodOptions(method=args.method, allocation=args.allocation,
+        method=config.MethodOptions(method=args.method, allocation=args.allocation,
                                  bias_correction=False if args.no_bias_correction else None,
                                  sequential=args.sequential, svd=args.svd, workers=args.workers),
-        structured=cfg.StructuredOptions(methods=methods, dope=args.dope, dope_share=args.dope_share,
+        structured=config.StructuredOptions(methods=methods, dope=args.dope, dope_share=args.dope_share,
                                          kron_shape=parse_kron_shape(args.kron_shape), forms=args.forms),
-        quantize=cfg.QuantizeOptions(mode=args.quantize, block_size=args.block_size, embeddings=args.embeddings,
+        quantize=config.QuantizeOptions(mode=args.quantize, block_size=args.block_size, embeddings=args.embeddings,
                                      int8=args.int8, factor_dtype=args.factor_dtype),
-        refine=cfg.RefineOptions(steps=args.refine, lr=args.refine_lr, dope_dropout=args.dope_dropout),
-        speed=cfg.SpeedOptions(rank_multiple=args.rank_multiple, latency_threads=args.latency_threads,
+        refine=config.RefineOptions(steps=args.refine, lr=args.refine_lr, dope_dropout=args.dope_dropout),
+        speed=config.SpeedOptions(rank_multiple=args.rank_multiple, latency_threads=args.latency_threads,
                                latency_cache=args.latency_cache),
-        compare=cfg.CompareOptions(outputs=tuple(outputs) if outputs is not None else None,
+        compare=config.CompareOptions(outputs=tuple(outputs) if outputs is not None else None,
                                    common_prefix=args.common_prefix),
         progress=not args.quiet)

@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.methods import registry
+from onnx_fwlr.methods import lowrank, registry
 from onnx_fwlr.methods.doping import dope_growing, gram_error
 from onnx_fwlr.methods.structured import (
     KronSum,
@@ -68,12 +67,12 @@ class _Metric:
             gram = np.asarray(gram, dtype=np.float64)
             if gram.shape != (K, K):
                 raise FwlrError(f"the input Gram is {gram.shape} but the weight has K={K} rows; pass this site's Gram.")
-            scaling = factorize.gram_scaling(gram)
+            scaling = lowrank.gram_scaling(gram)
             self.scaling = scaling
             self.chol = scaling.chol if scaling.chol is not None else np.diag(scaling.diag)
             self.w = np.linalg.norm(self.chol, axis=1)
         elif row_weights is not None:
-            self.w = factorize.diagonal_scaling(np.asarray(row_weights, dtype=np.float64).reshape(-1)).diag
+            self.w = lowrank.diagonal_scaling(np.asarray(row_weights, dtype=np.float64).reshape(-1)).diag
             if self.w.shape[0] != K:
                 raise FwlrError(f"row_weights has {self.w.shape[0]} entries but the weight has K={K} rows.")
 
@@ -87,7 +86,7 @@ class _Metric:
 
     def low_rank(self, M: np.ndarray, rank: int) -> LowRank:
         if self.chol is not None:
-            A, B = factorize.weighted_svd(M, left=self.scaling).factors(rank)
+            A, B = lowrank.weighted_svd(M, left=self.scaling).factors(rank)
             return LowRank(A, B)
         return nearest_low_rank(M, rank, row_weights=self.w)
 

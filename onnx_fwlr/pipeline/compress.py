@@ -128,7 +128,7 @@ def compress(
     `max_error` searches the smallest ratio whose outputs stay within that relative L2 error on
     `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
     partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
-    randomised SVD where the rank is known first and small (factorize.use_randomized); `workers` decomposes
+    randomised SVD where the rank is known first and small (methods.lowrank.use_randomized); `workers` decomposes
     sites in that many processes (same output bytes). `stats_memory` (bytes; default a third of physical
     memory) bounds the activation Grams held at once: beyond it calibration reads the data once per group
     of sites (calibration.GroupedStatistics). `refine_steps` then distils the factors against the original

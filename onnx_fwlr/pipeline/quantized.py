@@ -1,4 +1,4 @@
-"""Quantization with an importance-weighted low-rank correction, under one byte budget (DESIGN §7).
+"""Quantization with an importance-weighted low-rank correction, under one byte budget (docs/quantization.md).
 
     model, report = compress_quantized("model.onnx", quantize="int4", target_size=20_000_000,
                                        method="kfac", calibration="calib.npz")
@@ -30,9 +30,8 @@ from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
-from onnx_fwlr.quant import budget as allocation
 from onnx_fwlr.quant import compensate, plan
-from onnx_fwlr.quant.budget import Option
+from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import rewrite
@@ -368,9 +367,9 @@ def _budgeted_tables(job: QuantizeJob) -> list[Table]:
 def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Option], dict[str, Scheme]]:
     """The option of every site and budgeted table within `available` bytes with the least predicted loss."""
     choices = _options(job)
-    picked = allocation.allocate(choices, available)
+    picked = allocate(choices, available)
     if picked is None:
-        smallest = target - available + allocation.minimum_bytes(choices)
+        smallest = target - available + minimum_bytes(choices)
         what = "the options of `quantize` auto" if job.quantize == "auto" else f"{job.quantize} quantization"
         raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
                         f"(about {smallest:,} bytes); raise `target_size`/`ratio`"

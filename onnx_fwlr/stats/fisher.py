@@ -19,7 +19,7 @@ import onnx
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
-from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff import losses
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
 from onnx_fwlr.errors import FwlrError
@@ -125,7 +125,7 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     """(loss output, seed target, reachable uses, their recurrent nodes, GradientRunner): everything the
     backward pass needs, built before any data is read (an op without a gradient rule fails here)."""
     out_name = default_output(model, output)
-    target = fisher.find_seed_target(model, out_name)
+    target = losses.find_seed_target(model, out_name)
     uses = _reachable_uses(model, sites)
     if not uses:
         raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use `method` whiten.")
@@ -170,12 +170,12 @@ class _BatchFolder:
         z = values[self.target.tensor]
         tokens = feed.get(self.token_name) if self.token_name else None
         if self.loss is None:
-            self.loss = fisher.default_seed_loss(self.target, z.shape, labels is not None,
+            self.loss = losses.default_seed_loss(self.target, z.shape, labels is not None,
                                                  next_token=_next_token_logits(self.out_name, z, tokens),
                                                  class_scores=self.class_scores)
         mask = feed.get(self.mask_name) if self.mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        seeds = fisher.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
+        seeds = losses.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
                                   weight=weight, tokens=tokens)
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
@@ -187,7 +187,7 @@ class _BatchFolder:
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 acc = self.stats.gradients.setdefault(site.weight, {})
-                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
+                losses.accumulate_fisher(acc, X, G, keep=_keep(X, mask))
             del cotangents
         self.stats.meta["samples"] += len(z) if z.ndim else 1
 
@@ -211,7 +211,7 @@ def collect_fisher_stats(
     loss: 'ce' (labels), 'mc' (sampled from the model's own softmax), 'gaussian' (ε ~ N(0, I) on the
     output) or 'lm' (next-token cross-entropy of a language model: targets are the input ids shifted by
     one, padding masked); default 'ce' with labels, 'lm' for a 'logits' output [batch, seq, vocab] of a
-    model fed input ids, else by the output's kind (fisher.default_seed_loss). `samples` seeds per batch
+    model fed input ids, else by the output's kind (losses.default_seed_loss). `samples` seeds per batch
     for 'mc'/'gaussian'. Seeded, so reproducible.
 
     Each batch is run forward and backward in pieces of `micro_batch` samples (None: whole), each folded into
@@ -219,8 +219,8 @@ def collect_fisher_stats(
     positions that are padding in every sample are not run at all (io.batching; docs/speed.md, "Compression
     cost").
     """
-    if loss is not None and loss not in fisher.LOSSES:
-        raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
+    if loss is not None and loss not in losses.LOSSES:
+        raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(losses.LOSSES)}.")
     if samples < 1:
         raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
     out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)

@@ -30,9 +30,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the small LSTM model is built by the tests' helpers
-
-from builders import write_lstm  # noqa: E402
 
 DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
 VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
@@ -59,6 +56,12 @@ API_TWINS = {  # Python API row -> the CLI row it must equal (out.onnx and repor
 
 
 # ------------------------------------------------------------------------------------------ inputs
+def write_lstm(work: Path):
+    """The tests' small LSTM model and its data (tests/builders.write_lstm), built in a child run from tests/."""
+    code = "import sys; from pathlib import Path; from builders import write_lstm; write_lstm(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(work)], check=True, cwd=ROOT / "tests", capture_output=True)
+
+
 def write_transformer(work: Path):
     """tools/synthetic_transformer.py at hidden 64, 2 layers; token batches from its make_token_batch."""
     tool = ROOT / "tools" / "synthetic_transformer.py"

@@ -206,6 +206,7 @@ def run_config(args):
         values = read_json(args.config, "--config")
         if args.model:
             values["model"] = args.model
+        values["progress"] = not args.quiet  # an output flag, like -o and --json
         return config.RunConfig.from_dict(values)
     if args.model is None:
         raise FwlrError("give the model to compress (or a --config file that names it).")

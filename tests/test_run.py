@@ -158,3 +158,16 @@ def test_the_report_records_the_config_it_ran_with(tmp_path):
     recorded = report.to_dict()["config"]
     assert recorded["budget"]["ratio"] == 0.5 and recorded["method"]["method"] == "whiten"
     assert recorded["data"]["calibration"] == "<list>" and recorded["model"] == str(DIGITS)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "kron", "rank_multiple": 16}, "works with plain low-rank methods"),
+    ({"methods": ["whiten", "kron"], "target_latency": 0.5}, "works with plain low-rank methods"),
+    ({"method": "svd", "target_latency": 0.5}, "loss units"),
+    ({"method": "whiten", "forms": "measured"}, "chooses the ONNX form of structured sites"),
+], ids=["kron-multiple", "methods-latency", "svd-latency", "forms-low-rank"])
+def test_speed_and_form_options_are_checked_before_the_timing_batch(options, message):
+    """No calibration file and no shapes: the option that cannot apply is named, not the missing timing batch."""
+    budget = {} if "target_latency" in options else {"ratio": 0.5}
+    with pytest.raises(FwlrError, match=message):
+        compress(str(DIGITS), calibration="random", progress=False, **budget, **options)

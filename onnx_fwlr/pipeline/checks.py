@@ -20,11 +20,7 @@ def check_config(config) -> None:
         raise FwlrError(f"`calibration` is a generator or reader that can be read only once, but {step}; pass a "
                         "list of feed dicts, a .npz path or a folder of them.")
     if config.quantize.mode is None:
-        from onnx_fwlr.pipeline.budget import Budget
-
-        budget = config.budget
-        Budget(budget.ratio, budget.rank, budget.target_size, budget.max_error, dict(budget.ranks),
-               target_latency=budget.target_latency).check()
+        check_low_rank(config)
         return
     check_quantize_combination(config)
     from onnx_fwlr.pipeline.quantized import check_budget, check_options
@@ -34,6 +30,29 @@ def check_config(config) -> None:
                   quantize.factor_dtype, 8, 0)
     budget = config.budget
     check_budget(quantize.mode, method, budget.target_size, budget.ratio, budget.rank or 0, budget.target_latency)
+
+
+def check_low_rank(config) -> None:
+    """The budget, then the speed options and `forms` against the method the run will use."""
+    from onnx_fwlr.methods.registry import METHODS
+    from onnx_fwlr.pipeline.budget import Budget
+    from onnx_fwlr.pipeline.defaults import default_method
+    from onnx_fwlr.pipeline.speed import check_speed_options
+
+    options = config.budget
+    budget = Budget(options.ratio, options.rank, options.target_size, options.max_error, dict(options.ranks),
+                    target_latency=options.target_latency)
+    budget.check()
+    methods = config.structured.methods
+    structured = config.structured.asked or (not methods and config.method.method == "kron")
+    method = methods[0] if methods else config.method.method
+    if method is None:
+        method = default_method(config.data.calibration, config.data.stats, structured)
+    if method in METHODS:  # an unknown one is named by pipeline.compress.check_method
+        check_speed_options(budget, config.speed.rank_multiple, method, structured)
+    if config.structured.forms != "default" and not structured:
+        raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
+                        "(plain low rank: `rank_multiple` auto).")
 
 
 def quantize_method(config) -> str:

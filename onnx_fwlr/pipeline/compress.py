@@ -40,7 +40,7 @@ from onnx_fwlr.pipeline.defaults import (
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.sequential import correct_sequentially
-from onnx_fwlr.pipeline.speed import check_speed_options, choose_ranks_for_speed, speed_notes
+from onnx_fwlr.pipeline.speed import choose_ranks_for_speed, speed_notes
 from onnx_fwlr.pipeline.structured import compress_structured
 from onnx_fwlr.sites.find import validate_regex
 from onnx_fwlr.sites.recurrent import find_all_sites
@@ -177,7 +177,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
                rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
-               input_forms=None):
+               input_forms=None, timing_feed=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build (pipeline.run
     calls it with options RunConfig has checked)."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
@@ -189,11 +189,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         method = default_method(calibration, stats, structured)
     if allocation is None and structured:
         allocation = "uniform"
-    mix = list(methods) if methods else [method]
-    check_speed_options(budget, rank_multiple, mix[0], structured)
-    if structured_options.get("forms", "default") != "default" and not structured:
-        raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
-                        "(plain low rank: `rank_multiple` auto).")
+    mix = list(methods) if methods else [method]  # speed options and `forms`: checked by pipeline.checks
     if structured:
         if sequential:
             raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
@@ -202,7 +198,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
                  batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-                 stats_memory=stats_memory, progress=progress), **structured_options)
+                 stats_memory=stats_memory, progress=progress), **structured_options, feed=timing_feed)
     method = mix[0]
     check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:
@@ -223,7 +219,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress,
                                  compare or {})
     ranks_chosen, speed = choose_ranks_for_speed(prepared, budget, allocation, rank_multiple, latency, calibration,
-                                                 batch_size, shapes, input_forms)
+                                                 batch_size, shapes, input_forms, timing_feed)
     corrected = None
     if sequential:
         corrected = correct_sequentially(prepared, ranks_chosen, calibration, bias_correction, batch_size=batch_size,

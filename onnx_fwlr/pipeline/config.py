@@ -125,7 +125,7 @@ class StructuredOptions:
 
     @property
     def asked(self) -> bool:
-        """Whether anything here turns the run structured."""
+        """Whether anything here turns the run structured (so does MethodOptions.method "kron")."""
         return bool(self.methods and len(self.methods) > 1) or "kron" in (self.methods or ()) or bool(self.dope) \
             or self.kron_shape is not None or self.dope_share is not None
 

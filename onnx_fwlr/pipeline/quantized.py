@@ -88,7 +88,7 @@ def compress_quantized(
     alternate: int = 0, bias_correction: bool | None = None, include: str | None = None, exclude: str | None = None,
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
-    input_forms=None, checked: bool = False,
+    input_forms=None, checked: bool = False, feed=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -105,7 +105,8 @@ def compress_quantized(
     each option's form (`latency`: cost.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
     given was already int8 and this is its float form. `checked`: the caller (pipeline.run, through
-    RunConfig) has checked every option already.
+    RunConfig) has checked every option already; `feed`: the batch a latency budget times at (default
+    speed.timing_feed).
     """
     if not checked:
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
@@ -116,7 +117,7 @@ def compress_quantized(
         bias_correction=bias_correction,
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-        progress=progress, timed=target_latency is not None, checked=True)
+        progress=progress, timed=target_latency is not None, checked=True, feed=feed)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
                            latency=latency, input_forms=input_forms, checked=True)
 
@@ -126,11 +127,11 @@ def prepare_quantized(
     embeddings: str = "auto", int8: str = "dynamic", factors: str = "float16", rank_step: int = 8,
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
-    timed: bool = False, checked: bool = False,
+    timed: bool = False, checked: bool = False, feed=None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule). `checked`: the
-    options were checked by the caller."""
+    options were checked by the caller; `feed`: the timing batch, when the caller has it."""
     if not checked:
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     fisher_options = fisher_options or {}
@@ -152,7 +153,7 @@ def prepare_quantized(
         priced = job.tables if embeddings == "auto" and not timed else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
     if timed:
-        job.feed = timing_feed(prepared.model, calibration, batch_size, shapes)
+        job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
     job.rule_tables = {t.name: _table_rule(t, quantize, embeddings, block_size, job.warnings) for t in job.tables}
     job.fixed_tables = {name: s for name, s in job.rule_tables.items() if name not in job.table_loss}
     return job

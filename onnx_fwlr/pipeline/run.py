@@ -14,23 +14,26 @@ from dataclasses import dataclass
 import onnx
 
 from onnx_fwlr.evaluate.report import Report
+from onnx_fwlr.io.model import load_model
 from onnx_fwlr.pipeline.checks import quantize_method
 from onnx_fwlr.pipeline.config import RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
 from onnx_fwlr.pipeline.quantized_input import QuantizedInput, dequantize_input, requantize_output
-from onnx_fwlr.pipeline.speed import InputForms, check_measured_speed, input_forms
+from onnx_fwlr.pipeline.speed import InputForms, check_measured_speed, input_forms, timing_feed
 
 
 @dataclass
 class RunContext:
     """What a run derives from its config once: the quantized input's float form (None for a float input), the
-    forms its sites are timed in, and the latency model and form timer (given by the caller, e.g. with a fake
-    timer in tests, or made here from the speed options when the run times anything)."""
+    forms its sites are timed in, the batch everything is timed at (its first calibration batch or `shapes`),
+    and the latency model and form timer (given by the caller, e.g. with a fake timer in tests, or made here
+    from the speed options when the run times anything)."""
 
     quantized: QuantizedInput | None
     input_forms: InputForms | None
     latency: object = None
     form_timer: object = None
+    feed: dict | None = None
 
     @property
     def source(self):
@@ -43,6 +46,11 @@ def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext
     quantized = dequantize_input(config.model)
     timed = config.timed if config.quantize.mode is None else config.budget.target_latency is not None
     forms = input_forms(config.model, quantized) if timed else None
+    feed = None
+    if timed or config.structured.forms == "measured":
+        data = config.data
+        structure = quantized.float_model if quantized else load_model(config.model, lazy=True)
+        feed = timing_feed(structure, data.calibration, data.batch_size, data.shapes)
     if latency is None and timed:
         from onnx_fwlr.cost.latency import MeasuredLatency
 
@@ -51,7 +59,7 @@ def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext
         from onnx_fwlr.cost.forms import OrtFormTimer
 
         form_timer = OrtFormTimer(threads=config.speed.latency_threads)
-    return RunContext(quantized, forms, latency, form_timer)
+    return RunContext(quantized, forms, latency, form_timer, feed)
 
 
 def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.ModelProto, Report]:
@@ -71,7 +79,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
         compressed = _requantize(compressed, context.quantized, report, config)
     if _speed_checked(config, report):  # timed as written, before anything is written
         check_measured_speed(config.model, compressed, report, context.latency, data.calibration, data.batch_size,
-                             data.shapes)
+                             data.shapes, context.feed)
     _validate(compressed, report, config, context)
     report.config = config.to_dict(strict=False)
     return compressed, report
@@ -94,7 +102,7 @@ def _factorised_replacement(source, config: RunConfig, context: RunContext):
         target_latency=budget.target_latency, latency=context.latency, compare=_compare(config),
         structured_options=dict(dope_share=structured.dope_share, forms=structured.forms,
                                 form_timer=context.form_timer),
-        input_forms=context.input_forms)
+        input_forms=context.input_forms, timing_feed=context.feed)
 
 
 def _quantized_replacement(source, config: RunConfig, context: RunContext):
@@ -109,7 +117,7 @@ def _quantized_replacement(source, config: RunConfig, context: RunContext):
         bias_correction=config.method.bias_correction, include=config.sites.include, exclude=config.sites.exclude,
         batch_size=data.batch_size, mask_input=data.mask_input, shapes=data.shapes,
         fisher_options=config.fisher.as_dict(), progress=config.progress, target_latency=budget.target_latency,
-        latency=context.latency, input_forms=context.input_forms, checked=True)
+        latency=context.latency, input_forms=context.input_forms, checked=True, feed=context.feed)
 
 
 def _refine(source, compressed, report: Report, config: RunConfig):

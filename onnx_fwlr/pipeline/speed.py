@@ -244,11 +244,13 @@ def check_speed_options(budget, rank_multiple, method: str, structured: bool) ->
 
 
 def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_multiple, latency, calibration,
-                           batch_size: int, shapes, forms: InputForms | None = None) -> tuple[list, dict | None]:
+                           batch_size: int, shapes, forms: InputForms | None = None, feed=None
+                           ) -> tuple[list, dict | None]:
     """budget.choose_ranks (ranks in steps of `rank_multiple` when given, else the default multiple), or the
     latency budget, or with `rank_multiple` "auto" the ranks rounded by measurement: (ranks, what was done or
     None).
-    `forms`: input_forms of an already-quantized input (None: a float one)."""
+    `forms`: input_forms of an already-quantized input (None: a float one). `feed`: the batch to time at
+    (default timing_feed)."""
     from onnx_fwlr.pipeline.budget import Budget, choose_ranks
 
     if budget.target_latency is None and rank_multiple != "auto":  # ranks in steps of the given or default multiple
@@ -256,10 +258,9 @@ def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_mul
             return choose_ranks(prepared, budget, allocation), None
         return choose_ranks(prepared, budget, allocation, rank_multiple), {"rank_multiple": rank_multiple,
                                                                            "measured": False}
-    feed, needs_timing = None, budget.target_latency is not None or rank_multiple == "auto"
-    if needs_timing:
+    if feed is None:
         feed = timing_feed(prepared.model, calibration, batch_size, shapes)
-        latency = latency if latency is not None else lat.MeasuredLatency()
+    latency = latency if latency is not None else lat.MeasuredLatency()
     if budget.target_latency is None:
         ranks, info = round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency,
                                       feed, forms)
@@ -279,16 +280,19 @@ def _feed_shape(feed: dict) -> str:
     return f"{name} {'x'.join(str(d) for d in np.shape(value))}"
 
 
-def check_measured_speed(original, compressed, report, latency, calibration, batch_size: int, shapes) -> None:
+def check_measured_speed(original, compressed, report, latency, calibration, batch_size: int, shapes,
+                         feed=None) -> None:
     """When speed was asked for (`target_latency`, `rank_multiple` auto), time the result against the original
     at the timing size before anything is written: a model that measures no faster is refused with one
     sentence (the tables predict per site; this measures the whole graph, fusions and the other ops
-    included). The measured ratio goes into the report beside the predicted one."""
+    included). The measured ratio goes into the report beside the predicted one. `feed`: the batch to time
+    at (default timing_feed)."""
     from onnx_fwlr.io.model import load_model
 
     latency = latency if latency is not None else lat.MeasuredLatency()
-    structure = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
-    feed = timing_feed(structure, calibration, batch_size, shapes)
+    if feed is None:
+        structure = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
+        feed = timing_feed(structure, calibration, batch_size, shapes)
     measured = latency.model_ratio(original, compressed, feed)
     p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
     speed = report.budget.setdefault("speed", {})

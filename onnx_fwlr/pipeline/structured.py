@@ -38,14 +38,15 @@ def check_dope_share(dope: float, dope_share: float | None) -> None:
 
 # Long: checks, then one loop over sites; the checks must precede any calibration.
 def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options, *,
-                        dope_share=None, forms="default", form_timer=None):
+                        dope_share=None, forms="default", form_timer=None, feed=None):
     """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at
     ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric.
 
     `dope_share`: doping as a share of each site's stored numbers instead of `dope`. `forms` "measured": each
     site's ONNX form is the fastest measured here at the model's row count (cost.forms, timed with
     `form_timer`, default OrtFormTimer), and a site whose fastest form is slower than its dense weight stays
-    dense; "default": the form by multiply-adds (deterministic, no timing).
+    dense; "default": the form by multiply-adds (deterministic, no timing). `feed`: the batch to time at
+    (pipeline.run's RunContext; default speed.timing_feed).
     """
     check_dope_share(dope, dope_share)
     if forms not in ("default", "measured"):
@@ -104,7 +105,7 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
         pairs.append((result, replacement))
     chosen, measured = {}, None
     if forms == "measured":
-        chosen, measured = measured_forms(prepared, pairs, options, form_timer)
+        chosen, measured = measured_forms(prepared, pairs, options, form_timer, feed)
     model_out, report = assemble(prepared, allocation, budget, pairs, chosen)
     report.method = ",".join(mix)
     report.budget.update(dope=dope, weighting=weighting, **({"kron_shape": list(kron_shape)} if kron_shape else {}))
@@ -118,7 +119,7 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     return model_out, report
 
 
-def measured_forms(prepared, pairs, options, timer) -> tuple[dict, dict]:
+def measured_forms(prepared, pairs, options, timer, feed=None) -> tuple[dict, dict]:
     """Per structured site, the fastest form timed at its rows per use (cost.forms.choose_form); a site whose
     fastest form is slower than its dense weight is put back to dense in `pairs` (in place). Returns (weight name
     -> Form, what was measured for the report). Identical shapes and sparsity are timed once."""
@@ -128,7 +129,8 @@ def measured_forms(prepared, pairs, options, timer) -> tuple[dict, dict]:
     from onnx_fwlr.rewrite.lowrank import storage_dtype
 
     timer = timer or OrtFormTimer()
-    feed = timing_feed(prepared.model, options["calibration"], options["batch_size"], options["shapes"])
+    if feed is None:
+        feed = timing_feed(prepared.model, options["calibration"], options["batch_size"], options["shapes"])
     rows = site_rows(prepared.model, prepared.sites, feed)
     chosen, kept_dense, cache = {}, [], {}
     for index, ((result, replacement), site, site_rows_) in enumerate(zip(pairs, prepared.sites, rows)):

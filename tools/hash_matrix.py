@@ -230,8 +230,10 @@ def fake_form_timer(K, N, rank, tokens, form="fp32"):
 
 def install_fake_timer():
     """The latency model's timer, profiler share and whole-model check replaced by fixed numbers (test hook)."""
-    module = importlib.import_module("onnx_fwlr.cost.latency" if importlib.util.find_spec("onnx_fwlr.cost")
-                                     else "onnx_fwlr.evaluate.latency")
+    import onnx_fwlr
+
+    moved = (Path(onnx_fwlr.__file__).parent / "cost" / "latency.py").exists()  # in this checkout, not another
+    module = importlib.import_module("onnx_fwlr.cost.latency" if moved else "onnx_fwlr.evaluate.latency")
     module.OrtTimer.__call__ = lambda self, K, N, rank, tokens, form="fp32": fake_form_timer(K, N, rank, tokens, form)
     module.MeasuredLatency.site_share = lambda self, model, nodes, feed, runs=5: 0.9
     module.MeasuredLatency.model_ratio = lambda self, a, b, feed, runs=20: {

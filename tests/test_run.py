@@ -171,3 +171,13 @@ def test_speed_and_form_options_are_checked_before_the_timing_batch(options, mes
     budget = {} if "target_latency" in options else {"ratio": 0.5}
     with pytest.raises(FwlrError, match=message):
         compress(str(DIGITS), calibration="random", progress=False, **budget, **options)
+
+
+def test_config_records_its_currency_and_a_bad_save_config_path_stops_first(tmp_path, capsys):
+    config = RunConfig(model=str(DIGITS), budget=BudgetOptions(target_size=150000))
+    assert config.to_dict()["currency"] == "bytes"
+    assert RunConfig.from_dict(config.to_dict()) == config  # the derived currency is not read back
+    out = tmp_path / "out.onnx"
+    code = main(["compress", str(DIGITS), "-o", str(out), "--ratio", "0.5", "--save-config",
+                 str(tmp_path / "missing" / "run.json")])
+    assert code == 2 and not out.exists() and "--save-config" in capsys.readouterr().err

@@ -235,12 +235,13 @@ class RunConfig:
         for key in ("calibration", "stats", "validation"):
             result["data"][key] = _path_value(getattr(self.data, key), key, strict)
         result["progress"] = self.progress
+        result["currency"] = self.currency  # derived (what the budget counts): written for the reader, not read
         return result
 
     @classmethod
     def from_dict(cls, values: dict) -> RunConfig:
         """The config a to_dict() wrote; an unknown group or option is named in one sentence."""
-        unknown = sorted(set(values) - set(GROUPS) - {"model", "progress"})
+        unknown = sorted(set(values) - set(GROUPS) - {"model", "progress", "currency"})
         if unknown:
             raise FwlrError(f"the config names an unknown option group '{unknown[0]}'; known: "
                             f"{', '.join(['model', *GROUPS, 'progress'])}.")

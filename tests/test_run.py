@@ -12,6 +12,7 @@ from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.cli.main import main
 from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.pipeline import budget as budget_module
+from onnx_fwlr.pipeline import checks as checks_module
 from onnx_fwlr.pipeline import quantized as quantized_module
 from onnx_fwlr.pipeline.compress import calibrate
 from onnx_fwlr.pipeline.config import BudgetOptions, DataOptions, QuantizeOptions, RunConfig
@@ -104,8 +105,11 @@ def test_the_budget_and_the_quantize_options_are_checked_once(monkeypatch):
     monkeypatch.setattr(budget_module.Budget, "check", counting("budget", budget_module.Budget.check))
     compress(str(DIGITS), ratio=0.3, method="whiten", calibration=str(CALIB), progress=False)
     assert calls["budget"] == 1
-    monkeypatch.setattr(quantized_module, "check_options", counting("options", quantized_module.check_options))
-    monkeypatch.setattr(quantized_module, "check_budget", counting("quantized budget", quantized_module.check_budget))
+    options = counting("options", quantized_module.check_options)
+    quantized_budget = counting("quantized budget", quantized_module.check_budget)
+    for module in (quantized_module, checks_module):  # where they are defined, and where the config calls them
+        monkeypatch.setattr(module, "check_options", options)
+        monkeypatch.setattr(module, "check_budget", quantized_budget)
     compress(str(DIGITS), quantize="int8", rank=4, calibration=str(CALIB), progress=False)
     assert calls["options"] == 1 and calls["quantized budget"] == 1
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.methods.registry import METHODS
+from onnx_fwlr.pipeline.budget import Budget
+from onnx_fwlr.pipeline.defaults import default_method, one_shot
+from onnx_fwlr.pipeline.quantized import check_budget, check_options
+from onnx_fwlr.pipeline.speed import check_speed_options
 
 
 def check_config(config) -> None:
@@ -12,8 +17,6 @@ def check_config(config) -> None:
     calibration = data.calibration
     if refine.steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
         raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
-    from onnx_fwlr.pipeline.defaults import one_shot
-
     if one_shot(calibration) and (config.method.sequential or refine.steps is not None):
         step = "`sequential` reads it once per depth" if config.method.sequential else \
             "`refine_steps` reads it once per epoch"
@@ -23,8 +26,6 @@ def check_config(config) -> None:
         check_low_rank(config)
         return
     check_quantize_combination(config)
-    from onnx_fwlr.pipeline.quantized import check_budget, check_options
-
     quantize, method = config.quantize, quantize_method(config)
     check_options(quantize.mode, quantize.block_size, method, quantize.embeddings, quantize.int8,
                   quantize.factor_dtype, 8, 0)
@@ -34,11 +35,6 @@ def check_config(config) -> None:
 
 def check_low_rank(config) -> None:
     """The budget, then the speed options and `forms` against the method the run will use."""
-    from onnx_fwlr.methods.registry import METHODS
-    from onnx_fwlr.pipeline.budget import Budget
-    from onnx_fwlr.pipeline.defaults import default_method
-    from onnx_fwlr.pipeline.speed import check_speed_options
-
     options = config.budget
     budget = Budget(options.ratio, options.rank, options.target_size, options.max_error, dict(options.ranks),
                     target_latency=options.target_latency)
@@ -59,8 +55,6 @@ def quantize_method(config) -> str:
     """The weighting of `quantize`'s corrections: the caller's, or the default every run derives
     (pipeline.defaults.default_method: kfac with calibration data or gradient statistics, whiten with
     activation statistics, svd without data)."""
-    from onnx_fwlr.pipeline.defaults import default_method
-
     return config.method.method or default_method(config.data.calibration, config.data.stats)
 
 

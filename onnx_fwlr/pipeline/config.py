@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.pipeline.checks import check_config
 
 QUANTIZE_MODES = ("int4", "int8", "auto")
 CURRENCIES = ("parameters", "bytes", "milliseconds", "output error")
@@ -199,8 +200,6 @@ class RunConfig:
     progress: bool = True
 
     def __post_init__(self):
-        from onnx_fwlr.pipeline.checks import check_config
-
         check_config(self)
 
     @property

@@ -35,11 +35,6 @@ class RunContext:
     form_timer: object = None
     feed: dict | None = None
 
-    @property
-    def source(self):
-        """The model the replacement stage works on: the input, or its dequantized float form."""
-        return self.quantized.float_model if self.quantized else None
-
 
 def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext:
     """Dequantize a quantized input, and make the latency model and form timer the options need."""
@@ -69,7 +64,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
     data = config.data
     check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)
     context = make_context(config, latency, form_timer)
-    source = context.source if context.quantized else config.model
+    source = context.quantized.float_model if context.quantized else config.model  # what the replacement reads
     if config.quantize.mode is not None:
         compressed, report = _quantized_replacement(source, config, context)
     else:

@@ -4,9 +4,8 @@ The API is imported on first use (PEP 562), so that `onnx-fwlr --help` and `--ve
 onnx, onnxruntime, numpy or scipy, and Ctrl-C in the first second is an ordinary interrupt.
 """
 
-__version__ = "0.1.0"
-
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.version import __version__
 
 __all__ = ["compress", "calibrate", "validate", "load_model", "save_model", "FwlrError", "__version__"]
 

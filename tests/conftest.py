@@ -11,6 +11,6 @@ import tempfile
 for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
-# Measured latencies (evaluate.latency, evaluate.kron_speed) are cached per machine under XDG_CACHE_HOME; tests that
+# Measured latencies (cost.latency, cost.kron_speed) are cached per machine under XDG_CACHE_HOME; tests that
 # time for real (the default Kronecker shape choice) keep theirs out of the user's cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="onnx_fwlr_test_cache_")

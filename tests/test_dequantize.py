@@ -18,8 +18,8 @@ from onnx_fwlr.quant.int8_kernels import int8_saturates
 from onnx_fwlr.quant.requantize import requantize
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import weight_matrix as float_weight_matrix
-from onnx_fwlr.sites.listing import inspect_model
 from onnx_fwlr.sites.recurrent import find_all_sites
+from onnx_fwlr.workflows.listing import inspect_model
 
 K, H, N = 64, 48, 16
 SEQ, BATCH, INPUT, HIDDEN = 5, 3, 16, 8

@@ -426,7 +426,7 @@ def test_small_svd_runs_on_one_blas_thread(monkeypatch):
         seen.extend(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(decompose.factorize, "weighted_svd", recording)
+    monkeypatch.setattr(decompose.lowrank, "weighted_svd", recording)
     job = (WeightRef(False, values=np.ones((64, 32), np.float32)), None, None, None, 0, "w")
     with threadpool_limits(2, user_api="blas"):
         decompose.decompose_one(job)

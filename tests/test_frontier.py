@@ -1,5 +1,5 @@
 """The size/fidelity frontier: sweep --quantize with ONNX Runtime's baselines and Pareto points, and compress's
-closing comparison with a plain ONNX Runtime quantization (evaluate.frontier)."""
+closing comparison with a plain ONNX Runtime quantization (workflows.frontier)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from onnx_fwlr.cli.main import main
-from onnx_fwlr.evaluate.frontier import better_baseline, mark_pareto
 from onnx_fwlr.quant.int8_kernels import int8_saturates
 from onnx_fwlr.quant.ortquant import ort_int4_model, ort_int8_model
+from onnx_fwlr.workflows.frontier import better_baseline, mark_pareto
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "sample_models" / "digits_mlp.onnx"

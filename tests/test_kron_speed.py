@@ -1,4 +1,4 @@
-"""Kronecker shapes chosen by error and measured speed (evaluate/kron_speed.py), and the fast fit behind it
+"""Kronecker shapes chosen by error and measured speed (cost/kron_speed.py), and the fast fit behind it
 (truncated SVD warm starts, KronFitter, growth stop). Timers are fakes that read the timed models' shapes, so the
 choice is tested without timing anything."""
 
@@ -11,7 +11,7 @@ from builders import matmul_model, rel_error, run
 from onnx import numpy_helper
 
 import onnx_fwlr
-from onnx_fwlr.evaluate.kron_speed import DEFAULT_ROWS, KronSpeed
+from onnx_fwlr.cost.kron_speed import DEFAULT_ROWS, KronSpeed
 from onnx_fwlr.methods.doping import dope_growing
 from onnx_fwlr.methods.structured import (
     KronFitter,

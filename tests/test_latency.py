@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from onnx_fwlr.evaluate.latency import (
+from onnx_fwlr.cost.latency import (
     FP32,
     INT8,
     ROUNDS,
@@ -253,7 +253,7 @@ def test_one_site_models_are_the_graphs_compress_writes():
 def test_fused_gemm_nodes_count_as_their_site():
     """ONNX Runtime names a Gemm fused with its Relu `fused <node>` (the digits MLP profiles as `fused fc1/Gemm`);
     site_share and profile --compare must still give its time to the site."""
-    from onnx_fwlr.evaluate.limits import owner, per_site
+    from onnx_fwlr.cost.limits import owner, per_site
 
     sites = ["fc1/Gemm", "fc2/MatMul"]
     assert owner("fused fc1/Gemm", sites) == "fc1/Gemm"

@@ -1,5 +1,6 @@
-"""The shape DESIGN §6 asks for, checked on the source: the maths imports no ONNX, the graph layer no
-statistics, and nothing below the CLI prints or exits."""
+"""The shape docs/architecture.md draws, checked on the source: the maths imports no ONNX, the graph layer no
+statistics, every import follows the layers, nothing below the CLI prints or exits, and each registry has its
+tests."""
 
 import ast
 import sys
@@ -60,3 +61,128 @@ def test_nothing_below_the_cli_prints_or_exits(path):
             owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else ""
             assert name != "print", f"{path.name}:{node.lineno} prints; use logging.getLogger(__name__)"
             assert not (name == "exit" and owner in ("sys", "os")), f"{path.name}:{node.lineno} exits"
+
+
+# ------------------------------------------------------------------------------------------ the layers
+# What each package may import (besides itself, `errors` and `tables`), over every import in every module,
+# function-level ones included. Bottom to top: io, methods | autodiff | sites | evaluate (fidelity) | stats |
+# quant, rewrite | refine | cost (latency, forms, profiling, limits, FLOPs) | pipeline | workflows | cli.
+LEAVES = {"errors", "tables", "version"}
+ALLOWED = {
+    "io": set(),
+    "methods": set(),
+    "autodiff": {"io"},
+    "sites": {"autodiff", "io"},
+    "evaluate": {"autodiff", "io", "sites"},
+    "stats": {"autodiff", "evaluate", "io", "sites"},
+    "quant": {"autodiff", "io", "methods", "sites", "stats"},
+    "rewrite": {"io", "methods", "sites"},
+    "refine": {"autodiff", "evaluate", "io", "methods", "rewrite", "sites", "stats"},
+    "cost": {"io", "methods", "quant", "rewrite", "sites"},
+    "pipeline": {"autodiff", "cost", "evaluate", "io", "methods", "quant", "refine", "rewrite", "sites", "stats",
+                 "version"},
+    "workflows": {"cost", "evaluate", "io", "methods", "pipeline", "quant", "refine", "rewrite", "sites", "stats"},
+    "cli": {"cost", "evaluate", "io", "methods", "pipeline", "quant", "refine", "sites", "stats", "version",
+            "workflows"},
+    "(top)": {"cli", "io", "pipeline", "version"},
+}
+
+
+def _package(path: Path) -> str:
+    relative = path.relative_to(PACKAGE)
+    return relative.parts[0] if len(relative.parts) > 1 else "(top)"
+
+
+def _targets(path: Path) -> list[tuple[int, str]]:
+    """(line, package) of every onnx_fwlr import in the module, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "onnx_fwlr":
+                found.append((node.lineno, parts[1] if len(parts) > 1 else "(top)"))
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_import_follows_the_layers(path):
+    own = _package(path)
+    if own in LEAVES or path.stem in LEAVES and own == "(top)":
+        allowed = set()
+    else:
+        allowed = ALLOWED[path.stem if own == "(top)" and path.stem in ALLOWED else own]
+    bad = [f"{path.name}:{line} imports onnx_fwlr.{target}" for line, target in _targets(path)
+           if target not in allowed | LEAVES | {own}]
+    assert not bad, bad
+
+
+def test_the_layers_have_no_cycles():
+    """The matrix itself is a partial order (a package never reaches itself through others)."""
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in ALLOWED.get(start, ()))
+
+    assert [p for p in ALLOWED if reaches(p, p)] == []
+
+
+def test_every_package_is_in_the_matrix():
+    packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert packages == set(ALLOWED) - {"(top)"}
+
+
+# Short names kept where the module's own name is a parameter of the functions that use it.
+ALIASES = {("pipeline/speed.py", "lat"), ("pipeline/quantized_speed.py", "lat"), ("pipeline/speed.py", "alloc"),
+           ("pipeline/budget.py", "alloc"), ("pipeline/build.py", "alloc")}
+
+
+def test_no_module_is_imported_under_another_name():
+    """`from onnx_fwlr.x import module as other`: a reader looks for `other` and finds nothing."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("onnx_fwlr"):
+                folder = PACKAGE.parent.joinpath(*node.module.split("."))
+                for alias in node.names:
+                    is_module = (folder / f"{alias.name}.py").exists() or (folder / alias.name).is_dir()
+                    where = (str(path.relative_to(PACKAGE)), alias.asname)
+                    if is_module and alias.asname not in (None, alias.name) and where not in ALIASES:
+                        bad.append(f"{where[0]}:{node.lineno} {node.module}.{alias.name} as {alias.asname}")
+    assert not bad, bad
+
+
+def test_docstrings_cite_no_document_the_repository_lacks():
+    bad = [f"{p.relative_to(PACKAGE)}" for p in sorted(PACKAGE.rglob("*.py")) if "DESIGN" in p.read_text()]
+    assert not bad, bad
+
+
+# ------------------------------------------------------------------------------------------ the registries
+def test_method_registry_is_what_every_caller_offers():
+    from onnx_fwlr.cli.main import build_parser
+    from onnx_fwlr.methods.registry import METHODS
+
+    compress = build_parser()._subparsers._group_actions[0].choices["compress"]
+    choices = next(a.choices for a in compress._actions if a.dest == "method")
+    assert list(choices) == list(METHODS)
+    from onnx_fwlr.methods.registry import ACTIVATIONS, GRADIENTS
+
+    for name, method in METHODS.items():  # every entry says which statistics it reads
+        assert set(method.needs) <= {ACTIVATIONS, GRADIENTS}, name
+
+
+def test_every_vjp_rule_is_exercised_by_a_test():
+    """Finite differences in tests/test_vjp*.py for most; the decoder ops (RMSNormalization, Sin, Cos, Trilu)
+    through test_decoder's gradient checks, the scatters through structured training."""
+    from onnx_fwlr.autodiff.vjp import RULES
+
+    tests = "".join(p.read_text() for p in (PACKAGE.parent / "tests").glob("test_*.py"))
+    untested = [op for op in RULES if f'"{op}"' not in tests]
+    assert not untested, f"ops without a test: {untested}"
+
+
+def test_every_quantized_format_has_a_round_trip_test():
+    from onnx_fwlr.quant.dequantize_match import _MATCHERS
+
+    tests = (PACKAGE.parent / "tests" / "test_dequantize.py").read_text()
+    untested = [op for _, op in _MATCHERS if op not in tests]
+    assert not untested, f"quantized formats without a test in tests/test_dequantize.py: {untested}"

@@ -8,9 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.flops import measure_node_flops, recurrent_flops
-from onnx_fwlr.evaluate.limits import (
+from onnx_fwlr.cost.flops import measure_node_flops, recurrent_flops
+from onnx_fwlr.cost.limits import (
     achievable_ratio,
     factorised_sites,
     format_speed,
@@ -19,7 +18,7 @@ from onnx_fwlr.evaluate.limits import (
     ratio_summary,
     speed_limits,
 )
-from onnx_fwlr.evaluate.profiling import (
+from onnx_fwlr.cost.profiling import (
     METRICS,
     compare_profiles,
     format_comparison,
@@ -32,6 +31,7 @@ from onnx_fwlr.evaluate.profiling import (
     symbolic_defaults,
     synthetic_feed,
 )
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import data
 from onnx_fwlr.io.model import file_size
 from onnx_fwlr.sites.find import model_parameters

@@ -11,9 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.cost import levels
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.pipeline.quantized import compress_quantized
-from onnx_fwlr.quant import levels, ortquant
+from onnx_fwlr.quant import ortquant
 from onnx_fwlr.quant.graph import SitePlan, merge_groups, rewrite
 from onnx_fwlr.sites.find import find_sites
 
@@ -132,7 +133,7 @@ def test_a_site_failing_the_check_keeps_level_0_and_the_report_says_why(tmp_path
 
 
 def test_cli_accuracy_level(tmp_path, monkeypatch, capsys):
-    from onnx_fwlr.evaluate.latency import OrtTimer
+    from onnx_fwlr.cost.latency import OrtTimer
 
     fake = level_timer(0.5)
     monkeypatch.setattr(OrtTimer, "__call__", lambda self, K, N, rank, rows, form="fp32": fake(K, N, rank, rows, form))

@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.pipeline.compress import compress
 from onnx_fwlr.pipeline.quantized import compress_quantized
 

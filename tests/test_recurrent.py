@@ -12,9 +12,9 @@ from onnx_fwlr.io.data import open_data
 from onnx_fwlr.methods.structured import LowRank, Structured
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import weight_matrix
-from onnx_fwlr.sites.listing import inspect_model
 from onnx_fwlr.sites.recurrent import find_recurrent_sites, stacked_view
 from onnx_fwlr.stats.activations import collect_activation_stats
+from onnx_fwlr.workflows.listing import inspect_model
 
 SEQ, BATCH, INPUT, HIDDEN = 5, 3, 12, 4
 GATES = {"LSTM": 4, "GRU": 3}

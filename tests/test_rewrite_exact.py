@@ -1,4 +1,4 @@
-"""At rank >= the weight's true rank, the compressed model reproduces the original (DESIGN §2 rewrite)."""
+"""At rank >= the weight's true rank, the compressed model reproduces the original."""
 
 import itertools
 

@@ -210,7 +210,7 @@ def test_inspect_lists_every_weight_it_leaves_alone_and_counts_quantized_sites(t
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from shipped_builder import lstm_tagger
 
-    from onnx_fwlr.sites.listing import inspect_model
+    from onnx_fwlr.workflows.listing import inspect_model
 
     onnx.save(lstm_tagger(), tmp_path / "lstm.onnx")
     quantize_dynamic(tmp_path / "lstm.onnx", tmp_path / "lstm_int8.onnx", per_channel=True,
@@ -240,7 +240,7 @@ def test_compress_names_the_weights_it_keeps_as_the_input_stored_them(tmp_path, 
 
 
 class _FakeLatency:
-    """model_ratio as evaluate.latency.MeasuredLatency returns it, without timing anything."""
+    """model_ratio as cost.latency.MeasuredLatency returns it, without timing anything."""
 
     def __init__(self, ratio: float):
         self.ratio, self.feeds = ratio, []
@@ -403,7 +403,7 @@ def test_a_weight_no_quantizer_can_write_back_is_kept_as_the_input_has_it():
     """Blocked int8 QDQ weights (ONNX Runtime writes blocked QDQ at 4 bits only) are not dequantized: the
     site stays exactly as stored, with the reason, instead of failing after the work."""
     from onnx_fwlr.quant.dequantize import dequantize_model
-    from onnx_fwlr.sites.listing import inspect_model
+    from onnx_fwlr.workflows.listing import inspect_model
 
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.integers(-127, 128, (64, 16)).astype(np.int8), "w_q"),

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from onnx_fwlr.cli.main import main
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.pipeline.compress import compress
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

@@ -8,7 +8,7 @@ import onnx
 import pytest
 from builders import matmul_model, rel_error, run
 
-from onnx_fwlr.evaluate.forms import DENSE, FormChoice, choose_form, kron_forms, site_model
+from onnx_fwlr.cost.forms import DENSE, FormChoice, choose_form, kron_forms, site_model
 from onnx_fwlr.methods.structured import Coo, KronSum, LowRank, Structured
 from onnx_fwlr.rewrite.lowrank import apply_factors
 from onnx_fwlr.rewrite.structured import DOPING_FORMS, ORDERS, Form, stored_structure

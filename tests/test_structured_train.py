@@ -221,7 +221,7 @@ class RuleTimer:
 
 
 def test_measured_forms_pick_per_site_and_keep_slower_sites_dense():
-    from onnx_fwlr.evaluate.forms import DENSE
+    from onnx_fwlr.cost.forms import DENSE
 
     def rule(label, K_):  # fc1 (K = 64): structure slower than dense; fc2 (K = 256): elements doping fastest
         if label == DENSE:

@@ -109,6 +109,7 @@ def test_identity_cast_dropout():
     check("Identity", [rand(2, 3)])
     check("Cast", [rand(2, 3)], {"to": TensorProto.DOUBLE}, opset=13)
     check("Dropout", [rand(2, 3)], opset=13)
+    check("CastLike", [rand(2, 3), rand(1)], opset=15, wanted=[0])  # the second input gives the type only
 
 
 def test_clip_inputs():

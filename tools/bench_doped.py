@@ -9,7 +9,7 @@ Two models:
           anywhere, no download). Structures are applied to the vocabulary head [256 x 1024]; the LSTM input
           weight, which can only take low-rank factors, gets its own low-rank table.
   digits  sample_models/digits_mlp.onnx (64 -> 256 -> 256 -> 10); structures on fc1 and fc2, the 256x10
-          head kept dense (DESIGN §5).
+          head kept dense.
 Every structure gets the same per-site budget, ratio x K x N stored numbers (doping entries cost a value and
 two indices), fits under activation statistics from calibration data, and gets the bias correction.
 Reported: stored parameters of the compressed sites (compression = dense / stored), serialized model bytes,

@@ -14,7 +14,7 @@ T = 32 rows on one thread. Goals: the default below 1.0x dense at both row count
 A 1024 x 1024 MatMul weight replaced by Σ_s A_s ⊗ B_s + D at several shapes, term counts and doping shares,
 each at >= 8x compression (stored numbers: factor entries + 3 per doping entry). For each configuration,
 row count (1024 = batch 32 x 32 tokens, 32 = one sequence, 1 = one token) and intra-op thread count, the
-forms of onnx_fwlr.evaluate.forms are timed against the dense MatMul with interleaved repeats (OrtFormTimer:
+forms of onnx_fwlr.cost.forms are timed against the dense MatMul with interleaved repeats (OrtFormTimer:
 every model runs in each round, rounds in rotating order, medians over rounds), and the table shows the default
 form (fewest multiply-adds, stacked, ScatterND doping), the fastest form and the dense time. Values are random:
 the time does not depend on them. Doping supports are random, or concentrated in a few rows ("rows" column),
@@ -36,7 +36,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnx_fwlr.evaluate.forms import DENSE, OrtFormTimer, choose_form, dense_model, site_model  # noqa: E402
+from onnx_fwlr.cost.forms import DENSE, OrtFormTimer, choose_form, dense_model, site_model  # noqa: E402
 from onnx_fwlr.methods.structured import Coo, KronSum, Structured  # noqa: E402
 from onnx_fwlr.rewrite.structured import Form  # noqa: E402
 
@@ -107,7 +107,7 @@ def goals(rounds: int) -> dict:
     import time
 
     from onnx_fwlr import compress
-    from onnx_fwlr.evaluate.latency import MeasuredLatency
+    from onnx_fwlr.cost.latency import MeasuredLatency
 
     results = []
     for kind in ("trained-like", "gaussian"):

@@ -186,7 +186,7 @@ def sequential_rows(prepared, allocation, ratios, folder, reference, evaluation,
 
 
 def latency_rows(model_path, prepared, allocation, ratios, work: Path):
-    from onnx_fwlr.evaluate.profiling import profile_model
+    from onnx_fwlr.cost.profiling import profile_model
 
     rng = np.random.default_rng(0)
     feed = {"input_ids": rng.integers(1000, 20000, size=(32, 128)).astype(np.int64),

@@ -8,7 +8,7 @@ Cases:
 
 Each model is measured by onnx_fwlr.profile.profile_model (a fresh child process: warm-up, then p50 over the
 runs, MatMul FLOPs from the shapes seen, per-op-type kernel time from ONNX Runtime's profiler). Printed per
-compressed model: p50 latency, the latency ratio next to the MatMul FLOP ratio and their quotient (DESIGN's
+compressed model: p50 latency, the latency ratio next to the MatMul FLOP ratio and their quotient (the project's
 target: latency ratio within 1.1x of the FLOP ratio), and the MatMul/Gemm rows of the per-op-type table.
 
     python tools/bench_profile.py [--cases digits transformer] [--runs 50] [--json FILE]
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
-from onnx_fwlr.evaluate.profiling import compare_profiles, profile_model
+from onnx_fwlr.cost.profiling import compare_profiles, profile_model
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.pipeline import compress as api

@@ -7,9 +7,9 @@
     python tools/bench_quant.py minilm --modes int8,auto --fractions 0.8,1.0 --latency --targets 0.45,0.6
 
 With --latency every row gets its latency relative to the fp32 original at batch 1 and batch 32 (held-out rows,
-`--threads`, the median of `--pairs` alternating pairs in one process, evaluate.limits.paired_ratio), ONNX
+`--threads`, the median of `--pairs` alternating pairs in one process, cost.limits.paired_ratio), ONNX
 Runtime's int4 models are also measured at accuracy_level 4, our int4/auto models choose their accuracy_level
-per site by timing (at batch 1 rows: quant.levels), `--targets` adds `--quantize auto --target-latency F` rows
+per site by timing (at batch 1 rows: cost.levels), `--targets` adds `--quantize auto --target-latency F` rows
 (timed at batch 32 and at batch 1), and the issue-26 goals are printed PASS/FAIL below the table.
 
 Rows: the fp32 original; ONNX Runtime's `quantize_dynamic` int8 per channel (every op it quantizes, embeddings
@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from onnx_fwlr.cost.latency import OrtTimer, machine_name  # noqa: E402
 from onnx_fwlr.errors import FwlrError  # noqa: E402
-from onnx_fwlr.evaluate.latency import OrtTimer, machine_name  # noqa: E402
 from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
 from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
 from onnx_fwlr.tables import format_table  # noqa: E402
@@ -124,7 +124,7 @@ def latency_feeds(work: Workload, sizes) -> dict[int, dict]:
 def paired_latency(original_path: Path, model: onnx.ModelProto, feeds: dict, args, folder: Path) -> dict:
     """Per batch size, the median (and p10/p90) of `args.pairs` alternating (original, model) pairs in one
     process: the model's time over the original's."""
-    from onnx_fwlr.evaluate.limits import paired_ratio
+    from onnx_fwlr.cost.limits import paired_ratio
 
     path = folder / "timed.onnx"
     onnx.save(model, path)
@@ -229,7 +229,7 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
 def latency_targets(work: Workload, args, reference, base, common) -> list[dict]:
     """`--quantize auto --target-latency F` at each batch size's rows (its tables, levels and site share timed at
     that feed, `--threads`)."""
-    from onnx_fwlr.evaluate.latency import MeasuredLatency
+    from onnx_fwlr.cost.latency import MeasuredLatency
 
     rows = []
     latency = MeasuredLatency(threads=args.threads, cache_dir=args.latency_cache)

@@ -4,7 +4,7 @@
     python tools/bench_quant_kernels.py --shapes 384x384 --rows 1,32,4096 --threads 2 --json out.json
     python tools/bench_quant_kernels.py --merged                # merged vs separate corrections (q/k/v, gate/up)
 
-Forms (each one-site model is built by the code compress writes its output with, evaluate.latency.one_site_model):
+Forms (each one-site model is built by the code compress writes its output with, cost.latency.one_site_model):
 fp32 MatMul; ONNX Runtime `quantize_dynamic` int8 per channel; MatMulNBits int4 at block 32 and 128 with
 accuracy_level 0 (float compute, the quantizer's default) and 4 (int8 activations, per block of K). Every model
 runs in one process, in rounds that rotate their order; a round's time of each is divided by fp32's in the same
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.evaluate.latency import FP32, INT8, correction_form, machine_name, one_site_model  # noqa: E402
+from onnx_fwlr.cost.latency import FP32, INT8, correction_form, machine_name, one_site_model  # noqa: E402
 from onnx_fwlr.tables import format_table  # noqa: E402
 
 FORMS = {  # label -> (latency form, rank): rank None = the form's dense op (for a correction form, its main branch)

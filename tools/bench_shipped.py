@@ -11,7 +11,7 @@ re-quantization of its dequantized float form (quantize_dynamic int8 per channel
 b128: what a user reaches with ONNX Runtime alone); ours, `compress --ratio 0.5` and `compress --quantize auto
 --ratio 0.5` (kfac on 256 calibration rows). Fidelity on 256 held-out rows against the float original and
 against the shipped input (mean cosine of each row's output); latency as the median ratio to the input of
-alternating pairs of runs at 32 rows, one ORT thread (evaluate.limits.paired_ratio).
+alternating pairs of runs at 32 rows, one ORT thread (cost.limits.paired_ratio).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from shipped_builder import FORMATS, data, float_mlp, quantized, shared_layers  # noqa: E402
 
 from onnx_fwlr.cli.main import main as cli  # noqa: E402
-from onnx_fwlr.evaluate.limits import paired_ratio  # noqa: E402
+from onnx_fwlr.cost.limits import paired_ratio  # noqa: E402
 from onnx_fwlr.io.model import file_size  # noqa: E402
 from onnx_fwlr.pipeline.compress import validate  # noqa: E402
 from onnx_fwlr.pipeline.quantized_input import dequantize_input  # noqa: E402

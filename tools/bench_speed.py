@@ -8,7 +8,7 @@ For each model (the synthetic BERT-style encoder of tools/synthetic_transformer.
     of 16 (the default), and rounded by the measured latency model ("auto" = compress --rank-multiple auto);
   - kfac under a latency budget at each --targets value (compress --target-latency F).
 
-Every low-rank row is measured by `profile ORIGINAL --compare COMPRESSED` (onnx_fwlr.evaluate.limits.
+Every low-rank row is measured by `profile ORIGINAL --compare COMPRESSED` (onnx_fwlr.cost.limits.
 compare_speed): the achievable ratio from ONNX Runtime's profiler, the measured ratio as the median of
 alternating pairs with its p10-p90, and their quotient. Baselines are timed the same way (alternating pairs).
 Fidelity: mean cosine of the judged output with the original's on held-out data (MiniLM: eval.npz, never
@@ -41,9 +41,8 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
 
-from onnx_fwlr.evaluate.frontier import fidelity  # noqa: E402
-from onnx_fwlr.evaluate.latency import MeasuredLatency  # noqa: E402
-from onnx_fwlr.evaluate.limits import compare_speed, paired_ratio  # noqa: E402
+from onnx_fwlr.cost.latency import MeasuredLatency  # noqa: E402
+from onnx_fwlr.cost.limits import compare_speed, paired_ratio  # noqa: E402
 from onnx_fwlr.io.model import save_model  # noqa: E402
 from onnx_fwlr.methods.registry import get_method  # noqa: E402
 from onnx_fwlr.pipeline.budget import Budget, choose_ranks  # noqa: E402
@@ -52,6 +51,7 @@ from onnx_fwlr.pipeline.prepare import prepare  # noqa: E402
 from onnx_fwlr.pipeline.speed import latency_budget_ranks, round_for_speed  # noqa: E402
 from onnx_fwlr.quant.ortquant import ort_baseline  # noqa: E402
 from onnx_fwlr.tables import format_table  # noqa: E402
+from onnx_fwlr.workflows.frontier import fidelity  # noqa: E402
 
 MINILM = ROOT / ".cache" / "minilm"
 OUTPUT = "sentence_embedding"

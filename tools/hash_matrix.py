@@ -6,6 +6,12 @@ versions and paths removed) and writes {command: {file: sha256}}.
 
     python tools/hash_matrix.py --out before.json                 # on the old code
     python tools/hash_matrix.py --out after.json --compare before.json   # exit 1 if anything differs
+
+Rows named `api_*` call the Python API (`onnx_fwlr.compress`, then `onnx_fwlr.save_model` and the report as
+JSON) in a child process of this script and must give the same bytes as their CLI twin (API_TWINS). Rows with
+`fake timer` run with ONNX Runtime's timer, the profiler and the whole-model check replaced by fixed numbers
+(the tests' fake, written here), so `--target-latency` is deterministic; their tables go to a cache folder in
+the work dir, never to the user's.
 """
 
 import argparse
@@ -24,20 +30,46 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the small LSTM model is built by the tests' helpers
-
-from builders import write_lstm  # noqa: E402
 
 DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
 VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
+# The options a compress report records since issue 24 ("config": a dict; sweep rows' "config" is a label and stays):
+# a record of the input, not an output; left out so hashes from before it compare (tests/test_run.py checks that a
+# saved config replays the same bytes).
+RECORD_KEYS = {"config"}
 TIME_PATTERN = re.compile(r"\d+(\.\d+)?\s?(s|ms)\b")  # "0.1 s", "12 ms" in text output
 MUST_MATCH = [  # pairs that must give the same bytes within one run
     ("digits_fwsvd_global_workers1", "digits_fwsvd_global_workers2", ("out.onnx", "report.json")),
     ("digits_kfac_global", "digits_kfac_from_stats", ("out.onnx", "report.json")),  # --stats = --calib
 ]
+API_TWINS = {  # Python API row -> the CLI row it must equal (out.onnx and report.json; see ONNX_ONLY)
+    "api_digits_whiten_uniform": "digits_whiten_uniform",
+    "api_digits_kfac_global": "digits_kfac_global",
+    "api_digits_quantize_int4": "digits_quantize_int4",
+    "api_digits_quantize_int8": "digits_quantize_int8",
+    "api_digits_quantize_auto": "digits_quantize_auto",
+    "api_int8_input_ratio": "int8_input_ratio",
+    "api_int8_input_quantize_int8": "int8_input_quantize_int8",
+    "api_digits_target_latency_fake": "digits_target_latency_fake",
+    "api_digits_quantize_auto_latency_fake": "digits_quantize_auto_latency_fake",
+    "api_digits_kron": "digits_kron",
+    "api_digits_kfac_global_sequential": "digits_kfac_global_sequential",
+    "api_digits_whiten_target_size": "digits_whiten_target_size",
+    "api_digits_kfac_global_refine20": "digits_kfac_global_refine20",
+    "api_lstm_whiten": "lstm_whiten",
+    "api_bert_kfac_global": "bert_kfac_global",
+}
+ONNX_ONLY = {  # with validation data the CLI's report adds ONNX Runtime's baselines (ort_baselines): model only
+    "api_digits_kfac_global_refine20", "api_lstm_whiten", "api_bert_kfac_global"}
 
 
 # ------------------------------------------------------------------------------------------ inputs
+def write_lstm(work: Path):
+    """The tests' small LSTM model and its data (tests/builders.write_lstm), built in a child run from tests/."""
+    code = "import sys; from pathlib import Path; from builders import write_lstm; write_lstm(Path(sys.argv[1]))"
+    subprocess.run([sys.executable, "-c", code, str(work)], check=True, cwd=ROOT / "tests", capture_output=True)
+
+
 def write_transformer(work: Path):
     """tools/synthetic_transformer.py at hidden 64, 2 layers; token batches from its make_token_batch."""
     tool = ROOT / "tools" / "synthetic_transformer.py"
@@ -48,6 +80,13 @@ def write_transformer(work: Path):
     spec.loader.exec_module(module)
     for name, n, seed in (("bert_calib", 64, 1), ("bert_val", 32, 2)):
         np.savez(work / f"{name}.npz", **module.make_token_batch(n, 16, 500, seed=seed))
+
+
+def write_int8_digits(work: Path):
+    """The digits MLP after ONNX Runtime's quantize_dynamic (int8 weights per tensor), as a user brings it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(ROOT / DIGITS), str(work / "digits_int8.onnx"), weight_type=QuantType.QInt8)
 
 
 # ------------------------------------------------------------------------------------------ matrix
@@ -114,7 +153,126 @@ def matrix():
                           "--methods", "svd,whiten,kfac", "--allocations", "uniform,global", "-o", "{out}/sweep",
                           "--no-plots", "--quiet"]),
     ]
-    return entries
+    return entries + quantize_matrix() + api_matrix()
+
+
+INT8_INPUT = "{work}/digits_int8.onnx"
+LATENCY_CACHE = "{work}/latency_cache"  # the fake timer's tables: never the user's cache
+FAKE_TARGET = ("--target-latency", "0.7", "--latency-cache", LATENCY_CACHE)
+FAKE_QUANT_TARGET = ("--quantize", "auto", "--target-latency", "0.8", "--latency-cache", LATENCY_CACHE)
+
+
+def quantize_matrix():
+    """--quantize int4/int8/auto, an int8 input, --target-latency (fake timer) and activation-only --stats."""
+    return [
+        ("digits_quantize_int4", compress(DIGITS, "--quantize", "int4", "--rank", "4")),
+        ("digits_quantize_int8", compress(DIGITS, "--quantize", "int8", "--rank", "4")),
+        ("digits_quantize_auto", compress(DIGITS, "--quantize", "auto", "--ratio", "0.5")),
+        ("int8_input_ratio", compress(INT8_INPUT, "--ratio", "0.5")),
+        ("int8_input_quantize_int8", compress(INT8_INPUT, "--quantize", "int8", "--rank", "4")),
+        ("digits_target_latency_fake", ["fake-timer", *compress(DIGITS, "--method", "kfac", *FAKE_TARGET)]),
+        ("digits_quantize_auto_latency_fake", ["fake-timer", *compress(DIGITS, *FAKE_QUANT_TARGET)]),
+        ("calibrate_digits_activations", ["calibrate", DIGITS, "--calib", CALIB, "-o", "{out}/stats.npz",
+                                          "--force", "--quiet"]),
+        ("activation_stats_ratio", ["compress", DIGITS, "-o", "{out}/out.onnx", "--stats",
+                                    "{work}/calibrate_digits_activations/stats.npz", "--ratio", "0.5", "--force",
+                                    "--quiet", "--json", "{out}/report.json"]),
+        ("activation_stats_quantize_int8", ["compress", DIGITS, "-o", "{out}/out.onnx", "--stats",
+                                            "{work}/calibrate_digits_activations/stats.npz", "--quantize", "int8",
+                                            "--rank", "4", "--force", "--quiet", "--json", "{out}/report.json"]),
+    ]
+
+
+def api(model, fake_timer=False, **options):
+    """A Python API row: onnx_fwlr.compress(model, **options) in a child process (see api_child)."""
+    spec = {"model": model, "options": {"calibration": CALIB, "progress": False, **options},
+            "fake_timer": fake_timer}
+    return ["api", json.dumps(spec)]
+
+
+def api_matrix():
+    """The Python API beside its CLI twin (API_TWINS)."""
+    return [
+        ("api_digits_whiten_uniform", api(DIGITS, method="whiten", allocation="uniform", ratio=0.3)),
+        ("api_digits_kfac_global", api(DIGITS, method="kfac", allocation="global", ratio=0.3)),
+        ("api_digits_quantize_int4", api(DIGITS, quantize="int4", rank=4)),
+        ("api_digits_quantize_int8", api(DIGITS, quantize="int8", rank=4)),
+        ("api_digits_quantize_auto", api(DIGITS, quantize="auto", ratio=0.5)),
+        ("api_int8_input_ratio", api(INT8_INPUT, ratio=0.5)),
+        ("api_int8_input_quantize_int8", api(INT8_INPUT, quantize="int8", rank=4)),
+        ("api_digits_target_latency_fake", api(DIGITS, fake_timer=True, method="kfac", target_latency=0.7)),
+        ("api_digits_quantize_auto_latency_fake", api(DIGITS, fake_timer=True, quantize="auto",
+                                                      target_latency=0.8)),
+        ("api_digits_kron", api(DIGITS, method="kron", ratio=0.3)),
+        ("api_digits_kfac_global_sequential", api(DIGITS, method="kfac", allocation="global", ratio=0.3,
+                                                  sequential=True)),
+        ("api_digits_whiten_target_size", api(DIGITS, method="whiten", target_size=150000)),
+        ("api_digits_kfac_global_refine20", api(DIGITS, method="kfac", allocation="global", ratio=0.3,
+                                                refine_steps=20, validation=TEST)),
+        ("api_lstm_whiten", api("{work}/lstm.onnx", method="whiten", ratio=0.5, validation="{work}/lstm_val.npz",
+                                calibration="{work}/lstm_calib.npz")),
+        ("api_bert_kfac_global", api("{work}/bert.onnx", method="kfac", allocation="global", ratio=0.4,
+                                     validation="{work}/bert_val.npz", calibration="{work}/bert_calib.npz")),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ child processes
+def fake_form_timer(K, N, rank, tokens, form="fp32"):
+    """ms = FLOPs / 1e6 for fp32; int8 forms 0.57x and int4 forms 1.06x the dense op (the 2-core CPU's shape),
+    a correction or pair at its FLOPs."""
+    dense = 2 * tokens * K * N / 1e6
+    flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
+    if form in ("fp32", "int8"):
+        scale = 1.0 if form == "fp32" else 0.57
+        return scale * (dense if rank is None else flops)
+    return (1.06 if form.startswith("int4") else 0.57) * dense + flops
+
+
+def install_fake_timer():
+    """The latency model's timer, profiler share and whole-model check replaced by fixed numbers (test hook)."""
+    import onnx_fwlr
+
+    moved = (Path(onnx_fwlr.__file__).parent / "cost" / "latency.py").exists()  # in this checkout, not another
+    package = "cost" if moved else "evaluate"  # the latency module's package before issue 24's move
+    module = importlib.import_module(f"onnx_fwlr.{package}.latency")
+    module.OrtTimer.__call__ = lambda self, K, N, rank, tokens, form="fp32": fake_form_timer(K, N, rank, tokens, form)
+    module.MeasuredLatency.site_share = lambda self, model, nodes, feed, runs=5: 0.9
+    module.MeasuredLatency.model_ratio = lambda self, a, b, feed, runs=20: {
+        "pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
+    return module
+
+
+def cli_child(argv: list[str]) -> int:
+    """`onnx-fwlr ARGV` in this process, with the fake timer."""
+    install_fake_timer()
+    from onnx_fwlr.cli.main import main as cli_main
+
+    return cli_main(argv)
+
+
+def api_child(spec: dict, out: Path, work: Path) -> int:
+    """onnx_fwlr.compress(model, **options); writes out.onnx and report.json as `onnx-fwlr compress` does."""
+    import onnx_fwlr
+
+    options = dict(spec["options"])
+    if spec["fake_timer"]:
+        options["latency"] = install_fake_timer().MeasuredLatency(cache_dir=str(work / "latency_cache"))
+    model = spec["model"]
+    compressed, report = onnx_fwlr.compress(model, **options)
+    onnx_fwlr.save_model(compressed, out / "out.onnx")
+    report.file_size_before, report.file_size_after = file_bytes(Path(model)), file_bytes(out / "out.onnx")
+    (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, default=plain) + "\n")
+    return 0
+
+
+def file_bytes(path: Path) -> int:
+    """A model file plus its .data file (these rows write none)."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def plain(value):
+    return value.item() if isinstance(value, np.generic) else value.tolist()
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -130,7 +288,8 @@ def scrub_text(text: str, work: Path) -> str:
 
 def scrub_json(value, work: Path):
     if isinstance(value, dict):
-        return {k: scrub_json(v, work) for k, v in value.items() if k not in VOLATILE_KEYS}
+        return {k: scrub_json(v, work) for k, v in value.items()
+                if k not in VOLATILE_KEYS and not (k in RECORD_KEYS and isinstance(v, dict))}
     if isinstance(value, list):
         return [scrub_json(v, work) for v in value]
     if isinstance(value, str):
@@ -152,9 +311,12 @@ def run_entry(name, args, work: Path, env) -> dict:
     out = work / name
     shutil.rmtree(out, ignore_errors=True)  # no stale files from an earlier --workdir run
     out.mkdir(parents=True)
-    argv = [a.format(work=work, out=out) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "onnx_fwlr", *argv], check=False, cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    argv = [a.replace("{work}", str(work)).replace("{out}", str(out)) for a in args]
+    if argv[0] in ("api", "fake-timer"):  # a child of this script: the Python API, or the CLI with a fake timer
+        command = [sys.executable, __file__, "--child", argv[0], str(out), str(work), "--", *argv[1:]]
+    else:
+        command = [sys.executable, "-m", "onnx_fwlr", *argv]
+    proc = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True)
     stdout = scrub_text(proc.stdout, work)
     (work / f"{name}.stdout").write_text(stdout)  # beside, not inside, the hashed folder: for reading diffs
     result = {"exit_code": str(proc.returncode), "stdout": sha(stdout.encode())}
@@ -180,11 +342,20 @@ def compare(results: dict, other_path: Path) -> bool:
     return same_all
 
 
+def child(argv: list[str]) -> int:
+    """`--child KIND OUT WORK -- ARGS...`: one api or fake-timer row (run_entry starts these)."""
+    kind, out, work, _, *rest = argv
+    return api_child(json.loads(rest[0]), Path(out), Path(work)) if kind == "api" else cli_child(rest)
+
+
 def main():
+    if sys.argv[1:2] == ["--child"]:
+        sys.exit(child(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="hashes JSON to write")
     parser.add_argument("--compare", type=Path, help="hashes JSON to compare with; exit 1 if any differ")
     parser.add_argument("--workdir", type=Path, help="keep the outputs here (default: a temporary folder)")
+    parser.add_argument("--rows", help="regex: only the rows whose name matches (for debugging a row)")
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                MKL_NUM_THREADS="1")
@@ -193,9 +364,12 @@ def main():
         work.mkdir(parents=True, exist_ok=True)
         write_lstm(work)
         write_transformer(work)
+        write_int8_digits(work)
         results, start = {}, time.perf_counter()
         print(f"checkout {ROOT}; work dir {work}")
         for name, entry_args in matrix():
+            if args.rows and not re.search(args.rows, name):
+                continue
             tick = time.perf_counter()
             results[name] = run_entry(name, entry_args, work, env)
             files = len(set(results[name]) - {"exit_code", "stdout", "stderr"})
@@ -204,7 +378,11 @@ def main():
         print(f"total {time.perf_counter() - start:.1f} s")
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     ok = True
-    for first, second, files in MUST_MATCH:
+    pairs = MUST_MATCH + [(twin, api_row, ("out.onnx",) if api_row in ONNX_ONLY else ("out.onnx", "report.json"))
+                          for api_row, twin in API_TWINS.items()]
+    for first, second, files in pairs:
+        if first not in results or second not in results:
+            continue
         for file in files:
             if results[first].get(file) != results[second].get(file):
                 print(f"MISMATCH: {first} and {second} differ in {file}")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import CALIB_IN, MODEL_IN, calibration_arguments, fisher_options, parse_shard, shapes
+from onnx_fwlr.cli.options import (
+    CALIB_IN,
+    MODEL_IN,
+    calibration_arguments,
+    fisher_options,
+    parse_shard,
+    printer,
+    shapes,
+)
 from onnx_fwlr.errors import FwlrError
 
 
@@ -37,7 +45,7 @@ class Calibrate:
                           **(fisher_options(args) if args.fisher else {}))
         stats.save(output)
         meta = stats.meta
-        print(f"calibrated {len(stats.activations)} site input(s), {len(stats.gradients)} with gradients, on "
+        printer(args)(f"calibrated {len(stats.activations)} site input(s), {len(stats.gradients)} with gradients, on "
               f"{meta.get('samples', 0)} samples in {meta.get('batches', 0)} batches "
               f"({meta.get('seconds', 0):.1f} s); wrote {output}")
         return 0

@@ -20,6 +20,7 @@ from onnx_fwlr.cli.options import (
     parse_ranks,
     parse_size,
     printer,
+    read_json,
     report_language,
     report_validation,
     resolve_metric,
@@ -38,38 +39,18 @@ def _rank_multiple(text: str):
         raise argparse.ArgumentTypeError(f"'{text}' is neither a whole number nor 'auto'") from None
 
 
-def _latency_model(args):
-    """The measured latency model, when a flag needs one (it times on first use, then reads its cache); for
-    Kronecker structures its threads and cache folder time the candidate shapes."""
-    kron = args.method == "kron" or "kron" in (args.methods or "").split(",")
-    if args.target_latency is None and args.rank_multiple != "auto" and not kron:
-        return None
-    from onnx_fwlr.evaluate.latency import MeasuredLatency
-
-    return MeasuredLatency(threads=args.latency_threads, cache_dir=args.latency_cache)
-
-
-def _form_timer(args):
-    """The ONNX Runtime timer of --forms measured, at --latency-threads."""
-    if args.forms != "measured":
-        return None
-    from onnx_fwlr.evaluate.forms import OrtFormTimer
-
-    return OrtFormTimer(threads=args.latency_threads)
-
-
 class Compress:
     name = "compress"
     help = "factorise the model's constant MatMul/Gemm weights and write the compressed model"
-    inputs = MODEL_IN | CALIB_IN | VAL_IN | {"stats": ("the --stats file", "file")}
-    outputs = {"output": ("-o", "model")} | JSON_OUT
+    inputs = MODEL_IN | CALIB_IN | VAL_IN | {"stats": ("the --stats file", "file"), "config": ("--config", "file")}
+    outputs = {"output": ("-o", "model"), "save_config": ("--save-config", "file")} | JSON_OUT
 
     @staticmethod
     # Long: one line per flag of the command, grouped as --help shows them.
     def add_arguments(p):
         from onnx_fwlr.cli.choices import ALLOCATIONS, METHODS
 
-        p.add_argument("model", help="ONNX model file")
+        p.add_argument("model", nargs="?", help="ONNX model file (with --config: the config's model when omitted)")
         p.add_argument("-o", "--output", required=True, help="path of the compressed model")
         p.add_argument("--ratio", type=float,
                        help="parameters kept in the factorised weights (0 < R <= 1); for an already-quantized input "
@@ -162,8 +143,13 @@ class Compress:
         language_arguments(p)
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--save-config", metavar="FILE",
+                       help="write the run's options (every group, defaults included) as JSON, to replay with --config")
+        p.add_argument("--config", metavar="FILE",
+                       help="run the options a --save-config file holds (the model too, unless given); option flags "
+                            "other than output, report and tolerance flags are not read then")
         decomposition_arguments(p)
-        q = p.add_argument_group("quantization with a low-rank correction (DESIGN §7)")
+        q = p.add_argument_group("quantization with a low-rank correction (docs/quantization.md)")
         q.add_argument("--quantize", choices=["int4", "int8", "auto"],
                        help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
                             "int4 (MatMulNBits), int8 (quantize_dynamic per channel) or auto (per site, under "
@@ -186,37 +172,17 @@ class Compress:
     @staticmethod
     def run(args) -> int:
         from onnx_fwlr.io.model import check_output_path, file_size, save_model
-        from onnx_fwlr.pipeline.compress import compress
+        from onnx_fwlr.pipeline.run import run
 
-        output = check_output_path(args.output, [args.model], args.force)
-        also = parse_also(args.also, args, output)
-        rank, ranks = parse_ranks(args.rank)
-        if args.val:
-            resolve_metric(args, args.model)
-        if args.quantize:
-            model, report = _compress_quantized(args, rank, ranks)
-        else:
-            model, report = compress(
-                args.model, ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
-                max_error=args.max_error,
-                validation=args.val if args.metric == "outputs" or args.max_error is not None else None,
-                outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
-                method=args.method, allocation=args.allocation,
-                include=args.include, exclude=args.exclude, keep_attention=args.keep_attention,
-                calibration=args.calib, stats=args.stats,
-                batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
-                bias_correction=False if args.no_bias_correction else None, fisher_options=fisher_options(args),
-                methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
-                dope=args.dope, kron_shape=parse_kron_shape(args.kron_shape), sequential=args.sequential,
-                svd=args.svd, workers=args.workers, stats_memory=parse_size(args.stats_memory, "--stats-memory"),
-                refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
-                dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
-                rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),
-                latency_check=not args.no_latency_check, batch_axes=parse_batch_axes(args.batch_axis),
-            )
+        config = run_config(args)
+        output = check_output_path(args.output, [config.model], args.force)
+        also = parse_also(args.also, config, args, output)
+        if args.save_config:
+            write_json(config.to_dict(), args.save_config)
+        model, report = run(config)
         out = printer(args)
-        report.file_size_before = file_size(args.model)
-        changed = bool(report.sites) if args.quantize else report.factorised > 0
+        report.file_size_before = file_size(config.model)
+        changed = bool(report.sites) if config.quantize.mode else report.factorised > 0
         written = changed or args.write_unchanged
         if written:
             save_model(model, output, external_data=True if args.external_data else None)
@@ -231,18 +197,18 @@ class Compress:
                 "the model unchanged).")
         code = 0
         if also and written:
-            summary_also = write_also(also, args, model, output, out)
+            summary_also = write_also(also, config, args, model, output, out)
             code = 1 if any(not item["greedy_matches"] for item in summary_also if "greedy_matches" in item) else 0
         if report.checked is not None and written:
             code = max(code, report_validation(report.checked, args, out))
         summary = report.to_dict()
         if report.checked is not None and written and not args.no_ort_comparison and not report.checked.unjudged:
-            summary["ort_baselines"] = _ort_comparison(args, report, output, out)
+            summary["ort_baselines"] = _ort_comparison(config, report, output, out)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
-            metrics = validate_language(args.model, model, args.val, batch_size=args.batch_size, logits=args.logits,
-                                        progress=not args.quiet)
+            metrics = validate_language(config.model, model, args.val, batch_size=config.data.batch_size,
+                                        logits=args.logits, progress=not args.quiet)
             code = max(code, report_language(metrics, args, out))
             summary["language"] = metrics.to_dict()
         if also and written:
@@ -252,7 +218,7 @@ class Compress:
         return code
 
 
-def parse_also(items, args, output):
+def parse_also(items, config, args, output):
     """--also MODEL=OUT pairs, checked before any work: MODEL exists, OUT is a new path apart from every input and
     output."""
     from pathlib import Path
@@ -260,7 +226,7 @@ def parse_also(items, args, output):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.io.model import check_output_path
 
-    if items and args.quantize:
+    if items and config.quantize.mode:
         raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
                         "(quantize each export with the same flags instead).")
     pairs, outputs = [], [output.resolve()]
@@ -270,7 +236,7 @@ def parse_also(items, args, output):
             raise FwlrError(f"--also '{item}' is not MODEL=OUT (e.g. decoder_with_past_model.onnx=small_past.onnx).")
         if not Path(source).is_file():
             raise FwlrError(f"--also: {source} is not a model file; check the path.")
-        target = check_output_path(target, [args.model, source, *(s for s, _ in pairs)], args.force)
+        target = check_output_path(target, [config.model, source, *(s for s, _ in pairs)], args.force)
         if target.resolve() in outputs:
             raise FwlrError(f"--also writes {target} twice; give every output its own path.")
         outputs.append(target.resolve())
@@ -278,15 +244,15 @@ def parse_also(items, args, output):
     return pairs
 
 
-def write_also(pairs, args, model, output, out) -> list[dict]:
+def write_also(pairs, config, args, model, output, out) -> list[dict]:
     """The other exports with the compressed model's factors, each checked by greedy decoding through its cache."""
     from onnx_fwlr.io.model import save_model
     from onnx_fwlr.pipeline.transplant import apply_same_factors
 
     results = []
-    prompt = _prompt_ids(args.val or args.calib)
+    prompt = _prompt_ids(args.val or config.data.calibration)
     for source, target in pairs:
-        other, replaced = apply_same_factors(str(source), args.model, model)
+        other, replaced = apply_same_factors(str(source), config.model, model)
         save_model(other, target, external_data=True if args.external_data else None)
         line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the factors of {output.name})"
         item = {"model": str(source), "output": str(target), "weights": replaced}
@@ -331,79 +297,71 @@ def _prompt_ids(data):
     return ids[rows, :length].astype(np.int64) if rows else None
 
 
-def _ort_comparison(args, report, output, out) -> list[dict]:
+def _ort_comparison(config, report, output, out) -> list[dict]:
     """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
-    no more bytes (evaluate.frontier.ort_comparison); the measured baselines for the JSON report."""
-    from onnx_fwlr.evaluate.frontier import ort_comparison
+    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report."""
     from onnx_fwlr.io.model import file_size
+    from onnx_fwlr.workflows.frontier import ort_comparison
 
-    sentence, rows = ort_comparison(args.model, file_size(output), report.checked, args.val,
-                                    batch_size=args.batch_size, outputs=parse_outputs(args.outputs),
-                                    common_prefix=args.common_prefix, quantized=bool(args.quantize),
-                                    judge=args.fisher_output)
+    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
+    sentence, rows = ort_comparison(config.model, file_size(output), report.checked, config.data.validation,
+                                    batch_size=config.data.batch_size, outputs=outputs,
+                                    common_prefix=config.compare.common_prefix, quantized=bool(config.quantize.mode),
+                                    judge=config.fisher.output)
     if sentence:
         out(sentence)
     return rows
 
 
 def _accuracy_level(args):
-    """--accuracy-level as compress_quantized takes it (None: its default)."""
-    level = getattr(args, "accuracy_level", None)
+    """--accuracy-level as the config holds it (None: compress_quantized's default)."""
+    level = args.accuracy_level
     return None if level is None else level if level == "auto" else int(level)
 
 
-def _level_timer(args):
-    """The ONNX Runtime timer accuracy_level auto times the levels with, at --latency-threads (the latency model's,
-    as OrtTimer is patched in tests)."""
-    if _accuracy_level(args) == "auto" or (_accuracy_level(args) is None and args.target_latency is not None):
-        from onnx_fwlr.evaluate.latency import OrtTimer
-
-        return OrtTimer(threads=args.latency_threads)
-    return None
-
-
-def _compress_quantized(args, rank, ranks):
-    """--quantize: ONNX Runtime's quantizer plus a low-rank correction (pipeline.quantized), validated on --val."""
+def run_config(args):
+    """The RunConfig the flags (or a --config file) ask for; the config checks itself."""
     from onnx_fwlr.errors import FwlrError
-    from onnx_fwlr.pipeline.compress import validate
-    from onnx_fwlr.pipeline.quantized import compress_quantized
-    from onnx_fwlr.pipeline.quantized_input import dequantize_input, measure_against_input, requantize_output
-    from onnx_fwlr.pipeline.speed import check_measured_speed, input_forms
+    from onnx_fwlr.pipeline import config
 
-    unsupported = {"--methods": args.methods, "--dope": args.dope, "--kron-shape": args.kron_shape,
-                   "--dope-share": args.dope_share, "--forms measured": args.forms == "measured",
-                   "--sequential": args.sequential, "--max-error": args.max_error, "--refine": args.refine,
-                   "--keep-attention": args.keep_attention, "--rank NAME=N": ranks,
-                   "--allocation global": args.allocation == "global", "--rank-multiple": args.rank_multiple}
-    given = [flag for flag, value in unsupported.items() if value]
-    if given:
-        raise FwlrError(f"--quantize does not combine with {given[0]}; drop it (the byte budget allocates per site).")
-    method = args.method or ("kfac" if args.calib or args.stats else "svd")
-    quantized = dequantize_input(args.model)  # a quantized input: its float form, requantized as --quantize asks
-    forms = input_forms(args.model, quantized) if args.target_latency is not None else None
-    latency = _latency_model(args)
-    model, report = compress_quantized(
-        quantized.float_model if quantized else args.model, quantize=args.quantize, block_size=args.block_size,
-        target_size=parse_size(args.target_size),
-        ratio=args.ratio, rank=rank or 0, method=method, calibration=args.calib, stats=args.stats,
-        embeddings=args.embeddings, int8=args.int8, factors=args.factor_dtype,
-        bias_correction=False if args.no_bias_correction else None,
-        include=args.include, exclude=args.exclude, batch_size=args.batch_size, mask_input=args.mask_input,
-        shapes=shapes(args), fisher_options=fisher_options(args), progress=not args.quiet,
-        target_latency=args.target_latency, latency=latency, input_forms=forms,
-        accuracy_level=_accuracy_level(args), merge=args.merge_corrections,
-        level_timer=_level_timer(args), source=quantized,
-        fallback="whiten" if args.method is None and args.calib else None)
-    if quantized:  # weights --quantize left in float go back to their own scheme
-        model = requantize_output(model, quantized, report, only_float_nodes=True,
-                                  how=f"as --quantize {args.quantize} asks (weights it kept get their own scheme)")
-    if args.target_latency is not None and report.sites:  # timed as written, before anything is written
-        check_measured_speed(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
-    elif quantized and report.sites and not args.no_latency_check:
-        measure_against_input(args.model, model, report, latency, args.calib, args.batch_size, shapes(args))
-    if args.val and args.metric == "outputs":
-        report.checked = validate(args.model, model, args.val, batch_size=args.batch_size, progress=not args.quiet,
-                                  outputs=parse_outputs(args.outputs), common_prefix=args.common_prefix,
-                                  set_aside=True, batch_axes=parse_batch_axes(args.batch_axis))
-        report.validation = report.checked.to_dict()
-    return model, report
+    if args.config:
+        values = read_json(args.config, "--config")
+        if args.model:
+            values["model"] = args.model
+        values["progress"] = not args.quiet  # an output flag, like -o and --json
+        made = config.RunConfig.from_dict(values)
+        if args.val:
+            resolve_metric(args, made.model)
+        return made
+    if args.model is None:
+        raise FwlrError("give the model to compress (or a --config file that names it).")
+    if args.val:
+        resolve_metric(args, args.model)  # --metric auto: perplexity for a language model, else outputs
+    rank, ranks = parse_ranks(args.rank)
+    validation = args.val if args.metric == "outputs" or args.max_error is not None else None
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods else None
+    outputs = parse_outputs(args.outputs)
+    return config.RunConfig(
+        model=args.model,
+        data=config.DataOptions(calibration=args.calib, stats=args.stats, validation=validation,
+                             batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
+                             stats_memory=parse_size(args.stats_memory, "--stats-memory")),
+        fisher=config.FisherOptions(**fisher_options(args)),
+        sites=config.SiteOptions(include=args.include, exclude=args.exclude, keep_attention=args.keep_attention),
+        budget=config.BudgetOptions(ratio=args.ratio, rank=rank, ranks=ranks, target_size=parse_size(args.target_size),
+                                 max_error=args.max_error, target_latency=args.target_latency),
+        method=config.MethodOptions(method=args.method, allocation=args.allocation,
+                                 bias_correction=False if args.no_bias_correction else None,
+                                 sequential=args.sequential, svd=args.svd, workers=args.workers),
+        structured=config.StructuredOptions(methods=methods, dope=args.dope, dope_share=args.dope_share,
+                                         kron_shape=parse_kron_shape(args.kron_shape), forms=args.forms),
+        quantize=config.QuantizeOptions(mode=args.quantize, block_size=args.block_size, embeddings=args.embeddings,
+                                     int8=args.int8, factor_dtype=args.factor_dtype,
+                                     accuracy_level=_accuracy_level(args), merge_corrections=args.merge_corrections),
+        refine=config.RefineOptions(steps=args.refine, lr=args.refine_lr, dope_dropout=args.dope_dropout),
+        speed=config.SpeedOptions(rank_multiple=args.rank_multiple, latency_threads=args.latency_threads,
+                               latency_cache=args.latency_cache, latency_check=not args.no_latency_check),
+        compare=config.CompareOptions(outputs=tuple(outputs) if outputs is not None else None,
+                                   common_prefix=args.common_prefix,
+                                   batch_axes=parse_batch_axes(args.batch_axis) or None),
+        progress=not args.quiet)

@@ -20,7 +20,7 @@ class Inspect:
 
     @staticmethod
     def run(args) -> int:
-        from onnx_fwlr.sites.listing import inspect_model
+        from onnx_fwlr.workflows.listing import inspect_model
 
         listing = inspect_model(args.model, args.include, args.exclude)
         printer(args)(listing.format())

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from onnx_fwlr import __version__
 from onnx_fwlr.cli.calibrate import Calibrate
 from onnx_fwlr.cli.compress import Compress
 from onnx_fwlr.cli.inspect_model import Inspect
@@ -19,6 +18,7 @@ from onnx_fwlr.cli.refine import Refine
 from onnx_fwlr.cli.sweep import Sweep
 from onnx_fwlr.cli.validate import Validate
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.version import __version__
 
 COMMANDS = [Inspect, Calibrate, MergeStats, Compress, Validate, Profile, Sweep, Refine]
 

@@ -12,15 +12,18 @@ from onnx_fwlr.errors import FwlrError
 # Library parameter names (as FwlrError messages write them, in backticks) and the flags that set them. A command
 # whose flag differs for the same parameter says so in its own `flags` (e.g. refine's --output-name).
 FLAGS = {
-    "allocation": "--allocation", "baselines": "--baselines", "batch_size": "--batch-size",
+    "accuracy_level": "--accuracy-level", "allocation": "--allocation", "baselines": "--baselines",
+    "batch_axes": "--batch-axis", "batch_size": "--batch-size",
     "block_size": "--block-size", "calibration": "--calib", "common_prefix": "--common-prefix", "dope": "--dope",
     "dope_dropout": "--dope-dropout", "dope_share": "--dope-share", "embeddings": "--embeddings",
+    "factor_dtype": "--factor-dtype", "latency_cache": "--latency-cache", "latency_threads": "--latency-threads",
     "exclude": "--exclude", "fisher": "--fisher", "force": "--force", "forms": "--forms", "include": "--include",
     "int8": "--int8", "keep_attention": "--keep-attention", "kron_shape": "--kron-shape",
     "label_weight": "--label-weight", "loss": "--loss", "lr": "--lr", "mask_input": "--mask-input",
     "max_accuracy_drop": "--max-accuracy-drop", "max_error": "--max-error", "max_kl": "--max-kl",
     "max_perplexity_ratio": "--max-perplexity-ratio", "max_rel_error": "--max-rel-error", "method": "--method",
-    "methods": "--methods", "min_cosine": "--min-cosine", "min_top1_agreement": "--min-top1-agreement",
+    "merge_corrections": "--merge-corrections", "methods": "--methods", "min_cosine": "--min-cosine",
+    "min_top1_agreement": "--min-top1-agreement",
     "output": "--fisher-output", "outputs": "--outputs", "quantize": "--quantize", "rank": "--rank",
     "rank_multiple": "--rank-multiple", "ranks": "--rank NAME=N", "ratio": "--ratio", "ratios": "--ratios",
     "refine_lr": "--refine-lr", "refine_steps": "--refine", "reselect": "--reselect", "samples": "--fisher-samples",
@@ -52,6 +55,19 @@ def write_json(data: dict, target: str) -> None:
         sys.stdout.write(text + "\n")
     else:
         Path(target).write_text(text + "\n")
+
+
+def read_json(path: str, flag: str) -> dict:
+    """A JSON object from a file, or one sentence saying why not."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FwlrError(f"{flag} {path}: file not found; check the path.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FwlrError(f"{flag} {path}: is not a readable JSON file ({exc}).") from None
+    if not isinstance(values, dict):
+        raise FwlrError(f"{flag} {path}: holds no JSON object; write it with --save-config.")
+    return values
 
 
 def json_default(value):
@@ -222,7 +238,7 @@ def report_language(metrics, args, out) -> int:
 
 
 def shapes(args):
-    from onnx_fwlr.evaluate.profiling import parse_shape_args
+    from onnx_fwlr.cost.profiling import parse_shape_args
 
     return parse_shape_args(args.shape) if args.shape else None
 

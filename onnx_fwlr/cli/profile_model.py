@@ -32,8 +32,8 @@ class Profile:
 
     @staticmethod
     def run(args) -> int:
-        from onnx_fwlr.evaluate.limits import compare_speed, format_speed
-        from onnx_fwlr.evaluate.profiling import (
+        from onnx_fwlr.cost.limits import compare_speed, format_speed
+        from onnx_fwlr.cost.profiling import (
             format_comparison,
             format_profile,
             profile_model,

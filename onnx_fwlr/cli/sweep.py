@@ -54,7 +54,7 @@ class Sweep:
 
     @staticmethod
     def run(args) -> int:
-        from onnx_fwlr.evaluate.sweep import sweep, write_outputs
+        from onnx_fwlr.workflows.sweep import sweep, write_outputs
 
         split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
         default = None if args.quantize and not args.methods else "0.9,0.7,0.5,0.3"

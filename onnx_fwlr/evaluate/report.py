@@ -61,6 +61,7 @@ class Report:
     # refine_steps, and the evaluate.validation.Validation of the final check on validation data.
     refined = None
     checked = None
+    config = None  # the options of the run (pipeline.config.RunConfig.to_dict), written as the report's "config"
 
     @property
     def site_params_before(self) -> int:
@@ -88,6 +89,8 @@ class Report:
             del data["tied"]  # reports of models without a tied head stay as they were
         if self.refined is not None:
             data["refine"] = self.refined.to_dict()
+        if self.config is not None:
+            data["config"] = self.config
         return data
 
     def format(self) -> str:

@@ -7,7 +7,7 @@ batches only by float rounding (see docs/speed.md, "Compression cost", for the m
 Padding: with an attention mask (`find_mask_input`), positions are right-padded tokens; a model that reads its
 mask gives the real positions the same values whatever follows them, so the trailing positions where every
 sample of the batch is padding are cut from every input laid out like the mask ([batch, seq], same sequence
-dimension). The statistics already leave padding out (DESIGN §5), so only ORT and the backward pass see the
+dimension). The statistics already leave padding out (stats.activations), so only ORT and the backward pass see the
 difference: on all-MiniLM-L6-v2's calibration text (57 positions, 18 real on average) batches of 32 keep 74 %
 of the positions and micro-batches of 8 keep 56 %.
 """

@@ -1,4 +1,4 @@
-"""The weighting methods, one entry each (DESIGN §3).
+"""The weighting methods, one entry each (README: Methods).
 
 Every low-rank method solves min ‖P (W − A B) Q‖_F; an entry says which statistics it needs, how it builds
 the input side P and the output side Q from them, whether sites reading one input can share P, how the

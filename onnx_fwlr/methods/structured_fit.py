@@ -30,8 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods import lowrank as factorize
-from onnx_fwlr.methods import registry
+from onnx_fwlr.methods import lowrank, registry
 from onnx_fwlr.methods.doping import dope_growing, gram_error
 from onnx_fwlr.methods.structured import (
     KronFitter,
@@ -51,7 +50,7 @@ STRUCTURES = ("lowrank", "kron")
 SHAPE_CANDIDATES = 4  # most balanced Kronecker shapes tried per site (without a speed measure)
 BALANCED = "balanced"  # kron_shape: the SHAPE_CANDIDATES most balanced shapes by error alone (no speed measure)
 MAX_MAC_SHARE = 0.75  # shapes needing more multiply-adds per row than this share of the dense op's are not timed
-MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as evaluate.forms)
+MAX_INTERMEDIATE = 16  # nor orders whose intermediate exceeds this many × (K + N) floats per row (as cost.forms)
 MAX_TIMED = 4  # candidates timed per site, in order of error, before the site gives up on Kronecker
 FEWER_TERMS_TARGET = 0.85  # a candidate too slow is tried again with terms × this / its measured ratio
 ALS_TOL = 1e-4  # a cold weighted ALS stops when a sweep gains less than this (relative), as the doping rounds do
@@ -66,7 +65,7 @@ class SiteFit:
     error: float  # squared error in the call's metric
     relative_error: float  # √(error / same metric of W): the relative Frobenius error, not squared
     description: str
-    speed: object = None  # evaluate.kron_speed.Speed when the shape was chosen by measured speed (its form included)
+    speed: object = None  # cost.kron_speed.Speed when the shape was chosen by measured speed (its form included)
 
 
 class _Metric:
@@ -79,12 +78,12 @@ class _Metric:
             gram = np.asarray(gram, dtype=np.float64)
             if gram.shape != (K, K):
                 raise FwlrError(f"the input Gram is {gram.shape} but the weight has K={K} rows; pass this site's Gram.")
-            scaling = factorize.gram_scaling(gram)
+            scaling = lowrank.gram_scaling(gram)
             self.scaling = scaling
             self.chol = scaling.chol if scaling.chol is not None else np.diag(scaling.diag)
             self.w = np.linalg.norm(self.chol, axis=1)
         elif row_weights is not None:
-            self.w = factorize.diagonal_scaling(np.asarray(row_weights, dtype=np.float64).reshape(-1)).diag
+            self.w = lowrank.diagonal_scaling(np.asarray(row_weights, dtype=np.float64).reshape(-1)).diag
             if self.w.shape[0] != K:
                 raise FwlrError(f"row_weights has {self.w.shape[0]} entries but the weight has K={K} rows.")
 
@@ -100,7 +99,7 @@ class _Metric:
         """Nearest rank-`rank` in this metric for a sequence of nearby matrices (the doping rounds): the truncated
         SVD of the weighted matrix, warm-started from the previous round's basis (structured.truncated_svd)."""
         scaling = self.scaling if self.chol is not None else (
-            None if self.w is None else factorize.Scaling(diag=self.w))
+            None if self.w is None else lowrank.Scaling(diag=self.w))
         basis = None
 
         def fit(M: np.ndarray) -> LowRank:
@@ -165,7 +164,7 @@ def fit_site(
     8 terms (rank 8) plus k sparse entries can be recovered, with the terms it needs; the plain alternation
     at the full budget is one of the candidates, so the result is never worse than it.
 
-    speed (evaluate.kron_speed.KronSpeed; not with kron_shape): the shape and term count are chosen among every
+    speed (cost.kron_speed.KronSpeed; not with kron_shape): the shape and term count are chosen among every
     divisor split by error and measured time instead: the candidates few enough multiply-adds allow, ranked by a
     quick estimate of their error in this metric, are timed in that order (cached), and the first that runs
     faster than the dense weight at every deployment row count is fitted, in the form it was timed in. None
@@ -239,7 +238,7 @@ def _kron_choice(W, metric: _Metric, available: float, kron_shape):
 
 def _fast_kron_choice(W, metric: _Metric, available: float, speed, k: int):
     """(shape, terms, Speed) of the lowest-error candidate that measures faster than the dense weight, or None
-    with speed.rejected saying why (evaluate.kron_speed: timing, cache). A candidate a little too slow comes back
+    with speed.rejected saying why (cost.kron_speed: timing, cache). A candidate a little too slow comes back
     with fewer terms (time is about linear in them: aimed at FEWER_TERMS_TARGET × dense), ranked again by its error,
     so the shape and the number of terms are chosen together."""
     K, N = W.shape

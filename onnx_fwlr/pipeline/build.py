@@ -7,7 +7,7 @@ import onnx
 
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.methods import allocation as alloc
-from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods import lowrank
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors, storage_dtype
@@ -74,7 +74,7 @@ def site_replacement(prepared: Prepared, site: Site, dec, rank: int | None, bias
     shift = None
     stats = prepared.stats
     if bias_correction and stats is not None and stats.has_activations(site):
-        shift = factorize.bias_shift(stats.mean_input(site), prepared.weights[site.weight], A, B)
+        shift = lowrank.bias_shift(stats.mean_input(site), prepared.weights[site.weight], A, B)
     result.weighted_error = dec.dropped_energy(rank)
     result.relative_error = relative_frobenius(result.weighted_error, dec.total)
     return result, Factors(A, B, shift)
@@ -101,7 +101,7 @@ def _versions() -> dict:
     import onnxruntime
     import scipy
 
-    from onnx_fwlr import __version__
+    from onnx_fwlr.version import __version__
 
     return {"onnx_fwlr": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__, "scipy": scipy.__version__}

@@ -19,29 +19,28 @@ from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods.registry import METHODS, get_method
 from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, choose_ranks
 from onnx_fwlr.pipeline.build import build
+from onnx_fwlr.pipeline.config import (
+    BudgetOptions,
+    CompareOptions,
+    DataOptions,
+    MethodOptions,
+    QuantizeOptions,
+    RefineOptions,
+    RunConfig,
+    SiteOptions,
+    SpeedOptions,
+    StructuredOptions,
+    fisher_group,
+)
 from onnx_fwlr.pipeline.defaults import (
     ACTIVATION_DEFAULT,
     DATA_FREE_NOTE,
-    check_call,
-    check_data_first,
     default_allocation,
     default_method,
 )
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
-from onnx_fwlr.pipeline.quantized_input import (
-    dequantize_input,
-    measure_against_input,
-    requantize_output,
-    site_budget_ratio,
-)
 from onnx_fwlr.pipeline.sequential import correct_sequentially
-from onnx_fwlr.pipeline.speed import (
-    check_measured_speed,
-    check_speed_options,
-    choose_ranks_for_speed,
-    input_forms,
-    speed_notes,
-)
+from onnx_fwlr.pipeline.speed import choose_ranks_for_speed, speed_notes
 from onnx_fwlr.pipeline.structured import compress_structured
 from onnx_fwlr.sites.find import validate_regex
 from onnx_fwlr.sites.recurrent import find_all_sites
@@ -104,6 +103,15 @@ def compress(
     rank_multiple: int | str | None = None,
     target_latency: float | None = None,
     latency=None,
+    latency_threads: int | None = None,
+    latency_cache: str | None = None,
+    quantize: str | None = None,
+    block_size: int = 32,
+    embeddings: str = "auto",
+    int8: str = "dynamic",
+    factor_dtype: str = "float16",
+    accuracy_level: int | str | None = None,
+    merge_corrections: bool = False,
     progress: bool = True,
     latency_check: bool = False,
     batch_axes: dict[str, int] | None = None,
@@ -124,7 +132,7 @@ def compress(
     `max_error` searches the smallest ratio whose outputs stay within that relative L2 error on
     `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
     partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
-    randomised SVD where the rank is known first and small (factorize.use_randomized); `workers` decomposes
+    randomised SVD where the rank is known first and small (methods.lowrank.use_randomized); `workers` decomposes
     sites in that many processes (same output bytes). `stats_memory` (bytes; default a third of physical
     memory) bounds the activation Grams held at once: beyond it calibration reads the data once per group
     of sites (calibration.GroupedStatistics). `refine_steps` then distils the factors against the original
@@ -133,68 +141,55 @@ def compress(
     `rank_multiple` (an int, or "auto" to measure it) rounds ranks to values the kernels run fast at;
     `target_latency` (a fraction of the original's latency, a budget of its own) allocates ranks by measured
     latency in loss units (pipeline/speed.py); `latency` is the latency model to use (default
-    evaluate.latency.MeasuredLatency(); tests pass one with a fake timer). An already-quantized input is
+    cost.latency.MeasuredLatency(); tests pass one with a fake timer). An already-quantized input is
     dequantized, compressed in float and quantized back; its `ratio`/`target_size` count the input's bytes,
     and `latency_check` times the output against it at the data's row count and says how they compare.
     Structured (`--method kron`, `--dope`): `dope_share` spends that share of each site's stored numbers on
     doping instead of `dope`; `forms` "measured" times each site's ONNX forms here and keeps dense a site none of
-    whose forms beats its dense weight (`form_timer`: evaluate.forms.OrtFormTimer by default, a fake in tests);
+    whose forms beats its dense weight (`form_timer`: cost.forms.OrtFormTimer by default, a fake in tests);
     without `kron_shape`, Kronecker shapes are chosen by error and time measured with `form_timer` (at `latency`'s
-    threads and cache folder when given; evaluate.kron_speed); `kron_shape="balanced"`: by error alone, no timing;
+    threads and cache folder when given; cost.kron_speed); `kron_shape="balanced"`: by error alone, no timing;
     `refine_dope_dropout` is refine's co-matrix dropout probability (refine.loop.refine).
+    `latency_threads` and `latency_cache` set the measured latency model made when none is given.
+    `quantize` "int4" | "int8" | "auto" stores each weight with ONNX Runtime's quantizer plus a low-rank
+    correction instead (pipeline.quantized.compress_quantized: `block_size`, `embeddings`, `int8`, and
+    `factor_dtype` its `factors`); `ratio`/`target_size` then count bytes, `rank` is the correction rank;
+    `accuracy_level` 0 | 4 | "auto" sets MatMulNBits' accuracy_level per site (default "auto" under a latency
+    budget, else 0) and `merge_corrections` lets sites reading one activation share their correction's first
+    factor (compress_quantized's `accuracy_level` and `merge`).
+    The keywords fill a pipeline.config.RunConfig, which pipeline.run.run carries out.
     """
-    if refine_steps is not None and refine_steps < 1:  # checked here, in its own name, not by refine() at the end
-        raise FwlrError(f"`refine_steps` {refine_steps} is out of range; it must be a positive number of steps.")
-    if refine_steps is not None and (calibration is None or isinstance(calibration, str) and calibration == "random"):
-        raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
-    check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
-               batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
-    Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
-    check_data_first(model, [calibration, validation], batch_size, shapes)
-    options = dict(
-        ratio=ratio, rank=rank, ranks=ranks, target_size=target_size, max_error=max_error, validation=validation,
-        method=method, allocation=allocation, include=include, exclude=exclude, keep_attention=keep_attention,
-        calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-        bias_correction=bias_correction, fisher_options=fisher_options, sequential=sequential, methods=methods,
-        dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
-        compare=dict(outputs=outputs, common_prefix=common_prefix, batch_axes=batch_axes),
-        structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
-    quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
-    source = quantized.float_model if quantized else model
-    in_bytes = quantized is not None and bool(quantized.dequantized.sites) and (
-        ratio is not None or target_size is not None)
-    if in_bytes:  # the input's bytes are the budget's unit: the share of the sites' stored bytes that meets it
-        options.update(ratio=site_budget_ratio(quantized, include, exclude, ratio=ratio, target_size=target_size),
-                       target_size=None)
-    timed = target_latency is not None or rank_multiple == "auto"
-    compressed, report = _factorise(source, **options, input_forms=input_forms(model, quantized) if timed else None)
-    if refine_steps is not None and report.factorised:
-        from onnx_fwlr.refine.loop import refine  # the training loop and its backward pass: only when asked for
+    from onnx_fwlr.pipeline.run import run  # run calls back into _factorise and validate below
 
-        compressed, report.refined = refine(
-            source, compressed, calibration, steps=refine_steps, lr=refine_lr, batch_size=batch_size,
-            seed=(fisher_options or {}).get("seed", 0), output=(fisher_options or {}).get("output"),
-            dope_dropout=refine_dope_dropout, progress=progress)
-    if quantized:
-        compressed = requantize_output(compressed, quantized, report)
-        if in_bytes:
-            report.budget.update(ratio=ratio, target_size=target_size, input_bytes=quantized.input_bytes,
-                                 sites_ratio=options["ratio"])
-            report.input_quantization += (f"; the budget counted the input's {quantized.input_bytes:,} bytes "
-                                          f"(the factorised weights kept {options['ratio']:.3f} of their stored "
-                                          "bytes)")
-    if report.factorised and (target_latency is not None or rank_multiple == "auto"):
-        check_measured_speed(model, compressed, report, latency, calibration, batch_size, shapes)
-    elif quantized and report.factorised and latency_check:
-        measure_against_input(model, compressed, report, latency, calibration, batch_size, shapes)
-    if validation is not None and report.sites:
-        if report.checked is None or report.refined is not None or quantized:
-            report.checked = validate(model, compressed, validation, batch_size=batch_size, progress=progress,
-                                      outputs=outputs, common_prefix=common_prefix, set_aside=True,
-                                      batch_axes=batch_axes)
-        report.validation = report.checked.to_dict()
-    return compressed, report
+    config = RunConfig(
+        model=model,
+        data=DataOptions(calibration=calibration, stats=stats, validation=validation, batch_size=batch_size,
+                         mask_input=mask_input, shapes=shapes, stats_memory=stats_memory),
+        fisher=fisher_group(fisher_options),
+        sites=SiteOptions(include=include, exclude=exclude, keep_attention=keep_attention),
+        budget=BudgetOptions(ratio=ratio, rank=rank, ranks=dict(ranks or {}), target_size=target_size,
+                             max_error=max_error, target_latency=target_latency),
+        method=MethodOptions(method=method, allocation=allocation, bias_correction=bias_correction,
+                             sequential=sequential, svd=svd, workers=workers),
+        structured=StructuredOptions(methods=tuple(methods) if methods else None, dope=dope, dope_share=dope_share,
+                                     kron_shape=_kron_shape(kron_shape), forms=forms),
+        quantize=QuantizeOptions(mode=quantize, block_size=block_size, embeddings=embeddings, int8=int8,
+                                 factor_dtype=factor_dtype, accuracy_level=accuracy_level,
+                                 merge_corrections=merge_corrections),
+        refine=RefineOptions(steps=refine_steps, lr=refine_lr, dope_dropout=refine_dope_dropout),
+        speed=SpeedOptions(rank_multiple=rank_multiple, latency_threads=latency_threads,
+                           latency_cache=latency_cache, latency_check=latency_check),
+        compare=CompareOptions(outputs=tuple(outputs) if outputs is not None else None, common_prefix=common_prefix,
+                               batch_axes=dict(batch_axes) if batch_axes else None),
+        progress=progress)
+    return run(config, latency=latency, form_timer=form_timer)
+
+
+def _kron_shape(kron_shape):
+    """`kron_shape` as the config holds it: "balanced" as given, four numbers as a tuple."""
+    if kron_shape is None or isinstance(kron_shape, str):
+        return kron_shape
+    return tuple(kron_shape)
 
 
 # Long: a keyword-only signature mirroring compress(); the body is one decision per stage.
@@ -202,10 +197,10 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
                rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
-               input_forms=None):
-    """compress() up to the factorised model: budget, structure choice, statistics, ranks, build."""
+               input_forms=None, timing_feed=None):
+    """compress() up to the factorised model: budget, structure choice, statistics, ranks, build (pipeline.run
+    calls it with options RunConfig has checked)."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
-    budget.check()
     defaulted = method is None and not methods
     structured_options = structured_options or {}
     structured = bool(methods and len(methods) > 1) or "kron" in (methods or [method]) or bool(dope) \
@@ -214,11 +209,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         method = default_method(calibration, stats, structured)
     if allocation is None and structured:
         allocation = "uniform"
-    mix = list(methods) if methods else [method]
-    check_speed_options(budget, rank_multiple, mix[0], structured)
-    if structured_options.get("forms", "default") != "default" and not structured:
-        raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
-                        "(plain low rank: `rank_multiple` auto).")
+    mix = list(methods) if methods else [method]  # speed options and `forms`: checked by pipeline.checks
     if structured:
         if sequential:
             raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
@@ -227,7 +218,8 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
             model, mix, budget, allocation, bias_correction, dope, kron_shape,
             dict(include=include, exclude=exclude, keep_attention=keep_attention, calibration=calibration, stats=stats,
                  batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
-                 stats_memory=stats_memory, progress=progress), latency=latency, **structured_options)
+                 stats_memory=stats_memory, progress=progress), latency=latency, **structured_options,
+            feed=timing_feed)
     method = mix[0]
     check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:
@@ -248,7 +240,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         return _search_max_error(prepared, budget, allocation, bias_correction, validation, batch_size, progress,
                                  compare or {})
     ranks_chosen, speed = choose_ranks_for_speed(prepared, budget, allocation, rank_multiple, latency, calibration,
-                                                 batch_size, shapes, input_forms)
+                                                 batch_size, shapes, input_forms, timing_feed)
     corrected = None
     if sequential:
         corrected = correct_sequentially(prepared, ranks_chosen, calibration, bias_correction, batch_size=batch_size,

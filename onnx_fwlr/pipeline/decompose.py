@@ -29,7 +29,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.allocation import break_even_rank
 from onnx_fwlr.sites.find import Site, weight_ref
 
@@ -46,11 +46,11 @@ class Weighting:
 
 def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], stats, weighting: Weighting,
                         progress: bool = True, ranks: dict | None = None, svd: str = "exact",
-                        workers: int = 1) -> Iterator[tuple[Site, factorize.Decomposition]]:
+                        workers: int = 1) -> Iterator[tuple[Site, lowrank.Decomposition]]:
     """(site, decomposition) for every site, in site order, computed as the iteration asks for them.
 
     `ranks` (weight name -> rank, None = the whole spectrum) lets `svd` "auto" or "randomized" compute only
-    the leading components (factorize.use_randomized says when).
+    the leading components (lowrank.use_randomized says when).
     """
     if workers < 1:
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
@@ -99,7 +99,7 @@ class _JobPlanner:
             del self.shared[key]
         self.given[i] = (left, right)
         rank = self.ranks.get(site.weight)
-        randomized = factorize.use_randomized(site.K, site.N, rank, self.svd)
+        randomized = lowrank.use_randomized(site.K, site.N, rank, self.svd)
         return (weight_ref(self.model, site), left, right, rank if randomized else None, _seed(site.weight),
                 site.weight)
 
@@ -107,7 +107,7 @@ class _JobPlanner:
         return self.given.pop(i)
 
 
-def decompose_one(job) -> factorize.Decomposition:
+def decompose_one(job) -> lowrank.Decomposition:
     """One site's decomposition (runs in a worker process too, so it takes and returns plain data; the
     scalings are left off the result, the parent puts its own back)."""
     ref, left, right, rank, seed, name = job
@@ -115,10 +115,10 @@ def decompose_one(job) -> factorize.Decomposition:
     try:
         with _blas_limit(blas_threads(*W.shape)):
             if rank is None:
-                dec = factorize.weighted_svd(W, left, right)
+                dec = lowrank.weighted_svd(W, left, right)
                 dec = dec.keep_components(max(1, break_even_rank(*W.shape)))
             else:
-                dec = factorize.randomized_weighted_svd(W, rank, left, right, seed=seed)
+                dec = lowrank.randomized_weighted_svd(W, rank, left, right, seed=seed)
     except FwlrError as exc:  # the maths knows no names: say which weight
         raise FwlrError(f"weight '{name}': {exc}") from None
     dec.left = dec.right = None
@@ -157,7 +157,7 @@ def _blas_limit(threads: int):
         yield
 
 
-def _in_pool(planner: _JobPlanner, count: int, workers: int) -> Iterator[factorize.Decomposition]:
+def _in_pool(planner: _JobPlanner, count: int, workers: int) -> Iterator[lowrank.Decomposition]:
     """Results in job order from `workers` spawned processes; at most two jobs per worker are submitted or
     waiting to be handed back, so memory stays bounded."""
     context = multiprocessing.get_context("spawn")  # fork is unsafe with BLAS/ORT threads; spawn works everywhere
@@ -234,13 +234,13 @@ def spill_needed(sites: list[Site]) -> bool:
     return 8 * sum(s.K * s.N for s in sites) > SPILL_BYTES
 
 
-class SpilledDecomposition(factorize.Decomposition):
+class SpilledDecomposition(lowrank.Decomposition):
     """A decomposition whose spectrum stays in memory (what allocation reads) while its factors for every rank
     it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in float32 files (the dtype the model
     stores them in); factors(r) reads the first r columns and rows back. Made from a Decomposition, which can
     then go: the scalings (Cholesky factors) are not kept."""
 
-    def __init__(self, dec: factorize.Decomposition, folder, name: str):
+    def __init__(self, dec: lowrank.Decomposition, folder, name: str):
         super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
                          exact=dec.exact)
         rank = dec.max_rank

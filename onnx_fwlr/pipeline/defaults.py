@@ -14,11 +14,9 @@ Defaults, measured in docs/defaults.md:
 from __future__ import annotations
 
 import os
-from numbers import Integral, Real
 
 import onnx
 
-from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.methods.registry import METHODS
 
 GRADIENT_DEFAULT = "kfac"
@@ -73,26 +71,7 @@ def gradient_obstacle(model: onnx.ModelProto, sites, fisher_options: dict, stats
     return backward_obstacle(model, sites, (fisher_options or {}).get("output"))
 
 
-def check_call(*, calibration, validation, sequential: bool, refine_steps, batch_size, workers, dope,
-               refine_lr) -> None:
-    """Argument types, and data the pipeline would read more than once, named before any work."""
-    for name, value, kind in (("batch_size", batch_size, Integral), ("workers", workers, Integral),
-                              ("refine_steps", refine_steps, Integral), ("dope", dope, Real),
-                              ("refine_lr", refine_lr, Real)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kind)):
-            wanted = "a whole number" if kind is Integral else "a number"
-            raise FwlrError(f"`{name}` must be {wanted}, not the {type(value).__name__} {value!r}.")
-    for name, source in (("calibration", calibration), ("validation", validation)):
-        if isinstance(source, dict):
-            raise FwlrError(f"`{name}` takes a list of feed dicts (or a .npz path), not a single dict; wrap it in "
-                            "a list.")
-    if _one_shot(calibration) and (sequential or refine_steps is not None):
-        step = "`sequential` reads it once per depth" if sequential else "`refine_steps` reads it once per epoch"
-        raise FwlrError(f"`calibration` is a generator or reader that can be read only once, but {step}; pass a "
-                        "list of feed dicts, a .npz path or a folder of them.")
-
-
-def _one_shot(source) -> bool:
+def one_shot(source) -> bool:
     """A generator, iterator or CalibrationDataReader: gone once read."""
     if source is None or isinstance(source, (str, os.PathLike, list, tuple)):
         return False
@@ -110,7 +89,7 @@ def check_data_first(model, sources, batch_size: int, shapes: dict | None) -> No
     surface after calibration and decomposition."""
     from onnx_fwlr.io.data import open_data
 
-    readable = [s for s in sources if s is not None and not _one_shot(s) and not (isinstance(s, str) and s == "random")]
+    readable = [s for s in sources if s is not None and not one_shot(s) and not (isinstance(s, str) and s == "random")]
     if not readable:
         return
     structure = _structure(model)

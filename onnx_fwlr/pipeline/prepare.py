@@ -22,7 +22,7 @@ import onnx
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
-from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.decompose import SpilledDecomposition, Weighting, iter_decompositions, spill_needed
 from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
@@ -53,11 +53,11 @@ class Prepared:
     method: str
     stats: Statistics | None
     weights: dict = field(default_factory=dict)  # weight name -> float64 [K, N] (SiteWeights: read on access)
-    decompositions: dict = field(default_factory=dict)  # weight name -> factorize.Decomposition (the cache)
+    decompositions: dict = field(default_factory=dict)  # weight name -> lowrank.Decomposition (the cache)
     site_methods: dict = field(default_factory=dict)  # weight name -> method actually used
     warnings: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
-    svd: str = "exact"  # exact | randomized | auto (factorize.use_randomized)
+    svd: str = "exact"  # exact | randomized | auto (lowrank.use_randomized)
     workers: int = 1  # processes for decomposition
     progress: bool = True
     spill_folder: str | None = None  # where SpilledDecomposition factors are kept (large models)
@@ -98,7 +98,7 @@ def prepare(
     so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
     SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
     """
-    factorize.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
+    lowrank.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
     validate_regex(include, "`include`")

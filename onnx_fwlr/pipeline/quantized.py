@@ -1,4 +1,4 @@
-"""Quantization with an importance-weighted low-rank correction, under one byte budget (DESIGN §7).
+"""Quantization with an importance-weighted low-rank correction, under one byte budget (docs/quantization.md).
 
     model, report = compress_quantized("model.onnx", quantize="int4", target_size=20_000_000,
                                        method="kfac", calibration="calib.npz")
@@ -22,9 +22,8 @@ import onnx
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
+from onnx_fwlr.cost.latency import MeasuredLatency, OrtTimer
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
-from onnx_fwlr.evaluate.latency import MeasuredLatency
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes, load_model
@@ -33,9 +32,8 @@ from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
-from onnx_fwlr.quant import budget as allocation
 from onnx_fwlr.quant import compensate, plan
-from onnx_fwlr.quant.budget import Option
+from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import rewrite, site_dtype
@@ -105,7 +103,7 @@ def compress_quantized(
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
     input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False, source=None,
-    fallback: str | None = None,
+    fallback: str | None = None, checked: bool = False, feed=None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -119,12 +117,12 @@ def compress_quantized(
     half the bytes, "float32" as they are computed. `alternate` > 0 refits Q on W − A B that
     many rounds, keeping the best (CALDERA/LQER). `target_latency` (a fraction of the original's latency, a
     budget of its own) picks per site by predicted loss per millisecond from the measured latency tables of
-    each option's form (`latency`: evaluate.latency.MeasuredLatency by default, a fake in tests; the timing
+    each option's form (`latency`: cost.latency.MeasuredLatency by default, a fake in tests; the timing
     size is one `calibration` batch or `shapes`); `input_forms` (pipeline.speed.input_forms) when the model
     given was already int8 and this is its float form. `accuracy_level` of the int4/int8 MatMulNBits sites: 0
     (float compute), 4 (int8 activations where the check passes) or "auto" (per site, timed at the deployment
-    rows with `level_timer`, evaluate.latency's timer interface; default `latency`'s) — default "auto" under a
-    latency budget, else 0 (quant.levels). `merge`: corrections of sites reading one activation share their
+    rows with `level_timer`, cost.latency's timer interface; default `latency`'s) — default "auto" under a
+    latency budget, else 0 (cost.levels). `merge`: corrections of sites reading one activation share their
     first factor (quant.graph.rewrite).
 
     `source` (pipeline.quantized_input.QuantizedInput): `model` is the float form of this quantized input.
@@ -133,13 +131,16 @@ def compress_quantized(
     `fallback`: the method to use when `method` was a default whose gradients cannot run on this model
     (prepare's rule); a budget then compares sites by their activation-weighted output error, as the report
     says.
+    `checked`: the caller (pipeline.run, through RunConfig) has checked every option already; `feed`: the batch
+    a latency budget and the accuracy levels time at (default speed.timing_feed).
     """
-    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
-    check_budget(quantize, method, target_size, ratio, rank, target_latency)
+    if not checked:
+        check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
+        check_budget(quantize, method, target_size, ratio, rank, target_latency)
     if accuracy_level is None:
         accuracy_level = "auto" if target_latency is not None else 0
     if level_timer is None and accuracy_level == "auto":
-        level_timer = latency.timer if latency is not None else lat.OrtTimer()
+        level_timer = latency.timer if latency is not None else OrtTimer()
     if target_size is not None or ratio is not None:  # an unreachable budget is said before any statistics
         check_reachable(model, target_size=target_size, ratio=ratio, quantize=quantize, block_size=block_size,
                         int8=int8, embeddings=embeddings, factors=factors, rank_step=rank_step, include=include,
@@ -151,9 +152,9 @@ def compress_quantized(
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
         progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
-        merge=merge, source=source, fallback=fallback)
+        merge=merge, source=source, fallback=fallback, checked=True, feed=feed)
     return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
-                           latency=latency, input_forms=input_forms)
+                           latency=latency, input_forms=input_forms, checked=True)
 
 
 def prepare_quantized(
@@ -162,13 +163,15 @@ def prepare_quantized(
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
-    source=None, fallback: str | None = None,
+    source=None, fallback: str | None = None, checked: bool = False,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
     accuracy_level per site (`accuracy_level` 0, 4 or "auto" with `level_timer`, compress_quantized). `feed`: the
-    batch to time and check at (default: one calibration batch, or `shapes`)."""
-    check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
+    batch to time and check at (default: one calibration batch, or `shapes`); `checked`: the options were
+    checked by the caller."""
+    if not checked:
+        check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_accuracy_level(accuracy_level, level_timer)
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
@@ -216,10 +219,12 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
 
 @threadpool_limits.wrap(limits=1, user_api="blas")  # SVDs and Grams: one BLAS thread (docs/speed.md)
 def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: float | None = None,
-                    rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None
-                    ) -> tuple[onnx.ModelProto, Report]:
-    """The model and its report for one budget (or, without one, the scheme plus a rank-`rank` correction)."""
-    check_budget(job.quantize, job.prepared.method, target_size, ratio, rank, target_latency)
+                    rank: int = 0, target_latency: float | None = None, latency=None, input_forms=None,
+                    checked: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """The model and its report for one budget (or, without one, the scheme plus a rank-`rank` correction);
+    `checked`: the budget was checked by the caller."""
+    if not checked:
+        check_budget(job.quantize, job.prepared.method, target_size, ratio, rank, target_latency)
     target = target_size if target_size is not None else (None if ratio is None else int(ratio * job.original_bytes))
     speed = None
     if target_latency is not None:
@@ -258,9 +263,9 @@ def check_accuracy_level(accuracy_level, level_timer) -> None:
 
 def _choose_levels(job: QuantizeJob, accuracy_level, level_timer) -> None:
     """Per site and MatMulNBits scheme, level 4 when it is asked for or measures faster at the site's rows
-    (each shape timed once), and its check on the site's calibration activations passes (quant.levels)."""
-    from onnx_fwlr.evaluate.latency import site_rows
-    from onnx_fwlr.quant import levels
+    (each shape timed once), and its check on the site's calibration activations passes (cost.levels)."""
+    from onnx_fwlr.cost import levels
+    from onnx_fwlr.cost.latency import site_rows
 
     blocked = [s for s in job.schemes if s.kind == "nbits"]
     if not blocked or not job.sites:
@@ -575,9 +580,9 @@ def _budgeted_tables(job: QuantizeJob) -> list[Table]:
 def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Option], dict[str, Scheme]]:
     """The option of every site and budgeted table within `available` bytes with the least predicted loss."""
     choices = _options(job)
-    picked = allocation.allocate(choices, available)
+    picked = allocate(choices, available)
     if picked is None:
-        smallest = target - available + allocation.minimum_bytes(choices)
+        smallest = target - available + minimum_bytes(choices)
         what = "the options of `quantize` auto" if job.quantize == "auto" else f"{job.quantize} quantization"
         raise FwlrError(f"the target of {target:,} bytes is below the smallest model {what} can reach here "
                         f"(about {smallest:,} bytes); raise `target_size`/`ratio`"

@@ -70,8 +70,8 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
 
 
 def _weights_kept(model: onnx.ModelProto, dequantized: Dequantized) -> list:
-    """The input's weights that neither a float nor a quantized site covers (sites.listing.left_alone)."""
-    from onnx_fwlr.sites.listing import left_alone
+    """The input's weights that neither a float nor a quantized site covers (sites.left_alone)."""
+    from onnx_fwlr.sites.left_alone import left_alone
     from onnx_fwlr.sites.recurrent import find_all_sites
 
     sites, skipped = find_all_sites(model, None, None, fisher=False)
@@ -107,8 +107,8 @@ def measure_against_input(source, compressed: onnx.ModelProto, report: Report, l
                           batch_size: int, shapes) -> None:
     """Time the output against the quantized input it came from at the data's row count (one calibration batch,
     or `shapes`), alternating pairs in a fresh process, and say in the report how it compares; nothing when
-    there is no data to time with. `latency`: evaluate.latency.MeasuredLatency (a fake in tests)."""
-    from onnx_fwlr.evaluate.latency import MeasuredLatency
+    there is no data to time with. `latency`: cost.latency.MeasuredLatency (a fake in tests)."""
+    from onnx_fwlr.cost.latency import MeasuredLatency
     from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
 
     if not shapes and not (isinstance(calibration, (str, os.PathLike)) and calibration != "random"):

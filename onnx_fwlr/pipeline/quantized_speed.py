@@ -1,6 +1,6 @@
 """`quantize` under a latency budget (`--quantize MODE --target-latency F`): per site, the quant/plan option
 with the least predicted loss per millisecond, each option timed in the form compress writes it in
-(evaluate.latency):
+(cost.latency):
 
     fp32 (the site left as it is)   the site's own form: fp32, or "int8" for an int8 dynamic input (requantized)
     low rank r                      the fp32 pair at rank r
@@ -19,8 +19,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.pipeline.speed import InputForms, predicted_ratio, sites_budget_ms
 from onnx_fwlr.quant import budget, plan
 from onnx_fwlr.quant.budget import Option

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, open_data
-from onnx_fwlr.methods import lowrank as factorize
+from onnx_fwlr.methods import lowrank
 from onnx_fwlr.pipeline.build import site_replacement
 from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
@@ -255,7 +255,7 @@ def _ridge_solution(sums: dict, W: np.ndarray, rank: int, ridge: float, right) -
     regularised = sums["gram_new"] / scale + ridge * np.eye(len(W))
     chol = scipy.linalg.cholesky(regularised, lower=True, check_finite=False)
     target = scipy.linalg.cho_solve((chol, True), sums["cross"] @ W / scale + ridge * W, check_finite=False)
-    return factorize.weighted_svd(target, factorize.Scaling(chol=chol), right).factors(rank)
+    return lowrank.weighted_svd(target, lowrank.Scaling(chol=chol), right).factors(rank)
 
 
 def correct_site(fit: dict, held: dict, W: np.ndarray, start: Factors, rank: int, right, ridges=RIDGES):

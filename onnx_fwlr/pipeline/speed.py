@@ -1,5 +1,5 @@
 """Ranks chosen for speed: `--rank-multiple` (round to ranks the kernels like) and `--target-latency` (ranks
-under a latency budget), both from the measured latency model of evaluate/latency.py.
+under a latency budget), both from the measured latency model of cost/latency.py.
 
 The latency model times each site's dense op and factored pair at the model's own row count (one batch of
 the calibration data, or --shape); the share of the original's time the sites take comes from ONNX
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate import latency as lat
 from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
 
@@ -33,7 +33,7 @@ def timing_feed(model, calibration, batch_size: int, shapes: dict | None) -> dic
     from onnx_fwlr.io.data import open_data
 
     if shapes:
-        from onnx_fwlr.evaluate.profiling import synthetic_feed
+        from onnx_fwlr.cost.profiling import synthetic_feed
 
         return synthetic_feed(model, shapes)
     if isinstance(calibration, (str, os.PathLike)) and calibration != "random":
@@ -121,7 +121,7 @@ def _upper_ranks(prepared: Prepared, ranks, multiple: int | None) -> list[int | 
 
 def round_for_speed(prepared: Prepared, ranks, multiple, latency=None, feed=None, forms: InputForms | None = None
                     ) -> tuple[list, dict]:
-    """Ranks rounded to kernel-friendly values (evaluate.latency.round_ranks); with multiple "auto", the
+    """Ranks rounded to kernel-friendly values (cost.latency.round_ranks); with multiple "auto", the
     multiple and the rounding come from the measured tables (in each site's form, `forms`), and a site whose
     factored form is not faster than its dense op stays dense (its time ratio at the rank kept in the info).
     Returns (ranks, what was done for the report)."""
@@ -244,11 +244,13 @@ def check_speed_options(budget, rank_multiple, method: str, structured: bool) ->
 
 
 def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_multiple, latency, calibration,
-                           batch_size: int, shapes, forms: InputForms | None = None) -> tuple[list, dict | None]:
+                           batch_size: int, shapes, forms: InputForms | None = None, feed=None
+                           ) -> tuple[list, dict | None]:
     """budget.choose_ranks (ranks in steps of `rank_multiple` when given, else the default multiple), or the
     latency budget, or with `rank_multiple` "auto" the ranks rounded by measurement: (ranks, what was done or
     None).
-    `forms`: input_forms of an already-quantized input (None: a float one)."""
+    `forms`: input_forms of an already-quantized input (None: a float one). `feed`: the batch to time at
+    (default timing_feed)."""
     from onnx_fwlr.pipeline.budget import Budget, choose_ranks
 
     if budget.target_latency is None and rank_multiple != "auto":  # ranks in steps of the given or default multiple
@@ -256,10 +258,9 @@ def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_mul
             return choose_ranks(prepared, budget, allocation), None
         return choose_ranks(prepared, budget, allocation, rank_multiple), {"rank_multiple": rank_multiple,
                                                                            "measured": False}
-    feed, needs_timing = None, budget.target_latency is not None or rank_multiple == "auto"
-    if needs_timing:
+    if feed is None:
         feed = timing_feed(prepared.model, calibration, batch_size, shapes)
-        latency = latency if latency is not None else lat.MeasuredLatency()
+    latency = latency if latency is not None else lat.MeasuredLatency()
     if budget.target_latency is None:
         ranks, info = round_for_speed(prepared, choose_ranks(prepared, budget, allocation), rank_multiple, latency,
                                       feed, forms)
@@ -279,16 +280,19 @@ def _feed_shape(feed: dict) -> str:
     return f"{name} {'x'.join(str(d) for d in np.shape(value))}"
 
 
-def check_measured_speed(original, compressed, report, latency, calibration, batch_size: int, shapes) -> None:
+def check_measured_speed(original, compressed, report, latency, calibration, batch_size: int, shapes,
+                         feed=None) -> None:
     """When speed was asked for (`target_latency`, `rank_multiple` auto), time the result against the original
     at the timing size before anything is written: a model that measures no faster is refused with one
     sentence (the tables predict per site; this measures the whole graph, fusions and the other ops
-    included). The measured ratio goes into the report beside the predicted one."""
+    included). The measured ratio goes into the report beside the predicted one. `feed`: the batch to time
+    at (default timing_feed)."""
     from onnx_fwlr.io.model import load_model
 
     latency = latency if latency is not None else lat.MeasuredLatency()
-    structure = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
-    feed = timing_feed(structure, calibration, batch_size, shapes)
+    if feed is None:
+        structure = original if isinstance(original, onnx.ModelProto) else load_model(original, lazy=True)
+        feed = timing_feed(structure, calibration, batch_size, shapes)
     measured = latency.model_ratio(original, compressed, feed)
     p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
     speed = report.budget.setdefault("speed", {})

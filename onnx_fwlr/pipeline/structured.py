@@ -39,17 +39,18 @@ def check_dope_share(dope: float, dope_share: float | None) -> None:
 
 # Long: checks, then one loop over sites; the checks must precede any calibration.
 def compress_structured(model, mix, budget, allocation, bias_correction, dope, kron_shape, options, *,
-                        dope_share=None, forms="default", form_timer=None, latency=None):
+                        dope_share=None, forms="default", form_timer=None, latency=None, feed=None):
     """--method kron, --methods A,B and --dope: per site, the structure with the lowest weighted error at
     ratio·K·N stored numbers (structured_sites.fit_structured_site), all judged in one low-rank metric.
 
     `dope_share`: doping as a share of each site's stored numbers instead of `dope`. `forms` "measured": each
-    site's ONNX form is the fastest measured here at the model's row count (evaluate.forms, timed with
+    site's ONNX form is the fastest measured here at the model's row count (cost.forms, timed with
     `form_timer`, default OrtFormTimer), and a site whose fastest form is slower than its dense weight stays
-    dense; "default": the form by multiply-adds (deterministic, no timing).
+    dense; "default": the form by multiply-adds (deterministic, no timing). `feed`: the batch to time at
+    (pipeline.run's RunContext; default speed.timing_feed).
 
     Kronecker shapes (without `kron_shape`): chosen by error and measured time at the sites' rows per use
-    (evaluate.kron_speed.KronSpeed, timed with `form_timer`, at `latency`'s threads and cache folder when given):
+    (cost.kron_speed.KronSpeed, timed with `form_timer`, at `latency`'s threads and cache folder when given):
     the lowest-error shape that runs faster than the dense weight, written in the form it was timed in. A site
     no shape makes faster gets low rank at the same budget when that measures faster (a size budget prefers a
     smaller weight), else stays dense; its note says why.
@@ -79,7 +80,7 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     if ratio is None and sites:
         ratio = ratio_for_size(prepared, budget.target_size, [None] * len(sites), list(range(len(sites))))
     structures = ["kron" if m == "kron" else "lowrank" for m in mix]
-    speeds = site_speeds(prepared, options, form_timer, latency) if "kron" in structures and kron_shape is None \
+    speeds = site_speeds(prepared, options, form_timer, latency, feed) if "kron" in structures and kron_shape is None \
         else [None] * len(sites)
     pairs, speed_forms = [], {}
     bar = tqdm(list(zip(sites, speeds)), desc="structured fit", unit="site", disable=not options.get("progress"),
@@ -128,7 +129,7 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
         pairs.append((result, replacement))
     chosen, measured = speed_forms, None
     if forms == "measured":
-        chosen, measured = measured_forms(prepared, pairs, options, form_timer)
+        chosen, measured = measured_forms(prepared, pairs, options, form_timer, feed)
     model_out, report = assemble(prepared, allocation, budget, pairs, chosen)
     report.method = ",".join(mix)
     shape_note = {}
@@ -145,17 +146,18 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
     return model_out, report
 
 
-def measured_forms(prepared, pairs, options, timer) -> tuple[dict, dict]:
-    """Per structured site, the fastest form timed at its rows per use (evaluate.forms.choose_form); a site whose
+def measured_forms(prepared, pairs, options, timer, feed=None) -> tuple[dict, dict]:
+    """Per structured site, the fastest form timed at its rows per use (cost.forms.choose_form); a site whose
     fastest form is slower than its dense weight is put back to dense in `pairs` (in place). Returns (weight name
     -> Form, what was measured for the report). Identical shapes and sparsity are timed once."""
-    from onnx_fwlr.evaluate.forms import OrtFormTimer, choose_form
-    from onnx_fwlr.evaluate.latency import site_rows
+    from onnx_fwlr.cost.forms import OrtFormTimer, choose_form
+    from onnx_fwlr.cost.latency import site_rows
     from onnx_fwlr.pipeline.speed import timing_feed
     from onnx_fwlr.rewrite.lowrank import storage_dtype
 
     timer = timer or OrtFormTimer()
-    feed = timing_feed(prepared.model, options["calibration"], options["batch_size"], options["shapes"])
+    if feed is None:
+        feed = timing_feed(prepared.model, options["calibration"], options["batch_size"], options["shapes"])
     rows = site_rows(prepared.model, prepared.sites, feed)
     chosen, kept_dense, cache = {}, [], {}
     for index, ((result, replacement), site, site_rows_) in enumerate(zip(pairs, prepared.sites, rows)):
@@ -188,12 +190,12 @@ def _timing_key(rep: Structured, tokens: int, dtype) -> tuple:
             str(np.dtype(dtype)))
 
 
-def site_speeds(prepared, options, timer, latency) -> list:
+def site_speeds(prepared, options, timer, latency, feed=None) -> list:
     """Per site, the KronSpeed that times its Kronecker candidates at its rows per use: one batch of the
-    calibration file or the `shapes` feed when given, else evaluate.kron_speed.DEFAULT_ROWS. Sites with the same
-    rows share one (and its cache)."""
-    from onnx_fwlr.evaluate.kron_speed import DEFAULT_ROWS, KronSpeed
-    from onnx_fwlr.evaluate.latency import site_rows
+    calibration file or the `shapes` feed when given, else cost.kron_speed.DEFAULT_ROWS. Sites with the same
+    rows share one (and its cache). `feed`: that batch when the run already built it (pipeline.run's RunContext)."""
+    from onnx_fwlr.cost.kron_speed import DEFAULT_ROWS, KronSpeed
+    from onnx_fwlr.cost.latency import site_rows
     from onnx_fwlr.pipeline.speed import timing_feed
     from onnx_fwlr.rewrite.lowrank import storage_dtype
 
@@ -202,7 +204,8 @@ def site_speeds(prepared, options, timer, latency) -> list:
     if shapes or (calibration is not None and not (isinstance(calibration, str) and calibration == "random")
                   and not hasattr(calibration, "get_next")):
         try:
-            feed = timing_feed(prepared.model, calibration, options["batch_size"], shapes)
+            if feed is None:
+                feed = timing_feed(prepared.model, calibration, options["batch_size"], shapes)
         except FwlrError:
             feed = None  # an in-memory iterable: the model's rows are unknown, the default ones are timed
         if feed is not None:

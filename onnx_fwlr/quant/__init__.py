@@ -1,4 +1,4 @@
-"""Quantized main branch plus an importance-weighted low-rank correction of its error (DESIGN §7).
+"""Quantized main branch plus an importance-weighted low-rank correction of its error (docs/quantization.md).
 
 ortquant: thin wrappers over onnxruntime.quantization, and deq(Q(W)) exactly as ONNX Runtime computes it;
 compensate: the residual's weighted best rank-r fit (numpy only); budget: per-site options and the greedy

@@ -3,8 +3,8 @@
 Each site (or embedding table) has options — dense fp32, int8, int4 at a block size, either of those plus a
 rank-r correction, low rank alone — each with its bytes and its predicted loss (the dropped weighted energy,
 in loss units with gradient statistics). The allocation is the greedy rule of global rank allocation
-(DESIGN §3) extended to these options: start every site at its smallest option, then take the upgrades
-with the most loss removed per byte until the budget is spent. Upgrades are the steps along each site's
+(methods.allocation.global_ranks) extended to these options: start every site at its smallest option, then take
+the upgrades with the most loss removed per byte until the budget is spent. Upgrades are the steps along each site's
 lower convex hull in (bytes, loss), so per site they come in order of falling benefit per byte. With
 `cost=by_ms` the currency is each option's predicted milliseconds instead (`--quantize ... --target-latency`).
 """
@@ -34,7 +34,7 @@ class Option:
 
 
 def rank_grid(K: int, N: int, step: int = 8) -> list[int]:
-    """Correction ranks tried: multiples of `step` below min(K, N) (kernels like round ranks, DESIGN §7)."""
+    """Correction ranks tried: multiples of `step` below min(K, N) (kernels like round ranks, docs/speed.md)."""
     return list(range(step, min(K, N), step))
 
 

@@ -68,13 +68,13 @@ def _passes(model, tables, tensors, loss, output):
     autodiff only when there are tables to price."""
     if not tables:
         return _exposed_forward(model, tensors), None
-    from onnx_fwlr.autodiff import losses as fisher
+    from onnx_fwlr.autodiff import losses
     from onnx_fwlr.autodiff.backward import GradientRunner
     from onnx_fwlr.stats.fisher import default_output
 
     if loss is None:
         raise RuntimeError("pricing embedding tables needs the loss of the sites' Fisher pass")
-    target = fisher.find_seed_target(model, default_output(model, output))
+    target = losses.find_seed_target(model, default_output(model, output))
     fed = {i.name for i in model.graph.input}
     extra = sorted({i for t in tables for i in t.ids if i not in fed} | {t for t in tensors if t not in fed})
     runner = GradientRunner(model, target.tensor, sorted({o for t in tables for o in t.outputs}), extra_outputs=extra)
@@ -86,7 +86,7 @@ def _passes(model, tables, tensors, loss, output):
         z = values[target.tensor]
         mask = feed.get(mask_name) if mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        seeds = fisher.make_seeds(loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight,
+        seeds = losses.make_seeds(loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight,
                                   tokens=feed.get(token_name) if token_name else None)
         cotangents = [runner.backward(values, s) for s in seeds]
         batch = len(z) if z.ndim else 1

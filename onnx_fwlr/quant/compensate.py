@@ -1,6 +1,6 @@
 """The low-rank correction of a quantized weight, in the method's weighted norm (numpy/scipy only).
 
-    W ≈ deq(Q(W)) + A B,   A B = the best rank-r fit of E = W − deq(Q(W)) in ‖P · Q‖_F   (DESIGN §3, §7)
+    W ≈ deq(Q(W)) + A B,   A B = the best rank-r fit of E = W − deq(Q(W)) in ‖P · Q‖_F   (docs/quantization.md)
 
 Quantization noise is close to white in the plain norm but not in the weighted one: the activation and
 gradient weighting concentrate what matters in few directions, which a small rank captures (LQER, QERA).

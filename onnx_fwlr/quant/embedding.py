@@ -1,6 +1,6 @@
 """Embedding tables (Gather on a constant) and what an error in them costs, in the units of the sites' loss.
 
-A lookup Gather(T, ids) is onehot(ids) @ T, so the K-FAC loss of the sites (DESIGN §3) carries over:
+A lookup Gather(T, ids) is onehot(ids) @ T, so the K-FAC loss of the sites (stats.fisher) carries over:
 input Gram diag(row frequency), output Gram of the gradient at the lookup's output, summed per sample over
 the positions that read one row. The predicted loss of a table error ΔT is Σ_v f_v Δt_vᵀ G Δt_v, normalised
 like the sites' statistics (frequencies per (sample, row) occurrence, gradient Gram per sample), so tables

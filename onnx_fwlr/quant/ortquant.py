@@ -7,7 +7,7 @@ from `quantize_dynamic`. The dequantized weight is read back from the quantized 
 documented formula (tests check it against ONNX Runtime's outputs), so the residual W − deq(Q(W)) that the
 low-rank correction fits is the error the runtime really makes.
 
-Traps (DESIGN §7): the nbits quantizer imports `onnx_ir` (declared in our dependencies), and configures the
+Traps (docs/quantization.md): the nbits quantizer imports `onnx_ir` (declared in our dependencies), and configures the
 root logger at import (guarded here); 4-bit tables need opset 21 and IR 10, reached with ONNX's version
 converter (`upgrade_for_int4`) rather than by bumping the opset number.
 """

@@ -1,7 +1,7 @@
 """Fine-tune the factors of a compressed model by distillation against the original, over the ONNX graph.
 
 The closed-form factors are a starting point; a short distillation on the calibration data recovers much of
-what truncation lost (DESIGN §3, "Fine-tuning without the framework"). No training framework: the student's
+what truncation lost (docs/refine.md). No training framework: the student's
 forward pass runs in ONNX Runtime, its backward pass is ``GradientRunner`` (numpy VJP rules), the optimiser
 is Adam in numpy, and the teacher is the original model in ONNX Runtime. What is trained: ``trainable``;
 the losses: ``losses``; Adam and the schedules: ``optim``; here: the data, the loop and its report.
@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff import losses
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.batching import padded_inputs, sample_axis_first, trim_padding
 from onnx_fwlr.io.data import find_mask_input, model_inputs, open_data
@@ -299,7 +299,7 @@ def refine(
     if out_name not in {o.name for o in original.graph.output}:
         raise FwlrError(f"output '{out_name}' of the compressed model is not an output of the original; pass the "
                         "original the compressed model was made from.")
-    target = fisher.find_seed_target(compressed, out_name)
+    target = losses.find_seed_target(compressed, out_name)
     rng = np.random.default_rng(seed)
 
     pool = _load(calibration, compressed, batch_size, "calibration")

@@ -10,29 +10,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff import losses
 from onnx_fwlr.errors import FwlrError
 
 LOSSES = ("mse", "kl")
 
 
-def default_distillation_loss(target: fisher.SeedTarget, output: str, labelled: bool) -> str:
+def default_distillation_loss(target: losses.SeedTarget, output: str, labelled: bool) -> str:
     """'kl' for logits or probabilities (a final (Log)Softmax, an output named like logits, or labelled data);
     else 'mse' (hidden states, embeddings).
 
-    Not fisher.default_seed_loss: that one picks a Fisher seed and treats every 2-D output as logits, which
+    Not losses.default_seed_loss: that one picks a Fisher seed and treats every 2-D output as logits, which
     would distil a [batch, dim] sentence embedding with KL; the two rules differ on purpose.
     """
     return "kl" if target.classifier or "logit" in output.lower() or labelled else "mse"
 
 
-def _class_rows(z: np.ndarray, target: fisher.SeedTarget) -> np.ndarray:
+def _class_rows(z: np.ndarray, target: losses.SeedTarget) -> np.ndarray:
     """z as float64 [rows, classes] (class axis last; opset < 13 softmax flattens at the axis)."""
-    return fisher.class_rows(z, target.axis, target.legacy_2d).astype(np.float64)
+    return losses.class_rows(z, target.axis, target.legacy_2d).astype(np.float64)
 
 
-def _rows_back(rows: np.ndarray, like: np.ndarray, target: fisher.SeedTarget) -> np.ndarray:
-    return fisher.from_rows(rows, like, target.axis, target.legacy_2d)
+def _rows_back(rows: np.ndarray, like: np.ndarray, target: losses.SeedTarget) -> np.ndarray:
+    return losses.from_rows(rows, like, target.axis, target.legacy_2d)
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -73,7 +73,7 @@ def mse_loss(student: np.ndarray, teacher: np.ndarray, weight=None, total: float
     return loss, 2.0 * w * diff / denominator
 
 
-def kl_total(teacher: np.ndarray, target: fisher.SeedTarget, weight=None) -> float:
+def kl_total(teacher: np.ndarray, target: losses.SeedTarget, weight=None) -> float:
     """What the mean KL divides by: the weighted count of rows of logits."""
     shape = np.shape(teacher)
     axis = target.axis % len(shape)
@@ -82,7 +82,7 @@ def kl_total(teacher: np.ndarray, target: fisher.SeedTarget, weight=None) -> flo
 
 
 def kl_loss(
-    student: np.ndarray, teacher: np.ndarray, target: fisher.SeedTarget, weight=None, total: float | None = None
+    student: np.ndarray, teacher: np.ndarray, target: losses.SeedTarget, weight=None, total: float | None = None
 ) -> tuple[float, np.ndarray]:
     """Mean KL(teacher ‖ student) over rows of logits, and its gradient w.r.t. the student logits (p_s − p_t).
     `total`: the whole batch's kl_total (see mse_loss)."""
@@ -95,7 +95,7 @@ def kl_loss(
     return loss, _rows_back(grad, student, target)
 
 
-def ce_loss(student: np.ndarray, labels: np.ndarray, target: fisher.SeedTarget, total: float | None = None
+def ce_loss(student: np.ndarray, labels: np.ndarray, target: losses.SeedTarget, total: float | None = None
             ) -> tuple[float, np.ndarray]:
     """Mean cross-entropy against integer labels, and its gradient w.r.t. the logits (p − onehot)/rows.
     `total`: the whole batch's number of labels (see mse_loss)."""
@@ -128,7 +128,7 @@ class Objective:
     """The refine loss: `kind` distillation on `target.tensor` plus `label_weight` × cross-entropy."""
 
     kind: str
-    target: fisher.SeedTarget
+    target: losses.SeedTarget
     label_weight: float = 0.0
 
     def totals(self, teacher, labels=None, weight=None) -> tuple[float, float | None]:

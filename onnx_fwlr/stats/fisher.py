@@ -19,7 +19,7 @@ import onnx
 from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
-from onnx_fwlr.autodiff import losses as fisher
+from onnx_fwlr.autodiff import losses
 from onnx_fwlr.autodiff.backward import GradientRunner
 from onnx_fwlr.autodiff.recurrent_vjp import GATES, input_projection_grads
 from onnx_fwlr.errors import FwlrError
@@ -125,7 +125,7 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
     """(loss output, seed target, reachable uses, their recurrent nodes, GradientRunner): everything the
     backward pass needs, built before any data is read (an op without a gradient rule fails here)."""
     out_name = default_output(model, output)
-    target = fisher.find_seed_target(model, out_name)
+    target = losses.find_seed_target(model, out_name)
     uses = _reachable_uses(model, sites)
     if not uses:
         raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use `method` whiten.")
@@ -196,12 +196,12 @@ class _BatchFolder:
         z = values[self.target.tensor]
         tokens = feed.get(self.token_name) if self.token_name else None
         if self.loss is None:
-            self.loss = fisher.default_seed_loss(self.target, z.shape, labels is not None,
+            self.loss = losses.default_seed_loss(self.target, z.shape, labels is not None,
                                                  next_token=_next_token_logits(self.out_name, z, tokens),
                                                  class_scores=self.class_scores)
         mask = feed.get(self.mask_name) if self.mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        seeds = fisher.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
+        seeds = losses.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
                                   weight=weight, tokens=tokens)
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
@@ -213,7 +213,7 @@ class _BatchFolder:
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 acc = self.stats.gradients.setdefault(site.weight, {})
-                fisher.accumulate_fisher(acc, X, G, keep=_keep(X, mask), sketch_rank=self.sketch_ranks.get(site.weight))
+                losses.accumulate_fisher(acc, X, G, keep=_keep(X, mask), sketch_rank=self.sketch_ranks.get(site.weight))
             del cotangents
         self.stats.meta["samples"] += len(z) if z.ndim else 1
 
@@ -231,8 +231,8 @@ def collect_fisher_stats(
     providers=("CPUExecutionProvider",),
     micro_batch: int | None = MICRO_BATCH,
     trim: bool = True,
-    sketch_min_dim: int = fisher.SKETCH_MIN_DIM,
-    sketch_rank: int = fisher.SKETCH_RANK,
+    sketch_min_dim: int = losses.SKETCH_MIN_DIM,
+    sketch_rank: int = losses.SKETCH_RANK,
     description: str = "calibrate (fisher)",
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
@@ -240,7 +240,7 @@ def collect_fisher_stats(
     loss: 'ce' (labels), 'mc' (sampled from the model's own softmax), 'gaussian' (ε ~ N(0, I) on the
     output) or 'lm' (next-token cross-entropy of a language model: targets are the input ids shifted by
     one, padding masked); default 'ce' with labels, 'lm' for a 'logits' output [batch, seq, vocab] of a
-    model fed input ids, else by the output's kind (fisher.default_seed_loss). `samples` seeds per batch
+    model fed input ids, else by the output's kind (losses.default_seed_loss). `samples` seeds per batch
     for 'mc'/'gaussian'. Seeded, so reproducible.
 
     Each batch is run forward and backward in pieces of `micro_batch` samples (None: whole), each folded into
@@ -251,8 +251,8 @@ def collect_fisher_stats(
     A site wider than `sketch_min_dim` outputs (an LM head: the vocabulary) keeps its output-gradient Gram as a
     rank-`sketch_rank` factor plus the exact diagonal (autodiff.losses.fold_sketch), never N × N.
     """
-    if loss is not None and loss not in fisher.LOSSES:
-        raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(fisher.LOSSES)}.")
+    if loss is not None and loss not in losses.LOSSES:
+        raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(losses.LOSSES)}.")
     if samples < 1:
         raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
     out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
@@ -262,7 +262,7 @@ def collect_fisher_stats(
     stats = Statistics(model_fingerprint(model), meta={
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
-    sketch_ranks = {site.weight: sketch_rank for site, _ in uses if fisher.sketched(site.N, sketch_min_dim)}
+    sketch_ranks = {site.weight: sketch_rank for site, _ in uses if losses.sketched(site.N, sketch_min_dim)}
     fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
                         sketch_ranks)
     if loss is None:
@@ -299,11 +299,11 @@ def collect_fisher_stats(
 _LARGE_FIELDS = ("gram", "grad_gram", "grad_sketch", "grad_diag")
 
 
-def fisher_site_bytes(site: Site, sketch_min_dim: int = fisher.SKETCH_MIN_DIM,
-                      sketch_rank: int = fisher.SKETCH_RANK) -> int:
+def fisher_site_bytes(site: Site, sketch_min_dim: int = losses.SKETCH_MIN_DIM,
+                      sketch_rank: int = losses.SKETCH_RANK) -> int:
     """Bytes of a site's output-side statistic while it is measured (the estimator's folding peak for a wide one)."""
-    if fisher.sketched(site.N, sketch_min_dim):
-        return fisher.sketch_peak_bytes(site.N, sketch_rank)
+    if losses.sketched(site.N, sketch_min_dim):
+        return losses.sketch_peak_bytes(site.N, sketch_rank)
     return GRAM_BYTES_PER_ENTRY * site.N * site.N
 
 

@@ -5,7 +5,7 @@ accuracy_level 0 computes in float (the weight dequantized), 4 quantizes the act
 rows per run: on an AVX-512 VNNI Xeon, level 4 at block 128 runs a single row 20x faster than level 0 and a
 128-row batch at about the same speed; on an AVX2-only EPYC level 4 is 0.75x fp32 at one row and 1.25x at
 128 (docs/speed.md). So each site's level is timed on its own shape and rows, in pairs, by the latency model's
-timer (evaluate.latency: `timer(K, N, rank, rows, form=...)`; tests pass a fake one).
+timer (cost.latency: `timer(K, N, rank, rows, form=...)`; tests pass a fake one).
 
 Level 4 is also checked (ONNX Runtime issue 29849: wrong results on models with very large activations): a
 block of K holding one huge activation rounds every other activation of the block to a few steps. The site's
@@ -83,9 +83,9 @@ def check_ratio(W: np.ndarray, scheme: Scheme, X: np.ndarray) -> float:
 
 def time_levels(K: int, N: int, rows: int, scheme: Scheme, timer, rounds: int = LEVEL_ROUNDS) -> dict[int, float]:
     """ms of the scheme's main branch at levels 0 and 4, from pairs timed back to back (the latency model's timer,
-    `timer(K, N, None, rows, form=...)`, evaluate.latency): level 0's median time, and level 4's as that times
+    `timer(K, N, None, rows, form=...)`, cost.latency): level 0's median time, and level 4's as that times
     the median ratio of the pairs (a burst of load moves a ratio less than a time)."""
-    from onnx_fwlr.evaluate.latency import correction_form
+    from onnx_fwlr.cost.latency import correction_form
 
     forms = {level: correction_form(scheme.at_level(level).label) for level in (0, FAST)}
     base, ratios = [], []

@@ -402,8 +402,8 @@ class MeasuredLatency:
         whatever the ranks. `model` is the model the user gave: an int8 input is profiled as int8."""
         import tempfile
 
-        from onnx_fwlr.evaluate.limits import per_site
-        from onnx_fwlr.evaluate.profiling import parse_ort_profile
+        from onnx_fwlr.cost.limits import per_site
+        from onnx_fwlr.cost.profiling import parse_ort_profile
         from onnx_fwlr.io import runtime
 
         with tempfile.TemporaryDirectory(prefix="fwlr_latency_") as folder:
@@ -419,10 +419,10 @@ class MeasuredLatency:
 
     def model_ratio(self, original, compressed, feed, runs: int = 20) -> dict:
         """The compressed model's latency over the original's on `feed`, measured as profile --compare does
-        (alternating pairs in a fresh process; evaluate.limits.ratio_summary's keys: ratio_p50, ratio_p10, ...)."""
+        (alternating pairs in a fresh process; cost.limits.ratio_summary's keys: ratio_p50, ratio_p10, ...)."""
         import tempfile
 
-        from onnx_fwlr.evaluate.limits import paired_ratio
+        from onnx_fwlr.cost.limits import paired_ratio
         from onnx_fwlr.io.model import save_model
 
         with tempfile.TemporaryDirectory(prefix="fwlr_speed_check_") as folder:

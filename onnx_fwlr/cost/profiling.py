@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_fwlr.cost.flops import matmul_flops, measure_node_flops  # noqa: F401 (matmul_flops: public here too)
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.flops import matmul_flops, measure_node_flops  # noqa: F401 (matmul_flops: public here too)
 from onnx_fwlr.io import data, runtime
 from onnx_fwlr.io.model import file_size
 from onnx_fwlr.sites.find import model_parameters
@@ -296,7 +296,7 @@ def run_in_child(request, feed):
         np.savez(Path(folder) / "feed.npz", *[np.asarray(value) for value in feed.values()])
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-        code = "import sys; from onnx_fwlr.evaluate.profiling import _child_entry; _child_entry(sys.argv[1])"
+        code = "import sys; from onnx_fwlr.cost.profiling import _child_entry; _child_entry(sys.argv[1])"
         completed = subprocess.run([sys.executable, "-c", code, folder], env=env, capture_output=True, text=True)
         result_path = Path(folder) / "result.json"
         if completed.returncode != 0 or not result_path.is_file():

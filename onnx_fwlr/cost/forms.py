@@ -141,7 +141,7 @@ class OrtFormTimer:
     every model runs `runs` times in a rotating order (interleaved, so load changes hit all of them alike),
     until `rounds` rounds and `min_seconds` have passed. The dense model's time is its median over rounds; every
     other model's is the median of its ratios to the dense time of the same round times that median (a ratio of
-    runs close together moves far less under a burst of load than a time: evaluate.latency.measure_table)."""
+    runs close together moves far less under a burst of load than a time: cost.latency.measure_table)."""
 
     def __init__(self, threads: int | None = None, providers=("CPUExecutionProvider",), runs: int = 3,
                  rounds: int = 7, min_seconds: float = 0.2, seed: int = 0):

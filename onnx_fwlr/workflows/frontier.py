@@ -2,7 +2,7 @@
 quantized configurations under byte budgets (one prepare_quantized per mode, then every budget), Pareto
 points, and compress's closing comparison with the plain ONNX Runtime quantizations.
 
-A user who wants a smaller model tries ONNX Runtime's quantizers first (DESIGN §7); any table of ours that
+A user who wants a smaller model tries ONNX Runtime's quantizers first (docs/quantization.md); any table of ours that
 leaves them out cannot say whether the tool is worth running.
 """
 

@@ -7,9 +7,9 @@ while 4x256 ⊗ 256x4 runs at 0.55-0.72x (docs/doped.md). A form's time depends 
 the doping count, the rows per run, the threads and the machine, not on the values, so each candidate is timed once
 on random values of its exact shapes, against the dense weight in the same interleaved rounds (the ratio of
 back-to-back runs, which a burst of load moves far less than a time), and the ratio is cached per machine, threads
-and ONNX Runtime version like the latency tables of evaluate.latency.
+and ONNX Runtime version like the latency tables of cost.latency.
 
-`KronSpeed` takes the timer of evaluate.forms (`timer(models: {label: ModelProto}, K, tokens) -> {label: ms}`), so
+`KronSpeed` takes the timer of cost.forms (`timer(models: {label: ModelProto}, K, tokens) -> {label: ms}`), so
 tests inject a fake one; only the real OrtFormTimer's results are cached on disk.
 """
 
@@ -62,28 +62,28 @@ def random_structure(K: int, N: int, shape, terms: int, k: int, seed: int = 0) -
 class KronSpeed:
     """Measured speed of structured candidates at the deployment row counts `rows`, cached.
 
-    timer: evaluate.forms' timer interface (None: OrtFormTimer at `threads`); cache_dir: where the real timer's
-    ratios are kept (None: evaluate.latency's default folder); a custom timer is cached in memory only, unless a
+    timer: cost.forms' timer interface (None: OrtFormTimer at `threads`); cache_dir: where the real timer's
+    ratios are kept (None: cost.latency's default folder); a custom timer is cached in memory only, unless a
     cache_dir is given. `verdicts` collects one sentence per site that no Kronecker shape could make faster.
     """
 
     def __init__(self, rows, timer=None, threads: int | None = None, cache_dir=None, dtype=np.float32,
                  progress=None):
-        from onnx_fwlr.evaluate import latency as lat
+        from onnx_fwlr.cost.latency import default_cache_dir, environment
 
         self.rows = tuple(sorted({int(r) for r in rows}))
         self.dtype = np.dtype(dtype)
         self.progress = progress
         real = timer is None
         if real:
-            from onnx_fwlr.evaluate.forms import OrtFormTimer
+            from onnx_fwlr.cost.forms import OrtFormTimer
 
             timer = OrtFormTimer(threads=threads)
         self.timer = timer
         self.path = None
         if real or cache_dir is not None:
-            folder = lat.default_cache_dir() if cache_dir is None else Path(cache_dir)
-            env = {**lat.environment(threads), "dtype": self.dtype.name, "version": CACHE_VERSION}
+            folder = default_cache_dir() if cache_dir is None else Path(cache_dir)
+            env = {**environment(threads), "dtype": self.dtype.name, "version": CACHE_VERSION}
             digest = hashlib.sha256(json.dumps(env, sort_keys=True).encode()).hexdigest()[:16]
             self.path = folder / f"kron-speed-{digest}.json"
         self.ratios: dict[str, float] = self._load()
@@ -121,7 +121,7 @@ class KronSpeed:
 
     def measure(self, K: int, N: int, shape, terms: int, k: int) -> Speed:
         """The candidate's fastest form and its time over the dense weight's at every row count (timed or cached)."""
-        from onnx_fwlr.evaluate.forms import DENSE, dense_model, site_model
+        from onnx_fwlr.cost.forms import DENSE, dense_model, site_model
 
         forms = self._forms(shape, terms, K, N, k)
         missing = [(rows, f) for rows in self.rows for f in forms

@@ -159,7 +159,7 @@ def _paired_times(model_path, other_path, feed, runs, warmup, threads, providers
     """Runs in the child: `runs` alternating pairs of plain sessions (ratio_summary), then, when profile_runs,
     `profile_runs` alternating pairs of profiled sessions, so both per-node profiles see the same load
     ("profiles": [parse_ort_profile of each])."""
-    from onnx_fwlr.evaluate.profiling import _open_session, parse_ort_profile
+    from onnx_fwlr.cost.profiling import _open_session, parse_ort_profile
     from onnx_fwlr.io import runtime
 
     paths = (model_path, other_path)
@@ -183,7 +183,7 @@ def paired_ratio(model_path, other_path, feed, runs=100, warmup=PAIR_WARMUP, thr
                  providers=("CPUExecutionProvider",), profile_runs=0) -> dict:
     """Time two models in alternating pairs in a fresh child process; see ratio_summary for the keys, and
     _paired_times for the per-node profiles of `profile_runs` alternating profiled pairs."""
-    from onnx_fwlr.evaluate.profiling import run_in_child
+    from onnx_fwlr.cost.profiling import run_in_child
 
     request = {
         "entry": f"{__name__}:_paired_times", "model_path": str(model_path), "other_path": str(other_path),
@@ -198,7 +198,7 @@ def compare_speed(model_path, other_path, feed, runs=100, warmup=10, threads=Non
     """profile_model on both models (latency, memory, size, FLOPs), then one child that times them in
     alternating pairs and profiles them in alternating pairs, so the ratio and both per-node profiles see the
     same load; their speed limits. Returns {original, compressed, ratios, limits, paired}."""
-    from onnx_fwlr.evaluate.profiling import PROFILED_RUNS, compare_profiles, profile_model
+    from onnx_fwlr.cost.profiling import PROFILED_RUNS, compare_profiles, profile_model
 
     options = {"runs": runs, "warmup": warmup, "threads": threads, "providers": providers, "op_profile": False}
     original = profile_model(model_path, feed, **options)
@@ -285,6 +285,6 @@ def reliability_notes(limits: dict, paired: dict) -> list[str]:
 
 def unnamed_site_nodes(model: onnx.ModelProto) -> int:
     """Counted main-graph nodes without a name: the profiler names them itself, so their time is not matched."""
-    from onnx_fwlr.evaluate.flops import COUNTED_OPERANDS
+    from onnx_fwlr.cost.flops import COUNTED_OPERANDS
 
     return sum(1 for node in model.graph.node if node.op_type in COUNTED_OPERANDS and not node.name)

@@ -14,18 +14,6 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.frontier import (
-    DEFAULT_INT8_FRACTIONS,
-    INT8_BASELINE,
-    QUANT_METHOD,
-    baseline_models,
-    budget_label,
-    fidelity,
-    frontier_metric,
-    mark_pareto,
-    model_bytes,
-    quantized_models,
-)
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
 from onnx_fwlr.pipeline.compress import (
@@ -42,6 +30,18 @@ from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats
 from onnx_fwlr.tables import format_table
+from onnx_fwlr.workflows.frontier import (
+    DEFAULT_INT8_FRACTIONS,
+    INT8_BASELINE,
+    QUANT_METHOD,
+    baseline_models,
+    budget_label,
+    fidelity,
+    frontier_metric,
+    mark_pareto,
+    model_bytes,
+    quantized_models,
+)
 
 
 @dataclass
@@ -326,7 +326,7 @@ def _latency(original_path, path, structure, validation, batch_size, runs) -> di
     """The row's latency against the original's on the first validation batch, as profile --compare measures it:
     alternating pairs in one fresh process, the median of the per-pair ratios (a shared machine's load moves
     separate timings far more than it moves a ratio)."""
-    from onnx_fwlr.evaluate.limits import paired_ratio
+    from onnx_fwlr.cost.limits import paired_ratio
 
     feed, _ = next(iter(open_data(validation, structure, batch_size=batch_size)))
     paired = paired_ratio(str(original_path), str(path), feed, runs=runs)

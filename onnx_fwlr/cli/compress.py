@@ -174,6 +174,8 @@ class Compress:
         from onnx_fwlr.io.model import check_output_path, file_size, save_model
         from onnx_fwlr.pipeline.run import run
 
+        if args.also and args.quantize:  # --also's own refusal comes before the config's checks
+            _refuse_also_with_quantize()
         config = run_config(args)
         output = check_output_path(args.output, [config.model], args.force)
         also = parse_also(args.also, config, args, output)
@@ -226,9 +228,8 @@ def parse_also(items, config, args, output):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.io.model import check_output_path
 
-    if items and config.quantize.mode:
-        raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
-                        "(quantize each export with the same flags instead).")
+    if items and config.quantize.mode:  # a --config file's quantize
+        _refuse_also_with_quantize()
     pairs, outputs = [], [output.resolve()]
     for item in items:
         source, sep, target = item.partition("=")
@@ -242,6 +243,13 @@ def parse_also(items, config, args, output):
         outputs.append(target.resolve())
         pairs.append((Path(source), target))
     return pairs
+
+
+def _refuse_also_with_quantize():
+    from onnx_fwlr.errors import FwlrError
+
+    raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
+                    "(quantize each export with the same flags instead).")
 
 
 def write_also(pairs, config, args, model, output, out) -> list[dict]:

@@ -43,7 +43,8 @@ class RunContext:
 
 
 def make_context(config: RunConfig, latency=None, form_timer=None) -> RunContext:
-    """Dequantize a quantized input, and make the latency model and form timer the options need."""
+    """Dequantize a quantized input, and make the latency model and form timer the options need (a latency
+    budget, ranks rounded by measurement, Kronecker shapes chosen by measured speed, `forms` measured)."""
     quantized = dequantize_input(config.model)
     timed = config.timed if config.quantize.mode is None else config.budget.target_latency is not None
     forms = input_forms(config.model, quantized) if timed else None

@@ -193,6 +193,11 @@ class Compress:
         rank, ranks = parse_ranks(args.rank)
         if args.val:
             resolve_metric(args, args.model)
+        if not args.quantize and (args.accuracy_level is not None or args.merge_corrections):
+            from onnx_fwlr.errors import FwlrError
+
+            flag = "--accuracy-level" if args.accuracy_level is not None else "--merge-corrections"
+            raise FwlrError(f"{flag} applies to quantized sites; add --quantize int4|int8|auto or drop it.")
         if args.quantize:
             model, report = _compress_quantized(args, rank, ranks)
         else:

@@ -146,6 +146,11 @@ def test_cli_accuracy_level(tmp_path, monkeypatch, capsys):
     code = main(["compress", str(DIGITS), "-o", str(tmp_path / "p.onnx"), "--calib", str(CALIB), "--quiet",
                  "--quantize", "int4", "--rank", "8"])
     assert code == 0 and _levels_written(onnx.load(tmp_path / "p.onnx")) == [0] * 3  # default without timing: 0
+    capsys.readouterr()
+    for flag in (["--accuracy-level", "4"], ["--merge-corrections"]):
+        code = main(["compress", str(DIGITS), "-o", str(tmp_path / "n.onnx"), "--ratio", "0.5", *flag])
+        assert code == 2 and not (tmp_path / "n.onnx").exists()
+        assert f"{flag[0]} applies to quantized sites" in capsys.readouterr().err
 
 
 # --- merged corrections ---------------------------------------------------------------------------------------

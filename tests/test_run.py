@@ -214,7 +214,7 @@ def test_the_flags_added_beside_the_refactor_reach_the_config_and_the_api(tmp_pa
 def test_the_options_added_beside_the_refactor_are_checked_when_the_config_is_made():
     with pytest.raises(FwlrError, match="unknown `accuracy_level` 2"):
         QuantizeOptions(mode="int4", accuracy_level=2)
-    with pytest.raises(FwlrError, match="`merge_corrections` sets how `quantize` stores"):
+    with pytest.raises(FwlrError, match="`merge_corrections` applies to quantized sites"):
         compress(str(DIGITS), ratio=0.5, merge_corrections=True, progress=False)
     with pytest.raises(FwlrError, match="`refine_steps` 0 is out of range"):
         compress(str(DIGITS), ratio=0.5, refine_steps=0, calibration=str(CALIB), progress=False)

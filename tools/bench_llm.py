@@ -162,7 +162,8 @@ def run_child(spec: dict, max_gb: float) -> dict:
         out_file.seek(0)
         err_file.seek(0)
         out, err = out_file.read(), err_file.read()
-    line = next((ln for ln in out.splitlines() if ln.startswith("CHILD ")), None)
+    # a progress bar without a newline may share the line: the JSON is whatever follows "CHILD "
+    line = next((ln[ln.index("CHILD "):] for ln in out.splitlines() if "CHILD {" in ln), None)
     if process.returncode != 0 or line is None:
         lines = [ln for ln in (err + out).splitlines() if ln.strip()]
         reason = next((ln for ln in reversed(lines) if "rror" in ln), lines[-1] if lines else "no output")

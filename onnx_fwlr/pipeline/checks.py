@@ -79,5 +79,4 @@ def check_without_quantize(config) -> None:
     given = [name for name, value in (("`accuracy_level`", quantize.accuracy_level is not None),
                                       ("`merge_corrections`", quantize.merge_corrections)) if value]
     if given:
-        raise FwlrError(f"{given[0]} sets how `quantize` stores its sites; add `quantize` int4, int8 or auto, or drop "
-                        "it.")
+        raise FwlrError(f"{given[0]} applies to quantized sites; add `quantize` int4|int8|auto or drop it.")

@@ -224,3 +224,14 @@ def test_the_options_added_beside_the_refactor_are_checked_when_the_config_is_ma
     shaped = RunConfig(model=str(DIGITS), budget=BudgetOptions(ratio=0.5),
                        structured=StructuredOptions(kron_shape=(8, 8, 4, 4)), method=MethodOptions(method="kron"))
     assert RunConfig.from_dict(json.loads(json.dumps(shaped.to_dict()))) == shaped
+
+
+def test_config_file_model_is_checked_for_perplexity_before_work(tmp_path, capsys):
+    """`compress --config F --metric perplexity` with the model named only in F: one sentence, nothing written."""
+    saved = tmp_path / "run.json"
+    saved.write_text(json.dumps({"model": str(DIGITS), "budget": {"ratio": 0.5}}))
+    out = tmp_path / "x.onnx"
+    code = main(["compress", "--config", str(saved), "-o", str(out), "--val", str(TEST), "--metric", "perplexity",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no token-id input" in err and "Traceback" not in err and not out.exists()

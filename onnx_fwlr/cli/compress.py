@@ -340,6 +340,10 @@ def run_config(args):
         made = config.RunConfig.from_dict(values)
         if args.val:
             resolve_metric(args, made.model)
+        if args.metric == "perplexity" and not args.model:  # cli.options.check_before_work had no model to check
+            from onnx_fwlr.evaluate.language import check_language_model
+
+            check_language_model(made.model, args.logits)
         return made
     if args.model is None:
         raise FwlrError("give the model to compress (or a --config file that names it).")

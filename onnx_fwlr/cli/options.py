@@ -273,7 +273,9 @@ def check_before_work(args) -> None:
     if getattr(args, "metric", None) == "perplexity":  # refused now, not after the model is written
         from onnx_fwlr.evaluate.language import check_language_model
 
-        check_language_model(getattr(args, "model", None) or args.original, args.logits)
+        model = getattr(args, "model", None) or getattr(args, "original", None)
+        if model is not None:  # compress --config without a model: checked once the config names it
+            check_language_model(model, args.logits)
 
 
 # What commands read and write, for check_before_work: arg name -> (label in messages, kind).

@@ -96,7 +96,11 @@ def ort_nbits(source: Path, out: Path, bits: int, algorithm: str) -> None:
         config = mnq.KQuantWeightOnlyQuantConfig()
     elif algorithm == "hqq":
         config = mnq.HQQWeightOnlyQuantConfig(block_size=32, bits=bits)
-    quantizer = mnq.MatMulNBitsQuantizer(str(source), bits=bits, block_size=32, accuracy_level=4,
+    import onnx
+
+    # the model with its weights loaded: from a path, some algorithms keep untouched tensors pointing at the
+    # source's external data file, which the saved copy then lacks
+    quantizer = mnq.MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=32, accuracy_level=4,
                                          algo_config=config)
     quantizer.process()
     save_external(quantizer.model.model, out)

@@ -92,7 +92,7 @@ def test_cli_start_up_does_not_import_ray():
 def ray_cluster():  # module-wide: the cluster's processes are gone before the rest of the suite runs
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 << 20)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 << 20)
     yield ray
     ray.shutdown()
 
@@ -159,3 +159,51 @@ def test_ray_refuses_workers_and_structured_methods(ray_cluster):
     with pytest.raises(FwlrError, match="plain low-rank"):
         pipeline.compress(str(MODEL), ratio=0.5, method="kron", calibration=str(CALIB), progress=False,
                           executor=Executor("ray"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+for _ in range(120):
+    try:
+        ray.init(address=sys.argv[1], log_to_driver=False, logging_level="error")
+        break
+    except ConnectionError:
+        time.sleep(1)
+while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    time.sleep(0.5)
+"""
+
+
+@needs_ray
+@pytest.mark.slow
+def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
+    """`ray start --head` and a second `ray start --address` node, as on two machines; the CLI connects to it."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a throwaway cluster on this machine, no token to share
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats", "--block"]
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = [subprocess.Popen([ray_cli, "start", "--head", "--port", address.split(":")[1],
+                               "--include-dashboard=false", *common], **quiet)]
+    try:
+        nodes.append(subprocess.Popen([ray_cli, "start", "--address", address, *common], **quiet))
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address], timeout=180, check=True, **quiet)
+        arguments = [sys.executable, "-m", "onnx_fwlr", "compress", str(MODEL), "--calib", str(CALIB), "--method",
+                     "whiten", "--ratio", "0.5", "--calib-shards", "2", "--quiet"]
+        on_cluster = subprocess.run([*arguments, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray",
+                                     "--ray-address", address], env=env, capture_output=True, text=True, timeout=300)
+        assert on_cluster.returncode == 0, on_cluster.stderr
+        local = subprocess.run([*arguments, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True)
+        assert local.returncode == 0, local.stderr
+        assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+    finally:  # --block: each `ray start` stops the processes it started when it is terminated
+        for process in reversed(nodes):
+            process.terminate()
+        for process in nodes:
+            process.wait(timeout=60)

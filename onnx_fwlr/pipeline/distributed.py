@@ -33,7 +33,8 @@ INSTALL = 'pip install "onnx_fwlr[ray]"'
 @dataclass(frozen=True)
 class Executor:
     """Where the work runs: `kind` "local" (this machine's process pool, `workers`) or "ray" (a Ray cluster at
-    `address`: host:port, "auto", or None to start one on this machine); `shards`: calibration shards."""
+    `address`: host:port or "auto"; None: as ray.init() decides, the cluster `ray start` began on this machine
+    or else a new one for this process); `shards`: calibration shards."""
 
     kind: str = "local"
     address: str | None = None
@@ -57,8 +58,8 @@ LOCAL = Executor()
 
 
 def connect(executor: Executor):
-    """The `ray` module, connected to the executor's cluster (started on this machine when no address is
-    given); an address nobody answers at fails here, in one sentence, before any work."""
+    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster);
+    an address nobody answers at fails here, in one sentence, before any work."""
     try:
         import ray
     except ImportError:

@@ -161,6 +161,12 @@ def test_ray_refuses_workers_and_structured_methods(ray_cluster):
                           executor=Executor("ray"))
 
 
+def test_structured_methods_refuse_shards():
+    with pytest.raises(FwlrError, match="plain low-rank"):
+        pipeline.compress(str(MODEL), ratio=0.5, method="kron", calibration=str(CALIB), progress=False,
+                          executor=Executor(shards=2))
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

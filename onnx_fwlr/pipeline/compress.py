@@ -222,9 +222,9 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
                         "(plain low rank: `rank_multiple` auto).")
     if structured:
-        if executor is not None and executor.kind == "ray":
-            raise FwlrError("`executor` ray runs plain low-rank decompositions; drop it with `method` kron, `methods` "
-                            "or `dope`.")
+        if executor is not None and executor.sharded:
+            raise FwlrError("`executor` ray and `shards` spread plain low-rank compression; drop them with `method` "
+                            "kron, `methods` or `dope`.")
         if sequential:
             raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
                             "or `dope`.")

@@ -66,7 +66,7 @@ def test_local_shards_are_the_sum_of_calibrate_shard_files_merged_in_order(tmp_p
 
 
 def test_more_shards_than_batches_fails_in_one_sentence():
-    with pytest.raises(FwlrError, match="holds no samples"):
+    with pytest.raises(FwlrError, match="`shards` 3 is more than the 2 batch"):
         pipeline.calibrate(str(MODEL), str(CALIB), batch_size=256, executor=Executor(shards=3), progress=False)
 
 

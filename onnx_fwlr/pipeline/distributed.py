@@ -198,6 +198,7 @@ def sharded_statistics(source, model, sites, calibration, executor: Executor, *,
 
     check_one_pass(model, sites, gradients, memory_limit, fisher_options)
     count = executor.shards
+    _check_shard_count(calibration, model, batch_size, shapes, count)
     source, calibration = _absolute(source), _absolute(calibration)  # a worker's directory is not ours
     jobs = (ShardJob(source, sites, calibration, (i, count), gradients, batch_size, shapes, mask_input,
                      fisher_options) for i in range(count))
@@ -210,6 +211,16 @@ def sharded_statistics(source, model, sites, calibration, executor: Executor, *,
         total.merge(stats)
     total.meta.update(seconds=time.perf_counter() - start, shards=count, executor=executor.kind)
     return total
+
+
+def _check_shard_count(calibration, model, batch_size, shapes, count: int) -> None:
+    """Every shard needs a batch (an empty one is an error of its own): say so before any work."""
+    from onnx_fwlr.io.data import open_data
+
+    total = getattr(open_data(calibration, model, batch_size=batch_size, shapes=shapes), "total", None)
+    if total is not None and count > total:
+        raise FwlrError(f"`shards` {count} is more than the {total} batch(es) of the calibration data; give at most "
+                        f"{total} (or a smaller `batch_size`).")
 
 
 def _absolute(source):

@@ -130,6 +130,18 @@ def test_ray_gradient_statistics_match_local_shards(ray_cluster):
         compressed_bytes("kfac", executor=Executor(shards=2), fisher_options={"loss": "ce"})
 
 
+@needs_ray
+def test_ray_sweep_gives_the_rows_of_local_shards(ray_cluster, tmp_path):
+    from onnx_fwlr.evaluate.sweep import sweep
+
+    def rows(executor, folder):
+        return sweep(str(MODEL), str(CALIB), str(SAMPLES / "digits_test.npz"), ratios=[0.5, 0.3], methods=["whiten"],
+                     out_dir=tmp_path / folder, progress=False, executor=executor).rows
+
+    on_ray = rows(Executor("ray", shards=2), "ray")
+    assert on_ray == rows(Executor(shards=2), "local") and len(on_ray) == 3
+
+
 def _dying_once(fn, marker: Path):
     """fn, except that the first call anywhere kills its own process (SIGKILL, as an OOM killer would)."""
     def run(job):

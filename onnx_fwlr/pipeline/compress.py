@@ -27,6 +27,7 @@ from onnx_fwlr.pipeline.defaults import (
     default_allocation,
     default_method,
 )
+from onnx_fwlr.pipeline.distributed import ready_executor
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.quantized_input import (
     dequantize_input,
@@ -151,7 +152,7 @@ def compress(
         raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
     check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
                batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
-    executor = _ready_executor(executor, workers)
+    executor = ready_executor(executor, workers)
     Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
     check_data_first(model, [calibration, validation], batch_size, shapes)
     options = dict(
@@ -331,7 +332,7 @@ def calibrate(
     """Statistics for every site, to save and reuse across compress runs (and to merge across shards).
     `executor` (pipeline.distributed.Executor): measured in `executor.shards` shards, on a Ray cluster
     when its kind is "ray", and added up in shard order (the same bytes for the same shard count)."""
-    executor = _ready_executor(executor, 1)
+    executor = ready_executor(executor, 1)
     if executor is not None and executor.sharded and shard is not None:
         raise FwlrError("`shard` measures one part of the data here; drop it to let `executor` measure every shard.")
     source = model
@@ -353,22 +354,6 @@ def calibrate(
 
         return collect_fisher_stats(model, sites, batches, mask_input=mask_input, progress=progress, **fisher_options)
     return collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress)
-
-
-def _ready_executor(executor, workers: int):
-    """The executor checked and, for Ray, connected: a missing Ray or an unreachable cluster fails here,
-    before any work."""
-    if executor is None:
-        return None
-    executor.check()
-    if executor.kind == "ray":
-        if workers != 1:
-            raise FwlrError("`workers` sizes the local process pool; with `executor` ray the cluster's CPUs decide, "
-                            "so drop it.")
-        from onnx_fwlr.pipeline.distributed import connect
-
-        connect(executor)
-    return executor
 
 
 def validate(

@@ -57,6 +57,20 @@ class Executor:
 LOCAL = Executor()
 
 
+def ready_executor(executor: Executor | None, workers: int = 1) -> Executor | None:
+    """The executor checked and, for Ray, connected: a missing Ray or an unreachable cluster fails here,
+    before any work."""
+    if executor is None:
+        return None
+    executor.check()
+    if executor.kind == "ray":
+        if workers != 1:
+            raise FwlrError("`workers` sizes the local process pool; with `executor` ray the cluster's CPUs decide, "
+                            "so drop it.")
+        connect(executor)
+    return executor
+
+
 def connect(executor: Executor):
     """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster);
     an address nobody answers at fails here, in one sentence, before any work."""

@@ -92,9 +92,13 @@ def test_cli_start_up_does_not_import_ray():
 def ray_cluster():  # module-wide: the cluster's processes are gone before the rest of the suite runs
     import ray
 
+    environment, on_sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 << 20)
     yield ray
     ray.shutdown()
+    os.environ.clear()  # ray.init sets RAY_AUTH_MODE, PYTHONBREAKPOINT, ... and a SIGTERM handler: the rest of
+    os.environ.update(environment)  # the suite (and its child processes) runs as it would without this module
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @needs_ray

@@ -12,6 +12,8 @@ from onnx_fwlr.cli.options import (
     calibration_arguments,
     comparison_arguments,
     decomposition_arguments,
+    distributed_arguments,
+    executor,
     fisher_options,
     language_arguments,
     parse_batch_axes,
@@ -163,6 +165,7 @@ class Compress:
         p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         decomposition_arguments(p)
+        distributed_arguments(p)
         q = p.add_argument_group("quantization with a low-rank correction (DESIGN §7)")
         q.add_argument("--quantize", choices=["int4", "int8", "auto"],
                        help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
@@ -198,6 +201,11 @@ class Compress:
 
             flag = "--accuracy-level" if args.accuracy_level is not None else "--merge-corrections"
             raise FwlrError(f"{flag} applies to quantized sites; add --quantize int4|int8|auto or drop it.")
+        if args.quantize and executor(args) is not None:
+            from onnx_fwlr.errors import FwlrError
+
+            raise FwlrError("--executor, --ray-address and --calib-shards spread low-rank compression; drop them "
+                            "with --quantize.")
         if args.quantize:
             model, report = _compress_quantized(args, rank, ranks)
         else:
@@ -213,7 +221,8 @@ class Compress:
                 bias_correction=False if args.no_bias_correction else None, fisher_options=fisher_options(args),
                 methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
                 dope=args.dope, kron_shape=parse_kron_shape(args.kron_shape), sequential=args.sequential,
-                svd=args.svd, workers=args.workers, stats_memory=parse_size(args.stats_memory, "--stats-memory"),
+                svd=args.svd, workers=args.workers, executor=executor(args),
+                stats_memory=parse_size(args.stats_memory, "--stats-memory"),
                 refine_steps=args.refine, refine_lr=args.refine_lr, refine_dope_dropout=args.dope_dropout,
                 dope_share=args.dope_share, forms=args.forms, form_timer=_form_timer(args), progress=not args.quiet,
                 rank_multiple=args.rank_multiple, target_latency=args.target_latency, latency=_latency_model(args),

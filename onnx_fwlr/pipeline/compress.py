@@ -27,6 +27,7 @@ from onnx_fwlr.pipeline.defaults import (
     default_allocation,
     default_method,
 )
+from onnx_fwlr.pipeline.distributed import ready_executor
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.quantized_input import (
     dequantize_input,
@@ -97,6 +98,7 @@ def compress(
     form_timer=None,
     svd: str = "auto",
     workers: int = 1,
+    executor=None,
     stats_memory: int | None = None,
     refine_steps: int | None = None,
     refine_lr: float = 3e-5,
@@ -125,7 +127,9 @@ def compress(
     `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
     partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
     randomised SVD where the rank is known first and small (factorize.use_randomized); `workers` decomposes
-    sites in that many processes (same output bytes). `stats_memory` (bytes; default a third of physical
+    sites in that many processes (same output bytes); `executor` (pipeline.distributed.Executor) measures
+    calibration in shards and decomposes on a Ray cluster instead (docs/distributed.md).
+    `stats_memory` (bytes; default a third of physical
     memory) bounds the activation Grams held at once: beyond it calibration reads the data once per group
     of sites (calibration.GroupedStatistics). `refine_steps` then distils the factors against the original
     on `calibration` (refine.loop.refine; early stopping on held-back calibration data, so `validation` stays
@@ -149,6 +153,7 @@ def compress(
         raise FwlrError("`refine_steps` trains on the calibration data; pass `calibration` (.npz or a folder of .npz).")
     check_call(calibration=calibration, validation=validation, sequential=sequential, refine_steps=refine_steps,
                batch_size=batch_size, workers=workers, dope=dope, refine_lr=refine_lr)
+    executor = ready_executor(executor, workers)
     Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency).check()
     check_data_first(model, [calibration, validation], batch_size, shapes)
     options = dict(
@@ -156,8 +161,8 @@ def compress(
         method=method, allocation=allocation, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         bias_correction=bias_correction, fisher_options=fisher_options, sequential=sequential, methods=methods,
-        dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
+        dope=dope, kron_shape=kron_shape, svd=svd, workers=workers, executor=executor, stats_memory=stats_memory,
+        progress=progress, rank_multiple=rank_multiple, target_latency=target_latency, latency=latency,
         compare=dict(outputs=outputs, common_prefix=common_prefix, batch_axes=batch_axes),
         structured_options=dict(dope_share=dope_share, forms=forms, form_timer=form_timer))
     quantized = dequantize_input(model)  # a quantized input is compressed in float, then quantized back
@@ -201,8 +206,8 @@ def compress(
 def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation, method, allocation, include,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
-               rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
-               input_forms=None):
+               executor=None, rank_multiple=None, target_latency=None, latency=None, compare=None,
+               structured_options=None, input_forms=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
     budget.check()
@@ -220,6 +225,9 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         raise FwlrError("`forms` measured chooses the ONNX form of structured sites; add `method` kron or `dope` "
                         "(plain low rank: `rank_multiple` auto).")
     if structured:
+        if executor is not None and executor.sharded:
+            raise FwlrError("`executor` ray and `shards` spread plain low-rank compression; drop them with `method` "
+                            "kron, `methods` or `dope`.")
         if sequential:
             raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
                             "or `dope`.")
@@ -236,7 +244,8 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None, tie_heads=True,
+        executor=executor, fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
+        tie_heads=True,
     )
     method = prepared.method  # a default gradient method may have fallen back to whiten
     allocation = _resolve_allocation(prepared, allocation, data_free=defaulted and method == "svd")
@@ -319,15 +328,28 @@ def calibrate(
     shapes: dict | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    executor=None,
     **fisher_options,
 ) -> Statistics:
-    """Statistics for every site, to save and reuse across compress runs (and to merge across shards)."""
+    """Statistics for every site, to save and reuse across compress runs (and to merge across shards).
+    `executor` (pipeline.distributed.Executor): measured in `executor.shards` shards, on a Ray cluster
+    when its kind is "ray", and added up in shard order (the same bytes for the same shard count)."""
+    executor = ready_executor(executor, 1)
+    if executor is not None and executor.sharded and shard is not None:
+        raise FwlrError("`shard` measures one part of the data here; drop it to let `executor` measure every shard.")
+    source = model
     model = load_model(model)
     validate_regex(include, "`include`")
     validate_regex(exclude, "`exclude`")
     sites, _ = find_all_sites(model, include, exclude, fisher=fisher)
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")
+    if executor is not None and executor.sharded:
+        from onnx_fwlr.pipeline.distributed import sharded_statistics
+
+        return sharded_statistics(source, model, sites, calibration, executor, gradients=fisher,
+                                  batch_size=batch_size, shapes=shapes, mask_input=mask_input,
+                                  fisher_options=fisher_options)
     batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes, shard=shard)
     if fisher:
         from onnx_fwlr.stats.fisher import collect_fisher_stats

@@ -235,3 +235,17 @@ def test_config_file_model_is_checked_for_perplexity_before_work(tmp_path, capsy
                  "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "no token-id input" in err and "Traceback" not in err and not out.exists()
+
+
+def test_the_executor_is_a_method_option_saved_and_replayed():
+    from onnx_fwlr.pipeline.distributed import Executor
+
+    config = RunConfig(model=str(DIGITS), budget=BudgetOptions(ratio=0.5), data=DataOptions(calibration=str(CALIB)),
+                       method=MethodOptions(method="whiten", executor=Executor(shards=2)))
+    saved = json.loads(json.dumps(config.to_dict()))
+    assert saved["method"]["executor"] == {"kind": "local", "address": None, "shards": 2}
+    assert RunConfig.from_dict(saved) == config
+    with pytest.raises(FwlrError, match="`shards` 0 is out of range"):
+        MethodOptions(executor=Executor(shards=0))
+    with pytest.raises(FwlrError, match="spread low-rank compression; drop them with `quantize`"):
+        compress(str(DIGITS), quantize="int8", rank=4, executor=Executor(shards=2), progress=False)

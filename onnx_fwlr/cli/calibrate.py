@@ -6,6 +6,8 @@ from onnx_fwlr.cli.options import (
     CALIB_IN,
     MODEL_IN,
     calibration_arguments,
+    distributed_arguments,
+    executor,
     fisher_options,
     parse_shard,
     printer,
@@ -30,6 +32,7 @@ class Calibrate:
         p.add_argument("--exclude", help="regex: skip sites whose node or weight name matches")
         p.add_argument("--force", action="store_true", help="overwrite an existing output")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
+        distributed_arguments(p)
 
     @staticmethod
     def run(args) -> int:
@@ -41,7 +44,7 @@ class Calibrate:
             raise FwlrError("calibrate needs data; pass --calib DATA (.npz, a folder of .npz, or 'random').")
         stats = calibrate(args.model, args.calib, fisher=args.fisher, include=args.include, exclude=args.exclude,
                           batch_size=args.batch_size, mask_input=args.mask_input, shapes=shapes(args),
-                          shard=parse_shard(args.shard), progress=not args.quiet,
+                          shard=parse_shard(args.shard), progress=not args.quiet, executor=executor(args),
                           **(fisher_options(args) if args.fisher else {}))
         stats.save(output)
         meta = stats.meta

@@ -12,6 +12,8 @@ from onnx_fwlr.cli.options import (
     calibration_arguments,
     comparison_arguments,
     decomposition_arguments,
+    distributed_arguments,
+    executor,
     fisher_options,
     language_arguments,
     parse_batch_axes,
@@ -149,6 +151,7 @@ class Compress:
                        help="run the options a --save-config file holds (the model too, unless given); option flags "
                             "other than output, report and tolerance flags are not read then")
         decomposition_arguments(p)
+        distributed_arguments(p)
         q = p.add_argument_group("quantization with a low-rank correction (docs/quantization.md)")
         q.add_argument("--quantize", choices=["int4", "int8", "auto"],
                        help="store each weight with ONNX Runtime's quantizer plus a low-rank correction of its error: "
@@ -364,7 +367,8 @@ def run_config(args):
                                  max_error=args.max_error, target_latency=args.target_latency),
         method=config.MethodOptions(method=args.method, allocation=args.allocation,
                                  bias_correction=False if args.no_bias_correction else None,
-                                 sequential=args.sequential, svd=args.svd, workers=args.workers),
+                                 sequential=args.sequential, svd=args.svd, workers=args.workers,
+                                 executor=executor(args)),
         structured=config.StructuredOptions(methods=methods, dope=args.dope, dope_share=args.dope_share,
                                          kron_shape=parse_kron_shape(args.kron_shape), forms=args.forms),
         quantize=config.QuantizeOptions(mode=args.quantize, block_size=args.block_size, embeddings=args.embeddings,

@@ -16,8 +16,9 @@ FLAGS = {
     "batch_axes": "--batch-axis", "batch_size": "--batch-size",
     "block_size": "--block-size", "calibration": "--calib", "common_prefix": "--common-prefix", "dope": "--dope",
     "dope_dropout": "--dope-dropout", "dope_share": "--dope-share", "embeddings": "--embeddings",
-    "factor_dtype": "--factor-dtype", "latency_cache": "--latency-cache", "latency_threads": "--latency-threads",
-    "exclude": "--exclude", "fisher": "--fisher", "force": "--force", "forms": "--forms", "include": "--include",
+    "exclude": "--exclude", "executor": "--executor", "factor_dtype": "--factor-dtype",
+    "latency_cache": "--latency-cache", "latency_threads": "--latency-threads",
+    "fisher": "--fisher", "force": "--force", "forms": "--forms", "include": "--include",
     "int8": "--int8", "keep_attention": "--keep-attention", "kron_shape": "--kron-shape",
     "label_weight": "--label-weight", "loss": "--loss", "lr": "--lr", "mask_input": "--mask-input",
     "max_accuracy_drop": "--max-accuracy-drop", "max_error": "--max-error", "max_kl": "--max-kl",
@@ -26,6 +27,7 @@ FLAGS = {
     "min_top1_agreement": "--min-top1-agreement",
     "output": "--fisher-output", "outputs": "--outputs", "quantize": "--quantize", "rank": "--rank",
     "rank_multiple": "--rank-multiple", "ranks": "--rank NAME=N", "ratio": "--ratio", "ratios": "--ratios",
+    "ray_address": "--ray-address", "shards": "--calib-shards",
     "refine_lr": "--refine-lr", "refine_steps": "--refine", "reselect": "--reselect", "samples": "--fisher-samples",
     "seed": "--seed", "sequential": "--sequential", "shapes": "--shape", "shard": "--shard", "sizes": "--sizes",
     "stats": "--stats", "stats_memory": "--stats-memory", "steps": "--steps", "svd": "--svd",
@@ -156,6 +158,26 @@ def decomposition_arguments(p):
                         "min(K,N) >= 1024, exact otherwise; see docs/large_models.md")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="decompose sites in N processes (same output bytes as 1; default 1)")
+
+
+def distributed_arguments(p):
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="where calibration shards and decompositions run: local (default; --workers processes) or "
+                        "ray (a Ray cluster; pip install \"onnx_fwlr[ray]\"); see docs/distributed.md")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="the Ray cluster's HOST:PORT (or auto); default: start one on this machine")
+    p.add_argument("--calib-shards", type=int, metavar="N",
+                   help="measure calibration in N interleaved shards, N Ray tasks with --executor ray, added up in "
+                        "shard order (the same bytes on either executor for the same N; default 1)")
+
+
+def executor(args):
+    """The Executor the distributed options ask for (None: today's one local pass)."""
+    if args.executor == "local" and args.ray_address is None and args.calib_shards is None:
+        return None
+    from onnx_fwlr.pipeline.distributed import Executor
+
+    return Executor(args.executor, args.ray_address, 1 if args.calib_shards is None else args.calib_shards)
 
 
 def fisher_options(args) -> dict:

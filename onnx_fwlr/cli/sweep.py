@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from onnx_fwlr.cli.options import CALIB_IN, JSON_OUT, MODEL_IN, VAL_IN, printer, write_json
+from onnx_fwlr.cli.options import (
+    CALIB_IN,
+    JSON_OUT,
+    MODEL_IN,
+    VAL_IN,
+    distributed_arguments,
+    executor,
+    printer,
+    write_json,
+)
 from onnx_fwlr.errors import FwlrError
 
 
@@ -48,6 +57,7 @@ class Sweep:
         p.add_argument("--save-models", action="store_true", help="keep every compressed model in DIR")
         p.add_argument("--workers", type=int, default=1, help="processes for the per-site decompositions (default 1)")
         p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+        distributed_arguments(p)
         p.add_argument("--force", action="store_true", help="write into a folder that already holds files")
         p.add_argument("--json", metavar="FILE", help="also write the results as JSON here ('-' for stdout)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -70,7 +80,8 @@ class Sweep:
                        save_models=args.save_models, workers=args.workers, progress=not args.quiet, force=args.force,
                        quantize=split(args.quantize) if args.quantize else None, sizes=sizes, int8_fractions=fractions,
                        baselines=True if args.baselines else None, block_size=args.block_size,
-                       fisher_options={"output": args.fisher_output, "loss": args.loss}, judge=args.output_name)
+                       fisher_options={"output": args.fisher_output, "loss": args.loss}, judge=args.output_name,
+                       executor=executor(args))
         out = printer(args)
         out(result.format())
         try:

@@ -62,6 +62,9 @@ def quantize_method(config) -> str:
 def check_quantize_combination(config) -> None:
     """The options of plain low rank that `quantize` has no use for (its byte budget allocates per site)."""
     structured, budget = config.structured, config.budget
+    if config.method.executor is not None:
+        raise FwlrError("`executor`, `ray_address` and `shards` spread low-rank compression; drop them with "
+                        "`quantize`.")
     unsupported = {"`methods`": structured.methods, "`dope`": structured.dope, "`kron_shape`": structured.kron_shape,
                    "`dope_share`": structured.dope_share, "`forms` measured": structured.forms == "measured",
                    "`sequential`": config.method.sequential, "`max_error`": budget.max_error,

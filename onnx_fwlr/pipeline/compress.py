@@ -38,6 +38,7 @@ from onnx_fwlr.pipeline.defaults import (
     default_allocation,
     default_method,
 )
+from onnx_fwlr.pipeline.distributed import ready_executor
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions, prepare
 from onnx_fwlr.pipeline.sequential import correct_sequentially
 from onnx_fwlr.pipeline.speed import choose_ranks_for_speed, speed_notes
@@ -96,6 +97,7 @@ def compress(
     form_timer=None,
     svd: str = "auto",
     workers: int = 1,
+    executor=None,
     stats_memory: int | None = None,
     refine_steps: int | None = None,
     refine_lr: float = 3e-5,
@@ -133,7 +135,9 @@ def compress(
     `validation` data. `sequential` refits every site, depth by depth, to the input it receives in the
     partially compressed model (sequential.py); it reads `calibration` once per depth. `svd` "auto" uses a
     randomised SVD where the rank is known first and small (methods.lowrank.use_randomized); `workers` decomposes
-    sites in that many processes (same output bytes). `stats_memory` (bytes; default a third of physical
+    sites in that many processes (same output bytes); `executor` (pipeline.distributed.Executor) measures
+    calibration in shards and decomposes on a Ray cluster instead (docs/distributed.md).
+    `stats_memory` (bytes; default a third of physical
     memory) bounds the activation Grams held at once: beyond it calibration reads the data once per group
     of sites (calibration.GroupedStatistics). `refine_steps` then distils the factors against the original
     on `calibration` (refine.loop.refine; early stopping on held-back calibration data, so `validation` stays
@@ -170,7 +174,7 @@ def compress(
         budget=BudgetOptions(ratio=ratio, rank=rank, ranks=dict(ranks or {}), target_size=target_size,
                              max_error=max_error, target_latency=target_latency),
         method=MethodOptions(method=method, allocation=allocation, bias_correction=bias_correction,
-                             sequential=sequential, svd=svd, workers=workers),
+                             sequential=sequential, svd=svd, workers=workers, executor=executor),
         structured=StructuredOptions(methods=tuple(methods) if methods else None, dope=dope, dope_share=dope_share,
                                      kron_shape=_kron_shape(kron_shape), forms=forms),
         quantize=QuantizeOptions(mode=quantize, block_size=block_size, embeddings=embeddings, int8=int8,
@@ -196,10 +200,10 @@ def _kron_shape(kron_shape):
 def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation, method, allocation, include,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
-               rank_multiple=None, target_latency=None, latency=None, compare=None, structured_options=None,
-               input_forms=None, timing_feed=None):
+               executor=None, rank_multiple=None, target_latency=None, latency=None, compare=None,
+               structured_options=None, input_forms=None, timing_feed=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build (pipeline.run
-    calls it with options RunConfig has checked)."""
+    calls it with options RunConfig has checked, and the executor ready)."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
     defaulted = method is None and not methods
     structured_options = structured_options or {}
@@ -211,6 +215,9 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         allocation = "uniform"
     mix = list(methods) if methods else [method]  # speed options and `forms`: checked by pipeline.checks
     if structured:
+        if executor is not None and executor.sharded:
+            raise FwlrError("`executor` ray and `shards` spread plain low-rank compression; drop them with `method` "
+                            "kron, `methods` or `dope`.")
         if sequential:
             raise FwlrError("`sequential` refits plain low-rank factors only; drop it with `method` kron, `methods` "
                             "or `dope`.")
@@ -228,7 +235,8 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
         model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
         calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
         fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None, tie_heads=True,
+        executor=executor, fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
+        tie_heads=True,
     )
     method = prepared.method  # a default gradient method may have fallen back to whiten
     allocation = _resolve_allocation(prepared, allocation, data_free=defaulted and method == "svd")
@@ -311,15 +319,28 @@ def calibrate(
     shapes: dict | None = None,
     shard: tuple[int, int] | None = None,
     progress: bool = True,
+    executor=None,
     **fisher_options,
 ) -> Statistics:
-    """Statistics for every site, to save and reuse across compress runs (and to merge across shards)."""
+    """Statistics for every site, to save and reuse across compress runs (and to merge across shards).
+    `executor` (pipeline.distributed.Executor): measured in `executor.shards` shards, on a Ray cluster
+    when its kind is "ray", and added up in shard order (the same bytes for the same shard count)."""
+    executor = ready_executor(executor, 1)
+    if executor is not None and executor.sharded and shard is not None:
+        raise FwlrError("`shard` measures one part of the data here; drop it to let `executor` measure every shard.")
+    source = model
     model = load_model(model)
     validate_regex(include, "`include`")
     validate_regex(exclude, "`exclude`")
     sites, _ = find_all_sites(model, include, exclude, fisher=fisher)
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight, so there is nothing to calibrate.")
+    if executor is not None and executor.sharded:
+        from onnx_fwlr.pipeline.distributed import sharded_statistics
+
+        return sharded_statistics(source, model, sites, calibration, executor, gradients=fisher,
+                                  batch_size=batch_size, shapes=shapes, mask_input=mask_input,
+                                  fisher_options=fisher_options)
     batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes, shard=shard)
     if fisher:
         from onnx_fwlr.stats.fisher import collect_fisher_stats

@@ -18,6 +18,7 @@ from numbers import Integral, Real
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.pipeline.checks import check_config
+from onnx_fwlr.pipeline.distributed import Executor, ray_module
 from onnx_fwlr.pipeline.quantized import ACCURACY_MODES
 
 QUANTIZE_MODES = ("int4", "int8", "auto")
@@ -107,9 +108,14 @@ class MethodOptions:
     sequential: bool = False
     svd: str = "auto"
     workers: int = 1
+    executor: Executor | None = None  # calibration shards and decompositions on a Ray cluster (pipeline.distributed)
 
     def __post_init__(self):
         _check_number("workers", self.workers, Integral)
+        if self.executor is not None:
+            self.executor.check()
+            if self.executor.kind == "ray":
+                ray_module()  # a missing Ray is said first; the cluster is connected when the run starts
 
 
 @dataclass(frozen=True)
@@ -265,6 +271,8 @@ class RunConfig:
             for key in list(given):
                 if (name, key) in TUPLE_FIELDS and isinstance(given[key], list):
                     given[key] = tuple(given[key])
+            if name == "method" and isinstance(given.get("executor"), dict):
+                given["executor"] = Executor(**given["executor"])
             groups[name] = kind(**given)
         if "model" not in values:
             raise FwlrError("the config names no `model`.")

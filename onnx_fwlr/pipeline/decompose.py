@@ -46,18 +46,23 @@ class Weighting:
 
 def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], stats, weighting: Weighting,
                         progress: bool = True, ranks: dict | None = None, svd: str = "exact",
-                        workers: int = 1) -> Iterator[tuple[Site, lowrank.Decomposition]]:
+                        workers: int = 1, executor=None) -> Iterator[tuple[Site, lowrank.Decomposition]]:
     """(site, decomposition) for every site, in site order, computed as the iteration asks for them.
 
     `ranks` (weight name -> rank, None = the whole spectrum) lets `svd` "auto" or "randomized" compute only
-    the leading components (lowrank.use_randomized says when).
+    the leading components (lowrank.use_randomized says when). `executor` (pipeline.distributed.Executor)
+    of kind "ray" runs the same jobs as Ray tasks instead of `workers` local processes.
     """
     if workers < 1:
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, ranks or {}, svd)
     bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:
-        if workers == 1 or len(sites) < 2:
+        if executor is not None and executor.kind == "ray":
+            from onnx_fwlr.pipeline.distributed import ray_map
+
+            results = ray_map(decompose_one, (planner.job(i) for i in range(len(sites))), executor)
+        elif workers == 1 or len(sites) < 2:
             results = (decompose_one(planner.job(i)) for i in range(len(sites)))
         else:
             results = _in_pool(planner, len(sites), workers)

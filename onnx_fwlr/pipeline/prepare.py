@@ -59,6 +59,7 @@ class Prepared:
     timings: dict = field(default_factory=dict)
     svd: str = "exact"  # exact | randomized | auto (lowrank.use_randomized)
     workers: int = 1  # processes for decomposition
+    executor: object = None  # pipeline.distributed.Executor: where decompositions and calibration shards run
     progress: bool = True
     spill_folder: str | None = None  # where SpilledDecomposition factors are kept (large models)
     ties: list = field(default_factory=list)  # sites.tied.Tie: heads that repeat their embedding table
@@ -85,7 +86,7 @@ class SiteWeights(Mapping):
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
-    progress=True, fallback=None, tie_heads=False,
+    progress=True, fallback=None, tie_heads=False, executor=None,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
 
@@ -97,6 +98,7 @@ def prepare(
     Sites are decomposed when first needed (ensure_decompositions, choose_ranks for global allocation, build),
     so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
     SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
+    `executor` (pipeline.distributed.Executor): calibration in shards and decompositions on a Ray cluster.
     """
     lowrank.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
@@ -104,6 +106,7 @@ def prepare(
     validate_regex(include, "`include`")
     validate_regex(exclude, "`exclude`")
     start = time.perf_counter()
+    source = model  # what calibration shards on a cluster load the model from
     model = load_model(model)
     if (fisher_options or {}).get("output") is not None:  # a typo is an error, not a quiet switch of method
         from onnx_fwlr.stats.fisher import default_output
@@ -129,7 +132,7 @@ def prepare(
                     for s in sites if s.weight in projections]
         sites = [s for s in sites if s.weight not in projections]
     prepared = Prepared(model, sites, skipped, method, None, warnings=warnings, svd=svd, workers=workers,
-                        progress=progress, ties=ties)
+                        progress=progress, ties=ties, executor=executor)
     prepared.weights = SiteWeights(model, sites)
     prepared.timings["load"] = time.perf_counter() - start
     if not sites:
@@ -137,7 +140,7 @@ def prepare(
         return prepared
     start = time.perf_counter()
     prepared.stats = _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes,
-                                 fisher_options or {}, stats_memory, progress)
+                                 fisher_options or {}, stats_memory, progress, executor, source)
     if prepared.stats is not None:
         prepared.timings["calibrate"] = time.perf_counter() - start
         if prepared.stats.meta.get("smoke_test"):
@@ -180,7 +183,7 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
     fresh = iter_decompositions(
         prepared.model, [s for s in prepared.sites if s.weight in needed], prepared.site_methods, prepared.stats,
         WEIGHTING, progress=prepared.progress, ranks=needed, svd="exact" if ranks is None else prepared.svd,
-        workers=prepared.workers) if needed else iter(())
+        workers=prepared.workers, executor=prepared.executor) if needed else iter(())
     for i, site in enumerate(prepared.sites):
         if site.weight in needed:
             start, calibrating = time.perf_counter(), _later_calibration_seconds(prepared)
@@ -219,12 +222,19 @@ def _has_stats(method: str, site: Site, stats) -> bool:
 
 
 def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, fisher_options, stats_memory,
-                progress):
-    """The statistics the method needs: loaded, given, or measured now; None for svd without data."""
+                progress, executor=None, source=None):
+    """The statistics the method needs: loaded, given, or measured now (in shards when `executor` says so);
+    None for svd without data."""
     needs = get_method(method).needs
     if isinstance(stats, (str, os.PathLike)):
         stats = Statistics.load(stats, expect_fingerprint=model_fingerprint(model))
-    if stats is None and calibration is not None and needs:
+    if stats is None and calibration is not None and needs and executor is not None and executor.sharded:
+        from onnx_fwlr.pipeline.distributed import sharded_statistics
+
+        stats = sharded_statistics(model if source is None else source, model, sites, calibration, executor,
+                                   gradients="gradients" in needs, batch_size=batch_size, shapes=shapes,
+                                   mask_input=mask_input, fisher_options=fisher_options, memory_limit=stats_memory)
+    elif stats is None and calibration is not None and needs:
         batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes)
         if "gradients" in needs:
             stats = _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory)

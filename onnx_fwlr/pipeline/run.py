@@ -18,6 +18,7 @@ from onnx_fwlr.io.model import load_model
 from onnx_fwlr.pipeline.checks import quantize_method
 from onnx_fwlr.pipeline.config import RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
+from onnx_fwlr.pipeline.distributed import ready_executor
 from onnx_fwlr.pipeline.quantized_input import (
     QuantizedInput,
     dequantize_input,
@@ -77,13 +78,14 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
     modified). `latency` (cost.latency.MeasuredLatency) and `form_timer` (cost.forms.OrtFormTimer)
     replace the ones the speed options would make (tests pass fakes)."""
     data = config.data
+    executor = ready_executor(config.method.executor, config.method.workers)  # Ray: connected before any work
     check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)
     context = make_context(config, latency, form_timer)
     source = context.quantized.float_model if context.quantized else config.model  # what the replacement reads
     if config.quantize.mode is not None:
         compressed, report = _quantized_replacement(source, config, context)
     else:
-        compressed, report = _factorised_replacement(source, config, context)
+        compressed, report = _factorised_replacement(source, config, context, executor)
         compressed = _refine(source, compressed, report, config)
     if context.quantized:
         compressed = _requantize(compressed, context.quantized, report, config)
@@ -98,7 +100,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
     return compressed, report
 
 
-def _factorised_replacement(source, config: RunConfig, context: RunContext):
+def _factorised_replacement(source, config: RunConfig, context: RunContext, executor=None):
     """Low rank (or structured) factors of every selected site (pipeline.compress._factorise). A quantized
     input's `ratio`/`target_size` count its bytes: the float sites keep the share of their stored bytes that
     meets it (pipeline.quantized_input.site_budget_ratio), and the report says so."""
@@ -119,7 +121,8 @@ def _factorised_replacement(source, config: RunConfig, context: RunContext):
         include=config.sites.include, exclude=config.sites.exclude, keep_attention=config.sites.keep_attention,
         calibration=data.calibration, stats=data.stats, batch_size=data.batch_size, mask_input=data.mask_input,
         shapes=data.shapes, bias_correction=method.bias_correction, fisher_options=config.fisher.as_dict(),
-        sequential=method.sequential, methods=list(structured.methods) if structured.methods else None,
+        sequential=method.sequential, executor=executor,
+        methods=list(structured.methods) if structured.methods else None,
         dope=structured.dope, kron_shape=structured.kron_shape, svd=method.svd, workers=method.workers,
         stats_memory=data.stats_memory, progress=config.progress, rank_multiple=config.speed.rank_multiple,
         target_latency=budget.target_latency, latency=context.latency, compare=_compare(config),

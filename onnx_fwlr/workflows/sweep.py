@@ -26,6 +26,7 @@ from onnx_fwlr.pipeline.compress import (
     prepare,
 )
 from onnx_fwlr.pipeline.defaults import check_data_first
+from onnx_fwlr.pipeline.distributed import ready_executor, sharded_statistics
 from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats
@@ -95,7 +96,7 @@ def sweep(
     latency: bool = False, latency_runs: int = 20, save_models: bool = False, progress: bool = True,
     fisher_options: dict | None = None, workers: int = 1, force: bool = False, quantize: list[str] | None = None,
     sizes: list[int] | None = None, int8_fractions: list[float] | None = None, baselines: bool | None = None,
-    block_size: int = 32, judge: str | None = None,
+    block_size: int = 32, judge: str | None = None, executor=None,
 ) -> SweepResult:
     """Every method × allocation × ratio from one calibration, every quantize mode × byte budget, ONNX Runtime's
     own quantizations of the original, and the original as the reference row; Pareto points marked.
@@ -109,10 +110,12 @@ def sweep(
     per-channel and int4 block 32/128 models of the original. `latency`: each row's latency over the
     original's (alternating pairs), and the latency frontier. `judge`: the output whose cosines the table
     reports (default: the Fisher output when named, else the first). An existing `out_dir` with files in it is
-    refused unless `force`.
+    refused unless `force`. `executor` (pipeline.distributed.Executor): calibration shards and decompositions
+    on a Ray cluster (docs/distributed.md).
     """
     if workers < 1:  # before the folder is made
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
+    executor = ready_executor(executor, workers)
     out = _check_folder(out_dir, force)
     for ratio in ratios:
         if not 0 < ratio <= 1:
@@ -136,12 +139,12 @@ def sweep(
     out.mkdir(exist_ok=True)
     result = SweepResult(skipped=skipped)
     stats = _sweep_statistics(original, sites, calibration, needed, batch_size, mask_input, progress,
-                              fisher_options or {})
+                              fisher_options or {}, executor, model)
     if stats is not None:
         result.calibration = {k: v for k, v in stats.meta.items()}
     measure = _Measure(original, _model_path(model, original, out), out, validation, batch_size, latency,
                        latency_runs, save_models, result, judge)
-    _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress)
+    _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress, executor)
     int8_bytes = None
     if baselines or (baselines is None and (quantize or latency)):
         names = tuple(BASELINES) + (tuple(LEVEL4_BASELINES) if latency else ())
@@ -162,12 +165,12 @@ def sweep(
     return result
 
 
-def _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress) -> None:
+def _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress, executor=None) -> None:
     """Every method × allocation × ratio, each method decomposed once."""
     result = measure.result
     for method in sorted({m for m, _ in configs}, key=methods.index):
         prepared = prepare(original, method=method, stats=stats if METHODS[method].needs else None, workers=workers,
-                           progress=progress)
+                           progress=progress, executor=executor)
         ensure_decompositions(prepared)  # every budget, and the spectra plot, read whole spectra: decompose once
         for allocation in [a for m, a in configs if m == method]:
             config = f"{method}/{allocation}"
@@ -299,13 +302,19 @@ def _reference_row(rows: list[dict], original_bytes: int) -> dict:
     return row
 
 
-def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input, progress, fisher_options):
-    """One calibration serves every method: gradients (which include activations) when any method needs them."""
+def _sweep_statistics(model, sites, calibration, methods, batch_size, mask_input, progress, fisher_options,
+                      executor=None, source=None):
+    """One calibration serves every method: gradients (which include activations) when any method needs them;
+    measured in shards when `executor` says so (`source`: what the shards load the model from)."""
     needs = {n for m in methods for n in METHODS[m].needs}
     if not needs:
         return None
     if calibration is None:
         raise FwlrError(f"methods {sorted(methods)} need calibration data; pass `calibration`.")
+    if executor is not None and executor.sharded:
+        return sharded_statistics(model if source is None else source, model, sites, calibration, executor,
+                                  gradients="gradients" in needs, batch_size=batch_size, mask_input=mask_input,
+                                  fisher_options=fisher_options)
     batches = open_data(calibration, model, batch_size=batch_size)
     if "gradients" in needs:
         from onnx_fwlr.stats.fisher import collect_fisher_stats

@@ -1,0 +1,270 @@
+"""The independent units of work (one site's decomposition, one calibration shard) on a Ray cluster.
+
+Ray (PyPI `ray`, the optional extra `onnx_fwlr[ray]`) is imported only when `executor` "ray" is chosen; the
+local process pool (pipeline/decompose.py) stays the default and needs nothing more. Every unit is a plain
+module-level function and a picklable job; results come back and are used in job order, so the output bytes
+do not depend on where, or in what order, the work ran. A task whose worker process dies is run again
+(MAX_RETRIES times): the same function on the same job gives the same result.
+
+Calibration shards are io.data's interleaved shards (shard i of n: batches i, i+n, ...), each measured in its
+own ONNX Runtime session and added up in shard order. Floating-point sums depend on that order, so the
+statistics depend on the shard count, never on the executor: `shards` n measured locally, one shard after
+the other, gives the same bytes as on a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from onnx_fwlr.errors import FwlrError
+
+KINDS = ("local", "ray")
+MAX_RETRIES = 3  # runs of a task after its worker process died, before the run fails
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to answer before any work
+INSTALL = 'pip install "onnx_fwlr[ray]"'
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where the work runs: `kind` "local" (this machine's process pool, `workers`) or "ray" (a Ray cluster at
+    `address`: host:port or "auto"; None: as ray.init() decides, the cluster `ray start` began on this machine
+    or else a new one for this process); `shards`: calibration shards."""
+
+    kind: str = "local"
+    address: str | None = None
+    shards: int = 1
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise FwlrError(f"`executor` '{self.kind}' is unknown; choose local or ray.")
+        if self.address is not None and self.kind != "ray":
+            raise FwlrError("`ray_address` names a Ray cluster; add `executor` ray, or drop the address.")
+        if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
+            raise FwlrError(f"`shards` {self.shards} is out of range; give 1 or more calibration shards.")
+
+    @property
+    def sharded(self) -> bool:
+        """Whether calibration is measured shard by shard (and reduced in shard order)."""
+        return self.kind == "ray" or self.shards > 1
+
+
+LOCAL = Executor()
+
+
+def ready_executor(executor: Executor | None, workers: int = 1) -> Executor | None:
+    """The executor checked and, for Ray, connected: a missing Ray or an unreachable cluster fails here,
+    before any work."""
+    if executor is None:
+        return None
+    executor.check()
+    if executor.kind == "ray":
+        if workers != 1:
+            raise FwlrError("`workers` sizes the local process pool; with `executor` ray the cluster's CPUs decide, "
+                            "so drop it.")
+        connect(executor)
+    return executor
+
+
+def ray_module():
+    """The `ray` module, or one sentence naming the extra that installs it (checked with the options, before the
+    budget or any data: pipeline.config.MethodOptions)."""
+    try:
+        import ray
+    except ImportError:
+        raise FwlrError(f"`executor` ray needs Ray, which is not installed; install it with {INSTALL}.") from None
+    return ray
+
+
+def connect(executor: Executor):
+    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster);
+    an address nobody answers at fails here, in one sentence, before any work."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    address = executor.address
+    if address is not None and address != "auto":
+        _check_reachable(address)
+    try:
+        if address is None:
+            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"at '{address}'" if address else "on this machine"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FwlrError(f"could not connect to a Ray cluster {where} ({first}).") from None
+    return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at host:port (ray.init would retry for a minute)."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise FwlrError(f"`ray_address` '{address}' is not of the form HOST:PORT (or auto).")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise FwlrError(f"no Ray cluster answers at '{address}' ({reason}); start one with `ray start --head` or "
+                        "check the address.") from None
+
+
+_TASKS: dict = {}
+
+
+def _call(fn: Callable, job):
+    return fn(job)
+
+
+def _task(ray):
+    """The one remote function every job runs through (made once per process)."""
+    if "call" not in _TASKS:
+        _TASKS["call"] = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(_call)
+    return _TASKS["call"]
+
+
+def ray_map(fn: Callable, jobs: Iterable, executor: Executor, window: int | None = None) -> Iterator:
+    """fn(job) for every job, as Ray tasks, yielded in job order. Jobs are made as they are submitted and at
+    most `window` (default twice the cluster's CPUs) are submitted and not yet handed back: memory stays
+    bounded, and the driver holds one result at a time."""
+    ray = connect(executor)
+    task = _task(ray)
+    if window is None:
+        window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pending: deque = deque()
+    jobs = iter(jobs)
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < window:
+                job = next(jobs, _END)
+                if job is _END:
+                    exhausted = True
+                else:
+                    pending.append(task.remote(fn, job))
+            if not pending:
+                return
+            yield _result(ray, pending.popleft())
+    finally:  # an error, Ctrl-C or a caller that stopped early: the cluster stops the rest
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+_END = object()
+
+
+def _result(ray, ref):
+    """The task's result; the library's own errors come back as themselves, a worker that kept dying as one
+    sentence."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FwlrError):
+            raise FwlrError(str(exc.cause)) from None
+        raise
+    except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as exc:
+        raise FwlrError(f"a Ray task failed {MAX_RETRIES + 1} times ({type(exc).__name__}): its worker or node kept "
+                        "dying; check the cluster's memory and logs.") from None
+
+
+# --- calibration shards --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """What one calibration shard needs: the model (a path every node can read, or the ModelProto itself),
+    the sites, the data source (a path every node can read), and shard (i, n)."""
+
+    model: object
+    sites: list
+    calibration: object
+    shard: tuple[int, int]
+    gradients: bool
+    batch_size: int = 32
+    shapes: dict | None = None
+    mask_input: str | None = None
+    fisher_options: dict | None = None
+
+
+def measure_shard(job: ShardJob):
+    """One shard's statistics (sums), measured in this process's own ONNX Runtime session."""
+    from onnx_fwlr.io.data import open_data
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.stats.activations import collect_activation_stats
+
+    model = load_model(job.model, copy=False)
+    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes, shard=job.shard)
+    if job.gradients:
+        from onnx_fwlr.stats.fisher import collect_fisher_stats
+
+        return collect_fisher_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
+                                    **(job.fisher_options or {}))
+    return collect_activation_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
+                                    memory_limit=2**62)  # the caller checked the sums fit (check_one_pass)
+
+
+def sharded_statistics(source, model, sites, calibration, executor: Executor, *, gradients: bool,
+                       batch_size: int = 32, shapes=None, mask_input=None, fisher_options=None, memory_limit=None):
+    """The statistics of `executor.shards` shards, measured where the executor says and added up in shard
+    order. `source`: what each shard loads the model from (a path on a cluster); `model`: the loaded one."""
+    from onnx_fwlr.stats.store import Statistics
+
+    check_one_pass(model, sites, gradients, memory_limit, fisher_options)
+    count = executor.shards
+    _check_shard_count(calibration, model, batch_size, shapes, count)
+    source, calibration = _absolute(source), _absolute(calibration)  # a worker's directory is not ours
+    jobs = (ShardJob(source, sites, calibration, (i, count), gradients, batch_size, shapes, mask_input,
+                     fisher_options) for i in range(count))
+    start = time.perf_counter()
+    results = ray_map(measure_shard, jobs, executor) if executor.kind == "ray" else map(measure_shard, jobs)
+    total = None
+    for stats in results:  # one shard's sums at a time, in shard order: the same bytes wherever they ran
+        if total is None:  # a fresh, writable copy (Ray hands back read-only arrays), with nothing counted yet
+            total = Statistics(stats.fingerprint, meta={**stats.meta, "samples": 0, "batches": 0})
+        total.merge(stats)
+    total.meta.update(seconds=time.perf_counter() - start, shards=count, executor=executor.kind)
+    return total
+
+
+def _check_shard_count(calibration, model, batch_size, shapes, count: int) -> None:
+    """Every shard needs a batch (an empty one is an error of its own): say so before any work."""
+    from onnx_fwlr.io.data import open_data
+
+    total = getattr(open_data(calibration, model, batch_size=batch_size, shapes=shapes), "total", None)
+    if total is not None and count > total:
+        raise FwlrError(f"`shards` {count} is more than the {total} batch(es) of the calibration data; give at most "
+                        f"{total} (or a smaller `batch_size`).")
+
+
+def _absolute(source):
+    """An existing file or folder as an absolute path; anything else (a ModelProto, "random") as it is."""
+    if isinstance(source, (str, os.PathLike)) and os.path.exists(source):
+        return os.path.abspath(source)
+    return source
+
+
+def check_one_pass(model, sites, gradients: bool, memory_limit, fisher_options) -> None:
+    """Shards measure every site in one pass (statistics measured group by group cannot be added up): say so
+    when they would not fit `stats_memory`."""
+    from onnx_fwlr.stats.activations import activation_plan, default_memory_limit, gram_bytes
+
+    limit = default_memory_limit() if memory_limit is None else memory_limit
+    if gradients:
+        from onnx_fwlr.stats.fisher import fisher_stats_bytes
+
+        sketch = {k: v for k, v in (fisher_options or {}).items() if k in ("sketch_min_dim", "sketch_rank")}
+        need = fisher_stats_bytes(sites, **sketch)
+    else:
+        need = gram_bytes(activation_plan(model, sites))
+    if need > limit:
+        raise FwlrError(f"calibration shards measure every site in one pass, and these statistics take "
+                        f"{need / 2**30:.1f} GiB, over `stats_memory` ({limit / 2**30:.1f} GiB); raise it, or "
+                        "calibrate with `executor` local and one shard.")

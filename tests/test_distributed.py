@@ -1,0 +1,231 @@
+"""Calibration shards and per-site decompositions on Ray (pipeline/distributed.py): the same bytes as one
+process, a killed worker retried, and one-sentence failures. The Ray tests start a real local cluster (two
+CPUs, in this process); they skip only when `ray` is not installed (pip install "onnx_fwlr[ray]")."""
+
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnx_fwlr.cli.main import main
+from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.pipeline import compress as pipeline
+from onnx_fwlr.pipeline import decompose, distributed
+from onnx_fwlr.pipeline.distributed import Executor
+from onnx_fwlr.stats.store import Statistics
+
+SAMPLES = Path(__file__).parents[1] / "sample_models"
+MODEL, CALIB = SAMPLES / "digits_mlp.onnx", SAMPLES / "digits_calib.npz"
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason='ray is not installed (pip install "onnx_fwlr[ray]")')
+
+
+def compressed_bytes(method="whiten", **options) -> bytes:
+    model, report = pipeline.compress(str(MODEL), ratio=0.5, method=method, calibration=str(CALIB), progress=False,
+                                      **options)
+    assert report.factorised >= 1
+    return model.SerializeToString()
+
+
+def same_sums(a: Statistics, b: Statistics) -> bool:
+    return all(a.activations[k].keys() == b.activations[k].keys()
+               and all(np.array_equal(a.activations[k][f], b.activations[k][f]) for f in a.activations[k])
+               for k in a.activations) and a.activations.keys() == b.activations.keys()
+
+
+# --- no cluster needed ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("executor, words", [
+    (Executor("spark"), "'spark' is unknown"),
+    (Executor("local", "host:1"), "names a Ray cluster"),
+    (Executor("local", None, 0), "`shards` 0 is out of range"),
+])
+def test_executor_checked_in_one_sentence(executor, words):
+    with pytest.raises(FwlrError, match=words):
+        executor.check()
+
+
+def test_local_shards_are_the_sum_of_calibrate_shard_files_merged_in_order(tmp_path):
+    for i in range(3):
+        assert main(["calibrate", str(MODEL), "--calib", str(CALIB), "--shard", f"{i}/3", "--quiet",
+                     "-o", str(tmp_path / f"part{i}.npz")]) == 0
+    assert main(["merge-stats", *(str(tmp_path / f"part{i}.npz") for i in range(3)),
+                 "-o", str(tmp_path / "merged.npz")]) == 0
+    assert main(["calibrate", str(MODEL), "--calib", str(CALIB), "--calib-shards", "3", "--quiet",
+                 "-o", str(tmp_path / "sharded.npz")]) == 0
+    merged, sharded = Statistics.load(tmp_path / "merged.npz"), Statistics.load(tmp_path / "sharded.npz")
+    assert same_sums(merged, sharded)
+    assert sharded.meta["samples"] == merged.meta["samples"] == 512 and sharded.meta["shards"] == 3
+
+
+def test_more_shards_than_batches_fails_in_one_sentence():
+    with pytest.raises(FwlrError, match="`shards` 3 is more than the 2 batch"):
+        pipeline.calibrate(str(MODEL), str(CALIB), batch_size=256, executor=Executor(shards=3), progress=False)
+
+
+def test_ray_missing_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    code = main(["compress", str(MODEL), "-o", str(tmp_path / "out.onnx"), "--calib", str(CALIB), "--executor", "ray",
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and 'pip install "onnx_fwlr[ray]"' in err
+
+
+def test_cli_start_up_does_not_import_ray():
+    check = ("import sys\nfrom onnx_fwlr.cli.main import main\ntry:\n    main(['compress', '--help'])\n"
+             "except SystemExit:\n    pass\nprint('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout
+    assert out.strip().endswith("False")
+
+
+# --- a real local cluster -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():  # module-wide: the cluster's processes are gone before the rest of the suite runs
+    import ray
+
+    environment, on_sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=200 << 20)
+    yield ray
+    ray.shutdown()
+    os.environ.clear()  # ray.init sets RAY_AUTH_MODE, PYTHONBREAKPOINT, ... and a SIGTERM handler: the rest of
+    os.environ.update(environment)  # the suite (and its child processes) runs as it would without this module
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+@needs_ray
+def test_unreachable_address_fails_before_any_work(tmp_path, capsys):
+    with socket.socket() as probe:  # a port nobody listens at
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "out.onnx"
+    code = main(["compress", str(MODEL), "-o", str(out), "--calib", str(CALIB), "--executor", "ray",
+                 "--ray-address", f"127.0.0.1:{port}", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and f"no Ray cluster answers at '127.0.0.1:{port}'" in err
+    assert not out.exists()
+
+
+@needs_ray
+def test_ray_compress_is_byte_identical_to_one_process(ray_cluster):
+    local = compressed_bytes()
+    assert compressed_bytes(executor=Executor("ray")) == local  # one shard: today's single pass
+    assert compressed_bytes(executor=Executor("ray", shards=2)) == compressed_bytes(executor=Executor(shards=2))
+
+
+@needs_ray
+def test_ray_gradient_statistics_match_local_shards(ray_cluster):
+    ray_stats = pipeline.calibrate(str(MODEL), str(CALIB), fisher=True, executor=Executor("ray", shards=2),
+                                   progress=False, loss="ce")
+    local_stats = pipeline.calibrate(str(MODEL), str(CALIB), fisher=True, executor=Executor(shards=2),
+                                     progress=False, loss="ce")
+    assert same_sums(ray_stats, local_stats) and ray_stats.gradients.keys() == local_stats.gradients.keys()
+    for weight, sums in local_stats.gradients.items():
+        assert all(np.array_equal(sums[f], ray_stats.gradients[weight][f]) for f in sums)
+    assert compressed_bytes("kfac", executor=Executor("ray", shards=2), fisher_options={"loss": "ce"}) == \
+        compressed_bytes("kfac", executor=Executor(shards=2), fisher_options={"loss": "ce"})
+
+
+@needs_ray
+def test_ray_sweep_gives_the_rows_of_local_shards(ray_cluster, tmp_path):
+    from onnx_fwlr.workflows.sweep import sweep
+
+    def rows(executor, folder):
+        return sweep(str(MODEL), str(CALIB), str(SAMPLES / "digits_test.npz"), ratios=[0.5, 0.3], methods=["whiten"],
+                     out_dir=tmp_path / folder, progress=False, executor=executor).rows
+
+    on_ray = rows(Executor("ray", shards=2), "ray")
+    assert on_ray == rows(Executor(shards=2), "local") and len(on_ray) == 3
+
+
+def _dying_once(fn, marker: Path):
+    """fn, except that the first call anywhere kills its own process (SIGKILL, as an OOM killer would)."""
+    def run(job):
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return fn(job)
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return run
+
+
+@needs_ray
+def test_killed_workers_are_retried_and_the_output_is_unchanged(ray_cluster, tmp_path, monkeypatch):
+    expected = compressed_bytes(executor=Executor(shards=2))
+    shard_marker, site_marker = tmp_path / "shard_killed", tmp_path / "site_killed"
+    monkeypatch.setattr(distributed, "measure_shard", _dying_once(distributed.measure_shard, shard_marker))
+    monkeypatch.setattr(decompose, "decompose_one", _dying_once(decompose.decompose_one, site_marker))
+    assert compressed_bytes(executor=Executor("ray", shards=2)) == expected
+    assert shard_marker.exists() and site_marker.exists()  # a worker of each kind really died
+
+
+@needs_ray
+def test_ray_refuses_workers_and_structured_methods(ray_cluster):
+    with pytest.raises(FwlrError, match="cluster's CPUs decide"):
+        compressed_bytes(executor=Executor("ray"), workers=2)
+    with pytest.raises(FwlrError, match="plain low-rank"):
+        pipeline.compress(str(MODEL), ratio=0.5, method="kron", calibration=str(CALIB), progress=False,
+                          executor=Executor("ray"))
+
+
+def test_structured_methods_refuse_shards():
+    with pytest.raises(FwlrError, match="plain low-rank"):
+        pipeline.compress(str(MODEL), ratio=0.5, method="kron", calibration=str(CALIB), progress=False,
+                          executor=Executor(shards=2))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+for _ in range(120):
+    try:
+        ray.init(address=sys.argv[1], log_to_driver=False, logging_level="error")
+        break
+    except ConnectionError:
+        time.sleep(1)
+while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    time.sleep(0.5)
+"""
+
+
+@needs_ray
+@pytest.mark.slow
+def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
+    """`ray start --head` and a second `ray start --address` node, as on two machines; the CLI connects to it."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a throwaway cluster on this machine, no token to share
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats", "--block"]
+    quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    nodes = [subprocess.Popen([ray_cli, "start", "--head", "--port", address.split(":")[1],
+                               "--include-dashboard=false", *common], **quiet)]
+    try:
+        nodes.append(subprocess.Popen([ray_cli, "start", "--address", address, *common], **quiet))
+        subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, address], timeout=180, check=True, **quiet)
+        arguments = [sys.executable, "-m", "onnx_fwlr", "compress", str(MODEL), "--calib", str(CALIB), "--method",
+                     "whiten", "--ratio", "0.5", "--calib-shards", "2", "--quiet"]
+        on_cluster = subprocess.run([*arguments, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray",
+                                     "--ray-address", address], env=env, capture_output=True, text=True, timeout=300)
+        assert on_cluster.returncode == 0, on_cluster.stderr
+        local = subprocess.run([*arguments, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True)
+        assert local.returncode == 0, local.stderr
+        assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+    finally:  # --block: each `ray start` stops the processes it started when it is terminated
+        for process in reversed(nodes):
+            process.terminate()
+        for process in nodes:
+            process.wait(timeout=60)

@@ -257,12 +257,7 @@ class GroupedStatistics(Statistics):
             sums.pop("gram", None)  # the previous group's Grams go before this group's arrive
         measured = self._measure_keys(keys)
         self.activations.update(measured.activations)
-        if not self.meta:
-            self.meta = dict(measured.meta, passes=1, groups=len(self.groups))
-        else:
-            self.meta["passes"] += 1
-            self.meta["seconds"] += measured.meta["seconds"]
-            self.later_seconds += time.perf_counter() - start
+        record_pass(self, measured.meta, start)
 
     def _ensure(self, site: Site, gram: bool) -> None:
         """Measure the site's groups if it needs sums not measured yet (or Grams since dropped)."""
@@ -286,3 +281,14 @@ class GroupedStatistics(Statistics):
     def save(self, path) -> None:
         raise FwlrError("statistics measured in groups hold one group's Grams at a time and cannot be saved; "
                         "raise `stats_memory` to measure them in one pass.")
+
+
+def record_pass(grouped, meta: dict, start: float) -> None:
+    """Fold one grouped pass's metadata into `grouped.meta` (passes, seconds); the wall time of passes after
+    the first goes to `grouped.later_seconds` (they run during decomposition)."""
+    if not grouped.meta:
+        grouped.meta = dict(meta, passes=1, groups=len(grouped.groups))
+    else:
+        grouped.meta["passes"] += 1
+        grouped.meta["seconds"] += meta["seconds"]
+        grouped.later_seconds += time.perf_counter() - start

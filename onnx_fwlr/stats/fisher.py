@@ -29,7 +29,7 @@ from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
 from onnx_fwlr.io.runtime import release_free_memory
 from onnx_fwlr.sites.find import Site
-from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, main_graph_tensors
+from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, main_graph_tensors, record_pass
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
 
@@ -365,12 +365,7 @@ class GroupedFisherStatistics(Statistics):
         self.activations.update(measured.activations)
         self.gradients.update(measured.gradients)
         self.current = index
-        if not self.meta:
-            self.meta = dict(measured.meta, passes=1, groups=len(self.groups))
-        else:
-            self.meta["passes"] += 1
-            self.meta["seconds"] += measured.meta["seconds"]
-            self.later_seconds += time.perf_counter() - start
+        record_pass(self, measured.meta, start)
 
     def _ensure(self, site: Site) -> None:
         index = self.group_of.get(site.weight)

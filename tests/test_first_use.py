@@ -236,8 +236,11 @@ def test_ctrl_c_with_workers_is_one_line_and_130(tmp_path):
     onnx.save_model(big, str(tmp_path / "big.onnx"))
     command = [sys.executable, "-m", "onnx_fwlr", "compress", str(tmp_path / "big.onnx"), "-o",
                str(tmp_path / "o.onnx"), "--ratio", "0.5", "--svd", "exact", "--workers", "2"]
+    # A terminal's child gets the default SIGINT action even when pytest itself was started with SIGINT ignored
+    # (a shell's `cmd &` does that): restore it, or Python never installs its KeyboardInterrupt handler.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env=dict(os.environ, OPENBLAS_NUM_THREADS="1"))
+                            env=dict(os.environ, OPENBLAS_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while len(_worker_pids(proc.pid)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)

@@ -152,6 +152,20 @@ def test_no_module_is_imported_under_another_name():
     assert not bad, bad
 
 
+def test_no_module_imports_another_packages_private_names():
+    """`from onnx_fwlr.other.module import _name`: a helper other packages need is public (sites.find's
+    constant_tensors, node_attribute, ...); a package's own modules may share private names."""
+    bad = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        own = _package(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("onnx_fwlr."):
+                target = node.module.split(".")[1]
+                bad += [f"{path.relative_to(PACKAGE)}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__") and target != own]
+    assert not bad, bad
+
+
 def test_docstrings_cite_no_document_the_repository_lacks():
     bad = [f"{p.relative_to(PACKAGE)}" for p in sorted(PACKAGE.rglob("*.py")) if "DESIGN" in p.read_text()]
     assert not bad, bad

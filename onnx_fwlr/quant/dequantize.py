@@ -28,7 +28,7 @@ from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.quant.dequantize_match import match_node
 from onnx_fwlr.quant.quantized_site import QUANTIZED_WEIGHT_OPS, QuantizedSite, QuantScheme, graph_views
 from onnx_fwlr.quant.requantize import cannot_requantize
-from onnx_fwlr.sites.find import _constants, walk_graphs
+from onnx_fwlr.sites.find import constant_tensors, walk_graphs
 
 __all__ = [
     "Dequantized",
@@ -67,7 +67,7 @@ def dequantized_weights(model: onnx.ModelProto, site: QuantizedSite) -> dict[str
     stored layout the consumer reads), {"W": [dirs, 4H, input], "R": [dirs, 4H, hidden]} for an LSTM."""
     if site.scheme is None:
         raise FwlrError(f"{site.node}: {site.reason}")
-    constants = _constants(walk_graphs(model))
+    constants = constant_tensors(walk_graphs(model))
     t = site.tensors
 
     def arr(role: str) -> np.ndarray | None:

@@ -19,7 +19,7 @@ from onnx_fwlr.quant.quantized_site import (
     _Graph,
     same_domain,
 )
-from onnx_fwlr.sites.find import FLOAT_TYPES, _attr
+from onnx_fwlr.sites.find import FLOAT_TYPES, node_attribute
 
 WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1}  # the input of each float op that takes the weight
 
@@ -138,7 +138,7 @@ def _matmul_integer(model, view: _Graph, n_index: int, node: onnx.NodeProto) -> 
 def _dynamic_output_chain(view: _Graph, node: onnx.NodeProto, x_scale: str):
     """(Cast index, Mul index, scale-Mul index, weight scale) after a MatMulInteger, or None."""
     cast = view.sole_reader(node.output[0])
-    if cast is None or cast.op_type != "Cast" or _attr(cast, "to", None) not in FLOAT_TYPES:
+    if cast is None or cast.op_type != "Cast" or node_attribute(cast, "to", None) not in FLOAT_TYPES:
         return None
     mul = view.sole_reader(cast.output[0])
     if mul is None or mul.op_type != "Mul":
@@ -231,7 +231,7 @@ def _consumer_shape(dims, uses) -> tuple[str, int, int, bool] | None:
     if len(dims) != 2:
         return None
     node = uses[0][2]
-    transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+    transposed = node.op_type == "Gemm" and bool(node_attribute(node, "transB", 0))
     K, N = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
     return node.op_type, K, N, transposed
 
@@ -254,8 +254,8 @@ def _dequantize_linear(model, view: _Graph, n_index: int, node: onnx.NodeProto) 
                             "constant scales and zero points are dequantized; this one is left as it is")
     consumer, K, N, transposed = shape
     bits, signed = kind
-    block = int(_attr(node, "block_size", 0))
-    axis = int(_attr(node, "axis", 1)) % 2
+    block = int(node_attribute(node, "block_size", 0))
+    axis = int(node_attribute(node, "axis", 1)) % 2
     per_tensor = int(np.prod(scale.dims, dtype=np.int64)) == 1 and block == 0
     granularity = "per-tensor" if per_tensor else ("block" if block else "per-channel")
     scheme = QuantScheme("qdq", bits, signed, granularity, _is_symmetric(model, view, zero_name, bits, signed),
@@ -304,7 +304,7 @@ def _cast_chain(view: _Graph, tensor: str):
             return None
         zero_name, tensor = sub.input[1], sub.input[0]
     cast = view.node_of(tensor, "Cast")
-    if cast is None or _attr(cast, "to", None) not in FLOAT_TYPES:
+    if cast is None or node_attribute(cast, "to", None) not in FLOAT_TYPES:
         return None
     q = view.const(cast.input[0])
     if q is None or _integer_kind(q) is None:
@@ -328,8 +328,8 @@ def _broadcast_axis(q_dims: list[int], scale_dims: list[int]):
 def _matmul_nbits(model, view: _Graph, n_index: int, node: onnx.NodeProto) -> QuantizedSite:
     """MatMulNBits(A, B, scales, zero_points, g_idx, bias) with attributes K, N, bits, block_size."""
     a, b, scale_name, zero_name, g_idx, bias = (_input(node, i) for i in range(6))
-    K, N = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
-    bits, block = int(_attr(node, "bits", 4)), int(_attr(node, "block_size", 0))
+    K, N = int(node_attribute(node, "K", 0)), int(node_attribute(node, "N", 0))
+    bits, block = int(node_attribute(node, "bits", 4)), int(node_attribute(node, "block_size", 0))
     if view.const(b) is None or view.const(scale_name) is None or (zero_name and view.const(zero_name) is None):
         return _unsupported(view, node, "MatMulNBits", b, "MatMulNBits whose weight, scales or zero points are "
                             "computed at run time is not supported", "MatMul")

@@ -26,7 +26,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.quant.ortquant import _nbits_module, _quiet_ort_logging, ensure_ms_domain
 from onnx_fwlr.quant.quantized_site import QuantizedSite, QuantScheme
-from onnx_fwlr.sites.find import FLOAT_TYPES, _attr, _constants, walk_graphs
+from onnx_fwlr.sites.find import FLOAT_TYPES, constant_tensors, node_attribute, walk_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ _QTYPES = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
 
 def float_weight_nodes(model: onnx.ModelProto) -> set[str]:
     """Names of the MatMul/Gemm/LSTM nodes that multiply by a float constant (their input 1)."""
-    constants = _constants(walk_graphs(model))
+    constants = constant_tensors(walk_graphs(model))
     return {node.name for graph in walk_graphs(model) for node in graph.node
             if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in constants
             and constants[node.input[1]][2].data_type in FLOAT_TYPES}
@@ -140,7 +140,7 @@ def _quantize_weights(model: onnx.ModelProto, names: list[str], scheme: QuantSch
     """QDQ or Cast+Mul weights, per tensor or per channel, from ONNX Runtime's quantize_data."""
     targets = set(names)
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
+    constants = constant_tensors(graphs)
     done: dict[str, str] = {}  # float weight -> its dequantized tensor (a weight shared by targets is done once)
     for graph in graphs:
         new_nodes = []
@@ -165,7 +165,7 @@ def _stored_axis(scheme: QuantScheme, node: onnx.NodeProto) -> int | None:
     """The scheme's [K, N]-view axis as an axis of the stored weight (Gemm transB=1 stores [N, K])."""
     if scheme.granularity == "per-tensor" or scheme.axis is None:
         return None
-    transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+    transposed = node.op_type == "Gemm" and bool(node_attribute(node, "transB", 0))
     return 1 - scheme.axis if transposed else scheme.axis
 
 

@@ -196,8 +196,12 @@ def test_every_vjp_rule_is_exercised_by_a_test():
 
 
 def test_every_quantized_format_has_a_round_trip_test():
-    from onnx_fwlr.quant.dequantize_match import _MATCHERS
+    """Each format file under quant/formats/ is registered, and every op it recognises has a test."""
+    from onnx_fwlr.quant.formats import FORMATS
 
+    files = {p.stem for p in (PACKAGE / "quant" / "formats").glob("*.py")} - {"__init__", "common"}
+    modules = {f.matchers[next(iter(f.matchers))].__module__.rsplit(".", 1)[1] for f in FORMATS.values()}
+    assert modules == files, "every file under quant/formats/ (but common.py) is one FORMAT listed in FORMATS"
     tests = (PACKAGE.parent / "tests" / "test_dequantize.py").read_text()
-    untested = [op for _, op in _MATCHERS if op not in tests]
+    untested = [op for f in FORMATS.values() for _, op in f.matchers if op not in tests]
     assert not untested, f"quantized formats without a test in tests/test_dequantize.py: {untested}"

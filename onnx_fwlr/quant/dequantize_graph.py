@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_fwlr.quant.dequantize_match import WEIGHT_SLOTS
+from onnx_fwlr.quant.formats import FORMATS
+from onnx_fwlr.quant.formats.common import WEIGHT_SLOTS
 from onnx_fwlr.quant.quantized_site import QuantizedSite
 from onnx_fwlr.sites.find import FLOAT_TYPES, constant_tensors, node_attribute, walk_graphs
 
 # Suffixes ONNX Runtime's quantizers add to node and tensor names; the float form takes the name without them.
 _ORT_SUFFIX = re.compile(r"(_quant|_quantized|_DQ_Q[248]|_Q[248]|_DequantizeLinear_Output)$")
-_MATMUL_FAMILY = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
 
 
 class _Names:
@@ -61,10 +61,10 @@ def rewrite_sites(model: onnx.ModelProto, sites: list[QuantizedSite],
     for site, arrays in zip(sites, weights):
         graph = graphs[site.graph_index]
         elem = _float_type(graph, constants, site)
-        anchor = None
-        if site.op_type in _MATMUL_FAMILY or site.op_type == "DynamicQuantizeLSTM":
+        anchor, form = None, FORMATS[site.scheme.format].float_form
+        if form in ("matmul", "lstm"):
             anchor = _producer_index(graph, site.tensors["output"])
-            build = _lstm_nodes if site.op_type == "DynamicQuantizeLSTM" else _matmul_nodes
+            build = _lstm_nodes if form == "lstm" else _matmul_nodes
             nodes, float_weight = build(graph, site, arrays, elem, names, shared)
             inserted[(site.graph_index, anchor)] = nodes
             float_nodes = [nodes[0].name]

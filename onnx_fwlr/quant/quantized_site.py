@@ -1,5 +1,5 @@
 """What a quantized weight use is: its scheme, the record of where it is, and the graph lookups the pattern
-matchers (dequantize_match.py) read."""
+matchers (quant/formats/) read."""
 
 from __future__ import annotations
 

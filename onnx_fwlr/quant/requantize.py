@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.quant.formats import FORMATS
 from onnx_fwlr.quant.ortquant import _nbits_module, _quiet_ort_logging, ensure_ms_domain
 from onnx_fwlr.quant.quantized_site import QuantizedSite, QuantScheme
 from onnx_fwlr.sites.find import FLOAT_TYPES, constant_tensors, node_attribute, walk_graphs
@@ -76,26 +77,16 @@ def requantize(model: onnx.ModelProto, sites: list[QuantizedSite], nodes: dict[s
 
 def cannot_requantize(scheme: QuantScheme) -> str | None:
     """Why ONNX Runtime's quantizers cannot write a weight back in this scheme (None: they can), so that such a
-    weight is left as the input has it rather than found out after the work."""
-    if scheme.format in ("dynamic", "dynamic_lstm") and scheme.bits != 8:
-        return f"quantize_dynamic writes 8-bit weights, not {scheme.bits}-bit ones"
-    if scheme.format == "qdq" and scheme.granularity == "block" and scheme.bits != 4:
-        return f"ONNX Runtime writes blocked QDQ weights at 4 bits only, not {scheme.bits}"
-    if scheme.format == "nbits" and scheme.bits not in (2, 4, 8):
-        return f"MatMulNBitsQuantizer writes 2, 4 or 8 bits, not {scheme.bits}"
-    if scheme.format not in ("dynamic", "dynamic_lstm", "qdq", "cast_mul", "nbits"):
+    weight is left as the input has it rather than found out after the work (each format's own rule)."""
+    if scheme.format not in FORMATS:
         return f"no ONNX Runtime quantizer writes the '{scheme.format}' scheme"
-    return None
+    return FORMATS[scheme.format].cannot_write(scheme)
 
 
 def _route(scheme: QuantScheme) -> str:
-    if scheme.format in ("dynamic", "dynamic_lstm"):
-        return "dynamic"
-    if scheme.format == "nbits" or (scheme.format == "qdq" and scheme.granularity == "block"):
-        return "nbits"
-    if scheme.format in ("qdq", "cast_mul"):
-        return "weights"
-    raise FwlrError(f"quantization scheme '{scheme.format}' cannot be applied; use dynamic int8 or int4 blocks.")
+    if scheme.format not in FORMATS:
+        raise FwlrError(f"quantization scheme '{scheme.format}' cannot be applied; use dynamic int8 or int4 blocks.")
+    return FORMATS[scheme.format].writer(scheme)
 
 
 def _quantize_dynamic(model: onnx.ModelProto, names: list[str], scheme: QuantScheme) -> onnx.ModelProto:

@@ -275,11 +275,11 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
 def _resolve_allocation(prepared: Prepared, allocation: str | None, data_free: bool) -> str:
     """The caller's allocation (checked against the method actually used), or the default one; the report
     says when the result is data-free or global allocation had to give way."""
-    if data_free and prepared.sites:
+    if data_free and prepared.sites and DATA_FREE_NOTE not in prepared.warnings:  # once, with `reuse` too
         prepared.warnings.append(DATA_FREE_NOTE)
     if allocation is None:
         allocation, why = default_allocation(prepared)
-        if why:
+        if why and why not in prepared.warnings:
             prepared.warnings.append(why)
     check_method(prepared.method, allocation)
     return allocation

@@ -9,10 +9,12 @@ latency model, the form timer) lives in a RunContext, so no stage builds its own
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import onnx
 
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import Report
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.pipeline.checks import quantize_method
@@ -36,6 +38,17 @@ class Reuse:
     the same model, sites, statistics and method options only."""
 
     prepared: dict = field(default_factory=dict)  # method asked for -> pipeline.prepare.Prepared
+    shared: dict = field(default_factory=dict)  # method -> what its first run had beside the budget
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse a run that differs from its method's first run in more than the budget and the allocation
+        (the decompositions would not be this run's)."""
+        shared = (id(config.model), id(config.data.stats), config.data.calibration, config.sites, config.fisher,
+                  dataclasses.replace(config.method, allocation=None, bias_correction=None), config.structured,
+                  config.quantize.mode)
+        if self.shared.setdefault(config.method.method, shared) != shared:
+            raise FwlrError("`reuse` shares a method's decompositions between runs of one model, data and site "
+                            "selection under different budgets; this run differs in more than its budget.")
 
 
 @dataclass
@@ -89,6 +102,8 @@ def run(config: RunConfig, *, latency=None, form_timer=None, reuse: Reuse | None
     replace the ones the speed options would make (tests pass fakes). `reuse`: low-rank decompositions shared
     with earlier runs of the same model under other budgets (Reuse)."""
     data = config.data
+    if reuse is not None:
+        reuse.check(config)
     executor = ready_executor(config.method.executor, config.method.workers)  # Ray: connected before any work
     check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)
     context = make_context(config, latency, form_timer)

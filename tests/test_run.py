@@ -249,3 +249,29 @@ def test_the_executor_is_a_method_option_saved_and_replayed():
         MethodOptions(executor=Executor(shards=0))
     with pytest.raises(FwlrError, match="spread low-rank compression; drop them with `quantize`"):
         compress(str(DIGITS), quantize="int8", rank=4, executor=Executor(shards=2), progress=False)
+
+
+def test_reuse_shares_decompositions_across_budgets_and_refuses_other_runs():
+    """run(config, reuse=...): the second budget reuses the first run's whole decompositions (no prepare), its
+    bytes equal a run of its own with exact SVDs; a run that differs in more than the budget is refused."""
+    from onnx_fwlr.pipeline.run import Reuse
+
+    model = onnx.load(str(DIGITS))
+    stats = calibrate(str(DIGITS), str(CALIB), fisher=True, progress=False)
+
+    def config(ratio, **method):
+        return RunConfig(model=model, data=DataOptions(stats=stats), budget=BudgetOptions(ratio=ratio),
+                         method=MethodOptions(**{"method": "kfac", "allocation": "global", "svd": "exact", **method}),
+                         progress=False)
+
+    reuse = Reuse()
+    first, _ = run(config(0.3), reuse=reuse)
+    prepared = reuse.prepared["kfac"]
+    second, report = run(config(0.5), reuse=reuse)
+    assert reuse.prepared["kfac"] is prepared and prepared.decompositions  # kept whole for the next budget
+    alone, alone_report = run(config(0.5))
+    assert second.SerializeToString() == alone.SerializeToString()
+    assert [s.rank for s in report.sites] == [s.rank for s in alone_report.sites]
+    assert first.SerializeToString() != second.SerializeToString()
+    with pytest.raises(FwlrError, match="more than its budget"):
+        run(config(0.4, sequential=True), reuse=reuse)

@@ -26,12 +26,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+from synthetic_transformer import build_transformer, make_token_batch
 
-from onnx_fwlr.pipeline import compress as api
+from onnx_fwlr import api
 from onnx_fwlr.stats.activations import make_session
 
 MIB = 1024.0  # ru_maxrss is in KiB on Linux

@@ -83,14 +83,9 @@ def make_calibration(path: Path, rows: int = 512) -> Path:
 def run_child(config: str, calib: str, eval_data: str, out: str, refine_steps: int, progress: bool) -> dict:
     """One configuration, in this (fresh) process, with the objects living as long as in the CLI (the prepared
     statistics and decompositions go when the model is built); returns the stage rows."""
-    sys.path.insert(0, str(ROOT))
+    from onnx_fwlr.api import Budget, build, choose_ranks, correct_sequentially, prepare, validate
     from onnx_fwlr.io.model import save_model
     from onnx_fwlr.methods.registry import get_method
-    from onnx_fwlr.pipeline.budget import Budget, choose_ranks
-    from onnx_fwlr.pipeline.build import build
-    from onnx_fwlr.pipeline.compress import validate
-    from onnx_fwlr.pipeline.prepare import prepare
-    from onnx_fwlr.pipeline.sequential import correct_sequentially
 
     stages = Stages()
     model = str(MINILM / "minilm.onnx")

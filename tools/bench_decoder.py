@@ -25,12 +25,11 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # BLAS threads next to ORT's slow this 2-core machine down
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.evaluate.language import greedy_check, validate_language  # noqa: E402
+from onnx_fwlr.evaluate.language import greedy_check, validate_language
 
 RATIOS = (0.9, 0.8, 0.6)
 CONFIGS = {
@@ -105,7 +104,7 @@ def calibrate_once(model: Path, calib: Path, out: Path) -> float:
 
 def cache_check(folder: Path, original: Path, compressed: Path, prompt: np.ndarray) -> dict:
     """The compressed model's factors in the with-past and merged models; cached greedy decoding against full."""
-    from onnx_fwlr.pipeline.transplant import apply_same_factors
+    from onnx_fwlr.api import apply_same_factors
 
     with_past, replaced = apply_same_factors(folder / "decoder_with_past.onnx", original, compressed)
     merged, _ = apply_same_factors(folder / "decoder_merged.onnx", original, compressed)

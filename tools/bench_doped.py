@@ -33,8 +33,6 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.methods.structured_fit import fit_site
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors

@@ -27,13 +27,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_calibration import TimedReader, best_total, time_plain  # noqa: E402
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+from bench_calibration import TimedReader, best_total, time_plain
+from synthetic_transformer import build_transformer, make_token_batch
 
-from onnx_fwlr.pipeline import compress as api
+from onnx_fwlr import api
 
 VOCAB = 1000
 

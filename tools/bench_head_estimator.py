@@ -13,21 +13,19 @@ For each sketch rank r it measures, on the LM head (the widest site):
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.io.data import open_data  # noqa: E402
-from onnx_fwlr.io.model import load_model  # noqa: E402
-from onnx_fwlr.methods import lowrank  # noqa: E402
-from onnx_fwlr.methods.registry import input_scaling, output_scaling  # noqa: E402
-from onnx_fwlr.sites.find import find_sites, weight_matrix  # noqa: E402
-from onnx_fwlr.stats.fisher import collect_fisher_stats  # noqa: E402
+from onnx_fwlr.io.data import open_data
+from onnx_fwlr.io.model import load_model
+from onnx_fwlr.methods import lowrank
+from onnx_fwlr.methods.registry import input_scaling, output_scaling
+from onnx_fwlr.sites.find import find_sites, weight_matrix
+from onnx_fwlr.stats.fisher import collect_fisher_stats
 
 
 def exact_metric_error(W, A, B, gram):

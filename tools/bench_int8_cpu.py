@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.tables import format_table  # noqa: E402
+from onnx_fwlr.tables import format_table
 
 
 def cpu_flags() -> list[str]:
@@ -74,7 +73,7 @@ def main() -> int:
             table = [[r["weights"], f"{r['perplexity_original']:.3f}", f"{r['perplexity']:.4g}", f"{r['kl']:.4f}",
                       f"{r['top1_agreement']:.4f}"] for r in rows]
         else:
-            from onnx_fwlr.pipeline.compress import validate
+            from onnx_fwlr.api import validate
 
             model, data = ROOT / "sample_models" / "digits_mlp.onnx", ROOT / "sample_models" / "digits_test.npz"
             for reduce_range in (False, True):

@@ -34,11 +34,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from onnx_fwlr.cost.forms import DENSE, OrtFormTimer, choose_form, dense_model, site_model  # noqa: E402
-from onnx_fwlr.methods.structured import Coo, KronSum, Structured  # noqa: E402
-from onnx_fwlr.rewrite.structured import Form  # noqa: E402
+from onnx_fwlr.cost.forms import DENSE, OrtFormTimer, choose_form, dense_model, site_model
+from onnx_fwlr.methods.structured import Coo, KronSum, Structured
+from onnx_fwlr.rewrite.structured import Form
 
 K = N = 1024
 # (m1, m2, n1, n2, terms, doping fraction, rows the doping touches or None for a random support)

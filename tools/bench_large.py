@@ -22,8 +22,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def build(workdir: Path, hidden: int, layers: int, seq: int, samples: int) -> tuple[Path, Path, int]:

@@ -30,16 +30,15 @@ from pathlib import Path
 # the gradient pass several times slower on this 2-core machine. Set before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-from scipy.stats import spearmanr  # noqa: E402
+import numpy as np
+import onnx
+import onnxruntime as ort
+from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-import onnx_fwlr  # noqa: E402
-from onnx_fwlr.pipeline.compress import Budget, build, choose_ranks, correct_sequentially, prepare
+import onnx_fwlr
+from onnx_fwlr.api import Budget, build, choose_ranks, correct_sequentially, prepare
 from onnx_fwlr.stats.store import Statistics
 from onnx_fwlr.tables import format_table
 

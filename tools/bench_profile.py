@@ -24,15 +24,13 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+from synthetic_transformer import build_transformer, make_token_batch
 
+from onnx_fwlr import api
 from onnx_fwlr.cost.profiling import compare_profiles, profile_model
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
-from onnx_fwlr.pipeline import compress as api
 from onnx_fwlr.tables import format_table
 
 SAMPLES = ROOT / "sample_models"

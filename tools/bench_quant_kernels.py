@@ -28,13 +28,12 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from onnx_fwlr.cost.latency import FP32, INT8, correction_form, machine_name, one_site_model  # noqa: E402
-from onnx_fwlr.tables import format_table  # noqa: E402
+from onnx_fwlr.cost.latency import FP32, INT8, correction_form, machine_name, one_site_model
+from onnx_fwlr.tables import format_table
 
 FORMS = {  # label -> (latency form, rank): rank None = the form's dense op (for a correction form, its main branch)
     "fp32": (FP32, None),

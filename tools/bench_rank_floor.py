@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_fwlr.api import Budget, build, ensure_decompositions, prepare, validate
 from onnx_fwlr.methods.allocation import break_even_rank
-from onnx_fwlr.pipeline.compress import Budget, build, prepare, validate
-from onnx_fwlr.pipeline.prepare import ensure_decompositions
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_models"

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 
 def worker(args) -> dict:
     """One measurement in this process: compress with svd, then refine for a fixed number of steps."""

@@ -27,22 +27,20 @@ from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
+import numpy as np
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from shipped_builder import FORMATS, data, float_mlp, quantized, shared_layers  # noqa: E402
+from shipped_builder import FORMATS, data, float_mlp, quantized, shared_layers
 
-from onnx_fwlr.cli.main import main as cli  # noqa: E402
-from onnx_fwlr.cost.limits import paired_ratio  # noqa: E402
-from onnx_fwlr.io.model import file_size  # noqa: E402
-from onnx_fwlr.pipeline.compress import validate  # noqa: E402
-from onnx_fwlr.pipeline.quantized_input import dequantize_input  # noqa: E402
-from onnx_fwlr.quant.ortquant import ort_int4_model, ort_int8_model  # noqa: E402
-from onnx_fwlr.tables import format_table  # noqa: E402
+from onnx_fwlr.api import cli_main as cli
+from onnx_fwlr.api import dequantize_input, validate
+from onnx_fwlr.cost.limits import paired_ratio
+from onnx_fwlr.io.model import file_size
+from onnx_fwlr.quant.ortquant import ort_int4_model, ort_int8_model
+from onnx_fwlr.tables import format_table
 
 OURS = {"ours --ratio 0.5": ["--ratio", "0.5"], "ours --quantize auto --ratio 0.5": ["--quantize", "auto", "--ratio", "0.5"]}
 

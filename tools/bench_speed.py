@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,24 +33,18 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS threads next to ORT's slow both down
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from synthetic_transformer import build_transformer, make_token_batch  # noqa: E402
+import numpy as np
+import onnx
+from synthetic_transformer import build_transformer, make_token_batch
 
-from onnx_fwlr.cost.latency import MeasuredLatency  # noqa: E402
-from onnx_fwlr.cost.limits import compare_speed, paired_ratio  # noqa: E402
-from onnx_fwlr.io.model import save_model  # noqa: E402
-from onnx_fwlr.methods.registry import get_method  # noqa: E402
-from onnx_fwlr.pipeline.budget import Budget, choose_ranks  # noqa: E402
-from onnx_fwlr.pipeline.build import build  # noqa: E402
-from onnx_fwlr.pipeline.prepare import prepare  # noqa: E402
-from onnx_fwlr.pipeline.speed import latency_budget_ranks, round_for_speed  # noqa: E402
-from onnx_fwlr.quant.ortquant import ort_baseline  # noqa: E402
-from onnx_fwlr.tables import format_table  # noqa: E402
-from onnx_fwlr.workflows.frontier import fidelity  # noqa: E402
+from onnx_fwlr.api import Budget, build, choose_ranks, fidelity, latency_budget_ranks, prepare, round_for_speed
+from onnx_fwlr.cost.latency import MeasuredLatency
+from onnx_fwlr.cost.limits import compare_speed, paired_ratio
+from onnx_fwlr.io.model import save_model
+from onnx_fwlr.methods.registry import get_method
+from onnx_fwlr.quant.ortquant import ort_baseline
+from onnx_fwlr.tables import format_table
 
 MINILM = ROOT / ".cache" / "minilm"
 OUTPUT = "sentence_embedding"

@@ -13,7 +13,6 @@ and writes minilm_small.onnx. Only the lines between the two "onnx_fwlr" comment
 
 import io
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,6 @@ import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -11,7 +11,8 @@ Rows named `api_*` call the Python API (`onnx_fwlr.compress`, then `onnx_fwlr.sa
 JSON) in a child process of this script and must give the same bytes as their CLI twin (API_TWINS). Rows with
 `fake timer` run with ONNX Runtime's timer, the profiler and the whole-model check replaced by fixed numbers
 (the tests' fake, written here), so `--target-latency` is deterministic; their tables go to a cache folder in
-the work dir, never to the user's.
+the work dir, never to the user's. The `local-ray` row runs `--executor ray` on a small Ray cluster the
+child starts itself (about 10 s) and must give the same bytes as its one-process twin (MUST_MATCH).
 """
 
 import argparse
@@ -41,6 +42,8 @@ TIME_PATTERN = re.compile(r"\d+(\.\d+)?\s?(s|ms)\b")  # "0.1 s", "12 ms" in text
 MUST_MATCH = [  # pairs that must give the same bytes within one run
     ("digits_fwsvd_global_workers1", "digits_fwsvd_global_workers2", ("out.onnx", "report.json")),
     ("digits_kfac_global", "digits_kfac_from_stats", ("out.onnx", "report.json")),  # --stats = --calib
+    # the Ray executor's model = one process's; its report adds the executor and the shards' absolute data path
+    ("digits_kfac_global", "digits_kfac_global_ray", ("out.onnx",)),
 ]
 API_TWINS = {  # Python API row -> the CLI row it must equal (out.onnx and report.json; see ONNX_ONLY)
     "api_digits_whiten_uniform": "digits_whiten_uniform",
@@ -58,9 +61,13 @@ API_TWINS = {  # Python API row -> the CLI row it must equal (out.onnx and repor
     "api_digits_kfac_global_refine20": "digits_kfac_global_refine20",
     "api_lstm_whiten": "lstm_whiten",
     "api_bert_kfac_global": "bert_kfac_global",
+    "api_digits_quantize_int4_level4": "digits_quantize_int4_level4",
+    "api_digits_kron_balanced": "digits_kron_balanced",
+    "api_bert_quantize_int4_merged": "bert_quantize_int4_merged",
+    "api_digits_whiten_val_batch_axis": "digits_whiten_val_batch_axis",
 }
 ONNX_ONLY = {  # with validation data the CLI's report adds ONNX Runtime's baselines (ort_baselines): model only
-    "api_digits_kfac_global_refine20", "api_lstm_whiten", "api_bert_kfac_global"}
+    "api_digits_kfac_global_refine20", "api_lstm_whiten", "api_bert_kfac_global", "api_digits_whiten_val_batch_axis"}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -153,9 +160,10 @@ def matrix():
                           "--methods", "svd,whiten,kfac", "--allocations", "uniform,global", "-o", "{out}/sweep",
                           "--no-plots", "--quiet"]),
     ]
-    return entries + quantize_matrix() + api_matrix()
+    return entries + quantize_matrix() + flag_matrix() + api_matrix()
 
 
+CHILD_KINDS = ("api", "fake-timer", "local-ray")
 INT8_INPUT = "{work}/digits_int8.onnx"
 LATENCY_CACHE = "{work}/latency_cache"  # the fake timer's tables: never the user's cache
 FAKE_TARGET = ("--target-latency", "0.7", "--latency-cache", LATENCY_CACHE)
@@ -182,6 +190,27 @@ def quantize_matrix():
         ("activation_stats_quantize_int8", ["compress", DIGITS, "-o", "{out}/out.onnx", "--stats",
                                             "{work}/calibrate_digits_activations/stats.npz", "--quantize", "int8",
                                             "--rank", "4", "--force", "--quiet", "--json", "{out}/report.json"]),
+    ]
+
+
+def flag_matrix():
+    """The flags of the executor, accuracy-level, batch-axis, Kronecker-shape and merged-correction work."""
+    bert_calib = "{work}/bert_calib.npz"
+    return [
+        # Ray started here (ray.init(address="local"), 2 CPUs, a small object store) before the CLI connects;
+        # must equal digits_kfac_global (MUST_MATCH)
+        ("digits_kfac_global_ray", ["local-ray", *compress(DIGITS, "--method", "kfac", "--allocation", "global",
+                                                           "--ratio", "0.3", "--executor", "ray")]),
+        ("digits_quantize_int4_level4", compress(DIGITS, "--quantize", "int4", "--rank", "4",
+                                                 "--accuracy-level", "4")),
+        ("digits_whiten_val_batch_axis", compress(DIGITS, "--method", "whiten", "--ratio", "0.3", "--val", TEST,
+                                                  "--batch-axis", "logits:0")),
+        ("validate_lstm_batch_axis", ["validate", "{work}/lstm.onnx", "{work}/lstm_whiten/out.onnx", "--data",
+                                      "{work}/lstm_val.npz", "--batch-axis", "logits:0", "--quiet",
+                                      "--json", "{out}/validate.json"]),
+        ("digits_kron_balanced", compress(DIGITS, "--method", "kron", "--ratio", "0.3", "--kron-shape", "balanced")),
+        ("bert_quantize_int4_merged", compress("{work}/bert.onnx", "--quantize", "int4", "--rank", "4",
+                                               "--merge-corrections", data=bert_calib)),
     ]
 
 
@@ -215,6 +244,12 @@ def api_matrix():
                                 calibration="{work}/lstm_calib.npz")),
         ("api_bert_kfac_global", api("{work}/bert.onnx", method="kfac", allocation="global", ratio=0.4,
                                      validation="{work}/bert_val.npz", calibration="{work}/bert_calib.npz")),
+        ("api_digits_quantize_int4_level4", api(DIGITS, quantize="int4", rank=4, accuracy_level=4)),
+        ("api_digits_whiten_val_batch_axis", api(DIGITS, method="whiten", ratio=0.3, validation=TEST,
+                                                 batch_axes={"logits": 0})),
+        ("api_digits_kron_balanced", api(DIGITS, method="kron", ratio=0.3, kron_shape="balanced")),
+        ("api_bert_quantize_int4_merged", api("{work}/bert.onnx", quantize="int4", rank=4, merge_corrections=True,
+                                              calibration="{work}/bert_calib.npz")),
     ]
 
 
@@ -250,6 +285,25 @@ def cli_child(argv: list[str]) -> int:
     from onnx_fwlr.cli.main import main as cli_main
 
     return cli_main(argv)
+
+
+def local_ray_child(argv: list[str]) -> int:
+    """`onnx-fwlr ARGV` in this process, on a Ray cluster this process starts as tests/test_distributed.py does
+    (2 CPUs, a 200 MB object store), which the CLI then keeps: a bare `ray.init()` (what `--executor ray` without
+    an address does) did not come up within 10 minutes on the machine this row was added on (its GCS at the
+    machine's address never answered)."""
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=200 << 20, logging_level=logging.ERROR)
+    try:
+        from onnx_fwlr.cli.main import main as cli_main
+
+        return cli_main(argv)
+    finally:
+        ray.shutdown()
 
 
 def api_child(spec: dict, out: Path, work: Path) -> int:
@@ -314,7 +368,7 @@ def run_entry(name, args, work: Path, env) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # no stale files from an earlier --workdir run
     out.mkdir(parents=True)
     argv = [a.replace("{work}", str(work)).replace("{out}", str(out)) for a in args]
-    if argv[0] in ("api", "fake-timer"):  # a child of this script: the Python API, or the CLI with a fake timer
+    if argv[0] in CHILD_KINDS:  # a child of this script: the Python API, the CLI with a fake timer or on Ray
         command = [sys.executable, __file__, "--child", argv[0], str(out), str(work), "--", *argv[1:]]
     else:
         command = [sys.executable, "-m", "onnx_fwlr", *argv]
@@ -345,9 +399,11 @@ def compare(results: dict, other_path: Path) -> bool:
 
 
 def child(argv: list[str]) -> int:
-    """`--child KIND OUT WORK -- ARGS...`: one api or fake-timer row (run_entry starts these)."""
+    """`--child KIND OUT WORK -- ARGS...`: one api, fake-timer or local-ray row (run_entry starts these)."""
     kind, out, work, _, *rest = argv
-    return api_child(json.loads(rest[0]), Path(out), Path(work)) if kind == "api" else cli_child(rest)
+    if kind == "api":
+        return api_child(json.loads(rest[0]), Path(out), Path(work))
+    return local_ray_child(rest) if kind == "local-ray" else cli_child(rest)
 
 
 def main():

@@ -9,7 +9,7 @@ import numpy as np
 from onnx_fwlr.errors import FwlrError
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -23,7 +23,7 @@ def _pyplot():
 def plot_sweep(rows: list[dict], metric: str, path: str | Path) -> Path:
     """Fidelity against bytes (and against latency when measured): one line per configuration over its budgets,
     ONNX Runtime's baselines as single squares, Pareto points ringed, the original as reference lines."""
-    plt = _pyplot()
+    plt = pyplot()
     has_latency = any(r.get("latency_ratio") is not None for r in rows)
     fig, axes = plt.subplots(1, 2 if has_latency else 1, figsize=(12 if has_latency else 6.5, 4.6), squeeze=False)
     panels = [(axes[0][0], "bytes", 1e-6, "model size (MB)", "bytes")]
@@ -62,7 +62,7 @@ def _sweep_panel(ax, rows: list[dict], metric: str, key: str, scale: float, axis
 
 def plot_spectra(spectra: list[tuple[str, np.ndarray, int | None]], path: str | Path, title: str = "") -> Path:
     """Normalised weighted singular values per site, with the chosen rank marked (dense: no mark)."""
-    plt = _pyplot()
+    plt = pyplot()
     count = len(spectra)
     cols = min(4, count)
     rows = int(np.ceil(count / cols))

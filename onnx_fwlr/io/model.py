@@ -142,7 +142,7 @@ def external_base(model: onnx.ModelProto) -> Path | None:
     return None
 
 
-def _external_span(model: onnx.ModelProto, tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+def external_span(model: onnx.ModelProto, tensor: onnx.TensorProto) -> tuple[Path, int, int]:
     base = external_base(model)
     if base is None:
         raise FwlrError(f"tensor '{tensor.name}' refers to external data but the model was not loaded from a "
@@ -156,7 +156,7 @@ def tensor_array(model: onnx.ModelProto, tensor: onnx.TensorProto, copy: bool = 
     copy=False, so only the pages used are read)."""
     if not external_data_helper.uses_external_data(tensor):
         return numpy_helper.to_array(tensor)
-    path, offset, length = _external_span(model, tensor)
+    path, offset, length = external_span(model, tensor)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     shape = tuple(tensor.dims)
     if length == 0 or 0 in shape:
@@ -170,7 +170,7 @@ def iter_tensor_bytes(model: onnx.ModelProto, tensor: onnx.TensorProto, chunk: i
     if not external_data_helper.uses_external_data(tensor):
         yield np.ascontiguousarray(numpy_helper.to_array(tensor)).tobytes()
         return
-    path, offset, length = _external_span(model, tensor)
+    path, offset, length = external_span(model, tensor)
     with open(path, "rb") as source:
         source.seek(offset)
         while length > 0:

@@ -92,11 +92,34 @@ def site_params(K: int, N: int, rank: int | None) -> int:
     return K * N if rank is None else rank * (K + N)
 
 
+def greedy(chains: list[list[tuple[float, float]]], spent: float, available: float) -> list[int]:
+    """The one greedy rule every budget is spent by: each site has a chain of upgrades (extra cost, loss removed),
+    in the budget's currency (parameters, bytes, milliseconds); repeatedly take, over all sites, the next upgrade
+    with the most loss removed per unit of cost, while the total (from `spent`) stays within `available`; an
+    upgrade that does not fit ends its site's chain (smaller sites may still fit). Returns how many upgrades each
+    site took. Optimal for chains whose gain per cost falls along each chain (lower hulls, descending spectra);
+    ties go to the lower site index."""
+    taken = [0] * len(chains)
+    heap = [(-gain / cost, i) for i, chain in enumerate(chains) if chain for cost, gain in chain[:1]]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        cost, _ = chains[i][taken[i]]
+        if spent + cost > available:
+            continue
+        taken[i], spent = taken[i] + 1, spent + cost
+        if taken[i] < len(chains[i]):
+            cost, gain = chains[i][taken[i]]
+            heapq.heappush(heap, (-gain / cost, i))
+    return taken
+
+
 def global_ranks(
     energies: list[np.ndarray], shapes: list[tuple[int, int]], budget: float, min_rank: int = 1,
     multiple: int | None = None,
 ) -> list[int | None]:
-    """Greedy over all sites: keep the block of components with the most weighted energy per parameter next.
+    """Greedy over all sites (`greedy`): keep the block of components with the most weighted energy per
+    parameter next.
 
     energies[i] holds site i's σ² in descending order, all in one currency (loss units for Fisher/K-FAC
     weighting). A block is rank_step(K, N, multiple) components (1 without `multiple`), so wide sites get ranks
@@ -106,34 +129,29 @@ def global_ranks(
     break-even rank, saving almost nothing and dropping its tail).
     """
     steps = [rank_step(K, N, multiple) for K, N in shapes]
-    ranks: list[int | None] = [min(max(min_rank, step), break_even_rank(K, N)) for (K, N), step in zip(shapes, steps)]
-    spent = float(sum(site_params(K, N, r) for (K, N), r in zip(shapes, ranks)))
-    heap = []
-
-    def push(i: int) -> None:
-        rank, energy, step = ranks[i], energies[i], steps[i]
-        K, N = shapes[i]
-        if rank + step > break_even_rank(K, N):  # the next move turns the site dense: all its tail for the rest
-            heapq.heappush(heap, (-float(np.sum(energy[rank:])) / (K * N - rank * (K + N)), i))
-        elif rank < len(energy):
-            heapq.heappush(heap, (-float(np.sum(energy[rank:rank + step])) / (step * (K + N)), i))
-
-    for i in range(len(shapes)):
-        push(i)
-    while heap:
-        _, i = heapq.heappop(heap)
-        K, N = shapes[i]
-        rank, step = ranks[i], steps[i]
-        if rank + step > break_even_rank(K, N):
-            cost = K * N - rank * (K + N)
-            if spent + cost <= budget:
-                ranks[i], spent = None, spent + cost
-            continue
-        if spent + step * (K + N) > budget:
-            continue  # smaller sites may still fit
-        ranks[i], spent = rank + step, spent + step * (K + N)
-        push(i)
+    start = [min(max(min_rank, step), break_even_rank(K, N)) for (K, N), step in zip(shapes, steps)]
+    spent = float(sum(site_params(K, N, r) for (K, N), r in zip(shapes, start)))
+    chains = [_rank_chain(np.asarray(e), K, N, r, step) for e, (K, N), r, step in zip(energies, shapes, start, steps)]
+    taken = greedy(chains, spent, budget)
+    ranks: list[int | None] = []
+    for (K, N), r, step, chain, n in zip(shapes, start, steps, chains, taken):
+        dense = n > 0 and n == len(chain) and r + step * (n - 1) + step > break_even_rank(K, N)
+        ranks.append(None if dense else r + step * n)
     return ranks
+
+
+def _rank_chain(energy: np.ndarray, K: int, N: int, rank: int, step: int) -> list[tuple[float, float]]:
+    """A site's upgrades from `rank`: (parameters, energy kept) per block of `step` components while the block
+    stays below break-even, then the move to dense (all of the remaining energy for the parameters left)."""
+    chain = []
+    while True:
+        if rank + step > break_even_rank(K, N):
+            chain.append((K * N - rank * (K + N), float(np.sum(energy[rank:]))))
+            return chain
+        if rank >= len(energy):
+            return chain
+        chain.append((step * (K + N), float(np.sum(energy[rank:rank + step]))))
+        rank += step
 
 
 def _latency_steps(energy: np.ndarray, total: float, table, max_rank: int) -> list[tuple[float, float, int]]:

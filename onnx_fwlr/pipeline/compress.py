@@ -201,9 +201,10 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
                exclude, keep_attention, calibration, stats, batch_size, mask_input, shapes, bias_correction,
                fisher_options, sequential, methods, dope, kron_shape, svd, workers, stats_memory, progress,
                executor=None, rank_multiple=None, target_latency=None, latency=None, compare=None,
-               structured_options=None, input_forms=None, timing_feed=None):
+               structured_options=None, input_forms=None, timing_feed=None, reuse=None):
     """compress() up to the factorised model: budget, structure choice, statistics, ranks, build (pipeline.run
-    calls it with options RunConfig has checked, and the executor ready)."""
+    calls it with options RunConfig has checked, and the executor ready). `reuse` (pipeline.run.Reuse): the
+    method's prepared sites and whole decompositions, taken from it or left in it for the next run."""
     budget = Budget(ratio, rank, target_size, max_error, dict(ranks or {}), target_latency=target_latency)
     defaulted = method is None and not methods
     structured_options = structured_options or {}
@@ -231,13 +232,18 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     check_method(method, allocation or "uniform")
     if max_error is not None and validation is None:
         raise FwlrError("`max_error` needs validation data to measure the error on; pass `validation`.")
-    prepared = prepare(
-        model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
-        calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-        fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
-        executor=executor, fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
-        tie_heads=True,
-    )
+    prepared = reuse.prepared.get(method) if reuse is not None else None
+    if prepared is None:
+        prepared = prepare(
+            model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
+            calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
+            fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
+            executor=executor, fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
+            tie_heads=True,
+        )
+        if reuse is not None:  # every later budget reads whole spectra: decompose fully once
+            ensure_decompositions(prepared)
+            reuse.prepared[method] = prepared
     method = prepared.method  # a default gradient method may have fallen back to whiten
     allocation = _resolve_allocation(prepared, allocation, data_free=defaulted and method == "svd")
     if bias_correction is None:
@@ -256,7 +262,7 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     if budget.target_latency is not None:
         allocation = "latency"
     compressed, report = build(prepared, ranks_chosen, allocation, budget, bias_correction, corrected=corrected,
-                               keep_decompositions=False)
+                               keep_decompositions=reuse is not None)
     if speed is not None:
         report.budget["speed"] = speed
         report.warnings += speed_notes(speed)
@@ -269,11 +275,11 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
 def _resolve_allocation(prepared: Prepared, allocation: str | None, data_free: bool) -> str:
     """The caller's allocation (checked against the method actually used), or the default one; the report
     says when the result is data-free or global allocation had to give way."""
-    if data_free and prepared.sites:
+    if data_free and prepared.sites and DATA_FREE_NOTE not in prepared.warnings:  # once, with `reuse` too
         prepared.warnings.append(DATA_FREE_NOTE)
     if allocation is None:
         allocation, why = default_allocation(prepared)
-        if why:
+        if why and why not in prepared.warnings:
             prepared.warnings.append(why)
     check_method(prepared.method, allocation)
     return allocation

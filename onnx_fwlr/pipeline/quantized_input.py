@@ -15,7 +15,7 @@ from onnx_fwlr.evaluate.report import Report, op_counts
 from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.quant.dequantize import Dequantized, dequantize_model
 from onnx_fwlr.quant.requantize import float_weight_nodes, requantize
-from onnx_fwlr.sites.find import _constants, model_parameters, walk_graphs
+from onnx_fwlr.sites.find import constant_tensors, model_parameters, walk_graphs
 
 # site.tensors roles holding the stored weight (integers, scales, zero points); an LSTM's site is its input
 # weight W (its recurrent weight R is no site: it stays as stored)
@@ -142,7 +142,7 @@ def _note_site_bytes(model: onnx.ModelProto, quantized: QuantizedInput, report: 
 def stored_bytes(model: onnx.ModelProto, sites) -> dict[str, int]:
     """Float weight name -> bytes of the tensors the input stores it in (integers, scales, zero points), each
     tensor counted once however many sites read it."""
-    constants = _constants(walk_graphs(model))
+    constants = constant_tensors(walk_graphs(model))
     tensors: dict[str, set[str]] = {}
     for site in sites:
         names = {site.tensors.get(role, "") for role in STORED_ROLES} & set(constants)

@@ -9,10 +9,12 @@ latency model, the form timer) lives in a RunContext, so no stage builds its own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import onnx
 
+from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import Report
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.pipeline.checks import quantize_method
@@ -27,6 +29,26 @@ from onnx_fwlr.pipeline.quantized_input import (
     site_budget_ratio,
 )
 from onnx_fwlr.pipeline.speed import InputForms, check_measured_speed, input_forms, timing_feed
+
+
+@dataclass
+class Reuse:
+    """What runs of one model under several budgets share (workflows.sweep): each method's prepared sites and
+    their whole decompositions, made by the first run that needs them. Give runs with different budgets and
+    the same model, sites, statistics and method options only."""
+
+    prepared: dict = field(default_factory=dict)  # method asked for -> pipeline.prepare.Prepared
+    shared: dict = field(default_factory=dict)  # method -> what its first run had beside the budget
+
+    def check(self, config: RunConfig) -> None:
+        """Refuse a run that differs from its method's first run in more than the budget and the allocation
+        (the decompositions would not be this run's)."""
+        shared = (id(config.model), id(config.data.stats), config.data.calibration, config.sites, config.fisher,
+                  dataclasses.replace(config.method, allocation=None, bias_correction=None), config.structured,
+                  config.quantize.mode)
+        if self.shared.setdefault(config.method.method, shared) != shared:
+            raise FwlrError("`reuse` shares a method's decompositions between runs of one model, data and site "
+                            "selection under different budgets; this run differs in more than its budget.")
 
 
 @dataclass
@@ -73,11 +95,15 @@ def _kron_timed(config: RunConfig) -> bool:
     return config.quantize.mode is None and kron and structured.kron_shape is None
 
 
-def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.ModelProto, Report]:
+def run(config: RunConfig, *, latency=None, form_timer=None, reuse: Reuse | None = None
+        ) -> tuple[onnx.ModelProto, Report]:
     """Compress `config.model` as `config` asks; returns the new model and its report (the input is never
     modified). `latency` (cost.latency.MeasuredLatency) and `form_timer` (cost.forms.OrtFormTimer)
-    replace the ones the speed options would make (tests pass fakes)."""
+    replace the ones the speed options would make (tests pass fakes). `reuse`: low-rank decompositions shared
+    with earlier runs of the same model under other budgets (Reuse)."""
     data = config.data
+    if reuse is not None:
+        reuse.check(config)
     executor = ready_executor(config.method.executor, config.method.workers)  # Ray: connected before any work
     check_data_first(config.model, [data.calibration, data.validation], data.batch_size, data.shapes)
     context = make_context(config, latency, form_timer)
@@ -85,7 +111,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
     if config.quantize.mode is not None:
         compressed, report = _quantized_replacement(source, config, context)
     else:
-        compressed, report = _factorised_replacement(source, config, context, executor)
+        compressed, report = _factorised_replacement(source, config, context, executor, reuse)
         compressed = _refine(source, compressed, report, config)
     if context.quantized:
         compressed = _requantize(compressed, context.quantized, report, config)
@@ -100,7 +126,7 @@ def run(config: RunConfig, *, latency=None, form_timer=None) -> tuple[onnx.Model
     return compressed, report
 
 
-def _factorised_replacement(source, config: RunConfig, context: RunContext, executor=None):
+def _factorised_replacement(source, config: RunConfig, context: RunContext, executor=None, reuse=None):
     """Low rank (or structured) factors of every selected site (pipeline.compress._factorise). A quantized
     input's `ratio`/`target_size` count its bytes: the float sites keep the share of their stored bytes that
     meets it (pipeline.quantized_input.site_budget_ratio), and the report says so."""
@@ -128,7 +154,7 @@ def _factorised_replacement(source, config: RunConfig, context: RunContext, exec
         target_latency=budget.target_latency, latency=context.latency, compare=_compare(config),
         structured_options=dict(dope_share=structured.dope_share, forms=structured.forms,
                                 form_timer=context.form_timer),
-        input_forms=context.input_forms, timing_feed=context.feed)
+        input_forms=context.input_forms, timing_feed=context.feed, reuse=reuse)
     if in_bytes:
         report.budget.update(ratio=budget.ratio, target_size=budget.target_size, input_bytes=quantized.input_bytes,
                              sites_ratio=ratio)

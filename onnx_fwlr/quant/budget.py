@@ -2,8 +2,8 @@
 
 Each site (or embedding table) has options — dense fp32, int8, int4 at a block size, either of those plus a
 rank-r correction, low rank alone — each with its bytes and its predicted loss (the dropped weighted energy,
-in loss units with gradient statistics). The allocation is the greedy rule of global rank allocation
-(methods.allocation.global_ranks) extended to these options: start every site at its smallest option, then take
+in loss units with gradient statistics). The allocation is the greedy rule global rank allocation spends
+parameters by (methods.allocation.greedy) over these options: start every site at its smallest option, then take
 the upgrades with the most loss removed per byte until the budget is spent. Upgrades are the steps along each site's
 lower convex hull in (bytes, loss), so per site they come in order of falling benefit per byte. With
 `cost=by_ms` the currency is each option's predicted milliseconds instead (`--quantize ... --target-latency`).
@@ -12,6 +12,8 @@ lower convex hull in (bytes, loss), so per site they come in order of falling be
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from onnx_fwlr.methods.allocation import greedy
 
 
 @dataclass(frozen=True)
@@ -76,26 +78,12 @@ def minimum_bytes(choices: list[list[Option]]) -> int:
 
 def allocate(choices: list[list[Option]], available: float, cost=by_bytes) -> list[Option] | None:
     """One option per site with total cost (bytes, or `cost(option)`) ≤ available and the least predicted loss
-    the greedy rule finds; None when even the cheapest options do not fit."""
+    the greedy rule finds (methods.allocation.greedy along each site's lower hull); None when even the cheapest
+    options do not fit."""
     hulls = [lower_hull(options, cost) for options in choices]
     spent = sum(cost(h[0]) for h in hulls)
     if spent > available:
         return None
-    position = [0] * len(hulls)
-    steps = []
-    for i, hull in enumerate(hulls):
-        for j in range(1, len(hull)):
-            gain = hull[j - 1].loss - hull[j].loss
-            steps.append((gain / (cost(hull[j]) - cost(hull[j - 1])), i, j))
-    steps.sort(key=lambda s: (-s[0], s[1], s[2]))
-    blocked: set[int] = set()
-    for _, i, j in steps:
-        if i in blocked or position[i] != j - 1:
-            continue
-        extra = cost(hulls[i][j]) - cost(hulls[i][j - 1])
-        if spent + extra > available:
-            blocked.add(i)  # its later steps build on this one
-            continue
-        position[i] = j
-        spent += extra
-    return [hull[p] for hull, p in zip(hulls, position)]
+    chains = [[(cost(hull[j]) - cost(hull[j - 1]), hull[j - 1].loss - hull[j].loss) for j in range(1, len(hull))]
+              for hull in hulls]
+    return [hull[taken] for hull, taken in zip(hulls, greedy(chains, spent, available))]

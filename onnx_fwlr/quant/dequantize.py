@@ -1,7 +1,8 @@
 """Already-quantized models as inputs: find each quantized weight use, read its exact float value, and turn it
 back into a plain float MatMul/Gemm/LSTM so the whole float pipeline applies (requantize.py goes back).
 
-Recognised weight uses (the integer weight, its scales and zero points all constants), as found → float form:
+Recognised weight uses (the integer weight, its scales and zero points all constants), one file each in
+quant/formats/ (registered in formats/__init__.py FORMATS), as found → float form:
 - dynamic: DynamicQuantizeLinear → MatMulInteger → Cast → Mul(x_scale·w_scale) (`quantize_dynamic`), and
   DynamicQuantizeMatMul / MatMulIntegerToFloat (com.microsoft: what ORT fuses that chain into) → MatMul (+ Add);
 - dynamic_lstm: DynamicQuantizeLSTM (com.microsoft, `quantize_dynamic` of an LSTM) → LSTM;
@@ -25,10 +26,11 @@ import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
-from onnx_fwlr.quant.dequantize_match import match_node
+from onnx_fwlr.quant.formats import FORMATS, match_node
+from onnx_fwlr.quant.formats.nbits import unpack_bits
 from onnx_fwlr.quant.quantized_site import QUANTIZED_WEIGHT_OPS, QuantizedSite, QuantScheme, graph_views
 from onnx_fwlr.quant.requantize import cannot_requantize
-from onnx_fwlr.sites.find import _constants, walk_graphs
+from onnx_fwlr.sites.find import constant_tensors, walk_graphs
 
 __all__ = [
     "Dequantized",
@@ -56,31 +58,19 @@ def detect_quantized(model: onnx.ModelProto) -> list[QuantizedSite]:
 # --- the exact float view ----------------------------------------------------------------------------------------
 
 
-def _affine(q: np.ndarray, zero_point: np.ndarray | None, scale: np.ndarray) -> np.ndarray:
-    """(q − zero_point) · scale in float64 with numpy (= ONNX) broadcasting."""
-    shifted = q.astype(np.float64) - (0.0 if zero_point is None else zero_point.astype(np.float64))
-    return shifted * scale.astype(np.float64)
-
-
 def dequantized_weights(model: onnx.ModelProto, site: QuantizedSite) -> dict[str, np.ndarray]:
     """float64 weights in the layout the float node takes: {"B": ...} for MatMul/Gemm (for QDQ and Cast+Mul the
     stored layout the consumer reads), {"W": [dirs, 4H, input], "R": [dirs, 4H, hidden]} for an LSTM."""
     if site.scheme is None:
         raise FwlrError(f"{site.node}: {site.reason}")
-    constants = _constants(walk_graphs(model))
+    constants = constant_tensors(walk_graphs(model))
     t = site.tensors
 
     def arr(role: str) -> np.ndarray | None:
         name = t.get(role, "")
         return tensor_array(model, constants[name][2]) if name else None
 
-    if site.op_type == "DynamicQuantizeLSTM":
-        return {key: _lstm_weight(arr(key), arr(f"{key}_zero_point"), arr(f"{key}_scale")) for key in ("W", "R")}
-    if site.op_type == "MatMulNBits":
-        return {"B": _nbits_weight(arr("q"), arr("scale"), arr("zero_point"), site)}
-    if site.op_type == "DequantizeLinear":
-        return {"B": _dequantize_linear(arr("q"), arr("scale"), arr("zero_point"), site.tensors)}
-    return {"B": _affine(arr("q"), arr("zero_point"), arr("scale"))}  # dynamic MatMul family and Cast+Mul
+    return FORMATS[site.scheme.format].dequantize(arr, site)
 
 
 def weight_matrix(model: onnx.ModelProto, site: QuantizedSite) -> np.ndarray:
@@ -91,57 +81,6 @@ def weight_matrix(model: onnx.ModelProto, site: QuantizedSite) -> np.ndarray:
         return W.transpose(2, 0, 1).reshape(W.shape[2], -1)
     B = weights["B"]
     return B.T if B.shape != (site.K, site.N) else B
-
-
-def _lstm_weight(q: np.ndarray, zero_point: np.ndarray | None, scale: np.ndarray) -> np.ndarray:
-    """DynamicQuantizeLSTM stores [dirs, in, 4H] with scales [dirs] or [dirs, 4H]; the LSTM takes [dirs, 4H, in]."""
-    expand = (slice(None), None, slice(None)) if scale.ndim == 2 else (slice(None), None, None)
-    zero = None if zero_point is None else zero_point[expand]
-    return _affine(q, zero, scale[expand]).transpose(0, 2, 1)
-
-
-def _dequantize_linear(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-                       tensors: dict[str, str]) -> np.ndarray:
-    """ONNX DequantizeLinear: per tensor (scalar scale), per axis (1-D scale), or blocked (scale of q's rank)."""
-    axis, block = int(tensors.get("axis", 1)), int(tensors.get("block_size", 0))
-    axis = axis % q.ndim
-    if scale.size == 1 and block == 0:
-        return _affine(q, None if zero_point is None else zero_point.reshape(()), scale.reshape(()))
-    if block == 0:
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        zero = None if zero_point is None else zero_point.reshape(shape)
-        return _affine(q, zero, scale.reshape(shape))
-    repeat = np.repeat(scale, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-    zero = None if zero_point is None else np.repeat(zero_point, block, axis=axis).take(range(q.shape[axis]), axis=axis)
-    return _affine(q, zero, repeat)
-
-
-def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 [..., bytes] holding `bits`-bit values, lowest bits first -> int64 [..., count]."""
-    per_byte = 8 // bits
-    shifts = np.arange(per_byte, dtype=np.uint8) * bits
-    values = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return values.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.int64)
-
-
-def _nbits_weight(packed: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None,
-                  site: QuantizedSite) -> np.ndarray:
-    """MatMulNBits: B [N, blocks, blob] uint8, scales [N, blocks]; zero points packed uint8 [N, ⌈blocks·bits/8⌉]
-    or unpacked floats [N, blocks]; absent = 2^(bits−1). Returns W [K, N]."""
-    K, N = site.K, site.N
-    bits, block = site.scheme.bits, site.scheme.block_size
-    blocks = -(-K // block)
-    scale = scale.reshape(N, blocks)
-    q = unpack_bits(packed.reshape(N, blocks, -1), bits, block)  # [N, blocks, block]
-    if zero_point is None:
-        zero = np.full((N, blocks), 1 << (bits - 1), dtype=np.float64)
-    elif zero_point.dtype == np.uint8:
-        zero = unpack_bits(zero_point.reshape(N, -1), bits, blocks)
-    else:
-        zero = zero_point.reshape(N, blocks)
-    W = _affine(q, zero[:, :, None], scale[:, :, None])
-    return W.reshape(N, blocks * block)[:, :K].T
 
 
 # --- the float model ---------------------------------------------------------------------------------------------

@@ -14,13 +14,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_fwlr.quant.dequantize_match import WEIGHT_SLOTS
+from onnx_fwlr.quant.formats import FORMATS
+from onnx_fwlr.quant.formats.common import WEIGHT_SLOTS
 from onnx_fwlr.quant.quantized_site import QuantizedSite
-from onnx_fwlr.sites.find import FLOAT_TYPES, _attr, _constants, walk_graphs
+from onnx_fwlr.sites.find import FLOAT_TYPES, constant_tensors, node_attribute, walk_graphs
 
 # Suffixes ONNX Runtime's quantizers add to node and tensor names; the float form takes the name without them.
 _ORT_SUFFIX = re.compile(r"(_quant|_quantized|_DQ_Q[248]|_Q[248]|_DequantizeLinear_Output)$")
-_MATMUL_FAMILY = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits"}
 
 
 class _Names:
@@ -52,7 +52,7 @@ def rewrite_sites(model: onnx.ModelProto, sites: list[QuantizedSite],
                   weights: list[dict[str, np.ndarray]]) -> list[QuantizedSite]:
     """Rewrite `model` in place; returns the sites with float_nodes / float_weight set."""
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
+    constants = constant_tensors(graphs)
     names = _Names(model)
     inserted: dict[tuple[int, int], list[onnx.NodeProto]] = {}  # (graph, node replaced) -> its float nodes
     removable: set[str] = set()  # pattern outputs and integer tensors, removed once nothing reads them
@@ -61,10 +61,10 @@ def rewrite_sites(model: onnx.ModelProto, sites: list[QuantizedSite],
     for site, arrays in zip(sites, weights):
         graph = graphs[site.graph_index]
         elem = _float_type(graph, constants, site)
-        anchor = None
-        if site.op_type in _MATMUL_FAMILY or site.op_type == "DynamicQuantizeLSTM":
+        anchor, form = None, FORMATS[site.scheme.format].float_form
+        if form in ("matmul", "lstm"):
             anchor = _producer_index(graph, site.tensors["output"])
-            build = _lstm_nodes if site.op_type == "DynamicQuantizeLSTM" else _matmul_nodes
+            build = _lstm_nodes if form == "lstm" else _matmul_nodes
             nodes, float_weight = build(graph, site, arrays, elem, names, shared)
             inserted[(site.graph_index, anchor)] = nodes
             float_nodes = [nodes[0].name]
@@ -95,9 +95,9 @@ def _float_type(graph: onnx.GraphProto, constants: dict, site: QuantizedSite) ->
     """The dequantized weight's element type: the Cast's for Cast+Mul, DequantizeLinear's output_dtype when set,
     else the scale's."""
     if site.op_type == "Cast+Mul":
-        return int(_attr(graph.node[site.nodes[-1]], "to", onnx.TensorProto.FLOAT))
-    if site.op_type == "DequantizeLinear" and _attr(graph.node[site.nodes[0]], "output_dtype", 0):
-        return int(_attr(graph.node[site.nodes[0]], "output_dtype", 0))
+        return int(node_attribute(graph.node[site.nodes[-1]], "to", onnx.TensorProto.FLOAT))
+    if site.op_type == "DequantizeLinear" and node_attribute(graph.node[site.nodes[0]], "output_dtype", 0):
+        return int(node_attribute(graph.node[site.nodes[0]], "output_dtype", 0))
     scale = site.tensors.get("scale") or site.tensors.get("W_scale")
     tensor = constants[scale][2] if scale in constants else None
     return tensor.data_type if tensor is not None and tensor.data_type in FLOAT_TYPES else onnx.TensorProto.FLOAT

@@ -23,11 +23,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_fwlr.io.graph_edit import Namer, remove_tensors
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import walk_graphs
 from onnx_fwlr.quant import ortquant
 from onnx_fwlr.quant.embedding import find_tables, table_array
 from onnx_fwlr.quant.ortquant import Scheme
+from onnx_fwlr.rewrite.gemm_tail import initializer, tail_steps
 from onnx_fwlr.sites.find import Site, WeightUse, find_sites, weight_matrix
 
 
@@ -49,25 +51,6 @@ class SitePlan:
         return self.quantized if self.quantized is not None else weight_matrix(model, site)
 
 
-class _Namer:
-    """Fresh, deterministic names: the wanted one, or it with the first free numeric suffix."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.taken: set[str] = set()
-        for graph in walk_graphs(model):
-            self.taken.update(t.name for t in graph.initializer)
-            self.taken.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
-            for node in graph.node:
-                self.taken.update(list(node.input) + list(node.output) + [node.name])
-
-    def __call__(self, wanted: str) -> str:
-        name, i = wanted, 1
-        while name in self.taken:
-            name, i = f"{wanted}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme],
             factor_dtype: str = "float32", merge: bool = False) -> onnx.ModelProto:
     """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
@@ -86,7 +69,7 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     if missing:
         raise RuntimeError(f"planned sites {missing} are not MatMul/Gemm weights of the model")
     graphs = walk_graphs(model)
-    namer = _Namer(model)
+    namer = Namer.of_model(model)
     swaps: dict[tuple[int, int], list[onnx.NodeProto]] = {}
     casts: dict[int, list[onnx.NodeProto]] = {}  # per graph, Cast nodes of half-precision factors (placed first)
     dynamic: list[str] = []
@@ -114,7 +97,7 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
                                                for new in swaps.get((g_index, n_index), [node])]
             del graph.node[:]
             graph.node.extend(nodes)
-        _remove_tensors(graph, removed.get(g_index, set()))
+        remove_tensors(graph, removed.get(g_index, set()))
     _remove_unread_biases(graphs, [u for w in plans for u in sites[w].uses if u.bias])
     if any(n.domain == ortquant.MS_DOMAIN for g in graphs for n in g.node):
         ortquant.ensure_ms_domain(model)
@@ -293,40 +276,29 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
     return nodes
 
 
+TAIL_ROLES = {"alpha": "alpha", "shift": "shift", "C": "bias"}  # rewrite.gemm_tail's roles as named here
+
+
 def _tail_terms(model, graph, use: WeightUse, shift, namer, prefix: list, dtype=np.float32
                 ) -> list[tuple[str, str, str]]:
-    """(op, operand, role) after X W': a Gemm's alpha and beta·C (the shift folded into a constant C), or a
-    MatMul's shift (added into the bias constant of the Add that alone reads the output, when there is one).
-    Nodes the terms need first (beta · a computed C) are appended to `prefix`. Constants are of the site's
-    `dtype`."""
+    """(op, operand, role) after X W' (rewrite.gemm_tail: a Gemm's alpha and beta·C, the shift folded into a
+    constant C), or a MatMul's shift (added into the bias constant of the Add that alone reads the output, when
+    there is one). Nodes the terms need first (beta · a computed C) are appended to `prefix`. Constants are of
+    the site's `dtype`."""
     base = use.node_name or use.output
     shift = None if shift is None or not np.any(shift) else np.asarray(shift, dtype=np.float64)
-    if use.op_type != "Gemm":
-        if shift is None or _fold_into_following_bias(model, graph, use.output, shift):
-            return []
-        return [("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(shift, dtype)), "shift")]
+    if use.op_type != "Gemm" and shift is not None and _fold_into_following_bias(model, graph, use.output, shift):
+        return []
     terms = []
-    if use.alpha != 1.0:
-        terms.append(("Mul", _constant(graph, namer(f"{base}/alpha"), np.asarray(use.alpha, dtype)), "alpha"))
-    scaled_shift = None if shift is None else use.alpha * shift
-    bias = _initializer(graph, use.bias)
-    if use.bias is not None and bias is None:  # a computed C, scaled by beta at run time
-        c = use.bias
-        if use.beta != 1.0:
-            c = namer(f"{base}/beta_C")
-            beta = _constant(graph, namer(f"{base}/beta"), np.asarray(use.beta, dtype))
-            prefix.append(helper.make_node("Mul", [use.bias, beta], [c], name=namer(f"{base}/scale_C")))
-        terms.append(("Add", c, "bias"))
-    elif bias is not None and scaled_shift is None and use.beta == 1.0:
-        terms.append(("Add", use.bias, "bias"))
-        return terms
-    elif bias is not None:  # one constant: beta · C + alpha · shift
-        value = use.beta * tensor_array(model, bias).astype(np.float64)
-        value = value + scaled_shift if scaled_shift is not None else value
-        terms.append(("Add", _constant(graph, namer(f"{base}/bias"), np.asarray(value, dtype)), "bias"))
-        return terms
-    if scaled_shift is not None:
-        terms.append(("Add", _constant(graph, namer(f"{base}/shift"), np.asarray(scaled_shift, dtype)), "shift"))
+    for step in tail_steps(use, shift, model, graph):
+        role, operand = TAIL_ROLES[step.role], step.operand
+        if not isinstance(operand, str):
+            operand = _constant(graph, namer(f"{base}/{role}"), np.asarray(operand, dtype))
+        elif step.scale is not None:  # a computed C, scaled by beta at run time
+            operand = namer(f"{base}/beta_C")
+            beta = _constant(graph, namer(f"{base}/beta"), np.asarray(step.scale, dtype))
+            prefix.append(helper.make_node("Mul", [step.operand, beta], [operand], name=namer(f"{base}/scale_C")))
+        terms.append((step.op, operand, role))
     return terms
 
 
@@ -337,7 +309,7 @@ def _fold_into_following_bias(model, graph, output: str, shift: np.ndarray) -> b
     if len(readers) != 1 or readers[0].op_type != "Add":
         return False
     other = next((i for i in readers[0].input if i != output), None)
-    bias = _initializer(graph, other)
+    bias = initializer(graph, other)
     if bias is None or sum(other in n.input for n in graph.node) != 1:
         return False
     value = tensor_array(model, bias)
@@ -345,10 +317,6 @@ def _fold_into_following_bias(model, graph, output: str, shift: np.ndarray) -> b
         return False
     bias.CopyFrom(numpy_helper.from_array((value.astype(np.float64) + shift).astype(value.dtype), bias.name))
     return True
-
-
-def _initializer(graph, name: str | None):
-    return next((t for t in graph.initializer if t.name == name), None) if name else None
 
 
 def _constant(graph, name: str, value) -> str:
@@ -387,13 +355,4 @@ def _remove_unread_biases(graphs, uses: list[WeightUse]) -> None:
     read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
     for use in uses:
         if use.bias not in read:
-            _remove_tensors(graphs[use.graph_index], {use.bias})
-
-
-def _remove_tensors(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Drop replaced weights and their stale graph-input and value-info entries."""
-    if not names:
-        return
-    for field in (graph.initializer, graph.input, graph.value_info):
-        for index in reversed([i for i, entry in enumerate(field) if entry.name in names]):
-            del field[index]
+            remove_tensors(graphs[use.graph_index], {use.bias})

@@ -1,5 +1,5 @@
 """What a quantized weight use is: its scheme, the record of where it is, and the graph lookups the pattern
-matchers (dequantize_match.py) read."""
+matchers (quant/formats/) read."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from onnx_fwlr.sites.find import _constants, walk_graphs
+from onnx_fwlr.sites.find import constant_tensors, walk_graphs
 
 MS_DOMAIN = "com.microsoft"
 INTEGER_TYPES = {  # element type -> (bits, signed)
@@ -125,7 +125,7 @@ class _Graph:
 def graph_views(model: onnx.ModelProto) -> list[_Graph]:
     """One _Graph per graph, in walk_graphs order."""
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
+    constants = constant_tensors(graphs)
     readers: dict[str, list[tuple[int, int, int]]] = {}
     producers = []
     for index, graph in enumerate(graphs):

@@ -24,9 +24,10 @@ from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.quant.formats import FORMATS
 from onnx_fwlr.quant.ortquant import _nbits_module, _quiet_ort_logging, ensure_ms_domain
 from onnx_fwlr.quant.quantized_site import QuantizedSite, QuantScheme
-from onnx_fwlr.sites.find import FLOAT_TYPES, _attr, _constants, walk_graphs
+from onnx_fwlr.sites.find import FLOAT_TYPES, constant_tensors, node_attribute, walk_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ _QTYPES = {(8, True): onnx.TensorProto.INT8, (8, False): onnx.TensorProto.UINT8,
 
 def float_weight_nodes(model: onnx.ModelProto) -> set[str]:
     """Names of the MatMul/Gemm/LSTM nodes that multiply by a float constant (their input 1)."""
-    constants = _constants(walk_graphs(model))
+    constants = constant_tensors(walk_graphs(model))
     return {node.name for graph in walk_graphs(model) for node in graph.node
             if node.op_type in WEIGHT_OPS and len(node.input) > 1 and node.input[1] in constants
             and constants[node.input[1]][2].data_type in FLOAT_TYPES}
@@ -76,26 +77,16 @@ def requantize(model: onnx.ModelProto, sites: list[QuantizedSite], nodes: dict[s
 
 def cannot_requantize(scheme: QuantScheme) -> str | None:
     """Why ONNX Runtime's quantizers cannot write a weight back in this scheme (None: they can), so that such a
-    weight is left as the input has it rather than found out after the work."""
-    if scheme.format in ("dynamic", "dynamic_lstm") and scheme.bits != 8:
-        return f"quantize_dynamic writes 8-bit weights, not {scheme.bits}-bit ones"
-    if scheme.format == "qdq" and scheme.granularity == "block" and scheme.bits != 4:
-        return f"ONNX Runtime writes blocked QDQ weights at 4 bits only, not {scheme.bits}"
-    if scheme.format == "nbits" and scheme.bits not in (2, 4, 8):
-        return f"MatMulNBitsQuantizer writes 2, 4 or 8 bits, not {scheme.bits}"
-    if scheme.format not in ("dynamic", "dynamic_lstm", "qdq", "cast_mul", "nbits"):
+    weight is left as the input has it rather than found out after the work (each format's own rule)."""
+    if scheme.format not in FORMATS:
         return f"no ONNX Runtime quantizer writes the '{scheme.format}' scheme"
-    return None
+    return FORMATS[scheme.format].cannot_write(scheme)
 
 
 def _route(scheme: QuantScheme) -> str:
-    if scheme.format in ("dynamic", "dynamic_lstm"):
-        return "dynamic"
-    if scheme.format == "nbits" or (scheme.format == "qdq" and scheme.granularity == "block"):
-        return "nbits"
-    if scheme.format in ("qdq", "cast_mul"):
-        return "weights"
-    raise FwlrError(f"quantization scheme '{scheme.format}' cannot be applied; use dynamic int8 or int4 blocks.")
+    if scheme.format not in FORMATS:
+        raise FwlrError(f"quantization scheme '{scheme.format}' cannot be applied; use dynamic int8 or int4 blocks.")
+    return FORMATS[scheme.format].writer(scheme)
 
 
 def _quantize_dynamic(model: onnx.ModelProto, names: list[str], scheme: QuantScheme) -> onnx.ModelProto:
@@ -140,7 +131,7 @@ def _quantize_weights(model: onnx.ModelProto, names: list[str], scheme: QuantSch
     """QDQ or Cast+Mul weights, per tensor or per channel, from ONNX Runtime's quantize_data."""
     targets = set(names)
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
+    constants = constant_tensors(graphs)
     done: dict[str, str] = {}  # float weight -> its dequantized tensor (a weight shared by targets is done once)
     for graph in graphs:
         new_nodes = []
@@ -165,7 +156,7 @@ def _stored_axis(scheme: QuantScheme, node: onnx.NodeProto) -> int | None:
     """The scheme's [K, N]-view axis as an axis of the stored weight (Gemm transB=1 stores [N, K])."""
     if scheme.granularity == "per-tensor" or scheme.axis is None:
         return None
-    transposed = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
+    transposed = node.op_type == "Gemm" and bool(node_attribute(node, "transB", 0))
     return 1 - scheme.axis if transposed else scheme.axis
 
 

@@ -200,9 +200,9 @@ class RefineReport:
 
     def plot(self, path):
         """Train and validation loss against step (and validation cosine), as a PNG."""
-        from onnx_fwlr.evaluate.plots import _pyplot
+        from onnx_fwlr.evaluate.plots import pyplot
 
-        plt = _pyplot()
+        plt = pyplot()
         steps = [row[0] for row in self.curve]
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
         train = [(s, t) for s, t, _, _ in self.curve if t is not None]

@@ -22,9 +22,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.graph_edit import Namer, names_in, remove_tensors
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import default_opset, walk_graphs
 from onnx_fwlr.methods.structured import KronSum, LowRank, Structured
+from onnx_fwlr.rewrite.gemm_tail import folded_bias, tail_steps
 from onnx_fwlr.rewrite.structured import build_doped_kron, build_doped_low_rank, min_opset
 from onnx_fwlr.sites.find import Site, WeightUse
 from onnx_fwlr.sites.recurrent import directions, is_recurrent, recurrent_layout, recurrent_use_nodes
@@ -49,32 +51,6 @@ def storage_dtype(site: Site):
     return np.dtype(site.dtype)
 
 
-def _all_names(graphs: list[onnx.GraphProto]) -> set[str]:
-    names: set[str] = set()
-    for graph in graphs:
-        names.update(t.name for t in graph.initializer)
-        names.update(v.name for v in list(graph.input) + list(graph.output) + list(graph.value_info))
-        for node in graph.node:
-            names.update(node.input)
-            names.update(node.output)
-            names.add(node.name)
-    return names
-
-
-class _Namer:
-    """Deterministic fresh names: the wanted name, or the wanted name with the first free numeric suffix."""
-
-    def __init__(self, taken: set[str]):
-        self.taken = taken
-
-    def __call__(self, wanted: str) -> str:
-        name, i = wanted, 1
-        while name in self.taken:
-            name, i = f"{wanted}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
-
 # Long: one pass over every graph and subgraph so each weight is rewritten once for all its uses.
 def apply_factors(
     model: onnx.ModelProto, sites: list[Site], factors: dict[str, Factors | Structured], forms: dict | None = None
@@ -94,7 +70,7 @@ def apply_factors(
                  default=0)
     _ensure_opset(model, needed)
     graphs = walk_graphs(model)
-    namer = _Namer(_all_names(graphs))
+    namer = Namer(names_in(graphs))
     opset = default_opset(model)
     replacements: dict[int, dict[int, list[onnx.NodeProto]]] = {}
     removals: dict[int, set[str]] = {}
@@ -142,11 +118,11 @@ def apply_factors(
             del graph.node[:]
             graph.node.extend(new_nodes)
             _fold_bias_corrections(model, graph, {o.name for o in graph.output})
-        _remove_tensors(graph, removals.get(g_index, set()))
+        remove_tensors(graph, removals.get(g_index, set()))
     read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
     for g_index, bias in {(u.graph_index, u.bias) for s in chosen for u in s.uses if u.bias}:
         if bias not in read:  # a Gemm bias replaced by its folded, corrected copy
-            _remove_tensors(graphs[g_index], {bias})
+            remove_tensors(graphs[g_index], {bias})
     return model
 
 
@@ -189,15 +165,11 @@ def _factor_nodes(model, use: WeightUse, a_name, b_name, shift, dtype, graph, na
 
 def _folded_gemm_bias(model, use: WeightUse, shift, dtype, graph, namer, base) -> str | None:
     """A new constant C' = beta·C + alpha·shift for the second Gemm (beta becomes 1); None when C is computed."""
-    if use.bias is None:
-        bias = 0.0
-    else:
-        constant = next((t for t in graph.initializer if t.name == use.bias), None)
-        if constant is None:
-            return None
-        bias = use.beta * tensor_array(model, constant).astype(np.float64)  # lazily loaded: read from its file
+    value = folded_bias(model, graph, use, shift)
+    if value is None:
+        return None
     name = namer(f"{base}/bias_corrected")
-    graph.initializer.append(numpy_helper.from_array(np.asarray(bias + use.alpha * shift, dtype=dtype), name))
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
     return name
 
 
@@ -232,7 +204,7 @@ def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outpu
         folded_shifts.add(shift.name)
     for index in reversed([i for i, n in enumerate(graph.node) if n.name in drop]):
         del graph.node[index]
-    _remove_tensors(graph, folded_shifts)
+    remove_tensors(graph, folded_shifts)
 
 
 def _check_replacements(sites: list[Site], factors: dict) -> None:
@@ -281,17 +253,6 @@ def _build_structure(rep: Structured, dtype, x: str, y: str, prefix: str, weight
     raise FwlrError(f"unknown structure {type(rep.structure).__name__}; expected KronSum or LowRank.")
 
 
-def _free_prefix(namer: "_Namer", wanted: str, names_of) -> str:
-    """`wanted`, or it with the first numeric suffix, such that no name it yields is taken; reserves them."""
-    candidate, i = wanted, 1
-    while True:
-        names = names_of(candidate)
-        if not any(n in namer.taken for n in names):
-            namer.taken.update(names)
-            return candidate
-        candidate, i = f"{wanted}_{i}", i + 1
-
-
 def _structured_site(site: Site, rep: Structured, graphs, namer,
                      form=None) -> dict[tuple[int, int], list[onnx.NodeProto]]:
     """Structure initializers once in the owning graph; per use, uniquely named nodes computing the Gemm/MatMul."""
@@ -301,7 +262,7 @@ def _structured_site(site: Site, rep: Structured, graphs, namer,
     def initializers(weight_prefix):
         return _build_structure(rep, dtype, "x", "y", "probe", weight_prefix, form)[1]
 
-    weight_prefix = _free_prefix(namer, f"{site.weight}/{kind}", lambda p: [t.name for t in initializers(p)])
+    weight_prefix = namer.free_prefix(f"{site.weight}/{kind}", lambda p: [t.name for t in initializers(p)])
     graphs[site.graph_index].initializer.extend(initializers(weight_prefix))
     shift = _shift(rep)
     swaps = {}
@@ -312,11 +273,14 @@ def _structured_site(site: Site, rep: Structured, graphs, namer,
             outputs = [o for n in nodes for o in n.output if o != use.output]
             return [n.name for n in nodes] + outputs + [t.name for t in inits]
 
-        prefix = _free_prefix(namer, f"{use.node_name or use.output}/{kind}", names_of)
+        prefix = namer.free_prefix(f"{use.node_name or use.output}/{kind}", names_of)
         nodes, inits = _structured_use(use, prefix, weight_prefix, rep, dtype, shift, form)
         graphs[use.graph_index].initializer.extend(inits)
         swaps[(use.graph_index, use.node_index)] = nodes
     return swaps
+
+
+STRUCTURED_ROLES = {"alpha": "alpha", "shift": "bias_correction", "C": "C"}  # gemm_tail's roles as named here
 
 
 def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Structured, dtype, shift, form=None):
@@ -329,20 +293,14 @@ def _structured_use(use: WeightUse, prefix: str, weight_prefix: str, rep: Struct
     if use.trans_a:
         x = f"{prefix}/x_T"
         nodes.append(helper.make_node("Transpose", [use.input], [x], name=f"{prefix}/transpose_x", perm=[1, 0]))
-    is_gemm = use.op_type == "Gemm"
-    steps = []  # (op, constant value or tensor name, role)
-    if is_gemm and use.alpha != 1.0:
-        steps.append(("Mul", np.asarray(use.alpha, dtype=dtype), "alpha"))
-    if shift is not None:
-        steps.append(("Add", np.asarray(shift * (use.alpha if is_gemm else 1.0), dtype=dtype), "bias_correction"))
-    scale_c = []
-    if is_gemm and use.bias is not None and use.beta != 0.0:
-        bias = use.bias
-        if use.beta != 1.0:
-            inits.append(numpy_helper.from_array(np.asarray(use.beta, dtype=dtype), f"{prefix}/beta"))
-            bias = f"{prefix}/beta_C"
-            scale_c.append(helper.make_node("Mul", [use.bias, f"{prefix}/beta"], [bias], name=f"{prefix}/scale_C"))
-        steps.append(("Add", bias, "C"))
+    steps, scale_c = [], []  # (op, constant value or tensor name, role); beta · a computed C
+    for step in tail_steps(use, shift):
+        operand = step.operand if isinstance(step.operand, str) else np.asarray(step.operand, dtype=dtype)
+        if step.scale is not None:
+            inits.append(numpy_helper.from_array(np.asarray(step.scale, dtype=dtype), f"{prefix}/beta"))
+            operand = f"{prefix}/beta_C"
+            scale_c.append(helper.make_node("Mul", [use.bias, f"{prefix}/beta"], [operand], name=f"{prefix}/scale_C"))
+        steps.append((step.op, operand, STRUCTURED_ROLES[step.role]))
     y = use.output if not steps else f"{prefix}/xW"
     nodes += _build_structure(rep, dtype, x, y, prefix, weight_prefix, form)[0] + scale_c
     for i, (op, operand, role) in enumerate(steps):
@@ -391,13 +349,3 @@ def _zero_c(graph, namer, base, opset, dtype) -> list[str]:
     name = namer(f"{base}/zero_bias")
     graph.initializer.append(numpy_helper.from_array(np.zeros([1], dtype=dtype), name))
     return [name]
-
-
-def _remove_tensors(graph: onnx.GraphProto, names: set[str]) -> None:
-    """Drop replaced weights, and their stale graph-input and value-info entries (old IR lists weights as inputs)."""
-    if not names:
-        return
-    for field in (graph.initializer, graph.input, graph.value_info):
-        # deleted in place, from the back: rebuilding the field would copy every weight (protobuf's extend copies)
-        for index in reversed([i for i, entry in enumerate(field) if entry.name in names]):
-            del field[index]

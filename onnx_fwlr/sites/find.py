@@ -63,7 +63,7 @@ class Skipped:
     reason: str
 
 
-def _constants(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None, onnx.TensorProto]]:
+def constant_tensors(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None, onnx.TensorProto]]:
     """name -> (graph index, Constant node index or None, tensor) for every initializer and Constant node."""
     found: dict[str, tuple[int, int | None, onnx.TensorProto]] = {}
     for g_index, graph in enumerate(graphs):
@@ -77,7 +77,7 @@ def _constants(graphs: list[onnx.GraphProto]) -> dict[str, tuple[int, int | None
     return found
 
 
-def _consumers(graphs: list[onnx.GraphProto]) -> dict[str, list[tuple[int, int]]]:
+def tensor_readers(graphs: list[onnx.GraphProto]) -> dict[str, list[tuple[int, int]]]:
     """name -> (graph index, node index) of every node reading it; graph outputs count as node index -1."""
     readers: dict[str, list[tuple[int, int]]] = {}
     for g_index, graph in enumerate(graphs):
@@ -90,7 +90,7 @@ def _consumers(graphs: list[onnx.GraphProto]) -> dict[str, list[tuple[int, int]]
     return readers
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
+def node_attribute(node: onnx.NodeProto, name: str, default):
     for attr in node.attribute:
         if attr.name == name:
             return onnx.helper.get_attribute_value(attr)
@@ -102,8 +102,8 @@ def find_sites(
 ) -> tuple[list[Site], list[Skipped]]:
     """All factorisable sites and every MatMul/Gemm that is not one, with the reason."""
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
-    readers = _consumers(graphs)
+    constants = constant_tensors(graphs)
+    readers = tensor_readers(graphs)
     candidates: dict[str, list[tuple[WeightUse, bool]]] = {}
     skipped: list[Skipped] = []
 
@@ -132,12 +132,12 @@ def find_sites(
                 op_type=node.op_type,
                 input=x_name,
                 output=node.output[0],
-                trans_a=bool(_attr(node, "transA", 0)) if is_gemm else False,
-                alpha=float(_attr(node, "alpha", 1.0)) if is_gemm else 1.0,
-                beta=float(_attr(node, "beta", 1.0)) if is_gemm else 1.0,
+                trans_a=bool(node_attribute(node, "transA", 0)) if is_gemm else False,
+                alpha=float(node_attribute(node, "alpha", 1.0)) if is_gemm else 1.0,
+                beta=float(node_attribute(node, "beta", 1.0)) if is_gemm else 1.0,
                 bias=(node.input[2] if is_gemm and len(node.input) > 2 and node.input[2] else None),
             )
-            transposed = bool(_attr(node, "transB", 0)) if is_gemm else False
+            transposed = bool(node_attribute(node, "transB", 0)) if is_gemm else False
             candidates.setdefault(w_name, []).append((use, transposed))
 
     sites: list[Site] = []
@@ -146,7 +146,7 @@ def find_sites(
         first = uses[0][0]
         if site is None:
             skipped.append(Skipped(first.node_name or first.output, first.op_type, w_name, reason))
-        elif not _selected(site, include, exclude):
+        elif not is_selected(site, include, exclude):
             skipped.append(Skipped(site.name, first.op_type, w_name, "excluded by `include`/`exclude`"))
         else:
             sites.append(site)
@@ -215,7 +215,7 @@ def _make_site(w_name, uses, constant, readers) -> tuple[Site | None, str]:
     return site, ""
 
 
-def _selected(site: Site, include: str | None, exclude: str | None) -> bool:
+def is_selected(site: Site, include: str | None, exclude: str | None) -> bool:
     names = [site.weight] + [use.node_name for use in site.uses]
     if include and not any(re.search(include, n) for n in names):
         return False
@@ -263,7 +263,7 @@ def weight_ref(model: onnx.ModelProto, site: Site) -> WeightRef:
     """A WeightRef for the site: lazily loaded weights (modelio.load_model(lazy=True)) stay on disk."""
     from onnx import external_data_helper
 
-    from onnx_fwlr.io.model import _external_span, tensor_array
+    from onnx_fwlr.io.model import external_span, tensor_array
 
     graph = walk_graphs(model)[site.graph_index]
     if site.constant_node is None:
@@ -272,7 +272,7 @@ def weight_ref(model: onnx.ModelProto, site: Site) -> WeightRef:
         node = graph.node[site.constant_node]
         tensor = next(a.t for a in node.attribute if a.name == "value")
     if external_data_helper.uses_external_data(tensor):
-        path, offset, _ = _external_span(model, tensor)
+        path, offset, _ = external_span(model, tensor)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         return WeightRef(site.transposed, path=str(path), offset=offset, dtype=dtype, shape=tuple(tensor.dims))
     return WeightRef(site.transposed, values=tensor_array(model, tensor))
@@ -369,3 +369,8 @@ def attention_projections(model: onnx.ModelProto, sites: list[Site], depth: int 
             if use.graph_index == 0 and (feeds_attention(use.output) or fed_by_attention(use.input)):
                 found.add(site.weight)
     return found
+
+
+# The private names these helpers had before they were made public, kept so code written on other branches at the
+# same time still runs after a merge; tests/test_layout.py fails on any import of them from another package.
+_constants, _consumers, _attr, _selected = constant_tensors, tensor_readers, node_attribute, is_selected

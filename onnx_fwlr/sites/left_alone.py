@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 from onnx_fwlr.io.onnx_utils import walk_graphs
-from onnx_fwlr.sites.find import Skipped, _constants
+from onnx_fwlr.sites.find import Skipped, constant_tensors
 
 LEFT_ALONE_MIN = 1024  # elements: smaller constants (biases, scales, shapes) are not weights worth listing
 # ops a stored weight passes through on its way to the op that computes with it (int8 storage, layout)
@@ -21,7 +21,7 @@ def left_alone(model: onnx.ModelProto, listed: set[str], quantized: list) -> lis
     """Every constant weight (>= LEFT_ALONE_MIN elements) that is neither a site nor listed already, with why
     compress leaves it: recurrent weights, convolution kernels (float or stored as integers), tables, ..."""
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
+    constants = constant_tensors(graphs)
     producers = {o: n for g in graphs for n in g.node for o in n.output}
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for graph in graphs:

@@ -23,7 +23,16 @@ from onnx import helper, numpy_helper
 
 from onnx_fwlr.autodiff.recurrent_vjp import unsupported_reason
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES, walk_graphs
-from onnx_fwlr.sites.find import Site, Skipped, WeightUse, _attr, _constants, _consumers, _selected, find_sites
+from onnx_fwlr.sites.find import (
+    Site,
+    Skipped,
+    WeightUse,
+    constant_tensors,
+    find_sites,
+    is_selected,
+    node_attribute,
+    tensor_readers,
+)
 
 GATES = {"LSTM": 4, "GRU": 3}
 _W_INPUT = 1  # W is the second input of both ops
@@ -35,7 +44,7 @@ def is_recurrent(site: Site) -> bool:
 
 
 def directions(node: onnx.NodeProto) -> int:
-    direction = _attr(node, "direction", b"forward")
+    direction = node_attribute(node, "direction", b"forward")
     direction = direction.decode() if isinstance(direction, bytes) else direction
     return 2 if direction == "bidirectional" else 1
 
@@ -49,8 +58,8 @@ def find_recurrent_sites(
     input size and N = dirs·gates·hidden (the stacked view, `stacked_view`).
     """
     graphs = walk_graphs(model)
-    constants = _constants(graphs)
-    readers = _consumers(graphs)
+    constants = constant_tensors(graphs)
+    readers = tensor_readers(graphs)
     candidates: dict[str, list[WeightUse]] = {}
     shapes: dict[str, set] = {}
     skipped: list[Skipped] = []
@@ -72,7 +81,8 @@ def find_recurrent_sites(
             use = WeightUse(graph_index=g_index, node_index=n_index, node_name=node.name, op_type=node.op_type,
                             input=x_name, output=next((o for o in node.output if o), label))
             candidates.setdefault(w_name, []).append(use)
-            shapes.setdefault(w_name, set()).add((node.op_type, directions(node), _attr(node, "hidden_size", None)))
+            hidden = node_attribute(node, "hidden_size", None)
+            shapes.setdefault(w_name, set()).add((node.op_type, directions(node), hidden))
 
     sites: list[Site] = []
     for w_name, uses in candidates.items():
@@ -80,7 +90,7 @@ def find_recurrent_sites(
         first = uses[0]
         if site is None:
             skipped.append(Skipped(first.node_name or first.output, first.op_type, w_name, reason))
-        elif not _selected(site, include, exclude):
+        elif not is_selected(site, include, exclude):
             skipped.append(Skipped(site.name, first.op_type, w_name, "excluded by `include`/`exclude`"))
         else:
             sites.append(site)

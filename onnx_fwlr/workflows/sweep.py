@@ -16,17 +16,11 @@ from tqdm.auto import tqdm
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
-from onnx_fwlr.pipeline.compress import (
-    METHODS,
-    Budget,
-    build,
-    check_method,
-    choose_ranks,
-    ensure_decompositions,
-    prepare,
-)
+from onnx_fwlr.pipeline.compress import METHODS, check_method
+from onnx_fwlr.pipeline.config import BudgetOptions, DataOptions, MethodOptions, RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
 from onnx_fwlr.pipeline.distributed import ready_executor, sharded_statistics
+from onnx_fwlr.pipeline.run import Reuse, run
 from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.stats.activations import collect_activation_stats
@@ -166,27 +160,31 @@ def sweep(
 
 
 def _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress, executor=None) -> None:
-    """Every method × allocation × ratio, each method decomposed once."""
-    result = measure.result
+    """Every method × allocation × ratio, each a pipeline.run.run of its own config; the runs share each method's
+    decompositions (Reuse: made whole once, by its first run)."""
+    result, reuse = measure.result, Reuse()
     for method in sorted({m for m, _ in configs}, key=methods.index):
-        prepared = prepare(original, method=method, stats=stats if METHODS[method].needs else None, workers=workers,
-                           progress=progress, executor=executor)
-        ensure_decompositions(prepared)  # every budget, and the spectra plot, read whole spectra: decompose once
         for allocation in [a for m, a in configs if m == method]:
             config = f"{method}/{allocation}"
             middle = sorted(ratios)[len(ratios) // 2]
             for ratio in tqdm(ratios, desc=f"sweep {config}", disable=not progress, leave=False):
-                ranks = choose_ranks(prepared, Budget(ratio=ratio), allocation)
-                compressed, report = build(prepared, ranks, allocation, Budget(ratio=ratio),
-                                           bias_correction=METHODS[method].bias_correction)
+                compressed, report = run(RunConfig(
+                    model=original, data=DataOptions(stats=stats if METHODS[method].needs else None),
+                    budget=BudgetOptions(ratio=ratio),
+                    method=MethodOptions(method=method, allocation=allocation,
+                                         bias_correction=METHODS[method].bias_correction, workers=workers,
+                                         executor=executor),
+                    progress=progress), reuse=reuse)
                 fields = {"config": config, "kind": "lowrank", "method": method, "allocation": allocation,
                           "ratio": ratio, "params_kept": report.site_params_after,
                           "param_ratio": report.site_params_after / max(report.site_params_before, 1),
                           "ranks": {s.name: s.rank for s in report.sites}}
                 measure.row(compressed, fields, f"{method}_{allocation}_{ratio:g}")
                 if ratio == middle:
-                    result.spectra[config] = [(s.name, prepared.decompositions[s.weight].s, r)
-                                              for s, r in zip(prepared.sites, ranks)]
+                    prepared = reuse.prepared[method]
+                    ranks = {s.name: s.rank for s in report.sites}
+                    result.spectra[config] = [(s.name, prepared.decompositions[s.weight].s, ranks.get(s.name))
+                                              for s in prepared.sites]
 
 
 @dataclass

@@ -2,7 +2,7 @@
 doped Kronecker vs trained low rank vs the dense model vs ONNX Runtime's int8 dynamic quantization (issue 29, item 3;
 issue 19's benchmark before it).
 
-Run from the repository root (about 27 minutes for both ratios on a shared 2-core machine):
+Run from the repository root (18 minutes for both ratios on a shared 2-core machine at load 4-5):
     python tools/bench_lstm_lm.py [--ratios 0.1,0.05] [--steps 300] [--pairs 60] [--json FILE]
 
 The model: a word-level LSTM LM on the Python standard library's docstrings (tools/minilm_sentences.py finds
@@ -19,8 +19,8 @@ token per run, state carried) is the same graph cut after its first step (step_m
 decodes with exactly its trained values. The same LM with the ONNX LSTM op (lstm_op_model) is the input a user
 would give ONNX Runtime's quantize_dynamic, which turns the op into DynamicQuantizeLSTM.
 
-Rows (compressed ones at every --ratios value, stored numbers / dense over the LSTM weights; no bias correction,
-whose per-use copies a decoder cannot share):
+Rows (compressed ones at every --ratios value, stored numbers / dense over the LSTM weights; no bias correction:
+compress writes one copy of its vector per use, 32 identical 4 KB copies for W_hh, which would double the bytes):
   dense, unrolled / dense, LSTM op      the original, both graphs
   ORT int8 dynamic, LSTM op / unrolled  quantize_dynamic, per channel (onnx_fwlr.quant.ortquant.ort_int8_model)
   low rank, post-training / trained     compress --method whiten --rank-multiple 1, then refine (KL on the logits)

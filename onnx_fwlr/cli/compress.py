@@ -207,8 +207,12 @@ class Compress:
         if report.checked is not None and written:
             code = max(code, report_validation(report.checked, args, out))
         summary = report.to_dict()
+        points = None
+        if _latency_table_wanted(config, report, args) and written:
+            points = _latency_points(config, report, model, out)
+            summary["ort_points"] = points
         if report.checked is not None and written and not args.no_ort_comparison and not report.checked.unjudged:
-            summary["ort_baselines"] = _ort_comparison(config, report, output, out)
+            summary["ort_baselines"] = _ort_comparison(config, report, output, out, points)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
@@ -308,9 +312,10 @@ def _prompt_ids(data):
     return ids[rows, :length].astype(np.int64) if rows else None
 
 
-def _ort_comparison(config, report, output, out) -> list[dict]:
+def _ort_comparison(config, report, output, out, points=None) -> list[dict]:
     """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
-    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report."""
+    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report. `points`: the
+    latency table's rows, whose baselines were judged on the same data already."""
     from onnx_fwlr.io.model import file_size
     from onnx_fwlr.workflows.frontier import ort_comparison
 
@@ -318,9 +323,45 @@ def _ort_comparison(config, report, output, out) -> list[dict]:
     sentence, rows = ort_comparison(config.model, file_size(output), report.checked, config.data.validation,
                                     batch_size=config.data.batch_size, outputs=outputs,
                                     common_prefix=config.compare.common_prefix, quantized=bool(config.quantize.mode),
-                                    judge=config.fisher.output)
+                                    judge=config.fisher.output, measured=points)
     if sentence:
         out(sentence)
+    return rows
+
+
+def _latency_table_wanted(config, report, args) -> bool:
+    """`--quantize ... --target-latency` ends with ONNX Runtime's points beside ours (issue 26), unless
+    --no-ort-comparison; a quantized input is not quantized again (as in the closing sentence)."""
+    speed = report.budget.get("speed") or {}
+    return (bool(config.quantize.mode) and config.budget.target_latency is not None and not args.no_ort_comparison
+            and speed.get("measured_ratio") is not None and not report.input_quantization)
+
+
+def _latency_points(config, report, model, out) -> list[dict]:
+    """ONNX Runtime's fp32, int8 dynamic and int4 (accuracy_level 0 and 4) points beside ours: bytes, latency over
+    the original's at the timing batch (alternating pairs, as compress timed ours), fidelity on --val; printed as
+    sweep --latency prints its table (workflows.frontier.latency_points, workflows.sweep.SweepResult)."""
+    from onnx_fwlr.cost.latency import MeasuredLatency
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
+    from onnx_fwlr.workflows.frontier import frontier_metric, judged, latency_points, model_bytes
+    from onnx_fwlr.workflows.sweep import SweepResult
+
+    data, speed = config.data, report.budget["speed"]
+    feed = timing_feed(load_model(config.model, lazy=True), data.calibration, data.batch_size, data.shapes)
+    ours = {"config": f"ours --quantize {config.quantize.mode}", "budget": f"latency {config.budget.target_latency:g}",
+            "bytes": model_bytes(model), "latency_ratio": speed["measured_ratio"],
+            "latency_ratio_p10": speed["measured_p10"], "latency_ratio_p90": speed["measured_p90"]}
+    checked = report.checked if report.checked is not None and not report.checked.unjudged else None
+    if checked is not None:
+        ours.update(judged(checked, config.fisher.output))
+    latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
+    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
+    rows = latency_points(config.model, ours, latency, feed, data.validation if checked is not None else None,
+                          batch_size=data.batch_size, outputs=outputs, common_prefix=config.compare.common_prefix,
+                          judge=config.fisher.output)
+    out(SweepResult(rows=rows, metric=frontier_metric(rows),
+                    timed_on=f"the timing batch ({_feed_shape(feed)})").format())
     return rows
 
 

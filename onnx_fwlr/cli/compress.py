@@ -115,8 +115,8 @@ class Compress:
                        help="apply the same factors to another export of the same checkpoint (a decoder's with-past "
                             "or merged model, e.g. Optimum's decoder_with_past_model.onnx / decoder_model_merged.onnx; "
                             "weights matched by name and value) and write it to OUT, checking greedy decoding through "
-                            "its KV cache against the compressed model on --val/--calib token ids (repeatable; "
-                            "low-rank methods, not --quantize)")
+                            "its KV cache against the compressed model on --val/--calib token ids (repeatable; with "
+                            "--quantize: the same quantized weights and corrections, with-past exports only)")
         p.add_argument("--write-unchanged", action="store_true",
                        help="write the output even when no site can be factorised")
         calibration_arguments(p)
@@ -177,8 +177,6 @@ class Compress:
         from onnx_fwlr.io.model import check_output_path, file_size, save_model
         from onnx_fwlr.pipeline.run import run
 
-        if args.also and args.quantize:  # --also's own refusal comes before the config's checks
-            _refuse_also_with_quantize()
         config = run_config(args)
         output = check_output_path(args.output, [config.model], args.force)
         also = parse_also(args.also, config, args, output)
@@ -202,7 +200,7 @@ class Compress:
                 "the model unchanged).")
         code = 0
         if also and written:
-            summary_also = write_also(also, config, args, model, output, out)
+            summary_also = write_also(also, config, args, model, report, output, out)
             code = 1 if any(not item["greedy_matches"] for item in summary_also if "greedy_matches" in item) else 0
         if report.checked is not None and written:
             code = max(code, report_validation(report.checked, args, out))
@@ -235,8 +233,8 @@ def parse_also(items, config, args, output):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.io.model import check_output_path
 
-    if items and config.quantize.mode:  # a --config file's quantize
-        _refuse_also_with_quantize()
+    if items and config.quantize.mode:
+        _check_also_with_quantize(config.model)
     pairs, outputs = [], [output.resolve()]
     for item in items:
         source, sep, target = item.partition("=")
@@ -247,29 +245,56 @@ def parse_also(items, config, args, output):
         target = check_output_path(target, [config.model, source, *(s for s, _ in pairs)], args.force)
         if target.resolve() in outputs:
             raise FwlrError(f"--also writes {target} twice; give every output its own path.")
+        if config.quantize.mode:
+            _check_also_target_for_quantize(source)
         outputs.append(target.resolve())
         pairs.append((Path(source), target))
     return pairs
 
 
-def _refuse_also_with_quantize():
+def _check_also_target_for_quantize(source):
+    """The quantized rewrite handles weights read in the main graph (a with-past export); a merged export reads
+    them inside If branches, which it does not rewrite yet."""
+    import onnx
+
     from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.io.onnx_utils import walk_graphs
 
-    raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
-                    "(quantize each export with the same flags instead).")
+    if len(walk_graphs(onnx.load(str(source), load_external_data=False))) > 1:
+        raise FwlrError(f"--also {source}: with --quantize, exports whose weights are read inside subgraphs (a merged "
+                        "decoder's If branches) are not rewritten yet; give the with-past export instead.")
 
 
-def write_also(pairs, config, args, model, output, out) -> list[dict]:
-    """The other exports with the compressed model's factors, each checked by greedy decoding through its cache."""
+def _check_also_with_quantize(model):
+    """--quantize writes the other exports by the same rewrite of the same float weights; an input that is already
+    quantized is requantized its own way, which --also does not repeat."""
+    import onnx
+
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.quant.dequantize import detect_quantized
+
+    if detect_quantized(onnx.load(str(model), load_external_data=False)):
+        raise FwlrError("--also with --quantize takes a float model; this one already holds quantized weights "
+                        "(compress each export with the same flags instead).")
+
+
+def write_also(pairs, config, args, model, report, output, out) -> list[dict]:
+    """The other exports with the compressed model's factors (or, under --quantize, the same quantized weights and
+    corrections), each checked by greedy decoding through its cache."""
     from onnx_fwlr.io.model import save_model
-    from onnx_fwlr.pipeline.transplant import apply_same_factors
+    from onnx_fwlr.pipeline.transplant import apply_same_factors, apply_same_quantization
 
     results = []
     prompt = _prompt_ids(args.val or config.data.calibration)
+    rewritten = report.rewritten if config.quantize.mode else None
+    what = "quantized weights" if rewritten is not None else "factors"
     for source, target in pairs:
-        other, replaced = apply_same_factors(str(source), config.model, model)
+        if rewritten is not None:
+            other, replaced = apply_same_quantization(str(source), config.model, rewritten)
+        else:
+            other, replaced = apply_same_factors(str(source), config.model, model)
         save_model(other, target, external_data=True if args.external_data else None)
-        line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the factors of {output.name})"
+        line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the {what} of {output.name})"
         item = {"model": str(source), "output": str(target), "weights": replaced}
         if prompt is not None:
             check = _greedy(other, model, prompt)
@@ -278,6 +303,9 @@ def write_also(pairs, config, args, model, output, out) -> list[dict]:
             verdict = "matches" if check.matches else "FAIL: differs from"
             line += (f"; greedy decoding through its KV cache {verdict} {output.name} "
                      f"({item['greedy_tokens']} tokens x {prompt.shape[0]} prompts)")
+            if not check.matches and any(n.op_type == "MatMulInteger" for n in other.graph.node):
+                line += (" (dynamic int8 rounds each run's activations with one scale over all its positions, so a "
+                         "cached step, one position, rounds differently from the whole sequence)")
         out(line)
         results.append(item)
     return results

@@ -36,7 +36,7 @@ from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
-from onnx_fwlr.quant.graph import rewrite, site_dtype
+from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
@@ -87,6 +87,7 @@ class QuantizeJob:
     plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
+    rewritten: Rewrite | None = None  # what the last build gave quant.graph.rewrite (float inputs: --also)
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it."""
@@ -236,6 +237,7 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     else:
         model_out, results, tables = _build_within(job, target)
     report = _report(job, model_out, results, tables)
+    report.rewritten = job.rewritten
     report.allocation = "latency" if speed else "budget" if target is not None else "uniform"
     report.budget = {"quantize": job.quantize, "block_size": job.block_size, "int8": job.int8, "rank": rank,
                      "target_size": target, "ratio": ratio, "bias_correction": job.bias_correction,
@@ -662,6 +664,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         if site_plan is not None:
             plans[site.weight] = site_plan
     model_out = rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge)
+    job.rewritten = None if job.source is not None else Rewrite(plans, dict(tables), job.factors, job.merge)
     if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
         model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results

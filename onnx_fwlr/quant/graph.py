@@ -49,6 +49,24 @@ class SitePlan:
         return self.quantized if self.quantized is not None else weight_matrix(model, site)
 
 
+@dataclass
+class Rewrite:
+    """What `rewrite` was given for one model: applied to another export of the same weights (a decoder's
+    with-past or merged model, cli `--also`) it writes the same quantized weights, corrections and tables there."""
+
+    plans: dict[str, SitePlan]
+    tables: dict[str, Scheme]
+    factor_dtype: str = "float32"
+    merge: bool = False
+
+    def apply(self, model: onnx.ModelProto, weights: list[str] | None = None,
+              tables: list[str] | None = None) -> onnx.ModelProto:
+        """`model` rewritten with the plans of `weights` and the tables named (default: all of them)."""
+        plans = self.plans if weights is None else {w: self.plans[w] for w in weights}
+        chosen = self.tables if tables is None else {t: self.tables[t] for t in tables}
+        return rewrite(model, plans, chosen, self.factor_dtype, merge=self.merge)
+
+
 class _Namer:
     """Fresh, deterministic names: the wanted one, or it with the first free numeric suffix."""
 

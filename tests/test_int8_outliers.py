@@ -141,8 +141,10 @@ class _Latency(lat.MeasuredLatency):
             return 0.5 * dense + pair + (extra if " o" in form else 0.0)
 
         super().__init__(threads=1, cache_dir=cache_dir, timer=timer)
+        self.profiled = 0
 
     def site_share(self, model, nodes, feed, runs=5):
+        self.profiled += 1
         return 0.9
 
     def model_ratio(self, original, compressed, feed, runs=20):
@@ -164,3 +166,22 @@ def test_a_latency_budget_takes_the_outlier_option_when_its_loss_per_ms_pays(tmp
     plain = rewrite(_model(), {"W1": SitePlan(INT8_DYNAMIC), "W2": SitePlan(INT8_DYNAMIC)}, {})
     plain_error = np.linalg.norm(run(plain, x) - exact) / np.linalg.norm(exact)
     assert (error < 0.5 * plain_error) == chosen
+
+
+def test_a_budget_just_above_the_fastest_model_is_judged_by_the_same_profile(tmp_path):
+    from onnx_fwlr.pipeline.quantized import build_quantized, fastest_latency
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_model(), path)
+    latency = _Latency(tmp_path, 0.001)
+    job = prepare_quantized(str(path), quantize="int8", calibration=str(_calib(tmp_path)), method="kfac",
+                            progress=False, timed=True)
+    assert job.outliers == (1, 4)  # offered by default under a latency budget
+    fastest = fastest_latency(job, latency)
+    assert fastest == pytest.approx(0.1 + 0.9 * 0.5)  # every site at int8 (0.5x fp32) in 90 % of the time
+    _, report = build_quantized(job, target_latency=fastest, latency=latency)
+    assert {s.note.split(":")[0] for s in report.sites if s.weight in ("W1", "W2")} == {"int8 dynamic"}
+    _, report = build_quantized(job, target_latency=fastest * 1.02, latency=latency)
+    assert report.budget["speed"]["predicted_ratio"] <= fastest * 1.02
+    assert any(s.note.startswith("int8 dynamic o") for s in report.sites)
+    assert latency.profiled == 1  # one profile per job: the budget and the fastest model share it

@@ -192,7 +192,7 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
     start = time.perf_counter()
     int8 = ort_int8(work.model)
     rows.append(measure("ORT int8 dynamic per-channel", int8, work, reference, time.perf_counter() - start, args, base))
-    for block in (32, 128):
+    for block in () if args.no_int4 else (32, 128):
         for level in (0, 4) if args.latency else (0,):
             start = time.perf_counter()
             name = f"ORT int4 b{block} (MatMul only)" + (f", accuracy_level {level}" if args.latency else "")
@@ -207,7 +207,7 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
     levels = {}
     if args.latency:  # int4 sites choose their accuracy_level by timing at batch 1's rows
         levels = dict(accuracy_level="auto", level_timer=OrtTimer(threads=args.threads), feed=base["feeds"][1])
-    for quantize in args.modes.split(","):
+    for quantize in [m for m in args.modes.split(",") if m]:
         start = time.perf_counter()
         job = prepare_quantized(work.model, quantize=quantize, block_size=args.block_size, method="kfac",
                                 factors=args.factors, budgeted=True, merge=args.merge,
@@ -290,8 +290,9 @@ def latency_targets(work: Workload, args, reference, base, common) -> list[dict]
                 row = measure(f"ours {mode}, target latency {text} = {target:.3f} (batch {batch})", model, work,
                               reference, prepared + time.perf_counter() - start, args, base)
                 row["predicted_latency"] = report.budget["speed"]["predicted_ratio"]
-                row["choices"] = sorted({s.note.split(":")[0] for s in report.sites})
-                print(f"    choices: {', '.join(row['choices'])}", file=sys.stderr)
+                row["choices"] = {s.name: s.note.split(":")[0] for s in report.sites}
+                outliers = [f"{name} {label}" for name, label in row["choices"].items() if " o" in label]
+                print(f"    {len(outliers)} site(s) with outlier channels: {', '.join(outliers)}", file=sys.stderr)
                 rows.append(row)
     return rows
 
@@ -367,6 +368,7 @@ def main() -> int:
     p.add_argument("workload", choices=["digits", "transformer", "minilm"])
     p.add_argument("--modes", default="int4,auto", help="our quantize modes, comma-separated (int4,int8,auto)")
     p.add_argument("--fractions", default="0.6,0.7,0.8,0.9,1.0", help="byte budgets as fractions of ORT's int8 model")
+    p.add_argument("--no-int4", action="store_true", help="leave out ORT's int4 rows (the int8 goal alone)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--factors", default="float16", choices=["float16", "float32"], help="correction factor storage")
     p.add_argument("--ablations", action="store_true", help="also the uniform-rank ablations")

@@ -92,6 +92,7 @@ class QuantizeJob:
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
     rewritten: Rewrite | None = None  # what the last build gave quant.graph.rewrite (float inputs: --also)
+    share: float | None = None  # a latency budget: the sites' share of the original's time, profiled once
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it, and dynamic int8 with its
@@ -355,7 +356,15 @@ def fastest_latency(job: QuantizeJob, latency=None, input_forms=None) -> float:
         raise RuntimeError("a latency budget needs the job prepared with timed=True")
     latency = latency if latency is not None else MeasuredLatency()
     forms = input_forms or InputForms(job.prepared.model)
-    return fastest_ratio(job.prepared.model, job.sites, _options(job)[:len(job.sites)], latency, job.feed, forms)
+    return fastest_ratio(job.prepared.model, job.sites, _options(job)[:len(job.sites)], latency, job.feed, forms,
+                         _site_share(job, latency, forms))
+
+
+def _site_share(job: QuantizeJob, latency, forms) -> float | None:
+    """The sites' share of the original's time, profiled once per job (None without sites)."""
+    if job.share is None and job.sites:
+        job.share = latency.site_share(forms.model, forms.nodes(job.sites), job.feed)
+    return job.share
 
 
 def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
@@ -367,7 +376,7 @@ def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
     forms = input_forms or InputForms(job.prepared.model)
     site_choices = _options(job)[:len(job.sites)]
     chosen, speed = allocate_latency(job.prepared.model, job.sites, site_choices, target, latency, job.feed, forms,
-                                     job.quantize)
+                                     job.quantize, _site_share(job, latency, forms))
     tables = dict(job.fixed_tables)
     model_out, results = _build(job, chosen, tables)
     for result, row in zip(results, speed["sites"]):

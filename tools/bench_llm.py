@@ -61,6 +61,8 @@ def parse_args():
     parser.add_argument("--decode-steps", type=int, default=32, help="tokens generated per decode timing (default 32)")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads for the decode timing (default 1: steady on a busy machine)")
+    parser.add_argument("--decode-pairs", type=int, default=PAIRS,
+                        help="--decode-only: back-to-back pairs with the original per row (default 3)")
     parser.add_argument("--decode-only", action="store_true",
                         help="only time decoding of the original and of the rows' models already in --work")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation rows per ONNX Runtime run (default 8)")
@@ -396,11 +398,11 @@ def decode_table(args, wanted) -> None:
     import statistics
 
     for key, (past, no_cache) in rows.items():
-        pairs = [(decode(args, past, no_cache), decode(args, *original)) for _ in range(PAIRS)]
+        pairs = [(decode(args, past, no_cache), decode(args, *original)) for _ in range(args.decode_pairs)]
         speed = statistics.median(p[0] for p in pairs)
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         results[key] = {"tokens_per_second": speed, "vs_original": ratio, "pairs": pairs}
-        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {PAIRS} back-to-back pairs)",
+        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {len(pairs)} back-to-back pairs)",
               flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.json:

@@ -143,6 +143,19 @@ def test_also_with_quantize_writes_the_same_quantized_weights_into_the_with_past
         assert greedy_check(str(past), prompt, 4, no_cache=str(out)).matches
 
 
+def test_also_with_quantize_refuses_an_input_that_is_already_quantized(tmp_path, capsys):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = tmp_path / "decoder_int8.onnx"
+    quantize_dynamic(str(SAMPLE / "decoder.onnx"), str(int8), weight_type=QuantType.QInt8)
+    out = tmp_path / "small.onnx"
+    code = cli("compress", int8, "-o", out, "--quantize", "int4", "--rank", "8", "--calib", CALIB, "--quiet",
+               "--also", f"{SAMPLE / 'decoder_with_past.onnx'}={tmp_path / 'past.onnx'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "takes a float model; this one already holds quantized weights" in err
+    assert "Traceback" not in err and not out.exists() and not (tmp_path / "past.onnx").exists()
+
+
 @pytest.mark.parametrize("also, extra, message", [
     ("nosep.onnx", [], "is not MODEL=OUT"),
     ("missing.onnx=x.onnx", [], "is not a model file"),
@@ -224,3 +237,29 @@ def test_decode_speed_runs_the_cache_path_for_the_asked_steps():
     assert result["tokens_per_second"] == pytest.approx(5 / result["decode_seconds"])
     with pytest.raises(Exception, match="at least one step"):
         decode_speed(str(SAMPLE / "decoder_with_past.onnx"), prompt, 0)
+
+
+def test_apply_same_quantization_checks_the_weights_are_the_same(tmp_path):
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.pipeline.quantized import compress_quantized
+    from onnx_fwlr.pipeline.transplant import apply_same_quantization
+
+    model, report = compress_quantized(str(SAMPLE / "decoder.onnx"), quantize="int4", rank=8,
+                                       calibration=str(CALIB), progress=False)
+    assert report.rewritten is not None and len(report.rewritten.plans) >= 10
+    past = onnx.load(str(SAMPLE / "decoder_with_past.onnx"))
+    same, replaced = apply_same_quantization(past, str(SAMPLE / "decoder.onnx"), report.rewritten)
+    assert sorted(replaced) == sorted([*report.rewritten.plans, *report.rewritten.tables])
+    assert "lm.model.embed_tokens.weight" in replaced  # the table too (int4 blocks, as the compressed model has it)
+    assert not set(replaced) & {t.name for t in same.graph.initializer}  # no float copy left
+    changed = onnx.ModelProto()
+    changed.CopyFrom(past)
+    weight = next(t for t in changed.graph.initializer if t.name == replaced[0])
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    with pytest.raises(FwlrError, match="differs between the target model and the original"):
+        apply_same_quantization(changed, str(SAMPLE / "decoder.onnx"), report.rewritten)
+    with pytest.raises(FwlrError, match="shares no quantized weight"):
+        apply_same_quantization(str(ROOT / "sample_models" / "digits_mlp.onnx"), str(SAMPLE / "decoder.onnx"),
+                                report.rewritten)

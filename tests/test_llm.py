@@ -118,15 +118,53 @@ def test_also_on_the_sample_decoder_keeps_the_cache_path_at_ratio_0_8(tmp_path, 
     assert (tmp_path / "small_merged.onnx").is_file()
 
 
+@pytest.mark.parametrize("mode, flags", [("int4", ["--rank", "8"]), ("int8", ["--ratio", "0.5"]),
+                                         ("auto", ["--ratio", "0.4"])])
+def test_also_with_quantize_writes_the_same_quantized_weights_into_the_with_past_export(tmp_path, capsys, mode, flags):
+    from onnx_fwlr.evaluate.language import greedy_check
+
+    out, past, report = tmp_path / "q.onnx", tmp_path / "q_past.onnx", tmp_path / "r.json"
+    code = cli("compress", SAMPLE / "decoder.onnx", "-o", out, "--quantize", mode, *flags, "--calib", CALIB,
+               "--also", f"{SAMPLE / 'decoder_with_past.onnx'}={past}", "--quiet", "--json", report)
+    text = capsys.readouterr().out
+    assert code == 0 and "with the quantized weights of q.onnx" in text and "KV cache matches q.onnx" in text, text
+    item = json.loads(report.read_text())["also"][0]
+    assert item["greedy_matches"] and len(item["weights"]) >= 10
+    compressed, cached = onnx.load(str(out)), onnx.load(str(past))
+    main_tensors = {t.name: onnx.numpy_helper.to_array(t) for t in compressed.graph.initializer}
+    past_tensors = {t.name: onnx.numpy_helper.to_array(t) for t in cached.graph.initializer}
+    quantized = [n for n in main_tensors if n.endswith(("_quantized", "_Q4", "_Q8", "/factor_A", "/factor_B"))]
+    assert quantized and all(np.array_equal(main_tensors[n], past_tensors[n]) for n in quantized)
+    ops = {n.op_type for n in cached.graph.node}
+    assert ({"MatMulNBits"} if mode == "int4" else {"MatMulInteger"}) <= ops
+    assert not {w for w in item["weights"]} & set(past_tensors)  # no dense copy of a replaced weight is left
+    if mode == "int4":  # weight-only int4 computes each position alone: any prompt decodes alike through the cache
+        prompt = np.load(CALIB)["input_ids"][:2, :6]
+        assert greedy_check(str(past), prompt, 4, no_cache=str(out)).matches
+
+
+def test_also_with_quantize_refuses_an_input_that_is_already_quantized(tmp_path, capsys):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8 = tmp_path / "decoder_int8.onnx"
+    quantize_dynamic(str(SAMPLE / "decoder.onnx"), str(int8), weight_type=QuantType.QInt8)
+    out = tmp_path / "small.onnx"
+    code = cli("compress", int8, "-o", out, "--quantize", "int4", "--rank", "8", "--calib", CALIB, "--quiet",
+               "--also", f"{SAMPLE / 'decoder_with_past.onnx'}={tmp_path / 'past.onnx'}")
+    err = capsys.readouterr().err
+    assert code == 2 and "takes a float model; this one already holds quantized weights" in err
+    assert "Traceback" not in err and not out.exists() and not (tmp_path / "past.onnx").exists()
+
+
 @pytest.mark.parametrize("also, extra, message", [
     ("nosep.onnx", [], "is not MODEL=OUT"),
     ("missing.onnx=x.onnx", [], "is not a model file"),
     ("{past}={out}", [], "writes"),
-    ("{past}=y.onnx", ["--quantize", "int4"], "does not combine with --quantize"),
+    ("{merged}=y.onnx", ["--quantize", "int4", "--calib", CALIB], "not rewritten yet; give the with-past export"),
 ])
 def test_also_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys, also, extra, message):
     out = tmp_path / "small.onnx"
-    also = also.format(past=SAMPLE / "decoder_with_past.onnx", out=out)
+    also = also.format(past=SAMPLE / "decoder_with_past.onnx", merged=SAMPLE / "decoder_merged.onnx", out=out)
     code = cli("compress", SAMPLE / "decoder.onnx", "-o", out, "--ratio", "0.8", "--also", also, "--quiet", *extra)
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
@@ -199,3 +237,29 @@ def test_decode_speed_runs_the_cache_path_for_the_asked_steps():
     assert result["tokens_per_second"] == pytest.approx(5 / result["decode_seconds"])
     with pytest.raises(Exception, match="at least one step"):
         decode_speed(str(SAMPLE / "decoder_with_past.onnx"), prompt, 0)
+
+
+def test_apply_same_quantization_checks_the_weights_are_the_same(tmp_path):
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.pipeline.quantized import compress_quantized
+    from onnx_fwlr.pipeline.transplant import apply_same_quantization
+
+    model, report = compress_quantized(str(SAMPLE / "decoder.onnx"), quantize="int4", rank=8,
+                                       calibration=str(CALIB), progress=False)
+    assert report.rewritten is not None and len(report.rewritten.plans) >= 10
+    past = onnx.load(str(SAMPLE / "decoder_with_past.onnx"))
+    same, replaced = apply_same_quantization(past, str(SAMPLE / "decoder.onnx"), report.rewritten)
+    assert sorted(replaced) == sorted([*report.rewritten.plans, *report.rewritten.tables])
+    assert "lm.model.embed_tokens.weight" in replaced  # the table too (int4 blocks, as the compressed model has it)
+    assert not set(replaced) & {t.name for t in same.graph.initializer}  # no float copy left
+    changed = onnx.ModelProto()
+    changed.CopyFrom(past)
+    weight = next(t for t in changed.graph.initializer if t.name == replaced[0])
+    values = onnx.numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1.0
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    with pytest.raises(FwlrError, match="differs between the target model and the original"):
+        apply_same_quantization(changed, str(SAMPLE / "decoder.onnx"), report.rewritten)
+    with pytest.raises(FwlrError, match="shares no quantized weight"):
+        apply_same_quantization(str(ROOT / "sample_models" / "digits_mlp.onnx"), str(SAMPLE / "decoder.onnx"),
+                                report.rewritten)

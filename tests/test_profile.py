@@ -475,3 +475,15 @@ def test_cli_profile_compare_defaults_symbolic_axes_and_reports_the_limit(profil
     assert "achievable latency ratio" in text and "median of 4 alternating pairs" in text
     data = json.loads(report.read_text())
     assert data["paired"]["pairs"] == 4 and [row["node"] for row in data["limits"]["sites"]] == ["mm1"]
+
+
+def test_the_median_upper_bound_holds_a_claim_only_where_the_noise_allows():
+    from onnx_fwlr.cost.limits import median_upper_bound
+
+    ratios = np.linspace(0.9, 1.1, 101)  # median 1.0
+    upper = median_upper_bound(ratios)
+    assert 1.0 < upper < 1.02  # rank 50.5 + 1.645 * sqrt(101) / 2 = 58.8 -> the 59th value, 1.016
+    assert upper == pytest.approx(ratios[58])
+    assert median_upper_bound(ratios[::10]) > upper  # fewer pairs, a wider bound
+    assert median_upper_bound([1.0] * 7) == 1.0 and median_upper_bound([2.0]) == 2.0
+    assert ratio_summary([1.0] * 101, ratios)["ratio_p50_upper"] == pytest.approx(upper)

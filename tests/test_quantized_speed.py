@@ -145,7 +145,8 @@ def test_cli_quantize_auto_target_latency(tmp_path, monkeypatch, capsys):
     assert data["allocation"] == "latency" and data["budget"]["speed"]["predicted_ratio"] <= 0.8
     assert data["budget"]["speed"]["measured_ratio"] == 0.8  # timed as written before it was written
     forms = {json.loads(p.read_text())["form"] for p in cache.glob("latency-*.json")}
-    assert forms == {"fp32", "int8 dynamic + fp32", "int4 b32 + fp32", "int4 b128 + fp32"}
+    assert forms == {"fp32", "int8 dynamic + fp32", "int4 b32 + fp32", "int4 b128 + fp32",  # and int8 with its
+                     "int8 dynamic o1 + fp32", "int8 dynamic o4 + fp32"}  # largest input channels in float
 
     code = main(["compress", str(DIGITS), "-o", str(tmp_path / "x.onnx"), "--calib", str(CALIB), "--quiet",
                  "--quantize", "int4", "--rank-multiple", "16"])
@@ -226,3 +227,59 @@ def test_speed_flags_refuse_a_quantized_scheme_without_a_latency_form(tmp_path):
     onnx.save(ort_int4_model(onnx.load(str(DIGITS)), 32), str(int4))
     with pytest.raises(FwlrError, match="time float and int8 dynamic .* weights, and this model holds"):
         compress(str(int4), ratio=0.3, rank_multiple="auto", latency=FakeLatency(tmp_path), **KFAC)
+
+
+# --- the closing table: ONNX Runtime's points beside ours (issue 26 item 4) --------------------------------------
+
+
+def _ratio_by_kernel(model) -> float:
+    """A fake whole-model latency ratio that tells the kernels apart: dynamic int8 0.45, MatMulNBits at
+    accuracy_level 4 0.7, at level 0 1.1, anything else (ours, checked before writing) 0.8."""
+    nodes = [n for g in [model.graph] for n in g.node]
+    if any(n.op_type == "MatMulNBits" for n in nodes):
+        level = max((a.i for n in nodes for a in n.attribute if n.op_type == "MatMulNBits"
+                     and a.name == "accuracy_level"), default=0)
+        return 0.7 if level == 4 else 1.1
+    if any(n.op_type == "MatMulInteger" for n in nodes) and not any(n.op_type == "MatMul" for n in nodes):
+        return 0.45
+    return 0.8
+
+
+def test_cli_target_latency_prints_ort_points_beside_ours(tmp_path, monkeypatch, capsys):
+    _patch_timing(monkeypatch, pair=3.0, **SLOW_INT4)
+    monkeypatch.setattr(lat.MeasuredLatency, "model_ratio", lambda self, a, b, feed, runs=20: {
+        "pairs": 20, "ratio_p50": _ratio_by_kernel(b), "ratio_p10": 0.0, "ratio_p90": 2.0})
+    out, report = tmp_path / "q.onnx", tmp_path / "r.json"
+    code = main(["compress", str(DIGITS), "-o", str(out), "--calib", str(CALIB), "--quiet", "--quantize", "auto",
+                 "--target-latency", "0.8", "--latency-cache", str(tmp_path / "cache"), "--json", str(report),
+                 "--val", str(SAMPLES / "digits_test.npz")])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    lines = {line.split("  ")[0]: line for line in text.splitlines() if line.startswith(("ORT ", "ours ", "original "))}
+    expected = {"ORT int8 dynamic per-channel": "0.450", "ORT int4 b32 (MatMul only)": "1.100",
+                "ORT int4 b128 (MatMul only)": "1.100", "ORT int4 b32 (MatMul only), accuracy_level 4": "0.700",
+                "ORT int4 b128 (MatMul only), accuracy_level 4": "0.700", "original": "1.000",
+                "ours --quantize auto": "0.800"}
+    for name, ratio in expected.items():
+        assert ratio in lines[name].split(), (name, lines[name])
+    assert "the timing batch (input 32x64)" in text
+    points = json.loads(report.read_text())["ort_points"]
+    assert [p["config"] for p in points] == ["original", *list(expected)[:5], "ours --quantize auto"]
+    ours = points[-1]
+    assert ours["latency_ratio"] == 0.8 and ours["bytes"] == onnx.load(str(out)).ByteSize()
+    assert all(0.99 < p["mean_cosine"] <= 1.0 for p in points)  # every point judged on --val
+    assert "latency" in points[1]["pareto"]  # int8: the fastest here
+
+    code = main(["compress", str(DIGITS), "-o", str(tmp_path / "n.onnx"), "--calib", str(CALIB), "--quiet",
+                 "--quantize", "auto", "--target-latency", "0.8", "--latency-cache", str(tmp_path / "cache"),
+                 "--json", str(report), "--force"])
+    text = capsys.readouterr().out
+    assert code == 0 and "ORT int4 b32 (MatMul only), accuracy_level 4" in text  # without --val: bytes and latency
+    points = json.loads(report.read_text())["ort_points"]
+    assert all(p["mean_cosine"] is None for p in points[1:]) and points[1]["latency_ratio"] == 0.45
+
+    code = main(["compress", str(DIGITS), "-o", str(tmp_path / "m.onnx"), "--calib", str(CALIB), "--quiet",
+                 "--quantize", "auto", "--target-latency", "0.8", "--latency-cache", str(tmp_path / "cache"),
+                 "--json", str(report), "--no-ort-comparison", "--force"])
+    assert code == 0 and "ORT int8" not in capsys.readouterr().out
+    assert "ort_points" not in json.loads(report.read_text())

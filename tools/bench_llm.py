@@ -18,6 +18,7 @@ Rows (`--rows` picks some, by key):
     ort-int8-dynamic    quantize_dynamic, per channel, QInt8 (activations quantized per tensor at run time)
     whiten-R, kfac-R    `onnx-fwlr compress --ratio R --method whiten|kfac --calib calib.npz` (R in --ratios)
     auto-int4, auto-half  `onnx-fwlr compress --quantize auto --target-size B` at ORT int4's bytes / half of them
+    KEY (--ours)        `onnx-fwlr compress` with the flags given (`--ours KEY=FLAGS`, repeatable)
 
 A child whose resident memory passes --max-memory is stopped (the row says so), so the shared machine's
 out-of-memory killer never picks another process. Goals (issue 25) are printed as PASS / FAIL / not measured.
@@ -60,10 +61,15 @@ def parse_args():
     parser.add_argument("--decode-steps", type=int, default=32, help="tokens generated per decode timing (default 32)")
     parser.add_argument("--decode-threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads for the decode timing (default 1: steady on a busy machine)")
+    parser.add_argument("--decode-pairs", type=int, default=PAIRS,
+                        help="--decode-only: back-to-back pairs with the original per row (default 3)")
     parser.add_argument("--decode-only", action="store_true",
                         help="only time decoding of the original and of the rows' models already in --work")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation rows per ONNX Runtime run (default 8)")
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --work (no rebuild)")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=FLAGS",
+                        help="another row of ours: `onnx-fwlr compress` with these flags (repeatable), e.g. "
+                             "'int4acc4=--quantize int4 --accuracy-level 4 --rank 8'")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -200,7 +206,7 @@ def row_specs(args, int4_bytes: int | None) -> list[dict]:
         out = w / f"{key}.onnx"
         argv = ["compress", str(model), "-o", str(out), "--calib", str(calib), "--external-data", "--force",
                 "--quiet", "--json", str(w / f"{key}.json"), *flags]
-        if args.decode and "--quantize" not in flags:
+        if args.decode:  # the with-past export with the same factors, or the same quantized weights (issue 26)
             argv += ["--also", f"{past}={w / f'{key}_past.onnx'}"]
         specs.append({"key": key, "label": label, "kind": "cli", "argv": argv, "source": str(model),
                       "out": str(out), "past_out": None})
@@ -209,6 +215,9 @@ def row_specs(args, int4_bytes: int | None) -> list[dict]:
         for method in ("kfac", "whiten"):
             ours(f"{method}-{ratio:g}", f"ours {method} low rank {ratio:g}",
                  ["--ratio", str(ratio), "--method", method])
+    for item in args.ours:
+        key, _, flags = item.partition("=")
+        ours(key, f"ours {flags}", flags.split())
     if int4_bytes:
         ours("auto-int4", f"ours --quantize auto at ORT int4's bytes ({int4_bytes:,})",
              ["--quantize", "auto", "--target-size", str(int4_bytes)])
@@ -338,6 +347,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, lines)])
 
 
+def decode_goal(rows: dict) -> str:
+    """Issue 26's decoder goal: a row of ours decoding at batch 1 at least as fast as ORT int4 accuracy_level 4,
+    with a perplexity ratio no higher (--decode; one timing per row: confirm with --decode-only's pairs)."""
+    int4 = rows.get("ort-int4")
+    if int4 is None or "error" in int4 or not int4.get("decode_tokens_per_second"):
+        return "not measured: ours decoding >= ORT int4 accuracy_level 4's tokens/s at <= its perplexity (--decode)"
+    ours = [r for key, r in rows.items() if key != "original" and key not in ORT_ROWS and "error" not in r
+            and r.get("decode_tokens_per_second")]
+    good = [r for r in ours if r["perplexity_ratio"] <= int4["perplexity_ratio"]
+            and r["decode_tokens_per_second"] >= int4["decode_tokens_per_second"]]
+    best = max(good, key=lambda r: r["decode_tokens_per_second"]) if good else None
+    text = (f"ours decoding >= ORT int4 accuracy_level 4's {int4['decode_tokens_per_second']:.1f} tok/s at <= its "
+            f"perplexity ratio {int4['perplexity_ratio']:.3f}")
+    return f"{'PASS' if best else 'FAIL'}: {text}" + (
+        f" ({best['key']}: {best['decode_tokens_per_second']:.1f} tok/s, ratio {best['perplexity_ratio']:.3f})"
+        if best else "")
+
+
 def goals(rows: dict) -> list[str]:
     """Issue 25's goals on the measured rows: PASS, FAIL, or not measured (with the row that is missing)."""
     def ratio(key):
@@ -371,11 +398,11 @@ def decode_table(args, wanted) -> None:
     import statistics
 
     for key, (past, no_cache) in rows.items():
-        pairs = [(decode(args, past, no_cache), decode(args, *original)) for _ in range(PAIRS)]
+        pairs = [(decode(args, past, no_cache), decode(args, *original)) for _ in range(args.decode_pairs)]
         speed = statistics.median(p[0] for p in pairs)
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         results[key] = {"tokens_per_second": speed, "vs_original": ratio, "pairs": pairs}
-        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {PAIRS} back-to-back pairs)",
+        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {len(pairs)} back-to-back pairs)",
               flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.json:
@@ -420,7 +447,7 @@ def main():
     print()
     print(table(list(results.values())))
     print(f"load after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (1/5/15 min)")
-    verdicts = goals(results)
+    verdicts = goals(results) + ([decode_goal(results)] if args.decode else [])
     print("\n".join(verdicts))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": list(results.values()), "goals": verdicts}, indent=1) + "\n")

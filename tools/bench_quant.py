@@ -5,12 +5,19 @@
     python tools/bench_quant.py minilm                  # .cache/minilm from tools/export_minilm.py
     python tools/bench_quant.py digits --json out.json --latency
     python tools/bench_quant.py minilm --modes int8,auto --fractions 0.8,1.0 --latency --targets 0.45,0.6
+    python tools/bench_quant.py minilm --modes int8 --fractions 1.0 --latency --targets fastest+2% \
+        --target-modes int8 --goal-pairs 1000,300      # the int8-latency goal, ours against ORT int8 directly
 
 With --latency every row gets its latency relative to the fp32 original at batch 1 and batch 32 (held-out rows,
 `--threads`, the median of `--pairs` alternating pairs in one process, cost.limits.paired_ratio), ONNX
 Runtime's int4 models are also measured at accuracy_level 4, our int4/auto models choose their accuracy_level
-per site by timing (at batch 1 rows: cost.levels), `--targets` adds `--quantize auto --target-latency F` rows
-(timed at batch 32 and at batch 1), and the issue-26 goals are printed PASS/FAIL below the table.
+per site by timing (at batch 1 rows: cost.levels), `--targets` adds `--quantize MODE --target-latency F` rows
+(MODE in `--target-modes`; timed at batch 32 and at batch 1; F a fraction of fp32's latency, or `fastest+P%`: P %
+above the predicted ratio of every site at its fastest option, an all-int8 model for `int8`), and the issue-26
+goals are printed PASS/FAIL below the table. The latency goal is judged on a direct measurement: each row of ours
+with a higher cosine than ORT int8's is timed against ORT int8's model in `--goal-pairs` alternating pairs at
+each batch size, and it passes only when the one-sided 95 % upper bound of the median ratio
+(cost.limits.median_upper_bound) is at most 1.02.
 
 Rows: the fp32 original; ONNX Runtime's `quantize_dynamic` int8 per channel (every op it quantizes, embeddings
 included, as a new user runs it); `MatMulNBitsQuantizer` int4 at block 32 and 128 (its defaults: MatMul
@@ -146,6 +153,7 @@ def measure(name: str, model: onnx.ModelProto, work: Workload, reference: np.nda
     if args.latency:
         row["latency"] = paired_latency(base_latency["path"], model, base_latency["feeds"], args,
                                         base_latency["folder"])
+        base_latency.setdefault("models", {})[name] = model  # the goal's direct pairs against ORT int8
     if args.save_models:  # for `onnx-fwlr profile ORIGINAL --compare MODEL` at other batch sizes
         folder = Path(args.save_models)
         folder.mkdir(parents=True, exist_ok=True)
@@ -184,7 +192,7 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
     start = time.perf_counter()
     int8 = ort_int8(work.model)
     rows.append(measure("ORT int8 dynamic per-channel", int8, work, reference, time.perf_counter() - start, args, base))
-    for block in (32, 128):
+    for block in () if args.no_int4 else (32, 128):
         for level in (0, 4) if args.latency else (0,):
             start = time.perf_counter()
             name = f"ORT int4 b{block} (MatMul only)" + (f", accuracy_level {level}" if args.latency else "")
@@ -199,7 +207,7 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
     levels = {}
     if args.latency:  # int4 sites choose their accuracy_level by timing at batch 1's rows
         levels = dict(accuracy_level="auto", level_timer=OrtTimer(threads=args.threads), feed=base["feeds"][1])
-    for quantize in args.modes.split(","):
+    for quantize in [m for m in args.modes.split(",") if m]:
         start = time.perf_counter()
         job = prepare_quantized(work.model, quantize=quantize, block_size=args.block_size, method="kfac",
                                 factors=args.factors, budgeted=True, merge=args.merge,
@@ -223,33 +231,71 @@ def run(work: Workload, args, folder: Path) -> list[dict]:
         rows += latency_targets(work, args, reference, base, common)
     if args.ablations:
         rows += ablations(work, args, reference, base, common)
+    if args.latency:
+        against_int8(rows, base, args)
     return rows
 
 
+def against_int8(rows: list[dict], base: dict, args) -> None:
+    """row["vs_int8"][batch]: ours over ORT int8's latency, timed against each other directly (`--goal-pairs`
+    alternating pairs), for every row of ours with a higher mean cosine than ORT int8's."""
+    from onnx_fwlr.cost.limits import paired_ratio
+
+    int8 = next(r for r in rows if r["model"] == "ORT int8 dynamic per-channel")
+    folder = base["folder"]
+    int8_path = folder / "ort_int8.onnx"
+    onnx.save(base["models"][int8["model"]], int8_path)
+    counts = [int(n) for n in str(args.goal_pairs).split(",")]
+    pairs = dict(zip(base["feeds"], counts if len(counts) == len(base["feeds"]) else counts[:1] * len(base["feeds"])))
+    for row in rows:
+        if not row["model"].startswith("ours") or row["cos_mean"] <= int8["cos_mean"]:
+            continue
+        path = folder / "ours.onnx"
+        onnx.save(base["models"][row["model"]], path)
+        row["vs_int8"] = {}
+        for batch, feed in base["feeds"].items():
+            found = paired_ratio(int8_path, path, feed, runs=pairs[batch], threads=args.threads)
+            row["vs_int8"][batch] = {"ratio": found["ratio_p50"], "p10": found["ratio_p10"],
+                                     "p90": found["ratio_p90"], "upper": found["ratio_p50_upper"],
+                                     "pairs": found["pairs"], "load": os.getloadavg()[0]}
+            print(f"  {row['model']} vs ORT int8, batch {batch}: x{found['ratio_p50']:.3f} (p10-p90 "
+                  f"{found['ratio_p10']:.3f}-{found['ratio_p90']:.3f}, upper bound {found['ratio_p50_upper']:.3f}, "
+                  f"{found['pairs']} pairs, load {os.getloadavg()[0]:.1f})", file=sys.stderr)
+
+
 def latency_targets(work: Workload, args, reference, base, common) -> list[dict]:
-    """`--quantize auto --target-latency F` at each batch size's rows (its tables, levels and site share timed at
-    that feed, `--threads`)."""
+    """`--quantize MODE --target-latency F` at each batch size's rows (its tables, levels and site share timed at
+    that feed, `--threads`), MODE in `--target-modes`; F "fastest+P%" is P % above the job's fastest_latency."""
     from onnx_fwlr.cost.latency import MeasuredLatency
+    from onnx_fwlr.pipeline.quantized import fastest_latency
 
     rows = []
     latency = MeasuredLatency(threads=args.threads, cache_dir=args.latency_cache)
-    for batch, feed in base["feeds"].items():
-        start = time.perf_counter()
-        job = prepare_quantized(work.model, quantize="auto", block_size=args.block_size, method="kfac",
-                                factors=args.factors, budgeted=True, timed=True, accuracy_level="auto",
-                                level_timer=latency.timer, feed=feed, merge=args.merge, **common)
-        prepared = time.perf_counter() - start
-        for target in (float(t) for t in args.targets.split(",")):
+    for mode in args.target_modes.split(","):
+        for batch, feed in base["feeds"].items():
             start = time.perf_counter()
-            try:
-                model, report = build_quantized(job, target_latency=target, latency=latency)
-            except FwlrError as exc:
-                print(f"  target latency {target} at batch {batch}: {exc}", file=sys.stderr)
-                continue
-            row = measure(f"ours auto, target latency {target:g} (batch {batch})", model, work, reference,
-                          prepared + time.perf_counter() - start, args, base)
-            row["predicted_latency"] = report.budget["speed"]["predicted_ratio"]
-            rows.append(row)
+            job = prepare_quantized(work.model, quantize=mode, block_size=args.block_size, method="kfac",
+                                    factors=args.factors, budgeted=True, timed=True, accuracy_level="auto",
+                                    level_timer=latency.timer, feed=feed, merge=args.merge, **common)
+            prepared = time.perf_counter() - start
+            for text in args.targets.split(","):
+                if text.startswith("fastest+"):
+                    target = fastest_latency(job, latency) * (1 + float(text[8:].rstrip("%")) / 100)
+                else:
+                    target = float(text)
+                start = time.perf_counter()
+                try:
+                    model, report = build_quantized(job, target_latency=target, latency=latency)
+                except FwlrError as exc:
+                    print(f"  {mode} target latency {text} at batch {batch}: {exc}", file=sys.stderr)
+                    continue
+                row = measure(f"ours {mode}, target latency {text} = {target:.3f} (batch {batch})", model, work,
+                              reference, prepared + time.perf_counter() - start, args, base)
+                row["predicted_latency"] = report.budget["speed"]["predicted_ratio"]
+                row["choices"] = {s.name: s.note.split(":")[0] for s in report.sites}
+                outliers = [f"{name} {label}" for name, label in row["choices"].items() if " o" in label]
+                print(f"    {len(outliers)} site(s) with outlier channels: {', '.join(outliers)}", file=sys.stderr)
+                rows.append(row)
     return rows
 
 
@@ -261,17 +307,23 @@ def goals(rows: list[dict]) -> list[str]:
     if int8 is None or "latency" not in int8:
         return ["goals need --latency"]
     lines = []
-    for batch in LATENCY_BATCHES:
-        limit = 1.02 * int8["latency"][batch]["ratio"]
-        passing = [r for r in ours if r["latency"][batch]["ratio"] <= limit and r["cos_mean"] > int8["cos_mean"]]
+    for batch in LATENCY_BATCHES:  # judged on the direct pairs against ORT int8 (against_int8)
+        timed = [r for r in ours if batch in r.get("vs_int8", {})]
+        passing = [r for r in timed if r["vs_int8"][batch]["upper"] <= 1.02]
         best = max(passing, key=lambda r: r["cos_mean"]) if passing else None
-        lines.append(f"{'PASS' if best else 'FAIL'}  batch {batch}: latency <= 1.02 x ORT int8's "
-                     f"({limit:.3f}) and mean cos > {int8['cos_mean']:.4f}"
-                     + (f": {best['model']} x{best['latency'][batch]['ratio']:.3f}, cos {best['cos_mean']:.4f}"
-                        if best else ""))
+        shown = best or (min(timed, key=lambda r: r["vs_int8"][batch]["ratio"]) if timed else None)
+        detail = ""
+        if shown is not None:
+            v = shown["vs_int8"][batch]
+            detail = (f": {'' if best else 'closest '}{shown['model']} x{v['ratio']:.3f} of ORT int8 (p10-p90 "
+                      f"{v['p10']:.3f}-{v['p90']:.3f}, upper bound {v['upper']:.3f}, {v['pairs']} pairs, load "
+                      f"{v['load']:.1f}), cos {shown['cos_mean']:.4f}")
+        lines.append(f"{'PASS' if best else 'FAIL'}  batch {batch}: median latency <= 1.02 x ORT int8's (95 % upper "
+                     f"bound) and mean cos > {int8['cos_mean']:.4f}" + detail)
     small = [r for r in ours if r["bytes"] <= 0.8 * int8["bytes"] and r["latency"][1]["ratio"] <= 1.0]
     best = max(small, key=lambda r: r["cos_mean"]) if small else None
-    lines.append(f"{'PASS' if best else 'FAIL'}  bytes <= 0.8 x ORT int8's ({int(0.8 * int8['bytes']):,}) and "
+    measured = any(r["bytes"] <= 0.8 * int8["bytes"] for r in ours)
+    lines.append(f"{'PASS' if best else 'FAIL' if measured else 'not measured (no row at that size)'}  bytes <= 0.8 x ORT int8's ({int(0.8 * int8['bytes']):,}) and "
                  f"batch-1 latency <= 1.0 x fp32" + (f": {best['model']} {best['bytes']:,} bytes, "
                                                      f"x{best['latency'][1]['ratio']:.3f}, cos {best['cos_mean']:.4f}"
                                                      if best else ""))
@@ -319,6 +371,7 @@ def main() -> int:
     p.add_argument("workload", choices=["digits", "transformer", "minilm"])
     p.add_argument("--modes", default="int4,auto", help="our quantize modes, comma-separated (int4,int8,auto)")
     p.add_argument("--fractions", default="0.6,0.7,0.8,0.9,1.0", help="byte budgets as fractions of ORT's int8 model")
+    p.add_argument("--no-int4", action="store_true", help="leave out ORT's int4 rows (the int8 goal alone)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--factors", default="float16", choices=["float16", "float32"], help="correction factor storage")
     p.add_argument("--ablations", action="store_true", help="also the uniform-rank ablations")
@@ -327,7 +380,12 @@ def main() -> int:
                    help="latency ratio to fp32 at batch 1 and 32 (alternating pairs), int4 levels, the goals")
     p.add_argument("--threads", type=int, default=1, help="--latency: ONNX Runtime intra-op threads")
     p.add_argument("--pairs", type=int, default=20, help="--latency: alternating pairs per model and batch")
-    p.add_argument("--targets", default="", help="--latency: target latencies of `--quantize auto` rows, e.g. 0.5")
+    p.add_argument("--targets", default="",
+                   help="--latency: target latencies of `--quantize MODE` rows, e.g. 0.5 or fastest+2%%")
+    p.add_argument("--target-modes", default="auto", help="--targets: quantize modes (int8,auto)")
+    p.add_argument("--goal-pairs", default="100",
+                   help="--latency: alternating pairs of each goal candidate against ORT int8 (one number, or one "
+                        "per batch size: 1000,200)")
     p.add_argument("--merge", action="store_true", help="merged corrections for sites reading one tensor")
     p.add_argument("--latency-cache", help="--targets: folder of the latency tables (default: the user's cache)")
     p.add_argument("--hidden", type=int, default=128)

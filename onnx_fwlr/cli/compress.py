@@ -115,8 +115,8 @@ class Compress:
                        help="apply the same factors to another export of the same checkpoint (a decoder's with-past "
                             "or merged model, e.g. Optimum's decoder_with_past_model.onnx / decoder_model_merged.onnx; "
                             "weights matched by name and value) and write it to OUT, checking greedy decoding through "
-                            "its KV cache against the compressed model on --val/--calib token ids (repeatable; "
-                            "low-rank methods, not --quantize)")
+                            "its KV cache against the compressed model on --val/--calib token ids (repeatable; with "
+                            "--quantize: the same quantized weights and corrections, with-past exports only)")
         p.add_argument("--write-unchanged", action="store_true",
                        help="write the output even when no site can be factorised")
         calibration_arguments(p)
@@ -177,8 +177,6 @@ class Compress:
         from onnx_fwlr.io.model import check_output_path, file_size, save_model
         from onnx_fwlr.pipeline.run import run
 
-        if args.also and args.quantize:  # --also's own refusal comes before the config's checks
-            _refuse_also_with_quantize()
         config = run_config(args)
         output = check_output_path(args.output, [config.model], args.force)
         also = parse_also(args.also, config, args, output)
@@ -202,13 +200,17 @@ class Compress:
                 "the model unchanged).")
         code = 0
         if also and written:
-            summary_also = write_also(also, config, args, model, output, out)
+            summary_also = write_also(also, config, args, model, report, output, out)
             code = 1 if any(not item["greedy_matches"] for item in summary_also if "greedy_matches" in item) else 0
         if report.checked is not None and written:
             code = max(code, report_validation(report.checked, args, out))
         summary = report.to_dict()
+        points = None
+        if _latency_table_wanted(config, report, args) and written:
+            points = _latency_points(config, report, model, out)
+            summary["ort_points"] = points
         if report.checked is not None and written and not args.no_ort_comparison and not report.checked.unjudged:
-            summary["ort_baselines"] = _ort_comparison(config, report, output, out)
+            summary["ort_baselines"] = _ort_comparison(config, report, output, out, points)
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
@@ -231,8 +233,8 @@ def parse_also(items, config, args, output):
     from onnx_fwlr.errors import FwlrError
     from onnx_fwlr.io.model import check_output_path
 
-    if items and config.quantize.mode:  # a --config file's quantize
-        _refuse_also_with_quantize()
+    if items and config.quantize.mode:
+        _check_also_with_quantize(config.model)
     pairs, outputs = [], [output.resolve()]
     for item in items:
         source, sep, target = item.partition("=")
@@ -243,29 +245,56 @@ def parse_also(items, config, args, output):
         target = check_output_path(target, [config.model, source, *(s for s, _ in pairs)], args.force)
         if target.resolve() in outputs:
             raise FwlrError(f"--also writes {target} twice; give every output its own path.")
+        if config.quantize.mode:
+            _check_also_target_for_quantize(source)
         outputs.append(target.resolve())
         pairs.append((Path(source), target))
     return pairs
 
 
-def _refuse_also_with_quantize():
+def _check_also_target_for_quantize(source):
+    """The quantized rewrite handles weights read in the main graph (a with-past export); a merged export reads
+    them inside If branches, which it does not rewrite yet."""
+    import onnx
+
     from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.io.onnx_utils import walk_graphs
 
-    raise FwlrError("--also applies low-rank factors to the other exports; it does not combine with --quantize "
-                    "(quantize each export with the same flags instead).")
+    if len(walk_graphs(onnx.load(str(source), load_external_data=False))) > 1:
+        raise FwlrError(f"--also {source}: with --quantize, exports whose weights are read inside subgraphs (a merged "
+                        "decoder's If branches) are not rewritten yet; give the with-past export instead.")
 
 
-def write_also(pairs, config, args, model, output, out) -> list[dict]:
-    """The other exports with the compressed model's factors, each checked by greedy decoding through its cache."""
+def _check_also_with_quantize(model):
+    """--quantize writes the other exports by the same rewrite of the same float weights; an input that is already
+    quantized is requantized its own way, which --also does not repeat."""
+    import onnx
+
+    from onnx_fwlr.errors import FwlrError
+    from onnx_fwlr.quant.dequantize import detect_quantized
+
+    if detect_quantized(onnx.load(str(model), load_external_data=False)):
+        raise FwlrError("--also with --quantize takes a float model; this one already holds quantized weights "
+                        "(compress each export with the same flags instead).")
+
+
+def write_also(pairs, config, args, model, report, output, out) -> list[dict]:
+    """The other exports with the compressed model's factors (or, under --quantize, the same quantized weights and
+    corrections), each checked by greedy decoding through its cache."""
     from onnx_fwlr.io.model import save_model
-    from onnx_fwlr.pipeline.transplant import apply_same_factors
+    from onnx_fwlr.pipeline.transplant import apply_same_factors, apply_same_quantization
 
     results = []
     prompt = _prompt_ids(args.val or config.data.calibration)
+    rewritten = report.rewritten if config.quantize.mode else None
+    what = "quantized weights" if rewritten is not None else "factors"
     for source, target in pairs:
-        other, replaced = apply_same_factors(str(source), config.model, model)
+        if rewritten is not None:
+            other, replaced = apply_same_quantization(str(source), config.model, rewritten)
+        else:
+            other, replaced = apply_same_factors(str(source), config.model, model)
         save_model(other, target, external_data=True if args.external_data else None)
-        line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the factors of {output.name})"
+        line = f"wrote {target.resolve()} ({len(replaced)} weight(s) with the {what} of {output.name})"
         item = {"model": str(source), "output": str(target), "weights": replaced}
         if prompt is not None:
             check = _greedy(other, model, prompt)
@@ -274,6 +303,9 @@ def write_also(pairs, config, args, model, output, out) -> list[dict]:
             verdict = "matches" if check.matches else "FAIL: differs from"
             line += (f"; greedy decoding through its KV cache {verdict} {output.name} "
                      f"({item['greedy_tokens']} tokens x {prompt.shape[0]} prompts)")
+            if not check.matches and any(n.op_type == "MatMulInteger" for n in other.graph.node):
+                line += (" (dynamic int8 rounds each run's activations with one scale over all its positions, so a "
+                         "cached step, one position, rounds differently from the whole sequence)")
         out(line)
         results.append(item)
     return results
@@ -308,9 +340,10 @@ def _prompt_ids(data):
     return ids[rows, :length].astype(np.int64) if rows else None
 
 
-def _ort_comparison(config, report, output, out) -> list[dict]:
+def _ort_comparison(config, report, output, out, points=None) -> list[dict]:
     """One closing sentence when a plain ONNX Runtime quantization of the original does better on --val data at
-    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report."""
+    no more bytes (workflows.frontier.ort_comparison); the measured baselines for the JSON report. `points`: the
+    latency table's rows, whose baselines were judged on the same data already."""
     from onnx_fwlr.io.model import file_size
     from onnx_fwlr.workflows.frontier import ort_comparison
 
@@ -318,9 +351,45 @@ def _ort_comparison(config, report, output, out) -> list[dict]:
     sentence, rows = ort_comparison(config.model, file_size(output), report.checked, config.data.validation,
                                     batch_size=config.data.batch_size, outputs=outputs,
                                     common_prefix=config.compare.common_prefix, quantized=bool(config.quantize.mode),
-                                    judge=config.fisher.output)
+                                    judge=config.fisher.output, measured=points)
     if sentence:
         out(sentence)
+    return rows
+
+
+def _latency_table_wanted(config, report, args) -> bool:
+    """`--quantize ... --target-latency` ends with ONNX Runtime's points beside ours (issue 26), unless
+    --no-ort-comparison; a quantized input is not quantized again (as in the closing sentence)."""
+    speed = report.budget.get("speed") or {}
+    return (bool(config.quantize.mode) and config.budget.target_latency is not None and not args.no_ort_comparison
+            and speed.get("measured_ratio") is not None and not report.input_quantization)
+
+
+def _latency_points(config, report, model, out) -> list[dict]:
+    """ONNX Runtime's fp32, int8 dynamic and int4 (accuracy_level 0 and 4) points beside ours: bytes, latency over
+    the original's at the timing batch (alternating pairs, as compress timed ours), fidelity on --val; printed as
+    sweep --latency prints its table (workflows.frontier.latency_points, workflows.sweep.SweepResult)."""
+    from onnx_fwlr.cost.latency import MeasuredLatency
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
+    from onnx_fwlr.workflows.frontier import frontier_metric, judged, latency_points, model_bytes
+    from onnx_fwlr.workflows.sweep import SweepResult
+
+    data, speed = config.data, report.budget["speed"]
+    feed = timing_feed(load_model(config.model, lazy=True), data.calibration, data.batch_size, data.shapes)
+    ours = {"config": f"ours --quantize {config.quantize.mode}", "budget": f"latency {config.budget.target_latency:g}",
+            "bytes": model_bytes(model), "latency_ratio": speed["measured_ratio"],
+            "latency_ratio_p10": speed["measured_p10"], "latency_ratio_p90": speed["measured_p90"]}
+    checked = report.checked if report.checked is not None and not report.checked.unjudged else None
+    if checked is not None:
+        ours.update(judged(checked, config.fisher.output))
+    latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
+    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
+    rows = latency_points(config.model, ours, latency, feed, data.validation if checked is not None else None,
+                          batch_size=data.batch_size, outputs=outputs, common_prefix=config.compare.common_prefix,
+                          judge=config.fisher.output)
+    out(SweepResult(rows=rows, metric=frontier_metric(rows),
+                    timed_on=f"the timing batch ({_feed_shape(feed)})").format())
     return rows
 
 

@@ -132,6 +132,16 @@ def _quotient(numerator, denominator):
 # The measured ratio: alternating pairs in one process
 
 
+def median_upper_bound(values, z: float = 1.645) -> float:
+    """A one-sided 95 % upper confidence bound of the median, distribution-free: the order statistic of rank
+    n/2 + z·√n/2 (the binomial count of values below the median), so a claim "the median ratio is at most X"
+    holds only when the pairs' noise allows it (tools/bench_quant.py's goals)."""
+    ordered = np.sort(np.asarray(values, dtype=float))
+    n = ordered.size
+    rank = min(n, int(np.ceil(n / 2 + z * np.sqrt(n) / 2)))
+    return float(ordered[rank - 1])
+
+
 def ratio_summary(seconds_a, seconds_b) -> dict:
     """Median and 10th/25th/75th/90th percentiles of the per-pair ratios b/a, and each model's median (ms)."""
     a, b = np.asarray(seconds_a, dtype=float), np.asarray(seconds_b, dtype=float)
@@ -140,7 +150,7 @@ def ratio_summary(seconds_a, seconds_b) -> dict:
     ratios = b / a
     p10, p25, p50, p75, p90 = (float(v) for v in np.percentile(ratios, [10, 25, 50, 75, 90]))
     return {"pairs": int(a.size), "ratio_p50": p50, "ratio_p10": p10, "ratio_p25": p25, "ratio_p75": p75,
-            "ratio_p90": p90, "ratio_mean": float(ratios.mean()),
+            "ratio_p90": p90, "ratio_mean": float(ratios.mean()), "ratio_p50_upper": median_upper_bound(ratios),
             "original_p50_ms": float(np.median(a) * 1000.0), "compressed_p50_ms": float(np.median(b) * 1000.0)}
 
 

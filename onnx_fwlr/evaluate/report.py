@@ -62,6 +62,7 @@ class Report:
     refined = None
     checked = None
     config = None  # the options of the run (pipeline.config.RunConfig.to_dict), written as the report's "config"
+    rewritten = None  # --quantize of a float model: the quant.graph.Rewrite that made it (cli --also applies it)
 
     @property
     def site_params_before(self) -> int:

@@ -30,13 +30,13 @@ from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
-from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
+from onnx_fwlr.pipeline.quantized_speed import allocate_latency, fastest_ratio, latency_notes
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
-from onnx_fwlr.quant.graph import rewrite, site_dtype
+from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
@@ -52,6 +52,7 @@ AUTO_BLOCKS = (32, 128)
 SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (names, attributes); corrected below
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
+OUTLIER_COUNTS = (1, 4)  # dynamic int8 options: this many of the input's largest channels in float (issue 26)
 
 
 @dataclass
@@ -75,6 +76,9 @@ class QuantizeJob:
     tables: list[Table] = field(default_factory=list)
     table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
     rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
+    outliers: tuple = ()  # dynamic int8 may take these counts of its largest input channels out of the rounding
+    outlier_channels: dict = field(default_factory=dict)  # weight -> its input's channels, largest first
+    outlier_loss: dict = field(default_factory=dict)  # (weight, count) -> rounding loss with those channels in float
     rule_tables: dict = field(default_factory=dict)  # every table's scheme without a budget: name -> Scheme
     fixed_tables: dict = field(default_factory=dict)  # tables the budget does not choose for: name -> Scheme
     original_bytes: int = 0
@@ -87,12 +91,25 @@ class QuantizeJob:
     plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
+    rewritten: Rewrite | None = None  # what the last build gave quant.graph.rewrite (float inputs: --also)
+    share: float | None = None  # a latency budget: the sites' share of the original's time, profiled once
 
     def site_schemes(self, site: Site) -> list[Scheme]:
-        """The schemes this site may use, each at the accuracy_level chosen for it."""
+        """The schemes this site may use, each at the accuracy_level chosen for it, and dynamic int8 with its
+        largest input channels in float where they were measured (`outliers`)."""
         usable = _usable_schemes(site, self.schemes)
-        return [s.at_level(self.levels[(site.weight, s.label)].level) if (site.weight, s.label) in self.levels
-                else s for s in usable]
+        chosen = [s.at_level(self.levels[(site.weight, s.label)].level) if (site.weight, s.label) in self.levels
+                  else s for s in usable]
+        if INT8_DYNAMIC in usable:
+            chosen += [INT8_DYNAMIC.with_outliers(k) for k in self.outliers if (site.weight, k) in self.outlier_loss]
+        return chosen
+
+    def scheme_loss(self, site: Site) -> dict:
+        """The loss a correction cannot remove, per scheme: dynamic int8's activation rounding."""
+        loss = {INT8_DYNAMIC: self.rounding_loss.get(site.weight, 0.0)}
+        loss.update({INT8_DYNAMIC.with_outliers(k): self.outlier_loss[(site.weight, k)] for k in self.outliers
+                     if (site.weight, k) in self.outlier_loss})
+        return loss
 
 
 def compress_quantized(
@@ -163,13 +180,17 @@ def prepare_quantized(
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
-    source=None, fallback: str | None = None, checked: bool = False,
+    source=None, fallback: str | None = None, checked: bool = False, outliers: tuple | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
     accuracy_level per site (`accuracy_level` 0, 4 or "auto" with `level_timer`, compress_quantized). `feed`: the
     batch to time and check at (default: one calibration batch, or `shapes`); `checked`: the options were
-    checked by the caller."""
+    checked by the caller. `outliers`: the counts of largest input channels a dynamic int8 site may compute in
+    float (default OUTLIER_COUNTS under a latency budget, where they cost a few small nodes and remove most
+    of the activation rounding; none under a byte budget, whose outputs stay as before)."""
+    if outliers is None:
+        outliers = OUTLIER_COUNTS if timed else ()
     if not checked:
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_accuracy_level(accuracy_level, level_timer)
@@ -180,12 +201,13 @@ def prepare_quantized(
     with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
         return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
                             rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
-                            fisher_options, progress, timed, accuracy_level, level_timer, merge, feed, source)
+                            fisher_options, progress, timed, accuracy_level, level_timer, merge, feed, source,
+                            tuple(outliers))
 
 
 def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors, rank_step,
                  alternate, bias_correction, budgeted, batch_size, mask_input, shapes, fisher_options, progress,
-                 timed, accuracy_level, level_timer, merge, feed, source) -> QuantizeJob:
+                 timed, accuracy_level, level_timer, merge, feed, source, outliers=()) -> QuantizeJob:
     """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
     schemes = _site_schemes(quantize, block_size, int8)
@@ -197,7 +219,7 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
     job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
                       schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
                       original_bytes=source.input_bytes if source is not None else _bytes(prepared.model),
-                      merge=merge, progress=progress, source=source)
+                      merge=merge, progress=progress, source=source, outliers=outliers)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     gradients = get_method(prepared.method).loss_units
@@ -236,6 +258,7 @@ def build_quantized(job: QuantizeJob, *, target_size: int | None = None, ratio: 
     else:
         model_out, results, tables = _build_within(job, target)
     report = _report(job, model_out, results, tables)
+    report.rewritten = job.rewritten
     report.allocation = "latency" if speed else "budget" if target is not None else "uniform"
     report.budget = {"quantize": job.quantize, "block_size": job.block_size, "int8": job.int8, "rank": rank,
                      "target_size": target, "ratio": ratio, "bias_correction": job.bias_correction,
@@ -326,6 +349,24 @@ def _level_notes(rows: list[dict]) -> list[str]:
     return [note]
 
 
+def fastest_latency(job: QuantizeJob, latency=None, input_forms=None) -> float:
+    """The predicted latency ratio of the model with every site at its fastest option (pipeline.quantized_speed):
+    a latency budget needs at least this."""
+    if job.feed is None:
+        raise RuntimeError("a latency budget needs the job prepared with timed=True")
+    latency = latency if latency is not None else MeasuredLatency()
+    forms = input_forms or InputForms(job.prepared.model)
+    return fastest_ratio(job.prepared.model, job.sites, _options(job)[:len(job.sites)], latency, job.feed, forms,
+                         _site_share(job, latency, forms))
+
+
+def _site_share(job: QuantizeJob, latency, forms) -> float | None:
+    """The sites' share of the original's time, profiled once per job (None without sites)."""
+    if job.share is None and job.sites:
+        job.share = latency.site_share(forms.model, forms.nodes(job.sites), job.feed)
+    return job.share
+
+
 def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
     """The options within the latency budget (pipeline.quantized_speed), built, each site's report line with
     its predicted time; embedding tables follow the rule (a lookup is not where the time goes)."""
@@ -335,7 +376,7 @@ def _build_for_latency(job: QuantizeJob, target: float, latency, input_forms):
     forms = input_forms or InputForms(job.prepared.model)
     site_choices = _options(job)[:len(job.sites)]
     chosen, speed = allocate_latency(job.prepared.model, job.sites, site_choices, target, latency, job.feed, forms,
-                                     job.quantize)
+                                     job.quantize, _site_share(job, latency, forms))
     tables = dict(job.fixed_tables)
     model_out, results = _build(job, chosen, tables)
     for result, row in zip(results, speed["sites"]):
@@ -493,6 +534,24 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
             variance = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
             weighted = job.metrics[site.weight].right.apply_right(job.prepared.weights[site.weight])
             job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
+            _outlier_losses(job, site, inputs[site.weight], measured)
+
+
+def _outlier_losses(job: QuantizeJob, site: Site, tensors: list[str], measured) -> None:
+    """The rounding loss with the site's `job.outliers` largest input channels computed in float: the int8
+    input's step then follows the other channels, and the float channels are not rounded (σ'² ‖W_kept L_g‖²).
+    One input tensor only (a weight read from two places has no single set of channels)."""
+    if not job.outliers or len(set(tensors)) != 1 or max(job.outliers) >= site.K:
+        return
+    order = measured.largest_channels(tensors[0])
+    job.outlier_channels[site.weight] = order[:max(job.outliers)]
+    W = job.prepared.weights[site.weight]
+    for count in job.outliers:
+        kept = W.copy()
+        kept[order[:count]] = 0.0
+        weighted = job.metrics[site.weight].right.apply_right(kept)
+        variance = measured.rounding_variance_without(tensors[0], order[:count])
+        job.outlier_loss[(site.weight, count)] = float(variance * np.sum(weighted * weighted))
 
 
 def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]:
@@ -510,7 +569,7 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
                 dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
                 low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
                 rank_step=job.rank_step, factor_bytes=_factor_bytes(job, site),
-                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}, dtype=site_dtype(site)))
+                scheme_loss=job.scheme_loss(site), dtype=site_dtype(site)))
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
@@ -643,10 +702,11 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
         if key not in job.plans:
             job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                            alternate_rounds=job.alternate, dtype=site_dtype(site))
+                                            alternate_rounds=job.alternate, dtype=site_dtype(site),
+                                            outliers=_outliers_of(job, site, option))
         site_plan, error = job.plans[key]
-        if option.key == INT8_DYNAMIC:
-            error += job.rounding_loss.get(site.weight, 0.0)
+        if isinstance(option.key, Scheme) and option.key.kind == "dynamic":
+            error += job.scheme_loss(site).get(option.key, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))
@@ -662,9 +722,16 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         if site_plan is not None:
             plans[site.weight] = site_plan
     model_out = rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge)
+    job.rewritten = None if job.source is not None else Rewrite(plans, dict(tables), job.factors, job.merge)
     if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
         model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results
+
+
+def _outliers_of(job: QuantizeJob, site: Site, option: Option):
+    """The input channels an outlier option computes in float (sorted), else None."""
+    count = option.key.outliers if isinstance(option.key, Scheme) else 0
+    return np.sort(job.outlier_channels[site.weight][:count]) if count else None
 
 
 def _form(option: Option) -> str:

@@ -65,17 +65,33 @@ def scheme_ratios(tables: dict, baseline: list) -> dict[str, float]:
     return {label: float(np.mean(values)) for label, values in sorted(ratios.items())}
 
 
-def allocate_latency(model, sites, choices, target: float, latency, feed, forms: InputForms, quantize: str
-                     ) -> tuple[list[Option], dict]:
-    """One option per site (of `choices`, quant.plan's) whose predicted latency is `target` × the original's
-    with the least predicted loss; FwlrError when out of reach. Returns (options, what was predicted)."""
+def fastest_ratio(model, sites, choices, latency, feed, forms: InputForms, share: float | None = None) -> float:
+    """The predicted latency ratio with every site at its fastest option: the least a latency budget reaches
+    (an all-int8 model on CPUs where dynamic int8 is the fast kernel). A budget a little above it spends the
+    rest on the options with the most loss removed per millisecond (bench_quant.py --targets fastest+2%)."""
+    return _timed_sites(model, sites, choices, latency, feed, forms, share)[-1]
+
+
+def _timed_sites(model, sites, choices, latency, feed, forms: InputForms, share: float | None = None):
+    """The timed options, the sites as they are, every table, the sites' share of the time, their dense ms, the
+    ms and predicted ratio of the fastest options. `share`: the sites' share when profiled already (a job
+    profiles once, so a budget set from fastest_ratio is judged by the same share)."""
     if not sites:
         raise FwlrError("`target_latency` found no MatMul/Gemm site to quantize; it does not apply to this model.")
     timed, baseline, tables = timed_choices(model, sites, choices, latency, feed, forms)
-    share = latency.site_share(forms.model, forms.nodes(sites), feed)
+    if share is None:
+        share = latency.site_share(forms.model, forms.nodes(sites), feed)
     dense_ms = sum(t.dense_ms for t in baseline)
     fastest = sum(min(o.ms for o in options) for options in timed)
-    best = predicted_ratio(fastest, share, dense_ms)
+    return timed, baseline, tables, share, dense_ms, fastest, predicted_ratio(fastest, share, dense_ms)
+
+
+def allocate_latency(model, sites, choices, target: float, latency, feed, forms: InputForms, quantize: str,
+                     share: float | None = None) -> tuple[list[Option], dict]:
+    """One option per site (of `choices`, quant.plan's) whose predicted latency is `target` × the original's
+    with the least predicted loss; FwlrError when out of reach. Returns (options, what was predicted)."""
+    timed, baseline, tables, share, dense_ms, fastest, best = _timed_sites(model, sites, choices, latency, feed, forms,
+                                                                           share)
     ratios = scheme_ratios(tables, baseline)
     own = "int8" if forms.int8 else "fp32"
     available = sites_budget_ms(target, share, dense_ms)

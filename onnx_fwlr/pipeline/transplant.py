@@ -107,3 +107,40 @@ def apply_same_factors(target, original, compressed) -> tuple[onnx.ModelProto, l
     result.CopyFrom(target)
     apply_factors(result, target_sites, chosen)
     return result, sorted(chosen)
+
+
+def apply_same_quantization(target, original, rewritten) -> tuple[onnx.ModelProto, list[str]]:
+    """``target`` with the same quantized weights, corrections and tables that ``rewritten`` (the
+    quant.graph.Rewrite that `--quantize` made ``original`` with) holds: each planned weight and table is matched by
+    name and must hold the same values in the target, and the target is rewritten by the same code, so its
+    integers (ONNX Runtime's quantizers are deterministic), factors and bias shifts are those of the compressed
+    model. Returns the new model and the names replaced."""
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.quant.embedding import find_tables, table_array
+
+    original, target = (m if isinstance(m, onnx.ModelProto) else load_model(m) for m in (original, target))
+    target_sites = {site.weight: site for site in find_sites(target)[0]}
+    source_sites = {site.weight: site for site in find_sites(original)[0]}
+    weights = []
+    for weight in sorted(rewritten.plans):
+        site = target_sites.get(weight)
+        if site is None:
+            continue
+        if not np.array_equal(weight_matrix(target, site), weight_matrix(original, source_sites[weight])):
+            raise FwlrError(f"weight '{weight}' differs between the target model and the original; the same "
+                            "quantized weights only fit the same weights (export both models from one checkpoint).")
+        weights.append(weight)
+    target_tables = {t.name: t for t in find_tables(target, exclude=set(target_sites))}
+    source_tables = {t.name: t for t in find_tables(original, exclude=set(source_sites))}
+    tables = []
+    for name in sorted(rewritten.tables):
+        if name not in target_tables:
+            continue
+        if not np.array_equal(table_array(target, target_tables[name]), table_array(original, source_tables[name])):
+            raise FwlrError(f"embedding table '{name}' differs between the target model and the original; export "
+                            "both models from one checkpoint.")
+        tables.append(name)
+    if not weights and not tables:
+        raise FwlrError("the target model shares no quantized weight (by name) with the compressed model; give the "
+                        "models exported from the same checkpoint.")
+    return rewritten.apply(target, weights, tables), weights + tables

@@ -28,10 +28,27 @@ DYNAMIC_LEVELS = 255  # uint8 activations
 class QuantStats:
     tables: dict[str, TableStats] = field(default_factory=dict)
     step_squares: dict[str, float] = field(default_factory=dict)  # tensor -> mean over batches of s²
+    # tensor -> per batch, the largest and smallest value of each channel (last axis): what the step would be
+    # with some channels taken out of the int8 input (outlier channels, quant.graph)
+    channel_ranges: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
     def rounding_variance(self, tensor: str) -> float:
         """Per-element variance of dynamic int8 rounding of `tensor`: E[s²] / 12."""
         return self.step_squares[tensor] / 12.0
+
+    def largest_channels(self, tensor: str) -> np.ndarray:
+        """Channel indices of `tensor`, largest magnitude over the calibration data first (ties by index)."""
+        top = np.max([np.maximum(high, -low) for high, low in self.channel_ranges[tensor]], axis=0)
+        return np.lexsort((np.arange(top.size), -top))
+
+    def rounding_variance_without(self, tensor: str, channels) -> float:
+        """rounding_variance of `tensor` once `channels` are zeroed in the int8 input (each batch's step from
+        the other channels' range)."""
+        kept = np.ones(self.channel_ranges[tensor][0][0].size, dtype=bool)
+        kept[np.asarray(channels, dtype=np.int64)] = False
+        steps = [(max(float(high[kept].max()), 0.0) - min(float(low[kept].min()), 0.0)) / DYNAMIC_LEVELS
+                 for high, low in self.channel_ranges[tensor]]
+        return float(np.mean(np.square(steps))) / 12.0
 
 
 def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: list[str], batches: Batches, *,
@@ -54,6 +71,8 @@ def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: li
         for name in tensors:
             x = values[name]
             stats.step_squares[name] += (float(max(x.max(), 0.0) - min(x.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
+            rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+            stats.channel_ranges.setdefault(name, []).append((rows.max(axis=0), rows.min(axis=0)))
         if tables:
             backward(stats, tables, feed, labels, values, mask_name, token_name, samples, rng)
         count += 1

@@ -46,9 +46,29 @@ class SitePlan:
     quantized: np.ndarray | None = None  # the [K, N] matrix the main branch stores; None: W itself
     factor_dtype: str | None = None  # this site's factor storage when not the rewrite's (float32 factors that a
     # quantized input's own scheme then quantizes)
+    outliers: np.ndarray | None = None  # dynamic int8 with outliers: the input channels computed in float (None:
+    # the first `scheme.outliers` channels, as the latency model's one-site models time it)
 
     def main_matrix(self, model, site: Site) -> np.ndarray:
         return self.quantized if self.quantized is not None else weight_matrix(model, site)
+
+
+@dataclass
+class Rewrite:
+    """What `rewrite` was given for one model: applied to another export of the same weights (a decoder's
+    with-past or merged model, cli `--also`) it writes the same quantized weights, corrections and tables there."""
+
+    plans: dict[str, SitePlan]
+    tables: dict[str, Scheme]
+    factor_dtype: str = "float32"
+    merge: bool = False
+
+    def apply(self, model: onnx.ModelProto, weights: list[str] | None = None,
+              tables: list[str] | None = None) -> onnx.ModelProto:
+        """`model` rewritten with the plans of `weights` and the tables named (default: all of them)."""
+        plans = self.plans if weights is None else {w: self.plans[w] for w in weights}
+        chosen = self.tables if tables is None else {t: self.tables[t] for t in tables}
+        return rewrite(model, plans, chosen, self.factor_dtype, merge=self.merge)
 
 
 def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme],
@@ -83,7 +103,7 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
         site = sites[weight]
         factors = shared.get(weight) or _factor_tensors(site, plan, graphs, namer, plan.factor_dtype or factor_dtype,
                                                         casts)
-        for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic).items():
+        for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic, casts).items():
             swaps[key] = swaps.get(key, []) + nodes  # after a merged first factor placed at this node
         _mark_removed(site, removed, swaps)
     for name, scheme in tables.items():
@@ -212,7 +232,7 @@ def _default_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str]) -> dict:
+def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str], casts: dict) -> dict:
     """Main-branch initializers for the site (once, in the graph that owns the weight) and replacement nodes
     per use; `factors` names the correction's A and B (or None)."""
     owner = graphs[site.graph_index]
@@ -230,16 +250,37 @@ def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynam
         main = ("MatMul", [name], {})
     if main is None and factors is None:
         raise RuntimeError(f"{site.name}: a plan needs a main branch, a correction, or both")
+    outlier = _outlier_tensors(model, site, plan, graphs, namer, casts) if plan.scheme is not None \
+        and plan.scheme.outliers else None
     swaps = {}
     for use in site.uses:
         graph = graphs[use.graph_index]
         swaps[(use.graph_index, use.node_index)] = _use_nodes(model, graph, use, main, factors, plan.shift, namer,
-                                                              dynamic, site_dtype(site))
+                                                              dynamic, site_dtype(site), outlier)
     return swaps
 
 
-def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynamic: list[str], dtype) -> list:
-    """Nodes computing the original node's output: [Transpose X] → main + correction → [·alpha] [+ C, shift]."""
+def _outlier_tensors(model, site: Site, plan: SitePlan, graphs, namer, casts) -> tuple[str, str, str]:
+    """(keep mask [K], channel indices [k], their rows of W [k, N] in float16 behind a Cast): what a dynamic int8
+    site with outlier channels reads (_use_nodes)."""
+    channels = plan.outliers if plan.outliers is not None else np.arange(plan.scheme.outliers)
+    channels = np.asarray(channels, dtype=np.int64)
+    keep = np.ones(site.K, dtype=np.float32)
+    keep[channels] = 0.0
+    owner = graphs[site.graph_index]
+    keep_name, index_name = namer(f"{site.weight}/outlier_keep"), namer(f"{site.weight}/outlier_channels")
+    owner.initializer.extend([numpy_helper.from_array(keep, keep_name), numpy_helper.from_array(channels, index_name)])
+    rows = np.asarray(weight_matrix(model, site), dtype=np.float64)[channels]
+    rows_name = _stored_factor(rows, namer(f"{site.weight}/outlier_rows"), site.graph_index, graphs, namer,
+                               "float16", casts)
+    return keep_name, index_name, rows_name
+
+
+def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynamic: list[str], dtype,
+               outlier=None) -> list:
+    """Nodes computing the original node's output: [Transpose X] → main + correction → [·alpha] [+ C, shift].
+    `outlier` (keep, channels, rows): the int8 main branch reads X with those channels zeroed, and
+    Gather(X, channels) @ rows adds them back in float."""
     base = use.node_name or use.output
     nodes, parts = [], []
     x = use.input
@@ -251,9 +292,19 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
         out = namer(f"{base}/main")
         node_name = namer(f"{base}/{'int8' if op == 'MatMul' else 'nbits'}")
         domain = ortquant.MS_DOMAIN if op == "MatMulNBits" else ""
-        nodes.append(helper.make_node(op, [x] + tensors, [out], name=node_name, domain=domain, **attrs))
+        x_main = x
+        if outlier is not None:
+            x_main = namer(f"{base}/x_kept")
+            nodes.append(helper.make_node("Mul", [x, outlier[0]], [x_main], name=namer(f"{base}/outlier_keep")))
+        nodes.append(helper.make_node(op, [x_main] + tensors, [out], name=node_name, domain=domain, **attrs))
         if op == "MatMul":
             dynamic.append(node_name)
+        parts.append(out)
+    if outlier is not None:
+        picked, out = namer(f"{base}/x_outliers"), namer(f"{base}/outliers")
+        nodes.append(helper.make_node("Gather", [x, outlier[1]], [picked], name=namer(f"{base}/outlier_gather"),
+                                      axis=-1))
+        nodes.append(helper.make_node("MatMul", [picked, outlier[2]], [out], name=namer(f"{base}/outlier_rows")))
         parts.append(out)
     if factors is not None:
         out = namer(f"{base}/correction")
@@ -266,7 +317,7 @@ def _use_nodes(model, graph, use: WeightUse, main, factors, shift, namer, dynami
         parts.append(out)
     terms = _tail_terms(model, graph, use, shift, namer, nodes, dtype)
     y = parts[0]
-    steps = ([("Add", parts[1], "sum")] if len(parts) > 1 else []) + terms
+    steps = [("Add", part, "sum") for part in parts[1:]] + terms
     for i, (op, operand, role) in enumerate(steps):
         out = use.output if i == len(steps) - 1 else namer(f"{base}/{role}_out")
         nodes.append(helper.make_node(op, [y, operand], [out], name=namer(f"{base}/{role}")))

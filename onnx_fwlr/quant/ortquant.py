@@ -46,22 +46,30 @@ class Scheme:
     block_size: int = 0
     symmetric: bool = False
     accuracy_level: int = 0  # MatMulNBits' compute type: 0 float (as the weight), 4 int8 activations (docs/speed.md)
+    outliers: int = 0  # dynamic int8: this many input channels (the largest on calibration data) computed in float
 
     @property
     def label(self) -> str:
         if self.kind == "dynamic":
-            return "int8 dynamic"
+            return "int8 dynamic" + (f" o{self.outliers}" if self.outliers else "")
         return (f"int{self.bits} b{self.block_size}" + (" sym" if self.symmetric else "")
                 + (f" acc{self.accuracy_level}" if self.accuracy_level else ""))
 
     def at_level(self, level: int) -> Scheme:
         """The same stored weight computed at MatMulNBits accuracy_level `level` (bytes and deq(Q(W)) unchanged)."""
-        return Scheme(self.kind, self.bits, self.block_size, self.symmetric, level)
+        return Scheme(self.kind, self.bits, self.block_size, self.symmetric, level, self.outliers)
+
+    def with_outliers(self, count: int) -> Scheme:
+        """Dynamic int8 whose `count` largest input channels skip the activation rounding: the int8 MatMul reads
+        the input with them zeroed (its per-tensor step then follows the other channels), and their rows of W
+        multiply them in float (quant.graph, docs/quantization.md)."""
+        return Scheme(self.kind, self.bits, self.block_size, self.symmetric, self.accuracy_level, count)
 
     def matmul_bytes(self, K: int, N: int) -> int:
         """Bytes of the quantized [K, N] weight as stored (data, scales, zero points)."""
-        if self.kind == "dynamic":
-            return K * N + 5 * N  # int8 data, float scale and int8 zero point per output channel
+        if self.kind == "dynamic":  # int8 data, float scale and int8 zero point per output channel
+            # outliers: their rows in float16, their indices, and the float mask of K
+            return K * N + 5 * N + (self.outliers * (2 * N + 8) + 4 * K if self.outliers else 0)
         blocks = math.ceil(K / self.block_size)
         data = N * blocks * math.ceil(self.block_size * self.bits / 8)
         zero_points = 0 if self.symmetric else N * math.ceil(blocks * self.bits / 8)
@@ -94,6 +102,8 @@ def scheme_from_label(label: str) -> Scheme:
     tables name forms by it."""
     if label == INT8_DYNAMIC.label:
         return INT8_DYNAMIC
+    if label.startswith(INT8_DYNAMIC.label + " o") and label[len(INT8_DYNAMIC.label) + 2:].isdigit():
+        return INT8_DYNAMIC.with_outliers(int(label[len(INT8_DYNAMIC.label) + 2:]))
     parts = label.split()
     level = 0
     if parts and parts[-1].startswith("acc") and parts[-1][3:].isdigit():

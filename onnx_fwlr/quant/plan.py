@@ -102,8 +102,9 @@ def table_options(T: np.ndarray, loss, schemes: list[Scheme], dense: bool = True
 
 
 def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction: bool,
-              alternate_rounds: int = 0, dtype=np.float32) -> tuple[SitePlan | None, float]:
+              alternate_rounds: int = 0, dtype=np.float32, outliers=None) -> tuple[SitePlan | None, float]:
     """The chosen option made concrete, and its weighted error ‖P (W − W') Q‖² (None: the site stays dense).
+    `outliers`: the input channels a dynamic int8 main branch leaves to float (SitePlan.outliers).
 
     With `alternate_rounds`, quantization and correction alternate (compensate.alternate) and the best
     round is kept. The mean output shift E[x]ᵀ (W − W') goes into the bias when `bias_correction`.
@@ -117,8 +118,23 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
         return _with_shift(SitePlan(None, A, B), W, A @ B, metric, bias_correction), \
             decomposition.dropped_energy(option.rank)
     scheme = option.key
+    plan, error = _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds, dtype, outliers)
+    plan.outliers = outliers
+    return plan, error
+
+
+def _with_outliers(W: np.ndarray, deq: np.ndarray, outliers) -> np.ndarray:
+    """deq(Q(W)) with the rows of the input channels computed in float taken from W (they are exact there)."""
+    if outliers is None:
+        return deq
+    deq = deq.copy()
+    deq[outliers] = W[outliers]
+    return deq
+
+
+def _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds, dtype, outliers=None):
     if option.rank == 0:
-        approx = dequantized(W, scheme, dtype)
+        approx = _with_outliers(W, dequantized(W, scheme, dtype), outliers)
         error = compensate.weighted_error(W - approx, metric.left, metric.right)
         return _with_shift(SitePlan(scheme), W, approx, metric, bias_correction), error
     if alternate_rounds:
@@ -127,7 +143,7 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
         deq, A, B, error = result.dequantized, result.A, result.B, result.errors[result.chosen_round]
         plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
         return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
-    deq = dequantized(W, scheme, dtype)
+    deq = _with_outliers(W, dequantized(W, scheme, dtype), outliers)
     spectrum = compensate.residual_leading(W, deq, option.rank, metric.left, metric.right)
     A, B = spectrum.factors(option.rank)
     error = spectrum.dropped_energy(option.rank)

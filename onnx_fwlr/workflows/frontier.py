@@ -16,7 +16,7 @@ import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import external_bytes, load_model
-from onnx_fwlr.quant.ortquant import BASELINES, ort_baseline
+from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES, ort_baseline
 
 logger = logging.getLogger(__name__)
 
@@ -125,23 +125,58 @@ def _dominates(a: dict, b: dict, key: str, metric: str) -> bool:
 
 
 def ort_comparison(original, ours_bytes: int, ours, validation, *, batch_size: int = 32, outputs=None,
-                   common_prefix: bool = False, quantized: bool = False,
-                   judge: str | None = None) -> tuple[str | None, list[dict]]:
+                   common_prefix: bool = False, quantized: bool = False, judge: str | None = None,
+                   measured: list[dict] | None = None) -> tuple[str | None, list[dict]]:
     """Compress's closing check: ONNX Runtime's int8 per-channel and int4 block-32 quantizations of the original,
     measured on the same validation data as our model (`ours`, its Validation), judged on output `judge` (else
     the first compared one). Returns one sentence when one of
     them is at least as small and better, else None, and the measured rows (for the JSON report). A model that
-    already holds quantized weights is not compared (quantizing it again is not what a user would run)."""
+    already holds quantized weights is not compared (quantizing it again is not what a user would run).
+    `measured`: rows of latency_points already judged on the same data (their baselines are not made again)."""
     reference = load_model(original)
     from onnx_fwlr.quant.dequantize import detect_quantized
 
     if detect_quantized(reference):
         return None, []
-    rows = []
-    for name, model in baseline_models(reference, COMPRESS_BASELINES):
-        rows.append({"config": name, "bytes": model_bytes(model),
-                     **fidelity(reference, model, validation, batch_size, outputs, common_prefix, judge)})
+    if measured is not None:
+        rows = [r for r in measured if r["config"] in COMPRESS_BASELINES and r.get("mean_cosine") is not None]
+    else:
+        rows = [{"config": name, "bytes": model_bytes(model),
+                 **fidelity(reference, model, validation, batch_size, outputs, common_prefix, judge)}
+                for name, model in baseline_models(reference, COMPRESS_BASELINES)]
     return better_baseline(dict(judged(ours, judge), bytes=ours_bytes), rows, quantized), rows
+
+
+def latency_points(original, ours: dict, latency, feed: dict, validation=None, *, batch_size: int = 32,
+                   outputs=None, common_prefix: bool = False, judge: str | None = None) -> list[dict]:
+    """The rows of `compress --quantize ... --target-latency`'s closing table, as `sweep --latency` has them: the
+    original, ONNX Runtime's int8 per-channel and int4 (block 32 and 128, accuracy_level 0 and 4) models of it,
+    and `ours` (its row: config, bytes, latency_ratio and its p10/p90, fidelity fields or None). Each baseline's
+    latency is its time over the original's at `feed` (latency.model_ratio: alternating pairs in a fresh
+    process, as compress's own check measured ours), its fidelity measured on `validation` when given."""
+    from onnx_fwlr.workflows.sweep import _reference_row
+
+    reference = load_model(original)
+    rows = []
+    for name, model in baseline_models(reference, tuple(BASELINES) + tuple(LEVEL4_BASELINES)):
+        timed = latency.model_ratio(reference, model, feed)
+        row = {"config": name, "kind": "baseline", "bytes": model_bytes(model), "latency_ratio": timed["ratio_p50"],
+               "latency_ratio_p10": timed["ratio_p10"], "latency_ratio_p90": timed["ratio_p90"]}
+        row.update(fidelity(reference, model, validation, batch_size, outputs, common_prefix, judge)
+                   if validation is not None else _UNJUDGED)
+        rows.append(row)
+    rows.append(dict(_UNJUDGED, kind="quantized", **ours))
+    first = next((r for r in rows if r.get("output")), {})
+    reference_row = _reference_row([first], model_bytes(reference))
+    reference_row["latency_ratio"] = 1.0
+    if validation is None:
+        reference_row.update(_UNJUDGED)
+    rows.insert(0, reference_row)
+    mark_pareto(rows, frontier_metric(rows))
+    return rows
+
+
+_UNJUDGED = {"mean_cosine": None, "min_cosine": None, "rel_l2_error": None, "top1_agreement": None, "accuracy": None}
 
 
 def better_baseline(ours: dict, baselines: list[dict], quantized: bool = False) -> str | None:

@@ -47,6 +47,7 @@ class SweepResult:
     files: list[str] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     metric: str = "mean_cosine"  # what the Pareto points are judged by (frontier.frontier_metric)
+    timed_on: str = "the first validation batch"  # what the latency column was measured on
 
     def format(self) -> str:
         headers = ["config", "budget", "bytes", "vs original", "params kept", "mean cosine", "min cosine", "rel. L2",
@@ -54,8 +55,8 @@ class SweepResult:
         base = self.rows[0]["bytes"] if self.rows and self.rows[0].get("bytes") else None
         table = [
             [r["config"], budget_label(r), f"{r['bytes']:,}", "" if base is None else f"{r['bytes'] / base:.3f}",
-             "" if r.get("param_ratio") is None else f"{r['param_ratio']:.3f}", f"{r['mean_cosine']:.4f}",
-             f"{r['min_cosine']:.4f}", f"{r['rel_l2_error']:.4f}", _pct(r.get("top1_agreement")),
+             "" if r.get("param_ratio") is None else f"{r['param_ratio']:.3f}", _digits(r.get("mean_cosine")),
+             _digits(r.get("min_cosine")), _digits(r.get("rel_l2_error")), _pct(r.get("top1_agreement")),
              _pct(r.get("accuracy")), "" if r.get("latency_ratio") is None else f"{r['latency_ratio']:.3f}",
              ", ".join(r.get("pareto", []))]
             for r in self.rows
@@ -70,8 +71,8 @@ class SweepResult:
             if int8_saturates():
                 note += f" Dynamic int8 here: {WHY}."
         if any(r.get("latency_ratio") is not None for r in self.rows):
-            note += (" latency x: the row's latency over the original's, the median of alternating pairs on the "
-                     "first validation batch (profile --compare's measure).")
+            note += (" latency x: the row's latency over the original's, the median of alternating pairs on "
+                     f"{self.timed_on} (profile --compare's measure).")
         return "\n".join([format_table(headers, table, align="llrrrrrrrrrl"), note] + self.skipped)
 
     def to_dict(self) -> dict:
@@ -81,6 +82,11 @@ class SweepResult:
 
 def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f} %"
+
+
+def _digits(value) -> str:
+    """Four decimals; blank where the row was not judged (compress's latency table without validation data)."""
+    return "" if value is None else f"{value:.4f}"
 
 
 # Long: the sweep's loop over methods, allocations and budgets reads best in one place.

@@ -31,7 +31,6 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from onnx_fwlr.cost.limits import paired_ratio  # noqa: E402
 from onnx_fwlr.io.data import open_data  # noqa: E402

@@ -371,7 +371,7 @@ def _latency_points(config, report, model, out) -> list[dict]:
     sweep --latency prints its table (workflows.frontier.latency_points, workflows.sweep.SweepResult)."""
     from onnx_fwlr.cost.latency import MeasuredLatency
     from onnx_fwlr.io.model import load_model
-    from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
+    from onnx_fwlr.pipeline.speed import feed_shape, timing_feed
     from onnx_fwlr.workflows.frontier import frontier_metric, judged, latency_points, model_bytes
     from onnx_fwlr.workflows.sweep import SweepResult
 
@@ -389,7 +389,7 @@ def _latency_points(config, report, model, out) -> list[dict]:
                           batch_size=data.batch_size, outputs=outputs, common_prefix=config.compare.common_prefix,
                           judge=config.fisher.output)
     out(SweepResult(rows=rows, metric=frontier_metric(rows),
-                    timed_on=f"the timing batch ({_feed_shape(feed)})").format())
+                    timed_on=f"the timing batch ({feed_shape(feed)})").format())
     return rows
 
 

@@ -109,7 +109,7 @@ def measure_against_input(source, compressed: onnx.ModelProto, report: Report, l
     or `shapes`), alternating pairs in a fresh process, and say in the report how it compares; nothing when
     there is no data to time with. `latency`: cost.latency.MeasuredLatency (a fake in tests)."""
     from onnx_fwlr.cost.latency import MeasuredLatency
-    from onnx_fwlr.pipeline.speed import _feed_shape, timing_feed
+    from onnx_fwlr.pipeline.speed import feed_shape, timing_feed
 
     if not shapes and not (isinstance(calibration, (str, os.PathLike)) and calibration != "random"):
         return
@@ -118,10 +118,10 @@ def measure_against_input(source, compressed: onnx.ModelProto, report: Report, l
     measured = (latency if latency is not None else MeasuredLatency()).model_ratio(source, compressed, feed)
     p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
     report.budget["input_latency"] = {"ratio_p50": p50, "ratio_p10": p10, "ratio_p90": p90,
-                                      "pairs": measured["pairs"], "feed": _feed_shape(feed)}
+                                      "pairs": measured["pairs"], "feed": feed_shape(feed)}
     verdict = "slower than the input here" if p50 > 1.0 else "not slower than the input"
     report.warnings.append(f"latency: the output measures {p50:.2f}x the quantized input's (p10-p90 {p10:.2f}-"
-                           f"{p90:.2f}, {measured['pairs']} alternating pairs) at {_feed_shape(feed)} on this "
+                           f"{p90:.2f}, {measured['pairs']} alternating pairs) at {feed_shape(feed)} on this "
                            f"machine: {verdict}")
 
 

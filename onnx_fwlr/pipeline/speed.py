@@ -275,7 +275,7 @@ def choose_ranks_for_speed(prepared: Prepared, budget, allocation: str, rank_mul
     return latency_budget_ranks(prepared, budget.target_latency, fixed, latency, feed, forms)
 
 
-def _feed_shape(feed: dict) -> str:
+def feed_shape(feed: dict) -> str:
     name, value = next(iter(feed.items()))
     return f"{name} {'x'.join(str(d) for d in np.shape(value))}"
 
@@ -297,7 +297,7 @@ def check_measured_speed(original, compressed, report, latency, calibration, bat
     p50, p10, p90 = measured["ratio_p50"], measured["ratio_p10"], measured["ratio_p90"]
     speed = report.budget.setdefault("speed", {})
     speed.update(measured_ratio=p50, measured_p10=p10, measured_p90=p90, measured_pairs=measured["pairs"])
-    where = f"at {_feed_shape(feed)} on this machine"
+    where = f"at {feed_shape(feed)} on this machine"
     if p50 >= 1.0:
         raise FwlrError(
             f"Factorisation cannot pay here: the compressed model measures {p50:.2f}x the original's latency "

@@ -24,13 +24,16 @@ from tqdm.auto import tqdm
 
 from onnx_fwlr.cost.latency import MeasuredLatency, OrtTimer
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import external_bytes, load_model
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
+from onnx_fwlr.pipeline.decompose import spill_needed
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, latency_notes
+from onnx_fwlr.pipeline.quantized_store import LazyMetrics, SpillStore, StoredPlans
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
@@ -52,6 +55,8 @@ AUTO_BLOCKS = (32, 128)
 SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (names, attributes); corrected below
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
+LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
+                "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
 
 
 @dataclass
@@ -74,6 +79,7 @@ class QuantizeJob:
     factors: str = "float16"  # correction factor storage: float16 behind a Cast ORT folds at load, or float32
     tables: list[Table] = field(default_factory=list)
     table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
+    rounding_variance: dict = field(default_factory=dict)  # weight -> dynamic int8's activation rounding variance
     rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
     rule_tables: dict = field(default_factory=dict)  # every table's scheme without a budget: name -> Scheme
     fixed_tables: dict = field(default_factory=dict)  # tables the budget does not choose for: name -> Scheme
@@ -84,9 +90,17 @@ class QuantizeJob:
     levels: dict = field(default_factory=dict)  # (weight, scheme label at level 0) -> levels.LevelChoice
     merge: bool = False  # corrections of sites reading one activation share a first factor (quant.graph)
     progress: bool = False  # progress bars (with ETA) over the sites while options and plans are computed
-    plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
+    plans: SpillStore = field(default_factory=lambda: SpillStore(spill=False))  # (weight, option label) -> SitePlan
+    # (None: dense); builds reuse them; spilled to disk on large models (pipeline.quantized_store)
+    plan_errors: dict = field(default_factory=dict)  # (weight, option label) -> the plan's weighted error
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
+
+    def close(self) -> None:
+        """Remove what was spilled to disk (the stores also remove it when collected, and at exit)."""
+        self.plans.close()
+        if isinstance(self.metrics, LazyMetrics):
+            self.metrics.store.close()
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it."""
@@ -103,7 +117,7 @@ def compress_quantized(
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
     input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False, source=None,
-    fallback: str | None = None, checked: bool = False, feed=None,
+    fallback: str | None = None, checked: bool = False, feed=None, stats_memory: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -132,7 +146,9 @@ def compress_quantized(
     (prepare's rule); a budget then compares sites by their activation-weighted output error, as the report
     says.
     `checked`: the caller (pipeline.run, through RunConfig) has checked every option already; `feed`: the batch
-    a latency budget and the accuracy levels time at (default speed.timing_feed).
+    a latency budget and the accuracy levels time at (default speed.timing_feed). `stats_memory`: bytes the
+    gradient statistics may take; above it they are measured one group of sites per pass (prepare's rule), and
+    each site's options are made in that order (pipeline.quantized_store).
     """
     if not checked:
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
@@ -152,9 +168,12 @@ def compress_quantized(
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
         progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
-        merge=merge, source=source, fallback=fallback, checked=True, feed=feed)
-    return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
-                           latency=latency, input_forms=input_forms, checked=True)
+        merge=merge, source=source, fallback=fallback, checked=True, feed=feed, stats_memory=stats_memory)
+    try:
+        return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
+                               latency=latency, input_forms=input_forms, checked=True)
+    finally:
+        job.close()
 
 
 def prepare_quantized(
@@ -163,7 +182,7 @@ def prepare_quantized(
     alternate: int = 0, bias_correction: bool | None = None, budgeted: bool = True, include=None, exclude=None,
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
-    source=None, fallback: str | None = None, checked: bool = False,
+    source=None, fallback: str | None = None, checked: bool = False, stats_memory: int | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
@@ -176,7 +195,7 @@ def prepare_quantized(
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-                       fisher_options=fisher_options, progress=progress, fallback=fallback)
+                       fisher_options=fisher_options, progress=progress, fallback=fallback, stats_memory=stats_memory)
     with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
         return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
                             rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
@@ -188,16 +207,25 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
                  timed, accuracy_level, level_timer, merge, feed, source) -> QuantizeJob:
     """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
+    lm_int8 = quantize == "auto" and int8 == "dynamic" and bool(sites) and is_language_model(prepared.model)
+    if lm_int8:  # dynamic int8 rounds each activation per tensor: a language model's outliers break it
+        int8 = "block"
     schemes = _site_schemes(quantize, block_size, int8)
     _check_half(sites, quantize, int8)
     if quantize != "auto":
         _check_divisible(sites, schemes[0])
     if bias_correction is None:
         bias_correction = get_method(method).bias_correction
-    job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
-                      schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
+    spill = spill_needed(sites)  # large models: weightings and plans wait on disk (pipeline.quantized_store)
+    by_weight = {s.weight: s for s in sites}
+    metrics = LazyMetrics(list(by_weight), lambda weight: _metric(prepared, by_weight[weight], bias_correction),
+                          SpillStore(spill))
+    job = QuantizeJob(prepared, sites, skipped, metrics, schemes, quantize, block_size, int8, rank_step,
+                      bias_correction, alternate, factors,
                       original_bytes=source.input_bytes if source is not None else _bytes(prepared.model),
-                      merge=merge, progress=progress, source=source)
+                      merge=merge, progress=progress, source=source, plans=SpillStore(spill))
+    if lm_int8:
+        job.warnings.append(LM_INT8_NOTE)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     gradients = get_method(prepared.method).loss_units
@@ -468,8 +496,8 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
     (budgeted ones: --embeddings auto under a byte budget) and dynamic int8's activation rounding (with a K-FAC
     output Gram)."""
     prepared = job.prepared
-    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and all(
-        m.right is not None for m in job.metrics.values())
+    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and get_method(
+        prepared.method).output_scaling is not None  # rounding priced through the output-gradient weighting
     visible = main_graph_tensors(prepared.model)
     inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites
               if s.dtype == "float32"} if dynamic else {}
@@ -488,11 +516,20 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
                                    output=meta.get("fisher_output"), mask_input=mask_input, progress=progress,
                                    **options)
     job.table_loss = {name: s.loss for name, s in measured.tables.items()}
-    for site in job.sites:
+    for site in job.sites:  # priced with each site's weighting when its options are made (_rounding_loss)
         if inputs.get(site.weight):
-            variance = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
-            weighted = job.metrics[site.weight].right.apply_right(job.prepared.weights[site.weight])
-            job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
+            job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
+
+
+def _rounding_loss(job: QuantizeJob, site: Site, metric: plan.Metric) -> float:
+    """Dynamic int8's activation rounding in loss units: its variance times ‖W Q‖² (0 when not measured)."""
+    variance = job.rounding_variance.get(site.weight)
+    if variance is None:
+        return 0.0
+    if site.weight not in job.rounding_loss:
+        weighted = metric.right.apply_right(job.prepared.weights[site.weight])
+        job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
+    return job.rounding_loss[site.weight]
 
 
 def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]:
@@ -501,16 +538,20 @@ def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]
 
 
 def _options(job: QuantizeJob) -> list[list[Option]]:
-    """Every site's and budgeted table's options, computed once per run."""
+    """Every site's and budgeted table's options, computed once per run, site by site in site order (the order
+    grouped statistics are measured in): each site's weighting is made here, used, and kept or spilled for the
+    build (job.metrics); only the options (bytes and predicted loss) stay in memory."""
     if job.choices is None:
         job.choices = []
         for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
+            metric = job.metrics[site.weight]
             job.choices.append(plan.site_options(
-                job.prepared.weights[site.weight], job.metrics[site.weight], job.site_schemes(site),
+                job.prepared.weights[site.weight], metric, job.site_schemes(site),
                 dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
                 low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
                 rank_step=job.rank_step, factor_bytes=_factor_bytes(job, site),
-                scheme_loss={INT8_DYNAMIC: job.rounding_loss.get(site.weight, 0.0)}, dtype=site_dtype(site)))
+                scheme_loss={INT8_DYNAMIC: _rounding_loss(job, site, metric)}, dtype=site_dtype(site)))
+            del metric
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
@@ -642,12 +683,17 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         metric = job.metrics[site.weight]
         key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
         if key not in job.plans:
-            job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                            alternate_rounds=job.alternate, dtype=site_dtype(site))
-        site_plan, error = job.plans[key]
+            site_plan, job.plan_errors[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
+                                                             alternate_rounds=job.alternate, dtype=site_dtype(site))
+            if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
+                site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+            job.plans.put(key, site_plan)
+            del site_plan
+        error = job.plan_errors[key]
         if option.key == INT8_DYNAMIC:
             error += job.rounding_loss.get(site.weight, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)
+        del metric
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))
         results.append(SiteResult(
@@ -656,12 +702,11 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
             note=_site_note(job, site, option), form=_form(option), bytes_before=_dense_bytes(job, site),
             bytes_after=option.bytes))
-        if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
-            site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+        if option.storage == plan.LOW_RANK and site.weight in _stored(job):
             low_rank.add(site.weight)
-        if site_plan is not None:
-            plans[site.weight] = site_plan
-    model_out = rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge)
+        if option.storage != plan.FP32:
+            plans[site.weight] = key
+    model_out = rewrite(job.prepared.model, StoredPlans(plans, job.plans), tables, job.factors, merge=job.merge)
     if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
         model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results

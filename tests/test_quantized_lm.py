@@ -2,16 +2,19 @@
 disk on large models, statistics one group of sites per pass), no dynamic int8 under auto, and the tied
 embedding table and head quantized as one weight (docs/llm.md, docs/quantization.md)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
-from onnx_fwlr import compress
+from onnx_fwlr import compress, save_model
 from onnx_fwlr.pipeline import quantized as quantized_module
 from onnx_fwlr.pipeline import quantized_store
+from onnx_fwlr.quant import ortquant
 
 ROOT = Path(__file__).resolve().parents[1]
 DECODER = ROOT / "sample_models" / "decoder" / "decoder.onnx"
@@ -88,3 +91,65 @@ def test_a_spill_store_removes_its_folder_when_closed():
     assert store.held_in_memory() == 0 and os.path.isdir(store.folder)
     store.close()
     assert not os.path.exists(store.folder)
+
+
+# --- the tied embedding table and head ------------------------------------------------------------------
+
+_spec = importlib.util.spec_from_file_location("make_random_llama", ROOT / "tools" / "make_random_llama.py")
+llama = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(llama)
+TINY = dict(hidden=32, layers=2, intermediate=64, vocab=96, heads=4, kv_heads=2)
+
+
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory):
+    """A tiny LLaMA whose head stores a copy of its embedding table, transposed, and its calibration tokens."""
+    folder = tmp_path_factory.mktemp("tied")
+    calib = llama.write_calibration(folder / "calib.npz", TINY["vocab"], rows=12, seq=16)
+    return llama.build(folder / "llama.onnx", TINY, tie="copy", seed=3), calib
+
+
+def _lines(report, name):
+    return [s for s in report.sites if s.name == name or s.weight == name]
+
+
+def test_a_tied_pair_at_4_bits_stores_one_copy_that_the_lookup_and_the_head_read(tied_llama, tmp_path):
+    path, calib = tied_llama
+    model, report = compress(str(path), quantize="auto", ratio=0.45, calibration=str(calib), progress=False)
+    head, = _lines(report, "lm_head.weight")
+    table, = _lines(report, "model.embed_tokens.weight")
+    assert head.note.startswith("int4 b32 with its table") and "one copy for the pair" in head.note
+    assert table.bytes_after == 0 and "reads the 4-bit numbers of its head" in table.note
+    assert len(report.tied) == 1 and "GatherBlockQuantized" in report.tied[0]
+    names = {t.name for t in model.graph.initializer}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" not in names
+    nodes = {n.op_type: n for n in model.graph.node}
+    matmul = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.input[1])
+    gather = nodes["GatherBlockQuantized"]
+    reshape = next(n for n in model.graph.node if n.output[0] == gather.input[0])
+    assert reshape.op_type == "Reshape" and reshape.input[0] == matmul.input[1]
+    assert list(gather.input[2:]) == list(matmul.input[2:4])  # the same scales and zero points
+    # the lookup's rows are the head's dequantized columns, as ONNX Runtime computes them
+    tensors = [t for t in model.graph.initializer if t.name in matmul.input[1:4]]
+    head_numbers = ortquant.dequantize_matmul_weight(ortquant.QuantizedWeight(matmul, tensors))  # [D, V]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(gather.output[0], onnx.TensorProto.FLOAT, None))
+    out = tmp_path / "tied.onnx"
+    save_model(model, out)
+    data = np.load(calib)
+    feed = {k: data[k] for k in data.files}
+    logits, rows = ort.InferenceSession(str(out)).run(["logits", gather.output[0]], feed)
+    np.testing.assert_allclose(rows, head_numbers.T[feed["input_ids"]], rtol=0, atol=1e-6)
+    assert np.isfinite(logits).all()
+
+
+def test_a_tied_pair_kept_in_float_is_stored_once(tied_llama):
+    path, calib = tied_llama
+    model, report = compress(str(path), quantize="auto", ratio=0.6, calibration=str(calib), progress=False)
+    head, = _lines(report, "lm_head.weight")
+    table, = _lines(report, "model.embed_tokens.weight")
+    assert head.note.startswith("fp32, tied") and head.bytes_after == 0
+    assert table.bytes_after == 4 * TINY["vocab"] * TINY["hidden"] and "tied" in table.note
+    names = {t.name for t in model.graph.initializer}
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    assert any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in model.graph.node)
+

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -43,6 +43,7 @@ from onnx_fwlr.quant.graph import rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
+from onnx_fwlr.sites.tied import find_ties, retie
 from onnx_fwlr.stats.activations import main_graph_tensors
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ AUTO_BLOCKS = (32, 128)
 SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (names, attributes); corrected below
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
+TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's 4-bit numbers
 LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
                 "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
 
@@ -93,6 +95,7 @@ class QuantizeJob:
     plans: SpillStore = field(default_factory=lambda: SpillStore(spill=False))  # (weight, option label) -> SitePlan
     # (None: dense); builds reuse them; spilled to disk on large models (pipeline.quantized_store)
     plan_errors: dict = field(default_factory=dict)  # (weight, option label) -> the plan's weighted error
+    ties: dict = field(default_factory=dict)  # head weight -> (sites.tied.Tie, its Table): one weight to the budget
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
 
@@ -236,6 +239,8 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
     if budgeted:
         priced = job.tables if embeddings == "auto" and not timed and gradients else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+        if priced and alternate == 0:
+            job.ties = _tied_pairs(job)
     if timed or accuracy_level != 0:
         job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
     if accuracy_level != 0:
@@ -521,6 +526,40 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
             job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
 
 
+def _tied_pairs(job: QuantizeJob) -> dict:
+    """Heads that are their (priced, float32) embedding table transposed (sites.tied): head weight -> (tie, table).
+    The budget then chooses for the pair as one weight (_tied_options)."""
+    tables = {t.name: t for t in job.tables if t.name in job.table_loss}
+    heads = [s for s in job.sites if s.dtype == "float32"]
+    return {tie.head: (tie, tables[tie.table]) for tie in find_ties(job.prepared.model, heads) if tie.table in tables}
+
+
+def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[Option]:
+    """A tied head's options as the pair's: the head as it is reads Transpose(table) (the table's bytes, once);
+    the head stored its own way keeps the float table beside it; and for each 4-bit scheme whose blocks divide
+    the table's width, the table reads the head's own 4-bit numbers (no bytes of its own), its error priced
+    by the table's statistics on top of the head's."""
+    _, table = job.ties[site.weight]
+    table_bytes = 4 * table.params
+    pair = [o if o.storage == plan.FP32 else replace(o, bytes=o.bytes + table_bytes) for o in options]
+    schemes = {o.key for o in options if o.key is not None and o.key.kind == "nbits" and o.key.bits == 4
+               and table.D % o.key.block_size == 0}
+    if schemes:
+        T = table_array(job.prepared.model, table)
+        for scheme in sorted(schemes, key=lambda k: k.label):
+            loss = job.table_loss[table.name](T - plan.dequantized_table(T, scheme))
+            pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
+        del T
+    return pair
+
+
+def _head_bytes(job: QuantizeJob, site: Site, option: Option) -> int:
+    """A tied head's own bytes within its pair option (the table's are on the table's report line)."""
+    if site.weight not in job.ties or option.storage.endswith(TIED):
+        return option.bytes
+    return 0 if option.storage == plan.FP32 else option.bytes - 4 * job.ties[site.weight][1].params
+
+
 def _rounding_loss(job: QuantizeJob, site: Site, metric: plan.Metric) -> float:
     """Dynamic int8's activation rounding in loss units: its variance times ‖W Q‖² (0 when not measured)."""
     variance = job.rounding_variance.get(site.weight)
@@ -545,12 +584,15 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
         job.choices = []
         for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
             metric = job.metrics[site.weight]
-            job.choices.append(plan.site_options(
+            tied = site.weight in job.ties
+            options = plan.site_options(
                 job.prepared.weights[site.weight], metric, job.site_schemes(site),
-                dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
-                low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
-                rank_step=job.rank_step, factor_bytes=_factor_bytes(job, site),
-                scheme_loss={INT8_DYNAMIC: _rounding_loss(job, site, metric)}, dtype=site_dtype(site)))
+                dense=job.quantize == "auto" or site.weight in _stored(job) or tied,
+                dense_bytes=_dense_bytes(job, site), low_rank=job.quantize == "auto",
+                low_rank_bytes=_stored_factor_bytes(job.source, site), rank_step=job.rank_step,
+                factor_bytes=_factor_bytes(job, site), scheme_loss={INT8_DYNAMIC: _rounding_loss(job, site, metric)},
+                dtype=site_dtype(site))
+            job.choices.append(_tied_options(job, site, options) if tied else options)
             del metric
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
@@ -603,8 +645,11 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
         if quantize == "auto" or site.weight in stored or not sizes:
             sizes.append(dense)
         smallest += min(sizes) - dense
+    tied = {t.table for t in find_ties(loaded, sites)} if tables and quantize == "auto" else set()
     for table in tables:
         sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
+        if table.name in tied:
+            sizes.append(0)  # it may read its head's 4-bit numbers (_tied_options)
         smallest += min(sizes) - 4 * table.params
     if target < smallest:
         what = "the options of `quantize` auto" if quantize == "auto" else f"{quantize} quantization"
@@ -615,7 +660,9 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
 
 
 def _budgeted_tables(job: QuantizeJob) -> list[Table]:
-    return [t for t in job.tables if t.name in job.table_loss]
+    """Tables the budget chooses for on their own (a tied table is chosen for with its head)."""
+    tied = {table.name for _, table in job.ties.values()}
+    return [t for t in job.tables if t.name in job.table_loss and t.name not in tied]
 
 
 def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Option], dict[str, Scheme]]:
@@ -631,6 +678,9 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
     n = len(job.sites)
     tables = dict(job.fixed_tables)
     tables.update({t.name: o.key for t, o in zip(_budgeted_tables(job), picked[n:]) if o.key is not None})
+    for site, option in zip(job.sites, picked[:n]):
+        if site.weight in job.ties and option.storage.endswith(TIED):
+            tables[job.ties[site.weight][1].name] = option.key
     return picked[:n], tables
 
 
@@ -701,12 +751,15 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
             note=_site_note(job, site, option), form=_form(option), bytes_before=_dense_bytes(job, site),
-            bytes_after=option.bytes))
+            bytes_after=_head_bytes(job, site, option)))
         if option.storage == plan.LOW_RANK and site.weight in _stored(job):
             low_rank.add(site.weight)
         if option.storage != plan.FP32:
             plans[site.weight] = key
-    model_out = rewrite(job.prepared.model, StoredPlans(plans, job.plans), tables, job.factors, merge=job.merge)
+    tied = {job.ties[w][1].name: w for w in job.ties if job.ties[w][1].name in tables}  # table reads the head's
+    model_out = rewrite(job.prepared.model, StoredPlans(plans, job.plans), tables, job.factors, merge=job.merge,
+                        tied=tied)
+    retie(model_out, [job.ties[s.weight][0] for s, o in pairs if s.weight in job.ties and o.storage == plan.FP32])
     if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
         model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results
@@ -721,10 +774,30 @@ def _form(option: Option) -> str:
 
 def _site_note(job: QuantizeJob, site: Site, option: Option) -> str:
     """'int4 b32 + rank 8: 12,345 bytes (fp32 65,536)'; for a quantized input, bytes before and after."""
+    if site.weight in job.ties:
+        return _tied_note(job, site, option)
     if site.weight not in _stored(job):
         return f"{option.label}: {option.bytes:,} bytes ({_dense_label(site)} {_dense_bytes(job, site):,})"
     label = "as the input stored it" if option.storage == plan.FP32 else option.label
     return f"{label}: {_stored(job)[site.weight]:,} -> {option.bytes:,} bytes"
+
+
+def _tied_note(job: QuantizeJob, site: Site, option: Option) -> str:
+    """What happened to a tied head and its table, on the head's report line."""
+    tie, table = job.ties[site.weight]
+    if option.storage == plan.FP32:
+        return (f"fp32, tied: reads Transpose('{table.name}'), so the pair stores the table once "
+                f"({4 * table.params:,} bytes instead of {8 * table.params:,})")
+    own = _head_bytes(job, site, option)
+    if option.storage.endswith(TIED):
+        return (f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' reads "
+                "these 4-bit numbers (GatherBlockQuantized): one copy for the pair")
+    return f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' stays fp32"
+
+
+def _tied_table(job: QuantizeJob, name: str) -> str | None:
+    """The head weight whose 4-bit numbers a tied table reads (None: not tied)."""
+    return next((head for head, (_, table) in job.ties.items() if table.name == name), None)
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:
@@ -737,11 +810,18 @@ def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> 
         scheme = tables.get(table.name)
         label = "fp32" if scheme is None else scheme.label
         size = 4 * table.params if scheme is None else scheme.table_bytes(table.V, table.D)
+        note = f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})"
+        head = _tied_table(job, table.name)
+        if head is not None and scheme is not None:
+            size, note = 0, (f"embedding table {label}, tied: reads the 4-bit numbers of its head '{head}' "
+                             f"(GatherBlockQuantized), no bytes of its own (fp32 {4 * table.params:,})")
+        elif head is not None:
+            note += f", tied: its head '{head}' is on its own line"
         report.sites.append(SiteResult(name=table.name, weight=table.name, op_type="Gather", K=table.V, N=table.D,
                                        rank=None, params_before=table.params, params_after=table.params,
-                                       note=f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})",
-                                       form="fp32" if scheme is None else "quantized",
+                                       note=note, form="fp32" if scheme is None else "quantized",
                                        bytes_before=4 * table.params, bytes_after=size))
+    report.tied = [f"{r.name}: {r.note}" for r in results if r.weight in job.ties]
     report.model_params_before, report.ops_before = model_parameters(prepared.model), op_counts(prepared.model)
     report.model_params_after, report.ops_after = model_parameters(model_out), op_counts(model_out)
     if any(s.note.startswith(INT8_DYNAMIC.label) for s in report.sites):

@@ -64,6 +64,9 @@ def parse_args():
                         help="only time decoding of the original and of the rows' models already in --work")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation rows per ONNX Runtime run (default 8)")
     parser.add_argument("--reuse", action="store_true", help="reuse models already in --work (no rebuild)")
+    parser.add_argument("--stats-memory", metavar="SIZE",
+                        help="passed to our `--quantize auto` rows (`onnx-fwlr compress --stats-memory`): gradient "
+                             "statistics one group of sites per pass, for bounded memory")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -210,10 +213,11 @@ def row_specs(args, int4_bytes: int | None) -> list[dict]:
             ours(f"{method}-{ratio:g}", f"ours {method} low rank {ratio:g}",
                  ["--ratio", str(ratio), "--method", method])
     if int4_bytes:
+        memory = ["--stats-memory", args.stats_memory] if args.stats_memory else []
         ours("auto-int4", f"ours --quantize auto at ORT int4's bytes ({int4_bytes:,})",
-             ["--quantize", "auto", "--target-size", str(int4_bytes)])
+             ["--quantize", "auto", "--target-size", str(int4_bytes), *memory])
         ours("auto-half", f"ours --quantize auto at half ORT int4's bytes ({int4_bytes // 2:,})",
-             ["--quantize", "auto", "--target-size", str(int4_bytes // 2)])
+             ["--quantize", "auto", "--target-size", str(int4_bytes // 2), *memory])
     return specs
 
 

@@ -153,3 +153,38 @@ def test_a_tied_pair_kept_in_float_is_stored_once(tied_llama):
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     assert any(n.op_type == "Transpose" and n.input[0] == "model.embed_tokens.weight" for n in model.graph.node)
 
+
+
+def test_the_tables_pass_runs_micro_batches_when_a_batch_would_not_fit(tied_llama, monkeypatch):
+    """The pricing pass of embedding tables under a tiny activation budget: one sample at a time, the same
+    statistics (the lm loss seeds nothing at random) to float32 rounding."""
+    from onnx_fwlr.io.data import open_data
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.quant import calibration
+    from onnx_fwlr.quant.embedding import find_tables
+    from onnx_fwlr.stats import fisher
+
+    path, calib = tied_llama
+    model = load_model(path)
+    tables = find_tables(model)
+
+    def measure():
+        batches = open_data(str(calib), model, batch_size=6)
+        return calibration.collect_quant_stats(model, tables, [], batches, loss="lm", progress=False)
+
+    whole = measure()
+    sizes = []
+    real = calibration.micro_batches
+
+    def recording(feed, labels, size):
+        sizes.append(size)
+        return real(feed, labels, size)
+
+    monkeypatch.setattr(fisher, "ACTIVATION_BUDGET", 1)
+    monkeypatch.setattr(calibration, "micro_batches", recording)
+    pieces = measure()
+    assert sizes and set(sizes) == {1}
+    for name, stats in whole.tables.items():
+        np.testing.assert_array_equal(pieces.tables[name].counts, stats.counts)
+        scale = np.abs(stats.grad_gram).max()  # ONNX Runtime's float32 forward differs per batch shape
+        np.testing.assert_allclose(pieces.tables[name].grad_gram, stats.grad_gram, rtol=0, atol=1e-5 * scale)

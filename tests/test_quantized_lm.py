@@ -113,19 +113,21 @@ def _lines(report, name):
     return [s for s in report.sites if s.name == name or s.weight == name]
 
 
-def test_a_tied_pair_at_4_bits_stores_one_copy_that_the_lookup_and_the_head_read(tied_llama, tmp_path):
+@pytest.mark.parametrize("ratio, bits", [(0.42, 4), (0.5, 8)])
+def test_a_quantized_tied_pair_stores_one_copy_that_the_lookup_and_the_head_read(tied_llama, tmp_path, ratio, bits):
     path, calib = tied_llama
-    model, report = compress(str(path), quantize="auto", ratio=0.45, calibration=str(calib), progress=False)
+    model, report = compress(str(path), quantize="auto", ratio=ratio, calibration=str(calib), progress=False)
     head, = _lines(report, "lm_head.weight")
     table, = _lines(report, "model.embed_tokens.weight")
-    assert head.note.startswith("int4 b32 with its table") and "one copy for the pair" in head.note
-    assert table.bytes_after == 0 and "reads the 4-bit numbers of its head" in table.note
+    assert head.note.startswith(f"int{bits} b32 with its table") and "one copy for the pair" in head.note
+    assert table.bytes_after == 0 and f"reads the {bits}-bit numbers of its head" in table.note
     assert len(report.tied) == 1 and "GatherBlockQuantized" in report.tied[0]
     names = {t.name for t in model.graph.initializer}
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" not in names
     nodes = {n.op_type: n for n in model.graph.node}
     matmul = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and "lm_head" in n.input[1])
     gather = nodes["GatherBlockQuantized"]
+    assert onnx.helper.get_attribute_value(next(a for a in gather.attribute if a.name == "bits")) == bits
     reshape = next(n for n in model.graph.node if n.output[0] == gather.input[0])
     assert reshape.op_type == "Reshape" and reshape.input[0] == matmul.input[1]
     assert list(gather.input[2:]) == list(matmul.input[2:4])  # the same scales and zero points
@@ -144,7 +146,7 @@ def test_a_tied_pair_at_4_bits_stores_one_copy_that_the_lookup_and_the_head_read
 
 def test_a_tied_pair_kept_in_float_is_stored_once(tied_llama):
     path, calib = tied_llama
-    model, report = compress(str(path), quantize="auto", ratio=0.6, calibration=str(calib), progress=False)
+    model, report = compress(str(path), quantize="auto", ratio=0.7, calibration=str(calib), progress=False)
     head, = _lines(report, "lm_head.weight")
     table, = _lines(report, "model.embed_tokens.weight")
     assert head.note.startswith("fp32, tied") and head.bytes_after == 0

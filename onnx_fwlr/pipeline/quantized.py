@@ -536,20 +536,21 @@ def _tied_pairs(job: QuantizeJob) -> dict:
 
 def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[Option]:
     """A tied head's options as the pair's: the head as it is reads Transpose(table) (the table's bytes, once);
-    the head stored its own way keeps the float table beside it; and for each 4-bit scheme whose blocks divide
-    the table's width, the table reads the head's own 4-bit numbers (no bytes of its own), its error priced
-    by the table's statistics on top of the head's."""
+    the head stored its own way keeps the float table beside it; and for each MatMulNBits scheme (4 or 8 bits)
+    whose blocks divide the table's width, the table reads the head's own numbers (no bytes of its own), its
+    error (the same numbers, so the head's quantization error transposed, without the head's correction)
+    priced by the table's statistics on top of the head's."""
     _, table = job.ties[site.weight]
     table_bytes = 4 * table.params
     pair = [o if o.storage == plan.FP32 else replace(o, bytes=o.bytes + table_bytes) for o in options]
-    schemes = {o.key for o in options if o.key is not None and o.key.kind == "nbits" and o.key.bits == 4
+    schemes = {o.key for o in options if o.key is not None and o.key.kind == "nbits" and o.key.bits in (4, 8)
                and table.D % o.key.block_size == 0}
     if schemes:
-        T = table_array(job.prepared.model, table)
+        W = job.prepared.weights[site.weight]  # [D, V]: the table transposed
         for scheme in sorted(schemes, key=lambda k: k.label):
-            loss = job.table_loss[table.name](T - plan.dequantized_table(T, scheme))
+            loss = job.table_loss[table.name]((W - plan.dequantized(W, scheme, site_dtype(site))).T)
             pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
-        del T
+        del W
     return pair
 
 
@@ -791,7 +792,7 @@ def _tied_note(job: QuantizeJob, site: Site, option: Option) -> str:
     own = _head_bytes(job, site, option)
     if option.storage.endswith(TIED):
         return (f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' reads "
-                "these 4-bit numbers (GatherBlockQuantized): one copy for the pair")
+                f"these {option.key.bits}-bit numbers (GatherBlockQuantized): one copy for the pair")
     return f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' stays fp32"
 
 
@@ -813,8 +814,8 @@ def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> 
         note = f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})"
         head = _tied_table(job, table.name)
         if head is not None and scheme is not None:
-            size, note = 0, (f"embedding table {label}, tied: reads the 4-bit numbers of its head '{head}' "
-                             f"(GatherBlockQuantized), no bytes of its own (fp32 {4 * table.params:,})")
+            size, note = 0, (f"embedding table {label}, tied: reads the {scheme.bits}-bit numbers of its head "
+                             f"'{head}' (GatherBlockQuantized), no bytes of its own (fp32 {4 * table.params:,})")
         elif head is not None:
             note += f", tied: its head '{head}' is on its own line"
         report.sites.append(SiteResult(name=table.name, weight=table.name, op_type="Gather", K=table.V, N=table.D,

@@ -394,15 +394,16 @@ def _table_swaps(model, name: str, scheme: Scheme, namer, dynamic: list[str]) ->
 
 def _tied_table_swaps(model, name: str, head, namer) -> dict:
     """Every lookup of table `name` [V, D] as GatherBlockQuantized over its head's MatMulNBits tensors (`head`:
-    their names and attributes): B [V, D/b, b/2] is the table's rows blocked along D, 4 bits packed two per
-    byte, so a Reshape to [V, D/2] makes it GatherBlockQuantized's uint8 data, and the scales [V, D/b] and packed
-    zero points are read as they are (ONNX Runtime folds the Reshape when it loads the model)."""
+    their names and attributes): B [V, D/b, b·bits/8] is the table's rows blocked along D (4 bits packed two per
+    byte, or 8), so a Reshape to [V, D·bits/8] makes it GatherBlockQuantized's uint8 data, and the scales
+    [V, D/b] and (packed) zero points are read as they are (ONNX Runtime folds the Reshape when it loads)."""
     table = next(t for t in find_tables(model) if t.name == name)
     names, attrs = head
-    if attrs["bits"] != 4 or attrs["N"] != table.V or attrs["K"] != table.D or table.D % attrs["block_size"]:
+    bits = attrs["bits"]
+    if bits not in (4, 8) or attrs["N"] != table.V or attrs["K"] != table.D or table.D % attrs["block_size"]:
         raise RuntimeError(f"table {name} cannot read its head's numbers ({attrs})")
     graph = model.graph
-    shape = _constant(graph, namer(f"{name}/tied_shape"), np.asarray([table.V, table.D // 2], dtype=np.int64))
+    shape = _constant(graph, namer(f"{name}/tied_shape"), np.asarray([table.V, table.D * bits // 8], dtype=np.int64))
     data = namer(f"{name}/tied_data")
     swaps = {}
     for position, (index, ids) in enumerate(zip(table.nodes, table.ids)):
@@ -410,8 +411,8 @@ def _tied_table_swaps(model, name: str, head, namer) -> dict:
         nodes = [helper.make_node("Reshape", [names[0], shape], [data], name=namer(f"{name}/tied_reshape"))] \
             if position == 0 else []
         nodes.append(helper.make_node("GatherBlockQuantized", [data, ids] + list(names[1:]), list(node.output),
-                                      name=namer(f"{node.name or name}/int4"), domain=ortquant.MS_DOMAIN, bits=4,
-                                      block_size=attrs["block_size"], gather_axis=0, quantize_axis=1))
+                                      name=namer(f"{node.name or name}/int{bits}"), domain=ortquant.MS_DOMAIN,
+                                      bits=bits, block_size=attrs["block_size"], gather_axis=0, quantize_axis=1))
         swaps[(0, index)] = nodes
     return swaps
 

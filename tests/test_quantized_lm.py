@@ -190,3 +190,20 @@ def test_the_tables_pass_runs_micro_batches_when_a_batch_would_not_fit(tied_llam
         np.testing.assert_array_equal(pieces.tables[name].counts, stats.counts)
         scale = np.abs(stats.grad_gram).max()  # ONNX Runtime's float32 forward differs per batch shape
         np.testing.assert_allclose(pieces.tables[name].grad_gram, stats.grad_gram, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("estimate", ["written", "in memory"])
+def test_a_byte_budget_holds_for_the_files_written_with_external_data(tied_llama, tmp_path, monkeypatch, estimate):
+    """A lazily loaded input is written with external data: the records and padding of the moved tensors count
+    (counting only the model's bytes in memory, the files came out above the target)."""
+    from onnx_fwlr.io import model as modelio
+
+    path, calib = tied_llama
+    monkeypatch.setattr(modelio, "LAZY_THRESHOLD", 0)
+    if estimate == "in memory":
+        monkeypatch.setattr(quantized_module, "_written_bytes", quantized_module._bytes)
+    target = 60_000
+    model, _ = compress(str(path), quantize="auto", target_size=target, calibration=str(calib), progress=False)
+    out = tmp_path / "out.onnx"
+    modelio.save_model(model, out, external_data=True)
+    assert (modelio.file_size(out) <= target) == (estimate == "written")

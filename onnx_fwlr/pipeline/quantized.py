@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -27,7 +28,14 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import external_bytes, load_model
+from onnx_fwlr.io.model import (
+    ALIGNMENT,
+    EXTERNAL_DATA_THRESHOLD,
+    external_base,
+    external_bytes,
+    load_model,
+)
+from onnx_fwlr.io.model import _nbytes as tensor_bytes
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed
@@ -56,6 +64,7 @@ AUTO_BLOCKS = (32, 128)
 SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (names, attributes); corrected below
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
+EXTERNAL_MIN_BYTES = 1024  # io.model._write_external moves tensors of this many bytes or more
 TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's 4-bit numbers
 LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
                 "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
@@ -705,7 +714,7 @@ def _build_within(job: QuantizeJob, target: int):
     for _ in range(FIT_ATTEMPTS):
         chosen, tables = _allocate(job, available - slack, target)
         model_out, results = _build(job, chosen, tables)
-        excess = _bytes(model_out) - target
+        excess = _written_bytes(model_out) - target
         if excess <= 0:
             return model_out, results, tables
         slack = 2 * slack + excess  # another choice may bring other records: close in fast
@@ -723,6 +732,31 @@ def _factor_bytes(job: QuantizeJob, site: Site) -> int:
 
 def _bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize() + external_bytes(model)
+
+
+RECORD_BYTES = 128  # at most, one tensor's external-data record as written (location, offset, length)
+
+
+def _written_bytes(model: onnx.ModelProto) -> int:
+    """The bytes a byte budget is held to: the model's own for a model written whole; for one that is written
+    with external data (it keeps lazily loaded weights of a large input, or is too large for one message), also
+    each moved tensor's record and the data file's alignment padding, as io.model.save_model writes them, so
+    the files on disk stay within the target."""
+    size = _bytes(model)
+    if external_base(model) is None and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+        return size
+    offset = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        lazy = external_data_helper.uses_external_data(tensor)
+        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES):
+            continue
+        length = tensor_bytes(tensor) if lazy else len(tensor.raw_data)
+        if length >= 1 << 20:
+            padding = -offset % ALIGNMENT
+            offset, size = offset + padding, size + padding
+        offset += length
+        size += RECORD_BYTES
+    return size
 
 
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):

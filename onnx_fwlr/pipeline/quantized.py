@@ -65,7 +65,7 @@ SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (name
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
 EXTERNAL_MIN_BYTES = 1024  # io.model._write_external moves tensors of this many bytes or more
-TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's 4-bit numbers
+TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's quantized numbers
 LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
                 "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
 

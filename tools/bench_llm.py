@@ -70,6 +70,9 @@ def parse_args():
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=FLAGS",
                         help="another row of ours: `onnx-fwlr compress` with these flags (repeatable), e.g. "
                              "'int4acc4=--quantize int4 --accuracy-level 4 --rank 8'")
+    parser.add_argument("--stats-memory", metavar="SIZE",
+                        help="passed to our `--quantize auto` rows (`onnx-fwlr compress --stats-memory`): gradient "
+                             "statistics one group of sites per pass, for bounded memory")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -219,10 +222,11 @@ def row_specs(args, int4_bytes: int | None) -> list[dict]:
         key, _, flags = item.partition("=")
         ours(key, f"ours {flags}", flags.split())
     if int4_bytes:
+        memory = ["--stats-memory", args.stats_memory] if args.stats_memory else []
         ours("auto-int4", f"ours --quantize auto at ORT int4's bytes ({int4_bytes:,})",
-             ["--quantize", "auto", "--target-size", str(int4_bytes)])
+             ["--quantize", "auto", "--target-size", str(int4_bytes), *memory])
         ours("auto-half", f"ours --quantize auto at half ORT int4's bytes ({int4_bytes // 2:,})",
-             ["--quantize", "auto", "--target-size", str(int4_bytes // 2)])
+             ["--quantize", "auto", "--target-size", str(int4_bytes // 2), *memory])
     return specs
 
 

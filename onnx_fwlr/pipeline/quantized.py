@@ -15,22 +15,33 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from onnx_fwlr.cost.latency import MeasuredLatency, OrtTimer
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import external_bytes, load_model
+from onnx_fwlr.io.model import (
+    ALIGNMENT,
+    EXTERNAL_DATA_THRESHOLD,
+    external_base,
+    external_bytes,
+    load_model,
+)
+from onnx_fwlr.io.model import _nbytes as tensor_bytes
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
+from onnx_fwlr.pipeline.decompose import spill_needed
 from onnx_fwlr.pipeline.prepare import Prepared, prepare
 from onnx_fwlr.pipeline.quantized_speed import allocate_latency, fastest_ratio, latency_notes
+from onnx_fwlr.pipeline.quantized_store import LazyMetrics, SpillStore, StoredPlans
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
@@ -40,6 +51,7 @@ from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
 from onnx_fwlr.sites.find import Site, Skipped, model_parameters
 from onnx_fwlr.sites.recurrent import find_all_sites, is_recurrent
+from onnx_fwlr.sites.tied import find_ties, retie
 from onnx_fwlr.stats.activations import main_graph_tensors
 
 logger = logging.getLogger(__name__)
@@ -53,6 +65,10 @@ SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (name
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
 OUTLIER_COUNTS = (1, 4)  # dynamic int8 options: this many of the input's largest channels in float (issue 26)
+EXTERNAL_MIN_BYTES = 1024  # io.model._write_external moves tensors of this many bytes or more
+TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's quantized numbers
+LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
+                "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
 
 
 @dataclass
@@ -75,9 +91,11 @@ class QuantizeJob:
     factors: str = "float16"  # correction factor storage: float16 behind a Cast ORT folds at load, or float32
     tables: list[Table] = field(default_factory=list)
     table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
+    rounding_variance: dict = field(default_factory=dict)  # weight -> dynamic int8's activation rounding variance
     rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
     outliers: tuple = ()  # dynamic int8 may take these counts of its largest input channels out of the rounding
     outlier_channels: dict = field(default_factory=dict)  # weight -> its input's channels, largest first
+    outlier_variance: dict = field(default_factory=dict)  # (weight, count) -> rounding variance without those
     outlier_loss: dict = field(default_factory=dict)  # (weight, count) -> rounding loss with those channels in float
     rule_tables: dict = field(default_factory=dict)  # every table's scheme without a budget: name -> Scheme
     fixed_tables: dict = field(default_factory=dict)  # tables the budget does not choose for: name -> Scheme
@@ -88,11 +106,21 @@ class QuantizeJob:
     levels: dict = field(default_factory=dict)  # (weight, scheme label at level 0) -> levels.LevelChoice
     merge: bool = False  # corrections of sites reading one activation share a first factor (quant.graph)
     progress: bool = False  # progress bars (with ETA) over the sites while options and plans are computed
-    plans: dict = field(default_factory=dict)  # (weight, option label) -> (SitePlan, error): builds reuse them
+    plans: SpillStore = field(default_factory=lambda: SpillStore(spill=False))  # (weight, option label) -> SitePlan
+    # (None: dense); builds reuse them; spilled to disk on large models (pipeline.quantized_store)
+    plan_errors: dict = field(default_factory=dict)  # (weight, option label) -> the plan's weighted error
+    ties: dict = field(default_factory=dict)  # head weight -> (sites.tied.Tie, its Table): one weight to the budget
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
     rewritten: Rewrite | None = None  # what the last build gave quant.graph.rewrite (float inputs: --also)
     share: float | None = None  # a latency budget: the sites' share of the original's time, profiled once
+
+    def close(self, keep_plans: bool = False) -> None:
+        """Remove what was spilled to disk (the stores also remove it when collected, and at exit)."""
+        if not keep_plans:
+            self.plans.close()
+        if isinstance(self.metrics, LazyMetrics):
+            self.metrics.store.close()
 
     def site_schemes(self, site: Site) -> list[Scheme]:
         """The schemes this site may use, each at the accuracy_level chosen for it, and dynamic int8 with its
@@ -101,7 +129,8 @@ class QuantizeJob:
         chosen = [s.at_level(self.levels[(site.weight, s.label)].level) if (site.weight, s.label) in self.levels
                   else s for s in usable]
         if INT8_DYNAMIC in usable:
-            chosen += [INT8_DYNAMIC.with_outliers(k) for k in self.outliers if (site.weight, k) in self.outlier_loss]
+            chosen += [INT8_DYNAMIC.with_outliers(k) for k in self.outliers
+                       if (site.weight, k) in self.outlier_variance]
         return chosen
 
     def scheme_loss(self, site: Site) -> dict:
@@ -120,7 +149,7 @@ def compress_quantized(
     batch_size: int = 32, mask_input: str | None = None, shapes: dict | None = None,
     fisher_options: dict | None = None, progress: bool = True, target_latency: float | None = None, latency=None,
     input_forms=None, accuracy_level=None, level_timer=None, merge: bool = False, source=None,
-    fallback: str | None = None, checked: bool = False, feed=None,
+    fallback: str | None = None, checked: bool = False, feed=None, stats_memory: int | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
     """Quantize every selected MatMul/Gemm weight (and embedding table) with ONNX Runtime's quantizers and
     correct each weight's error with a low-rank term fitted in the method's metric.
@@ -149,7 +178,9 @@ def compress_quantized(
     (prepare's rule); a budget then compares sites by their activation-weighted output error, as the report
     says.
     `checked`: the caller (pipeline.run, through RunConfig) has checked every option already; `feed`: the batch
-    a latency budget and the accuracy levels time at (default speed.timing_feed).
+    a latency budget and the accuracy levels time at (default speed.timing_feed). `stats_memory`: bytes the
+    gradient statistics may take; above it they are measured one group of sites per pass (prepare's rule), and
+    each site's options are made in that order (pipeline.quantized_store).
     """
     if not checked:
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
@@ -169,9 +200,12 @@ def compress_quantized(
         budgeted=target_size is not None or ratio is not None or target_latency is not None, include=include,
         exclude=exclude, batch_size=batch_size, mask_input=mask_input, shapes=shapes, fisher_options=fisher_options,
         progress=progress, timed=target_latency is not None, accuracy_level=accuracy_level, level_timer=level_timer,
-        merge=merge, source=source, fallback=fallback, checked=True, feed=feed)
-    return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
-                           latency=latency, input_forms=input_forms, checked=True)
+        merge=merge, source=source, fallback=fallback, checked=True, feed=feed, stats_memory=stats_memory)
+    try:
+        return build_quantized(job, target_size=target_size, ratio=ratio, rank=rank, target_latency=target_latency,
+                               latency=latency, input_forms=input_forms, checked=True)
+    finally:  # the report's `rewritten` (--also) may still read the plans: their store goes when it is collected
+        job.close(keep_plans=job.rewritten is not None)
 
 
 def prepare_quantized(
@@ -181,6 +215,7 @@ def prepare_quantized(
     batch_size: int = 32, mask_input=None, shapes=None, fisher_options: dict | None = None, progress: bool = True,
     timed: bool = False, accuracy_level=0, level_timer=None, merge: bool = False, feed: dict | None = None,
     source=None, fallback: str | None = None, checked: bool = False, outliers: tuple | None = None,
+    stats_memory: int | None = None,
 ) -> QuantizeJob:
     """Load, find sites and tables, gather statistics (and, when `budgeted`, the tables' loss statistics; when
     `timed`, for a latency budget, the timing batch instead, the tables following the rule); then MatMulNBits'
@@ -197,7 +232,7 @@ def prepare_quantized(
     fisher_options = fisher_options or {}
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-                       fisher_options=fisher_options, progress=progress, fallback=fallback)
+                       fisher_options=fisher_options, progress=progress, fallback=fallback, stats_memory=stats_memory)
     with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
         return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
                             rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
@@ -210,16 +245,25 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
                  timed, accuracy_level, level_timer, merge, feed, source, outliers=()) -> QuantizeJob:
     """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
+    lm_int8 = quantize == "auto" and int8 == "dynamic" and bool(sites) and is_language_model(prepared.model)
+    if lm_int8:  # dynamic int8 rounds each activation per tensor: a language model's outliers break it
+        int8 = "block"
     schemes = _site_schemes(quantize, block_size, int8)
     _check_half(sites, quantize, int8)
     if quantize != "auto":
         _check_divisible(sites, schemes[0])
     if bias_correction is None:
         bias_correction = get_method(method).bias_correction
-    job = QuantizeJob(prepared, sites, skipped, {s.weight: _metric(prepared, s, bias_correction) for s in sites},
-                      schemes, quantize, block_size, int8, rank_step, bias_correction, alternate, factors,
+    spill = spill_needed(sites)  # large models: weightings and plans wait on disk (pipeline.quantized_store)
+    by_weight = {s.weight: s for s in sites}
+    metrics = LazyMetrics(list(by_weight), lambda weight: _metric(prepared, by_weight[weight], bias_correction),
+                          SpillStore(spill))
+    job = QuantizeJob(prepared, sites, skipped, metrics, schemes, quantize, block_size, int8, rank_step,
+                      bias_correction, alternate, factors,
                       original_bytes=source.input_bytes if source is not None else _bytes(prepared.model),
-                      merge=merge, progress=progress, source=source, outliers=outliers)
+                      merge=merge, progress=progress, source=source, outliers=outliers, plans=SpillStore(spill))
+    if lm_int8:
+        job.warnings.append(LM_INT8_NOTE)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
     gradients = get_method(prepared.method).loss_units
@@ -230,6 +274,8 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
     if budgeted:
         priced = job.tables if embeddings == "auto" and not timed and gradients else []
         _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+        if priced and alternate == 0:
+            job.ties = _tied_pairs(job)
     if timed or accuracy_level != 0:
         job.feed = feed if feed is not None else timing_feed(prepared.model, calibration, batch_size, shapes)
     if accuracy_level != 0:
@@ -509,8 +555,8 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
     (budgeted ones: --embeddings auto under a byte budget) and dynamic int8's activation rounding (with a K-FAC
     output Gram)."""
     prepared = job.prepared
-    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and all(
-        m.right is not None for m in job.metrics.values())
+    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and get_method(
+        prepared.method).output_scaling is not None  # rounding priced through the output-gradient weighting
     visible = main_graph_tensors(prepared.model)
     inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites
               if s.dtype == "float32"} if dynamic else {}
@@ -529,29 +575,77 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
                                    output=meta.get("fisher_output"), mask_input=mask_input, progress=progress,
                                    **options)
     job.table_loss = {name: s.loss for name, s in measured.tables.items()}
-    for site in job.sites:
+    for site in job.sites:  # priced with each site's weighting when its options are made (_rounding_loss)
         if inputs.get(site.weight):
-            variance = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
-            weighted = job.metrics[site.weight].right.apply_right(job.prepared.weights[site.weight])
-            job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
-            _outlier_losses(job, site, inputs[site.weight], measured)
+            job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
+            _outlier_variances(job, site, inputs[site.weight], measured)
 
 
-def _outlier_losses(job: QuantizeJob, site: Site, tensors: list[str], measured) -> None:
-    """The rounding loss with the site's `job.outliers` largest input channels computed in float: the int8
-    input's step then follows the other channels, and the float channels are not rounded (σ'² ‖W_kept L_g‖²).
-    One input tensor only (a weight read from two places has no single set of channels)."""
+def _outlier_variances(job: QuantizeJob, site: Site, tensors: list[str], measured) -> None:
+    """The rounding variance once the site's `job.outliers` largest input channels are computed in float (the
+    int8 input's step then follows the other channels); priced in loss units with the site's weighting when its
+    options are made (_scheme_losses). One input tensor only (a weight read from two places has no single set of
+    channels)."""
     if not job.outliers or len(set(tensors)) != 1 or max(job.outliers) >= site.K:
         return
     order = measured.largest_channels(tensors[0])
     job.outlier_channels[site.weight] = order[:max(job.outliers)]
-    W = job.prepared.weights[site.weight]
     for count in job.outliers:
-        kept = W.copy()
-        kept[order[:count]] = 0.0
-        weighted = job.metrics[site.weight].right.apply_right(kept)
-        variance = measured.rounding_variance_without(tensors[0], order[:count])
-        job.outlier_loss[(site.weight, count)] = float(variance * np.sum(weighted * weighted))
+        job.outlier_variance[(site.weight, count)] = measured.rounding_variance_without(tensors[0], order[:count])
+
+
+def _tied_pairs(job: QuantizeJob) -> dict:
+    """Heads that are their (priced, float32) embedding table transposed (sites.tied): head weight -> (tie, table).
+    The budget then chooses for the pair as one weight (_tied_options)."""
+    tables = {t.name: t for t in job.tables if t.name in job.table_loss}
+    heads = [s for s in job.sites if s.dtype == "float32"]
+    return {tie.head: (tie, tables[tie.table]) for tie in find_ties(job.prepared.model, heads) if tie.table in tables}
+
+
+def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[Option]:
+    """A tied head's options as the pair's: the head as it is reads Transpose(table) (the table's bytes, once);
+    the head stored its own way keeps the float table beside it; and for each MatMulNBits scheme (4 or 8 bits)
+    whose blocks divide the table's width, the table reads the head's own numbers (no bytes of its own), its
+    error (the same numbers, so the head's quantization error transposed, without the head's correction)
+    priced by the table's statistics on top of the head's."""
+    _, table = job.ties[site.weight]
+    table_bytes = 4 * table.params
+    pair = [o if o.storage == plan.FP32 else replace(o, bytes=o.bytes + table_bytes) for o in options]
+    schemes = {o.key for o in options if o.key is not None and o.key.kind == "nbits" and o.key.bits in (4, 8)
+               and table.D % o.key.block_size == 0}
+    if schemes:
+        W = job.prepared.weights[site.weight]  # [D, V]: the table transposed
+        for scheme in sorted(schemes, key=lambda k: k.label):
+            loss = job.table_loss[table.name]((W - plan.dequantized(W, scheme, site_dtype(site))).T)
+            pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
+        del W
+    return pair
+
+
+def _head_bytes(job: QuantizeJob, site: Site, option: Option) -> int:
+    """A tied head's own bytes within its pair option (the table's are on the table's report line)."""
+    if site.weight not in job.ties or option.storage.endswith(TIED):
+        return option.bytes
+    return 0 if option.storage == plan.FP32 else option.bytes - 4 * job.ties[site.weight][1].params
+
+
+def _scheme_losses(job: QuantizeJob, site: Site, metric: plan.Metric) -> dict:
+    """Dynamic int8's activation rounding in loss units, its variance times ‖W Q‖² (0 when not measured), and
+    the same with each outlier count's channels in float (σ'² ‖W_kept Q‖²), priced once with the site's
+    weighting and kept (a few numbers per site): job.scheme_loss(site)."""
+    variance = job.rounding_variance.get(site.weight)
+    if variance is not None and site.weight not in job.rounding_loss:
+        W = job.prepared.weights[site.weight]
+        weighted = metric.right.apply_right(W)
+        job.rounding_loss[site.weight] = float(variance * np.sum(weighted * weighted))
+        for count in job.outliers:
+            if (site.weight, count) in job.outlier_variance:
+                kept = W.copy()
+                kept[job.outlier_channels[site.weight][:count]] = 0.0
+                weighted = metric.right.apply_right(kept)
+                job.outlier_loss[(site.weight, count)] = float(job.outlier_variance[(site.weight, count)]
+                                                               * np.sum(weighted * weighted))
+    return job.scheme_loss(site)
 
 
 def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]:
@@ -560,16 +654,23 @@ def _table_schemes(table: Table, quantize: str, block_size: int) -> list[Scheme]
 
 
 def _options(job: QuantizeJob) -> list[list[Option]]:
-    """Every site's and budgeted table's options, computed once per run."""
+    """Every site's and budgeted table's options, computed once per run, site by site in site order (the order
+    grouped statistics are measured in): each site's weighting is made here, used, and kept or spilled for the
+    build (job.metrics); only the options (bytes and predicted loss) stay in memory."""
     if job.choices is None:
         job.choices = []
         for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
-            job.choices.append(plan.site_options(
-                job.prepared.weights[site.weight], job.metrics[site.weight], job.site_schemes(site),
-                dense=job.quantize == "auto" or site.weight in _stored(job), dense_bytes=_dense_bytes(job, site),
-                low_rank=job.quantize == "auto", low_rank_bytes=_stored_factor_bytes(job.source, site),
-                rank_step=job.rank_step, factor_bytes=_factor_bytes(job, site),
-                scheme_loss=job.scheme_loss(site), dtype=site_dtype(site)))
+            metric = job.metrics[site.weight]
+            tied = site.weight in job.ties
+            options = plan.site_options(
+                job.prepared.weights[site.weight], metric, job.site_schemes(site),
+                dense=job.quantize == "auto" or site.weight in _stored(job) or tied,
+                dense_bytes=_dense_bytes(job, site), low_rank=job.quantize == "auto",
+                low_rank_bytes=_stored_factor_bytes(job.source, site), rank_step=job.rank_step,
+                factor_bytes=_factor_bytes(job, site), scheme_loss=_scheme_losses(job, site, metric),
+                dtype=site_dtype(site))
+            job.choices.append(_tied_options(job, site, options) if tied else options)
+            del metric
         for table in _budgeted_tables(job):
             job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
                                                   _table_schemes(table, job.quantize, job.block_size)))
@@ -621,8 +722,11 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
         if quantize == "auto" or site.weight in stored or not sizes:
             sizes.append(dense)
         smallest += min(sizes) - dense
+    tied = {t.table for t in find_ties(loaded, sites)} if tables and quantize == "auto" else set()
     for table in tables:
         sizes = [s.table_bytes(table.V, table.D) for s in _table_schemes(table, quantize, block_size)]
+        if table.name in tied:
+            sizes.append(0)  # it may read its head's 4-bit numbers (_tied_options)
         smallest += min(sizes) - 4 * table.params
     if target < smallest:
         what = "the options of `quantize` auto" if quantize == "auto" else f"{quantize} quantization"
@@ -633,7 +737,9 @@ def check_reachable(model, *, target_size, ratio, quantize, block_size, int8, em
 
 
 def _budgeted_tables(job: QuantizeJob) -> list[Table]:
-    return [t for t in job.tables if t.name in job.table_loss]
+    """Tables the budget chooses for on their own (a tied table is chosen for with its head)."""
+    tied = {table.name for _, table in job.ties.values()}
+    return [t for t in job.tables if t.name in job.table_loss and t.name not in tied]
 
 
 def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Option], dict[str, Scheme]]:
@@ -649,6 +755,9 @@ def _allocate(job: QuantizeJob, available: int, target: int) -> tuple[list[Optio
     n = len(job.sites)
     tables = dict(job.fixed_tables)
     tables.update({t.name: o.key for t, o in zip(_budgeted_tables(job), picked[n:]) if o.key is not None})
+    for site, option in zip(job.sites, picked[:n]):
+        if site.weight in job.ties and option.storage.endswith(TIED):
+            tables[job.ties[site.weight][1].name] = option.key
     return picked[:n], tables
 
 
@@ -672,7 +781,7 @@ def _build_within(job: QuantizeJob, target: int):
     for _ in range(FIT_ATTEMPTS):
         chosen, tables = _allocate(job, available - slack, target)
         model_out, results = _build(job, chosen, tables)
-        excess = _bytes(model_out) - target
+        excess = _written_bytes(model_out) - target
         if excess <= 0:
             return model_out, results, tables
         slack = 2 * slack + excess  # another choice may bring other records: close in fast
@@ -692,6 +801,31 @@ def _bytes(model: onnx.ModelProto) -> int:
     return model.ByteSize() + external_bytes(model)
 
 
+RECORD_BYTES = 128  # at most, one tensor's external-data record as written (location, offset, length)
+
+
+def _written_bytes(model: onnx.ModelProto) -> int:
+    """The bytes a byte budget is held to: the model's own for a model written whole; for one that is written
+    with external data (it keeps lazily loaded weights of a large input, or is too large for one message), also
+    each moved tensor's record and the data file's alignment padding, as io.model.save_model writes them, so
+    the files on disk stay within the target."""
+    size = _bytes(model)
+    if external_base(model) is None and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+        return size
+    offset = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        lazy = external_data_helper.uses_external_data(tensor)
+        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES):
+            continue
+        length = tensor_bytes(tensor) if lazy else len(tensor.raw_data)
+        if length >= 1 << 20:
+            padding = -offset % ALIGNMENT
+            offset, size = offset + padding, size + padding
+        offset += length
+        size += RECORD_BYTES
+    return size
+
+
 def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     """The rewritten model for these options, and one SiteResult per site."""
     plans, results, low_rank = {}, [], set()
@@ -701,13 +835,18 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         metric = job.metrics[site.weight]
         key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
         if key not in job.plans:
-            job.plans[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
-                                            alternate_rounds=job.alternate, dtype=site_dtype(site),
-                                            outliers=_outliers_of(job, site, option))
-        site_plan, error = job.plans[key]
+            site_plan, job.plan_errors[key] = plan.site_plan(W, metric, option, bias_correction=job.bias_correction,
+                                                             alternate_rounds=job.alternate, dtype=site_dtype(site),
+                                                             outliers=_outliers_of(job, site, option))
+            if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
+                site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+            job.plans.put(key, site_plan)
+            del site_plan
+        error = job.plan_errors[key]
         if isinstance(option.key, Scheme) and option.key.kind == "dynamic":
             error += job.scheme_loss(site).get(option.key, 0.0)
         total = compensate.weighted_error(W, metric.left, metric.right)
+        del metric
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))
         results.append(SiteResult(
@@ -715,14 +854,16 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
             note=_site_note(job, site, option), form=_form(option), bytes_before=_dense_bytes(job, site),
-            bytes_after=option.bytes))
-        if site_plan is not None and option.storage == plan.LOW_RANK and site.weight in _stored(job):
-            site_plan.factor_dtype = "float32"  # quantized with the input's scheme below
+            bytes_after=_head_bytes(job, site, option)))
+        if option.storage == plan.LOW_RANK and site.weight in _stored(job):
             low_rank.add(site.weight)
-        if site_plan is not None:
-            plans[site.weight] = site_plan
-    model_out = rewrite(job.prepared.model, plans, tables, job.factors, merge=job.merge)
-    job.rewritten = None if job.source is not None else Rewrite(plans, dict(tables), job.factors, job.merge)
+        if option.storage != plan.FP32:
+            plans[site.weight] = key
+    tied = {job.ties[w][1].name: w for w in job.ties if job.ties[w][1].name in tables}  # table reads the head's
+    stored = StoredPlans(plans, job.plans)
+    model_out = rewrite(job.prepared.model, stored, tables, job.factors, merge=job.merge, tied=tied)
+    retie(model_out, [job.ties[s.weight][0] for s, o in pairs if s.weight in job.ties and o.storage == plan.FP32])
+    job.rewritten = None if job.source is not None else Rewrite(stored, dict(tables), job.factors, job.merge, tied)
     if job.source is not None:  # the input's own scheme for weights kept and for factors of low rank alone, so
         model_out = job.source.kept_as_input(model_out, low_rank)  # the bytes are measured as written
     return model_out, results
@@ -743,10 +884,30 @@ def _form(option: Option) -> str:
 
 def _site_note(job: QuantizeJob, site: Site, option: Option) -> str:
     """'int4 b32 + rank 8: 12,345 bytes (fp32 65,536)'; for a quantized input, bytes before and after."""
+    if site.weight in job.ties:
+        return _tied_note(job, site, option)
     if site.weight not in _stored(job):
         return f"{option.label}: {option.bytes:,} bytes ({_dense_label(site)} {_dense_bytes(job, site):,})"
     label = "as the input stored it" if option.storage == plan.FP32 else option.label
     return f"{label}: {_stored(job)[site.weight]:,} -> {option.bytes:,} bytes"
+
+
+def _tied_note(job: QuantizeJob, site: Site, option: Option) -> str:
+    """What happened to a tied head and its table, on the head's report line."""
+    tie, table = job.ties[site.weight]
+    if option.storage == plan.FP32:
+        return (f"fp32, tied: reads Transpose('{table.name}'), so the pair stores the table once "
+                f"({4 * table.params:,} bytes instead of {8 * table.params:,})")
+    own = _head_bytes(job, site, option)
+    if option.storage.endswith(TIED):
+        return (f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' reads "
+                f"these {option.key.bits}-bit numbers (GatherBlockQuantized): one copy for the pair")
+    return f"{option.label}: {own:,} bytes (fp32 {_dense_bytes(job, site):,}); the table '{table.name}' stays fp32"
+
+
+def _tied_table(job: QuantizeJob, name: str) -> str | None:
+    """The head weight whose 4-bit numbers a tied table reads (None: not tied)."""
+    return next((head for head, (_, table) in job.ties.items() if table.name == name), None)
 
 
 def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> Report:
@@ -759,11 +920,18 @@ def _report(job: QuantizeJob, model_out, results, tables: dict[str, Scheme]) -> 
         scheme = tables.get(table.name)
         label = "fp32" if scheme is None else scheme.label
         size = 4 * table.params if scheme is None else scheme.table_bytes(table.V, table.D)
+        note = f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})"
+        head = _tied_table(job, table.name)
+        if head is not None and scheme is not None:
+            size, note = 0, (f"embedding table {label}, tied: reads the {scheme.bits}-bit numbers of its head "
+                             f"'{head}' (GatherBlockQuantized), no bytes of its own (fp32 {4 * table.params:,})")
+        elif head is not None:
+            note += f", tied: its head '{head}' is on its own line"
         report.sites.append(SiteResult(name=table.name, weight=table.name, op_type="Gather", K=table.V, N=table.D,
                                        rank=None, params_before=table.params, params_after=table.params,
-                                       note=f"embedding table {label}: {size:,} bytes (fp32 {4 * table.params:,})",
-                                       form="fp32" if scheme is None else "quantized",
+                                       note=note, form="fp32" if scheme is None else "quantized",
                                        bytes_before=4 * table.params, bytes_after=size))
+    report.tied = [f"{r.name}: {r.note}" for r in results if r.weight in job.ties]
     report.model_params_before, report.ops_before = model_parameters(prepared.model), op_counts(prepared.model)
     report.model_params_after, report.ops_after = model_parameters(model_out), op_counts(model_out)
     if any(s.note.startswith(INT8_DYNAMIC.label) for s in report.sites):

@@ -178,7 +178,8 @@ def _quantized_replacement(source, config: RunConfig, context: RunContext):
         latency=context.latency, input_forms=context.input_forms, checked=True, feed=context.feed,
         accuracy_level=quantize.accuracy_level, level_timer=_level_timer(config, context),
         merge=quantize.merge_corrections, source=context.quantized,
-        fallback="whiten" if config.method.method is None and data.calibration is not None else None)
+        fallback="whiten" if config.method.method is None and data.calibration is not None else None,
+        stats_memory=data.stats_memory)
 
 
 def _level_timer(config: RunConfig, context: RunContext):

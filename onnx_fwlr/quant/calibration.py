@@ -18,6 +18,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.batching import micro_batches, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input
 from onnx_fwlr.quant.embedding import Table, TableStats, fold_lookup
 
@@ -55,7 +56,9 @@ def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: li
                         loss: str | None, output: str | None = None, mask_input=None, samples: int = 1,
                         seed: int = 0, progress: bool = True) -> QuantStats:
     """Table statistics (seeded like the sites' Fisher pass: give its `loss` and `output`) and the dynamic
-    quantization step of every tensor in `tensors`, in one pass."""
+    quantization step of every tensor in `tensors`, in one pass. With tables, a batch whose forward values
+    would pass the Fisher pass's activation budget runs in micro-batches (as stats.fisher does: a language
+    model's backward pass over a whole batch took gigabytes); a batch that fits runs whole."""
     stats = QuantStats({t.name: TableStats(np.zeros(t.V), np.zeros((t.D, t.D))) for t in tables},
                        {name: 0.0 for name in tensors})
     from onnx_fwlr.io.data import find_token_input
@@ -65,21 +68,43 @@ def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: li
     token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)
     count = 0
+    size = None if tables and sample_axis_first(model, batches.specs) else 0
     for feed, labels in tqdm(batches, desc="calibrate (quantization)", unit="batch", disable=not progress,
                              leave=False):
-        values = forward(feed)
-        for name in tensors:
-            x = values[name]
-            stats.step_squares[name] += (float(max(x.max(), 0.0) - min(x.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
-            rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-            stats.channel_ranges.setdefault(name, []).append((rows.max(axis=0), rows.min(axis=0)))
-        if tables:
-            backward(stats, tables, feed, labels, values, mask_name, token_name, samples, rng)
+        if size is None:
+            size = _fitting_size(forward, feed)
+        ranges = {}  # tensor -> per-channel (high, low) over the whole batch (its parts folded)
+        for part, part_labels in micro_batches(feed, labels, size or None):
+            values = forward(part)
+            for name in tensors:
+                x = values[name]
+                rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+                high, low = rows.max(axis=0), rows.min(axis=0)
+                if name in ranges:
+                    high, low = np.maximum(ranges[name][0], high), np.minimum(ranges[name][1], low)
+                ranges[name] = (high, low)
+            if tables:
+                backward(stats, tables, part, part_labels, values, mask_name, token_name, samples, rng)
+            del values
+        for name, (high, low) in ranges.items():
+            stats.step_squares[name] += (float(max(high.max(), 0.0) - min(low.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
+            stats.channel_ranges.setdefault(name, []).append((high, low))
         count += 1
     if count == 0:
         raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
     stats.step_squares = {name: total / count for name, total in stats.step_squares.items()}
     return stats
+
+
+def _fitting_size(forward, feed: dict) -> int:
+    """Samples per micro-batch whose forward values stay within the Fisher pass's ACTIVATION_BUDGET, measured on
+    the first sample (not folded); the whole batch when it fits."""
+    from onnx_fwlr.stats.fisher import ACTIVATION_BUDGET
+
+    count = max((np.shape(v)[0] for v in feed.values() if np.ndim(v)), default=1)
+    probe = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
+    per_sample = sum(np.asarray(v).nbytes for v in forward(probe).values())
+    return max(1, min(count, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
 def _passes(model, tables, tensors, loss, output):

@@ -17,7 +17,8 @@ opset 21) or quantize_dynamic's int8 Gather. Every quantized tensor is made by O
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -58,29 +59,35 @@ class Rewrite:
     """What `rewrite` was given for one model: applied to another export of the same weights (a decoder's
     with-past or merged model, cli `--also`) it writes the same quantized weights, corrections and tables there."""
 
-    plans: dict[str, SitePlan]
+    plans: Mapping[str, SitePlan]  # weight -> plan (pipeline.quantized_store.StoredPlans on large models)
     tables: dict[str, Scheme]
     factor_dtype: str = "float32"
     merge: bool = False
+    tied: dict[str, str] = field(default_factory=dict)  # table -> the head whose quantized numbers it reads
 
     def apply(self, model: onnx.ModelProto, weights: list[str] | None = None,
               tables: list[str] | None = None) -> onnx.ModelProto:
-        """`model` rewritten with the plans of `weights` and the tables named (default: all of them)."""
+        """`model` rewritten with the plans of `weights` and the tables named (default: all of them); a tied
+        table reads its head's numbers only where both are rewritten."""
         plans = self.plans if weights is None else {w: self.plans[w] for w in weights}
         chosen = self.tables if tables is None else {t: self.tables[t] for t in tables}
-        return rewrite(model, plans, chosen, self.factor_dtype, merge=self.merge)
+        tied = {t: head for t, head in self.tied.items() if t in chosen and head in plans}
+        return rewrite(model, plans, chosen, self.factor_dtype, merge=self.merge, tied=tied)
 
 
 def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str, Scheme],
-            factor_dtype: str = "float32", merge: bool = False) -> onnx.ModelProto:
+            factor_dtype: str = "float32", merge: bool = False, tied: dict[str, str] | None = None) -> onnx.ModelProto:
     """A new model with every planned site (keyed by weight name) and table (keyed by initializer name)
     replaced; the input model is not modified. `factor_dtype` "float16" stores the correction factors in
     half precision behind a Cast to float32, which ONNX Runtime folds when it loads the model: half the
     bytes on disk, the same float32 kernels at run time. A float16 site (a half-precision export) keeps
     everything it adds in float16: MatMulNBits with float16 scales, factors stored and read as float16.
     `merge`: corrections of sites reading the same activation share one first-factor MatMul and a Split
-    (module docstring)."""
-    if any(s.kind == "nbits" for s in tables.values()):
+    (module docstring). `tied` (table -> head weight, each a 4-bit table whose head, its transpose, is planned
+    in the same scheme without alternation): the lookups read the head's MatMulNBits numbers themselves
+    (_tied_table_swaps), so the pair stores one 4-bit copy."""
+    tied = tied or {}
+    if any(s.kind == "nbits" and name not in tied for name, s in tables.items()):
         model = ortquant.upgrade_for_int4(model)  # may add nodes: sites are found again below
     else:
         model = _copy(model)
@@ -99,15 +106,18 @@ def rewrite(model: onnx.ModelProto, plans: dict[str, SitePlan], tables: dict[str
     for group in groups:
         shared.update(_merged_first_factor(model, [sites[w] for w in group], [plans[w] for w in group], graphs,
                                            namer, factor_dtype, casts, swaps))
+    mains: dict[str, tuple] = {}  # weight -> its MatMulNBits tensor names and attributes (for tied tables)
     for weight, plan in plans.items():
         site = sites[weight]
         factors = shared.get(weight) or _factor_tensors(site, plan, graphs, namer, plan.factor_dtype or factor_dtype,
                                                         casts)
-        for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic, casts).items():
+        for key, nodes in _site_swaps(model, site, plan, factors, graphs, namer, dynamic, casts, mains).items():
             swaps[key] = swaps.get(key, []) + nodes  # after a merged first factor placed at this node
         _mark_removed(site, removed, swaps)
     for name, scheme in tables.items():
-        for key, nodes in _table_swaps(model, name, scheme, namer, dynamic).items():
+        made = _tied_table_swaps(model, name, mains[tied[name]], namer) if name in tied else \
+            _table_swaps(model, name, scheme, namer, dynamic)
+        for key, nodes in made.items():
             swaps[key] = nodes
         if scheme.kind == "nbits":  # quantize_dynamic replaces an int8 table itself
             removed.setdefault(0, set()).add(name)
@@ -232,9 +242,11 @@ def _default_opset(model) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str], casts: dict) -> dict:
+def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynamic: list[str], casts: dict,
+                mains: dict | None = None) -> dict:
     """Main-branch initializers for the site (once, in the graph that owns the weight) and replacement nodes
-    per use; `factors` names the correction's A and B (or None)."""
+    per use; `factors` names the correction's A and B (or None). A MatMulNBits main branch's tensor names and
+    attributes go into `mains` under the weight."""
     owner = graphs[site.graph_index]
     main = None  # (op builder inputs, attributes) of the main branch
     if plan.scheme is not None and plan.scheme.kind == "nbits":
@@ -244,6 +256,8 @@ def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynam
             tensor.name = name
         owner.initializer.extend(q.tensors)
         main = ("MatMulNBits", renamed, {a.name: helper.get_attribute_value(a) for a in q.node.attribute})
+        if mains is not None:
+            mains[site.weight] = main[1:]
     elif plan.scheme is not None:
         name = namer(f"{site.weight}/int8")
         owner.initializer.append(numpy_helper.from_array(plan.main_matrix(model, site).astype(np.float32), name))
@@ -398,6 +412,31 @@ def _table_swaps(model, name: str, scheme: Scheme, namer, dynamic: list[str]) ->
         swaps[(0, index)] = [helper.make_node("GatherBlockQuantized", inputs, list(node.output),
                                               name=namer(f"{node.name or name}/int4"), domain=ortquant.MS_DOMAIN,
                                               **attrs)]
+    return swaps
+
+
+def _tied_table_swaps(model, name: str, head, namer) -> dict:
+    """Every lookup of table `name` [V, D] as GatherBlockQuantized over its head's MatMulNBits tensors (`head`:
+    their names and attributes): B [V, D/b, b·bits/8] is the table's rows blocked along D (4 bits packed two per
+    byte, or 8), so a Reshape to [V, D·bits/8] makes it GatherBlockQuantized's uint8 data, and the scales
+    [V, D/b] and (packed) zero points are read as they are (ONNX Runtime folds the Reshape when it loads)."""
+    table = next(t for t in find_tables(model) if t.name == name)
+    names, attrs = head
+    bits = attrs["bits"]
+    if bits not in (4, 8) or attrs["N"] != table.V or attrs["K"] != table.D or table.D % attrs["block_size"]:
+        raise RuntimeError(f"table {name} cannot read its head's numbers ({attrs})")
+    graph = model.graph
+    shape = _constant(graph, namer(f"{name}/tied_shape"), np.asarray([table.V, table.D * bits // 8], dtype=np.int64))
+    data = namer(f"{name}/tied_data")
+    swaps = {}
+    for position, (index, ids) in enumerate(zip(table.nodes, table.ids)):
+        node = graph.node[index]
+        nodes = [helper.make_node("Reshape", [names[0], shape], [data], name=namer(f"{name}/tied_reshape"))] \
+            if position == 0 else []
+        nodes.append(helper.make_node("GatherBlockQuantized", [data, ids] + list(names[1:]), list(node.output),
+                                      name=namer(f"{node.name or name}/int{bits}"), domain=ortquant.MS_DOMAIN,
+                                      bits=bits, block_size=attrs["block_size"], gather_axis=0, quantize_axis=1))
+        swaps[(0, index)] = nodes
     return swaps
 
 

@@ -10,6 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.cost import latency as lat
+from onnx_fwlr.pipeline import quantized as quantized_module
 from onnx_fwlr.pipeline.quantized import compress_quantized, prepare_quantized
 from onnx_fwlr.quant import ortquant
 from onnx_fwlr.quant.calibration import QuantStats
@@ -118,6 +119,7 @@ def test_the_predicted_rounding_loss_falls_where_a_channel_dominates(tmp_path):
     onnx.save(_model(), path)
     job = prepare_quantized(str(path), quantize="int8", calibration=str(_calib(tmp_path)), method="kfac",
                             progress=False, outliers=(1, 4))
+    quantized_module._options(job)  # each site's losses are priced with its weighting when its options are made
     assert job.outlier_channels["W1"][0] == HOT
     assert job.outlier_loss[("W1", 1)] < 0.1 * job.rounding_loss["W1"]  # the hot channel set the step
     assert job.outlier_loss[("W2", 1)] > 0.3 * job.rounding_loss["W2"]  # Relu outputs: no channel dominates

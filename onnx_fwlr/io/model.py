@@ -113,11 +113,11 @@ def external_bytes(model: onnx.ModelProto) -> int:
     for tensor in external_data_helper._get_all_tensors(model):
         if external_data_helper.uses_external_data(tensor):
             info = external_data_helper.ExternalDataInfo(tensor)
-            total += info.length or _nbytes(tensor)
+            total += info.length or tensor_nbytes(tensor)
     return total
 
 
-def _nbytes(tensor: onnx.TensorProto) -> int:
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     count = int(np.prod(tensor.dims, dtype=np.int64))
     return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
@@ -148,7 +148,7 @@ def external_span(model: onnx.ModelProto, tensor: onnx.TensorProto) -> tuple[Pat
         raise FwlrError(f"tensor '{tensor.name}' refers to external data but the model was not loaded from a "
                         "path; load it with onnx_fwlr.load_model(path).")
     info = external_data_helper.ExternalDataInfo(tensor)
-    return base / info.location, int(info.offset or 0), int(info.length or _nbytes(tensor))
+    return base / info.location, int(info.offset or 0), int(info.length or tensor_nbytes(tensor))
 
 
 def tensor_array(model: onnx.ModelProto, tensor: onnx.TensorProto, copy: bool = True) -> np.ndarray:
@@ -393,7 +393,7 @@ def _write_external(
             lazy = external_data_helper.uses_external_data(tensor)
             if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
                 continue
-            length = _nbytes(tensor) if lazy else len(tensor.raw_data)
+            length = tensor_nbytes(tensor) if lazy else len(tensor.raw_data)
             if length >= 1 << 20:
                 data.write(b"\0" * (-data.tell() % ALIGNMENT))
             offset = data.tell()

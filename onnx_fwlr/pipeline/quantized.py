@@ -35,7 +35,7 @@ from onnx_fwlr.io.model import (
     external_bytes,
     load_model,
 )
-from onnx_fwlr.io.model import _nbytes as tensor_bytes
+from onnx_fwlr.io.model import tensor_nbytes as tensor_bytes
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed

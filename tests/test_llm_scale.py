@@ -5,7 +5,10 @@ The models are tools/make_random_llama.py's LLaMA-shaped decoders (GQA, SwiGLU, 
 written with external data.
 """
 
+import gc
 import importlib.util
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import input_scaling, output_scaling
 from onnx_fwlr.pipeline import decompose
 from onnx_fwlr.pipeline.defaults import gradient_obstacle
-from onnx_fwlr.pipeline.prepare import prepare
+from onnx_fwlr.pipeline.prepare import ensure_decompositions, prepare
 from onnx_fwlr.sites.find import find_sites, weight_matrix
 from onnx_fwlr.sites.tied import find_ties
 from onnx_fwlr.stats.fisher import GroupedFisherStatistics, collect_fisher_stats, fisher_stats_bytes
@@ -153,25 +156,58 @@ def test_no_fallback_when_the_statistics_only_fit_a_group_at_a_time(models):
     assert isinstance(prepared.stats, GroupedFisherStatistics)
 
 
-def test_spilled_decompositions_give_the_same_factors_and_leave_nothing_behind(models, monkeypatch):
+@pytest.fixture
+def spill_everything(tmp_path, monkeypatch):
+    """Every decomposition spilled, and temporary files made in a folder of the test's own (returned)."""
+    monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_spilled_decompositions_give_the_same_factors_and_leave_nothing_behind(models, monkeypatch, spill_everything):
     path, calib = models["none"]
     options = dict(ratio=0.6, calibration=str(calib), progress=False)
-    kept, _ = compress(str(path), **options)
-    monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
+    with monkeypatch.context() as unspilled:
+        unspilled.setattr(decompose, "SPILL_BYTES", 1 << 40)
+        kept, _ = compress(str(path), **options)
     prepared = prepare(str(path), method="kfac", calibration=str(calib), progress=False)
-    from onnx_fwlr.pipeline.prepare import ensure_decompositions
-
     ensure_decompositions(prepared)
     assert all(isinstance(d, decompose.SpilledDecomposition) for d in prepared.decompositions.values())
-    folder = Path(prepared.spill_folder)
-    assert folder.is_dir() and len(list(folder.glob("*.npy"))) == 2 * len(prepared.sites)
-    del prepared
-    assert not folder.exists()
+    assert not list(spill_everything.iterdir())  # the factors' file has no name: nothing to remove, nothing to leak
     spilled, report = compress(str(path), **options)
     assert report.allocation == "global"
+    assert not list(spill_everything.iterdir())
     before = {t.name: onnx.numpy_helper.to_array(t) for t in kept.graph.initializer}
     for tensor in spilled.graph.initializer:
         np.testing.assert_allclose(onnx.numpy_helper.to_array(tensor), before[tensor.name], rtol=1e-4, atol=1e-6)
+
+
+def test_spilled_factors_outlive_their_prepared_and_a_cleanup_of_the_temporary_folder(models, monkeypatch,
+                                                                                        spill_everything):
+    """The FileNotFoundError seen once on SmolLM2 ('/tmp/onnx-fwlr-factors-*/…_A.npy' while decompositions were
+    spilled): the factors were named files in a folder that anyone's cleanup of /tmp could remove, and that went
+    with the Prepared object even while a decomposition still needed it."""
+    path, calib = models["none"]
+    with monkeypatch.context() as unspilled:
+        unspilled.setattr(decompose, "SPILL_BYTES", 1 << 40)
+        reference = prepare(str(path), method="kfac", calibration=str(calib), progress=False)
+        ensure_decompositions(reference)
+    prepared = prepare(str(path), method="kfac", calibration=str(calib), progress=False)
+    ensure_decompositions(prepared)
+    held = dict(prepared.decompositions)
+    del prepared
+    gc.collect()
+    shutil.rmtree(spill_everything)  # another process cleaning the temporary folder
+    for weight, dec in held.items():
+        assert isinstance(dec, decompose.SpilledDecomposition)
+        want = reference.decompositions[weight].factors(dec.max_rank)
+        for got, expected in zip(dec.factors(dec.max_rank), want):
+            np.testing.assert_array_equal(got, expected.astype(np.float32).astype(np.float64))
+        rank = max(1, dec.max_rank // 2)  # a lower rank reads the leading rows of the same numbers
+        np.testing.assert_array_equal(dec.factors(rank)[0], dec.factors(dec.max_rank)[0][:, :rank])
+        np.testing.assert_array_equal(dec.factors(rank)[1], dec.factors(dec.max_rank)[1][:rank])
 
 
 def test_lazily_loaded_external_data_streams_to_the_same_model(models, monkeypatch):

@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import tempfile
 import threading
 import zlib
 from collections import Counter
@@ -239,21 +240,52 @@ def spill_needed(sites: list[Site]) -> bool:
     return 8 * sum(s.K * s.N for s in sites) > SPILL_BYTES
 
 
+class SpillFile:
+    """One anonymous temporary file that spilled factors are appended to and read back from.
+
+    It has no name in the file system (on POSIX it is unlinked as it is made), so nothing can remove it from
+    under a running compression (a cleanup of the temporary folder by another process did: a FileNotFoundError
+    in the middle of a SmolLM2 run), and a run that is killed leaves nothing behind. It stays open while a
+    SpilledDecomposition that wrote to it lives: they hold it, not the Prepared object that made it."""
+
+    def __init__(self):
+        self._file = tempfile.TemporaryFile(prefix="onnx-fwlr-factors-")
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def append(self, array: np.ndarray) -> int:
+        """Write the C-order bytes of `array`; returns their offset."""
+        data = np.ascontiguousarray(array).tobytes()
+        with self._lock:
+            offset = self._end
+            self._file.seek(offset)
+            self._file.write(data)
+            self._end += len(data)
+        return offset
+
+    def read(self, offset: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """The array of `dtype` and `shape` written at `offset` (or its leading rows)."""
+        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with self._lock:
+            self._file.seek(offset)
+            data = self._file.read(count)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
 class SpilledDecomposition(lowrank.Decomposition):
     """A decomposition whose spectrum stays in memory (what allocation reads) while its factors for every rank
-    it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in float32 files (the dtype the model
-    stores them in); factors(r) reads the first r columns and rows back. Made from a Decomposition, which can
-    then go: the scalings (Cholesky factors) are not kept."""
+    it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in a SpillFile in float32 (the dtype the
+    model stores them in), Aᵀ and B by rows so a rank r reads only its first r rows of each; factors(r) reads
+    them back. Made from a Decomposition, which can then go: the scalings (Cholesky factors) are not kept."""
 
-    def __init__(self, dec: lowrank.Decomposition, folder, name: str):
+    def __init__(self, dec: lowrank.Decomposition, spill: SpillFile):
         super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
                          exact=dec.exact)
         rank = dec.max_rank
         A, B = dec.factors(rank)
-        stem = f"{zlib.crc32(name.encode()):08x}"
-        self._paths = (os.path.join(folder, stem + "_A.npy"), os.path.join(folder, stem + "_B.npy"))
-        for path, array in zip(self._paths, (A, B)):
-            np.save(path, np.asarray(array, dtype=np.float32))
+        self._shapes = (A.shape[0], B.shape[1])
+        self._spill = spill
+        self._offsets = (spill.append(np.asarray(A.T, dtype=np.float32)), spill.append(np.asarray(B, dtype=np.float32)))
         self._rank = rank
 
     @property
@@ -265,6 +297,7 @@ class SpilledDecomposition(lowrank.Decomposition):
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         self._check_rank(rank)
-        A = np.load(self._paths[0], mmap_mode="r")
-        B = np.load(self._paths[1], mmap_mode="r")
-        return np.array(A[:, :rank], dtype=np.float64), np.array(B[:rank], dtype=np.float64)
+        K, N = self._shapes
+        At = self._spill.read(self._offsets[0], np.float32, (rank, K))
+        B = self._spill.read(self._offsets[1], np.float32, (rank, N))
+        return np.ascontiguousarray(At.T, dtype=np.float64), np.array(B, dtype=np.float64)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,7 +21,7 @@ from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
-from onnx_fwlr.pipeline.decompose import SpilledDecomposition, Weighting, iter_decompositions, spill_needed
+from onnx_fwlr.pipeline.decompose import SpilledDecomposition, SpillFile, Weighting, iter_decompositions, spill_needed
 from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.sites.tied import find_ties
@@ -61,7 +58,7 @@ class Prepared:
     workers: int = 1  # processes for decomposition
     executor: object = None  # pipeline.distributed.Executor: where decompositions and calibration shards run
     progress: bool = True
-    spill_folder: str | None = None  # where SpilledDecomposition factors are kept (large models)
+    spill: SpillFile | None = None  # where SpilledDecomposition factors are kept (large models)
     ties: list = field(default_factory=list)  # sites.tied.Tie: heads that repeat their embedding table
 
 
@@ -194,7 +191,7 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
                 prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
                 if spill_needed(prepared.sites):  # spectra in memory, factors on disk (large models)
-                    dec = SpilledDecomposition(dec, _spill_folder(prepared), site.weight)
+                    dec = SpilledDecomposition(dec, _spill_file(prepared))
                 prepared.decompositions[site.weight] = dec
         elif store:
             dec = prepared.decompositions.get(site.weight)
@@ -203,12 +200,12 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
         yield site, (dec if ranks is None or ranks[i] is not None else None)
 
 
-def _spill_folder(prepared: Prepared) -> str:
-    """A temporary folder for the prepared model's spilled factors, removed with the Prepared object."""
-    if prepared.spill_folder is None:
-        prepared.spill_folder = tempfile.mkdtemp(prefix="onnx-fwlr-factors-")
-        weakref.finalize(prepared, shutil.rmtree, prepared.spill_folder, True)
-    return prepared.spill_folder
+def _spill_file(prepared: Prepared) -> SpillFile:
+    """The file the prepared model's spilled factors go to (made on first use; each SpilledDecomposition keeps
+    it open, so it lasts as long as any of them, whatever happens to `prepared`)."""
+    if prepared.spill is None:
+        prepared.spill = SpillFile()
+    return prepared.spill
 
 
 def _later_calibration_seconds(prepared: Prepared) -> float:

@@ -17,7 +17,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import tempfile
 import threading
 import zlib
 from collections import Counter
@@ -30,6 +29,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.allocation import break_even_rank
 from onnx_fwlr.sites.find import Site, weight_ref
@@ -238,38 +238,6 @@ SPILL_BYTES = 512 << 20
 def spill_needed(sites: list[Site]) -> bool:
     """Whether these sites' decompositions are spilled to disk when kept (SPILL_BYTES)."""
     return 8 * sum(s.K * s.N for s in sites) > SPILL_BYTES
-
-
-class SpillFile:
-    """One anonymous temporary file that spilled factors are appended to and read back from.
-
-    It has no name in the file system (on POSIX it is unlinked as it is made), so nothing can remove it from
-    under a running compression (a cleanup of the temporary folder by another process did: a FileNotFoundError
-    in the middle of a SmolLM2 run), and a run that is killed leaves nothing behind. It stays open while a
-    SpilledDecomposition that wrote to it lives: they hold it, not the Prepared object that made it."""
-
-    def __init__(self):
-        self._file = tempfile.TemporaryFile(prefix="onnx-fwlr-factors-")
-        self._end = 0
-        self._lock = threading.Lock()
-
-    def append(self, array: np.ndarray) -> int:
-        """Write the C-order bytes of `array`; returns their offset."""
-        data = np.ascontiguousarray(array).tobytes()
-        with self._lock:
-            offset = self._end
-            self._file.seek(offset)
-            self._file.write(data)
-            self._end += len(data)
-        return offset
-
-    def read(self, offset: int, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """The array of `dtype` and `shape` written at `offset` (or its leading rows)."""
-        count = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        with self._lock:
-            self._file.seek(offset)
-            data = self._file.read(count)
-        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class SpilledDecomposition(lowrank.Decomposition):

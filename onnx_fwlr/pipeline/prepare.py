@@ -19,9 +19,10 @@ import onnx
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
-from onnx_fwlr.pipeline.decompose import SpilledDecomposition, SpillFile, Weighting, iter_decompositions, spill_needed
+from onnx_fwlr.pipeline.decompose import SpilledDecomposition, Weighting, iter_decompositions, spill_needed
 from onnx_fwlr.sites.find import Site, Skipped, attention_projections, validate_regex, weight_matrix
 from onnx_fwlr.sites.recurrent import find_all_sites
 from onnx_fwlr.sites.tied import find_ties
@@ -204,7 +205,7 @@ def _spill_file(prepared: Prepared) -> SpillFile:
     """The file the prepared model's spilled factors go to (made on first use; each SpilledDecomposition keeps
     it open, so it lasts as long as any of them, whatever happens to `prepared`)."""
     if prepared.spill is None:
-        prepared.spill = SpillFile()
+        prepared.spill = SpillFile(prefix="onnx-fwlr-factors-")
     return prepared.spill
 
 

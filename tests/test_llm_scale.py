@@ -145,6 +145,23 @@ def test_grouped_fisher_passes_give_the_one_pass_model(models):
     assert per_group.SerializeToString() == one.SerializeToString()
 
 
+def test_a_large_model_holds_half_its_weights_of_statistics_by_default(models, monkeypatch):
+    """Above LAZY_THRESHOLD bytes of weights the default `stats_memory` is half the weights' bytes: the groups
+    cost no extra pass, and the model is the one a single in-memory pass gives."""
+    from onnx_fwlr.pipeline import prepare as prepare_module
+
+    path, calib = models["none"]
+    options = dict(ratio=0.6, calibration=str(calib), progress=False)
+    one, _ = compress(str(path), stats_memory=1 << 40, **options)
+    model = modelio.load_model(path)
+    sites = find_sites(model)[0]
+    assert fisher_stats_bytes(sites) > prepare_module.model_weight_bytes(model) // 2
+    monkeypatch.setattr(prepare_module, "LAZY_THRESHOLD", 0)
+    grouped, report = compress(str(path), **options)
+    assert report.calibration["groups"] > 1 and report.calibration["passes"] == 1
+    assert grouped.SerializeToString() == one.SerializeToString()
+
+
 def test_no_fallback_when_the_statistics_only_fit_a_group_at_a_time(models):
     path, calib = models["none"]
     model = modelio.load_model(path)

@@ -56,6 +56,15 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
     """
     if workers < 1:
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
+    if executor is not None and executor.kind == "ray" and hasattr(stats, "decompose_groups"):
+        # statistics measured per group on the cluster (pipeline.distributed.RayGroupStatistics): each group's
+        # pass and its decompositions are one task, so no Gram ever reaches this process
+        with tqdm(total=len(sites), desc="decompose (groups on Ray)", unit="site", disable=not progress,
+                  leave=False) as bar:
+            for site, dec in stats.decompose_groups(sites, site_methods, executor):
+                bar.update()
+                yield site, dec
+        return
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, ranks or {}, svd)
     bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:
@@ -269,3 +278,38 @@ class SpilledDecomposition(lowrank.Decomposition):
         At = self._spill.read(self._offsets[0], np.float32, (rank, K))
         B = self._spill.read(self._offsets[1], np.float32, (rank, N))
         return np.ascontiguousarray(At.T, dtype=np.float64), np.array(B, dtype=np.float64)
+
+
+class FactoredDecomposition(lowrank.Decomposition):
+    """A decomposition carried as its spectrum and its factors for the largest rank it serves, in float32 (what a
+    SpilledDecomposition keeps on disk, computed the same way): what a per-group task on a cluster hands back,
+    small enough to send and independent of the scalings, which stay on the worker."""
+
+    def __init__(self, dec: lowrank.Decomposition):
+        super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
+                         exact=dec.exact)
+        A, B = dec.factors(dec.max_rank)
+        self._A, self._B = np.asarray(A, dtype=np.float32), np.asarray(B, dtype=np.float32)
+
+    @property
+    def max_rank(self) -> int:
+        return self._A.shape[1]
+
+    def keep_components(self, rank: int) -> "FactoredDecomposition":
+        return self
+
+    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        self._check_rank(rank)
+        return np.array(self._A[:, :rank], dtype=np.float64), np.array(self._B[:rank], dtype=np.float64)
+
+
+def decompose_with_stats(model, sites: list[Site], site_methods: dict, stats, weighting: Weighting) -> list:
+    """Every site's exact decomposition from statistics held here, as FactoredDecompositions in site order: the
+    jobs and function the local path runs (_JobPlanner, decompose_one), so the factors are the same numbers."""
+    planner = _JobPlanner(model, sites, site_methods, stats, weighting, {}, "exact")
+    results = []
+    for i in range(len(sites)):
+        dec = decompose_one(planner.job(i))
+        dec.left, dec.right = planner.scalings_of(i)
+        results.append(FactoredDecomposition(dec))
+    return results

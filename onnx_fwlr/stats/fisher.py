@@ -48,6 +48,12 @@ def default_output(model: onnx.ModelProto, name: str | None, option: str = "`out
     raise FwlrError("the model has no floating-point output to define a loss on; use an activation-based method.")
 
 
+def reachable_uses(model, sites) -> list:
+    """(site, use) for the site uses the backward pass reaches: those in the main graph (gradients do not enter
+    subgraphs)."""
+    return _reachable_uses(model, sites)
+
+
 def _reachable_uses(model, sites):
     """Site uses in the main graph (gradients do not enter subgraphs)."""
     visible = main_graph_tensors(model)
@@ -185,14 +191,15 @@ class _BatchFolder:
     is freed when the call returns."""
 
     def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                 sketch_ranks=None, recording=None):
+                 sketch_ranks=None, recording=None, fold_weights=None):
         self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
         self.recording = recording  # a PassRecording: set the arrays aside instead of folding them
+        self.folded = [fold_weights is None or site.weight in fold_weights for site, _ in uses]
         self.sketch_ranks = sketch_ranks or {}  # weight -> rank of its output-side estimator (wide sites only)
         self.mask_name, self.token_name, self.loss, self.samples = mask_name, token_name, loss, samples
         self.rng, self.stats = rng, stats
         self.class_scores = None  # the graph's reading of the output, for the default loss (collect_fisher_stats)
-        self.keys = sorted({activation_key(use) for _, use in uses})
+        self.keys = sorted({activation_key(use) for (_, use), folded in zip(uses, self.folded) if folded})
 
     def __call__(self, feed: dict, labels) -> None:
         values = self.runner.forward(feed)
@@ -217,7 +224,9 @@ class _BatchFolder:
         for seed_value in seeds:
             cotangents = self.runner.backward(values, seed_value)
             refs = []
-            for (site, use), node in zip(self.uses, self.nodes):
+            for (site, use), node, folded in zip(self.uses, self.nodes, self.folded):
+                if not folded:
+                    continue
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 if entry is not None:
@@ -284,6 +293,15 @@ class PassRecording:
         weights = {site.weight for site in sites}
         chosen = [i for i, (site, _) in enumerate(self.uses) if site.weight in weights]
         keys = sorted({activation_key(self.uses[i][1]) for i in chosen})
+        with ThreadpoolController().limit(limits=1, user_api="blas"):  # as in the pass (collect_fisher_stats)
+            self._fold_entries(chosen, keys, stats)
+        for weight in weights:
+            acc = stats.gradients.get(weight)
+            if acc is not None:
+                acc["grad_count"] = np.asarray(float(acc["grad_count"]))
+        return stats
+
+    def _fold_entries(self, chosen: list[int], keys: list[str], stats: Statistics) -> None:
         for entry in self.entries:
             mask = None if entry.mask is None else self.get(entry.mask)
             inputs = {key: self.get(entry.inputs[key]) for key in keys}
@@ -294,11 +312,6 @@ class PassRecording:
                     site, use = self.uses[i]
                     _fold_gradient(stats, site, inputs[activation_key(use)], self.get(refs[i]), mask,
                                    self.sketch_ranks.get(site.weight))
-        for weight in weights:
-            acc = stats.gradients.get(weight)
-            if acc is not None:
-                acc["grad_count"] = np.asarray(float(acc["grad_count"]))
-        return stats
 
 
 def collect_fisher_stats(
@@ -318,6 +331,7 @@ def collect_fisher_stats(
     sketch_rank: int = losses.SKETCH_RANK,
     description: str = "calibrate (fisher)",
     recording: PassRecording | None = None,
+    fold_sites: list[Site] | None = None,
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -337,6 +351,9 @@ def collect_fisher_stats(
 
     `recording` (a PassRecording): set every batch's arrays aside in it instead of folding them; the statistics
     returned then hold the pass's metadata only, and `recording.fold` gives any group's sums.
+    `fold_sites`: run the pass over every site in `sites` but fold only these: the forward values ONNX Runtime
+    computes depend on which tensors the session exposes (its fusions change), so a group's sums equal one
+    whole pass's only when measured in the whole pass's session.
     """
     if loss is not None and loss not in losses.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(losses.LOSSES)}.")
@@ -352,8 +369,9 @@ def collect_fisher_stats(
     sketch_ranks = {site.weight: sketch_rank for site, _ in uses if losses.sketched(site.N, sketch_min_dim)}
     if recording is not None:
         recording.uses, recording.sketch_ranks = uses, sketch_ranks
+    fold_weights = None if fold_sites is None else {site.weight for site in fold_sites}
     fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                        sketch_ranks, recording)
+                        sketch_ranks, recording, fold_weights)
     if loss is None:
         fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
@@ -386,6 +404,16 @@ def collect_fisher_stats(
 # Arrays dropped when the next group is measured; the small per-channel sums stay for bias correction, the
 # report and fwsvd-style reads.
 _LARGE_FIELDS = ("gram", "grad_gram", "grad_sketch", "grad_diag")
+
+
+def small_sums(stats: Statistics) -> Statistics:
+    """The statistics without their Grams and Gram estimators (_LARGE_FIELDS): the per-channel sums and counts
+    that bias correction, the report and diagonal methods read."""
+    small = Statistics(stats.fingerprint, meta=dict(stats.meta))
+    for mine, theirs in ((small.activations, stats.activations), (small.gradients, stats.gradients)):
+        for key, sums in theirs.items():
+            mine[key] = {name: value for name, value in sums.items() if name not in _LARGE_FIELDS}
+    return small
 
 
 def fisher_site_bytes(site: Site, sketch_min_dim: int = losses.SKETCH_MIN_DIM,

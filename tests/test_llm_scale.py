@@ -145,6 +145,31 @@ def test_grouped_fisher_passes_give_the_one_pass_model(models):
     assert per_group.SerializeToString() == one.SerializeToString()
 
 
+def test_backward_that_drops_values_and_hands_over_cotangents_computes_the_same_numbers(models):
+    """GradientRunner.backward's `consume` (forward values dropped after their last reader) and `emit` (each
+    cotangent handed over when complete): what the recorded pass uses to hold less at once."""
+    from onnx_fwlr.stats import fisher
+
+    path, calib = models["none"]
+    model = modelio.load_model(path)
+    sites = find_sites(model)[0]
+    feed, _ = next(iter(open_data(str(calib), model, batch_size=32)))
+    _, target, _, _, runner = fisher._gradient_setup(model, sites, None)
+    values = runner.forward(feed)
+    seed = np.random.default_rng(0).standard_normal(values[target.tensor].shape).astype(np.float32)
+    expected = runner.backward(dict(values), seed)
+    handed, order = {}, []
+    consumed = dict(values)
+    assert runner.backward(consumed, seed, consume=True, emit=lambda n, g: (handed.setdefault(n, g),
+                                                                           order.append(n))) == {}
+    assert sorted(order) == sorted(expected) and len(order) == len(set(order))  # each once
+    for name, cotangent in expected.items():
+        np.testing.assert_array_equal(handed[name], cotangent)
+    size = sum(a.nbytes for name, a in values.items() if name != target.tensor)
+    assert sum(a.nbytes for name, a in consumed.items() if name != target.tensor) < 0.1 * size  # read ones gone
+    assert order.index(sites[-1].uses[0].output) < order.index(sites[0].uses[0].output)  # the last layer's first
+
+
 def test_a_large_model_holds_half_its_weights_of_statistics_by_default(models, monkeypatch):
     """Above LAZY_THRESHOLD bytes of weights the default `stats_memory` is half the weights' bytes: the groups
     cost no extra pass, and the model is the one a single in-memory pass gives."""

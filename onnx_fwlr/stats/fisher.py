@@ -213,30 +213,48 @@ class _BatchFolder:
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
         seeds = losses.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
                                   weight=weight, tokens=tokens)
-        entry = self.recording.start(mask) if self.recording is not None else None
+        if self.recording is not None:
+            self._record(values, seeds, mask)
+            self.stats.meta["samples"] += len(z) if z.ndim else 1
+            return
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
             x3 = _site_rows(values, use, node)
-            if entry is not None:
-                entry.inputs[key] = self.recording.put(x3)
-            else:
-                _fold_input(self.stats, key, x3, mask)
+            _fold_input(self.stats, key, x3, mask)
         for seed_value in seeds:
             cotangents = self.runner.backward(values, seed_value)
-            refs = []
             for (site, use), node, folded in zip(self.uses, self.nodes, self.folded):
                 if not folded:
                     continue
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
-                if entry is not None:
-                    refs.append(self.recording.put(G))
-                else:
-                    _fold_gradient(self.stats, site, X, G, mask, self.sketch_ranks.get(site.weight))
-            if entry is not None:
-                entry.grads.append(refs)
+                _fold_gradient(self.stats, site, X, G, mask, self.sketch_ranks.get(site.weight))
             del cotangents
         self.stats.meta["samples"] += len(z) if z.ndim else 1
+
+    def _record(self, values: dict, seeds, mask) -> None:
+        """Set the batch's site inputs and cotangents aside (PassRecording), each as soon as it exists: the
+        backward pass drops forward values after their last use and hands over each site's cotangent when it is
+        complete (GradientRunner.backward's `consume` and `emit`), so a sample's forward values and every site's
+        cotangent are not all held at once. Only for sites that are not recurrent (uses read one input tensor)."""
+        entry = self.recording.start(mask)
+        for key in self.keys:
+            use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
+            entry.inputs[key] = self.recording.put(_site_rows(values, use, node))
+        samples = [_site_rows(values, use, node).shape[0] for (_, use), node in zip(self.uses, self.nodes)]
+        by_output: dict = {}
+        for i, (_, use) in enumerate(self.uses):
+            by_output.setdefault(use.output, []).append(i)
+        for number, seed_value in enumerate(seeds):
+            refs = [None] * len(self.uses)
+
+            def emit(name, cotangent, refs=refs):
+                for i in by_output.get(name, ()):
+                    use = self.uses[i][1]
+                    refs[i] = self.recording.put(_site_output_grads({}, {name: cotangent}, use, None, samples[i]))
+
+            self.runner.backward(values, seed_value, consume=number == len(seeds) - 1, emit=emit)
+            entry.grads.append(refs)
 
 
 def _fold_input(stats: Statistics, key: str, x3: np.ndarray, mask) -> None:

@@ -172,15 +172,16 @@ DECODER, DECODER_CALIB = SAMPLES / "decoder" / "decoder.onnx", SAMPLES / "decode
 
 
 @needs_ray
-def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch):
+@pytest.mark.parametrize("spill", [False, True], ids=["kept", "spilled"])
+def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, spill):
     """Statistics that do not fit `stats_memory` together: on Ray each group's Fisher pass and its decompositions
-    are one task (pipeline.distributed.group_unit) and only factors and small sums come back; the bytes equal
-    the local run's (one pass set aside and folded per group, decompositions spilled as on every model large
-    enough to need groups)."""
+    are one task (pipeline.distributed.group_unit) and only decompositions and small sums come back; the bytes
+    equal the local run's (one pass set aside and folded per group), decompositions kept in memory or spilled."""
     from onnx_fwlr.pipeline.distributed import RayGroupStatistics
 
     options = dict(ratio=0.8, method="kfac", calibration=str(DECODER_CALIB), stats_memory=1 << 20, progress=False)
-    monkeypatch.setattr(decompose, "SPILL_BYTES", 0)  # this process only: the cluster's tasks do not spill
+    if spill:  # in this process, where both runs keep their decompositions
+        monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
     local, local_report = pipeline.compress(str(DECODER), **options)
     assert local_report.calibration["groups"] > 2 and local_report.calibration["passes"] == 1
     made = []

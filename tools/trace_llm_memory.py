@@ -45,8 +45,8 @@ def hwm_mib() -> float:
 class Tracer:
     """Stages entered and left (a stack), the RSS peak of each, sampled by a thread."""
 
-    def __init__(self, traced: bool):
-        self.rows, self.stack, self.traced = [], [], traced
+    def __init__(self, traced: bool, progress: Path | None = None):
+        self.rows, self.stack, self.traced, self.progress = [], [], traced, progress
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -54,11 +54,16 @@ class Tracer:
         self.thread.start()
 
     def _sample(self):
+        last = time.perf_counter()
         while not self.done.wait(0.2):
             rss = rss_mib()
             with self.lock:
                 for row in self.stack:
                     row["peak_mib"] = max(row["peak_mib"], rss)
+                if self.progress is not None and time.perf_counter() - last > 30:  # how far a run that is stopped got
+                    last = time.perf_counter()
+                    self.progress.write_text(json.dumps({"seconds": last - self.start, "hwm_mib": hwm_mib(),
+                                                         "rss_mib": rss, "rows": self.rows}, indent=1))
 
     def enter(self, name: str) -> dict:
         rss = rss_mib()
@@ -149,12 +154,13 @@ def main():
     parser.add_argument("--calib", required=True)
     parser.add_argument("--tracemalloc", action="store_true", help="also trace numpy's and Python's allocations")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--progress", type=Path, help="rewrite this JSON every 30 s (stages so far, peak so far)")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, rest = parser.parse_args(argv[:split]), argv[split + 1:]  # after "--": compress's own arguments
     if args.tracemalloc:
         tracemalloc.start()
-    tracer = Tracer(args.tracemalloc)
+    tracer = Tracer(args.tracemalloc, args.progress)
     install(tracer)
     from onnx_fwlr.cli.main import main as cli
 

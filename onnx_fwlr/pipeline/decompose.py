@@ -280,36 +280,14 @@ class SpilledDecomposition(lowrank.Decomposition):
         return np.ascontiguousarray(At.T, dtype=np.float64), np.array(B, dtype=np.float64)
 
 
-class FactoredDecomposition(lowrank.Decomposition):
-    """A decomposition carried as its spectrum and its factors for the largest rank it serves, in float32 (what a
-    SpilledDecomposition keeps on disk, computed the same way): what a per-group task on a cluster hands back,
-    small enough to send and independent of the scalings, which stay on the worker."""
-
-    def __init__(self, dec: lowrank.Decomposition):
-        super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
-                         exact=dec.exact)
-        A, B = dec.factors(dec.max_rank)
-        self._A, self._B = np.asarray(A, dtype=np.float32), np.asarray(B, dtype=np.float32)
-
-    @property
-    def max_rank(self) -> int:
-        return self._A.shape[1]
-
-    def keep_components(self, rank: int) -> "FactoredDecomposition":
-        return self
-
-    def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
-        self._check_rank(rank)
-        return np.array(self._A[:, :rank], dtype=np.float64), np.array(self._B[:rank], dtype=np.float64)
-
-
 def decompose_with_stats(model, sites: list[Site], site_methods: dict, stats, weighting: Weighting) -> list:
-    """Every site's exact decomposition from statistics held here, as FactoredDecompositions in site order: the
-    jobs and function the local path runs (_JobPlanner, decompose_one), so the factors are the same numbers."""
+    """Every site's exact decomposition from statistics held here, with its scalings, in site order: the jobs and
+    function the local path runs (_JobPlanner, decompose_one), so a per-group task on a cluster hands back the
+    numbers the local run has (the caller spills them as the local run would)."""
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, {}, "exact")
     results = []
     for i in range(len(sites)):
         dec = decompose_one(planner.job(i))
         dec.left, dec.right = planner.scalings_of(i)
-        results.append(FactoredDecomposition(dec))
+        results.append(dec)
     return results

@@ -292,7 +292,8 @@ class GroupJob:
 
 
 def group_unit(job: GroupJob):
-    """(the group's small sums, its sites' FactoredDecompositions in site order): the Grams never leave the task."""
+    """(the group's small sums, its sites' decompositions with their scalings, in site order): the Grams never
+    leave the task."""
     from onnx_fwlr.io.data import open_data
     from onnx_fwlr.io.model import load_model
     from onnx_fwlr.pipeline.decompose import decompose_with_stats
@@ -310,8 +311,9 @@ def group_unit(job: GroupJob):
 class RayGroupStatistics:
     """Gradient statistics measured group by group on a Ray cluster, where each group's sites are decomposed
     too (group_unit): this process keeps the plan and, as each group comes back, its small sums (means, counts,
-    Fisher diagonals) for bias correction and the report, never a Gram. Decompositions come from
-    `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
+    Fisher diagonals) for bias correction and the report, never a Gram; the decompositions (with their
+    Cholesky scalings) arrive one group at a time and are spilled or kept exactly as the local run's would be.
+    They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
 
     def __init__(self, model, sites, groups, template: GroupJob):
         from onnx_fwlr.stats.fisher import reachable_uses
@@ -327,7 +329,7 @@ class RayGroupStatistics:
         self.later_seconds = 0.0
 
     def decompose_groups(self, sites, site_methods: dict, executor: Executor):
-        """(site, FactoredDecomposition) for `sites` in their order, one task per group that holds any of them."""
+        """(site, decomposition) for `sites` in their order, one task per group that holds any of them."""
         wanted = {site.weight for site in sites}
         indices = sorted({self.group_of[w] for w in wanted})
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}

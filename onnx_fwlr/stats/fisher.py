@@ -28,7 +28,7 @@ from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
-from onnx_fwlr.io.runtime import release_free_memory
+from onnx_fwlr.io.runtime import release_free_memory, return_large_blocks_promptly
 from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, main_graph_tensors, record_pass
@@ -378,6 +378,7 @@ def collect_fisher_stats(
     if samples < 1:
         raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
     out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
+    return_large_blocks_promptly()  # the pass's arrays go back to the system when freed, not to glibc's heap
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)

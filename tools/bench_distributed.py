@@ -47,6 +47,7 @@ CONFIGS = [  # (label, executor, workers or Ray CPUs, calibration shards)
     ("ray, 2 CPUs, 2 shards", "ray", 2, 2),
 ]
 GROUP_CONFIGS = [  # --per-group: (label, executor, Ray CPUs, shards)
+    ("local, one pass in memory", "local", 0, 1),  # 0: no stats_memory (every Gram at once), the reference
     ("local, groups from one pass", "local", 1, 1),
     ("ray, 1 CPU, group tasks", "ray", 1, 1),
     ("ray, 2 CPUs, group tasks", "ray", 2, 1),
@@ -69,8 +70,9 @@ def child(spec: dict) -> dict:
     executor = Executor(spec["executor"], None, spec["shards"])
     start = time.perf_counter()
     if spec.get("stats_memory"):  # per-group units (kfac: gradient statistics in groups)
+        limit = spec["stats_memory"] if spec["cpus"] else 1 << 40
         model, report = compress(spec["model"], ratio=0.8, method="kfac", calibration=spec["calib"],
-                                 stats_memory=spec["stats_memory"], executor=executor, progress=False)
+                                 stats_memory=limit, executor=executor, progress=False)
         result["groups"] = report.calibration.get("groups")
     else:
         model, report = compress(spec["model"], ratio=0.5, method="whiten", calibration=spec["calib"], svd="exact",

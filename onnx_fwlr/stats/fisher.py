@@ -282,11 +282,11 @@ class PassRecording:
     """One Fisher pass's folding work set aside on disk: for each (micro-)batch, in order, every site input and
     every output cotangent the pass would fold (float32, in a SpillFile, an anonymous temporary file). The
     statistics of any group of sites are then folded from it (`fold`) with the same functions on the same
-    arrays in the same order as a pass folding only that group: the same sums to the bit, with one forward and
+    arrays in the same order as the pass folds them in memory: the same sums to the bit, with one forward and
     backward pass in all instead of one per group, and no Gram held while the pass runs.
 
     Costs disk, not memory: the tokens times the widths of the distinct site inputs and outputs, in float32
-    (SmolLM2-135M, 64 × 128 tokens: about 8 GB; the file is freed when the statistics go)."""
+    (SmolLM2-135M, 64 × 128 tokens: 7.2 GiB; the file is freed when the statistics go)."""
 
     def __init__(self):
         self.file = SpillFile(prefix="onnx-fwlr-pass-")

@@ -351,21 +351,17 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     try:
         tmp_model = tmp_dir / out.name
         data_name = out.name + ".data"
+        to_save = onnx.ModelProto()
+        to_save.CopyFrom(model)
+        _drop_base(to_save)
         if external_data:
-            with _tensor_bytes_set_aside(model) as held:  # the copy then takes the structure, not the bytes
-                to_save = onnx.ModelProto()
-                to_save.CopyFrom(model)
-                _drop_base(to_save)
-                _write_external(model, to_save, tmp_dir / data_name, data_name, held=held)
+            _write_external(model, to_save, tmp_dir / data_name, data_name)
             onnx.save_model(to_save, str(tmp_model))
             data_out = out.parent / data_name
             if data_out.exists():
                 data_out.unlink()  # never leave a stale file for a reader to append to or mistake
             os.replace(tmp_dir / data_name, data_out)
         else:
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            _drop_base(to_save)
             if lazy:
                 for tensor in external_data_helper._get_all_tensors(to_save):
                     if external_data_helper.uses_external_data(tensor):
@@ -385,62 +381,25 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     return out
 
 
-# Above this many bytes of tensor data held in memory, save_model with external data does not copy them with
-# the model: it sets them aside one tensor at a time, copies the structure, and puts them back after writing.
-SET_ASIDE_BYTES = 256 << 20
-
-
-@contextlib.contextmanager
-def _tensor_bytes_set_aside(model: onnx.ModelProto, size_threshold: int = 1024):
-    """Inside: the raw bytes of `model`'s in-memory tensors that _write_external moves out (size_threshold bytes
-    or more) are taken out of it, one tensor at a time (never held twice), and given as {index in
-    _get_all_tensors order: bytes}; on leaving they are put back, so the caller's model is unchanged. Empty
-    (nothing taken) when they are SET_ASIDE_BYTES or less: a copy of a compressed 1 B decoder's factors is 3 GB."""
-    tensors = list(external_data_helper._get_all_tensors(model))
-    sizes = {i: len(t.raw_data) for i, t in enumerate(tensors)
-             if not external_data_helper.uses_external_data(t) and t.HasField("raw_data")}
-    chosen = [i for i, size in sizes.items() if size >= size_threshold]
-    if sum(sizes[i] for i in chosen) <= SET_ASIDE_BYTES:
-        yield {}
-        return
-    taken: dict[int, bytes] = {}
-    try:
-        for i in chosen:
-            taken[i] = tensors[i].raw_data
-            tensors[i].ClearField("raw_data")
-        yield taken
-    finally:
-        for i in chosen:
-            if i in taken:
-                tensors[i].raw_data = taken.pop(i)
-
-
 def _write_external(
-    source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024,
-    held: dict | None = None,
+    source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
 ) -> None:
     """Move every tensor of `target` of size_threshold bytes or more into one fresh data file.
 
-    `source` is the model `target` was copied from: it knows where lazily loaded tensors live. `held`
-    (_tensor_bytes_set_aside): the bytes of in-memory tensors taken out of both, by tensor index.
+    `source` is the model `target` was copied from: it knows where lazily loaded tensors live.
     """
-    held = held or {}
     with open(data_path, "wb") as data:  # "wb" truncates: onnx.save would append to an existing file
-        for index, tensor in enumerate(external_data_helper._get_all_tensors(target)):
+        for tensor in external_data_helper._get_all_tensors(target):
             lazy = external_data_helper.uses_external_data(tensor)
-            values = held.get(index)
-            if values is None and not lazy and (not tensor.HasField("raw_data")
-                                                or len(tensor.raw_data) < size_threshold):
+            if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
                 continue
-            length = _nbytes(tensor) if lazy else len(values) if values is not None else len(tensor.raw_data)
+            length = _nbytes(tensor) if lazy else len(tensor.raw_data)
             if length >= 1 << 20:
                 data.write(b"\0" * (-data.tell() % ALIGNMENT))
             offset = data.tell()
             if lazy:
                 for block in iter_tensor_bytes(source, tensor):
                     data.write(block)
-            elif values is not None:
-                data.write(values)
             else:
                 data.write(tensor.raw_data)
                 tensor.ClearField("raw_data")

@@ -168,6 +168,38 @@ def test_killed_workers_are_retried_and_the_output_is_unchanged(ray_cluster, tmp
     assert shard_marker.exists() and site_marker.exists()  # a worker of each kind really died
 
 
+DECODER, DECODER_CALIB = SAMPLES / "decoder" / "decoder.onnx", SAMPLES / "decoder" / "calib.npz"
+
+
+@needs_ray
+@pytest.mark.parametrize("spill", [False, True], ids=["kept", "spilled"])
+def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, spill):
+    """Statistics that do not fit `stats_memory` together: on Ray each group's Fisher pass and its decompositions
+    are one task (pipeline.distributed.group_unit) and only decompositions and small sums come back; the bytes
+    equal the local run's (one pass set aside and folded per group), decompositions kept in memory or spilled."""
+    from onnx_fwlr.pipeline.distributed import RayGroupStatistics
+
+    options = dict(ratio=0.8, method="kfac", calibration=str(DECODER_CALIB), stats_memory=1 << 20, progress=False)
+    if spill:  # in this process, where both runs keep their decompositions
+        monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
+    local, local_report = pipeline.compress(str(DECODER), **options)
+    assert local_report.calibration["groups"] > 2 and local_report.calibration["passes"] == 1
+    made = []
+    original = distributed.ray_grouped_statistics
+
+    def recorded(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(distributed, "ray_grouped_statistics", recorded)
+    on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray"), **options)
+    assert isinstance(made[0], RayGroupStatistics) and not made[0].sums.activations.get("gram")
+    assert all("gram" not in sums for sums in made[0].sums.activations.values())  # no Gram reached the driver
+    assert all("grad_gram" not in sums for sums in made[0].sums.gradients.values())
+    assert report.calibration["passes"] == report.calibration["groups"] == local_report.calibration["groups"]
+    assert on_ray.SerializeToString() == local.SerializeToString()
+
+
 @needs_ray
 def test_ray_refuses_workers_and_structured_methods(ray_cluster):
     with pytest.raises(FwlrError, match="cluster's CPUs decide"):

@@ -322,35 +322,85 @@ class GradientRunner:
                 for k, name in enumerate(node.output)]
         return ins, outs
 
-    def backward(self, values: Mapping[str, np.ndarray], seed: np.ndarray) -> dict[str, np.ndarray]:
+    def backward(self, values: dict[str, np.ndarray], seed: np.ndarray, consume: bool = False,
+                 emit=None) -> dict[str, np.ndarray]:
         """Cotangent of each ``wrt`` tensor, given ``seed`` = cotangent of ``output``.
 
         Cotangents of tensors read by several nodes are summed; each is freed once its producer is done.
         Computation happens in the seed's dtype where the rules allow (float64 seeds stay float64).
+
+        Memory, for a caller that needs neither afterwards: ``consume`` removes each forward value from
+        ``values`` once the last step that reads it is done (the walk starts at the output, so the values of
+        the layers behind it go first); ``emit(name, cotangent)`` receives each ``wrt`` cotangent as soon as
+        it is complete, and it is then neither kept nor returned. The numbers are the same either way.
         """
         seed = np.asarray(seed)
         expected = self._shape(values, self.output)
         if seed.shape != tuple(expected):
             raise FwlrError(f"The seed has shape {seed.shape} but {self.output!r} has shape {tuple(expected)}; "
                             "pass a cotangent shaped like the output.")
-        keep = set(self.wrt)
+        keep = set(self.wrt) if emit is None else set()  # emitted ones go once their producer is done
+        frees, emits, unread = self._release_plan()
         cot: dict[str, np.ndarray] = {self.output: seed}
-        for step in reversed(self._steps):
+        if emit is not None:
+            for name in unread:  # complete from the start: the seed's, or nothing
+                emit(name, self._final_cotangent(cot, values, name, seed.dtype, take=False))
+        for position, step in enumerate(reversed(self._steps)):
             node = step.node
             grads = [cot.get(node.output[k]) if k in step.active_outputs else None
                      for k in range(len(node.output))]
-            if all(g is None for g in grads):
-                continue
-            ins, outs = self._rule_arrays(step, values)
-            input_grads = RULES[node.op_type].vjp(ins, outs, step.attrs, grads, self.opset, step.wanted)
-            for name in node.output:
-                if name not in keep:
-                    cot.pop(name, None)
-            for i in step.wanted:
-                g = input_grads[i]
-                if g is None:
-                    continue
-                name = node.input[i]
-                cot[name] = cot[name] + g if name in cot else g
-        return {w: np.ascontiguousarray(cot[w]) if w in cot
-                else np.zeros(self._shape(values, w), dtype=seed.dtype) for w in self.wrt}
+            if any(g is not None for g in grads):
+                ins, outs = self._rule_arrays(step, values)
+                input_grads = RULES[node.op_type].vjp(ins, outs, step.attrs, grads, self.opset, step.wanted)
+                del ins, outs
+                for name in node.output:
+                    if name not in keep:
+                        cot.pop(name, None)
+                for i in step.wanted:
+                    g = input_grads[i]
+                    if g is None:
+                        continue
+                    name = node.input[i]
+                    cot[name] = cot[name] + g if name in cot else g
+                del input_grads, grads
+            if consume:
+                for name in frees.get(position, ()):
+                    if name not in keep:  # a wrt tensor's value gives the shape of its zero cotangent at the end
+                        values.pop(name, None)
+            if emit is not None:  # complete; its producer (next in the walk, if any) still reads it from `cot`
+                for name in emits.get(position, ()):
+                    emit(name, self._final_cotangent(cot, values, name, seed.dtype, take=False))
+        if emit is not None:
+            return {}
+        return {w: self._final_cotangent(cot, values, w, seed.dtype) for w in self.wrt}
+
+    def _final_cotangent(self, cot: dict, values, name: str, dtype, take: bool = True) -> np.ndarray:
+        if name in cot:
+            return np.ascontiguousarray(cot.pop(name) if take else cot[name])
+        return np.zeros(self._shape(values, name), dtype=dtype)
+
+    def _release_plan(self) -> tuple[dict, dict, list]:
+        """For the walk from the output back (positions in reversed step order): the forward values read for
+        the last time at each position, the ``wrt`` cotangents complete after each position (their last
+        consumer is done), and the ``wrt`` tensors no step gives a cotangent to (complete, as zeros, at once)."""
+        if getattr(self, "_release", None) is None:
+            last_read, last_consumer = {}, {}
+            for position, step in enumerate(reversed(self._steps)):
+                node = step.node
+                n_in = len(node.input)
+                for i in (*step.needs.inputs, *step.needs.input_shapes):
+                    if i < n_in and node.input[i]:
+                        last_read[node.input[i]] = position
+                for k in step.needs.outputs:
+                    last_read[node.output[k]] = position
+                for i in step.wanted:
+                    last_consumer[node.input[i]] = position
+            frees, emits = {}, {}
+            for name, position in last_read.items():
+                if name != self.output:  # the caller's (the loss was computed from it)
+                    frees.setdefault(position, []).append(name)
+            for name in self.wrt:
+                if name in last_consumer:
+                    emits.setdefault(last_consumer[name], []).append(name)
+            self._release = (frees, emits, [w for w in self.wrt if w not in last_consumer])
+        return self._release

@@ -122,8 +122,10 @@ class Compress:
         calibration_arguments(p)
         p.add_argument("--stats", metavar="FILE", help="statistics from `onnx-fwlr calibrate` instead of --calib")
         p.add_argument("--stats-memory", metavar="SIZE",
-                       help="most memory the activation Grams may hold at once (e.g. 4GB; default a third of RAM); "
-                            "beyond it asvd/whiten calibrate in several passes, one group of sites each")
+                       help="most memory the Grams may hold at once (e.g. 4GB; default a third of RAM, or half the "
+                            "weights' bytes for gradient statistics of a model above 256 MiB); beyond it asvd/whiten "
+                            "calibrate in several passes, one group of sites each, and kfac/fwsvd set one pass "
+                            "aside on disk and fold it one group at a time")
         p.add_argument("--sequential", action="store_true",
                        help="refit each site, depth by depth, to its input in the compressed model "
                             "(reads --calib once per depth)")

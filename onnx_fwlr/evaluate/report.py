@@ -103,6 +103,11 @@ class Report:
         parts += ["", self.format_summary()]
         if self.skipped:
             parts += ["", f"{len(self.skipped)} MatMul/Gemm node(s) not factorised; `onnx-fwlr inspect` lists why."]
+        if self.calibration.get("set_aside_bytes"):
+            size = self.calibration["set_aside_bytes"] / 2**30
+            parts += [f"calibration ran one pass, set {size:.1f} GiB of site inputs and gradients aside on disk and "
+                      f"folded them in {self.calibration['groups']} groups of sites whose statistics fit in "
+                      "`stats_memory`"]
         if self.calibration.get("passes", 1) > 1:
             parts += [f"calibration read the data {self.calibration['passes']} times, once per group of site inputs "
                       "whose Grams fit in `stats_memory`"]

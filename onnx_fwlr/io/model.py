@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import external_data_helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
@@ -85,7 +85,7 @@ def _check_parsed(model: onnx.ModelProto, label: str) -> None:
 
 def _run_checker(model: onnx.ModelProto | str, label: str) -> None:
     """Check in memory, or by path (the C++ checker reads the file itself; nothing is materialised here)."""
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+    if isinstance(model, onnx.ModelProto) and message_bytes(model) >= EXTERNAL_DATA_THRESHOLD:
         model = _structure(model)
     try:
         onnx.checker.check_model(model)
@@ -343,7 +343,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     out = Path(output)
     lazy = external_base(model) is not None
     if external_data is None:
-        external_data = lazy or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        external_data = lazy or message_bytes(model) > EXTERNAL_DATA_THRESHOLD
     from onnx_fwlr.io.runtime import runtime_compatible  # here: io.runtime builds on this module
 
     runtime_compatible(model)  # written files load in the installed onnxruntime
@@ -376,9 +376,18 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
         ) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
-    if external_data and model.ByteSize() > EXTERNAL_DATA_THRESHOLD // 4:
+    if external_data and message_bytes(model) > EXTERNAL_DATA_THRESHOLD // 4:
         _run_checker(str(out), str(out))  # large models are checked on the path, where the C++ checker reads it
     return out
+
+
+def message_bytes(model: onnx.ModelProto) -> int:
+    """model.ByteSize(), or 2 GiB when protobuf refuses to measure it (a message above its 2 GB limit: the
+    1.1 B decoder's factors held in memory are 3.5 GB; ByteSize raised EncodeError there)."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return 1 << 31
 
 
 def _write_external(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.pipeline.budget import Budget
+from onnx_fwlr.pipeline.decompose import spill_needed
 from onnx_fwlr.pipeline.prepare import Prepared, site_decompositions
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors, storage_dtype
 from onnx_fwlr.sites.find import Site, model_parameters
@@ -30,7 +34,7 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     report.ops_before = op_counts(prepared.model)
     report.warnings += getattr(ranks, "warnings", [])  # budget.RankChoice: why sites stay dense
     notes = getattr(ranks, "notes", {})
-    factors = {}
+    factors = _FactorStore(spill_needed(prepared.sites))
     for index, ((site, dec), rank) in enumerate(zip(site_decompositions(prepared, ranks, store=keep_decompositions),
                                                    ranks)):
         result, site_factors = site_replacement(prepared, site, dec, rank, bias_correction)
@@ -41,8 +45,8 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
         report.sites.append(result)
         if site_factors is not None:  # held as the model will store them, not as float64 copies of every factor
             dtype = storage_dtype(site)
-            factors[site.weight] = Factors(np.asarray(site_factors.A, dtype=dtype),
-                                           np.asarray(site_factors.B, dtype=dtype), site_factors.shift)
+            factors.add(site.weight, Factors(np.asarray(site_factors.A, dtype=dtype),
+                                             np.asarray(site_factors.B, dtype=dtype), site_factors.shift))
     model = onnx.ModelProto()  # copied only now: a one-shot build has let its decompositions go (peak memory)
     model.CopyFrom(prepared.model)
     apply_factors(model, prepared.sites, factors)
@@ -57,6 +61,38 @@ def build(prepared: Prepared, ranks: list[int | None], allocation: str, budget: 
     report.ops_after = op_counts(model)
     report.versions = _versions()
     return model, report
+
+
+class _FactorStore(Mapping):
+    """weight name -> Factors for apply_factors. A large model's (`spill`: decompose.spill_needed) wait in an
+    anonymous temporary file, in the dtype the model stores them in, and are read back on access: the model
+    being written then holds its factors once, instead of beside a second copy of every site's (the 1.1 B
+    decoder's are 3 GB)."""
+
+    def __init__(self, spill: bool):
+        self._spill = SpillFile(prefix="onnx-fwlr-build-") if spill else None
+        self._items: dict = {}
+
+    def add(self, weight: str, factors: Factors) -> None:
+        if self._spill is None:
+            self._items[weight] = factors
+            return
+        refs = [(self._spill.append(a), a.dtype.str, a.shape) for a in (factors.A, factors.B)]
+        self._items[weight] = (refs, factors.shift)
+
+    def __getitem__(self, weight: str) -> Factors:
+        item = self._items[weight]
+        if self._spill is None:
+            return item
+        refs, shift = item
+        A, B = (self._spill.read(offset, np.dtype(dtype), shape) for offset, dtype, shape in refs)
+        return Factors(A, B, shift)
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def site_replacement(prepared: Prepared, site: Site, dec, rank: int | None, bias_correction: bool):

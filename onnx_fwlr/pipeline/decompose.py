@@ -29,6 +29,7 @@ from threadpoolctl import ThreadpoolController
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.allocation import break_even_rank
 from onnx_fwlr.sites.find import Site, weight_ref
@@ -55,6 +56,15 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
     """
     if workers < 1:
         raise FwlrError(f"`workers` {workers} is out of range; give 1 or more worker processes.")
+    if executor is not None and executor.kind == "ray" and hasattr(stats, "decompose_groups"):
+        # statistics measured per group on the cluster (pipeline.distributed.RayGroupStatistics): each group's
+        # pass and its decompositions are one task, so no Gram ever reaches this process
+        with tqdm(total=len(sites), desc="decompose (groups on Ray)", unit="site", disable=not progress,
+                  leave=False) as bar:
+            for site, dec in stats.decompose_groups(sites, site_methods, executor):
+                bar.update()
+                yield site, dec
+        return
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, ranks or {}, svd)
     bar = tqdm(total=len(sites), desc="decompose", unit="site", disable=not progress, leave=False)
     try:
@@ -241,19 +251,18 @@ def spill_needed(sites: list[Site]) -> bool:
 
 class SpilledDecomposition(lowrank.Decomposition):
     """A decomposition whose spectrum stays in memory (what allocation reads) while its factors for every rank
-    it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in float32 files (the dtype the model
-    stores them in); factors(r) reads the first r columns and rows back. Made from a Decomposition, which can
-    then go: the scalings (Cholesky factors) are not kept."""
+    it serves, A = P⁻¹ U Σ^½ [K, p] and B = Σ^½ Vᵀ Q⁻¹ [p, N], wait in a SpillFile in float32 (the dtype the
+    model stores them in), Aᵀ and B by rows so a rank r reads only its first r rows of each; factors(r) reads
+    them back. Made from a Decomposition, which can then go: the scalings (Cholesky factors) are not kept."""
 
-    def __init__(self, dec: lowrank.Decomposition, folder, name: str):
+    def __init__(self, dec: lowrank.Decomposition, spill: SpillFile):
         super().__init__(U=None, s=dec.s, Vt=None, left=None, right=None, total_energy=dec.total_energy,
                          exact=dec.exact)
         rank = dec.max_rank
         A, B = dec.factors(rank)
-        stem = f"{zlib.crc32(name.encode()):08x}"
-        self._paths = (os.path.join(folder, stem + "_A.npy"), os.path.join(folder, stem + "_B.npy"))
-        for path, array in zip(self._paths, (A, B)):
-            np.save(path, np.asarray(array, dtype=np.float32))
+        self._shapes = (A.shape[0], B.shape[1])
+        self._spill = spill
+        self._offsets = (spill.append(np.asarray(A.T, dtype=np.float32)), spill.append(np.asarray(B, dtype=np.float32)))
         self._rank = rank
 
     @property
@@ -265,6 +274,20 @@ class SpilledDecomposition(lowrank.Decomposition):
 
     def factors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
         self._check_rank(rank)
-        A = np.load(self._paths[0], mmap_mode="r")
-        B = np.load(self._paths[1], mmap_mode="r")
-        return np.array(A[:, :rank], dtype=np.float64), np.array(B[:rank], dtype=np.float64)
+        K, N = self._shapes
+        At = self._spill.read(self._offsets[0], np.float32, (rank, K))
+        B = self._spill.read(self._offsets[1], np.float32, (rank, N))
+        return np.ascontiguousarray(At.T, dtype=np.float64), np.array(B, dtype=np.float64)
+
+
+def decompose_with_stats(model, sites: list[Site], site_methods: dict, stats, weighting: Weighting) -> list:
+    """Every site's exact decomposition from statistics held here, with its scalings, in site order: the jobs and
+    function the local path runs (_JobPlanner, decompose_one), so a per-group task on a cluster hands back the
+    numbers the local run has (the caller spills them as the local run would)."""
+    planner = _JobPlanner(model, sites, site_methods, stats, weighting, {}, "exact")
+    results = []
+    for i in range(len(sites)):
+        dec = decompose_one(planner.job(i))
+        dec.left, dec.right = planner.scalings_of(i)
+        results.append(dec)
+    return results

@@ -268,3 +268,119 @@ def check_one_pass(model, sites, gradients: bool, memory_limit, fisher_options) 
         raise FwlrError(f"calibration shards measure every site in one pass, and these statistics take "
                         f"{need / 2**30:.1f} GiB, over `stats_memory` ({limit / 2**30:.1f} GiB); raise it, or "
                         "calibrate with `executor` local and one shard.")
+
+
+# --- per-group units: a group's statistics pass and its decompositions in one task ---------------------------
+
+
+@dataclass(frozen=True)
+class GroupJob:
+    """One group of sites for one task: a Fisher pass over the calibration data in the session of every site
+    (`all_sites`: ONNX Runtime's forward values depend on which tensors a session exposes, so only that session
+    gives one local pass's numbers) folding the group's sums only, then the group's exact decompositions.
+    `model` and `calibration`: paths every node can read."""
+
+    model: object
+    all_sites: list
+    sites: list
+    site_methods: dict
+    calibration: object
+    batch_size: int = 32
+    shapes: dict | None = None
+    mask_input: str | None = None
+    fisher_options: dict | None = None
+
+
+def group_unit(job: GroupJob):
+    """(the group's small sums, its sites' decompositions with their scalings, in site order): the Grams never
+    leave the task."""
+    from onnx_fwlr.io.data import open_data
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.pipeline.decompose import decompose_with_stats
+    from onnx_fwlr.pipeline.prepare import WEIGHTING
+    from onnx_fwlr.stats.fisher import collect_fisher_stats, small_sums
+
+    model = load_model(job.model, copy=False)
+    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes)
+    stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.mask_input, progress=False,
+                                 fold_sites=job.sites, **(job.fisher_options or {}))
+    decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
+    return small_sums(stats), decompositions
+
+
+class RayGroupStatistics:
+    """Gradient statistics measured group by group on a Ray cluster, where each group's sites are decomposed
+    too (group_unit): this process keeps the plan and, as each group comes back, its small sums (means, counts,
+    Fisher diagonals) for bias correction and the report, never a Gram; the decompositions (with their
+    Cholesky scalings) arrive one group at a time and are spilled or kept exactly as the local run's would be.
+    They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
+
+    def __init__(self, model, sites, groups, template: GroupJob):
+        from onnx_fwlr.stats.fisher import reachable_uses
+        from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
+
+        self.sums = Statistics(model_fingerprint(model))
+        self.groups, self.template = groups, template
+        self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
+        reachable = reachable_uses(model, sites)
+        self._with_gradients = {site.weight for site, _ in reachable}
+        self._with_activations = {activation_key(use) for _, use in reachable}
+        self.meta = {"passes": 0, "groups": len(groups), "executor": "ray", "samples": 0, "batches": 0}
+        self.later_seconds = 0.0
+
+    def decompose_groups(self, sites, site_methods: dict, executor: Executor):
+        """(site, decomposition) for `sites` in their order, one task per group that holds any of them."""
+        wanted = {site.weight for site in sites}
+        indices = sorted({self.group_of[w] for w in wanted})
+        chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
+        jobs = (GroupJob(**{**self.template.__dict__, "sites": chosen[g],
+                            "site_methods": {s.weight: site_methods[s.weight] for s in chosen[g]}})
+                for g in indices)
+        for g, (sums, decompositions) in zip(indices, ray_map(group_unit, jobs, executor)):
+            self._add(sums)
+            yield from zip(chosen[g], decompositions)
+    def _add(self, sums) -> None:
+        import numpy as np
+
+        for table, theirs in ((self.sums.activations, sums.activations), (self.sums.gradients, sums.gradients)):
+            for key, arrays in theirs.items():
+                table[key] = {name: np.array(value) for name, value in arrays.items()}  # Ray's are read-only
+        self.meta["passes"] += 1
+        for key in ("loss", "fisher_output", "mask_input", "seed_tensor", "smoke_test", "data", "fisher_samples"):
+            if key in sums.meta:
+                self.meta[key] = sums.meta[key]
+        if self.meta["passes"] == 1:
+            self.meta.update(samples=sums.meta.get("samples", 0), batches=sums.meta.get("batches", 0))
+
+    # what the pipeline reads besides decompositions
+    def has_activations(self, site) -> bool:
+        from onnx_fwlr.stats.store import activation_key
+
+        return all(activation_key(u) in self._with_activations for u in site.uses)
+
+    def has_gradients(self, site) -> bool:
+        return site.weight in self._with_gradients
+
+    def require(self, sites, needs, method) -> None:
+        pass  # the plan above found the reachable sites; a group's own pass checks its data
+
+    def mean_input(self, site):
+        return self.sums.mean_input(site)
+
+    def mean_abs_input(self, site):
+        return self.sums.mean_abs_input(site)
+
+    def fisher_row(self, site):
+        return self.sums.fisher_row(site)
+
+    def save(self, path) -> None:
+        raise FwlrError("gradient statistics measured group by group on Ray stay on the cluster and cannot be "
+                        "saved; calibrate with `executor` local to save them.")
+
+
+def ray_grouped_statistics(source, model, sites, calibration, executor: Executor, groups, *, batch_size=32,
+                           shapes=None, mask_input=None, fisher_options=None) -> RayGroupStatistics:
+    """The plan for per-group units on the cluster (nothing is measured until decompositions are asked for)."""
+    template = GroupJob(_absolute(source), list(sites), [], {}, _absolute(calibration), batch_size, shapes,
+                        mask_input, dict(fisher_options or {}))
+    return RayGroupStatistics(model, sites, groups, template)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import tempfile
 import time
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -21,7 +18,8 @@ import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import load_model
+from onnx_fwlr.io.model import LAZY_THRESHOLD, external_bytes, load_model
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.decompose import SpilledDecomposition, Weighting, iter_decompositions, spill_needed
@@ -61,7 +59,7 @@ class Prepared:
     workers: int = 1  # processes for decomposition
     executor: object = None  # pipeline.distributed.Executor: where decompositions and calibration shards run
     progress: bool = True
-    spill_folder: str | None = None  # where SpilledDecomposition factors are kept (large models)
+    spill: SpillFile | None = None  # where SpilledDecomposition factors are kept (large models)
     ties: list = field(default_factory=list)  # sites.tied.Tie: heads that repeat their embedding table
 
 
@@ -194,7 +192,7 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
                 prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
                 if spill_needed(prepared.sites):  # spectra in memory, factors on disk (large models)
-                    dec = SpilledDecomposition(dec, _spill_folder(prepared), site.weight)
+                    dec = SpilledDecomposition(dec, _spill_file(prepared))
                 prepared.decompositions[site.weight] = dec
         elif store:
             dec = prepared.decompositions.get(site.weight)
@@ -203,12 +201,12 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
         yield site, (dec if ranks is None or ranks[i] is not None else None)
 
 
-def _spill_folder(prepared: Prepared) -> str:
-    """A temporary folder for the prepared model's spilled factors, removed with the Prepared object."""
-    if prepared.spill_folder is None:
-        prepared.spill_folder = tempfile.mkdtemp(prefix="onnx-fwlr-factors-")
-        weakref.finalize(prepared, shutil.rmtree, prepared.spill_folder, True)
-    return prepared.spill_folder
+def _spill_file(prepared: Prepared) -> SpillFile:
+    """The file the prepared model's spilled factors go to (made on first use; each SpilledDecomposition keeps
+    it open, so it lasts as long as any of them, whatever happens to `prepared`)."""
+    if prepared.spill is None:
+        prepared.spill = SpillFile(prefix="onnx-fwlr-factors-")
+    return prepared.spill
 
 
 def _later_calibration_seconds(prepared: Prepared) -> float:
@@ -228,7 +226,17 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
     needs = get_method(method).needs
     if isinstance(stats, (str, os.PathLike)):
         stats = Statistics.load(stats, expect_fingerprint=model_fingerprint(model))
-    if stats is None and calibration is not None and needs and executor is not None and executor.sharded:
+    groups = None
+    if stats is None and calibration is not None and "gradients" in needs and executor is not None \
+            and executor.kind == "ray" and executor.shards == 1:
+        groups = _fisher_groups(sites, fisher_options, stats_memory)
+    if groups is not None:  # per-group units: each group's pass and decompositions in one task on the cluster
+        from onnx_fwlr.pipeline.distributed import ray_grouped_statistics
+
+        stats = ray_grouped_statistics(model if source is None else source, model, sites, calibration, executor,
+                                       groups, batch_size=batch_size, shapes=shapes, mask_input=mask_input,
+                                       fisher_options=fisher_options)
+    elif stats is None and calibration is not None and needs and executor is not None and executor.sharded:
         from onnx_fwlr.pipeline.distributed import sharded_statistics
 
         stats = sharded_statistics(model if source is None else source, model, sites, calibration, executor,
@@ -248,17 +256,37 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
     return stats
 
 
+def model_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's tensors: in memory, and in external data files."""
+    return model.ByteSize() + external_bytes(model)
+
+
+def _fisher_groups(sites, fisher_options, stats_memory):
+    """Consecutive groups of sites whose gradient statistics fit `stats_memory` (default
+    activations.default_memory_limit()), or None when all of them fit together."""
+    from onnx_fwlr.stats import fisher  # imports the backward pass: only when needed
+
+    sketch = {k: fisher_options[k] for k in ("sketch_min_dim", "sketch_rank") if k in fisher_options}
+    limit = default_memory_limit() if stats_memory is None else stats_memory
+    if fisher.fisher_stats_bytes(sites, **sketch) > limit:
+        return fisher.fisher_groups(sites, limit, **sketch)
+    return None
+
+
 def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory):
-    """Gradient statistics in one pass, or one pass per group of sites when they would not fit `stats_memory`
-    (default activations.default_memory_limit()) together: the Grams of a 1 B decoder take 30 GB."""
+    """Gradient statistics in one pass, held one group of sites at a time when they would not fit `stats_memory`
+    together (the Grams of a 1 B decoder take 30 GB; stats.fisher.GroupedFisherStatistics). A model with more
+    than LAZY_THRESHOLD bytes of weights holds, by default, at most half its weights' bytes of statistics at a
+    time: grouping costs no extra pass (the pass is set aside on disk), so memory stays near the weights ONNX
+    Runtime holds plus one sample's forward values (docs/llm.md, "The memory rule")."""
     from onnx_fwlr.stats import fisher  # imports the backward pass: only when needed
 
     options = dict(mask_input=mask_input, progress=progress, **fisher_options)
-    sketch = {k: options[k] for k in ("sketch_min_dim", "sketch_rank") if k in options}
-    limit = default_memory_limit() if stats_memory is None else stats_memory
-    if fisher.fisher_stats_bytes(sites, **sketch) > limit:
-        return fisher.GroupedFisherStatistics(model, sites, fisher.fisher_groups(sites, limit, **sketch), batches,
-                                              options)
+    if stats_memory is None and model_weight_bytes(model) > LAZY_THRESHOLD:
+        stats_memory = min(default_memory_limit(), model_weight_bytes(model) // 2)
+    groups = _fisher_groups(sites, fisher_options, stats_memory)
+    if groups is not None:
+        return fisher.GroupedFisherStatistics(model, sites, groups, batches, options)
     return fisher.collect_fisher_stats(model, sites, batches, **options)
 
 

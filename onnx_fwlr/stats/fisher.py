@@ -13,6 +13,7 @@ the time steps.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -27,7 +28,8 @@ from onnx_fwlr.evaluate.outputs import score_outputs
 from onnx_fwlr.io.batching import MICRO_BATCH, PaddingTrimmer, micro_batches, padded_inputs, sample_axis_first
 from onnx_fwlr.io.data import Batches, find_mask_input, find_token_input
 from onnx_fwlr.io.onnx_utils import FLOAT_TYPES
-from onnx_fwlr.io.runtime import release_free_memory
+from onnx_fwlr.io.runtime import release_free_memory, return_large_blocks_promptly
+from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.sites.find import Site
 from onnx_fwlr.stats.activations import GRAM_BYTES_PER_ENTRY, main_graph_tensors, record_pass
 from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
@@ -44,6 +46,12 @@ def default_output(model: onnx.ModelProto, name: str | None, option: str = "`out
         if out.type.tensor_type.elem_type in FLOAT_TYPES:
             return out.name
     raise FwlrError("the model has no floating-point output to define a loss on; use an activation-based method.")
+
+
+def reachable_uses(model, sites) -> list:
+    """(site, use) for the site uses the backward pass reaches: those in the main graph (gradients do not enter
+    subgraphs)."""
+    return _reachable_uses(model, sites)
 
 
 def _reachable_uses(model, sites):
@@ -183,13 +191,15 @@ class _BatchFolder:
     is freed when the call returns."""
 
     def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                 sketch_ranks=None):
+                 sketch_ranks=None, recording=None, fold_weights=None):
         self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
+        self.recording = recording  # a PassRecording: set the arrays aside instead of folding them
+        self.folded = [fold_weights is None or site.weight in fold_weights for site, _ in uses]
         self.sketch_ranks = sketch_ranks or {}  # weight -> rank of its output-side estimator (wide sites only)
         self.mask_name, self.token_name, self.loss, self.samples = mask_name, token_name, loss, samples
         self.rng, self.stats = rng, stats
         self.class_scores = None  # the graph's reading of the output, for the default loss (collect_fisher_stats)
-        self.keys = sorted({activation_key(use) for _, use in uses})
+        self.keys = sorted({activation_key(use) for (_, use), folded in zip(uses, self.folded) if folded})
 
     def __call__(self, feed: dict, labels) -> None:
         values = self.runner.forward(feed)
@@ -203,19 +213,123 @@ class _BatchFolder:
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
         seeds = losses.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
                                   weight=weight, tokens=tokens)
+        if self.recording is not None:
+            self._record(values, seeds, mask)
+            self.stats.meta["samples"] += len(z) if z.ndim else 1
+            return
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
             x3 = _site_rows(values, use, node)
-            Statistics.fold(self.stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
+            _fold_input(self.stats, key, x3, mask)
         for seed_value in seeds:
             cotangents = self.runner.backward(values, seed_value)
-            for (site, use), node in zip(self.uses, self.nodes):
+            for (site, use), node, folded in zip(self.uses, self.nodes, self.folded):
+                if not folded:
+                    continue
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
-                acc = self.stats.gradients.setdefault(site.weight, {})
-                losses.accumulate_fisher(acc, X, G, keep=_keep(X, mask), sketch_rank=self.sketch_ranks.get(site.weight))
+                _fold_gradient(self.stats, site, X, G, mask, self.sketch_ranks.get(site.weight))
             del cotangents
         self.stats.meta["samples"] += len(z) if z.ndim else 1
+
+    def _record(self, values: dict, seeds, mask) -> None:
+        """Set the batch's site inputs and cotangents aside (PassRecording), each as soon as it exists: the
+        backward pass drops forward values after their last use and hands over each site's cotangent when it is
+        complete (GradientRunner.backward's `consume` and `emit`), so a sample's forward values and every site's
+        cotangent are not all held at once. Only for sites that are not recurrent (uses read one input tensor)."""
+        entry = self.recording.start(mask)
+        for key in self.keys:
+            use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
+            entry.inputs[key] = self.recording.put(_site_rows(values, use, node))
+        samples = [_site_rows(values, use, node).shape[0] for (_, use), node in zip(self.uses, self.nodes)]
+        by_output: dict = {}
+        for i, (_, use) in enumerate(self.uses):
+            by_output.setdefault(use.output, []).append(i)
+        for number, seed_value in enumerate(seeds):
+            refs = [None] * len(self.uses)
+
+            def emit(name, cotangent, refs=refs):
+                for i in by_output.get(name, ()):
+                    use = self.uses[i][1]
+                    refs[i] = self.recording.put(_site_output_grads({}, {name: cotangent}, use, None, samples[i]))
+
+            self.runner.backward(values, seed_value, consume=number == len(seeds) - 1, emit=emit)
+            entry.grads.append(refs)
+
+
+def _fold_input(stats: Statistics, key: str, x3: np.ndarray, mask) -> None:
+    """One (micro-)batch's activation sums of one site input, folded into `stats`."""
+    Statistics.fold(stats.activations.setdefault(key, {}), _activation_sums(x3, _keep(x3, mask)))
+
+
+def _fold_gradient(stats: Statistics, site: Site, X: np.ndarray, G: np.ndarray, mask, sketch_rank) -> None:
+    """One (micro-)batch's gradient sums of one site use, folded into `stats`."""
+    acc = stats.gradients.setdefault(site.weight, {})
+    losses.accumulate_fisher(acc, X, G, keep=_keep(X, mask), sketch_rank=sketch_rank)
+
+
+@dataclass
+class _Entry:
+    """One recorded (micro-)batch: where its mask, site inputs (per activation key) and output cotangents (per
+    seed, per use in the pass's order) lie in the recording's file."""
+
+    mask: tuple | None
+    inputs: dict = field(default_factory=dict)
+    grads: list = field(default_factory=list)
+
+
+class PassRecording:
+    """One Fisher pass's folding work set aside on disk: for each (micro-)batch, in order, every site input and
+    every output cotangent the pass would fold (float32, in a SpillFile, an anonymous temporary file). The
+    statistics of any group of sites are then folded from it (`fold`) with the same functions on the same
+    arrays in the same order as the pass folds them in memory: the same sums to the bit, with one forward and
+    backward pass in all instead of one per group, and no Gram held while the pass runs.
+
+    Costs disk, not memory: the tokens times the widths of the distinct site inputs and outputs, in float32
+    (SmolLM2-135M, 64 × 128 tokens: 7.2 GiB; the file is freed when the statistics go)."""
+
+    def __init__(self):
+        self.file = SpillFile(prefix="onnx-fwlr-pass-")
+        self.entries: list[_Entry] = []
+        self.uses: list = []  # (site, use) in the pass's order
+        self.sketch_ranks: dict = {}
+
+    def start(self, mask) -> _Entry:
+        entry = _Entry(None if mask is None else self.put(np.asarray(mask)))
+        self.entries.append(entry)
+        return entry
+
+    def put(self, array: np.ndarray) -> tuple:
+        return self.file.append(array), array.dtype.str, array.shape
+
+    def get(self, ref: tuple) -> np.ndarray:
+        offset, dtype, shape = ref
+        return self.file.read(offset, np.dtype(dtype), shape)
+
+    def fold(self, sites: list[Site], stats: Statistics) -> Statistics:
+        """The sums of `sites` (activation and gradient) folded into `stats`, batch by batch as recorded."""
+        weights = {site.weight for site in sites}
+        chosen = [i for i, (site, _) in enumerate(self.uses) if site.weight in weights]
+        keys = sorted({activation_key(self.uses[i][1]) for i in chosen})
+        with ThreadpoolController().limit(limits=1, user_api="blas"):  # as in the pass (collect_fisher_stats)
+            self._fold_entries(chosen, keys, stats)
+        for weight in weights:
+            acc = stats.gradients.get(weight)
+            if acc is not None:
+                acc["grad_count"] = np.asarray(float(acc["grad_count"]))
+        return stats
+
+    def _fold_entries(self, chosen: list[int], keys: list[str], stats: Statistics) -> None:
+        for entry in self.entries:
+            mask = None if entry.mask is None else self.get(entry.mask)
+            inputs = {key: self.get(entry.inputs[key]) for key in keys}
+            for key in keys:
+                _fold_input(stats, key, inputs[key], mask)
+            for refs in entry.grads:
+                for i in chosen:
+                    site, use = self.uses[i]
+                    _fold_gradient(stats, site, inputs[activation_key(use)], self.get(refs[i]), mask,
+                                   self.sketch_ranks.get(site.weight))
 
 
 def collect_fisher_stats(
@@ -234,6 +348,8 @@ def collect_fisher_stats(
     sketch_min_dim: int = losses.SKETCH_MIN_DIM,
     sketch_rank: int = losses.SKETCH_RANK,
     description: str = "calibrate (fisher)",
+    recording: PassRecording | None = None,
+    fold_sites: list[Site] | None = None,
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -250,12 +366,19 @@ def collect_fisher_stats(
 
     A site wider than `sketch_min_dim` outputs (an LM head: the vocabulary) keeps its output-gradient Gram as a
     rank-`sketch_rank` factor plus the exact diagonal (autodiff.losses.fold_sketch), never N × N.
+
+    `recording` (a PassRecording): set every batch's arrays aside in it instead of folding them; the statistics
+    returned then hold the pass's metadata only, and `recording.fold` gives any group's sums.
+    `fold_sites`: run the pass over every site in `sites` but fold only these: the forward values ONNX Runtime
+    computes depend on which tensors the session exposes (its fusions change), so a group's sums equal one
+    whole pass's only when measured in the whole pass's session.
     """
     if loss is not None and loss not in losses.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(losses.LOSSES)}.")
     if samples < 1:
         raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
     out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
+    return_large_blocks_promptly()  # the pass's arrays go back to the system when freed, not to glibc's heap
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)
@@ -263,8 +386,11 @@ def collect_fisher_stats(
         "samples": 0, "batches": 0, "smoke_test": batches.smoke_test, "data": batches.description,
         "mask_input": mask_name, "fisher_output": out_name, "seed_tensor": target.tensor})
     sketch_ranks = {site.weight: sketch_rank for site, _ in uses if losses.sketched(site.N, sketch_min_dim)}
+    if recording is not None:
+        recording.uses, recording.sketch_ranks = uses, sketch_ranks
+    fold_weights = None if fold_sites is None else {site.weight for site in fold_sites}
     fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                        sketch_ranks)
+                        sketch_ranks, recording, fold_weights)
     if loss is None:
         fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
@@ -299,6 +425,16 @@ def collect_fisher_stats(
 _LARGE_FIELDS = ("gram", "grad_gram", "grad_sketch", "grad_diag")
 
 
+def small_sums(stats: Statistics) -> Statistics:
+    """The statistics without their Grams and Gram estimators (_LARGE_FIELDS): the per-channel sums and counts
+    that bias correction, the report and diagonal methods read."""
+    small = Statistics(stats.fingerprint, meta=dict(stats.meta))
+    for mine, theirs in ((small.activations, stats.activations), (small.gradients, stats.gradients)):
+        for key, sums in theirs.items():
+            mine[key] = {name: value for name, value in sums.items() if name not in _LARGE_FIELDS}
+    return small
+
+
 def fisher_site_bytes(site: Site, sketch_min_dim: int = losses.SKETCH_MIN_DIM,
                       sketch_rank: int = losses.SKETCH_RANK) -> int:
     """Bytes of a site's output-side statistic while it is measured (the estimator's folding peak for a wide one)."""
@@ -327,19 +463,20 @@ def fisher_groups(sites: list[Site], limit: int, **sketch) -> list[list[Site]]:
 
 
 class GroupedFisherStatistics(Statistics):
-    """Gradient and activation statistics measured one group of sites at a time (one forward and backward pass
-    over the data per group), for models whose Grams together do not fit in memory: a decoder's FFN Grams
-    alone are 30 GB at 1.1 B parameters.
+    """Gradient and activation statistics held one group of sites at a time, for models whose Grams together do
+    not fit in memory: a decoder's FFN Grams alone are 30 GB at 1.1 B parameters.
 
-    The first group is measured at once; asking for a large statistic of a site of another group drops the
-    current group's Grams and measures that group. Decomposing in site order therefore reads the data once
-    per group. The small sums of every group measured stay.
+    One forward and backward pass over the data sets every batch's site inputs and cotangents aside on disk
+    (PassRecording) and folds the first group's sums from them; asking for a large statistic of a site of
+    another group drops the current group's Grams and folds that group's. Decomposing in site order therefore
+    reads the recording once, and the sums are those of one pass. The small sums of every group folded stay.
+    A model with recurrent sites (whose statistics re-run the op) measures each group in a pass of its own.
     """
 
     def __init__(self, model, sites: list[Site], groups: list[list[Site]], batches: Batches, options: dict):
         super().__init__(model_fingerprint(model))
-        self._measure_sites = lambda group, text: collect_fisher_stats(model, group, batches, description=text,
-                                                                       **options)
+        self._measure_sites = lambda group, text, recording=None: collect_fisher_stats(
+            model, group, batches, description=text, recording=recording, **options)
         self.groups = groups
         self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
         reachable = _reachable_uses(model, sites)
@@ -347,15 +484,39 @@ class GroupedFisherStatistics(Statistics):
         self._with_activations = {activation_key(use) for _, use in reachable}
         self.later_seconds = 0.0
         self.current = None
+        self._recording = None
+        if not any(_recurrent_node(model, use) is not None for _, use in reachable):
+            self._record([site for group in groups for site in group])
         self._measure(0)
 
-    def _measure(self, index: int) -> None:
+    def _record(self, sites: list[Site]) -> None:
+        """The one pass, set aside (its metadata is the statistics' own)."""
         start = time.perf_counter()
+        self._recording = PassRecording()
+        measured = self._measure_sites(sites, "calibrate (fisher), one pass set aside on disk", self._recording)
+        record_pass(self, measured.meta, start)
+        self.meta["set_aside_bytes"] = self._recording.file.size
+        self.later_seconds = 0.0
+
+    def _drop_large(self) -> None:
         for table in (self.activations, self.gradients):
             for sums in table.values():
                 for name in _LARGE_FIELDS:
                     sums.pop(name, None)
         release_free_memory()
+
+    def _measure(self, index: int) -> None:
+        start = time.perf_counter()
+        self._drop_large()
+        if self._recording is not None:
+            folded = self._recording.fold(self.groups[index], Statistics(self.fingerprint))
+            self.activations.update(folded.activations)
+            self.gradients.update(folded.gradients)
+            self.current = index
+            self.meta["fold_seconds"] = self.meta.get("fold_seconds", 0.0) + time.perf_counter() - start
+            if index:  # folding a later group runs during decomposition
+                self.later_seconds += time.perf_counter() - start
+            return
         done = self.meta.get("passes", 0)
         description = f"calibrate (fisher) group {index + 1} of {len(self.groups)}"
         if done:  # every pass reads the same data: the mean pass so far times the passes left

@@ -1,0 +1,186 @@
+"""Where a compress run's memory goes, stage by stage: `onnx-fwlr compress` run in this process with its stages
+wrapped (no hook in the package), resident memory sampled five times a second, and optionally numpy's and
+Python's own allocations traced (tracemalloc: numpy reports its buffers to it; ONNX Runtime's do not appear, so
+RSS minus traced is mostly ONNX Runtime and the mapped weights).
+
+    python tools/trace_llm_memory.py /work/cache/smollm2/model.onnx --calib calib.npz -- --ratio 0.8
+    python tools/trace_llm_memory.py MODEL --calib C --tracemalloc --json trace.json -- --ratio 0.8 --external-data
+
+Everything after `--` goes to `compress` as given (the output goes to a temporary folder unless `-o` is there).
+Prints one row per stage (entered in order; a stage inside another is indented): RSS on entry, the peak
+while inside, RSS on exit, the traced peak, and seconds; then the whole run's peak (VmHWM).
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Tracer:
+    """Stages entered and left (a stack), the RSS peak of each, sampled by a thread."""
+
+    def __init__(self, traced: bool, progress: Path | None = None):
+        self.rows, self.stack, self.traced, self.progress = [], [], traced, progress
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.start = time.perf_counter()
+        self.thread.start()
+
+    def _sample(self):
+        last = time.perf_counter()
+        while not self.done.wait(0.2):
+            rss = rss_mib()
+            with self.lock:
+                for row in self.stack:
+                    row["peak_mib"] = max(row["peak_mib"], rss)
+                if self.progress is not None and time.perf_counter() - last > 30:  # how far a run that is stopped got
+                    last = time.perf_counter()
+                    self.progress.write_text(json.dumps({"seconds": last - self.start, "hwm_mib": hwm_mib(),
+                                                         "rss_mib": rss, "rows": self.rows}, indent=1))
+
+    def enter(self, name: str) -> dict:
+        rss = rss_mib()
+        row = {"stage": name, "depth": len(self.stack), "enter_mib": rss, "peak_mib": rss,
+               "t0": time.perf_counter() - self.start}
+        if self.traced:
+            row["traced_enter_mib"] = tracemalloc.get_traced_memory()[0] / 2**20
+            if not self.stack:
+                tracemalloc.reset_peak()
+        with self.lock:
+            self.rows.append(row)
+            self.stack.append(row)
+        return row
+
+    def leave(self, row: dict) -> None:
+        rss = rss_mib()
+        with self.lock:
+            self.stack.remove(row)
+            row.update(exit_mib=rss, peak_mib=max(row["peak_mib"], rss),
+                       seconds=time.perf_counter() - self.start - row["t0"])
+        if self.traced:
+            current, peak = tracemalloc.get_traced_memory()
+            row.update(traced_exit_mib=current / 2**20, traced_peak_mib=peak / 2**20)
+
+    def wrap(self, owner, attribute: str, name: str | None = None) -> None:
+        """Replace owner.attribute (a function or method) by one that records a stage around each call."""
+        original = getattr(owner, attribute)
+        label = name or attribute
+
+        @functools.wraps(original)
+        def staged(*args, **kwargs):
+            row = self.enter(label)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.leave(row)
+
+        setattr(owner, attribute, staged)
+
+
+def install(tracer: Tracer) -> None:
+    """The stages of the low-rank path (imported here, so module-level names are patched where they are read)."""
+    from onnx_fwlr.autodiff import backward
+    from onnx_fwlr.io import model as modelio
+    from onnx_fwlr.pipeline import budget, build, compress, decompose, prepare
+    from onnx_fwlr.stats import fisher
+
+    tracer.wrap(compress, "prepare")
+    tracer.wrap(prepare, "load_model", "load model")
+    tracer.wrap(prepare, "_statistics", "statistics")
+    tracer.wrap(fisher, "collect_fisher_stats", "fisher pass")
+    tracer.wrap(backward.GradientRunner, "_make_session", "ORT session")
+    tracer.wrap(budget, "ensure_decompositions", "decompose all (global allocation)")
+    tracer.wrap(decompose, "decompose_one", "one decomposition")
+    tracer.wrap(compress, "build", "build")
+    tracer.wrap(build, "apply_factors", "apply factors")
+    tracer.wrap(modelio, "save_model", "save model")
+
+
+def table(rows: list[dict], collapse: set[str]) -> list[str]:
+    """Rows for printing; repeated stages named in `collapse` are summarised (count, largest peak, total s)."""
+    lines, seen = [], {}
+    for row in rows:
+        if row["stage"] in collapse:
+            summary = seen.get(row["stage"])
+            if summary is None:
+                summary = seen[row["stage"]] = dict(row, count=0, seconds=0.0)
+                lines.append(summary)
+            summary["count"] += 1
+            summary["seconds"] += row.get("seconds", 0.0)
+            summary["peak_mib"] = max(summary["peak_mib"], row["peak_mib"])
+            summary["exit_mib"] = row.get("exit_mib", float("nan"))
+            summary["traced_peak_mib"] = max(summary.get("traced_peak_mib", 0), row.get("traced_peak_mib", 0))
+        else:
+            lines.append(row)
+    out = ["| stage | calls | RSS in MiB | peak MiB | RSS out MiB | traced peak MiB | s |", "|---|---|---|---|---|---|---|"]
+    for row in lines:
+        traced = f"{row['traced_peak_mib']:.0f}" if "traced_peak_mib" in row else "-"
+        out.append(f"| {'  ' * row['depth']}{row['stage']} | {row.get('count', 1)} | {row['enter_mib']:.0f} | "
+                   f"{row['peak_mib']:.0f} | {row.get('exit_mib', float('nan')):.0f} | {traced} | "
+                   f"{row.get('seconds', float('nan')):.1f} |")
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--calib", required=True)
+    parser.add_argument("--tracemalloc", action="store_true", help="also trace numpy's and Python's allocations")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--progress", type=Path, help="rewrite this JSON every 30 s (stages so far, peak so far)")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, rest = parser.parse_args(argv[:split]), argv[split + 1:]  # after "--": compress's own arguments
+    if args.tracemalloc:
+        tracemalloc.start()
+    tracer = Tracer(args.tracemalloc, args.progress)
+    install(tracer)
+    from onnx_fwlr.cli.main import main as cli
+
+    folder = tempfile.mkdtemp(prefix="trace_llm_")
+    argv = ["compress", args.model, "--calib", args.calib, "--quiet", "--force", *rest]
+    if "-o" not in rest and "--output" not in rest:
+        argv += ["-o", os.path.join(folder, "out.onnx")]
+    load = os.getloadavg()
+    start = time.perf_counter()
+    code = cli(argv)
+    wall = time.perf_counter() - start
+    tracer.done.set()
+    lines = table(tracer.rows, {"one decomposition", "fisher pass", "ORT session"})
+    print(f"exit {code}, wall {wall:.0f} s, peak RSS (VmHWM) {hwm_mib():.0f} MiB; load before "
+          f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"argv": argv, "exit": code, "wall_s": wall, "hwm_mib": hwm_mib(),
+                                         "load": [load, os.getloadavg()], "rows": tracer.rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

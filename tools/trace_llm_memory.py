@@ -22,9 +22,6 @@ import time
 import tracemalloc
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def rss_mib() -> float:
     with open("/proc/self/status") as handle:
@@ -162,7 +159,7 @@ def main():
         tracemalloc.start()
     tracer = Tracer(args.tracemalloc, args.progress)
     install(tracer)
-    from onnx_fwlr.cli.main import main as cli
+    from onnx_fwlr.api import cli_main as cli
 
     folder = tempfile.mkdtemp(prefix="trace_llm_")
     argv = ["compress", args.model, "--calib", args.calib, "--quiet", "--force", *rest]

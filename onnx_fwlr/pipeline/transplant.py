@@ -89,17 +89,7 @@ def apply_same_factors(target, original, compressed) -> tuple[onnx.ModelProto, l
                                     for m in (original, compressed, target))
     factors = read_factors(original, compressed)
     target_sites, _ = find_sites(target)
-    by_weight = {site.weight: site for site in target_sites}
-    source_sites = {site.weight: site for site in find_sites(original)[0]}
-    chosen = {}
-    for weight, f in factors.items():
-        site = by_weight.get(weight)
-        if site is None:
-            continue
-        if not np.array_equal(weight_matrix(target, site), weight_matrix(original, source_sites[weight])):
-            raise FwlrError(f"weight '{weight}' differs between the target model and the original; the same factors "
-                            "only fit the same weights (export both models from one checkpoint).")
-        chosen[weight] = f
+    chosen = {weight: factors[weight] for weight in _same_weights(target, original, factors, "factors")}
     if not chosen:
         raise FwlrError("the target model shares no factorised weight (by name) with the compressed model; give the "
                         "models exported from the same checkpoint.")
@@ -119,19 +109,9 @@ def apply_same_quantization(target, original, rewritten) -> tuple[onnx.ModelProt
     from onnx_fwlr.quant.embedding import find_tables, table_array
 
     original, target = (m if isinstance(m, onnx.ModelProto) else load_model(m) for m in (original, target))
-    target_sites = {site.weight: site for site in find_sites(target)[0]}
-    source_sites = {site.weight: site for site in find_sites(original)[0]}
-    weights = []
-    for weight in sorted(rewritten.plans):
-        site = target_sites.get(weight)
-        if site is None:
-            continue
-        if not np.array_equal(weight_matrix(target, site), weight_matrix(original, source_sites[weight])):
-            raise FwlrError(f"weight '{weight}' differs between the target model and the original; the same "
-                            "quantized weights only fit the same weights (export both models from one checkpoint).")
-        weights.append(weight)
-    target_tables = {t.name: t for t in find_tables(target, exclude=set(target_sites))}
-    source_tables = {t.name: t for t in find_tables(original, exclude=set(source_sites))}
+    weights = _same_weights(target, original, rewritten.plans, "quantized weights")
+    target_tables = {t.name: t for t in find_tables(target, exclude={s.weight for s in find_sites(target)[0]})}
+    source_tables = {t.name: t for t in find_tables(original, exclude={s.weight for s in find_sites(original)[0]})}
     tables = []
     for name in sorted(rewritten.tables):
         if name not in target_tables:
@@ -144,3 +124,20 @@ def apply_same_quantization(target, original, rewritten) -> tuple[onnx.ModelProt
         raise FwlrError("the target model shares no quantized weight (by name) with the compressed model; give the "
                         "models exported from the same checkpoint.")
     return rewritten.apply(target, weights, tables), weights + tables
+
+
+def _same_weights(target: onnx.ModelProto, original: onnx.ModelProto, names, what: str) -> list[str]:
+    """The weights among `names` (sorted) that `target` has too, each checked to hold the values it has in
+    `original`: `what` (factors, quantized weights) made for one checkpoint fit only its weights."""
+    target_sites = {site.weight: site for site in find_sites(target)[0]}
+    source_sites = {site.weight: site for site in find_sites(original)[0]}
+    shared = []
+    for weight in sorted(names):
+        site = target_sites.get(weight)
+        if site is None:
+            continue
+        if not np.array_equal(weight_matrix(target, site), weight_matrix(original, source_sites[weight])):
+            raise FwlrError(f"weight '{weight}' differs between the target model and the original; the same {what} "
+                            "only fit the same weights (export both models from one checkpoint).")
+        shared.append(weight)
+    return shared

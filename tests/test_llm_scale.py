@@ -6,7 +6,6 @@ written with external data.
 """
 
 import gc
-import importlib.util
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from llama_builder import TINY, build_tiny, write_tiny_calibration
 
 from onnx_fwlr import compress
 from onnx_fwlr.autodiff import losses
@@ -30,20 +30,14 @@ from onnx_fwlr.sites.tied import find_ties
 from onnx_fwlr.stats.fisher import GroupedFisherStatistics, collect_fisher_stats, fisher_stats_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_random_llama", ROOT / "tools" / "make_random_llama.py")
-llama = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llama)
-
-TINY = dict(hidden=32, layers=2, intermediate=64, vocab=96, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """{tie: (model path, calibration path)} for tie in copy / transpose / none."""
     folder = tmp_path_factory.mktemp("llama")
-    calib = llama.write_calibration(folder / "calib.npz", TINY["vocab"], rows=12, seq=16)
-    return {tie: (llama.build(folder / f"llama_{tie}.onnx", TINY, tie=tie, seed=3), calib)
-            for tie in ("copy", "transpose", "none")}
+    calib = write_tiny_calibration(folder)
+    return {tie: (build_tiny(folder / f"llama_{tie}.onnx", tie), calib) for tie in ("copy", "transpose", "none")}
 
 
 def run(path, calib):

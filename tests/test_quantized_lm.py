@@ -3,7 +3,6 @@ disk on large models, statistics one group of sites per pass), no dynamic int8 u
 embedding table and head quantized as one weight (docs/llm.md, docs/quantization.md)."""
 
 import gc
-import importlib.util
 import os
 import weakref
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from llama_builder import TINY, build_tiny, write_tiny_calibration
 
 from onnx_fwlr import compress, save_model
 from onnx_fwlr.pipeline import quantized as quantized_module
@@ -105,18 +105,13 @@ def test_a_spill_store_removes_its_folder_when_closed():
 
 # --- the tied embedding table and head ------------------------------------------------------------------
 
-_spec = importlib.util.spec_from_file_location("make_random_llama", ROOT / "tools" / "make_random_llama.py")
-llama = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(llama)
-TINY = dict(hidden=32, layers=2, intermediate=64, vocab=96, heads=4, kv_heads=2)
 
 
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory):
     """A tiny LLaMA whose head stores a copy of its embedding table, transposed, and its calibration tokens."""
     folder = tmp_path_factory.mktemp("tied")
-    calib = llama.write_calibration(folder / "calib.npz", TINY["vocab"], rows=12, seq=16)
-    return llama.build(folder / "llama.onnx", TINY, tie="copy", seed=3), calib
+    return build_tiny(folder / "llama.onnx", tie="copy"), write_tiny_calibration(folder)
 
 
 def _lines(report, name):

@@ -390,6 +390,22 @@ def message_bytes(model: onnx.ModelProto) -> int:
         return 1 << 31
 
 
+def external_layout(model: onnx.ModelProto, size_threshold: int = 1024):
+    """(tensor, offset, length) of every tensor save_model moves into the data file, in file order: each lazily
+    loaded tensor and each of size_threshold bytes or more; those of 1 MiB or more start at an ALIGNMENT
+    boundary. One rule for writing the file (_write_external) and for predicting its size (byte budgets)."""
+    offset = 0
+    for tensor in external_data_helper._get_all_tensors(model):
+        lazy = external_data_helper.uses_external_data(tensor)
+        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
+            continue
+        length = tensor_nbytes(tensor) if lazy else len(tensor.raw_data)
+        if length >= 1 << 20:
+            offset += -offset % ALIGNMENT
+        yield tensor, offset, length
+        offset += length
+
+
 def _write_external(
     source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
 ) -> None:
@@ -398,15 +414,9 @@ def _write_external(
     `source` is the model `target` was copied from: it knows where lazily loaded tensors live.
     """
     with open(data_path, "wb") as data:  # "wb" truncates: onnx.save would append to an existing file
-        for tensor in external_data_helper._get_all_tensors(target):
-            lazy = external_data_helper.uses_external_data(tensor)
-            if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
-                continue
-            length = tensor_nbytes(tensor) if lazy else len(tensor.raw_data)
-            if length >= 1 << 20:
-                data.write(b"\0" * (-data.tell() % ALIGNMENT))
-            offset = data.tell()
-            if lazy:
+        for tensor, offset, length in external_layout(target, size_threshold):
+            data.write(b"\0" * (offset - data.tell()))
+            if external_data_helper.uses_external_data(tensor):
                 for block in iter_tensor_bytes(source, tensor):
                     data.write(block)
             else:

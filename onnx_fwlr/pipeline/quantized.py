@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import external_data_helper
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
@@ -28,14 +27,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import (
-    ALIGNMENT,
-    EXTERNAL_DATA_THRESHOLD,
-    external_base,
-    external_bytes,
-    load_model,
-)
-from onnx_fwlr.io.model import tensor_nbytes as tensor_bytes
+from onnx_fwlr.io.model import EXTERNAL_DATA_THRESHOLD, external_base, external_bytes, external_layout, load_model
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed
@@ -65,7 +57,6 @@ SITE_OVERHEAD = 600  # bytes of node and tensor records per rewritten site (name
 TABLE_OVERHEAD = 300
 FIT_ATTEMPTS = 6
 OUTLIER_COUNTS = (1, 4)  # dynamic int8 options: this many of the input's largest channels in float (issue 26)
-EXTERNAL_MIN_BYTES = 1024  # io.model._write_external moves tensors of this many bytes or more
 TIED = " with its table"  # storage suffix of a tied head's options whose table reads the head's quantized numbers
 LM_INT8_NOTE = ("a language model: `quantize` auto offers 8-bit weight-only MatMulNBits, not dynamic int8 (whose "
                 "per-tensor activation rounding breaks a language model's activations, docs/llm.md).")
@@ -812,17 +803,10 @@ def _written_bytes(model: onnx.ModelProto) -> int:
     size = _bytes(model)
     if external_base(model) is None and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
         return size
-    offset = 0
-    for tensor in external_data_helper._get_all_tensors(model):
-        lazy = external_data_helper.uses_external_data(tensor)
-        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < EXTERNAL_MIN_BYTES):
-            continue
-        length = tensor_bytes(tensor) if lazy else len(tensor.raw_data)
-        if length >= 1 << 20:
-            padding = -offset % ALIGNMENT
-            offset, size = offset + padding, size + padding
-        offset += length
-        size += RECORD_BYTES
+    end = 0
+    for _, offset, length in external_layout(model):
+        size += (offset - end) + RECORD_BYTES  # the alignment padding before it, and its record
+        end = offset + length
     return size
 
 

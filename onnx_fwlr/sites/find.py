@@ -369,8 +369,3 @@ def attention_projections(model: onnx.ModelProto, sites: list[Site], depth: int 
             if use.graph_index == 0 and (feeds_attention(use.output) or fed_by_attention(use.input)):
                 found.add(site.weight)
     return found
-
-
-# The private names these helpers had before they were made public, kept so code written on other branches at the
-# same time still runs after a merge; tests/test_layout.py fails on any import of them from another package.
-_constants, _consumers, _attr, _selected = constant_tensors, tensor_readers, node_attribute, is_selected

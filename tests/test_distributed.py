@@ -4,6 +4,7 @@ CPUs, in this process); they skip only when `ray` is not installed (pip install 
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -112,6 +113,77 @@ def test_unreachable_address_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and f"no Ray cluster answers at '127.0.0.1:{port}'" in err
     assert not out.exists()
+
+
+def _stale_ray_folder() -> Path:
+    """A Ray temporary folder (RAY_TMPDIR) whose `ray start` record names a cluster that is gone: what a bare
+    ray.init() waited ten minutes for on the development machine. Short: Ray's socket paths must stay short."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    return folder
+
+
+def _cli(arguments, timeout, **env):
+    """`onnx-fwlr ARGS` in a child process (its own Ray state), stopped after `timeout` s: a hang fails the test."""
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled", **env}
+    return subprocess.run([sys.executable, "-m", "onnx_fwlr", *arguments], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+DIGITS_RAY = ["compress", str(MODEL), "--calib", str(CALIB), "--ratio", "0.5", "--quiet", "--executor", "ray"]
+
+
+@needs_ray
+def test_auto_address_recorded_by_a_gone_cluster_fails_in_one_sentence(tmp_path):
+    folder = _stale_ray_folder()
+    try:
+        port = (folder / "ray" / "ray_current_cluster").read_text().rpartition(":")[2]
+        done = _cli([*DIGITS_RAY, "--ray-address", "auto", "-o", str(tmp_path / "out.onnx")], 120,
+                    RAY_TMPDIR=str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert "no Ray cluster answers at '" in err  # Ray's lookup names this machine by its address, not 127.0.0.1
+    assert f":{port}' (the address `ray start` last recorded on this machine: Connection refused)" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
+def test_a_server_that_is_not_a_ray_cluster_fails_within_the_answer_timeout(tmp_path):
+    """Something listens at the address but never answers as Ray (ray.init alone would wait without end)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        run = ("import sys\nfrom onnx_fwlr.pipeline import distributed\ndistributed.ANSWER_TIMEOUT = 5\n"
+               "from onnx_fwlr.cli.main import main\nsys.exit(main(sys.argv[1:]))")
+        done = subprocess.run([sys.executable, "-c", run, *DIGITS_RAY, "--ray-address", address, "-o",
+                               str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert f"the server at '{address}' did not answer as a Ray cluster within 5 s" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_no_address_starts_a_local_cluster_and_gives_the_local_bytes(tmp_path):
+    """Without --ray-address the run starts its own cluster, even where a gone cluster's record would send a bare
+    ray.init() to wait for it."""
+    folder = _stale_ray_folder()
+    try:
+        on_ray = _cli([*DIGITS_RAY, "-o", str(tmp_path / "ray.onnx")], 300, RAY_TMPDIR=str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert on_ray.returncode == 0, on_ray.stderr
+    local = _cli([*DIGITS_RAY[:-2], "-o", str(tmp_path / "local.onnx")], 300)
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
 
 @needs_ray

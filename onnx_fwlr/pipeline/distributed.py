@@ -26,7 +26,8 @@ from onnx_fwlr.errors import FwlrError
 
 KINDS = ("local", "ray")
 MAX_RETRIES = 3  # runs of a task after its worker process died, before the run fails
-CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to answer before any work
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a connection before any work
+ANSWER_TIMEOUT = 60.0  # seconds for a Ray driver in a child process to connect to the cluster and leave again
 INSTALL = 'pip install "onnx_fwlr[ray]"'
 
 
@@ -82,17 +83,22 @@ def ray_module():
 
 
 def connect(executor: Executor):
-    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster);
-    an address nobody answers at fails here, in one sentence, before any work."""
+    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster).
+
+    Without an address (and without RAY_ADDRESS, which `ray job submit` sets) a fresh local cluster is started for
+    this run: never the one a bare ray.init() would look up, whose address `ray start` left in Ray's temporary
+    folder and which may be long gone (ray.init then retries for about ten minutes). With an address, a cluster
+    that does not answer fails in one sentence within CONNECT_TIMEOUT (+ ANSWER_TIMEOUT), before any work."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
-    address = executor.address
-    if address is not None and address != "auto":
+    address = executor.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
         _check_reachable(address)
+        _check_answers(address)
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         else:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -103,8 +109,12 @@ def connect(executor: Executor):
 
 
 def _check_reachable(address: str) -> None:
-    """Fail at once when nothing listens at host:port (ray.init would retry for a minute)."""
-    target = address.removeprefix("ray://")
+    """Fail at once when nothing listens at host:port (ray.init would retry for about ten minutes). "auto" is the
+    address `ray start` recorded on this machine (Ray's own lookup), which may be stale."""
+    target = _recorded_address() if address == "auto" else address.removeprefix("ray://")
+    if target is None:
+        raise FwlrError("`ray_address` auto found no Ray cluster started on this machine; start one with `ray start "
+                        "--head`, give its HOST:PORT, or drop the address to start one for this run.")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise FwlrError(f"`ray_address` '{address}' is not of the form HOST:PORT (or auto).")
@@ -113,8 +123,45 @@ def _check_reachable(address: str) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise FwlrError(f"no Ray cluster answers at '{address}' ({reason}); start one with `ray start --head` or "
-                        "check the address.") from None
+        if address == "auto":
+            reason = f"the address `ray start` last recorded on this machine: {reason}"
+        raise FwlrError(f"no Ray cluster answers at '{target}' ({reason}); start one with `ray start --head`, check "
+                        "the address, or drop it to start a cluster for this run.") from None
+
+
+def _recorded_address() -> str | None:
+    """The address a bare ray.init() or "auto" would connect to (RAY_ADDRESS, else what `ray start` last wrote on
+    this machine), as Ray itself finds it; None when there is none."""
+    from ray._private import services  # Ray's lookup, so that the probe checks what ray.init would use
+
+    try:
+        return services.canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError:
+        return None
+
+
+_ANSWER = ("import logging, sys, ray\n"
+           "ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)\n"
+           "ray.shutdown()\n")
+
+
+def _check_answers(address: str) -> None:
+    """Something listening at the address need not be a Ray cluster (a dashboard's port, a hung head): ray.init
+    would wait for it without end, so a child process tries first and is stopped after ANSWER_TIMEOUT."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _ANSWER, address], capture_output=True, text=True,
+                              timeout=ANSWER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise FwlrError(f"the server at '{address}' did not answer as a Ray cluster within {ANSWER_TIMEOUT:.0f} s; "
+                        "check that it is the head's GCS port (`ray start --head` prints it, 6379 by default) and "
+                        "that the cluster is up.") from None
+    if done.returncode:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        raise FwlrError(f"could not connect to a Ray cluster at '{address}' ({reason}).")
 
 
 _TASKS: dict = {}

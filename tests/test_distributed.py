@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -118,8 +119,6 @@ def test_unreachable_address_fails_before_any_work(tmp_path, capsys):
 def _stale_ray_folder() -> Path:
     """A Ray temporary folder (RAY_TMPDIR) whose `ray start` record names a cluster that is gone: what a bare
     ray.init() waited ten minutes for on the development machine. Short: Ray's socket paths must stay short."""
-    import tempfile
-
     folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     (folder / "ray").mkdir()
     (folder / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
@@ -311,7 +310,10 @@ while len([n for n in ray.nodes() if n["Alive"]]) < 2:
 def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
     """`ray start --head` and a second `ray start --address` node, as on two machines; the CLI connects to it."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a throwaway cluster on this machine, no token to share
+    # a throwaway cluster on this machine: no token to share, and its files (sessions, the address `ray start`
+    # records for a bare ray.init()) in a folder of its own, removed afterwards, never in the shared /tmp/ray
+    ray_folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay short
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_folder)
     ray_cli = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats", "--block"]
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -333,3 +335,4 @@ def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
             process.terminate()
         for process in nodes:
             process.wait(timeout=60)
+        shutil.rmtree(ray_folder, ignore_errors=True)

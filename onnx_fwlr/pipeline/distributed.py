@@ -226,35 +226,47 @@ def _result(ray, ref):
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """What one calibration shard needs: the model (a path every node can read, or the ModelProto itself),
-    the sites, the data source (a path every node can read), and shard (i, n)."""
+class PassData:
+    """What a pass over the calibration data on a worker reads: the model (a path every node can read, or the
+    ModelProto itself), the data (a path every node can read), how it is batched, and the Fisher options."""
 
     model: object
-    sites: list
     calibration: object
-    shard: tuple[int, int]
-    gradients: bool
     batch_size: int = 32
     shapes: dict | None = None
     mask_input: str | None = None
     fisher_options: dict | None = None
 
+    def open(self, shard: tuple[int, int] | None = None):
+        """(the model, its batches: all of them, or shard (i, n)'s)."""
+        from onnx_fwlr.io.data import open_data
+        from onnx_fwlr.io.model import load_model
+
+        model = load_model(self.model, copy=False)
+        return model, open_data(self.calibration, model, batch_size=self.batch_size, shapes=self.shapes, shard=shard)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One calibration shard (i, n): the sums of its batches for every site."""
+
+    data: PassData
+    sites: list
+    shard: tuple[int, int]
+    gradients: bool
+
 
 def measure_shard(job: ShardJob):
     """One shard's statistics (sums), measured in this process's own ONNX Runtime session."""
-    from onnx_fwlr.io.data import open_data
-    from onnx_fwlr.io.model import load_model
     from onnx_fwlr.stats.activations import collect_activation_stats
 
-    model = load_model(job.model, copy=False)
-    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes, shard=job.shard)
+    model, batches = job.data.open(job.shard)
     if job.gradients:
         from onnx_fwlr.stats.fisher import collect_fisher_stats
 
-        return collect_fisher_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
-                                    **(job.fisher_options or {}))
-    return collect_activation_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
+        return collect_fisher_stats(model, job.sites, batches, mask_input=job.data.mask_input, progress=False,
+                                    **(job.data.fisher_options or {}))
+    return collect_activation_stats(model, job.sites, batches, mask_input=job.data.mask_input, progress=False,
                                     memory_limit=2**62)  # the caller checked the sums fit (check_one_pass)
 
 
@@ -268,8 +280,8 @@ def sharded_statistics(source, model, sites, calibration, executor: Executor, *,
     count = executor.shards
     _check_shard_count(calibration, model, batch_size, shapes, count)
     source, calibration = _absolute(source), _absolute(calibration)  # a worker's directory is not ours
-    jobs = (ShardJob(source, sites, calibration, (i, count), gradients, batch_size, shapes, mask_input,
-                     fisher_options) for i in range(count))
+    data = PassData(source, calibration, batch_size, shapes, mask_input, fisher_options)
+    jobs = (ShardJob(data, sites, (i, count), gradients) for i in range(count))
     start = time.perf_counter()
     results = ray_map(measure_shard, jobs, executor) if executor.kind == "ray" else map(measure_shard, jobs)
     total = None
@@ -322,35 +334,26 @@ def check_one_pass(model, sites, gradients: bool, memory_limit, fisher_options) 
 
 @dataclass(frozen=True)
 class GroupJob:
-    """One group of sites for one task: a Fisher pass over the calibration data in the session of every site
+    """One group of sites for one task: a Fisher pass over all the calibration data in the session of every site
     (`all_sites`: ONNX Runtime's forward values depend on which tensors a session exposes, so only that session
-    gives one local pass's numbers) folding the group's sums only, then the group's exact decompositions.
-    `model` and `calibration`: paths every node can read."""
+    gives one local pass's numbers) folding the group's sums only, then the group's exact decompositions."""
 
-    model: object
+    data: PassData
     all_sites: list
     sites: list
     site_methods: dict
-    calibration: object
-    batch_size: int = 32
-    shapes: dict | None = None
-    mask_input: str | None = None
-    fisher_options: dict | None = None
 
 
 def group_unit(job: GroupJob):
     """(the group's small sums, its sites' decompositions with their scalings, in site order): the Grams never
     leave the task."""
-    from onnx_fwlr.io.data import open_data
-    from onnx_fwlr.io.model import load_model
     from onnx_fwlr.pipeline.decompose import decompose_with_stats
     from onnx_fwlr.pipeline.prepare import WEIGHTING
     from onnx_fwlr.stats.fisher import collect_fisher_stats, small_sums
 
-    model = load_model(job.model, copy=False)
-    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes)
-    stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.mask_input, progress=False,
-                                 fold_sites=job.sites, **(job.fisher_options or {}))
+    model, batches = job.data.open()
+    stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.data.mask_input, progress=False,
+                                 fold_sites=job.sites, **(job.data.fisher_options or {}))
     decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
     return small_sums(stats), decompositions
 
@@ -362,12 +365,12 @@ class RayGroupStatistics:
     Cholesky scalings) arrive one group at a time and are spilled or kept exactly as the local run's would be.
     They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
 
-    def __init__(self, model, sites, groups, template: GroupJob):
+    def __init__(self, model, sites, groups, data: PassData):
         from onnx_fwlr.stats.fisher import reachable_uses
         from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
         self.sums = Statistics(model_fingerprint(model))
-        self.groups, self.template = groups, template
+        self.all_sites, self.groups, self.data = list(sites), groups, data
         self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
         reachable = reachable_uses(model, sites)
         self._with_gradients = {site.weight for site, _ in reachable}
@@ -380,12 +383,12 @@ class RayGroupStatistics:
         wanted = {site.weight for site in sites}
         indices = sorted({self.group_of[w] for w in wanted})
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
-        jobs = (GroupJob(**{**self.template.__dict__, "sites": chosen[g],
-                            "site_methods": {s.weight: site_methods[s.weight] for s in chosen[g]}})
+        jobs = (GroupJob(self.data, self.all_sites, chosen[g], {s.weight: site_methods[s.weight] for s in chosen[g]})
                 for g in indices)
         for g, (sums, decompositions) in zip(indices, ray_map(group_unit, jobs, executor)):
             self._add(sums)
             yield from zip(chosen[g], decompositions)
+
     def _add(self, sums) -> None:
         import numpy as np
 
@@ -428,6 +431,6 @@ class RayGroupStatistics:
 def ray_grouped_statistics(source, model, sites, calibration, executor: Executor, groups, *, batch_size=32,
                            shapes=None, mask_input=None, fisher_options=None) -> RayGroupStatistics:
     """The plan for per-group units on the cluster (nothing is measured until decompositions are asked for)."""
-    template = GroupJob(_absolute(source), list(sites), [], {}, _absolute(calibration), batch_size, shapes,
-                        mask_input, dict(fisher_options or {}))
-    return RayGroupStatistics(model, sites, groups, template)
+    data = PassData(_absolute(source), _absolute(calibration), batch_size, shapes, mask_input,
+                    dict(fisher_options or {}))
+    return RayGroupStatistics(model, sites, groups, data)

@@ -9,7 +9,7 @@ Every configuration runs in a fresh child process (Ray's start-up and memory are
 (whiten, ratio 0.5, exact SVDs) with the local pool at 1 and 2 workers, local calibration in 2 shards, and a
 fresh local Ray cluster of 1 CPU (1 shard) and 2 CPUs (2 shards). Columns: Ray's start-up (ray.init of a fresh
 local cluster), the calibration and decomposition stages (the report's timings), the whole compress() call,
-the peak resident memory of the child's process tree (the child, and on Ray the cluster's processes it
+the CPU seconds and peak resident memory of the child's process tree (the child, and on Ray the cluster's processes it
 started: shared pages, e.g. a memory-mapped model, count once per process), and the output's sha256 (equal
 for equal shard counts). MiniLM is tools/export_minilm.py's export in /work/cache/minilm, its calibration
 set cut to --samples sentences. State the machine's load (printed) next to the numbers.
@@ -107,8 +107,9 @@ def model_digest(model) -> str:
     return digest.hexdigest()[:12]
 
 
-def tree_rss(root: int) -> int:
-    """Resident bytes of `root` and every process below it (from /proc)."""
+def tree_usage(root: int, cpu: dict) -> int:
+    """Resident bytes of `root` and every process below it (from /proc); `cpu` gets each one's CPU seconds so far
+    (user + system), so that summed at the end it holds the tree's CPU time, whatever the machine's load."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -124,6 +125,8 @@ def tree_rss(root: int) -> int:
     for pid in tree:
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, ValueError, IndexError):
             pass
     return total
@@ -134,12 +137,12 @@ def run_child(spec: dict, timeout: float, max_tree_bytes: float) -> tuple[dict |
     process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-    peak, stopped = [0], []
+    peak, stopped, cpu = [0], [], {}
 
     def watch():
         start = time.monotonic()
         while process.poll() is None:
-            peak[0] = max(peak[0], tree_rss(process.pid))
+            peak[0] = max(peak[0], tree_usage(process.pid, cpu))
             if peak[0] > max_tree_bytes or time.monotonic() - start > timeout:
                 stopped.append(f"stopped: tree RSS {peak[0] / 2**30:.1f} GiB" if peak[0] > max_tree_bytes
                                else f"stopped after {timeout:.0f} s")
@@ -153,7 +156,7 @@ def run_child(spec: dict, timeout: float, max_tree_bytes: float) -> tuple[dict |
     watcher.join()
     if stopped or process.returncode:
         return None, (stopped[0] if stopped else f"failed:\n{err[-2000:]}")
-    return dict(json.loads(out.strip().splitlines()[-1]), peak_tree_mib=peak[0] / 2**20), ""
+    return dict(json.loads(out.strip().splitlines()[-1]), peak_tree_mib=peak[0] / 2**20, tree_cpu_s=sum(cpu.values())), ""
 
 
 def calibration_subset(path: Path, samples: int, folder: str) -> str:
@@ -192,7 +195,7 @@ def main() -> None:
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'model':8} {'configuration':28} {'ray start':>9} {'calibrate':>9} {'decompose':>9} {'compress':>9} "
-          f"{'groups':>6} {'tree RSS':>9}  output")
+          f"{'CPU':>7} {'groups':>6} {'tree RSS':>9}  output")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             model, calib = MODELS[name]
@@ -216,7 +219,8 @@ def main() -> None:
                 rows.append(row)
                 ray_start = "-" if row["ray_start_s"] is None else f"{row['ray_start_s']:.1f} s"
                 print(f"{name:8} {label:28} {ray_start:>9} {row['calibrate_s']:>7.2f} s {row['decompose_s']:>7.2f} s "
-                      f"{row['compress_s']:>7.2f} s {row.get('groups') or '-':>6} {row['peak_tree_mib']:>5.0f} MiB  "
+                      f"{row['compress_s']:>7.2f} s {row['tree_cpu_s']:>5.0f} s {row.get('groups') or '-':>6} "
+                      f"{row['peak_tree_mib']:>5.0f} MiB  "
                       f"{row['sha256']} (load {load:.1f} -> {row['load_after']:.1f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -34,8 +34,8 @@ INSTALL = 'pip install "onnx_fwlr[ray]"'
 @dataclass(frozen=True)
 class Executor:
     """Where the work runs: `kind` "local" (this machine's process pool, `workers`) or "ray" (a Ray cluster at
-    `address`: host:port or "auto"; None: as ray.init() decides, the cluster `ray start` began on this machine
-    or else a new one for this process); `shards`: calibration shards."""
+    `address`: host:port, or "auto" for the one `ray start` began on this machine; None: $RAY_ADDRESS, else a
+    fresh cluster on this machine for this run); `shards`: calibration shards."""
 
     kind: str = "local"
     address: str | None = None

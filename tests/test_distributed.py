@@ -152,6 +152,17 @@ def test_auto_address_recorded_by_a_gone_cluster_fails_in_one_sentence(tmp_path)
 
 
 @needs_ray
+def test_ray_address_from_the_environment_is_used_and_checked(tmp_path):
+    """No --ray-address: RAY_ADDRESS (what `ray job submit` sets for its entrypoint) names the cluster."""
+    port = _free_port()
+    done = _cli([*DIGITS_RAY, "-o", str(tmp_path / "out.onnx")], 120, RAY_ADDRESS=f"127.0.0.1:{port}")
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert f"no Ray cluster answers at '127.0.0.1:{port}'" in err and "came from RAY_ADDRESS" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
 def test_a_server_that_is_not_a_ray_cluster_fails_within_the_answer_timeout(tmp_path):
     """Something listens at the address but never answers as Ray (ray.init alone would wait without end)."""
     with socket.socket() as server:

@@ -94,8 +94,14 @@ def connect(executor: Executor):
         return ray
     address = executor.address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
-        _check_reachable(address)
-        _check_answers(address)
+        try:
+            _check_reachable(address)
+            _check_answers(address)
+        except FwlrError as exc:
+            if executor.address is not None:
+                raise
+            raise FwlrError(f"{str(exc).rstrip('.')}; the address came from RAY_ADDRESS (unset it to start a "
+                            "cluster for this run).") from None
     try:
         if address is None:
             ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)

@@ -5,6 +5,7 @@ may move; tests/test_layout.py checks tools/), so a refactoring of the layers ke
 """
 
 from onnx_fwlr.cli.main import main as cli_main  # `onnx-fwlr ARGS` in this process: cli_main([...]) -> exit code
+from onnx_fwlr.cli.options import parse_size  # noqa: F401 - '20MB', '1.5GiB' -> bytes, as the flags read them
 from onnx_fwlr.io.model import file_size, load_model, save_model
 from onnx_fwlr.pipeline.compress import *  # noqa: F401,F403 - the stages of earlier releases' API
 from onnx_fwlr.pipeline.compress import (  # noqa: F401
@@ -31,6 +32,7 @@ from onnx_fwlr.pipeline.config import (  # noqa: F401
     SpeedOptions,
     StructuredOptions,
 )
+from onnx_fwlr.pipeline.distributed import Executor  # noqa: F401
 from onnx_fwlr.pipeline.quantized_input import dequantize_input  # noqa: F401
 from onnx_fwlr.pipeline.run import Reuse, run  # noqa: F401
 from onnx_fwlr.pipeline.sequential import correct_sequentially  # noqa: F401
@@ -43,3 +45,4 @@ __all__ = ["Budget", "BudgetOptions", "CompareOptions", "DataOptions", "FisherOp
            "StructuredOptions", "apply_same_factors", "build", "calibrate", "choose_ranks", "cli_main", "compress",
            "correct_sequentially", "dequantize_input", "ensure_decompositions", "fidelity", "file_size",
            "latency_budget_ranks", "load_model", "prepare", "round_for_speed", "run", "save_model", "validate"]
+__all__ += ["Executor", "parse_size"]  # where the work runs (pipeline.distributed); sizes as the CLI reads them

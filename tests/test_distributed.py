@@ -4,10 +4,12 @@ CPUs, in this process); they skip only when `ray` is not installed (pip install 
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,86 @@ def test_unreachable_address_fails_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and f"no Ray cluster answers at '127.0.0.1:{port}'" in err
     assert not out.exists()
+
+
+def _stale_ray_folder() -> Path:
+    """A Ray temporary folder (RAY_TMPDIR) whose `ray start` record names a cluster that is gone: what a bare
+    ray.init() waited ten minutes for on the development machine. Short: Ray's socket paths must stay short."""
+    folder = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{_free_port()}")
+    return folder
+
+
+def _cli(arguments, timeout, **env):
+    """`onnx-fwlr ARGS` in a child process (its own Ray state), stopped after `timeout` s: a hang fails the test."""
+    environment = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled", **env}
+    return subprocess.run([sys.executable, "-m", "onnx_fwlr", *arguments], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+DIGITS_RAY = ["compress", str(MODEL), "--calib", str(CALIB), "--ratio", "0.5", "--quiet", "--executor", "ray"]
+
+
+@needs_ray
+def test_auto_address_recorded_by_a_gone_cluster_fails_in_one_sentence(tmp_path):
+    folder = _stale_ray_folder()
+    try:
+        port = (folder / "ray" / "ray_current_cluster").read_text().rpartition(":")[2]
+        done = _cli([*DIGITS_RAY, "--ray-address", "auto", "-o", str(tmp_path / "out.onnx")], 120,
+                    RAY_TMPDIR=str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert "no Ray cluster answers at '" in err  # Ray's lookup names this machine by its address, not 127.0.0.1
+    assert f":{port}' (the address `ray start` last recorded on this machine: Connection refused)" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
+def test_ray_address_from_the_environment_is_used_and_checked(tmp_path):
+    """No --ray-address: RAY_ADDRESS (what `ray job submit` sets for its entrypoint) names the cluster."""
+    port = _free_port()
+    done = _cli([*DIGITS_RAY, "-o", str(tmp_path / "out.onnx")], 120, RAY_ADDRESS=f"127.0.0.1:{port}")
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert f"no Ray cluster answers at '127.0.0.1:{port}'" in err and "came from RAY_ADDRESS" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
+def test_a_server_that_is_not_a_ray_cluster_fails_within_the_answer_timeout(tmp_path):
+    """Something listens at the address but never answers as Ray (ray.init alone would wait without end)."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        run = ("import sys\nfrom onnx_fwlr.pipeline import distributed\ndistributed.ANSWER_TIMEOUT = 5\n"
+               "from onnx_fwlr.cli.main import main\nsys.exit(main(sys.argv[1:]))")
+        done = subprocess.run([sys.executable, "-c", run, *DIGITS_RAY, "--ray-address", address, "-o",
+                               str(tmp_path / "out.onnx")], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    err = done.stderr.strip()
+    assert done.returncode == 2 and err.count("\n") == 0, err
+    assert f"the server at '{address}' did not answer as a Ray cluster within 5 s" in err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+@needs_ray
+@pytest.mark.slow
+def test_no_address_starts_a_local_cluster_and_gives_the_local_bytes(tmp_path):
+    """Without --ray-address the run starts its own cluster, even where a gone cluster's record would send a bare
+    ray.init() to wait for it."""
+    folder = _stale_ray_folder()
+    try:
+        on_ray = _cli([*DIGITS_RAY, "-o", str(tmp_path / "ray.onnx")], 300, RAY_TMPDIR=str(folder))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert on_ray.returncode == 0, on_ray.stderr
+    local = _cli([*DIGITS_RAY[:-2], "-o", str(tmp_path / "local.onnx")], 300)
+    assert local.returncode == 0, local.stderr
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
 
 @needs_ray
@@ -239,7 +321,10 @@ while len([n for n in ray.nodes() if n["Alive"]]) < 2:
 def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
     """`ray start --head` and a second `ray start --address` node, as on two machines; the CLI connects to it."""
     address = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")  # a throwaway cluster on this machine, no token to share
+    # a throwaway cluster on this machine: no token to share, and its files (sessions, the address `ray start`
+    # records for a bare ray.init()) in a folder of its own, removed afterwards, never in the shared /tmp/ray
+    ray_folder = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths must stay short
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_folder)
     ray_cli = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus", "1", "--object-store-memory", str(100 << 20), "--disable-usage-stats", "--block"]
     quiet = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -261,3 +346,4 @@ def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
             process.terminate()
         for process in nodes:
             process.wait(timeout=60)
+        shutil.rmtree(ray_folder, ignore_errors=True)

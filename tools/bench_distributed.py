@@ -1,19 +1,27 @@
 """Wall time of calibration + decomposition: the local pool against Ray tasks, and Ray's start-up.
 
     python tools/bench_distributed.py [--models digits minilm] [--samples 512] [--json FILE]
-    python tools/bench_distributed.py --models decoder smollm2 --samples 8 --per-group 1MB   # per-group units
+    python tools/bench_distributed.py --models decoder --samples 64 --per-group 1MB          # per-group units
+    python tools/bench_distributed.py --models llama1b --samples 8 --per-group 830MB \\
+        --include 'layers\\.0\\.' --max-tree-gb 12 --json llama1b.json                        # the 1.1 B model
 
 Every configuration runs in a fresh child process (Ray's start-up and memory are then its own): `compress`
 (whiten, ratio 0.5, exact SVDs) with the local pool at 1 and 2 workers, local calibration in 2 shards, and a
-fresh local Ray cluster of 1 CPU (1 shard) and 2 CPUs (2 shards). Columns: Ray's start-up (ray.init), the
-calibration and decomposition stages (the report's timings), the whole compress() call, and the output's
-sha256 (equal for equal shard counts). MiniLM is tools/export_minilm.py's export in /work/cache/minilm, its
-calibration set cut to --samples sentences. State the machine's load (printed) next to the numbers.
+fresh local Ray cluster of 1 CPU (1 shard) and 2 CPUs (2 shards). Columns: Ray's start-up (ray.init of a fresh
+local cluster), the calibration and decomposition stages (the report's timings), the whole compress() call,
+the CPU seconds and peak resident memory of the child's process tree (the child, and on Ray the cluster's processes it
+started: shared pages, e.g. a memory-mapped model, count once per process), and the output's sha256 (equal
+for equal shard counts). MiniLM is tools/export_minilm.py's export in /work/cache/minilm, its calibration
+set cut to --samples sentences. State the machine's load (printed) next to the numbers.
 
-`--per-group SIZE` measures the per-group unit instead (kfac, ratio 0.8, `stats_memory` SIZE, so the statistics
-come in groups): locally one pass set aside on disk and folded group by group; on Ray each group's pass and
-its decompositions are one task (1 and 2 CPUs). The decoder is the shipped sample decoder, smollm2
-/work/cache/smollm2 (tools/export_smollm2.py).
+`--per-group SIZE` measures the per-group unit instead (kfac, ratio 0.8, `stats_memory` SIZE, so the
+statistics come in groups): locally one Fisher pass set aside on disk and folded group by group, with the
+decompositions in 1 or 2 local processes; on Ray each group's pass and its decompositions are one task (1 and
+2 CPUs). The decoder is the shipped sample decoder, smollm2 /work/cache/smollm2 (tools/export_smollm2.py),
+llama1b the random 1.1 B LLaMA shape in /work/cache/llama1b (tools/make_random_llama.py --preset 1b).
+`--include REGEX` decomposes only the sites it names (the passes still run through the whole model);
+`--configs` picks configurations by key. A child whose process tree grows past `--max-tree-gb` or runs past
+`--timeout` is stopped and its row says so.
 """
 
 from __future__ import annotations
@@ -22,42 +30,44 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+SAMPLES = ROOT / "sample_models"
 MODELS = {
-    "digits": (ROOT / "sample_models" / "digits_mlp.onnx", ROOT / "sample_models" / "digits_calib.npz"),
+    "digits": (SAMPLES / "digits_mlp.onnx", SAMPLES / "digits_calib.npz"),
     "minilm": (Path("/work/cache/minilm/minilm.onnx"), Path("/work/cache/minilm/calib.npz")),
-    "decoder": (ROOT / "sample_models" / "decoder" / "decoder.onnx", ROOT / "sample_models" / "decoder" / "calib.npz"),
+    "decoder": (SAMPLES / "decoder" / "decoder.onnx", SAMPLES / "decoder" / "calib.npz"),
     "smollm2": (Path("/work/cache/smollm2/model.onnx"), Path("/work/cache/smollm2/calib.npz")),
+    "llama1b": (Path("/work/cache/llama1b/llama_1b.onnx"), Path("/work/cache/llama1b/calib8.npz")),
 }
-CONFIGS = [  # (label, executor, workers or Ray CPUs, calibration shards)
-    ("local pool, 1 worker", "local", 1, 1),
-    ("local pool, 2 workers", "local", 2, 1),
-    ("local, 2 shards", "local", 1, 2),
-    ("ray, 1 CPU, 1 shard", "ray", 1, 1),
-    ("ray, 2 CPUs, 2 shards", "ray", 2, 2),
-]
-GROUP_CONFIGS = [  # --per-group: (label, executor, Ray CPUs, shards)
-    ("local, one pass in memory", "local", 0, 1),  # 0: no stats_memory (every Gram at once), the reference
-    ("local, groups from one pass", "local", 1, 1),
-    ("ray, 1 CPU, group tasks", "ray", 1, 1),
-    ("ray, 2 CPUs, group tasks", "ray", 2, 1),
-]
+CONFIGS = {  # key: (label, executor, local workers or Ray CPUs, calibration shards)
+    "local": ("local pool, 1 worker", "local", 1, 1),
+    "local2": ("local pool, 2 workers", "local", 2, 1),
+    "shards2": ("local, 2 shards", "local", 1, 2),
+    "ray1": ("ray, 1 CPU, 1 shard", "ray", 1, 1),
+    "ray2": ("ray, 2 CPUs, 2 shards", "ray", 2, 2),
+}
+GROUP_CONFIGS = {  # --per-group: (label, executor, local workers or Ray CPUs, shards); 0 workers: no stats_memory
+    "memory": ("local, one pass in memory", "local", 0, 1),  # every Gram at once: the reference bytes
+    "local": ("local, groups from one pass", "local", 1, 1),
+    "local2": ("same, 2 decomposing workers", "local", 2, 1),
+    "ray1": ("ray, 1 CPU, group tasks", "ray", 1, 1),
+    "ray2": ("ray, 2 CPUs, group tasks", "ray", 2, 1),
+}
 
 
 def child(spec: dict) -> dict:
     """One configuration, measured in this process."""
-    from onnx_fwlr.pipeline.compress import compress
-    from onnx_fwlr.pipeline.distributed import Executor
+    from onnx_fwlr.api import Executor, compress
 
     result = {"ray_start_s": None}
     if spec["executor"] == "ray":
@@ -65,31 +75,88 @@ def child(spec: dict) -> dict:
 
         start = time.perf_counter()
         ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False,
-                 object_store_memory=256 << 20, logging_level="error")
+                 object_store_memory=spec["object_store"], logging_level="error")
         result["ray_start_s"] = time.perf_counter() - start
     executor = Executor(spec["executor"], None, spec["shards"])
+    workers = spec["cpus"] if spec["executor"] == "local" else 1
     start = time.perf_counter()
     if spec.get("stats_memory"):  # per-group units (kfac: gradient statistics in groups)
         limit = spec["stats_memory"] if spec["cpus"] else 1 << 40
         model, report = compress(spec["model"], ratio=0.8, method="kfac", calibration=spec["calib"],
-                                 stats_memory=limit, executor=executor, progress=False)
+                                 include=spec["include"], stats_memory=limit, workers=max(workers, 1),
+                                 executor=executor, progress=False)
         result["groups"] = report.calibration.get("groups")
+        result["passes"] = report.calibration.get("passes")
     else:
         model, report = compress(spec["model"], ratio=0.5, method="whiten", calibration=spec["calib"], svd="exact",
-                                 workers=spec["cpus"] if spec["executor"] == "local" else 1, executor=executor,
-                                 progress=False)
+                                 include=spec["include"], workers=workers, executor=executor, progress=False)
     result["compress_s"] = time.perf_counter() - start
     result["calibrate_s"] = report.timings.get("calibrate")
     result["decompose_s"] = report.timings.get("decompose")
     result["sites"] = report.factorised
-    result["sha256"] = hashlib.sha256(model.SerializeToString()).hexdigest()[:12]
+    result["sha256"] = model_digest(model)
     return result
 
 
-def parse_size(text: str) -> int:
-    from onnx_fwlr.cli.options import parse_size as cli_size
+def model_digest(model) -> str:
+    """sha256 of the graph's nodes, tensors, inputs and outputs, one message at a time (a 1.1 B model is over
+    protobuf's 2 GB); tensors left in the original's external file count by their reference to it."""
+    digest = hashlib.sha256()
+    for part in (*model.graph.node, *model.graph.initializer, *model.graph.input, *model.graph.output):
+        digest.update(part.SerializeToString())
+    return digest.hexdigest()[:12]
 
-    return cli_size(text)
+
+def tree_usage(root: int, cpu: dict) -> int:
+    """Resident bytes of `root` and every process below it (from /proc); `cpu` gets each one's CPU seconds so far
+    (user + system), so that summed at the end it holds the tree's CPU time, whatever the machine's load."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parents[int(entry)] = int(Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        frontier = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(frontier)
+    total = 0
+    for pid in tree:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            cpu[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def run_child(spec: dict, timeout: float, max_tree_bytes: float) -> tuple[dict | None, str]:
+    """The child's result (None when it failed or was stopped, with why) and its peak tree RSS in the result."""
+    process = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, RAY_AUTH_MODE="disabled"))
+    peak, stopped, cpu = [0], [], {}
+
+    def watch():
+        start = time.monotonic()
+        while process.poll() is None:
+            peak[0] = max(peak[0], tree_usage(process.pid, cpu))
+            if peak[0] > max_tree_bytes or time.monotonic() - start > timeout:
+                stopped.append(f"stopped: tree RSS {peak[0] / 2**30:.1f} GiB" if peak[0] > max_tree_bytes
+                               else f"stopped after {timeout:.0f} s")
+                os.killpg(process.pid, signal.SIGKILL)  # the child's session: it and the Ray processes it started
+                return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    out, err = process.communicate()
+    watcher.join()
+    if stopped or process.returncode:
+        return None, (stopped[0] if stopped else f"failed:\n{err[-2000:]}")
+    return dict(json.loads(out.strip().splitlines()[-1]), peak_tree_mib=peak[0] / 2**20, tree_cpu_s=sum(cpu.values())), ""
 
 
 def calibration_subset(path: Path, samples: int, folder: str) -> str:
@@ -100,20 +167,35 @@ def calibration_subset(path: Path, samples: int, folder: str) -> str:
 
 
 def main() -> None:
+    from onnx_fwlr.api import parse_size
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["digits", "minilm"], choices=sorted(MODELS))
     parser.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--per-group", metavar="SIZE", help="per-group units at this stats_memory (e.g. 1MB, 200MB)")
+    parser.add_argument("--include", metavar="REGEX", help="decompose only the sites whose weight name matches")
+    parser.add_argument("--configs", nargs="+", metavar="KEY",
+                        help=f"configurations to run (default all): {', '.join(CONFIGS)}; with --per-group "
+                             f"{', '.join(GROUP_CONFIGS)}")
+    parser.add_argument("--object-store", default="256MB", help="each Ray cluster's object store (default 256MB)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
+    parser.add_argument("--max-tree-gb", type=float, default=12.0,
+                        help="stop a configuration whose process tree passes this resident size (default 12)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
+    table = GROUP_CONFIGS if args.per_group else CONFIGS
+    keys = args.configs or list(table)
+    unknown = [key for key in keys if key not in table]
+    if unknown:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print(f"{'model':8} {'configuration':28} {'ray start':>9} {'calibrate':>9} {'decompose':>9} {'compress':>9}  "
-          "output")
+    print(f"{'model':8} {'configuration':28} {'ray start':>9} {'calibrate':>9} {'decompose':>9} {'compress':>9} "
+          f"{'CPU':>7} {'groups':>6} {'tree RSS':>9}  output")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             model, calib = MODELS[name]
@@ -121,19 +203,25 @@ def main() -> None:
                 print(f"{name}: {model} is missing; skipped")
                 continue
             calib = calibration_subset(calib, args.samples, folder)
-            for label, executor, cpus, shards in (GROUP_CONFIGS if args.per_group else CONFIGS):
+            for key in keys:
+                label, executor, cpus, shards = table[key]
                 spec = {"model": str(model), "calib": calib, "executor": executor, "cpus": cpus, "shards": shards,
+                        "include": args.include, "object_store": parse_size(args.object_store),
                         "stats_memory": parse_size(args.per_group) if args.per_group else None}
-                done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                                      text=True, env=dict(os.environ, RAY_AUTH_MODE="disabled"))
-                if done.returncode:
-                    raise SystemExit(f"{name} / {label} failed:\n{done.stderr[-2000:]}")
-                row = dict(json.loads(done.stdout.strip().splitlines()[-1]), model=name, configuration=label,
-                           load=os.getloadavg()[0])
+                load = os.getloadavg()[0]
+                row, why = run_child(spec, args.timeout, args.max_tree_gb * 2**30)
+                if row is None:
+                    print(f"{name:8} {label:28} {why}", flush=True)
+                    rows.append({"model": name, "configuration": label, "key": key, "failed": why, "load": load})
+                    continue
+                row.update(model=name, configuration=label, key=key, samples=args.samples, include=args.include,
+                           stats_memory=args.per_group, load=load, load_after=os.getloadavg()[0])
                 rows.append(row)
                 ray_start = "-" if row["ray_start_s"] is None else f"{row['ray_start_s']:.1f} s"
                 print(f"{name:8} {label:28} {ray_start:>9} {row['calibrate_s']:>7.2f} s {row['decompose_s']:>7.2f} s "
-                      f"{row['compress_s']:>7.2f} s  {row['sha256']} (load {row['load']:.1f})", flush=True)
+                      f"{row['compress_s']:>7.2f} s {row['tree_cpu_s']:>5.0f} s {row.get('groups') or '-':>6} "
+                      f"{row['peak_tree_mib']:>5.0f} MiB  "
+                      f"{row['sha256']} (load {load:.1f} -> {row['load_after']:.1f})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

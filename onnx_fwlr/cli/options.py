@@ -165,7 +165,8 @@ def distributed_arguments(p):
                    help="where calibration shards and decompositions run: local (default; --workers processes) or "
                         "ray (a Ray cluster; pip install \"onnx_fwlr[ray]\"); see docs/distributed.md")
     p.add_argument("--ray-address", metavar="ADDR",
-                   help="the Ray cluster's HOST:PORT (or auto); default: start one on this machine")
+                   help="the Ray cluster's HOST:PORT, or auto (the one `ray start` began on this machine); default: "
+                        "$RAY_ADDRESS, else a fresh cluster on this machine for this run")
     p.add_argument("--calib-shards", type=int, metavar="N",
                    help="measure calibration in N interleaved shards, N Ray tasks with --executor ray, added up in "
                         "shard order (the same bytes on either executor for the same N; default 1)")

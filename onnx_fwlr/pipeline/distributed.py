@@ -26,15 +26,16 @@ from onnx_fwlr.errors import FwlrError
 
 KINDS = ("local", "ray")
 MAX_RETRIES = 3  # runs of a task after its worker process died, before the run fails
-CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to answer before any work
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a cluster's address to accept a connection before any work
+ANSWER_TIMEOUT = 60.0  # seconds for a Ray driver in a child process to connect to the cluster and leave again
 INSTALL = 'pip install "onnx_fwlr[ray]"'
 
 
 @dataclass(frozen=True)
 class Executor:
     """Where the work runs: `kind` "local" (this machine's process pool, `workers`) or "ray" (a Ray cluster at
-    `address`: host:port or "auto"; None: as ray.init() decides, the cluster `ray start` began on this machine
-    or else a new one for this process); `shards`: calibration shards."""
+    `address`: host:port, or "auto" for the one `ray start` began on this machine; None: $RAY_ADDRESS, else a
+    fresh cluster on this machine for this run); `shards`: calibration shards."""
 
     kind: str = "local"
     address: str | None = None
@@ -82,17 +83,28 @@ def ray_module():
 
 
 def connect(executor: Executor):
-    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster);
-    an address nobody answers at fails here, in one sentence, before any work."""
+    """The `ray` module, connected to the executor's cluster (a process already connected keeps its cluster).
+
+    Without an address (and without RAY_ADDRESS, which `ray job submit` sets) a fresh local cluster is started for
+    this run: never the one a bare ray.init() would look up, whose address `ray start` left in Ray's temporary
+    folder and which may be long gone (ray.init then retries for about ten minutes). With an address, a cluster
+    that does not answer fails in one sentence within CONNECT_TIMEOUT (+ ANSWER_TIMEOUT), before any work."""
     ray = ray_module()
     if ray.is_initialized():
         return ray
-    address = executor.address
-    if address is not None and address != "auto":
-        _check_reachable(address)
+    address = executor.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        try:
+            _check_reachable(address)
+            _check_answers(address)
+        except FwlrError as exc:
+            if executor.address is not None:
+                raise
+            raise FwlrError(f"{str(exc).rstrip('.')}; the address came from RAY_ADDRESS (unset it to start a "
+                            "cluster for this run).") from None
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         else:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
@@ -103,8 +115,12 @@ def connect(executor: Executor):
 
 
 def _check_reachable(address: str) -> None:
-    """Fail at once when nothing listens at host:port (ray.init would retry for a minute)."""
-    target = address.removeprefix("ray://")
+    """Fail at once when nothing listens at host:port (ray.init would retry for about ten minutes). "auto" is the
+    address `ray start` recorded on this machine (Ray's own lookup), which may be stale."""
+    target = _recorded_address() if address == "auto" else address.removeprefix("ray://")
+    if target is None:
+        raise FwlrError("`ray_address` auto found no Ray cluster started on this machine; start one with `ray start "
+                        "--head`, give its HOST:PORT, or drop the address to start one for this run.")
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
         raise FwlrError(f"`ray_address` '{address}' is not of the form HOST:PORT (or auto).")
@@ -113,8 +129,45 @@ def _check_reachable(address: str) -> None:
             pass
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise FwlrError(f"no Ray cluster answers at '{address}' ({reason}); start one with `ray start --head` or "
-                        "check the address.") from None
+        if address == "auto":
+            reason = f"the address `ray start` last recorded on this machine: {reason}"
+        raise FwlrError(f"no Ray cluster answers at '{target}' ({reason}); start one with `ray start --head`, check "
+                        "the address, or drop it to start a cluster for this run.") from None
+
+
+def _recorded_address() -> str | None:
+    """The address a bare ray.init() or "auto" would connect to (RAY_ADDRESS, else what `ray start` last wrote on
+    this machine), as Ray itself finds it; None when there is none."""
+    from ray._private import services  # Ray's lookup, so that the probe checks what ray.init would use
+
+    try:
+        return services.canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError:
+        return None
+
+
+_ANSWER = ("import logging, sys, ray\n"
+           "ray.init(address=sys.argv[1], log_to_driver=False, logging_level=logging.ERROR)\n"
+           "ray.shutdown()\n")
+
+
+def _check_answers(address: str) -> None:
+    """Something listening at the address need not be a Ray cluster (a dashboard's port, a hung head): ray.init
+    would wait for it without end, so a child process tries first and is stopped after ANSWER_TIMEOUT."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _ANSWER, address], capture_output=True, text=True,
+                              timeout=ANSWER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise FwlrError(f"the server at '{address}' did not answer as a Ray cluster within {ANSWER_TIMEOUT:.0f} s; "
+                        "check that it is the head's GCS port (`ray start --head` prints it, 6379 by default) and "
+                        "that the cluster is up.") from None
+    if done.returncode:
+        lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {done.returncode}"
+        raise FwlrError(f"could not connect to a Ray cluster at '{address}' ({reason}).")
 
 
 _TASKS: dict = {}
@@ -179,35 +232,47 @@ def _result(ray, ref):
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """What one calibration shard needs: the model (a path every node can read, or the ModelProto itself),
-    the sites, the data source (a path every node can read), and shard (i, n)."""
+class PassData:
+    """What a pass over the calibration data on a worker reads: the model (a path every node can read, or the
+    ModelProto itself), the data (a path every node can read), how it is batched, and the Fisher options."""
 
     model: object
-    sites: list
     calibration: object
-    shard: tuple[int, int]
-    gradients: bool
     batch_size: int = 32
     shapes: dict | None = None
     mask_input: str | None = None
     fisher_options: dict | None = None
 
+    def open(self, shard: tuple[int, int] | None = None):
+        """(the model, its batches: all of them, or shard (i, n)'s)."""
+        from onnx_fwlr.io.data import open_data
+        from onnx_fwlr.io.model import load_model
+
+        model = load_model(self.model, copy=False)
+        return model, open_data(self.calibration, model, batch_size=self.batch_size, shapes=self.shapes, shard=shard)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One calibration shard (i, n): the sums of its batches for every site."""
+
+    data: PassData
+    sites: list
+    shard: tuple[int, int]
+    gradients: bool
+
 
 def measure_shard(job: ShardJob):
     """One shard's statistics (sums), measured in this process's own ONNX Runtime session."""
-    from onnx_fwlr.io.data import open_data
-    from onnx_fwlr.io.model import load_model
     from onnx_fwlr.stats.activations import collect_activation_stats
 
-    model = load_model(job.model, copy=False)
-    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes, shard=job.shard)
+    model, batches = job.data.open(job.shard)
     if job.gradients:
         from onnx_fwlr.stats.fisher import collect_fisher_stats
 
-        return collect_fisher_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
-                                    **(job.fisher_options or {}))
-    return collect_activation_stats(model, job.sites, batches, mask_input=job.mask_input, progress=False,
+        return collect_fisher_stats(model, job.sites, batches, mask_input=job.data.mask_input, progress=False,
+                                    **(job.data.fisher_options or {}))
+    return collect_activation_stats(model, job.sites, batches, mask_input=job.data.mask_input, progress=False,
                                     memory_limit=2**62)  # the caller checked the sums fit (check_one_pass)
 
 
@@ -221,8 +286,8 @@ def sharded_statistics(source, model, sites, calibration, executor: Executor, *,
     count = executor.shards
     _check_shard_count(calibration, model, batch_size, shapes, count)
     source, calibration = _absolute(source), _absolute(calibration)  # a worker's directory is not ours
-    jobs = (ShardJob(source, sites, calibration, (i, count), gradients, batch_size, shapes, mask_input,
-                     fisher_options) for i in range(count))
+    data = PassData(source, calibration, batch_size, shapes, mask_input, fisher_options)
+    jobs = (ShardJob(data, sites, (i, count), gradients) for i in range(count))
     start = time.perf_counter()
     results = ray_map(measure_shard, jobs, executor) if executor.kind == "ray" else map(measure_shard, jobs)
     total = None
@@ -275,35 +340,26 @@ def check_one_pass(model, sites, gradients: bool, memory_limit, fisher_options) 
 
 @dataclass(frozen=True)
 class GroupJob:
-    """One group of sites for one task: a Fisher pass over the calibration data in the session of every site
+    """One group of sites for one task: a Fisher pass over all the calibration data in the session of every site
     (`all_sites`: ONNX Runtime's forward values depend on which tensors a session exposes, so only that session
-    gives one local pass's numbers) folding the group's sums only, then the group's exact decompositions.
-    `model` and `calibration`: paths every node can read."""
+    gives one local pass's numbers) folding the group's sums only, then the group's exact decompositions."""
 
-    model: object
+    data: PassData
     all_sites: list
     sites: list
     site_methods: dict
-    calibration: object
-    batch_size: int = 32
-    shapes: dict | None = None
-    mask_input: str | None = None
-    fisher_options: dict | None = None
 
 
 def group_unit(job: GroupJob):
     """(the group's small sums, its sites' decompositions with their scalings, in site order): the Grams never
     leave the task."""
-    from onnx_fwlr.io.data import open_data
-    from onnx_fwlr.io.model import load_model
     from onnx_fwlr.pipeline.decompose import decompose_with_stats
     from onnx_fwlr.pipeline.prepare import WEIGHTING
     from onnx_fwlr.stats.fisher import collect_fisher_stats, small_sums
 
-    model = load_model(job.model, copy=False)
-    batches = open_data(job.calibration, model, batch_size=job.batch_size, shapes=job.shapes)
-    stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.mask_input, progress=False,
-                                 fold_sites=job.sites, **(job.fisher_options or {}))
+    model, batches = job.data.open()
+    stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.data.mask_input, progress=False,
+                                 fold_sites=job.sites, **(job.data.fisher_options or {}))
     decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
     return small_sums(stats), decompositions
 
@@ -315,12 +371,12 @@ class RayGroupStatistics:
     Cholesky scalings) arrive one group at a time and are spilled or kept exactly as the local run's would be.
     They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
 
-    def __init__(self, model, sites, groups, template: GroupJob):
+    def __init__(self, model, sites, groups, data: PassData):
         from onnx_fwlr.stats.fisher import reachable_uses
         from onnx_fwlr.stats.store import Statistics, activation_key, model_fingerprint
 
         self.sums = Statistics(model_fingerprint(model))
-        self.groups, self.template = groups, template
+        self.all_sites, self.groups, self.data = list(sites), groups, data
         self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
         reachable = reachable_uses(model, sites)
         self._with_gradients = {site.weight for site, _ in reachable}
@@ -333,12 +389,12 @@ class RayGroupStatistics:
         wanted = {site.weight for site in sites}
         indices = sorted({self.group_of[w] for w in wanted})
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
-        jobs = (GroupJob(**{**self.template.__dict__, "sites": chosen[g],
-                            "site_methods": {s.weight: site_methods[s.weight] for s in chosen[g]}})
+        jobs = (GroupJob(self.data, self.all_sites, chosen[g], {s.weight: site_methods[s.weight] for s in chosen[g]})
                 for g in indices)
         for g, (sums, decompositions) in zip(indices, ray_map(group_unit, jobs, executor)):
             self._add(sums)
             yield from zip(chosen[g], decompositions)
+
     def _add(self, sums) -> None:
         import numpy as np
 
@@ -381,6 +437,6 @@ class RayGroupStatistics:
 def ray_grouped_statistics(source, model, sites, calibration, executor: Executor, groups, *, batch_size=32,
                            shapes=None, mask_input=None, fisher_options=None) -> RayGroupStatistics:
     """The plan for per-group units on the cluster (nothing is measured until decompositions are asked for)."""
-    template = GroupJob(_absolute(source), list(sites), [], {}, _absolute(calibration), batch_size, shapes,
-                        mask_input, dict(fisher_options or {}))
-    return RayGroupStatistics(model, sites, groups, template)
+    data = PassData(_absolute(source), _absolute(calibration), batch_size, shapes, mask_input,
+                    dict(fisher_options or {}))
+    return RayGroupStatistics(model, sites, groups, data)

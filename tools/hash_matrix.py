@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 DIGITS, CALIB, TEST = "sample_models/digits_mlp.onnx", "sample_models/digits_calib.npz", "sample_models/digits_test.npz"
+DECODER, DECODER_CALIB = "sample_models/decoder/decoder.onnx", "sample_models/decoder/calib.npz"
 VOLATILE_KEYS = {"timings", "versions", "seconds", "step_seconds"}  # wall times and library versions
 # The options a compress report records since issue 24 ("config": a dict; sweep rows' "config" is a label and stays):
 # a record of the input, not an output; left out so hashes from before it compare (tests/test_run.py checks that a
@@ -121,6 +122,10 @@ def matrix():
         ("digits_whiten_dope", compress(DIGITS, "--method", "whiten", "--dope", "0.01", "--ratio", "0.3")),
         ("digits_methods_whiten_kron", compress(DIGITS, "--methods", "whiten,kron", "--ratio", "0.3")),
         ("digits_whiten_external_data", compress(DIGITS, "--method", "whiten", "--ratio", "0.3", "--external-data")),
+        # the sample decoder written with external data (io.model.save_model's data file and structure copy)
+        ("decoder_kfac_external_data", compress(DECODER, "--ratio", "0.8", "--external-data", data=DECODER_CALIB)),
+        ("decoder_quantize_auto_external_data", compress(DECODER, "--quantize", "auto", "--ratio", "0.5",
+                                                         "--external-data", data=DECODER_CALIB)),
         ("digits_fwsvd_global_workers1", compress(DIGITS, "--method", "fwsvd", "--allocation", "global",
                                                   "--ratio", "0.3", "--workers", "1")),
         ("digits_fwsvd_global_workers2", compress(DIGITS, "--method", "fwsvd", "--allocation", "global",
@@ -322,7 +327,7 @@ def api_child(spec: dict, out: Path, work: Path) -> int:
 
 
 def file_bytes(path: Path) -> int:
-    """A model file plus its .data file (these rows write none)."""
+    """A model file plus its .data file."""
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 

@@ -9,6 +9,11 @@ RSS minus traced is mostly ONNX Runtime and the mapped weights).
 Everything after `--` goes to `compress` as given (the output goes to a temporary folder unless `-o` is there).
 Prints one row per stage (entered in order; a stage inside another is indented): RSS on entry, the peak
 while inside, RSS on exit, the traced peak, and seconds; then the whole run's peak (VmHWM).
+
+The sampler misses what happens between its samples, and a C++ call that holds the GIL (protobuf's CopyFrom or
+SerializeToString on a large model) stops it altogether; so each sample and each stage's entry and exit also
+read the process's high-water mark (VmHWM, what `ru_maxrss` and `/usr/bin/time -v` report): a rise since the
+last reading is a peak of every stage open then, even one no sample saw ("hwm" column: VmHWM on exit).
 """
 
 import argparse
@@ -44,19 +49,31 @@ class Tracer:
 
     def __init__(self, traced: bool, progress: Path | None = None):
         self.rows, self.stack, self.traced, self.progress = [], [], traced, progress
+        self.hwm = hwm_mib()  # the high-water mark at the last reading
+        self.between = 0.0  # the highest rise of it while no stage was open
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.start = time.perf_counter()
         self.thread.start()
 
+    def _observe(self, rss: float) -> None:
+        """Raise the open stages' peaks to this RSS, and to the high-water mark if it rose since the last
+        reading (a peak no sample saw happened while they were open). Call with the lock held."""
+        hwm = hwm_mib()
+        top = max(rss, hwm) if hwm > self.hwm else rss
+        if hwm > self.hwm and not self.stack:
+            self.between = max(self.between, hwm)
+        self.hwm = max(self.hwm, hwm)
+        for row in self.stack:
+            row["peak_mib"] = max(row["peak_mib"], top)
+
     def _sample(self):
         last = time.perf_counter()
         while not self.done.wait(0.2):
             rss = rss_mib()
             with self.lock:
-                for row in self.stack:
-                    row["peak_mib"] = max(row["peak_mib"], rss)
+                self._observe(rss)
                 if self.progress is not None and time.perf_counter() - last > 30:  # how far a run that is stopped got
                     last = time.perf_counter()
                     self.progress.write_text(json.dumps({"seconds": last - self.start, "hwm_mib": hwm_mib(),
@@ -71,6 +88,7 @@ class Tracer:
             if not self.stack:
                 tracemalloc.reset_peak()
         with self.lock:
+            self._observe(rss)  # a rise before this stage belongs to the stages already open
             self.rows.append(row)
             self.stack.append(row)
         return row
@@ -78,9 +96,9 @@ class Tracer:
     def leave(self, row: dict) -> None:
         rss = rss_mib()
         with self.lock:
+            self._observe(rss)
             self.stack.remove(row)
-            row.update(exit_mib=rss, peak_mib=max(row["peak_mib"], rss),
-                       seconds=time.perf_counter() - self.start - row["t0"])
+            row.update(exit_mib=rss, hwm_mib=self.hwm, seconds=time.perf_counter() - self.start - row["t0"])
         if self.traced:
             current, peak = tracemalloc.get_traced_memory()
             row.update(traced_exit_mib=current / 2**20, traced_peak_mib=peak / 2**20)
@@ -106,8 +124,10 @@ def install(tracer: Tracer) -> None:
     from onnx_fwlr.autodiff import backward
     from onnx_fwlr.io import model as modelio
     from onnx_fwlr.pipeline import budget, build, compress, decompose, prepare
+    from onnx_fwlr.pipeline import run as pipeline
     from onnx_fwlr.stats import fisher
 
+    tracer.wrap(pipeline, "run", "compress run")
     tracer.wrap(compress, "prepare")
     tracer.wrap(prepare, "load_model", "load model")
     tracer.wrap(prepare, "_statistics", "statistics")
@@ -133,15 +153,17 @@ def table(rows: list[dict], collapse: set[str]) -> list[str]:
             summary["seconds"] += row.get("seconds", 0.0)
             summary["peak_mib"] = max(summary["peak_mib"], row["peak_mib"])
             summary["exit_mib"] = row.get("exit_mib", float("nan"))
+            summary["hwm_mib"] = row.get("hwm_mib", float("nan"))
             summary["traced_peak_mib"] = max(summary.get("traced_peak_mib", 0), row.get("traced_peak_mib", 0))
         else:
             lines.append(row)
-    out = ["| stage | calls | RSS in MiB | peak MiB | RSS out MiB | traced peak MiB | s |", "|---|---|---|---|---|---|---|"]
+    out = ["| stage | calls | RSS in MiB | peak MiB | RSS out MiB | hwm MiB | traced peak MiB | s |",
+           "|---|---|---|---|---|---|---|---|"]
     for row in lines:
         traced = f"{row['traced_peak_mib']:.0f}" if "traced_peak_mib" in row else "-"
         out.append(f"| {'  ' * row['depth']}{row['stage']} | {row.get('count', 1)} | {row['enter_mib']:.0f} | "
-                   f"{row['peak_mib']:.0f} | {row.get('exit_mib', float('nan')):.0f} | {traced} | "
-                   f"{row.get('seconds', float('nan')):.1f} |")
+                   f"{row['peak_mib']:.0f} | {row.get('exit_mib', float('nan')):.0f} | "
+                   f"{row.get('hwm_mib', float('nan')):.0f} | {traced} | {row.get('seconds', float('nan')):.1f} |")
     return out
 
 
@@ -171,12 +193,13 @@ def main():
     wall = time.perf_counter() - start
     tracer.done.set()
     lines = table(tracer.rows, {"one decomposition", "fisher pass", "ORT session"})
-    print(f"exit {code}, wall {wall:.0f} s, peak RSS (VmHWM) {hwm_mib():.0f} MiB; load before "
-          f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
+    print(f"exit {code}, wall {wall:.0f} s, peak RSS (VmHWM) {hwm_mib():.0f} MiB (outside every stage: "
+          f"{tracer.between:.0f}); load before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))
     if args.json:
         args.json.write_text(json.dumps({"argv": argv, "exit": code, "wall_s": wall, "hwm_mib": hwm_mib(),
-                                         "load": [load, os.getloadavg()], "rows": tracer.rows}, indent=1))
+                                         "hwm_outside_stages_mib": tracer.between, "load": [load, os.getloadavg()],
+                                         "rows": tracer.rows}, indent=1))
 
 
 if __name__ == "__main__":

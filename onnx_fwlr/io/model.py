@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 from onnx import external_data_helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
@@ -97,8 +98,8 @@ def _run_checker(model: onnx.ModelProto | str, label: str) -> None:
 
 
 def _structure(model: onnx.ModelProto) -> onnx.ModelProto:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    """The model without the bytes of its large tensors, for the checker (never copied: structure_copy)."""
+    copy, _ = structure_copy(model)
     for tensor in external_data_helper._get_all_tensors(copy):
         tensor.ClearField("raw_data")
     return copy
@@ -337,8 +338,11 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     """Write atomically: everything goes to a temporary folder beside the output, then is moved into place.
 
     external_data None = automatic (when the model is too large for one protobuf message, or was loaded
-    lazily). The data file is `<output name>.data` (relative location), written fresh; lazily loaded
-    tensors are streamed from their source files in chunks, never held in memory whole.
+    lazily). The data file is `<output name>.data` (relative location), written fresh, tensor by tensor: from
+    each tensor's bytes in the model, or streamed in chunks from a lazily loaded tensor's source file; the .onnx
+    is a copy of the structure that never held those bytes (structure_copy). So saving costs at most one
+    tensor's bytes beyond the model (copying the model first cost 2-3 times its tensors: the 1.1 B decoder's
+    save peaked at 9 GB; docs/llm.md, "Saving").
     """
     out = Path(output)
     lazy = external_base(model) is not None
@@ -351,24 +355,25 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
     try:
         tmp_model = tmp_dir / out.name
         data_name = out.name + ".data"
-        to_save = onnx.ModelProto()
-        to_save.CopyFrom(model)
-        _drop_base(to_save)
         if external_data:
-            _write_external(model, to_save, tmp_dir / data_name, data_name)
-            onnx.save_model(to_save, str(tmp_model))
+            structure = _write_external(model, tmp_dir / data_name, data_name)
+            onnx.save_model(structure, str(tmp_model))
             data_out = out.parent / data_name
             if data_out.exists():
                 data_out.unlink()  # never leave a stale file for a reader to append to or mistake
             os.replace(tmp_dir / data_name, data_out)
-        else:
-            if lazy:
-                for tensor in external_data_helper._get_all_tensors(to_save):
-                    if external_data_helper.uses_external_data(tensor):
-                        tensor.raw_data = b"".join(iter_tensor_bytes(model, tensor))
-                        del tensor.external_data[:]
-                        tensor.data_location = onnx.TensorProto.DEFAULT
+        elif lazy:
+            to_save = onnx.ModelProto()
+            to_save.CopyFrom(model)  # a lazily loaded model's structure: its weights are read in below
+            _drop_base(to_save)
+            for tensor in external_data_helper._get_all_tensors(to_save):
+                if external_data_helper.uses_external_data(tensor):
+                    tensor.raw_data = b"".join(iter_tensor_bytes(model, tensor))
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
             onnx.save_model(to_save, str(tmp_model))
+        else:  # written whole: serialised as it is, not copied first
+            tmp_model.write_bytes(model.SerializeToString())
         os.replace(tmp_model, out)
     except OSError as exc:
         raise FwlrError(
@@ -382,50 +387,233 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, external_data:
 
 
 def message_bytes(model: onnx.ModelProto) -> int:
-    """model.ByteSize(), or 2 GiB when protobuf refuses to measure it (a message above its 2 GB limit: the
-    1.1 B decoder's factors held in memory are 3.5 GB; ByteSize raised EncodeError there)."""
+    """The model's serialised size (what model.ByteSize() says), also above protobuf's 2 GB limit, without
+    serialising it: the structure without its large tensors' bytes is measured and their encoded size added.
+    (ByteSize serialises the whole message, into a buffer up to twice its size: a 1 GB model's call peaked 2 GB
+    above it; above 2 GB it raised EncodeError.)"""
+    copy, extra = structure_copy(model)
     try:
-        return model.ByteSize()
-    except EncodeError:
+        return copy.ByteSize() + extra
+    except EncodeError:  # over 2 GB without the large tensors: only small or sparse tensors, very many of them
         return 1 << 31
+
+
+# --- a model's structure without its tensor bytes -------------------------------------------------------
+# Field by field, so the bytes of the tensors save_model moves to its data file are never copied (protobuf keeps a
+# copied message's bytes in its arena until the whole copy is freed, even after ClearField). The tensors
+# stripped are exactly those external_layout places; unknown fields are carried, so the copy serialises as
+# CopyFrom's would.
+
+
+def raw_data_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes in the tensor's raw_data, from its shape and type (reading raw_data copies it); sub-byte and string
+    types are measured."""
+    itemsize = _ITEMSIZE.get(tensor.data_type)
+    if itemsize is None:
+        return len(tensor.raw_data)
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+
+
+_ITEMSIZE = {code: onnx.helper.tensor_dtype_to_np_dtype(code).itemsize
+             for code in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8,
+                          onnx.TensorProto.UINT16, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
+                          onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16,
+                          onnx.TensorProto.DOUBLE, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+                          onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, onnx.TensorProto.BFLOAT16)}
+
+
+def _moved(tensor: onnx.TensorProto, size_threshold: int) -> int | None:
+    """The raw bytes save_model moves out of this tensor (None: it stays as it is)."""
+    if external_data_helper.uses_external_data(tensor) or not tensor.HasField("raw_data"):
+        return None
+    length = raw_data_bytes(tensor)
+    return length if length >= size_threshold else None
+
+
+def structure_copy(model: onnx.ModelProto, size_threshold: int = 1024) -> tuple[onnx.ModelProto, int]:
+    """A copy of the model without the raw bytes of the tensors save_model moves to its data file (the
+    external_layout ones held in memory), and how many more bytes the model serialises to than the copy."""
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip=("graph", "functions"))
+    extra = 0
+    if model.HasField("graph"):
+        copy.graph.SetInParent()
+        extra += _nested(copy.graph, _copy_graph(model.graph, copy.graph, True, size_threshold))
+    for function in model.functions:
+        target = copy.functions.add()
+        _copy_fields(function, target, skip=("node",))
+        inner = sum(_nested_node(node, target.node.add(), False, size_threshold) for node in function.node)
+        extra += _nested(target, inner)
+    return copy, extra
+
+
+def _copy_graph(graph: onnx.GraphProto, target: onnx.GraphProto, initializers: bool, size_threshold: int) -> int:
+    """Copy a graph; initializers: strip its (and its subgraphs') initializers too, as _get_all_tensors reaches
+    them from the main graph only."""
+    _copy_fields(graph, target, skip=("initializer", "node"))
+    extra = 0
+    for tensor in graph.initializer:
+        copied = target.initializer.add()
+        extra += _nested(copied, _copy_tensor(tensor, copied, size_threshold if initializers else None))
+    for node in graph.node:
+        extra += _nested_node(node, target.node.add(), initializers, size_threshold)
+    return extra
+
+
+def _nested_node(node: onnx.NodeProto, target: onnx.NodeProto, initializers: bool, size_threshold: int) -> int:
+    _copy_fields(node, target, skip=("attribute",))
+    extra = 0
+    for attribute in node.attribute:
+        copied = target.attribute.add()
+        extra += _nested(copied, _copy_attribute(attribute, copied, initializers, size_threshold))
+    return _nested(target, extra)
+
+
+def _copy_attribute(attribute: onnx.AttributeProto, target: onnx.AttributeProto, initializers: bool,
+                    size_threshold: int) -> int:
+    _copy_fields(attribute, target, skip=("t", "tensors", "g", "graphs"))
+    extra = 0
+    if attribute.HasField("t"):
+        target.t.SetInParent()
+        extra += _nested(target.t, _copy_tensor(attribute.t, target.t, size_threshold))
+    for tensor in attribute.tensors:
+        copied = target.tensors.add()
+        extra += _nested(copied, _copy_tensor(tensor, copied, size_threshold))
+    if attribute.HasField("g"):
+        target.g.SetInParent()
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            extra += _nested(target.g, _copy_graph(attribute.g, target.g, initializers, size_threshold))
+        else:
+            target.g.CopyFrom(attribute.g)
+    for graph in attribute.graphs:
+        copied = target.graphs.add()
+        if attribute.type == onnx.AttributeProto.GRAPHS:
+            extra += _nested(copied, _copy_graph(graph, copied, initializers, size_threshold))
+        else:
+            copied.CopyFrom(graph)
+    return extra
+
+
+def _copy_tensor(tensor: onnx.TensorProto, target: onnx.TensorProto, size_threshold: int | None) -> int:
+    """Copy a tensor; without its raw bytes when save_model moves them (size_threshold None: never). Returns
+    the bytes left out: raw_data's field tag, length and bytes."""
+    length = None if size_threshold is None else _moved(tensor, size_threshold)
+    if length is None:
+        target.CopyFrom(tensor)
+        return 0
+    _copy_fields(tensor, target, skip=("raw_data",))
+    return 1 + _varint_bytes(length) + length
+
+
+def _nested(target, extra: int) -> int:
+    """What a message `extra` bytes short of its original adds to its parent's shortfall: those bytes, and the
+    longer length prefix it is written with."""
+    if not extra:
+        return 0
+    size = target.ByteSize()
+    return extra + _varint_bytes(size + extra) - _varint_bytes(size)
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _copy_fields(source, target, skip: tuple[str, ...]) -> None:
+    """Copy every field set in `source` but those named in `skip`, and its unknown fields."""
+    for field in source.DESCRIPTOR.fields:
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            values = getattr(source, field.name)
+            if len(values):
+                getattr(target, field.name).extend(values)
+        elif source.HasField(field.name):
+            if field.message_type is not None:
+                getattr(target, field.name).SetInParent()  # set, even when empty, as CopyFrom sets it
+                getattr(target, field.name).CopyFrom(getattr(source, field.name))
+            else:
+                setattr(target, field.name, getattr(source, field.name))
+    unknown = UnknownFieldSet(source)
+    if len(unknown):
+        target.MergeFromString(_encode_unknown(unknown))
+
+
+def _encode_unknown(fields) -> bytes:
+    """Unknown fields as protobuf wrote them (tag, then varint / fixed / length-prefixed / group data)."""
+    out = bytearray()
+    for field in fields:
+        out += _varint((field.field_number << 3) | field.wire_type)
+        if field.wire_type == 0:
+            out += _varint(field.data)
+        elif field.wire_type == 1:
+            out += int(field.data).to_bytes(8, "little")
+        elif field.wire_type == 2:
+            out += _varint(len(field.data)) + bytes(field.data)
+        elif field.wire_type == 3:
+            out += _encode_unknown(field.data) + _varint((field.field_number << 3) | 4)
+        elif field.wire_type == 5:
+            out += int(field.data).to_bytes(4, "little")
+    return bytes(out)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def external_layout(model: onnx.ModelProto, size_threshold: int = 1024):
     """(tensor, offset, length) of every tensor save_model moves into the data file, in file order: each lazily
     loaded tensor and each of size_threshold bytes or more; those of 1 MiB or more start at an ALIGNMENT
-    boundary. One rule for writing the file (_write_external) and for predicting its size (byte budgets)."""
+    boundary. One rule for writing the file (_write_external) and for predicting its size (byte budgets).
+    Lengths come from shapes and types (raw_data_bytes): no tensor's bytes are read."""
+    for _, tensor, offset, length in _layout(model, size_threshold):
+        yield tensor, offset, length
+
+
+def _layout(model: onnx.ModelProto, size_threshold: int):
+    """external_layout with each tensor's position among external_data_helper._get_all_tensors(model)."""
     offset = 0
-    for tensor in external_data_helper._get_all_tensors(model):
+    for position, tensor in enumerate(external_data_helper._get_all_tensors(model)):
         lazy = external_data_helper.uses_external_data(tensor)
-        if not lazy and (not tensor.HasField("raw_data") or len(tensor.raw_data) < size_threshold):
+        length = tensor_nbytes(tensor) if lazy else _moved(tensor, size_threshold)
+        if length is None:
             continue
-        length = tensor_nbytes(tensor) if lazy else len(tensor.raw_data)
         if length >= 1 << 20:
             offset += -offset % ALIGNMENT
-        yield tensor, offset, length
+        yield position, tensor, offset, length
         offset += length
 
 
-def _write_external(
-    source: onnx.ModelProto, target: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
-) -> None:
-    """Move every tensor of `target` of size_threshold bytes or more into one fresh data file.
-
-    `source` is the model `target` was copied from: it knows where lazily loaded tensors live.
-    """
+def _write_external(model: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
+                    ) -> onnx.ModelProto:
+    """Write every moved tensor of `model` (external_layout) into one fresh data file, one tensor at a time, and
+    return the structure to save beside it: a copy that never held those bytes, its tensors pointing at them."""
+    structure, _ = structure_copy(model, size_threshold)
+    _drop_base(structure)
+    targets = list(external_data_helper._get_all_tensors(structure))
     with open(data_path, "wb") as data:  # "wb" truncates: onnx.save would append to an existing file
-        for tensor, offset, length in external_layout(target, size_threshold):
+        for position, tensor, offset, length in _layout(model, size_threshold):
             data.write(b"\0" * (offset - data.tell()))
             if external_data_helper.uses_external_data(tensor):
-                for block in iter_tensor_bytes(source, tensor):
+                for block in iter_tensor_bytes(model, tensor):
                     data.write(block)
             else:
-                data.write(tensor.raw_data)
-                tensor.ClearField("raw_data")
-            del tensor.external_data[:]
+                raw = tensor.raw_data  # one tensor's bytes at a time
+                if len(raw) != length:
+                    raise FwlrError(f"tensor '{tensor.name}' holds {len(raw):,} bytes of raw data; its shape and "
+                                    f"type need {length:,}: the model is malformed.")
+                data.write(raw)
+                del raw
+            target = targets[position]
+            del target.external_data[:]
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                tensor.external_data.add(key=key, value=value)
-            tensor.data_location = onnx.TensorProto.EXTERNAL
+                target.external_data.add(key=key, value=value)
+            target.data_location = onnx.TensorProto.EXTERNAL
+    return structure
 
 
 def file_size(path: str | os.PathLike) -> int:

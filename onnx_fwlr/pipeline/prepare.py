@@ -18,7 +18,7 @@ import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import LAZY_THRESHOLD, external_bytes, load_model
+from onnx_fwlr.io.model import LAZY_THRESHOLD, external_bytes, load_model, message_bytes
 from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import lowrank
 from onnx_fwlr.methods.registry import GRADIENTS, METHODS, get_method, input_scaling, output_scaling
@@ -257,8 +257,8 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
 
 
 def model_weight_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the model's tensors: in memory, and in external data files."""
-    return model.ByteSize() + external_bytes(model)
+    """Bytes of the model's tensors: in memory (measured without serialising them), and in external data files."""
+    return message_bytes(model) + external_bytes(model)
 
 
 def _fisher_groups(sites, fisher_options, stats_memory):

@@ -27,7 +27,14 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
-from onnx_fwlr.io.model import EXTERNAL_DATA_THRESHOLD, external_base, external_bytes, external_layout, load_model
+from onnx_fwlr.io.model import (
+    EXTERNAL_DATA_THRESHOLD,
+    external_base,
+    external_bytes,
+    external_layout,
+    load_model,
+    message_bytes,
+)
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed
@@ -789,7 +796,9 @@ def _factor_bytes(job: QuantizeJob, site: Site) -> int:
 
 
 def _bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize() + external_bytes(model)
+    """Serialised size plus external data, measured without serialising (ByteSize did: twice the model's bytes
+    for a moment, and EncodeError above 2 GB)."""
+    return message_bytes(model) + external_bytes(model)
 
 
 RECORD_BYTES = 128  # at most, one tensor's external-data record as written (location, offset, length)
@@ -800,8 +809,9 @@ def _written_bytes(model: onnx.ModelProto) -> int:
     with external data (it keeps lazily loaded weights of a large input, or is too large for one message), also
     each moved tensor's record and the data file's alignment padding, as io.model.save_model writes them, so
     the files on disk stay within the target."""
-    size = _bytes(model)
-    if external_base(model) is None and model.ByteSize() <= EXTERNAL_DATA_THRESHOLD:
+    in_memory = message_bytes(model)
+    size = in_memory + external_bytes(model)
+    if external_base(model) is None and in_memory <= EXTERNAL_DATA_THRESHOLD:
         return size
     end = 0
     for _, offset, length in external_layout(model):

@@ -26,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.io.model import message_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,7 @@ def quantize_dynamic_nodes(model: onnx.ModelProto, node_names: list[str],
     if reduce_range is None:
         reduce_range = int8_saturates()
 
-    large = model.ByteSize() > 1_800_000_000
+    large = message_bytes(model) > 1_800_000_000
     with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
         output = Path(folder) / "quantized.onnx"
         quantize_dynamic(model, output, op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=True,
@@ -360,7 +361,7 @@ def ort_int8_model(model: onnx.ModelProto) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
         output = Path(folder) / "int8.onnx"
         quantize_dynamic(copy, output, per_channel=True, weight_type=QuantType.QInt8, reduce_range=int8_saturates(),
-                         use_external_data_format=model.ByteSize() > 1_800_000_000)
+                         use_external_data_format=message_bytes(model) > 1_800_000_000)
         return onnx.load(str(output))
 
 

@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import tensor_array
+from onnx_fwlr.io.model import message_bytes, tensor_array
 from onnx_fwlr.quant.formats import FORMATS
 from onnx_fwlr.quant.ortquant import _nbits_module, _quiet_ort_logging, ensure_ms_domain
 from onnx_fwlr.quant.quantized_site import QuantizedSite, QuantScheme
@@ -95,7 +95,7 @@ def _quantize_dynamic(model: onnx.ModelProto, names: list[str], scheme: QuantSch
     if scheme.bits != 8:
         raise FwlrError(f"dynamic quantization takes 8-bit weights, not {scheme.bits}-bit; ask for int8.")
     op_types = sorted({node.op_type for g in walk_graphs(model) for node in g.node if node.name in set(names)})
-    large = model.ByteSize() > 1_800_000_000
+    large = message_bytes(model) > 1_800_000_000
     with tempfile.TemporaryDirectory() as folder, _quiet_ort_logging():
         output = Path(folder) / "quantized.onnx"
         quantize_dynamic(model, output, op_types_to_quantize=op_types, nodes_to_quantize=list(names),

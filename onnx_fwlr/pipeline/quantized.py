@@ -28,6 +28,7 @@ from onnx_fwlr.evaluate.language import is_language_model
 from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import EXTERNAL_DATA_THRESHOLD, external_base, external_bytes, external_layout, load_model
+from onnx_fwlr.methods.allocation import Option, allocate
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed
@@ -36,7 +37,7 @@ from onnx_fwlr.pipeline.quantized_speed import allocate_latency, fastest_ratio, 
 from onnx_fwlr.pipeline.quantized_store import LazyMetrics, SpillStore, StoredPlans
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
-from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
+from onnx_fwlr.quant.budget import minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype

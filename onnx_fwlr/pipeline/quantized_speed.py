@@ -109,6 +109,7 @@ def allocate_latency(model, sites, choices, target: float, latency, feed, forms:
     chosen = allocate(timed, available, cost=by_ms, search=True)
     predicted = predicted_ratio(sum(o.ms for o in chosen), share, dense_ms)
     info = {"target_latency": target, "site_share": share, "best_ratio": best, "predicted_ratio": predicted,
+            "sites_ms": dense_ms,
             "tokens": sorted({t.tokens for t in baseline}), "own_form": own, "scheme_ratios": ratios,
             "sites": [{"site": s.name, "option": o.label, "ms": o.ms, "own_ms": t.dense_ms}
                       for s, o, t in zip(sites, chosen, baseline)]}

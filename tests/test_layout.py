@@ -174,7 +174,7 @@ TOOLS_EDITING_SYS_PATH = {"synthetic_transformer.py", "bench_shipped.py", "expor
                           "export_smollm2.py"}
 # Tools edited on other branches at the time of the change that put tools on the public API: converted after the
 # merge (remove each from here then).
-TOOLS_PENDING = {"bench_llm.py", "bench_quant.py", "bench_distributed.py", "bench_lstm_lm.py"}
+TOOLS_PENDING = {"bench_distributed.py"}
 # Tools that wrap the pipeline's stages to measure each one (memory per stage): they need its modules by name.
 TOOLS_WRAPPING_STAGES = {"trace_llm_memory.py"}
 

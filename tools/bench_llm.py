@@ -37,7 +37,6 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RATIOS = (0.9, 0.8, 0.7)
 PAIRS = 3  # decode timings alternate row / original this many times; the median ratio is reported
@@ -129,9 +128,9 @@ def child(spec: dict) -> None:
     kind, source, out = spec["kind"], Path(spec["source"]), Path(spec["out"])
     pairs = [(source, out)] + ([(Path(spec["past_source"]), Path(spec["past_out"]))] if spec.get("past_out") else [])
     if kind == "cli":
-        from onnx_fwlr.cli.main import main
+        from onnx_fwlr.api import cli_main
 
-        code = main(spec["argv"])
+        code = cli_main(spec["argv"])
         if code not in (0, 1):
             sys.exit(code)
         seconds, peak = time.perf_counter() - start, vm_hwm_mib()

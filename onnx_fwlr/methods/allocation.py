@@ -228,7 +228,7 @@ def latency_ranks(energies: list[np.ndarray], site_tables: list, target_ms: floa
     max_ranks = max_ranks or [len(e) for e in energies]
     choices = [latency_options(np.asarray(e), t, table, m)
                for e, t, table, m in zip(energies, totals, site_tables, max_ranks)]
-    picked = allocate(choices, target_ms, cost=by_ms, search=True)
+    picked = allocate_ms(choices, target_ms)
     if picked is None:
         picked = [lower_hull(options, by_ms)[0] for options in choices]
     return [option.key for option in picked]
@@ -257,14 +257,17 @@ def _turn(a: Option, b: Option, c: Option, cost=by_bytes) -> float:
 
 
 def allocate(choices: list[list[Option]], available: float, cost=by_bytes, *, hull: bool = True,
-             search: bool = False) -> list[Option] | None:
+             search: bool = False, tolerance: float = 0.0) -> list[Option] | None:
     """One option per site with total cost (`cost`: by_params, by_bytes or by_ms) ≤ available and the least
     predicted loss `greedy` finds; None when even the first options do not fit.
 
     hull: each site's upgrades are the steps along its lower convex hull in (cost, loss), from its cheapest
     option; False: the options as given (cost ascending), each one step (global_ranks' rank blocks).
     search: stop at the first upgrade that does not fit, then spend what is left one site at a time on any of its
-    options (spend_leftover); used by latency budgets, where it measured better than going past misfits."""
+    options (spend_leftover); used by latency budgets, where it measured better than going past misfits.
+    tolerance: a total within available × (1 + tolerance) fits (latency budgets: sums of measured milliseconds
+    taken in another order differ in their last bits; bytes and parameters are counted exactly)."""
+    available = available + tolerance * abs(available)
     paths = [lower_hull(options, cost) if hull else list(options) for options in choices]
     spent = sum(cost(path[0]) for path in paths)
     if spent > available:
@@ -273,6 +276,16 @@ def allocate(choices: list[list[Option]], available: float, cost=by_bytes, *, hu
               for path in paths]
     picked = [path[n] for path, n in zip(paths, greedy(chains, spent, available, past_misfit=not search))]
     return spend_leftover(choices, picked, available, cost) if search else picked
+
+
+# Milliseconds are sums of measured floats; one budget met exactly in one summation order is one rounding above it
+# in another (the fake timer's exact times hit that). A relative 1e-9 is far below what any timing resolves.
+MS_TOLERANCE = 1e-9
+
+
+def allocate_ms(choices: list[list[Option]], available_ms: float) -> list[Option] | None:
+    """The rule every latency budget is spent by: `allocate` in milliseconds with the leftover searched."""
+    return allocate(choices, available_ms, cost=by_ms, search=True, tolerance=MS_TOLERANCE)
 
 
 def spend_leftover(choices: list[list[Option]], picked: list[Option], available: float, cost=by_bytes

@@ -376,8 +376,8 @@ def goals(rows: dict) -> list[str]:
 
     int4, auto, half, kfac = ratio("ort-int4"), ratio("auto-int4"), ratio("auto-half"), ratio("kfac-0.8")
     checks = [
-        ("--quantize auto at <= ORT int4's bytes within 1.05x the original's perplexity", auto,
-         lambda: auto <= 1.05 and rows["auto-int4"]["bytes"] <= rows["ort-int4"]["bytes"]),
+        ("--quantize auto at <= ORT int4's bytes within 1.05x the original's perplexity",
+         None if auto is None or int4 is None else auto, lambda: auto <= 1.05 and rows["auto-int4"]["bytes"] <= rows["ort-int4"]["bytes"]),
         ("--quantize auto at half ORT int4's bytes no worse than ORT int4", None if half is None or int4 is None
          else half, lambda: half <= int4),
         ("low rank kfac at 0.8 within 1.4x the original's perplexity", kfac, lambda: kfac <= 1.4),

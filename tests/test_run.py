@@ -11,6 +11,7 @@ import pytest
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.cli.main import main
 from onnx_fwlr.cost import latency as lat
+from onnx_fwlr.methods.allocation import MS_TOLERANCE
 from onnx_fwlr.pipeline import budget as budget_module
 from onnx_fwlr.pipeline import checks as checks_module
 from onnx_fwlr.pipeline import quantized as quantized_module
@@ -78,23 +79,27 @@ def test_api_quantize_on_an_int8_input_requantizes_and_validates(int8_model):
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
 
 
+class _FakeLatency(lat.MeasuredLatency):
+    """FLOP-proportional tables (int8 forms 0.57x, int4 1.06x), a profiled share of 0.9, a measured 0.8."""
+
+    def site_share(self, model, nodes, feed, runs=5):
+        return 0.9
+
+    def model_ratio(self, original, compressed, feed, runs=20):
+        return {"pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
+
+
+def _fake_timer(K, N, rank, tokens, form=lat.FP32):
+    dense = 2 * tokens * K * N / 1e6
+    flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
+    if form in (lat.FP32, lat.INT8):
+        return (1.0 if form == lat.FP32 else 0.57) * (dense if rank is None else flops)
+    return (1.06 if form.startswith("int4") else 0.57) * dense + flops
+
+
 def test_api_quantize_under_a_latency_budget_runs_the_measured_guard(tmp_path, monkeypatch):
     """The speed guard ran only in the CLI before: the API's report now carries the measured ratio too."""
-    class Fake(lat.MeasuredLatency):
-        def site_share(self, model, nodes, feed, runs=5):
-            return 0.9
-
-        def model_ratio(self, original, compressed, feed, runs=20):
-            return {"pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
-
-    def timer(K, N, rank, tokens, form=lat.FP32):
-        dense = 2 * tokens * K * N / 1e6
-        flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
-        if form in (lat.FP32, lat.INT8):
-            return (1.0 if form == lat.FP32 else 0.57) * (dense if rank is None else flops)
-        return (1.06 if form.startswith("int4") else 0.57) * dense + flops
-
-    latency = Fake(threads=1, cache_dir=tmp_path, timer=timer)
+    latency = _FakeLatency(threads=1, cache_dir=tmp_path, timer=_fake_timer)
     _, report = compress(str(DIGITS), quantize="auto", target_latency=0.8, calibration=str(CALIB), progress=False,
                          latency=latency)
     assert report.budget["speed"]["measured_ratio"] == 0.8
@@ -277,24 +282,6 @@ def test_reuse_shares_decompositions_across_budgets_and_refuses_other_runs():
         run(config(0.4, sequential=True), reuse=reuse)
 
 
-class _FakeLatency(lat.MeasuredLatency):
-    """FLOP-proportional tables (int8 forms 0.57x, int4 1.06x), a profiled share of 0.9, a measured 0.8."""
-
-    def site_share(self, model, nodes, feed, runs=5):
-        return 0.9
-
-    def model_ratio(self, original, compressed, feed, runs=20):
-        return {"pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
-
-
-def _fake_timer(K, N, rank, tokens, form=lat.FP32):
-    dense = 2 * tokens * K * N / 1e6
-    flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
-    if form in (lat.FP32, lat.INT8):
-        return (1.0 if form == lat.FP32 else 0.57) * (dense if rank is None else flops)
-    return (1.06 if form.startswith("int4") else 0.57) * dense + flops
-
-
 @pytest.mark.parametrize("options, currency, rank_of", [
     (dict(ratio=0.4, method="kfac", allocation="global"), "parameters", {"low rank"}),
     (dict(rank=8), "parameters", {"low rank"}),
@@ -324,7 +311,8 @@ def test_every_mode_fills_one_budget_shape(tmp_path, options, currency, rank_of)
     else:
         assert budget["spent"] == budget["totals"][currency]["after"]
         if "rank" not in options and "kron_shape" not in options:  # a rank, or per-site structures, set no limit
-            assert budget["spent"] <= budget["target"]
+            slack = MS_TOLERANCE if currency == "milliseconds" else 0.0  # sums of ms met within a rounding
+            assert budget["spent"] <= budget["target"] * (1 + slack)
     if currency == "milliseconds":
         before = budget["totals"]["milliseconds"]["before"]
         assert budget["target"] == pytest.approx(options["target_latency"] * before)

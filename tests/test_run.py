@@ -320,3 +320,13 @@ def test_every_mode_fills_one_budget_shape(tmp_path, options, currency, rank_of)
     assert ranks and ranks <= rank_of
     assert all(s.rank_of == "" for s in report.sites if s.rank is None)
     assert json.loads(json.dumps(report.to_dict()))["budget"]["currency"] == currency
+
+
+def test_a_quantized_inputs_byte_budget_is_recorded_in_bytes(int8_model):
+    """`ratio` of an int8 input counts its bytes (the float sites keep the share that meets it): the record says
+    bytes, the share of the input's bytes as the target, and the requantized model's bytes as spent."""
+    _, report = compress(str(int8_model), ratio=0.5, calibration=str(CALIB), progress=False)
+    budget = report.budget
+    assert budget["currency"] == "bytes" and budget["totals"]["bytes"]["before"] == budget["input_bytes"]
+    assert budget["target"] == 0.5 * budget["input_bytes"]
+    assert budget["spent"] == budget["totals"]["bytes"]["after"] <= budget["target"]

@@ -180,8 +180,9 @@ def budget_record(currency: str | None, options, report, model_bytes: tuple[int 
                   ) -> dict:
     """The part of `report.budget` every mode fills the same way (the mode's own details stay beside it):
 
-    currency  what the budget counted (RunConfig.currency): "parameters", "bytes", "milliseconds",
-              "output error", or None (fixed ranks or schemes, no budget to spend)
+    currency  what the budget counted (RunConfig.currency; "bytes" for `ratio`/`target_size` of an already-quantized
+              input, which count its bytes): "parameters", "bytes", "milliseconds", "output error", or None
+              (fixed ranks or schemes, no budget to spend)
     target    the limit in that currency: parameters (`ratio` × the sites' parameters), bytes of the model,
               the model's predicted milliseconds at the timing size (`target_latency` × the original's), or
               the largest relative output error; None without one

@@ -124,18 +124,26 @@ def run(config: RunConfig, *, latency=None, form_timer=None, reuse: Reuse | None
         measure_against_input(config.model, compressed, report, context.latency, data.calibration, data.batch_size,
                               data.shapes)
     _validate(compressed, report, config, context)
-    report.budget.update(budget_record(config.currency, config.budget, report, _model_bytes(config, compressed)))
+    counted = "bytes" if "input_bytes" in report.budget else config.currency  # a quantized input's own bytes
+    report.budget.update(budget_record(counted, config.budget, report, _model_bytes(counted, config, compressed,
+                                                                                    report)))
     report.config = config.to_dict(strict=False)
     return compressed, report
 
 
-def _model_bytes(config: RunConfig, compressed) -> tuple[int, int] | None:
+def _model_bytes(currency: str | None, config: RunConfig, compressed, report: Report) -> tuple[int, int] | None:
     """(input, output) bytes of a byte budget the replacement counted in parameters (low rank under
-    `target_size`); None otherwise (the quantized path counts the model's bytes itself)."""
-    if config.currency != "bytes" or config.quantize.mode is not None:
+    `target_size`, or a share of a quantized input's bytes); None otherwise (the quantized path counts the
+    model's bytes itself)."""
+    if currency != "bytes" or config.quantize.mode is not None:
         return None
     model = config.model
-    before = file_size(model) if isinstance(model, (str, os.PathLike)) else message_bytes(model) + external_bytes(model)
+    if "input_bytes" in report.budget:
+        before = report.budget["input_bytes"]
+    elif isinstance(model, (str, os.PathLike)):
+        before = file_size(model)
+    else:
+        before = message_bytes(model) + external_bytes(model)
     return before, message_bytes(compressed) + external_bytes(compressed)
 
 

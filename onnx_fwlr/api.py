@@ -33,6 +33,7 @@ from onnx_fwlr.pipeline.config import (  # noqa: F401
     StructuredOptions,
 )
 from onnx_fwlr.pipeline.distributed import Executor  # noqa: F401
+from onnx_fwlr.pipeline.quantized import build_quantized, fastest_latency, prepare_quantized  # noqa: F401
 from onnx_fwlr.pipeline.quantized_input import dequantize_input  # noqa: F401
 from onnx_fwlr.pipeline.run import Reuse, run  # noqa: F401
 from onnx_fwlr.pipeline.sequential import correct_sequentially  # noqa: F401
@@ -42,7 +43,8 @@ from onnx_fwlr.workflows.frontier import fidelity  # noqa: F401
 
 __all__ = ["Budget", "BudgetOptions", "CompareOptions", "DataOptions", "FisherOptions", "MethodOptions", "Prepared",
            "QuantizeOptions", "RefineOptions", "Reuse", "RunConfig", "SiteOptions", "SpeedOptions",
-           "StructuredOptions", "apply_same_factors", "build", "calibrate", "choose_ranks", "cli_main", "compress",
-           "correct_sequentially", "dequantize_input", "ensure_decompositions", "fidelity", "file_size",
-           "latency_budget_ranks", "load_model", "prepare", "round_for_speed", "run", "save_model", "validate"]
+           "StructuredOptions", "apply_same_factors", "build", "build_quantized", "calibrate", "choose_ranks",
+           "cli_main", "compress", "correct_sequentially", "dequantize_input", "ensure_decompositions",
+           "fastest_latency", "fidelity", "file_size", "latency_budget_ranks", "load_model", "prepare",
+           "prepare_quantized", "round_for_speed", "run", "save_model", "validate"]
 __all__ += ["Executor", "parse_size"]  # where the work runs (pipeline.distributed); sizes as the CLI reads them

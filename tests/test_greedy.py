@@ -1,14 +1,32 @@
-"""methods.allocation.greedy, the one rule global_ranks and quant.budget.allocate spend budgets by, chooses what
-the two separate greedy loops it replaced chose (their code kept here as the reference), on random spectra,
-shapes, rank multiples, truncated spectra and budgets, and on random option sets."""
+"""methods.allocation.allocate, the one allocator global_ranks, latency_ranks and the quantized budgets spend
+budgets by, chooses what the three separate loops it replaced chose (their code kept here as the reference), on
+random spectra, shapes, rank multiples, truncated spectra, latency tables and budgets, and on random option sets;
+and the rule latency budgets use (greedy to the first misfit, then the leftover searched) spends a budget
+better than going on past misfits, measured against the exact optimum (tools/bench_allocation.py)."""
 
 import heapq
+import importlib.util
+import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from onnx_fwlr.methods.allocation import break_even_rank, global_ranks, greedy, rank_step, site_params
-from onnx_fwlr.quant.budget import Option, allocate, by_bytes, lower_hull
+from onnx_fwlr.methods.allocation import (
+    Option,
+    allocate,
+    break_even_rank,
+    by_bytes,
+    by_ms,
+    global_ranks,
+    greedy,
+    latency_ranks,
+    lower_hull,
+    rank_step,
+    site_params,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _reference_global_ranks(energies, shapes, budget, min_rank=1, multiple=None):
@@ -96,3 +114,81 @@ def test_greedy_takes_the_best_gain_per_cost_that_fits():
     assert greedy(chains, 0, 44) == [1, 2]  # then 30 for 30 (1 per unit) before 10 for 5 (0.5)
     assert greedy(chains, 0, 54) == [2, 2]
     assert greedy(chains, 10, 14) == [0, 1]  # the 10-unit upgrade no longer fits; the 4-unit one does
+
+
+def _reference_latency_ranks(energies, tables, target_ms):
+    """latency_ranks as it was before allocate(): every site dense, moves down each site's (ms, dropped) hull by
+    least energy per ms saved until the total fits, then the leftover search over every measured rank."""
+    totals = [float(np.sum(e)) for e in energies]
+
+    def options(i):
+        yield tables[i].dense_ms, 0.0, None
+        for rank, ms in zip(tables[i].ranks, tables[i].factored_ms):
+            if rank <= len(energies[i]):
+                yield ms, max(totals[i] - float(np.sum(energies[i][:rank])), 0.0), rank
+
+    steps = []
+    for i in range(len(tables)):
+        frontier = []
+        for option in sorted((o for o in options(i) if o[2] is None or o[0] < tables[i].dense_ms),
+                             key=lambda o: (-o[0], o[1])):
+            if frontier and option[0] >= frontier[-1][0]:
+                continue
+            while frontier and frontier[-1][1] >= option[1]:
+                frontier.pop()
+            frontier.append(option)
+        hull = []
+        for option in frontier:
+            while len(hull) >= 2 and ((hull[-1][1] - hull[-2][1]) / (hull[-2][0] - hull[-1][0])
+                                      >= (option[1] - hull[-2][1]) / (hull[-2][0] - option[0])):
+                hull.pop()
+            hull.append(option)
+        steps.append([(a[0] - b[0], b[1] - a[1], b[2]) for a, b in itertools.pairwise(hull)])
+    ranks = [None] * len(tables)
+    spent = float(sum(t.dense_ms for t in tables))
+    heap = [(site[0][1] / site[0][0], i, 0) for i, site in enumerate(steps) if site]
+    heapq.heapify(heap)
+    while heap and spent > target_ms:
+        _, i, k = heapq.heappop(heap)
+        saved, _, rank = steps[i][k]
+        ranks[i], spent = rank, spent - saved
+        if k + 1 < len(steps[i]):
+            heapq.heappush(heap, (steps[i][k + 1][1] / steps[i][k + 1][0], i, k + 1))
+    spent = float(sum(next(o for o in options(i) if o[2] == ranks[i])[0] for i in range(len(ranks))))
+    while spent <= target_ms:
+        best = None
+        for i in range(len(ranks)):
+            ms_now, dropped_now, _ = next(o for o in options(i) if o[2] == ranks[i])
+            for ms, dropped, rank in options(i):
+                gain = dropped_now - dropped
+                if gain > 0 and spent - ms_now + ms <= target_ms and (best is None or gain > best[0]):
+                    best = (gain, i, (ms, rank, ms_now))
+        if best is None:
+            break
+        _, i, (ms, rank, ms_now) = best
+        ranks[i], spent = rank, spent - ms_now + ms
+    return ranks
+
+
+def _bench():
+    """tools/bench_allocation.py: its random cases and its comparison of the spending rules."""
+    spec = importlib.util.spec_from_file_location("bench_allocation", ROOT / "tools" / "bench_allocation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_latency_ranks_choose_what_the_old_loop_chose(seed):
+    energies, tables, target = _bench().latency_case(seed)
+    assert latency_ranks(energies, tables, target) == _reference_latency_ranks(energies, tables, target)
+
+
+def test_latency_rule_spends_the_budget_better_than_going_past_misfits():
+    """Against the exact optimum of 100 random latency cases, the rule latency budgets use (search) is optimal
+    more often and loses less on average than greedy past misfits, with or without the leftover search after it
+    (the numbers: `python tools/bench_allocation.py`, docs/architecture.md)."""
+    bench = _bench()
+    found = bench.compare(bench.latency_cases(100), by_ms)
+    assert found["search"]["optimal"] > found["greedy+search"]["optimal"] > found["greedy"]["optimal"]
+    assert found["search"]["mean_excess"] < found["greedy+search"]["mean_excess"] < found["greedy"]["mean_excess"]

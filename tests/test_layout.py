@@ -172,9 +172,6 @@ TOOLS = PACKAGE.parent / "tools"
 # the export scripts' own torch virtual environments, which do not have onnx_fwlr installed.
 TOOLS_EDITING_SYS_PATH = {"synthetic_transformer.py", "bench_shipped.py", "export_decoder.py", "export_minilm.py",
                           "export_smollm2.py"}
-# Tools edited on other branches at the time of the change that put tools on the public API: converted after the
-# merge (remove each from here then).
-TOOLS_PENDING = {"bench_llm.py", "bench_quant.py", "bench_lstm_lm.py"}
 # Tools that wrap the pipeline's stages to measure each one (memory per stage): they need its modules by name.
 TOOLS_WRAPPING_STAGES = {"trace_llm_memory.py"}
 
@@ -190,10 +187,10 @@ def test_tools_use_the_public_api(path):
     internal = [f"{n.lineno}: {n.module}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
                 and n.module.split(".")[:2] in (["onnx_fwlr", "pipeline"], ["onnx_fwlr", "workflows"],
                                                 ["onnx_fwlr", "cli"])]
-    if path.name not in TOOLS_EDITING_SYS_PATH | TOOLS_PENDING:
+    if path.name not in TOOLS_EDITING_SYS_PATH:
         assert not edits, f"{path.name} edits sys.path at lines {edits}"
     # hash_matrix also runs older checkouts (no api.cli_main)
-    if path.name not in TOOLS_PENDING | TOOLS_WRAPPING_STAGES | {"hash_matrix.py"}:
+    if path.name not in TOOLS_WRAPPING_STAGES | {"hash_matrix.py"}:
         assert not internal, f"{path.name} imports {internal}; import from onnx_fwlr.api"
 
 

@@ -11,10 +11,10 @@ from builders import gemm_model, make_model, matmul_model, run, vinfo
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.methods.allocation import Option, allocate, lower_hull
 from onnx_fwlr.methods.lowrank import gram_scaling
 from onnx_fwlr.pipeline.quantized import compress_quantized
 from onnx_fwlr.quant import budget, compensate, ortquant
-from onnx_fwlr.quant.budget import Option
 from onnx_fwlr.quant.plan import dequantized
 
 INT4 = ortquant.nbits(4, 32)
@@ -132,17 +132,17 @@ def test_alternation_never_makes_the_weighted_error_worse():
 def test_lower_hull_keeps_the_convex_frontier():
     options = [Option("a", 0, 100, 10.0), Option("b", 0, 150, 9.5), Option("c", 0, 200, 4.0),
                Option("d", 0, 300, 3.5), Option("e", 0, 250, 5.0), Option("f", 0, 400, 0.0)]
-    assert [o.storage for o in budget.lower_hull(options)] == ["a", "c", "f"]
+    assert [o.storage for o in lower_hull(options)] == ["a", "c", "f"]
 
 
 def test_allocation_respects_the_budget_and_prefers_loss_per_byte():
     steep = [Option("q", 0, 100, 50.0), Option("q", 8, 150, 10.0)]  # 0.8 loss per byte
     shallow = [Option("q", 0, 100, 50.0), Option("q", 8, 150, 40.0)]  # 0.2 loss per byte
-    assert [o.rank for o in budget.allocate([shallow, steep], 250)] == [0, 8]
-    assert [o.rank for o in budget.allocate([shallow, steep], 300)] == [8, 8]
-    assert budget.allocate([shallow, steep], 199) is None
+    assert [o.rank for o in allocate([shallow, steep], 250)] == [0, 8]
+    assert [o.rank for o in allocate([shallow, steep], 300)] == [8, 8]
+    assert allocate([shallow, steep], 199) is None
     big = [Option("q", 0, 100, 50.0), Option("q", 8, 400, 0.0)]  # best per byte, but does not fit
-    picked = budget.allocate([big, shallow], 260)
+    picked = allocate([big, shallow], 260)
     assert [o.rank for o in picked] == [0, 8] and sum(o.bytes for o in picked) <= 260
     assert budget.minimum_bytes([big, shallow]) == 200
 

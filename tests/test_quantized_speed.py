@@ -92,7 +92,7 @@ def int8_model(tmp_path):
 
 def test_allocate_spends_milliseconds_by_loss_per_ms():
     """The byte greedy, with each option's predicted ms as its cost: the small-but-slow int4 loses to int8."""
-    from onnx_fwlr.quant.budget import Option, allocate, by_ms
+    from onnx_fwlr.methods.allocation import Option, allocate, by_ms
 
     options = [Option("fp32", 0, 100, 0.0, ms=10.0), Option("int4 b32", 0, 25, 1.0, ms=11.0),
                Option("int8 dynamic", 0, 50, 0.5, ms=6.0)]

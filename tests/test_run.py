@@ -11,6 +11,7 @@ import pytest
 from onnx_fwlr import FwlrError, compress
 from onnx_fwlr.cli.main import main
 from onnx_fwlr.cost import latency as lat
+from onnx_fwlr.methods.allocation import MS_TOLERANCE
 from onnx_fwlr.pipeline import budget as budget_module
 from onnx_fwlr.pipeline import checks as checks_module
 from onnx_fwlr.pipeline import quantized as quantized_module
@@ -78,23 +79,27 @@ def test_api_quantize_on_an_int8_input_requantizes_and_validates(int8_model):
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
 
 
+class _FakeLatency(lat.MeasuredLatency):
+    """FLOP-proportional tables (int8 forms 0.57x, int4 1.06x), a profiled share of 0.9, a measured 0.8."""
+
+    def site_share(self, model, nodes, feed, runs=5):
+        return 0.9
+
+    def model_ratio(self, original, compressed, feed, runs=20):
+        return {"pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
+
+
+def _fake_timer(K, N, rank, tokens, form=lat.FP32):
+    dense = 2 * tokens * K * N / 1e6
+    flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
+    if form in (lat.FP32, lat.INT8):
+        return (1.0 if form == lat.FP32 else 0.57) * (dense if rank is None else flops)
+    return (1.06 if form.startswith("int4") else 0.57) * dense + flops
+
+
 def test_api_quantize_under_a_latency_budget_runs_the_measured_guard(tmp_path, monkeypatch):
     """The speed guard ran only in the CLI before: the API's report now carries the measured ratio too."""
-    class Fake(lat.MeasuredLatency):
-        def site_share(self, model, nodes, feed, runs=5):
-            return 0.9
-
-        def model_ratio(self, original, compressed, feed, runs=20):
-            return {"pairs": 20, "ratio_p50": 0.8, "ratio_p10": 0.78, "ratio_p90": 0.83}
-
-    def timer(K, N, rank, tokens, form=lat.FP32):
-        dense = 2 * tokens * K * N / 1e6
-        flops = 0.0 if rank is None else 2 * tokens * rank * (K + N) / 1e6
-        if form in (lat.FP32, lat.INT8):
-            return (1.0 if form == lat.FP32 else 0.57) * (dense if rank is None else flops)
-        return (1.06 if form.startswith("int4") else 0.57) * dense + flops
-
-    latency = Fake(threads=1, cache_dir=tmp_path, timer=timer)
+    latency = _FakeLatency(threads=1, cache_dir=tmp_path, timer=_fake_timer)
     _, report = compress(str(DIGITS), quantize="auto", target_latency=0.8, calibration=str(CALIB), progress=False,
                          latency=latency)
     assert report.budget["speed"]["measured_ratio"] == 0.8
@@ -275,3 +280,53 @@ def test_reuse_shares_decompositions_across_budgets_and_refuses_other_runs():
     assert first.SerializeToString() != second.SerializeToString()
     with pytest.raises(FwlrError, match="more than its budget"):
         run(config(0.4, sequential=True), reuse=reuse)
+
+
+@pytest.mark.parametrize("options, currency, rank_of", [
+    (dict(ratio=0.4, method="kfac", allocation="global"), "parameters", {"low rank"}),
+    (dict(rank=8), "parameters", {"low rank"}),
+    (dict(target_size=150000), "bytes", {"low rank"}),
+    (dict(method="kron", ratio=0.3, kron_shape="balanced"), "parameters", {"kronecker terms", "low rank"}),
+    (dict(max_error=0.05, validation=str(TEST)), "output error", {"low rank"}),
+    (dict(method="kfac", target_latency=0.7), "milliseconds", {"low rank"}),
+    (dict(quantize="auto", ratio=0.5), "bytes", {"correction"}),
+    (dict(quantize="int4"), None, {"correction"}),
+    (dict(quantize="auto", target_latency=0.8), "milliseconds", {"correction", "low rank"}),
+], ids=["global", "rank", "target-size", "kron", "max-error", "latency", "quantize-bytes", "quantize-fixed",
+        "quantize-latency"])
+def test_every_mode_fills_one_budget_shape(tmp_path, options, currency, rank_of):
+    """report.budget's currency, target, spent and totals mean the same in every mode; spent is the total of
+    its currency after, and within the target where the allocator spends it; each site's rank says what it
+    counts (rank_of)."""
+    latency = _FakeLatency(threads=1, cache_dir=tmp_path, timer=_fake_timer)
+    _, report = compress(str(DIGITS), calibration=str(CALIB), progress=False, latency=latency, **options)
+    budget = report.budget
+    assert budget["currency"] == currency
+    assert set(budget["totals"]) >= {"parameters"}
+    assert budget["totals"]["parameters"] == {"before": report.site_params_before, "after": report.site_params_after}
+    if currency is None:
+        assert budget["target"] is None and budget["spent"] is None
+    elif currency == "output error":
+        assert budget["spent"] <= budget["target"] == 0.05
+    else:
+        assert budget["spent"] == budget["totals"][currency]["after"]
+        if "rank" not in options and "kron_shape" not in options:  # a rank, or per-site structures, set no limit
+            slack = MS_TOLERANCE if currency == "milliseconds" else 0.0  # sums of ms met within a rounding
+            assert budget["spent"] <= budget["target"] * (1 + slack)
+    if currency == "milliseconds":
+        before = budget["totals"]["milliseconds"]["before"]
+        assert budget["target"] == pytest.approx(options["target_latency"] * before)
+    ranks = {s.rank_of for s in report.sites if s.rank is not None}
+    assert ranks and ranks <= rank_of
+    assert all(s.rank_of == "" for s in report.sites if s.rank is None)
+    assert json.loads(json.dumps(report.to_dict()))["budget"]["currency"] == currency
+
+
+def test_a_quantized_inputs_byte_budget_is_recorded_in_bytes(int8_model):
+    """`ratio` of an int8 input counts its bytes (the float sites keep the share that meets it): the record says
+    bytes, the share of the input's bytes as the target, and the requantized model's bytes as spent."""
+    _, report = compress(str(int8_model), ratio=0.5, calibration=str(CALIB), progress=False)
+    budget = report.budget
+    assert budget["currency"] == "bytes" and budget["totals"]["bytes"]["before"] == budget["input_bytes"]
+    assert budget["target"] == 0.5 * budget["input_bytes"]
+    assert budget["spent"] == budget["totals"]["bytes"]["after"] <= budget["target"]

@@ -52,8 +52,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 VOCAB, EMBED, HIDDEN, SEQ = 2000, 128, 256, 32
 UNK, EOS = 0, 1

@@ -43,15 +43,12 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from onnx_fwlr.cost.latency import OrtTimer, machine_name  # noqa: E402
+from onnx_fwlr.api import build_quantized, calibrate, fastest_latency, prepare_quantized  # noqa: E402
+from onnx_fwlr.cost.latency import MeasuredLatency, OrtTimer, machine_name  # noqa: E402
 from onnx_fwlr.errors import FwlrError  # noqa: E402
-from onnx_fwlr.pipeline.compress import calibrate  # noqa: E402
-from onnx_fwlr.pipeline.quantized import build_quantized, prepare_quantized  # noqa: E402
 from onnx_fwlr.tables import format_table  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LATENCY_BATCHES = (1, 32)
 
@@ -266,8 +263,6 @@ def against_int8(rows: list[dict], base: dict, args) -> None:
 def latency_targets(work: Workload, args, reference, base, common) -> list[dict]:
     """`--quantize MODE --target-latency F` at each batch size's rows (its tables, levels and site share timed at
     that feed, `--threads`), MODE in `--target-modes`; F "fastest+P%" is P % above the job's fastest_latency."""
-    from onnx_fwlr.cost.latency import MeasuredLatency
-    from onnx_fwlr.pipeline.quantized import fastest_latency
 
     rows = []
     latency = MeasuredLatency(threads=args.threads, cache_dir=args.latency_cache)

@@ -368,31 +368,13 @@ def _latency_table_wanted(config, report, args) -> bool:
 
 
 def _latency_points(config, report, model, out) -> list[dict]:
-    """ONNX Runtime's fp32, int8 dynamic and int4 (accuracy_level 0 and 4) points beside ours: bytes, latency over
-    the original's at the timing batch (alternating pairs, as compress timed ours), fidelity on --val; printed as
-    sweep --latency prints its table (workflows.frontier.latency_points, workflows.sweep.SweepResult)."""
-    from onnx_fwlr.cost.latency import MeasuredLatency
-    from onnx_fwlr.io.model import load_model
-    from onnx_fwlr.pipeline.speed import feed_shape, timing_feed
-    from onnx_fwlr.workflows.frontier import frontier_metric, judged, latency_points, model_bytes
-    from onnx_fwlr.workflows.sweep import SweepResult
+    """ONNX Runtime's points beside ours (workflows.frontier.compress_latency_points), printed as sweep --latency
+    prints its table."""
+    from onnx_fwlr.workflows.frontier import compress_latency_points
 
-    data, speed = config.data, report.budget["speed"]
-    feed = timing_feed(load_model(config.model, lazy=True), data.calibration, data.batch_size, data.shapes)
-    ours = {"config": f"ours --quantize {config.quantize.mode}", "budget": f"latency {config.budget.target_latency:g}",
-            "bytes": model_bytes(model), "latency_ratio": speed["measured_ratio"],
-            "latency_ratio_p10": speed["measured_p10"], "latency_ratio_p90": speed["measured_p90"]}
-    checked = report.checked if report.checked is not None and not report.checked.unjudged else None
-    if checked is not None:
-        ours.update(judged(checked, config.fisher.output))
-    latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
-    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
-    rows = latency_points(config.model, ours, latency, feed, data.validation if checked is not None else None,
-                          batch_size=data.batch_size, outputs=outputs, common_prefix=config.compare.common_prefix,
-                          judge=config.fisher.output)
-    out(SweepResult(rows=rows, metric=frontier_metric(rows),
-                    timed_on=f"the timing batch ({feed_shape(feed)})").format())
-    return rows
+    table = compress_latency_points(config, report, model)
+    out(table.format())
+    return table.rows
 
 
 def _accuracy_level(args):

@@ -24,7 +24,7 @@ class SiteResult:
     op_type: str
     K: int
     N: int
-    rank: int | None  # None = kept dense
+    rank: int | None  # what `rank_of` says it counts; None = kept dense
     params_before: int
     params_after: int
     weighted_error: float | None = None  # dropped σ² in the method's weighted norm (a squared error)
@@ -35,6 +35,12 @@ class SiteResult:
     form: str = ""
     bytes_before: int | None = None
     bytes_after: int | None = None
+    # what `rank` counts: LOW_RANK (the rank of a factor pair), KRONECKER_TERMS (the terms of a Kronecker sum),
+    # CORRECTION (the rank of a quantized site's low-rank correction; 0: none); "" when the site is kept as it is
+    rank_of: str = ""
+
+
+LOW_RANK, KRONECKER_TERMS, CORRECTION = "low rank", "kronecker terms", "correction"  # SiteResult.rank_of
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Choosing a rank per site under one parameter budget (numpy only).
+"""Choosing a replacement per site under one budget (numpy only): one Option type, one allocator.
 
-A rank of None means "keep the weight dense": factorising at rank r costs r (K + N) parameters and pays
-only while that is below K N.
+Every site's candidates (dense, low rank at each rank step, a quantized scheme with a correction, ...) are
+`Option`s with their predicted loss and their costs (parameters, bytes, milliseconds); `allocate` spends any
+budget over them by `greedy` (most loss removed per unit of the budget's currency). A rank of None means "keep
+the weight dense": factorising at rank r costs r (K + N) parameters and pays only while that is below K N.
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -92,13 +94,60 @@ def site_params(K: int, N: int, rank: int | None) -> int:
     return K * N if rank is None else rank * (K + N)
 
 
-def greedy(chains: list[list[tuple[float, float]]], spent: float, available: float) -> list[int]:
-    """The one greedy rule every budget is spent by: each site has a chain of upgrades (extra cost, loss removed),
-    in the budget's currency (parameters, bytes, milliseconds); repeatedly take, over all sites, the next upgrade
-    with the most loss removed per unit of cost, while the total (from `spent`) stays within `available`; an
-    upgrade that does not fit ends its site's chain (smaller sites may still fit). Returns how many upgrades each
-    site took. Optimal for chains whose gain per cost falls along each chain (lower hulls, descending spectra);
-    ties go to the lower site index."""
+# ---------------------------------------------------------------------------------------------------------
+# One option type and one allocator for every budget
+
+
+DENSE, LOW_RANK = "dense", "low rank"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One replacement a site can take (dense, low rank r, a quantized scheme with a rank-r correction, ...) with
+    its predicted loss (the weighted energy it drops: loss units with gradient statistics) and its cost in each
+    currency a budget can be given in: stored parameters, bytes, predicted milliseconds (None where the mode
+    does not price it). `storage` names the form ("dense", "low rank", "fp32", "int4 b32", ...); `rank` is the
+    low rank or the correction's rank (0: none); `key` is the caller's handle for building it."""
+
+    storage: str
+    rank: int
+    bytes: int | None
+    loss: float
+    key: object = field(default=None, compare=False)
+    ms: float | None = field(default=None, compare=False)  # predicted time, when a latency model timed the site
+    params: int | None = field(default=None, compare=False)  # stored numbers, when the budget is in parameters
+
+    @property
+    def label(self) -> str:
+        if self.storage == LOW_RANK:
+            return f"{LOW_RANK} {self.rank}"
+        return self.storage if self.rank == 0 else f"{self.storage} + rank {self.rank}"
+
+
+def by_params(option: Option) -> float:
+    return option.params
+
+
+def by_bytes(option: Option) -> float:
+    return option.bytes
+
+
+def by_ms(option: Option) -> float:
+    return option.ms
+
+
+CURRENCIES = {"parameters": by_params, "bytes": by_bytes, "ms": by_ms}  # report.budget's currency -> cost
+
+
+def greedy(chains: list[list[tuple[float, float]]], spent: float, available: float,
+           past_misfit: bool = True) -> list[int]:
+    """The greedy rule `allocate` spends every budget by: each site has a chain of upgrades (extra cost, loss
+    removed), in the budget's currency (parameters, bytes, milliseconds); repeatedly take, over all sites, the
+    next upgrade with the most loss removed per unit of cost, while the total (from `spent`) stays within
+    `available`. An upgrade that does not fit ends its site's chain (smaller upgrades of other sites may still
+    fit) or, with past_misfit False, the whole run (the longest fitting prefix of that order). Returns how many
+    upgrades each site took. Optimal for chains whose gain per cost falls along each chain (lower hulls,
+    descending spectra) while everything fits; ties go to the lower site index."""
     taken = [0] * len(chains)
     heap = [(-gain / cost, i) for i, chain in enumerate(chains) if chain for cost, gain in chain[:1]]
     heapq.heapify(heap)
@@ -106,6 +155,8 @@ def greedy(chains: list[list[tuple[float, float]]], spent: float, available: flo
         _, i = heapq.heappop(heap)
         cost, _ = chains[i][taken[i]]
         if spent + cost > available:
+            if not past_misfit:
+                break
             continue
         taken[i], spent = taken[i] + 1, spent + cost
         if taken[i] < len(chains[i]):
@@ -118,134 +169,143 @@ def global_ranks(
     energies: list[np.ndarray], shapes: list[tuple[int, int]], budget: float, min_rank: int = 1,
     multiple: int | None = None,
 ) -> list[int | None]:
-    """Greedy over all sites (`greedy`): keep the block of components with the most weighted energy per
-    parameter next.
+    """`allocate` over parameters: keep the block of components with the most weighted energy per parameter next.
 
     energies[i] holds site i's σ² in descending order, all in one currency (loss units for Fisher/K-FAC
     weighting). A block is rank_step(K, N, multiple) components (1 without `multiple`), so wide sites get ranks
-    that are multiples of `multiple`. Every site starts at one block (at least `min_rank`). When a site's next
+    that are multiples of `multiple`. Every site starts at one block (at least `min_rank`), even when those
+    alone pass the budget. When a site's next
     block would pass break-even, its next move is to turn dense, priced as what it is: all of its remaining
     energy for the few parameters left to break-even (priced as one more component, a site could end at its
-    break-even rank, saving almost nothing and dropping its tail).
+    break-even rank, saving almost nothing and dropping its tail). The options are taken in rank order, not on
+    their hull (`hull=False`): that dense move may remove more loss per parameter than the block before it.
     """
     steps = [rank_step(K, N, multiple) for K, N in shapes]
     start = [min(max(min_rank, step), break_even_rank(K, N)) for (K, N), step in zip(shapes, steps)]
-    spent = float(sum(site_params(K, N, r) for (K, N), r in zip(shapes, start)))
-    chains = [_rank_chain(np.asarray(e), K, N, r, step) for e, (K, N), r, step in zip(energies, shapes, start, steps)]
-    taken = greedy(chains, spent, budget)
-    ranks: list[int | None] = []
-    for (K, N), r, step, chain, n in zip(shapes, start, steps, chains, taken):
-        dense = n > 0 and n == len(chain) and r + step * (n - 1) + step > break_even_rank(K, N)
-        ranks.append(None if dense else r + step * n)
-    return ranks
+    choices = [rank_options(np.asarray(e), K, N, r, step) for e, (K, N), r, step in zip(energies, shapes, start, steps)]
+    picked = allocate(choices, budget, cost=by_params, hull=False)
+    return [option.key for option in picked or [options[0] for options in choices]]  # None: the starts
 
 
-def _rank_chain(energy: np.ndarray, K: int, N: int, rank: int, step: int) -> list[tuple[float, float]]:
-    """A site's upgrades from `rank`: (parameters, energy kept) per block of `step` components while the block
-    stays below break-even, then the move to dense (all of the remaining energy for the parameters left)."""
-    chain = []
+def rank_options(energy: np.ndarray, K: int, N: int, rank: int, step: int) -> list[Option]:
+    """A site's low-rank options from `rank` in blocks of `step` components, each priced in parameters with the
+    energy it drops, while a block stays below break-even; then dense (nothing dropped). A truncated spectrum
+    ends its options where it ends."""
+    options = []
     while True:
+        options.append(Option(LOW_RANK, rank, None, float(np.sum(energy[rank:])), key=rank, params=rank * (K + N)))
         if rank + step > break_even_rank(K, N):
-            chain.append((K * N - rank * (K + N), float(np.sum(energy[rank:]))))
-            return chain
+            options.append(Option(DENSE, 0, None, 0.0, key=None, params=K * N))
+            return options
         if rank >= len(energy):
-            return chain
-        chain.append((step * (K + N), float(np.sum(energy[rank:rank + step]))))
+            return options
         rank += step
 
 
-def _latency_steps(energy: np.ndarray, total: float, table, max_rank: int) -> list[tuple[float, float, int]]:
-    """One site's moves from dense towards faster ranks, on the lower convex hull of (time, dropped energy):
-    [(ms saved, energy dropped, rank)] with non-decreasing energy per ms. table: dense_ms, ranks, factored_ms."""
-    options = [(float(table.dense_ms), 0.0, None)]
+def latency_options(energy: np.ndarray, total: float, table, max_rank: int) -> list[Option]:
+    """A site's options under a latency budget: dense, and low rank at every measured rank up to `max_rank`
+    and the spectrum's length, each priced in milliseconds by its table (dense_ms, ranks, factored_ms) with the
+    energy it drops (total: ‖PWQ‖_F² when the spectrum is truncated)."""
+    options = [Option(DENSE, 0, None, 0.0, key=None, ms=float(table.dense_ms))]
     for rank, ms in zip(table.ranks, table.factored_ms):
-        if rank <= min(len(energy), max_rank) and ms < table.dense_ms:
-            options.append((float(ms), max(total - float(np.sum(energy[:rank])), 0.0), rank))
-    options.sort(key=lambda o: (-o[0], o[1]))  # slowest first: dense, then ever faster ranks
-    frontier = []
-    for option in options:  # keep only options that drop less than every faster one would
-        if frontier and option[0] >= frontier[-1][0]:
-            continue  # as slow as the one kept, dropping at least as much
-        while frontier and frontier[-1][1] >= option[1]:
-            frontier.pop()
-        frontier.append(option)
-    hull = []
-    for option in frontier:
-        while len(hull) >= 2 and _slope(hull[-2], hull[-1]) >= _slope(hull[-2], option):
-            hull.pop()
-        hull.append(option)
-    return [(a[0] - b[0], b[1] - a[1], b[2]) for a, b in itertools.pairwise(hull)]
-
-
-def _slope(a, b) -> float:
-    """Energy dropped per ms saved going from option a to the faster option b."""
-    return (b[1] - a[1]) / (a[0] - b[0])
+        if rank <= min(len(energy), max_rank):
+            dropped = max(total - float(np.sum(energy[:rank])), 0.0)
+            options.append(Option(LOW_RANK, rank, None, dropped, key=rank, ms=float(ms)))
+    return options
 
 
 def latency_ranks(energies: list[np.ndarray], site_tables: list, target_ms: float,
                   totals: list[float] | None = None, max_ranks: list[int] | None = None) -> list[int | None]:
-    """Ranks whose summed site time fits `target_ms`, dropping the least weighted energy on the way.
-
-    Greedy by energy dropped per millisecond saved, the latency counterpart of global_ranks (same loss-unit
-    currency): every site starts dense; each step takes, over all sites, the next move on a site's lower
-    convex hull of (measured time, dropped energy) with the smallest energy per ms, until the total time is
-    at most target_ms. site_tables[i] has dense_ms and the measured factored_ms at ranks (ascending); only
-    measured ranks faster than dense are candidates, up to max_ranks (per site; default the spectrum's length).
-    totals: ‖PWQ‖_F² per site when energies are truncated.
-    The greedy's last step overshoots the budget; the time left over then buys back the most energy it can
-    (any measured rank, one site at a time). When even the fastest choices do not fit, those are returned (the
-    caller checks the time).
+    """`allocate` over milliseconds: ranks whose summed site time fits `target_ms`, dropping the least weighted
+    energy on the way (latency_options per site; site_tables[i] has dense_ms and the measured factored_ms at
+    ranks, ascending; only ranks faster than dense lie on a hull). max_ranks: per site, default the spectrum's
+    length; totals: ‖PWQ‖_F² per site when energies are truncated. Spent with `search=True`: the hull greedy up
+    to its first misfit, then the time left over buys back the most energy it can, one site at a time (measured
+    better than greedy past misfits: docs/architecture.md). When even the fastest choices do not fit, those are
+    returned (the caller checks the time).
     """
     totals = totals or [float(np.sum(e)) for e in energies]
     max_ranks = max_ranks or [len(e) for e in energies]
-    ranks = _latency_greedy(energies, site_tables, target_ms, totals, max_ranks)
-    return _spend_leftover(ranks, energies, site_tables, target_ms, totals, max_ranks)
+    choices = [latency_options(np.asarray(e), t, table, m)
+               for e, t, table, m in zip(energies, totals, site_tables, max_ranks)]
+    picked = allocate_ms(choices, target_ms)
+    if picked is None:
+        picked = [lower_hull(options, by_ms)[0] for options in choices]
+    return [option.key for option in picked]
 
 
-def _latency_greedy(energies, site_tables, target_ms, totals, max_ranks) -> list[int | None]:
-    steps = [_latency_steps(np.asarray(e), t, table, m)
-             for e, t, table, m in zip(energies, totals, site_tables, max_ranks)]
-    ranks: list[int | None] = [None] * len(site_tables)
-    spent = float(sum(table.dense_ms for table in site_tables))
-    heap = [(site[0][1] / site[0][0], i, 0) for i, site in enumerate(steps) if site]
-    heapq.heapify(heap)
-    while heap and spent > target_ms:
-        _, i, k = heapq.heappop(heap)
-        saved, _, rank = steps[i][k]
-        ranks[i], spent = rank, spent - saved
-        if k + 1 < len(steps[i]):
-            saved_next, dropped_next, _ = steps[i][k + 1]
-            heapq.heappush(heap, (dropped_next / saved_next, i, k + 1))
-    return ranks
+def lower_hull(options: list[Option], cost=by_bytes) -> list[Option]:
+    """The options worth having: cost ascending, loss strictly falling, and convex (each step removes less loss
+    per unit of cost than the one before), so greedy upgrades along it are optimal for a concave benefit."""
+    ordered = sorted(options, key=lambda o: (cost(o), o.loss))
+    frontier: list[Option] = []
+    for option in ordered:
+        if frontier and option.loss >= frontier[-1].loss:
+            continue  # costs at least as much for no less loss
+        frontier.append(option)
+    hull: list[Option] = []
+    for option in frontier:
+        while len(hull) >= 2 and _turn(hull[-2], hull[-1], option, cost) <= 0:
+            hull.pop()
+        hull.append(option)
+    return hull
 
 
-def _spend_leftover(ranks, energies, site_tables, target_ms, totals, max_ranks) -> list[int | None]:
-    """Repeatedly take the single change of one site's rank (to any measured rank or dense) that lowers the
-    dropped energy most while the total time stays within target_ms."""
-    ranks = list(ranks)
+def _turn(a: Option, b: Option, c: Option, cost=by_bytes) -> float:
+    """> 0 when a → b → c turns left in (cost, loss): b lies below the chord a–c, so it stays on the hull."""
+    return (cost(b) - cost(a)) * (c.loss - a.loss) - (b.loss - a.loss) * (cost(c) - cost(a))
 
-    def options(i):
-        table = site_tables[i]
-        yield table.dense_ms, 0.0, None
-        for rank, ms in zip(table.ranks, table.factored_ms):
-            if rank <= min(len(energies[i]), max_ranks[i]):
-                yield ms, max(totals[i] - float(np.sum(energies[i][:rank])), 0.0), rank
 
-    def current(i):
-        return next(o for o in options(i) if o[2] == ranks[i])
+def allocate(choices: list[list[Option]], available: float, cost=by_bytes, *, hull: bool = True,
+             search: bool = False, tolerance: float = 0.0) -> list[Option] | None:
+    """One option per site with total cost (`cost`: by_params, by_bytes or by_ms) ≤ available and the least
+    predicted loss `greedy` finds; None when even the first options do not fit.
 
-    spent = float(sum(current(i)[0] for i in range(len(ranks))))
-    if spent > target_ms:
-        return ranks
+    hull: each site's upgrades are the steps along its lower convex hull in (cost, loss), from its cheapest
+    option; False: the options as given (cost ascending), each one step (global_ranks' rank blocks).
+    search: stop at the first upgrade that does not fit, then spend what is left one site at a time on any of its
+    options (spend_leftover); used by latency budgets, where it measured better than going past misfits.
+    tolerance: a total within available × (1 + tolerance) fits (latency budgets: sums of measured milliseconds
+    taken in another order differ in their last bits; bytes and parameters are counted exactly)."""
+    available = available + tolerance * abs(available)
+    paths = [lower_hull(options, cost) if hull else list(options) for options in choices]
+    spent = sum(cost(path[0]) for path in paths)
+    if spent > available:
+        return None
+    chains = [[(cost(path[j]) - cost(path[j - 1]), path[j - 1].loss - path[j].loss) for j in range(1, len(path))]
+              for path in paths]
+    picked = [path[n] for path, n in zip(paths, greedy(chains, spent, available, past_misfit=not search))]
+    return spend_leftover(choices, picked, available, cost) if search else picked
+
+
+# Milliseconds are sums of measured floats; one budget met exactly in one summation order is one rounding above it
+# in another (the fake timer's exact times hit that). A relative 1e-9 is far below what any timing resolves.
+MS_TOLERANCE = 1e-9
+
+
+def allocate_ms(choices: list[list[Option]], available_ms: float) -> list[Option] | None:
+    """The rule every latency budget is spent by: `allocate` in milliseconds with the leftover searched."""
+    return allocate(choices, available_ms, cost=by_ms, search=True, tolerance=MS_TOLERANCE)
+
+
+def spend_leftover(choices: list[list[Option]], picked: list[Option], available: float, cost=by_bytes
+                   ) -> list[Option]:
+    """Repeatedly take the single change of one site's option (to any of its options, on the hull or not) that
+    lowers the predicted loss most while the total cost stays within `available`."""
+    picked = list(picked)
+    spent = float(sum(cost(option) for option in picked))
+    if spent > available:
+        return picked
     while True:
-        best = None  # (energy regained, site, option)
-        for i in range(len(ranks)):
-            ms_now, dropped_now, _ = current(i)
-            for ms, dropped, rank in options(i):
-                gain = dropped_now - dropped
-                if gain > 0 and spent - ms_now + ms <= target_ms and (best is None or gain > best[0]):
-                    best = (gain, i, (ms, rank, ms_now))
+        best = None  # (loss removed, site, option)
+        for i, options in enumerate(choices):
+            now = picked[i]
+            for option in options:
+                gain = now.loss - option.loss
+                if gain > 0 and spent - cost(now) + cost(option) <= available and (best is None or gain > best[0]):
+                    best = (gain, i, option)
         if best is None:
-            return ranks
-        _, i, (ms, rank, ms_now) = best
-        ranks[i], spent = rank, spent - ms_now + ms
+            return picked
+        _, i, option = best
+        spent = spent - cost(picked[i]) + cost(option)
+        picked[i] = option

@@ -174,3 +174,50 @@ def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
             f"takes about {dense_bytes + fixed_bytes + overhead:,} bytes."
         )
     return min(1.0, available / (free_params * free_itemsize))
+
+
+def budget_record(currency: str | None, options, report, model_bytes: tuple[int | None, int | None] | None = None
+                  ) -> dict:
+    """The part of `report.budget` every mode fills the same way (the mode's own details stay beside it):
+
+    currency  what the budget counted (RunConfig.currency; "bytes" for `ratio`/`target_size` of an already-quantized
+              input, which count its bytes): "parameters", "bytes", "milliseconds", "output error", or None
+              (fixed ranks or schemes, no budget to spend)
+    target    the limit in that currency: parameters (`ratio` × the sites' parameters), bytes of the model,
+              the model's predicted milliseconds at the timing size (`target_latency` × the original's), or
+              the largest relative output error; None without one
+    spent     what the result costs in that currency: the sites' parameters, the model's bytes, its predicted
+              milliseconds (the tables' prediction; the measured ratio is in `speed`), or the relative output
+              error measured on the validation data; None without a budget
+    totals    every currency the run counted, {"before": ..., "after": ...}: parameters (the sites'), bytes (of
+              the model, when the run counted them), milliseconds (predicted, when the run timed the sites)
+
+    `options` is the run's BudgetOptions; `model_bytes` (before, after) when the run did not count bytes itself
+    but the budget was in bytes."""
+    details = report.budget
+    totals = {"parameters": {"before": report.site_params_before, "after": report.site_params_after}}
+    if "bytes_before" in details:  # the quantized path counts the model's bytes
+        totals["bytes"] = {"before": details["bytes_before"], "after": details["bytes_after"]}
+    elif model_bytes is not None:
+        totals["bytes"] = {"before": model_bytes[0], "after": model_bytes[1]}
+    speed = details.get("speed") or {}
+    if "sites_ms" in speed and speed.get("site_share"):
+        before = speed["sites_ms"] / speed["site_share"]  # the sites' dense time over their profiled share
+        totals["milliseconds"] = {"before": before, "after": speed["predicted_ratio"] * before}
+    target = spent = None
+    if currency == "parameters" and options.ratio is not None:
+        target, spent = options.ratio * report.site_params_before, report.site_params_after
+    elif currency == "parameters":
+        spent = report.site_params_after
+    elif currency == "bytes" and "bytes" in totals:
+        target = options.target_size if options.target_size is not None else (
+            options.ratio * totals["bytes"]["before"] if options.ratio is not None else None)
+        spent = totals["bytes"]["after"]
+    elif currency == "milliseconds" and "milliseconds" in totals:
+        target = options.target_latency * totals["milliseconds"]["before"]
+        spent = totals["milliseconds"]["after"]
+    elif currency == "output error":
+        target = options.max_error
+        found = [h["rel_error"] for h in details.get("search", []) if h["ratio"] == details.get("ratio_found")]
+        spent = found[0] if found else None
+    return {"currency": currency, "target": target, "spent": spent, "totals": totals}

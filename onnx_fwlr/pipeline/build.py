@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
-from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
+from onnx_fwlr.evaluate.report import LOW_RANK, Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.spill import SpillFile
 from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.methods import lowrank
@@ -100,6 +100,7 @@ def site_replacement(prepared: Prepared, site: Site, dec, rank: int | None, bias
     result = SiteResult(
         name=site.name, weight=site.weight, op_type=site.uses[0].op_type, K=site.K, N=site.N, rank=rank,
         params_before=site.params, params_after=alloc.site_params(site.K, site.N, rank),
+        rank_of="" if rank is None else LOW_RANK,
     )
     if prepared.site_methods.get(site.weight, prepared.method) != prepared.method:
         result.note = "no calibration statistics reach this site (inside a subgraph?): plain svd"

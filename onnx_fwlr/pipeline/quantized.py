@@ -5,8 +5,8 @@
 
 Each site becomes deq(Q(W)) + A B with Q one of ONNX Runtime's quantizers and A B the weighted best rank-r
 fit of the residual (quant.compensate); a byte budget is spread over every site and embedding table by
-predicted loss per byte (quant.budget). quantize "int4"/"int8" fixes the main branch's scheme and spends the
-rest of the budget on correction ranks; "auto" lets each site choose among dense, int8, int4 (block sizes),
+predicted loss per byte (methods.allocation.allocate). quantize "int4"/"int8" fixes the main branch's scheme and spends
+the rest of the budget on correction ranks; "auto" lets each site choose among dense, int8, int4 (block sizes),
 either with a correction, and low rank alone. A latency budget (`target_latency`) spends measured milliseconds
 instead of bytes (pipeline.quantized_speed).
 """
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from onnx_fwlr.cost.latency import MeasuredLatency, OrtTimer
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.language import is_language_model
-from onnx_fwlr.evaluate.report import Report, SiteResult, op_counts, relative_frobenius
+from onnx_fwlr.evaluate.report import CORRECTION, LOW_RANK, Report, SiteResult, op_counts, relative_frobenius
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import (
     EXTERNAL_DATA_THRESHOLD,
@@ -35,6 +35,7 @@ from onnx_fwlr.io.model import (
     load_model,
     message_bytes,
 )
+from onnx_fwlr.methods.allocation import Option, allocate
 from onnx_fwlr.methods.registry import ACTIVATIONS, get_method, input_scaling, output_scaling
 from onnx_fwlr.pipeline.budget import Budget
 from onnx_fwlr.pipeline.decompose import spill_needed
@@ -43,7 +44,7 @@ from onnx_fwlr.pipeline.quantized_speed import allocate_latency, fastest_ratio, 
 from onnx_fwlr.pipeline.quantized_store import LazyMetrics, SpillStore, StoredPlans
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
-from onnx_fwlr.quant.budget import Option, allocate, minimum_bytes
+from onnx_fwlr.quant.budget import minimum_bytes
 from onnx_fwlr.quant.calibration import collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype
@@ -848,7 +849,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
             rank=None if option.storage == plan.FP32 else option.rank, params_before=site.params,
             params_after=stored, weighted_error=error, relative_error=relative_frobenius(error, total),
             note=_site_note(job, site, option), form=_form(option), bytes_before=_dense_bytes(job, site),
-            bytes_after=_head_bytes(job, site, option)))
+            bytes_after=_head_bytes(job, site, option), rank_of=_rank_of(option)))
         if option.storage == plan.LOW_RANK and site.weight in _stored(job):
             low_rank.add(site.weight)
         if option.storage != plan.FP32:
@@ -874,6 +875,13 @@ def _form(option: Option) -> str:
     if option.storage in (plan.FP32, plan.LOW_RANK):
         return option.storage if option.storage == plan.LOW_RANK and option.rank else "fp32"
     return "quantized + correction" if option.rank else "quantized"
+
+
+def _rank_of(option: Option) -> str:
+    """What the report's rank counts for this option (SiteResult.rank_of)."""
+    if option.storage == plan.FP32:
+        return ""
+    return LOW_RANK if option.storage == plan.LOW_RANK else CORRECTION
 
 
 def _site_note(job: QuantizeJob, site: Site, option: Option) -> str:

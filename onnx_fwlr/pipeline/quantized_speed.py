@@ -6,8 +6,9 @@ with the least predicted loss per millisecond, each option timed in the form com
     low rank r                      the fp32 pair at rank r
     <scheme> [+ rank r]             "<scheme> + fp32": the main branch alone, or plus the correction of rank r
 
-quant.budget.allocate spends milliseconds (cost=by_ms) as it spends bytes, by loss per unit along each site's
-lower convex hull. The sites take a share s of the original's time (ONNX Runtime's profiler), so a target F
+methods.allocation.allocate_ms spends milliseconds as allocate spends bytes or parameters, with the rule every
+latency budget is spent by (search=True: the hull greedy up to its first misfit, then the time left over one
+site at a time). The sites take a share s of the original's time (ONNX Runtime's profiler), so a target F
 leaves them Σ t_site(as it is) · (F − (1 − s)) / s, as pipeline.speed.latency_budget_ranks does for ranks.
 Kernels decide, not bits: on a 2-core CPU MatMulNBits int4 measures slower than fp32 and dynamic int8 fastest.
 """
@@ -21,9 +22,9 @@ import numpy as np
 
 from onnx_fwlr.cost import latency as lat
 from onnx_fwlr.errors import FwlrError
+from onnx_fwlr.methods.allocation import Option, allocate_ms
 from onnx_fwlr.pipeline.speed import InputForms, predicted_ratio, sites_budget_ms
-from onnx_fwlr.quant import budget, plan
-from onnx_fwlr.quant.budget import Option
+from onnx_fwlr.quant import plan
 
 
 def option_form(option: Option, own_form: str) -> tuple[str, int | None]:
@@ -105,9 +106,10 @@ def allocate_latency(model, sites, choices, target: float, latency, feed, forms:
         raise FwlrError(f"`target_latency` {target:g} cannot be reached with `quantize` {quantize}: the quantized "
                         f"sites take {100 * share:.0f}% of the original's time on this machine, so their fastest forms "
                         f"reach about {best:.2f} at best; ask for {best + 0.01:.2f} or more.")
-    chosen = budget.allocate(timed, available, cost=budget.by_ms)
+    chosen = allocate_ms(timed, available)
     predicted = predicted_ratio(sum(o.ms for o in chosen), share, dense_ms)
     info = {"target_latency": target, "site_share": share, "best_ratio": best, "predicted_ratio": predicted,
+            "sites_ms": dense_ms,
             "tokens": sorted({t.tokens for t in baseline}), "own_form": own, "scheme_ratios": ratios,
             "sites": [{"site": s.name, "option": o.label, "ms": o.ms, "own_ms": t.dense_ms}
                       for s, o, t in zip(sites, chosen, baseline)]}

@@ -10,13 +10,15 @@ latency model, the form timer) lives in a RunContext, so no stage builds its own
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import onnx
 
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.evaluate.report import Report
-from onnx_fwlr.io.model import load_model
+from onnx_fwlr.io.model import external_bytes, file_size, load_model, message_bytes
+from onnx_fwlr.pipeline.budget import budget_record
 from onnx_fwlr.pipeline.checks import quantize_method
 from onnx_fwlr.pipeline.config import RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
@@ -122,8 +124,27 @@ def run(config: RunConfig, *, latency=None, form_timer=None, reuse: Reuse | None
         measure_against_input(config.model, compressed, report, context.latency, data.calibration, data.batch_size,
                               data.shapes)
     _validate(compressed, report, config, context)
+    counted = "bytes" if "input_bytes" in report.budget else config.currency  # a quantized input's own bytes
+    report.budget.update(budget_record(counted, config.budget, report, _model_bytes(counted, config, compressed,
+                                                                                    report)))
     report.config = config.to_dict(strict=False)
     return compressed, report
+
+
+def _model_bytes(currency: str | None, config: RunConfig, compressed, report: Report) -> tuple[int, int] | None:
+    """(input, output) bytes of a byte budget the replacement counted in parameters (low rank under
+    `target_size`, or a share of a quantized input's bytes); None otherwise (the quantized path counts the
+    model's bytes itself)."""
+    if currency != "bytes" or config.quantize.mode is not None:
+        return None
+    model = config.model
+    if "input_bytes" in report.budget:
+        before = report.budget["input_bytes"]
+    elif isinstance(model, (str, os.PathLike)):
+        before = file_size(model)
+    else:
+        before = message_bytes(model) + external_bytes(model)
+    return before, message_bytes(compressed) + external_bytes(compressed)
 
 
 def _factorised_replacement(source, config: RunConfig, context: RunContext, executor=None, reuse=None):

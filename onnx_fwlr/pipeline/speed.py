@@ -197,7 +197,7 @@ def latency_budget_ranks(prepared: Prepared, target: float, fixed: dict[int, int
         ranks[i] = rank
     predicted = predicted_ratio(lat.predicted_ms([ranks[i] for i in timed], [tables[i] for i in timed]), share,
                                 dense_ms)
-    info = {"target_latency": target, "site_share": share, "best_ratio": best_ratio,
+    info = {"target_latency": target, "site_share": share, "best_ratio": best_ratio, "sites_ms": dense_ms,
             "predicted_ratio": predicted, "tokens": sorted({tables[i].tokens for i in free}), "int8": bool(forms.int8)}
     return ranks, info
 

@@ -7,7 +7,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.evaluate.report import SiteResult
+from onnx_fwlr.evaluate.report import KRONECKER_TERMS, LOW_RANK, SiteResult
 from onnx_fwlr.methods.registry import METHODS, structured_metric
 from onnx_fwlr.methods.structured import KronSum, Structured
 from onnx_fwlr.methods.structured_fit import fit_structured_site
@@ -111,7 +111,9 @@ def compress_structured(model, mix, budget, allocation, bias_correction, dope, k
         replacement = None
         if fit is not None:
             structure = fit.replacement.structure
-            result.rank = structure.A.shape[1] if fit.structure == "lowrank" else structure.A.shape[0]
+            lowrank = fit.structure == "lowrank"
+            result.rank = structure.A.shape[1] if lowrank else structure.A.shape[0]
+            result.rank_of = LOW_RANK if lowrank else KRONECKER_TERMS
             result.params_after, result.weighted_error = fit.params, fit.error
             result.relative_error = fit.relative_error
             result.note = f"{fit.description}, {fit.bytes:,} bytes"
@@ -176,6 +178,7 @@ def measured_forms(prepared, pairs, options, timer, feed=None) -> tuple[dict, di
             continue
         kept_dense.append(site.name)
         result.rank, result.params_after, result.weighted_error, result.relative_error = None, site.params, None, None
+        result.rank_of = ""
         result.note = (f"kept dense: its fastest structured form takes {choice.ms:.3g} ms, the dense weight "
                        f"{choice.dense_ms:.3g} ms at {tokens} rows")
         pairs[index] = (result, None)

@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnx_fwlr.methods.allocation import LOW_RANK, Option
 from onnx_fwlr.methods.lowrank import Scaling, weighted_matrix
 from onnx_fwlr.quant import compensate, ortquant
-from onnx_fwlr.quant.budget import Option, rank_grid
+from onnx_fwlr.quant.budget import rank_grid
 from onnx_fwlr.quant.graph import SitePlan
 from onnx_fwlr.quant.ortquant import Scheme
 
 FP32 = "fp32"
-LOW_RANK = "low rank"
 
 
 @dataclass

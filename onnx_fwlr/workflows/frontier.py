@@ -176,6 +176,31 @@ def latency_points(original, ours: dict, latency, feed: dict, validation=None, *
     return rows
 
 
+def compress_latency_points(config, report, model):
+    """ONNX Runtime's fp32, int8 dynamic and int4 (accuracy_level 0 and 4) points beside the model `run(config)`
+    made under `--quantize ... --target-latency` (its `report`): bytes, latency over the original's at the
+    timing batch (alternating pairs, as the run timed ours), fidelity on the validation data when the run judged
+    ours; a workflows.sweep.SweepResult whose format() is sweep --latency's table (latency_points)."""
+    from onnx_fwlr.cost.latency import MeasuredLatency
+    from onnx_fwlr.pipeline.speed import feed_shape, timing_feed
+    from onnx_fwlr.workflows.sweep import SweepResult
+
+    data, speed = config.data, report.budget["speed"]
+    feed = timing_feed(load_model(config.model, lazy=True), data.calibration, data.batch_size, data.shapes)
+    ours = {"config": f"ours --quantize {config.quantize.mode}", "budget": f"latency {config.budget.target_latency:g}",
+            "bytes": model_bytes(model), "latency_ratio": speed["measured_ratio"],
+            "latency_ratio_p10": speed["measured_p10"], "latency_ratio_p90": speed["measured_p90"]}
+    checked = report.checked if report.checked is not None and not report.checked.unjudged else None
+    if checked is not None:
+        ours.update(judged(checked, config.fisher.output))
+    latency = MeasuredLatency(threads=config.speed.latency_threads, cache_dir=config.speed.latency_cache)
+    outputs = list(config.compare.outputs) if config.compare.outputs is not None else None
+    rows = latency_points(config.model, ours, latency, feed, data.validation if checked is not None else None,
+                          batch_size=data.batch_size, outputs=outputs, common_prefix=config.compare.common_prefix,
+                          judge=config.fisher.output)
+    return SweepResult(rows=rows, metric=frontier_metric(rows), timed_on=f"the timing batch ({feed_shape(feed)})")
+
+
 _UNJUDGED = {"mean_cosine": None, "min_cosine": None, "rel_l2_error": None, "top1_agreement": None, "accuracy": None}
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import external_bytes
+from onnx_fwlr.io.model import external_bytes, message_bytes
 from onnx_fwlr.methods import allocation as alloc
 from onnx_fwlr.pipeline.prepare import Prepared, ensure_decompositions
 from onnx_fwlr.sites.find import Site
@@ -157,7 +157,7 @@ def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
 def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
     """The parameter ratio of the free sites that makes the output about `target_size` bytes."""
     itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}
-    dense_bytes = prepared.model.ByteSize() + external_bytes(prepared.model)
+    dense_bytes = message_bytes(prepared.model) + external_bytes(prepared.model)
     fixed_bytes = 0
     for i, site in enumerate(prepared.sites):
         size = itemsize.get(site.dtype, 4)

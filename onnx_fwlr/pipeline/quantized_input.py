@@ -12,7 +12,7 @@ import onnx
 from onnx import external_data_helper
 
 from onnx_fwlr.evaluate.report import Report, op_counts
-from onnx_fwlr.io.model import external_bytes, load_model
+from onnx_fwlr.io.model import external_bytes, load_model, message_bytes
 from onnx_fwlr.quant.dequantize import Dequantized, dequantize_model
 from onnx_fwlr.quant.requantize import float_weight_nodes, requantize
 from onnx_fwlr.sites.find import constant_tensors, model_parameters, walk_graphs
@@ -65,7 +65,7 @@ def dequantize_input(model: str | onnx.ModelProto) -> QuantizedInput | None:
         return None
     logger.info("quantized input: %s", dequantized.summary())
     return QuantizedInput(dequantized.model, dequantized, model_parameters(loaded), op_counts(loaded),
-                          loaded.ByteSize() + external_bytes(loaded), stored_bytes(loaded, dequantized.sites),
+                          message_bytes(loaded) + external_bytes(loaded), stored_bytes(loaded, dequantized.sites),
                           _weights_kept(loaded, dequantized))
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import onnx
 
 from onnx_fwlr.errors import FwlrError
-from onnx_fwlr.io.model import external_bytes, load_model
+from onnx_fwlr.io.model import external_bytes, load_model, message_bytes
 from onnx_fwlr.quant.ortquant import BASELINES, LEVEL4_BASELINES, ort_baseline
 
 logger = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ QUANT_METHOD = "kfac"  # a byte budget compares sites in loss units
 
 def model_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model as saved (its protobuf plus any external data)."""
-    return model.ByteSize() + external_bytes(model)
+    return message_bytes(model) + external_bytes(model)
 
 
 def fidelity(original, model, validation, batch_size: int, outputs=None, common_prefix: bool = False,

@@ -100,6 +100,7 @@ class QuantizeJob:
     plans: SpillStore = field(default_factory=lambda: SpillStore(spill=False))  # (weight, option label) -> SitePlan
     # (None: dense); builds reuse them; spilled to disk on large models (pipeline.quantized_store)
     plan_errors: dict = field(default_factory=dict)  # (weight, option label) -> the plan's weighted error
+    totals: dict = field(default_factory=dict)  # weight -> ‖P W Q‖², once for every fit attempt
     ties: dict = field(default_factory=dict)  # head weight -> (sites.tied.Tie, its Table): one weight to the budget
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
@@ -607,7 +608,9 @@ def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[O
     if schemes:
         W = job.prepared.weights[site.weight]  # [D, V]: the table transposed
         for scheme in sorted(schemes, key=lambda k: k.label):
-            loss = job.table_loss[table.name]((W - plan.dequantized(W, scheme, site_dtype(site))).T)
+            deq = plan.dequantized(W, scheme, site_dtype(site), float64=False)
+            loss = job.table_loss[table.name](compensate.residual(W, deq).T)
+            del deq
             pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
         del W
     return pair
@@ -829,7 +832,9 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         error = job.plan_errors[key]
         if isinstance(option.key, Scheme) and option.key.kind == "dynamic":
             error += job.scheme_loss(site).get(option.key, 0.0)
-        total = compensate.weighted_error(W, metric.left, metric.right)
+        if site.weight not in job.totals:
+            job.totals[site.weight] = compensate.weighted_error(W, metric.left, metric.right)
+        total = job.totals[site.weight]
         del metric
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))

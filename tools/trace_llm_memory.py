@@ -132,6 +132,7 @@ def install_quantized(tracer: Tracer) -> None:
     tracer.wrap(quantized, "_measure_quantization", "pricing pass")
     tracer.wrap(quantized, "_options", "quantize options")
     tracer.wrap(quantized, "_build", "fit attempt (build)")
+    tracer.wrap(quantized.plan, "site_plan", "site plan")
     tracer.wrap(quantized, "rewrite", "rewrite graph")
     tracer.wrap(ortquant, "upgrade_for_int4", "opset upgrade")
     tracer.wrap(ortquant, "quantize_dynamic_nodes", "quantize_dynamic")
@@ -197,7 +198,7 @@ def main():
     wall = time.perf_counter() - start
     tracer.done.set()
     lines = table(tracer.rows, {"one decomposition", "fisher pass", "ORT session", "logits run", "rewrite graph",
-                                 "opset upgrade", "quantize_dynamic", "bytes check"})
+                                 "opset upgrade", "quantize_dynamic", "bytes check", "site plan"})
     print(f"exit {code}, wall {wall:.0f} s, peak RSS (VmHWM) {hwm_mib():.0f} MiB; load before "
           f"{load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))

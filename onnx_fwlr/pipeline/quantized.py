@@ -560,7 +560,11 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
                             "rounding: "
                             "tables follow `quantize`, and int8's predicted loss counts its weight error only.")
         return
+    from onnx_fwlr.stats.fisher import GroupedFisherStatistics  # the backward pass: imported when needed
+
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
+    if isinstance(prepared.stats, GroupedFisherStatistics):
+        prepared.stats.release()  # the first group's Grams wait on disk while this pass runs (the options fold them)
     meta = prepared.stats.meta
     options = {k: v for k, v in fisher_options.items() if k in ("samples", "seed")}
     measured = collect_quant_stats(prepared.model, tables, tensors, batches, loss=meta.get("loss"),
@@ -779,6 +783,7 @@ def _build_within(job: QuantizeJob, target: int):
         if excess <= 0:
             return model_out, results, tables
         slack = 2 * slack + excess  # another choice may bring other records: close in fast
+        del model_out, results  # not held while the next attempt builds its own
     raise RuntimeError(f"the built model stays {excess:,} bytes above the target after {FIT_ATTEMPTS} allocations")
 
 

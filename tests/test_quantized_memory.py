@@ -70,3 +70,15 @@ def test_in_place_weighting_gives_the_plain_formulas_numbers():
     assert np.array_equal(kept, W64)  # the caller's float64 array is not scaled unless it is given up
     assert compensate.weighted_error(W, metric.left, metric.right) == float(np.sum(expected * expected))
     assert compensate.weighted_error(W64) == float(np.sum(W64 * W64)) and np.array_equal(W64, W.astype(np.float64))
+
+
+def test_outlier_rows_keep_deq_in_float32_only_when_they_are_float32_numbers():
+    W, _ = weight_and_metric(3)
+    deq = plan.dequantized(W, nbits(4, 32), float64=False)
+    rows = np.array([1, 5])
+    exact = plan._with_outliers(W.astype(np.float64), deq, rows)  # SiteWeights' float64 copy of float32 numbers
+    assert exact.dtype == np.float32 and np.array_equal(exact[rows], W[rows])
+    finer = W.astype(np.float64) + 1e-12  # not float32 numbers: no rounding of them is allowed
+    widened = plan._with_outliers(finer, deq, rows)
+    assert widened.dtype == np.float64 and np.array_equal(widened[rows], finer[rows])
+    assert np.array_equal(np.delete(widened, rows, axis=0), np.delete(deq, rows, axis=0).astype(np.float64))

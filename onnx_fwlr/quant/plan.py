@@ -128,24 +128,22 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
 
 
 def _with_outliers(W: np.ndarray, deq: np.ndarray, outliers) -> np.ndarray:
-    """deq(Q(W)) with the rows of the input channels computed in float taken from W (they are exact there)."""
+    """deq(Q(W)) with the rows of the input channels computed in float taken from W (they are exact there); a
+    float32 deq becomes float64 when those rows are not float32 numbers."""
     if outliers is None:
         return deq
-    deq = deq.copy()
-    deq[outliers] = W[outliers]
+    rows = W[outliers]
+    exact = deq.dtype != np.float32 or np.array_equal(rows.astype(np.float32), rows)
+    deq = deq.copy() if exact else deq.astype(np.float64, order="C")
+    deq[outliers] = rows
     return deq
-
-
-def _float32_exact(W: np.ndarray) -> bool:
-    """Whether W's numbers are float32 values, so deq(Q(W)) with W's rows put back (outliers) may stay float32."""
-    return W.dtype in (np.float32, np.float16)
 
 
 def _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds, dtype, outliers=None):
     """The plan of a quantized option. deq(Q(W)) is kept as its float32 numbers and every float64 [K, N] array
     is made once and let go (a vocabulary-wide head: two float64 copies at a time, not four)."""
     if option.rank == 0:
-        approx = _with_outliers(W, dequantized(W, scheme, dtype, float64=not _float32_exact(W)), outliers)
+        approx = _with_outliers(W, dequantized(W, scheme, dtype, float64=False), outliers)
         error = compensate.weighted_error(compensate.residual(W, approx), metric.left, metric.right)
         return _with_shift(SitePlan(scheme), W, approx, metric, bias_correction), error
     if alternate_rounds:
@@ -154,7 +152,7 @@ def _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds
         deq, A, B, error = result.dequantized, result.A, result.B, result.errors[result.chosen_round]
         plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
         return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
-    deq = _with_outliers(W, dequantized(W, scheme, dtype, float64=not _float32_exact(W)), outliers)
+    deq = _with_outliers(W, dequantized(W, scheme, dtype, float64=False), outliers)
     spectrum = compensate.residual_leading(W, deq, option.rank, metric.left, metric.right)
     A, B = spectrum.factors(option.rank)
     error = spectrum.dropped_energy(option.rank)

@@ -365,6 +365,35 @@ def test_perplexity_metrics():
     assert other.check(max_perplexity_ratio=1.0, max_kl=1e-9)  # both tolerances fail
 
 
+def test_rows_per_run_bounds_the_logits_of_each_call():
+    from onnx_fwlr.evaluate.language import LOGITS_BYTES, rows_per_run
+
+    assert rows_per_run(128, 49_152) == 2  # SmolLM2: 2 x 128 x 49,152 float32 = 48 MiB per model per call
+    assert 2 * 128 * 49_152 * 4 <= LOGITS_BYTES < 3 * 128 * 49_152 * 4
+    assert rows_per_run(128, 32_000) == 4 and rows_per_run(2048, 49_152) == 1  # never less than one row
+    assert rows_per_run(5, 10, limit=4 * 5 * 10 * 3) == 3 and rows_per_run(5, 10, limit=1) == 1
+
+
+def test_perplexity_in_bounded_runs_has_the_same_sums(monkeypatch):
+    """Batches cut into runs of a few rows (and chunks that straddle them) fold the same float64 sums, in the
+    same order, as one run per batch; every run stays within the logits limit."""
+    from onnx_fwlr.evaluate import language
+
+    model = decoder(False)
+    worse, _ = compress(model, rank=1, progress=False)
+    batches = [token_batch(batch=5, seed=s) for s in range(3)]
+    monkeypatch.setattr(language, "CHUNK_ELEMENTS", 7 * V)  # 7 positions a chunk: not a multiple of a row's 5
+    whole = compare_language_models(model, worse, batches, progress=False, max_logits_bytes=1 << 30)
+    rows = []
+    run_logits = language._run_logits
+    monkeypatch.setattr(language, "_run_logits", lambda s, feed, *a: rows.append(len(feed["input_ids"])) or
+                        run_logits(s, feed, *a))
+    limit = 2 * 6 * V * 4  # two rows of 6 tokens
+    bounded = compare_language_models(model, worse, batches, progress=False, max_logits_bytes=limit)
+    assert bounded == whole and bounded.kl_divergence > 0 and bounded.tokens == whole.tokens
+    assert max(rows) == language.rows_per_run(6, V, limit=limit) == 2 and len(rows) > 2 * len(batches)
+
+
 @pytest.mark.parametrize("form", ["with_past", "merged", "two_models"])
 def test_greedy_decoding_with_cache_matches_full_path(form):
     prompt = token_batch(batch=2, length=3, padded=False)["input_ids"]

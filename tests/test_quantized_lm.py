@@ -79,6 +79,22 @@ def test_statistics_in_groups_give_the_one_pass_choices(in_memory):
                                [s.weighted_error or 0.0 for s in in_memory[1].sites], rtol=1e-6)
 
 
+def test_released_group_grams_are_folded_again_the_same_without_a_pass():
+    """--quantize's pricing pass runs after release(): the first group's Grams are not held through it, and the
+    options fold them again from the recorded pass (the same sums, no pass more)."""
+    from onnx_fwlr.pipeline.prepare import prepare
+    from onnx_fwlr.stats.store import activation_key
+
+    prepared = prepare(str(DECODER), method="kfac", calibration=str(CALIB), stats_memory=4_200_000, progress=False)
+    stats, site = prepared.stats, prepared.sites[0]
+    gram, gradients = stats.input_gram(site), stats.output_grad_gram(site)
+    stats.release()
+    assert stats.current is None and "gram" not in stats.activations[activation_key(site.uses[0])]
+    np.testing.assert_array_equal(stats.input_gram(site), gram)
+    np.testing.assert_array_equal(stats.output_grad_gram(site), gradients)
+    assert stats.meta["passes"] == 1 and stats.current == 0
+
+
 def test_auto_never_picks_dynamic_int8_for_a_language_model(in_memory):
     _, report = in_memory
     notes = [s.note for s in report.sites]

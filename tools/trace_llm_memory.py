@@ -138,6 +138,33 @@ def install(tracer: Tracer) -> None:
     tracer.wrap(compress, "build", "build")
     tracer.wrap(build, "apply_factors", "apply factors")
     tracer.wrap(modelio, "save_model", "save model")
+    install_quantized(tracer)
+    install_validation(tracer)
+
+
+def install_quantized(tracer: Tracer) -> None:
+    """The stages of `--quantize`: its own prepare, the tables' pricing pass, each site's options, each fit
+    attempt's build (plans, then the graph rewrite with ONNX Runtime's quantizers), the bytes check."""
+    from onnx_fwlr.pipeline import quantized
+    from onnx_fwlr.quant import ortquant
+
+    tracer.wrap(quantized, "prepare")
+    tracer.wrap(quantized, "_measure_quantization", "pricing pass")
+    tracer.wrap(quantized, "_options", "quantize options")
+    tracer.wrap(quantized, "_build", "fit attempt (build)")
+    tracer.wrap(quantized.plan, "site_plan", "site plan")
+    tracer.wrap(quantized, "rewrite", "rewrite graph")
+    tracer.wrap(ortquant, "upgrade_for_int4", "opset upgrade")
+    tracer.wrap(ortquant, "quantize_dynamic_nodes", "quantize_dynamic")
+    tracer.wrap(quantized, "_written_bytes", "bytes check")
+
+
+def install_validation(tracer: Tracer) -> None:
+    """`--val` on a language model: the perplexity comparison and its ONNX Runtime calls."""
+    from onnx_fwlr.evaluate import language
+
+    tracer.wrap(language, "validate_language", "validate (perplexity)")
+    tracer.wrap(language, "_run_logits", "logits run")
 
 
 def table(rows: list[dict], collapse: set[str]) -> list[str]:
@@ -192,7 +219,8 @@ def main():
     code = cli(argv)
     wall = time.perf_counter() - start
     tracer.done.set()
-    lines = table(tracer.rows, {"one decomposition", "fisher pass", "ORT session"})
+    lines = table(tracer.rows, {"one decomposition", "fisher pass", "ORT session", "logits run", "rewrite graph",
+                                 "opset upgrade", "quantize_dynamic", "bytes check", "site plan"})
     print(f"exit {code}, wall {wall:.0f} s, peak RSS (VmHWM) {hwm_mib():.0f} MiB (outside every stage: "
           f"{tracer.between:.0f}); load before {load[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))

@@ -216,8 +216,9 @@ class Compress:
         if args.val and args.metric == "perplexity" and written:
             from onnx_fwlr.evaluate.language import validate_language
 
-            metrics = validate_language(config.model, model, args.val, batch_size=config.data.batch_size,
-                                        logits=args.logits, progress=not args.quiet)
+            metrics = validate_language(config.model, output, args.val, batch_size=config.data.batch_size,
+                                        logits=args.logits, progress=not args.quiet)  # the file written: ORT
+            # reads it as any user's session would, with no serialised copy of the model in memory
             code = max(code, report_language(metrics, args, out))
             summary["language"] = metrics.to_dict()
         if also and written:

@@ -2,8 +2,11 @@
 
 `compare_language_models` runs both models on token batches and folds, per batch, the next-token
 negative log-likelihoods, the top-1 agreement and the KL divergence between their next-token
-distributions into float64 sums. Logits [B, T, V] are read in row chunks: a vocabulary-sized output
-is never held in float64.
+distributions into float64 sums. Memory stays bounded whatever the batch size and vocabulary: each ONNX
+Runtime call gets as many rows of a batch as keep its logits [rows, T, V] within `LOGITS_BYTES`
+(`rows_per_run`), the two models run one after the other on those rows, and the logits are folded in
+chunks of about `CHUNK_ELEMENTS` float64 entries (`_BatchSums`: the same chunks, in the same order, as one
+call per batch, so the metrics do not depend on how the rows were run).
 
 `greedy_check` generates greedily twice — re-running the whole sequence each step, and with the KV
 cache (present outputs fed back as past inputs) — and reports whether the two agree. It takes a
@@ -26,6 +29,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import runtime
 
 CHUNK_ELEMENTS = 1 << 20
+LOGITS_BYTES = 64 << 20  # logits one ONNX Runtime call may return per model (at least one row is run)
 CACHE_FLAG = "use_cache_branch"
 
 
@@ -97,21 +101,21 @@ class _Sums:
         self.kl = 0.0
 
     def add(self, ref: np.ndarray, out: np.ndarray, targets: np.ndarray, keep: np.ndarray) -> None:
-        vocab = ref.shape[-1]
-        rows = np.flatnonzero(keep.reshape(-1))
-        ref, out, targets = ref.reshape(-1, vocab), out.reshape(-1, vocab), targets.reshape(-1)
-        step = max(1, CHUNK_ELEMENTS // vocab)
-        for start in range(0, rows.size, step):
-            index = rows[start:start + step]
-            t = targets[index]
-            log_p, log_q = _log_softmax(ref[index]), _log_softmax(out[index])
-            picked = np.arange(index.size)
-            self.nll += [-log_p[picked, t].sum(), -log_q[picked, t].sum()]
-            top_p, top_q = log_p.argmax(axis=1), log_q.argmax(axis=1)
-            self.correct += [int((top_p == t).sum()), int((top_q == t).sum())]
-            self.agree += int((top_p == top_q).sum())
-            self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
-        self.count += rows.size
+        """One whole batch: logits [B, T, V] of both models, targets and counted positions [B, T]."""
+        batch = _BatchSums(self, ref.shape[-1])
+        batch.add(ref, out, targets, keep)
+        batch.close()
+
+    def add_chunk(self, ref: np.ndarray, out: np.ndarray, targets: np.ndarray) -> None:
+        """Counted positions' logits [n, V] of both models (float32 as run) and their targets [n]."""
+        log_p, log_q = _log_softmax(ref), _log_softmax(out)
+        picked = np.arange(targets.size)
+        self.nll += [-log_p[picked, targets].sum(), -log_q[picked, targets].sum()]
+        top_p, top_q = log_p.argmax(axis=1), log_q.argmax(axis=1)
+        self.correct += [int((top_p == targets).sum()), int((top_q == targets).sum())]
+        self.agree += int((top_p == top_q).sum())
+        self.kl += float((np.exp(log_p) * (log_p - log_q)).sum())
+        self.count += targets.size
 
     def result(self) -> LanguageMetrics:
         if self.count == 0:
@@ -123,32 +127,104 @@ class _Sums:
                                float(self.correct[1] / self.count))
 
 
+class _BatchSums:
+    """One batch's counted positions, handed to the sums in chunks of `CHUNK_ELEMENTS // vocab` positions in
+    batch order, whatever groups of rows they arrive in: the last chunk of a batch is cut short at `close`,
+    so running a batch row by row gives the same float64 sums as running it whole. Holds less than one
+    chunk of each model's logits between groups."""
+
+    def __init__(self, sums: _Sums, vocab: int):
+        self.sums = sums
+        self.step = max(1, CHUNK_ELEMENTS // vocab)
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.waiting = 0
+
+    def add(self, ref: np.ndarray, out: np.ndarray, targets: np.ndarray, keep: np.ndarray) -> None:
+        """Consecutive rows of the batch: logits [b, T, V] of both models, targets and counted positions [b, T]."""
+        vocab = ref.shape[-1]
+        rows = np.flatnonzero(keep.reshape(-1))
+        ref, out, targets = ref.reshape(-1, vocab), out.reshape(-1, vocab), targets.reshape(-1)
+        start = 0
+        while start < rows.size:
+            index = rows[start:start + self.step - self.waiting]
+            self.pending.append((ref[index], out[index], targets[index]))
+            self.waiting += index.size
+            start += index.size
+            if self.waiting == self.step:
+                self._fold()
+
+    def close(self) -> None:
+        """The batch's last (short) chunk."""
+        if self.pending:
+            self._fold()
+
+    def _fold(self) -> None:
+        parts = self.pending
+        self.pending, self.waiting = [], 0
+        ref, out, targets = (parts[0][i] if len(parts) == 1 else np.concatenate([p[i] for p in parts])
+                             for i in range(3))
+        self.sums.add_chunk(ref, out, targets)
+
+
+def rows_per_run(seq: int, vocab: int, itemsize: int = 4, limit: int = LOGITS_BYTES) -> int:
+    """Rows of a token batch per ONNX Runtime call: as many as keep one call's logits [rows, seq, vocab] within
+    `limit` bytes, at least one (a sequence is never cut: each position reads all the earlier ones)."""
+    return max(1, limit // max(1, seq * vocab * itemsize))
+
+
 def compare_language_models(original, compressed, batches: Iterable[Mapping[str, np.ndarray]], *,
                             logits: str = "logits", tokens: str = "input_ids", mask: str | None = "attention_mask",
-                            providers: Sequence[str] = runtime.CPU, progress: bool = True) -> LanguageMetrics:
+                            providers: Sequence[str] = runtime.CPU, progress: bool = True,
+                            max_logits_bytes: int = LOGITS_BYTES) -> LanguageMetrics:
     """Perplexity of both models, their ratio, next-token top-1 agreement and KL on token batches.
 
     Targets are the input ids shifted by one; positions whose token or next token is padding (``mask``
-    zero) do not count. Models are paths or ModelProtos; each is fed only the inputs it declares.
+    zero) do not count. Models are paths or ModelProtos; each is fed only the inputs it declares. Each ONNX
+    Runtime call gets the rows of a batch whose logits fit in ``max_logits_bytes`` (`rows_per_run`; one row
+    until the vocabulary is known); the metrics are the same however the rows are run.
     """
-    sessions = [runtime.make_session(m, runtime.session_options(), providers, role=f"{role} model")
+    sessions = [runtime.make_session(m, runtime.session_options(arena=False), providers, role=f"{role} model")
                 for m, role in ((original, "original"), (compressed, "compressed"))]
     for session, role in zip(sessions, ("original", "compressed")):
         names = [o.name for o in session.get_outputs()]
         if logits not in names:
             raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
     sums = _Sums()
+    vocab = None  # known once one call has returned logits
     for index, feed in enumerate(tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False)):
         if tokens not in feed:
             raise FwlrError(f"The token data has no '{tokens}' array; save the token ids under the model's input name.")
         ids = np.asarray(feed[tokens])
         targets, keep = next_token_targets(ids, feed.get(mask) if mask else None)
-        ref, out = (_run_logits(s, feed, logits, role, index) for s, role in zip(sessions, ("original", "compressed")))
-        if ref.shape != ids.shape + ref.shape[-1:] or ref.shape != out.shape:
-            raise FwlrError(f"Output '{logits}' has shape {ref.shape} (original) and {out.shape} (compressed); "
-                            f"perplexity needs logits [batch, seq, vocab] over the token ids {ids.shape}.")
-        sums.add(ref, out, targets, keep)
+        batch, start = None, 0
+        while start < max(1, len(ids)):
+            stop = start + (1 if vocab is None else rows_per_run(ids.shape[-1], vocab, limit=max_logits_bytes))
+            vocab, batch = _fold_rows(sessions, _rows(feed, len(ids), start, stop), ids[start:stop],
+                                      targets[start:stop], keep[start:stop], logits, index, batch, sums)
+            start = stop
+        batch.close()
     return sums.result()
+
+
+def _rows(feed: Mapping[str, np.ndarray], count: int, start: int, stop: int) -> dict:
+    """Rows start:stop of a batch of `count` rows: every array with that many rows is cut, any other is fed whole."""
+    if start == 0 and stop >= count:
+        return dict(feed)
+    return {name: value[start:stop] if np.ndim(value) and np.shape(value)[0] == count else value
+            for name, value in feed.items()}
+
+
+def _fold_rows(sessions, feed, ids, targets, keep, logits, index, batch, sums):
+    """Both models on some rows of a batch, one after the other, folded into the batch's sums; returns the
+    vocabulary and the batch's `_BatchSums` (made on its first rows). The logits go when this returns."""
+    ref = _run_logits(sessions[0], feed, logits, "original", index)
+    out = _run_logits(sessions[1], feed, logits, "compressed", index)
+    if ref.shape != ids.shape + ref.shape[-1:] or ref.shape != out.shape:
+        raise FwlrError(f"Output '{logits}' has shape {ref.shape} (original) and {out.shape} (compressed); "
+                        f"perplexity needs logits [batch, seq, vocab] over the token ids {ids.shape}.")
+    batch = batch or _BatchSums(sums, ref.shape[-1])
+    batch.add(ref, out, targets, keep)
+    return ref.shape[-1], batch
 
 
 def check_language_model(model, logits: str = "logits") -> None:
@@ -198,7 +274,7 @@ def validate_language(original, compressed, data, *, batch_size: int = 32, logit
     from onnx_fwlr.io.data import find_mask_input, find_token_input, open_data
     from onnx_fwlr.io.model import load_model
 
-    reference = original if not isinstance(original, (str, os.PathLike)) else load_model(original)
+    reference = original if not isinstance(original, (str, os.PathLike)) else load_model(original, lazy=True)
     batches = open_data(data, reference, batch_size=batch_size)
     tokens = find_token_input(batches.specs)
     if tokens is None:

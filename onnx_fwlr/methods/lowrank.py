@@ -33,8 +33,14 @@ class Scaling:
             return U / self.diag[:, None]
         return scipy.linalg.solve_triangular(self.chol, U, lower=True, trans="T", check_finite=False)
 
-    def apply_right(self, W: np.ndarray) -> np.ndarray:  # W Q
-        return W * self.diag[None, :] if self.diag is not None else W @ self.chol
+    def apply_right(self, W: np.ndarray, overwrite: bool = False) -> np.ndarray:  # W Q
+        """`overwrite`: W is the caller's own float64 scratch, scaled in place when Q is diagonal."""
+        if self.diag is None:
+            return W @ self.chol
+        if overwrite:
+            W *= self.diag[None, :]
+            return W
+        return W * self.diag[None, :]
 
     def solve_right(self, Vt: np.ndarray) -> np.ndarray:  # Vt Q⁻¹
         if self.diag is not None:
@@ -91,8 +97,13 @@ class LowRankDiagonal:
     grow: np.ndarray  # √(1 + σ²) − 1 [r]
     shrink: np.ndarray  # 1/√(1 + σ²) − 1 [r]
 
-    def apply_right(self, W: np.ndarray) -> np.ndarray:  # W Q
-        M = W * self.root_diag[None, :]
+    def apply_right(self, W: np.ndarray, overwrite: bool = False) -> np.ndarray:  # W Q
+        """`overwrite`: W is the caller's own float64 scratch and becomes W Q (no second [K, N] array)."""
+        if overwrite:
+            W *= self.root_diag[None, :]
+            M = W
+        else:
+            M = W * self.root_diag[None, :]
         return _add_low_rank(M, (M @ self.basis) * self.grow[None, :], self.basis)
 
     def solve_right(self, Vt: np.ndarray) -> np.ndarray:  # Vt Q⁻¹
@@ -197,15 +208,19 @@ class Decomposition:
             raise ValueError(f"this decomposition holds factors up to rank {self.max_rank}, not {rank}")
 
 
-def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> np.ndarray:
-    """P W Q in float64, refusing NaN/Inf."""
+def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None,
+                    overwrite: bool = False) -> np.ndarray:
+    """P W Q in float64, refusing NaN/Inf. Q is applied in place on an array made here (P W, or W's float64
+    copy), so a [K, N] weight costs two float64 copies at most; `overwrite`: W (float64) is the caller's scratch
+    and may be scaled in place too."""
     M = np.asarray(W, dtype=np.float64)
+    own = overwrite or M.dtype != np.asarray(W).dtype
     if not np.all(np.isfinite(M)):
         raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (leave it out with `exclude`).")
     if left is not None:
-        M = left.apply_left(M)
+        M, own = left.apply_left(M), True
     if right is not None:
-        M = right.apply_right(M)
+        M = right.apply_right(M, overwrite=own)
     return M
 
 

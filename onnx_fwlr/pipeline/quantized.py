@@ -108,6 +108,7 @@ class QuantizeJob:
     plans: SpillStore = field(default_factory=lambda: SpillStore(spill=False))  # (weight, option label) -> SitePlan
     # (None: dense); builds reuse them; spilled to disk on large models (pipeline.quantized_store)
     plan_errors: dict = field(default_factory=dict)  # (weight, option label) -> the plan's weighted error
+    totals: dict = field(default_factory=dict)  # weight -> ‖P W Q‖², once for every fit attempt
     ties: dict = field(default_factory=dict)  # head weight -> (sites.tied.Tie, its Table): one weight to the budget
     source: object = None  # pipeline.quantized_input.QuantizedInput when the model given is a quantized input's
     # float form: each site may stay as the input stored it, at the bytes it had there
@@ -567,7 +568,11 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
                             "rounding: "
                             "tables follow `quantize`, and int8's predicted loss counts its weight error only.")
         return
+    from onnx_fwlr.stats.fisher import GroupedFisherStatistics  # the backward pass: imported when needed
+
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
+    if isinstance(prepared.stats, GroupedFisherStatistics):
+        prepared.stats.release()  # the first group's Grams wait on disk while this pass runs (the options fold them)
     meta = prepared.stats.meta
     options = {k: v for k, v in fisher_options.items() if k in ("samples", "seed")}
     measured = collect_quant_stats(prepared.model, tables, tensors, batches, loss=meta.get("loss"),
@@ -613,9 +618,11 @@ def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[O
     schemes = {o.key for o in options if o.key is not None and o.key.kind == "nbits" and o.key.bits in (4, 8)
                and table.D % o.key.block_size == 0}
     if schemes:
-        W = job.prepared.weights[site.weight]  # [D, V]: the table transposed
+        W = _weight(job, site)  # [D, V]: the table transposed
         for scheme in sorted(schemes, key=lambda k: k.label):
-            loss = job.table_loss[table.name]((W - plan.dequantized(W, scheme, site_dtype(site))).T)
+            deq = plan.dequantized(W, scheme, site_dtype(site), float64=False)
+            loss = job.table_loss[table.name](compensate.residual(W, deq).T)
+            del deq
             pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
         del W
     return pair
@@ -662,7 +669,7 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             metric = job.metrics[site.weight]
             tied = site.weight in job.ties
             options = plan.site_options(
-                job.prepared.weights[site.weight], metric, job.site_schemes(site),
+                _weight(job, site), metric, job.site_schemes(site),
                 dense=job.quantize == "auto" or site.weight in _stored(job) or tied,
                 dense_bytes=_dense_bytes(job, site), low_rank=job.quantize == "auto",
                 low_rank_bytes=_stored_factor_bytes(job.source, site), rank_step=job.rank_step,
@@ -784,11 +791,20 @@ def _build_within(job: QuantizeJob, target: int):
         if excess <= 0:
             return model_out, results, tables
         slack = 2 * slack + excess  # another choice may bring other records: close in fast
+        del model_out, results  # not held while the next attempt builds its own
     raise RuntimeError(f"the built model stays {excess:,} bytes above the target after {FIT_ATTEMPTS} allocations")
 
 
 def _dense_label(site: Site) -> str:
     return "fp16" if site.dtype == "float16" else "fp32"
+
+
+def _weight(job: QuantizeJob, site: Site) -> np.ndarray:
+    """The site's weight [K, N] as its float32 (or float16) numbers in float32: half the memory of the float64 copy
+    SiteWeights reads (a vocabulary-wide head: 113 MB, not 226); every use converts it exactly, so the numbers
+    are the same. A float64 weight stays float64."""
+    W = job.prepared.weights[site.weight]
+    return W.astype(np.float32) if site.dtype in ("float32", "float16") else W
 
 
 def _factor_bytes(job: QuantizeJob, site: Site) -> int:
@@ -826,7 +842,7 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
     plans, results, low_rank = {}, [], set()
     pairs = list(zip(job.sites, chosen))
     for site, option in tqdm(pairs, desc="quantize build", unit="site", disable=not job.progress, leave=False):
-        W = job.prepared.weights[site.weight]
+        W = _weight(job, site)
         metric = job.metrics[site.weight]
         key = (site.weight, option.label)  # the same option gives the same plan: another allocation reuses it
         if key not in job.plans:
@@ -840,7 +856,9 @@ def _build(job: QuantizeJob, chosen: list[Option], tables: dict[str, Scheme]):
         error = job.plan_errors[key]
         if isinstance(option.key, Scheme) and option.key.kind == "dynamic":
             error += job.scheme_loss(site).get(option.key, 0.0)
-        total = compensate.weighted_error(W, metric.left, metric.right)
+        if site.weight not in job.totals:
+            job.totals[site.weight] = compensate.weighted_error(W, metric.left, metric.right)
+        total = job.totals[site.weight]
         del metric
         stored = site.params if option.storage in (plan.FP32, plan.LOW_RANK) and option.rank == 0 else (
             option.rank * (site.K + site.N) + (0 if option.storage == plan.LOW_RANK else site.params))

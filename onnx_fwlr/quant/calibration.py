@@ -127,17 +127,21 @@ def _passes(model, tables, tensors, loss, output):
         return {**feed, **runner.forward(feed)}
 
     def backward(stats, tables, feed, labels, values, mask_name, token_name, samples, rng):
+        """The tables' statistics from one micro-batch; the last seed's backward pass lets each forward value
+        go once it is read for the last time (`values` is the caller's scratch), as the Fisher pass does."""
         z = values[target.tensor]
         mask = feed.get(mask_name) if mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
         seeds = losses.make_seeds(loss, z, target=target, labels=labels, draws=samples, rng=rng, weight=weight,
                                   tokens=feed.get(token_name) if token_name else None)
-        cotangents = [runner.backward(values, s) for s in seeds]
         batch = len(z) if z.ndim else 1
+        del z
+        lookups = {name: feed[name] if name in feed else values[name] for table in tables for name in table.ids}
+        cotangents = [runner.backward(values, s, consume=number == len(seeds) - 1) for number, s in enumerate(seeds)]
         for table in tables:
             for ids_name, out in zip(table.ids, table.outputs):
-                ids = feed[ids_name] if ids_name in feed else values[ids_name]
-                fold_lookup(stats.tables[table.name], ids, [c[out] for c in cotangents], mask, table.V, batch)
+                fold_lookup(stats.tables[table.name], lookups[ids_name], [c[out] for c in cotangents], mask, table.V,
+                            batch)
 
     return forward, backward
 

@@ -36,20 +36,29 @@ def spectrum_energy(M: np.ndarray) -> np.ndarray:
     return np.clip(values, 0.0, None)
 
 
+def residual(W: np.ndarray, dequantized: np.ndarray) -> np.ndarray:
+    """E = W − deq in float64, whatever the storage of either (deq may be kept as the float32 numbers it is):
+    the same numbers as subtracting their float64 copies, without making them."""
+    return np.subtract(W, dequantized, dtype=np.float64)
+
+
 def residual_energy(W: np.ndarray, dequantized: np.ndarray, left: Scaling | None = None,
                     right: Scaling | None = None) -> np.ndarray:
     """σ² of the weighted residual P (W − deq(Q(W))) Q, descending: residual_spectrum's energy without its
-    vectors."""
-    E = np.asarray(W, dtype=np.float64) - np.asarray(dequantized, dtype=np.float64)
-    return spectrum_energy(weighted_matrix(E, left, right))
+    vectors. A `dequantized` made for the call is let go once the residual is made (two float64 [K, N] arrays
+    at a time)."""
+    E = residual(W, dequantized)
+    del dequantized
+    return spectrum_energy(weighted_matrix(E, left, right, overwrite=True))
 
 
-def leading_svd(M: np.ndarray, rank: int, left: Scaling | None = None, right: Scaling | None = None
-                ) -> Decomposition:
+def leading_svd(M: np.ndarray, rank: int, left: Scaling | None = None, right: Scaling | None = None,
+                overwrite: bool = False) -> Decomposition:
     """The leading `rank` components of M = P E Q (already weighted) from the eigenvectors of its smaller Gram:
     the factors a chosen option needs, at a fraction of a full SVD's cost (its error in a component is about
     eps·σ₁²/gap, far below the fit's own). Components with σ below 1e-7·σ₁ (where the Gram cannot tell them
-    apart) are dropped to zero. The dropped energy stays exact: ‖M‖_F² minus the kept σ²."""
+    apart) are dropped to zero. The dropped energy stays exact: ‖M‖_F² minus the kept σ². `overwrite`: M is the
+    caller's scratch, squared in place for ‖M‖_F² once the factors are made."""
     import scipy.linalg
 
     M = np.asarray(M, dtype=np.float64)
@@ -68,20 +77,24 @@ def leading_svd(M: np.ndarray, rank: int, left: Scaling | None = None, right: Sc
         U, Vt = vectors * keep, (vectors.T @ M) / safe[:, None] * keep[:, None]
     else:
         U, Vt = (M @ vectors) / safe[None, :] * keep[None, :], vectors.T * keep[:, None]
-    return Decomposition(U=U, s=s, Vt=Vt, left=left, right=right, total_energy=float(np.sum(M * M)), exact=False)
+    squares = np.square(M, out=M) if overwrite else M * M
+    return Decomposition(U=U, s=s, Vt=Vt, left=left, right=right, total_energy=float(np.sum(squares)), exact=False)
 
 
 def residual_leading(W: np.ndarray, dequantized: np.ndarray, rank: int, left: Scaling | None = None,
                      right: Scaling | None = None) -> Decomposition:
     """residual_spectrum's leading `rank` components only (leading_svd)."""
-    E = np.asarray(W, dtype=np.float64) - np.asarray(dequantized, dtype=np.float64)
-    return leading_svd(weighted_matrix(E, left, right), rank, left, right)
+    E = residual(W, dequantized)
+    return leading_svd(weighted_matrix(E, left, right, overwrite=True), rank, left, right, overwrite=True)
 
 
 def weighted_error(E: np.ndarray, left: Scaling | None = None, right: Scaling | None = None) -> float:
-    """‖P E Q‖_F²."""
+    """‖P E Q‖_F² (squared in place when the weighting made its own array)."""
     M = weighted_matrix(E, left, right)
-    return float(np.sum(M * M))
+    if np.may_share_memory(M, E):
+        return float(np.sum(M * M))
+    np.square(M, out=M)
+    return float(np.sum(M))
 
 
 def correction(spectrum: Decomposition, rank: int) -> tuple[np.ndarray, np.ndarray] | None:

@@ -32,12 +32,13 @@ class Metric:
     mean_input: np.ndarray | None = None
 
 
-def dequantized(W: np.ndarray, scheme: Scheme, dtype=np.float32) -> np.ndarray:
+def dequantized(W: np.ndarray, scheme: Scheme, dtype=np.float32, float64: bool = True) -> np.ndarray:
     """deq(Q(W)) as ONNX Runtime computes it, float64 [K, N]; `dtype`: the weight's storage (float16 weights are
-    quantized as stored, with float16 scales)."""
+    quantized as stored, with float16 scales). `float64` False: the same numbers kept as float32 (they are
+    float32 values; compensate.residual subtracts them exactly), half the memory."""
     if scheme.kind == "dynamic":
-        return ortquant.dynamic_int8_weight(W)
-    return ortquant.dequantize_matmul_weight(ortquant.quantize_matmul_weight(W, scheme, "w", dtype))
+        return ortquant.dynamic_int8_weight(W, float64=float64)
+    return ortquant.dequantize_matmul_weight(ortquant.quantize_matmul_weight(W, scheme, "w", dtype), float64=float64)
 
 
 def dequantized_table(T: np.ndarray, scheme: Scheme) -> np.ndarray:
@@ -69,7 +70,8 @@ def site_options(W: np.ndarray, metric: Metric, schemes: list[Scheme], *, dense:
         options += [Option(LOW_RANK, r, size(r), float(tail[min(r, len(energy))])) for r in ranks
                     if size(r) < dense_bytes]
     for scheme in schemes:
-        energy = compensate.residual_energy(W, dequantized(W, scheme, dtype), metric.left, metric.right)
+        energy = compensate.residual_energy(W, dequantized(W, scheme, dtype, float64=False), metric.left,
+                                            metric.right)
         base = scheme.matmul_bytes(K, N)
         if base >= dense_bytes:
             continue  # no smaller than the weight as it is
@@ -112,10 +114,12 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
     if option.storage == FP32:
         return None, 0.0
     if option.storage == LOW_RANK:
-        decomposition = compensate.leading_svd(weighted_matrix(W, metric.left, metric.right), option.rank,
-                                               metric.left, metric.right)
+        M = weighted_matrix(W, metric.left, metric.right)
+        decomposition = compensate.leading_svd(M, option.rank, metric.left, metric.right,
+                                               overwrite=not np.may_share_memory(M, W))
+        del M
         A, B = decomposition.factors(option.rank)
-        return _with_shift(SitePlan(None, A, B), W, A @ B, metric, bias_correction), \
+        return _with_shift(SitePlan(None, A, B), W, A @ B, metric, bias_correction, overwrite=True), \
             decomposition.dropped_energy(option.rank)
     scheme = option.key
     plan, error = _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds, dtype, outliers)
@@ -124,18 +128,23 @@ def site_plan(W: np.ndarray, metric: Metric, option: Option, *, bias_correction:
 
 
 def _with_outliers(W: np.ndarray, deq: np.ndarray, outliers) -> np.ndarray:
-    """deq(Q(W)) with the rows of the input channels computed in float taken from W (they are exact there)."""
+    """deq(Q(W)) with the rows of the input channels computed in float taken from W (they are exact there); a
+    float32 deq becomes float64 when those rows are not float32 numbers."""
     if outliers is None:
         return deq
-    deq = deq.copy()
-    deq[outliers] = W[outliers]
+    rows = W[outliers]
+    exact = deq.dtype != np.float32 or np.array_equal(rows.astype(np.float32), rows)
+    deq = deq.copy() if exact else deq.astype(np.float64, order="C")
+    deq[outliers] = rows
     return deq
 
 
 def _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds, dtype, outliers=None):
+    """The plan of a quantized option. deq(Q(W)) is kept as its float32 numbers and every float64 [K, N] array
+    is made once and let go (a vocabulary-wide head: two float64 copies at a time, not four)."""
     if option.rank == 0:
-        approx = _with_outliers(W, dequantized(W, scheme, dtype), outliers)
-        error = compensate.weighted_error(W - approx, metric.left, metric.right)
+        approx = _with_outliers(W, dequantized(W, scheme, dtype, float64=False), outliers)
+        error = compensate.weighted_error(compensate.residual(W, approx), metric.left, metric.right)
         return _with_shift(SitePlan(scheme), W, approx, metric, bias_correction), error
     if alternate_rounds:
         result = compensate.alternate(W, lambda M: dequantized(M, scheme, dtype), option.rank, alternate_rounds,
@@ -143,14 +152,24 @@ def _quantized_plan(W, metric, option, scheme, bias_correction, alternate_rounds
         deq, A, B, error = result.dequantized, result.A, result.B, result.errors[result.chosen_round]
         plan = SitePlan(scheme, A, B, quantized=result.quantized if result.chosen_round else None)
         return _with_shift(plan, W, deq + A @ B, metric, bias_correction), error
-    deq = _with_outliers(W, dequantized(W, scheme, dtype), outliers)
+    deq = _with_outliers(W, dequantized(W, scheme, dtype, float64=False), outliers)
     spectrum = compensate.residual_leading(W, deq, option.rank, metric.left, metric.right)
     A, B = spectrum.factors(option.rank)
     error = spectrum.dropped_energy(option.rank)
-    return _with_shift(SitePlan(scheme, A, B), W, deq + A @ B, metric, bias_correction), error
+    del spectrum
+    if not (bias_correction and metric.mean_input is not None):
+        return SitePlan(scheme, A, B), error
+    approx = A @ B
+    approx += deq  # deq + A B, in A B's array
+    del deq
+    return _with_shift(SitePlan(scheme, A, B), W, approx, metric, bias_correction, overwrite=True), error
 
 
-def _with_shift(plan: SitePlan, W: np.ndarray, approx: np.ndarray, metric: Metric, bias_correction: bool) -> SitePlan:
+def _with_shift(plan: SitePlan, W: np.ndarray, approx: np.ndarray, metric: Metric, bias_correction: bool,
+                overwrite: bool = False) -> SitePlan:
+    """The mean output shift E[x]ᵀ (W − approx) into the plan; `overwrite`: approx (float64) is scratch and
+    holds W − approx afterwards."""
     if bias_correction and metric.mean_input is not None:
-        plan.shift = metric.mean_input @ (W - approx)
+        difference = np.subtract(W, approx, out=approx) if overwrite else compensate.residual(W, approx)
+        plan.shift = metric.mean_input @ difference
     return plan

@@ -528,6 +528,14 @@ class GroupedFisherStatistics(Statistics):
         self.current = index
         record_pass(self, measured.meta, start)
 
+    def release(self) -> None:
+        """Drop the current group's Grams until a site of it is asked for again (folded again from the recorded
+        pass: the same sums), for a caller that runs another pass first (--quantize's pricing pass); without a
+        recording (recurrent sites: a pass per group) they stay."""
+        if self._recording is not None:
+            self._drop_large()
+            self.current = None
+
     def _ensure(self, site: Site) -> None:
         index = self.group_of.get(site.weight)
         if index is not None and index != self.current:

@@ -8,6 +8,7 @@ shape), and walks those nodes backwards applying ``onnx_fwlr.vjp`` rules.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -22,6 +23,12 @@ from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import DEFAULT_DOMAINS, FLOAT_TYPES, default_opset
 
 _SHAPE_SUFFIX = "__fwlr_shape"
+_PLACEHOLDER_BASE = np.zeros((), dtype=np.float32)
+
+
+def _placeholder(value: np.ndarray) -> np.ndarray:
+    """A zero-memory stand-in with the value's shape (a read-only broadcast of one shared zero)."""
+    return np.broadcast_to(_PLACEHOLDER_BASE, value.shape)
 
 
 @dataclass
@@ -93,6 +100,21 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             types[vi.name] = vi.type.tensor_type.elem_type
     return types
+
+
+class _Parked:
+    """A forward value waiting in a temporary file (GradientRunner.park): its shape without its bytes."""
+
+    def __init__(self, file, array: np.ndarray):
+        self.file, self.offset, self.dtype, self.shape = file, file.tell(), array.dtype, array.shape
+        file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+    def load(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.file.seek(self.offset)
+        if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OSError("a parked forward value could not be read back from its temporary file")
+        return out
 
 
 class GradientRunner:
@@ -265,8 +287,9 @@ class GradientRunner:
 
     def _make_session(self):
         options = self.session_options
-        if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores.
-            options = runtime.session_options(spinning=False, quiet=False)
+        if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores; the
+            # Shape nodes appended by exposed_model run early, so the tensors they read are not kept to the end
+            options = runtime.session_options(spinning=False, quiet=False, shapes_first=True)
         return runtime.make_session(self.exposed_model, options, self.providers)
 
     def forward(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -282,6 +305,8 @@ class GradientRunner:
 
     def _value(self, values, name: str, keep: bool = False) -> np.ndarray:
         if name in values:
+            if isinstance(values[name], _Parked):  # read back for its first reader; consume frees it after its last
+                values[name] = values[name].load()
             return values[name]
         if name in self._constant_cache:
             return self._constant_cache[name]
@@ -332,7 +357,8 @@ class GradientRunner:
         Memory, for a caller that needs neither afterwards: ``consume`` removes each forward value from
         ``values`` once the last step that reads it is done (the walk starts at the output, so the values of
         the layers behind it go first); ``emit(name, cotangent)`` receives each ``wrt`` cotangent as soon as
-        it is complete, and it is then neither kept nor returned. The numbers are the same either way.
+        it is complete, and it is then neither kept nor returned. Values set aside by ``park`` are read back
+        for their first reader. The numbers are the same either way.
         """
         seed = np.asarray(seed)
         expected = self._shape(values, self.output)
@@ -373,6 +399,47 @@ class GradientRunner:
         if emit is not None:
             return {}
         return {w: self._final_cotangent(cot, values, w, seed.dtype) for w in self.wrt}
+
+    def park(self, values: dict, resident: int):
+        """Set aside in one temporary file the forward values in `values` that the backward walk reads after
+        its first `resident` bytes of them (in the order it first reads them); `backward` reads each back for
+        its first reader. For a caller that runs one walk with `consume`: the walk then holds the values of the
+        steps near it instead of the whole forward pass's. Returns the file, to close after the walk (None when
+        everything fits)."""
+        first = self._first_reads()
+        order = sorted((name for name, value in values.items() if name in first and isinstance(value, np.ndarray)
+                        and value.base is not _PLACEHOLDER_BASE), key=lambda name: (first[name], name))
+        held, file = 0, None
+        for name in order:
+            held += values[name].nbytes
+            if held > resident:
+                file = file or tempfile.TemporaryFile(prefix="onnx-fwlr-park-")
+                values[name] = _Parked(file, values[name])
+        return file
+
+    def _first_reads(self) -> dict[str, int]:
+        """Forward value -> the position (in the walk from the output back) of the first step that reads it."""
+        if getattr(self, "_first", None) is None:
+            first: dict[str, int] = {}
+            for position, step in enumerate(reversed(self._steps)):
+                node = step.node
+                names = [node.input[i] for i in step.needs.inputs if i < len(node.input)]
+                names += [node.output[k] for k in step.needs.outputs]
+                for name in names:
+                    if name:
+                        first.setdefault(name, position)
+            self._first = first
+        return self._first
+
+    def drop_unread(self, values: dict, keep: Sequence[str] = ()) -> None:
+        """Replace the values in `values` that no backward step reads (extra outputs the caller has used, the
+        seeded output once its seeds exist), but those named in `keep`, by zero-memory stand-ins of the same
+        shape: backward reads only their shapes."""
+        first = self._first_reads()
+        for name, value in values.items():
+            if name not in first and name not in keep and name not in self._graph_inputs \
+                    and isinstance(value, np.ndarray) and not name.endswith(_SHAPE_SUFFIX):
+                values[name] = _placeholder(value)
 
     def _final_cotangent(self, cot: dict, values, name: str, dtype, take: bool = True) -> np.ndarray:
         if name in cot:

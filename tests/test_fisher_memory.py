@@ -117,3 +117,44 @@ def test_a_recorded_pass_with_every_value_parked_gives_the_same_model(tiny, monk
     assert report.calibration["passes"] == 1 and report.calibration["groups"] > 1
     assert parks and all(resident == 0 and used for resident, used in parks)
     assert grouped.SerializeToString() == one.SerializeToString()
+
+
+def _all_fetched(runner):
+    """The runner as it was before exact products: every value it reads fetched from ONNX Runtime."""
+    every = [*runner._values, *runner._products]
+    runner._products = {}
+    runner._values, runner._shapes = runner._exposure(every)
+    runner._fetch = runner._values + [name + backward_module._SHAPE_SUFFIX for name in runner._shapes]
+    runner._release = runner._first = None
+    return runner
+
+
+def test_exact_products_are_multiplied_in_numpy_to_the_same_bits(tiny):
+    """A SwiGLU's silu(gate) = gate * sigmoid(gate) and silu * up are not fetched from ONNX Runtime (its run
+    holds fewer values) but multiplied when read: the same bits as ORT's Mul, and the same cotangents."""
+    model, sites, feed, target, runner = _setup(tiny)
+    assert len(runner._products) == 2 * 2  # two per layer of the tiny decoder
+    assert not set(runner._products) & set(runner.fetch_names)
+    lazy = runner.forward(feed, lazy=True)
+    assert not set(runner._products) & set(lazy)
+    _, _, _, _, fetched = fisher._gradient_setup(model, sites, None)
+    fetched = _all_fetched(fetched)
+    assert set(runner._products) <= set(fetched.fetch_names)
+    reference = fetched.forward(feed)
+    for name in runner._products:
+        assert runner.shape(lazy, name) == reference[name].shape
+        np.testing.assert_array_equal(runner.value(dict(lazy), name), reference[name])
+    eager = runner.forward(feed)
+    assert runner.value_bytes(lazy) == sum(v.nbytes for v in eager.values())  # what sizes micro-batches
+    for name in reference:
+        np.testing.assert_array_equal(eager[name], reference[name])
+    seed = _seed(reference, target)
+    expected = fetched.backward(dict(reference), seed)
+    handed = {}
+    parked = runner.park(lazy, resident=0)
+    try:
+        runner.backward(lazy, seed, consume=True, emit=lambda n, g: handed.setdefault(n, g))
+    finally:
+        parked.close()
+    for name, cotangent in expected.items():
+        np.testing.assert_array_equal(handed[name], cotangent)

@@ -115,6 +115,12 @@ def _rows(x: np.ndarray, transposed: bool) -> np.ndarray:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _leading(shape: tuple, transposed: bool) -> int:
+    """The samples _rows gives an input of this shape (its first axis; 1 for a vector), without the array."""
+    shape = tuple(shape)[::-1] if transposed else tuple(shape)
+    return 1 if len(shape) == 1 else shape[0]
+
+
 def _keep(x3: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
     """[samples, positions] True where the attention mask marks a real token; None without a mask that fits."""
     return mask != 0 if mask is not None and x3.shape[:2] == mask.shape else None
@@ -170,7 +176,7 @@ def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:
     if size is None:
         return None
     probe = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
-    per_sample = sum(np.asarray(v).nbytes for v in runner.forward(probe).values())
+    per_sample = runner.value_bytes(runner.forward(probe, lazy=True))
     return max(1, min(size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
@@ -208,7 +214,7 @@ class _BatchFolder:
         self.keys = sorted({activation_key(use) for (_, use), folded in zip(uses, self.folded) if folded})
 
     def __call__(self, feed: dict, labels) -> None:
-        values = self.runner.forward(feed)
+        values = self.runner.forward(feed, lazy=self.recording is not None)
         z = values[self.target.tensor]
         tokens = feed.get(self.token_name) if self.token_name else None
         if self.loss is None:
@@ -258,8 +264,8 @@ class _BatchFolder:
         entry = self.recording.start(mask)
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
-            entry.inputs[key] = self.recording.put(_site_rows(values, use, node))
-        samples = [_site_rows(values, use, node).shape[0] for (_, use), node in zip(self.uses, self.nodes)]
+            entry.inputs[key] = self.recording.put(_rows(self.runner.value(values, use.input), use.trans_a))
+        samples = [_leading(self.runner.shape(values, use.input), use.trans_a) for _, use in self.uses]
         self.runner.drop_unread(values, keep=[self.target.tensor])
         return entry, samples
 

@@ -164,10 +164,11 @@ def _session_options():
 ACTIVATION_BUDGET = 128 << 20
 
 
-# Most bytes of a sample's forward values the recorded pass's backward walk holds ahead of where it is; the rest
-# wait in a temporary file until their first reader (GradientRunner.park): the walk starts at the
-# LM head, whose weight it maps, while ONNX Runtime has just handed over every forward value at once.
-PARK_RESIDENT = 32 << 20
+# Bytes of a sample's forward values the recorded pass's backward walk keeps in memory ahead of where it is;
+# the rest wait in a temporary file until their first reader (GradientRunner.park). Nothing: the walk starts at
+# the LM head, whose weight it maps (113 MB on SmolLM2), just after ONNX Runtime handed every value over at
+# once; 32 MiB kept resident peaked 25 MiB higher there (docs/llm.md).
+PARK_RESIDENT = 0
 
 
 def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:

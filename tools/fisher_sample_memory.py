@@ -64,14 +64,14 @@ def main():
     from onnx_fwlr.autodiff import losses
     from onnx_fwlr.io import runtime
     from onnx_fwlr.io.model import load_model
-    from onnx_fwlr.pipeline.prepare import _untied
     from onnx_fwlr.sites.recurrent import find_all_sites
     from onnx_fwlr.sites.tied import find_ties
     from onnx_fwlr.stats import fisher
 
     model = load_model(args.model)
     sites, _ = find_all_sites(model, None, None, fisher=True)
-    sites = _untied(sites, find_ties(model, sites))
+    heads = {tie.head for tie in find_ties(model, sites)}  # a head repeating its table is no site (as compress)
+    sites = [site for site in sites if site.weight not in heads]
     _, target, uses, _, runner = fisher._gradient_setup(model, sites, None)
     options = runner.session_options
     if "disable-prepacking" in args.change:

@@ -8,6 +8,7 @@ shape), and walks those nodes backwards applying ``onnx_fwlr.vjp`` rules.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -22,6 +23,12 @@ from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.io.onnx_utils import DEFAULT_DOMAINS, FLOAT_TYPES, default_opset
 
 _SHAPE_SUFFIX = "__fwlr_shape"
+_PLACEHOLDER_BASE = np.zeros((), dtype=np.float32)
+
+
+def _placeholder(value: np.ndarray) -> np.ndarray:
+    """A zero-memory stand-in with the value's shape (a read-only broadcast of one shared zero)."""
+    return np.broadcast_to(_PLACEHOLDER_BASE, value.shape)
 
 
 @dataclass
@@ -95,6 +102,21 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
+class _Parked:
+    """A forward value waiting in a temporary file (GradientRunner.park): its shape without its bytes."""
+
+    def __init__(self, file, array: np.ndarray):
+        self.file, self.offset, self.dtype, self.shape = file, file.tell(), array.dtype, array.shape
+        file.write(memoryview(np.ascontiguousarray(array)).cast("B"))
+
+    def load(self) -> np.ndarray:
+        out = np.empty(self.shape, dtype=self.dtype)
+        self.file.seek(self.offset)
+        if self.file.readinto(memoryview(out).cast("B")) != out.nbytes:
+            raise OSError("a parked forward value could not be read back from its temporary file")
+        return out
+
+
 class GradientRunner:
     """Forward pass in ONNX Runtime and reverse-mode gradients of ``output`` w.r.t. ``wrt`` tensors.
 
@@ -134,6 +156,8 @@ class GradientRunner:
 
         self._steps = self._plan(graph)
         self._values, self._shapes = self._exposure(list(extra_outputs))
+        self._products = self._exact_products(graph)
+        self._values = [name for name in self._values if name not in self._products]
         self._fetch = self._values + [name + _SHAPE_SUFFIX for name in self._shapes]
         self._extra_constants = [n for n in extra_outputs if n in self._initializers]
         self._session = None
@@ -215,6 +239,28 @@ class GradientRunner:
         shapes = [n for n in dict.fromkeys(shape_names) if n and n not in cheap and n not in values]
         return values, shapes
 
+    def _exact_products(self, graph) -> dict[str, tuple[str, str]]:
+        """Exposed float32 Mul outputs whose factors are exposed too (or constants, or graph inputs), in graph
+        order: name -> its two factors. They are not fetched from ONNX Runtime but multiplied in numpy when
+        read, which gives the same bits (one IEEE float32 multiplication, as ORT's Mul) and keeps them out of
+        ORT's run: a SwiGLU's silu(gate) and its product with up are 2 of a decoder layer's 5 FFN-wide values."""
+        available = set(self._values) | set(self._initializers) | set(self._graph_inputs)
+        products: dict[str, tuple[str, str]] = {}
+        for node in graph.node:
+            if node.op_type != "Mul" or node.domain not in DEFAULT_DOMAINS or len(node.input) != 2:
+                continue
+            name = node.output[0]
+            if name in self._values and name != self.output and all(
+                    n in available and self._types.get(n) == onnx.TensorProto.FLOAT for n in (*node.input, name)):
+                products[name] = (node.input[0], node.input[1])
+        return products
+
+    def _with_factors(self, name: str) -> list[str]:
+        """The name and, for an exact product, the values it is computed from (recursively)."""
+        if name not in self._products:
+            return [name]
+        return [name] + [n for factor in self._products[name] for n in self._with_factors(factor)]
+
     @property
     def exposed_model(self) -> onnx.ModelProto:
         """A copy of the model whose outputs include every tensor the backward pass reads (made on each access
@@ -265,12 +311,14 @@ class GradientRunner:
 
     def _make_session(self):
         options = self.session_options
-        if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores.
-            options = runtime.session_options(spinning=False, quiet=False)
+        if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores; the
+            # Shape nodes appended by exposed_model run early, so the tensors they read are not kept to the end
+            options = runtime.session_options(spinning=False, quiet=False, shapes_first=True)
         return runtime.make_session(self.exposed_model, options, self.providers)
 
-    def forward(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the model; returns the exposed tensors (``output``, what backward reads, extras)."""
+    def forward(self, feed: Mapping[str, np.ndarray], lazy: bool = False) -> dict[str, np.ndarray]:
+        """Run the model; returns the exposed tensors (``output``, what backward reads, extras). ``lazy``:
+        leave out the exact products (_exact_products), which backward and ``value`` compute when read."""
         if self._session is None:
             self._session = self._make_session()
         ort_feed = {k: v for k, v in feed.items() if k in self._graph_inputs}
@@ -278,10 +326,41 @@ class GradientRunner:
         values = dict(ort_feed)
         values.update(zip(self._fetch, results))
         values.update((name, self._value({}, name)) for name in self._extra_constants)
+        if not lazy:
+            for name in self._products:  # graph order: a product's factors come first
+                values[name] = self._product(values, name)
         return values
+
+    def value(self, values: dict, name: str) -> np.ndarray:
+        """The forward value `name` from what ``forward`` returned (an exact product is computed now, and not
+        kept in `values`)."""
+        if name in self._products and name not in values:
+            return self._product(values, name)
+        return self._value(values, name)
+
+    def value_bytes(self, values: dict) -> int:
+        """Bytes of the forward values ``forward`` returns without ``lazy``, from what a lazy ``forward``
+        returned (the exact products counted, float32, not computed)."""
+        products = sum(4 * int(np.prod(self._shape(values, name))) for name in self._products if name not in values)
+        return sum(np.asarray(v).nbytes for v in values.values()) + products
+
+    def shape(self, values: dict, name: str) -> tuple:
+        """The shape of the forward value `name` from what ``forward`` returned, without computing it."""
+        return tuple(self._shape(values, name))
+
+    def _product(self, values, name: str) -> np.ndarray:
+        """An exact product from its factors; a factor that is a product itself is computed, not kept."""
+        factors = [self._product(values, f) if f in self._products and f not in values else self._value(values, f)
+                   for f in self._products[name]]
+        return np.multiply(*factors)
 
     def _value(self, values, name: str, keep: bool = False) -> np.ndarray:
         if name in values:
+            if isinstance(values[name], _Parked):  # read back for its first reader; consume frees it after its last
+                values[name] = values[name].load()
+            return values[name]
+        if name in self._products:  # kept until consume frees it after its last reader
+            values[name] = self._product(values, name)
             return values[name]
         if name in self._constant_cache:
             return self._constant_cache[name]
@@ -303,6 +382,8 @@ class GradientRunner:
             return tuple(int(d) for d in values[name + _SHAPE_SUFFIX])
         if name in self._initializer_shapes:
             return self._initializer_shapes[name]
+        if name in self._products:
+            return tuple(np.broadcast_shapes(*(self._shape(values, f) for f in self._products[name])))
         raise FwlrError(f"Shape of tensor {name!r} is missing from the forward values; pass the dict "
                         "that GradientRunner.forward returned.")
 
@@ -332,7 +413,8 @@ class GradientRunner:
         Memory, for a caller that needs neither afterwards: ``consume`` removes each forward value from
         ``values`` once the last step that reads it is done (the walk starts at the output, so the values of
         the layers behind it go first); ``emit(name, cotangent)`` receives each ``wrt`` cotangent as soon as
-        it is complete, and it is then neither kept nor returned. The numbers are the same either way.
+        it is complete, and it is then neither kept nor returned. Values set aside by ``park`` are read back
+        for their first reader. The numbers are the same either way.
         """
         seed = np.asarray(seed)
         expected = self._shape(values, self.output)
@@ -374,6 +456,47 @@ class GradientRunner:
             return {}
         return {w: self._final_cotangent(cot, values, w, seed.dtype) for w in self.wrt}
 
+    def park(self, values: dict, resident: int):
+        """Set aside in one temporary file the forward values in `values` that the backward walk reads after
+        its first `resident` bytes of them (in the order it first reads them); `backward` reads each back for
+        its first reader. For a caller that runs one walk with `consume`: the walk then holds the values of the
+        steps near it instead of the whole forward pass's. Returns the file, to close after the walk (None when
+        everything fits)."""
+        first = self._first_reads()
+        order = sorted((name for name, value in values.items() if name in first and isinstance(value, np.ndarray)
+                        and value.base is not _PLACEHOLDER_BASE), key=lambda name: (first[name], name))
+        held, file = 0, None
+        for name in order:
+            held += values[name].nbytes
+            if held > resident:
+                file = file or tempfile.TemporaryFile(prefix="onnx-fwlr-park-")
+                values[name] = _Parked(file, values[name])
+        return file
+
+    def _first_reads(self) -> dict[str, int]:
+        """Forward value -> the position (in the walk from the output back) of the first step that reads it."""
+        if getattr(self, "_first", None) is None:
+            first: dict[str, int] = {}
+            for position, step in enumerate(reversed(self._steps)):
+                node = step.node
+                names = [node.input[i] for i in step.needs.inputs if i < len(node.input)]
+                names += [node.output[k] for k in step.needs.outputs]
+                for name in names:
+                    for read in self._with_factors(name) if name else ():
+                        first.setdefault(read, position)
+            self._first = first
+        return self._first
+
+    def drop_unread(self, values: dict, keep: Sequence[str] = ()) -> None:
+        """Replace the values in `values` that no backward step reads (extra outputs the caller has used, the
+        seeded output once its seeds exist), but those named in `keep`, by zero-memory stand-ins of the same
+        shape: backward reads only their shapes."""
+        first = self._first_reads()
+        for name, value in values.items():
+            if name not in first and name not in keep and name not in self._graph_inputs \
+                    and isinstance(value, np.ndarray) and not name.endswith(_SHAPE_SUFFIX):
+                values[name] = _placeholder(value)
+
     def _final_cotangent(self, cot: dict, values, name: str, dtype, take: bool = True) -> np.ndarray:
         if name in cot:
             return np.ascontiguousarray(cot.pop(name) if take else cot[name])
@@ -390,9 +513,9 @@ class GradientRunner:
                 n_in = len(node.input)
                 for i in (*step.needs.inputs, *step.needs.input_shapes):
                     if i < n_in and node.input[i]:
-                        last_read[node.input[i]] = position
+                        last_read.update((read, position) for read in self._with_factors(node.input[i]))
                 for k in step.needs.outputs:
-                    last_read[node.output[k]] = position
+                    last_read.update((read, position) for read in self._with_factors(node.output[k]))
                 for i in step.wanted:
                     last_consumer[node.input[i]] = position
             frees, emits = {}, {}

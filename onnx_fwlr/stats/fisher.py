@@ -115,6 +115,12 @@ def _rows(x: np.ndarray, transposed: bool) -> np.ndarray:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def _leading(shape: tuple, transposed: bool) -> int:
+    """The samples _rows gives an input of this shape (its first axis; 1 for a vector), without the array."""
+    shape = tuple(shape)[::-1] if transposed else tuple(shape)
+    return 1 if len(shape) == 1 else shape[0]
+
+
 def _keep(x3: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
     """[samples, positions] True where the attention mask marks a real token; None without a mask that fits."""
     return mask != 0 if mask is not None and x3.shape[:2] == mask.shape else None
@@ -150,12 +156,19 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
 def _session_options():
     from onnx_fwlr.io import runtime
 
-    return runtime.session_options(spinning=False, quiet=False, arena=False)
+    return runtime.session_options(spinning=False, quiet=False, arena=False, shapes_first=True)
 
 
 # Most bytes of exposed forward values per micro-batch: a larger model runs fewer samples at a time
 # (_fitting_micro_batch). The backward pass holds about as much again in cotangents.
 ACTIVATION_BUDGET = 128 << 20
+
+
+# Bytes of a sample's forward values the recorded pass's backward walk keeps in memory ahead of where it is;
+# the rest wait in a temporary file until their first reader (GradientRunner.park). Nothing: the walk starts at
+# the LM head, whose weight it maps (113 MB on SmolLM2), just after ONNX Runtime handed every value over at
+# once; 32 MiB kept resident peaked 25 MiB higher there (docs/llm.md).
+PARK_RESIDENT = 0
 
 
 def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:
@@ -164,7 +177,7 @@ def _fitting_micro_batch(runner, feed: dict, size: int | None) -> int | None:
     if size is None:
         return None
     probe = {k: v[:1] if np.ndim(v) else v for k, v in feed.items()}
-    per_sample = sum(np.asarray(v).nbytes for v in runner.forward(probe).values())
+    per_sample = runner.value_bytes(runner.forward(probe, lazy=True))
     return max(1, min(size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
@@ -202,7 +215,7 @@ class _BatchFolder:
         self.keys = sorted({activation_key(use) for (_, use), folded in zip(uses, self.folded) if folded})
 
     def __call__(self, feed: dict, labels) -> None:
-        values = self.runner.forward(feed)
+        values = self.runner.forward(feed, lazy=self.recording is not None)
         z = values[self.target.tensor]
         tokens = feed.get(self.token_name) if self.token_name else None
         if self.loss is None:
@@ -211,11 +224,20 @@ class _BatchFolder:
                                                  class_scores=self.class_scores)
         mask = feed.get(self.mask_name) if self.mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
+        self.stats.meta["samples"] += len(z) if z.ndim else 1
+        if self.recording is not None:
+            entry, samples = self._record_inputs(values, mask)
+            parked = self.runner.park(values, PARK_RESIDENT)  # before the seeds: they are made beside the values
         seeds = losses.make_seeds(self.loss, z, target=self.target, labels=labels, draws=self.samples, rng=self.rng,
                                   weight=weight, tokens=tokens)
         if self.recording is not None:
-            self._record(values, seeds, mask)
-            self.stats.meta["samples"] += len(z) if z.ndim else 1
+            del z
+            self.runner.drop_unread(values)  # the logits: backward needs their shape once the seeds exist
+            try:
+                self._record_grads(values, seeds, entry, samples)
+            finally:
+                if parked is not None:
+                    parked.close()
             return
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
@@ -230,18 +252,26 @@ class _BatchFolder:
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 _fold_gradient(self.stats, site, X, G, mask, self.sketch_ranks.get(site.weight))
             del cotangents
-        self.stats.meta["samples"] += len(z) if z.ndim else 1
 
-    def _record(self, values: dict, seeds, mask) -> None:
-        """Set the batch's site inputs and cotangents aside (PassRecording), each as soon as it exists: the
-        backward pass drops forward values after their last use and hands over each site's cotangent when it is
-        complete (GradientRunner.backward's `consume` and `emit`), so a sample's forward values and every site's
-        cotangent are not all held at once. Only for sites that are not recurrent (uses read one input tensor)."""
+    # Recording (PassRecording): the batch's site inputs and cotangents are set aside, each as soon as it
+    # exists, and the forward values leave memory as early as they can: the site inputs no backward step reads
+    # once recorded, the values the walk reads late until it reaches them (GradientRunner.park), each value
+    # after its last reader and each site's cotangent when it is complete (GradientRunner.backward's `consume`
+    # and `emit`). So a sample's forward values and every site's cotangent are not all held at once. Only for
+    # sites that are not recurrent (uses read one input tensor).
+
+    def _record_inputs(self, values: dict, mask) -> tuple[_Entry, list[int]]:
+        """Start the batch's entry with its mask and site inputs; returns it and each use's sample count."""
         entry = self.recording.start(mask)
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
-            entry.inputs[key] = self.recording.put(_site_rows(values, use, node))
-        samples = [_site_rows(values, use, node).shape[0] for (_, use), node in zip(self.uses, self.nodes)]
+            entry.inputs[key] = self.recording.put(_rows(self.runner.value(values, use.input), use.trans_a))
+        samples = [_leading(self.runner.shape(values, use.input), use.trans_a) for _, use in self.uses]
+        self.runner.drop_unread(values, keep=[self.target.tensor])
+        return entry, samples
+
+    def _record_grads(self, values: dict, seeds, entry: _Entry, samples: list[int]) -> None:
+        """Run the backward pass for each seed, setting each site's output cotangent aside when complete."""
         by_output: dict = {}
         for i, (_, use) in enumerate(self.uses):
             by_output.setdefault(use.output, []).append(i)

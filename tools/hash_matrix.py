@@ -294,9 +294,9 @@ def cli_child(argv: list[str]) -> int:
 
 def local_ray_child(argv: list[str]) -> int:
     """`onnx-fwlr ARGV` in this process, on a Ray cluster this process starts as tests/test_distributed.py does
-    (2 CPUs, a 200 MB object store), which the CLI then keeps: a bare `ray.init()` (what `--executor ray` without
-    an address does) did not come up within 10 minutes on the machine this row was added on (its GCS at the
-    machine's address never answered)."""
+    (2 CPUs, a 200 MB object store), which the CLI then keeps, so the row does not depend on what the machine's
+    Ray state holds (a bare `ray.init()` once followed a stale `/tmp/ray/ray_current_cluster` for 10 minutes;
+    `--executor ray` without an address now starts a fresh local cluster: docs/distributed.md)."""
     import logging
 
     import ray

@@ -408,18 +408,17 @@ def message_bytes(model: onnx.ModelProto) -> int:
 def raw_data_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes in the tensor's raw_data, from its shape and type (reading raw_data copies it); sub-byte and string
     types are measured."""
-    itemsize = _ITEMSIZE.get(tensor.data_type)
-    if itemsize is None:
+    if tensor.data_type not in _WHOLE_BYTE_TYPES:
         return len(tensor.raw_data)
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return tensor_nbytes(tensor)
 
 
-_ITEMSIZE = {code: onnx.helper.tensor_dtype_to_np_dtype(code).itemsize
-             for code in (onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8,
-                          onnx.TensorProto.UINT16, onnx.TensorProto.INT16, onnx.TensorProto.INT32,
-                          onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16,
-                          onnx.TensorProto.DOUBLE, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
-                          onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, onnx.TensorProto.BFLOAT16)}
+# Types whose raw_data holds exactly one numpy item per element (tensor_nbytes is exact for them).
+_WHOLE_BYTE_TYPES = frozenset((
+    onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+    onnx.TensorProto.INT16, onnx.TensorProto.INT32, onnx.TensorProto.INT64, onnx.TensorProto.BOOL,
+    onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
+    onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128, onnx.TensorProto.BFLOAT16))
 
 
 def _moved(tensor: onnx.TensorProto, size_threshold: int) -> int | None:

@@ -112,6 +112,11 @@ CASES = [
                                   "--calib-shards", "3"], "--calib-shards 3 is more than the 2 batch(es)"),
     ("user-text-kept-verbatim", ["compress", "in put `ratio` .onnx", "-o", "out.onnx", "--ratio", "0.5"],
      "in put `ratio` .onnx: file not found"),
+    ("ratio-below-rank-one", ["compress", M, "-o", "out.onnx", "--ratio", "0.01", "--calib", "calib.npz"],
+     "--ratio 0.01 is below what rank 1 on every factorised site keeps (1,098 of 84,480 parameters); give a "
+     "--ratio of at least 0.013"),
+    ("target-size-below-rank-one", ["compress", M, "-o", "out.onnx", "--target-size", "5000"],
+     "rank 1 on every factorised site already makes the model about"),
 ]
 
 

@@ -69,6 +69,36 @@ def test_target_size_is_met(tmp_path):
         compress(str(DIGITS), target_size=500, progress=False)
 
 
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_a_budget_below_one_rank_step_is_kept(allocation):
+    """fc2 (256 x 256) takes ranks in steps of 16, whose first step alone passes a 0.05 budget: the steps give
+    way (with a warning) instead of the model silently keeping twice the parameters asked for."""
+    calibration = str(CALIB) if allocation == "global" else None
+    _, report = compress(str(DIGITS), ratio=0.05, allocation=allocation, calibration=calibration, progress=False)
+    assert report.site_params_after <= 0.05 * report.site_params_before
+    assert any("below one rank step of 16" in w for w in report.warnings)
+    _, report = compress(str(DIGITS), ratio=0.5, allocation=allocation, calibration=calibration, progress=False)
+    assert not any("rank step" in w for w in report.warnings)
+    assert {s.name: s.rank for s in report.sites}["fc2/MatMul"] % 16 == 0  # steps kept where the budget allows
+
+
+def test_an_unreachable_budget_is_refused_before_statistics(monkeypatch):
+    """Below rank 1 on every site, nothing meets the budget: one sentence, before the calibration pass."""
+    from onnx_fwlr.pipeline import prepare as prepare_module
+
+    def no_statistics(*args, **kwargs):
+        raise AssertionError("statistics were gathered for a budget the sites' shapes cannot meet")
+
+    monkeypatch.setattr(prepare_module, "_statistics", no_statistics)
+    with pytest.raises(FwlrError, match="at least 0.013"):
+        compress(str(DIGITS), ratio=0.01, calibration=str(CALIB), progress=False)
+    with pytest.raises(FwlrError, match="already makes the model about"):
+        compress(str(DIGITS), target_size=5_000, calibration=str(CALIB), progress=False)
+    monkeypatch.undo()
+    _, report = compress(str(DIGITS), ratio=0.013, calibration=str(CALIB), progress=False)  # the least it named
+    assert report.site_params_after <= 0.013 * report.site_params_before
+
+
 def test_rank_overrides():
     model, report = compress(str(DIGITS), ratio=0.3, ranks={"head/Gemm": 9}, progress=False)
     ranks = {s.name: s.rank for s in report.sites}

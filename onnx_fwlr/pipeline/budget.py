@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -79,11 +80,7 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
     below alloc.MIN_UNIFORM_RANK and takes its cost from the other sites (floored_uniform_ranks).
     """
     sites = prepared.sites
-    fixed = _rank_overrides(sites, budget.ranks)
-    free = [i for i, s in enumerate(sites) if i not in fixed]
-    ranks = RankChoice([None] * len(sites))
-    for i, r in fixed.items():
-        ranks[i] = alloc.clamp_rank(sites[i].K, sites[i].N, min(r, min(sites[i].K, sites[i].N)))
+    ranks, free = _fixed_ranks(sites, budget.ranks)
     shapes = [(sites[i].K, sites[i].N) for i in free]
     if budget.rank is not None:
         chosen = [alloc.clamp_rank(K, N, min(budget.rank, min(K, N))) for K, N in shapes]
@@ -102,14 +99,70 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
                                 "(inside subgraphs?): use `allocation` uniform or `exclude` them.")
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
-            chosen = alloc.global_ranks(energies, shapes, ratio * sum(K * N for K, N in shapes), multiple=multiple)
+            target = ratio * sum(K * N for K, N in shapes)
+            if not _within(shapes, alloc.global_ranks(energies, shapes, target, multiple=multiple), target):
+                _say_fine_steps(ranks, multiple)
+                multiple = None
+            chosen = alloc.global_ranks(energies, shapes, target, multiple=multiple)
             ranks.notes.update({i: "kept dense: global allocation found its components worth more loss than the "
                                    "parameters factorising would save" for i, r in zip(free, chosen) if r is None})
         else:
+            target = ratio * sum(K * N for K, N in shapes)
+            if not _within(shapes, alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)[0], target):
+                _say_fine_steps(ranks, multiple)
+                multiple = None
             chosen = _floored_uniform(ranks, free, shapes, ratio, multiple)
     for i, r in zip(free, chosen):
         ranks[i] = r
     return ranks
+
+
+def _fixed_ranks(sites: list[Site], overrides: dict) -> tuple[RankChoice, list[int]]:
+    """The per-site overrides as valid ranks (every other site None), and the indices of the free sites."""
+    fixed = _rank_overrides(sites, overrides)
+    ranks = RankChoice([None] * len(sites))
+    for i, r in fixed.items():
+        ranks[i] = alloc.clamp_rank(sites[i].K, sites[i].N, min(r, min(sites[i].K, sites[i].N)))
+    return ranks, [i for i in range(len(sites)) if i not in fixed]
+
+
+def _within(shapes, ranks, target: float) -> bool:
+    """Whether `ranks` keep at most `target` parameters (a relative 1e-9 for the float target's rounding)."""
+    return sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, ranks)) <= target * (1 + 1e-9)
+
+
+def _say_fine_steps(choice: RankChoice, multiple: int | None) -> None:
+    """Rank steps give way to the budget: when one step per wide site already passes it, every rank is free
+    (a budget is a promise; the steps only make the kernels a little faster). Says so once in `choice`."""
+    if multiple and multiple > 1:
+        choice.warnings.append(
+            f"the budget is below one rank step of {multiple} on some sites, so ranks come in steps of 1 "
+            f"(ranks off multiples of {multiple} run a little slower than their FLOP share: docs/speed.md).")
+
+
+def check_reachable(prepared: Prepared, budget: Budget) -> None:
+    """Refuse a `ratio` or `target_size` that rank 1 on every site already passes, from the sites' shapes
+    alone (call it before any statistics): such a run could only write a model bigger than asked."""
+    if budget.rank is not None or (budget.ratio is None and budget.target_size is None) or not prepared.sites:
+        return
+    sites = prepared.sites
+    ranks, free = _fixed_ranks(sites, budget.ranks)
+    if not free:
+        return
+    ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
+    shapes = [(sites[i].K, sites[i].N) for i in free]
+    total = sum(K * N for K, N in shapes)
+    smallest = sum(alloc.site_params(K, N, alloc.clamp_rank(K, N, 1)) for K, N in shapes)
+    if ratio >= 1 or smallest <= ratio * total * (1 + 1e-9):
+        return
+    if budget.ratio is not None:
+        least = math.ceil(smallest / total * 1e4) / 1e4
+        raise FwlrError(f"`ratio` {budget.ratio} is below what rank 1 on every factorised site keeps ({smallest:,} of "
+                        f"{total:,} parameters); give a `ratio` of at least {least:g}, or `exclude` sites.")
+    _, _, itemsize = _size_terms(prepared, ranks, free)
+    least = budget.target_size + math.ceil((smallest - ratio * total) * itemsize)
+    raise FwlrError(f"`target_size` {budget.target_size:,} bytes is too small: rank 1 on every factorised site "
+                    f"already makes the model about {least:,} bytes; give at least that, or `exclude` sites.")
 
 
 def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float, multiple: int | None
@@ -156,6 +209,19 @@ def _rank_overrides(sites: list[Site], overrides: dict) -> dict[int, int]:
 
 def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
     """The parameter ratio of the free sites that makes the output about `target_size` bytes."""
+    base_bytes, free_params, free_itemsize = _size_terms(prepared, ranks, free)
+    available = target_size - base_bytes
+    if available <= 0 or free_params == 0:
+        raise FwlrError(
+            f"`target_size` {target_size:,} bytes is too small: the model without its factorisable weights already "
+            f"takes about {base_bytes:,} bytes."
+        )
+    return min(1.0, available / (free_params * free_itemsize))
+
+
+def _size_terms(prepared: Prepared, ranks, free) -> tuple[int, int, int]:
+    """(bytes of everything but the free sites' weights, the free sites' parameters, their item size): the
+    output's size is about the first plus ratio × the second × the third."""
     itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}
     dense_bytes = message_bytes(prepared.model) + external_bytes(prepared.model)
     fixed_bytes = 0
@@ -167,13 +233,7 @@ def ratio_for_size(prepared: Prepared, target_size: int, ranks, free) -> float:
     free_params = sum(prepared.sites[i].params for i in free)
     free_itemsize = itemsize.get(prepared.sites[free[0]].dtype, 4) if free else 4
     overhead = 600 * len(prepared.sites)  # new node and initializer records, names, bias corrections (measured bound)
-    available = target_size - dense_bytes - fixed_bytes - overhead
-    if available <= 0 or free_params == 0:
-        raise FwlrError(
-            f"`target_size` {target_size:,} bytes is too small: the model without its factorisable weights already "
-            f"takes about {dense_bytes + fixed_bytes + overhead:,} bytes."
-        )
-    return min(1.0, available / (free_params * free_itemsize))
+    return dense_bytes + fixed_bytes + overhead, free_params, free_itemsize
 
 
 def budget_record(currency: str | None, options, report, model_bytes: tuple[int | None, int | None] | None = None

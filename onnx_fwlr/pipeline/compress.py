@@ -17,7 +17,7 @@ from onnx_fwlr.evaluate.report import Report
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model
 from onnx_fwlr.methods.registry import METHODS, get_method
-from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, choose_ranks
+from onnx_fwlr.pipeline.budget import ALLOCATIONS, Budget, check_reachable, choose_ranks
 from onnx_fwlr.pipeline.build import build
 from onnx_fwlr.pipeline.config import (
     BudgetOptions,
@@ -233,13 +233,15 @@ def _factorise(model, *, ratio, rank, ranks, target_size, max_error, validation,
     if max_error is not None and validation is None:
         raise FwlrError("`max_error` needs validation data to measure the error on; pass `validation`.")
     prepared = reuse.prepared.get(method) if reuse is not None else None
-    if prepared is None:
+    if prepared is not None:
+        check_reachable(prepared, budget)  # prepare checks a new preparation's budget before its statistics
+    else:
         prepared = prepare(
             model, method=method, include=include, exclude=exclude, keep_attention=keep_attention,
             calibration=calibration, stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
             fisher_options=fisher_options, svd=svd, workers=workers, stats_memory=stats_memory, progress=progress,
             executor=executor, fallback=ACTIVATION_DEFAULT if defaulted and get_method(method).loss_units else None,
-            tie_heads=True,
+            tie_heads=True, budget=budget,
         )
         if reuse is not None:  # every later budget reads whole spectra: decompose fully once
             ensure_decompositions(prepared)

@@ -84,7 +84,7 @@ class SiteWeights(Mapping):
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
-    progress=True, fallback=None, tie_heads=False, executor=None,
+    progress=True, fallback=None, tie_heads=False, executor=None, budget=None,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
 
@@ -97,6 +97,7 @@ def prepare(
     so a one-shot build can drop each decomposition as soon as its factors exist, and "auto" or "randomized"
     SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
     `executor` (pipeline.distributed.Executor): calibration in shards and decompositions on a Ray cluster.
+    `budget` (pipeline.budget.Budget): refused before any statistics when the sites' shapes cannot meet it.
     """
     lowrank.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
@@ -133,6 +134,10 @@ def prepare(
                         progress=progress, ties=ties, executor=executor)
     prepared.weights = SiteWeights(model, sites)
     prepared.timings["load"] = time.perf_counter() - start
+    if budget is not None:
+        from onnx_fwlr.pipeline.budget import check_reachable
+
+        check_reachable(prepared, budget)
     if not sites:
         prepared.warnings.append("the model has no factorisable MatMul/Gemm weight; nothing was changed.")
         return prepared

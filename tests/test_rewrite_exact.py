@@ -145,3 +145,28 @@ def test_bias_corrections_fold_into_existing_biases(linear):
     y = np.concatenate([run(model, feed)[0] for feed in calib])
     y_small = np.concatenate([run(small, feed)[0] for feed in calib])
     assert rel_error(y.mean(0), y_small.mean(0)) < 1e-4
+
+
+def test_a_weight_used_twice_keeps_one_bias_correction(monkeypatch):
+    """A weight read at two places (as an unrolled recurrence reads W_hh once per step) gets one shift constant
+    that both Adds read, not a copy per use; the outputs are the per-use copies' bit for bit."""
+    from onnx_fwlr.rewrite import lowrank as lowrank_rewrite
+
+    rng = np.random.default_rng(5)
+    K = 24
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="step1"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "W"], ["y"], name="step2")]
+    inits = [numpy_helper.from_array(rng.standard_normal((K, K)).astype(np.float32), "W")]
+    model = make_model(nodes, [vinfo("x", [16, K])], [vinfo("y", [16, K])], inits)
+    calib = [{"x": (rng.standard_normal((16, K)) + 1.5).astype(np.float32)} for _ in range(4)]
+    shared, _ = compress(model, rank=4, method="whiten", calibration=calib, progress=False)
+    onnx.checker.check_model(shared, full_check=True)
+    adds = [n for n in shared.graph.node if n.op_type == "Add"]
+    shifts = [t.name for t in shared.graph.initializer if "bias_correction" in t.name]
+    assert len(adds) == 2 and len(shifts) == 1 and {n.input[1] for n in adds} == set(shifts)
+    monkeypatch.setattr(lowrank_rewrite, "_share_bias_corrections", lambda graph: None)
+    copies, _ = compress(model, rank=4, method="whiten", calibration=calib, progress=False)
+    assert len([t for t in copies.graph.initializer if "bias_correction" in t.name]) == 2
+    for feed in calib:
+        assert np.array_equal(run(shared, feed)[0], run(copies, feed)[0])

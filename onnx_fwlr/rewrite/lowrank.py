@@ -118,6 +118,7 @@ def apply_factors(
             del graph.node[:]
             graph.node.extend(new_nodes)
             _fold_bias_corrections(model, graph, {o.name for o in graph.output})
+            _share_bias_corrections(graph)
         remove_tensors(graph, removals.get(g_index, set()))
     read = {name for g in graphs for n in g.node for name in n.input} | {o.name for g in graphs for o in g.output}
     for g_index, bias in {(u.graph_index, u.bias) for s in chosen for u in s.uses if u.bias}:
@@ -205,6 +206,25 @@ def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outpu
     for index in reversed([i for i, n in enumerate(graph.node) if n.name in drop]):
         del graph.node[index]
     remove_tensors(graph, folded_shifts)
+
+
+def _share_bias_corrections(graph: onnx.GraphProto) -> None:
+    """One constant for equal shifts: a weight used at many places (an unrolled recurrence's W_hh, once per
+    step) got one shift per use, all equal; the Adds that are left read the first of them instead."""
+    constants = {t.name: t for t in graph.initializer}
+    first: dict[tuple, str] = {}
+    dropped = set()
+    for node in graph.node:
+        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.name):
+            continue
+        shift = constants.get(node.input[1])
+        if shift is None or not shift.raw_data:
+            continue
+        name = first.setdefault((shift.data_type, tuple(shift.dims), shift.raw_data), shift.name)
+        if name != shift.name:
+            node.input[1] = name
+            dropped.add(shift.name)
+    remove_tensors(graph, dropped)
 
 
 def _check_replacements(sites: list[Site], factors: dict) -> None:

@@ -210,12 +210,13 @@ def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outpu
 
 def _share_bias_corrections(graph: onnx.GraphProto) -> None:
     """One constant for equal shifts: a weight used at many places (an unrolled recurrence's W_hh, once per
-    step) got one shift per use, all equal; the Adds that are left read the first of them instead."""
+    step) got one shift per use, all equal (low-rank and structured rewrites alike); the Adds that are left
+    read the first of them instead."""
     constants = {t.name: t for t in graph.initializer}
     first: dict[tuple, str] = {}
     dropped = set()
     for node in graph.node:
-        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.name):
+        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.input[1]):
             continue
         shift = constants.get(node.input[1])
         if shift is None or not shift.raw_data:

@@ -220,8 +220,10 @@ def _unpack(packed: np.ndarray, bits: int, count: int, dtype=np.int32) -> np.nda
     """uint8 [..., bytes] holding `bits`-bit values, low nibble first -> `dtype` [..., count]."""
     if bits == 8:
         return packed[..., :count].astype(dtype)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return values[..., :count].astype(dtype)
+    values = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=dtype)  # written once, no uint8 copy
+    values[..., 0::2] = packed & 0x0F
+    values[..., 1::2] = packed >> 4
+    return np.ascontiguousarray(values[..., :count])
 
 
 def dequantize_matmul_weight(q: QuantizedWeight, float64: bool = True) -> np.ndarray:

@@ -159,6 +159,7 @@ def test_logits_of_another_shape_in_the_compressed_model_are_refused(models):
     graph.initializer.extend([onnx.numpy_helper.from_array(np.array([0], np.int64), "slice_start"),
                               onnx.numpy_helper.from_array(np.array([V - 1], np.int64), "slice_end"),
                               onnx.numpy_helper.from_array(np.array([2], np.int64), "slice_axis")])
-    graph.node.append(helper.make_node("Slice", ["full_logits", "slice_start", "slice_end", "slice_axis"], [logits.name]))
+    graph.node.append(helper.make_node("Slice", ["full_logits", "slice_start", "slice_end", "slice_axis"],
+                                       [logits.name]))
     with pytest.raises(FwlrError, match=r"has shape \(1, 6, 16\) \(original\) and \(1, 6, 15\) \(compressed\)"):
         language.compare_language_models(models[0], short, batches()[:1], progress=False, max_logits_bytes=1)

@@ -2,11 +2,14 @@
 
 `compare_language_models` runs both models on token batches and folds, per batch, the next-token
 negative log-likelihoods, the top-1 agreement and the KL divergence between their next-token
-distributions into float64 sums. Memory stays bounded whatever the batch size and vocabulary: each ONNX
-Runtime call gets as many rows of a batch as keep its logits [rows, T, V] within `LOGITS_BYTES`
-(`rows_per_run`), the two models run one after the other on those rows, and the logits are folded in
-chunks of about `CHUNK_ELEMENTS` float64 entries (`_BatchSums`: the same chunks, in the same order, as one
-call per batch, so the metrics do not depend on how the rows were run).
+distributions into float64 sums. Memory stays bounded whatever the batch size and vocabulary, and only
+one model's ONNX Runtime session exists at a time: the original runs first over a span of batches and the
+logits of its counted positions wait on disk (`_ParkedLogits`: float32 as run, in one anonymous temporary
+file, at most `PARK_BYTES` a span), its session goes, then the compressed model runs over the same span
+and is folded with them. Each ONNX Runtime call gets as many rows of a batch as keep its logits
+[rows, T, V] within `LOGITS_BYTES` (`rows_per_run`), and the logits are folded in chunks of about
+`CHUNK_ELEMENTS` float64 entries (`_BatchSums`: the same chunks, in the same order, as one call per batch,
+so the metrics do not depend on how the rows were run nor on where the original's logits waited).
 
 `greedy_check` generates greedily twice — re-running the whole sequence each step, and with the KV
 cache (present outputs fed back as past inputs) — and reports whether the two agree. It takes a
@@ -27,9 +30,11 @@ from tqdm.auto import tqdm
 from onnx_fwlr.autodiff.losses import next_token_targets
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io import runtime
+from onnx_fwlr.io.spill import SpillFile
 
 CHUNK_ELEMENTS = 1 << 20
 LOGITS_BYTES = 64 << 20  # logits one ONNX Runtime call may return per model (at least one row is run)
+PARK_BYTES = 2 << 30  # the original's logits waiting on disk for the compressed model's (at least one batch)
 CACHE_FLAG = "use_cache_branch"
 
 
@@ -139,15 +144,17 @@ class _BatchSums:
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.waiting = 0
 
-    def add(self, ref: np.ndarray, out: np.ndarray, targets: np.ndarray, keep: np.ndarray) -> None:
-        """Consecutive rows of the batch: logits [b, T, V] of both models, targets and counted positions [b, T]."""
-        vocab = ref.shape[-1]
+    def add(self, ref, out: np.ndarray, targets: np.ndarray, keep: np.ndarray) -> None:
+        """Consecutive rows of the batch: logits [b, T, V] of both models, targets and counted positions [b, T].
+        `ref` may instead be the original's parked logits (`_ParkedLogits`), read here in the same order."""
+        vocab = out.shape[-1]
         rows = np.flatnonzero(keep.reshape(-1))
-        ref, out, targets = ref.reshape(-1, vocab), out.reshape(-1, vocab), targets.reshape(-1)
+        out, targets = out.reshape(-1, vocab), targets.reshape(-1)
+        take = ref.take if isinstance(ref, _ParkedLogits) else ref.reshape(-1, vocab).__getitem__
         start = 0
         while start < rows.size:
             index = rows[start:start + self.step - self.waiting]
-            self.pending.append((ref[index], out[index], targets[index]))
+            self.pending.append((take(index), out[index], targets[index]))
             self.waiting += index.size
             start += index.size
             if self.waiting == self.step:
@@ -175,35 +182,128 @@ def rows_per_run(seq: int, vocab: int, itemsize: int = 4, limit: int = LOGITS_BY
 def compare_language_models(original, compressed, batches: Iterable[Mapping[str, np.ndarray]], *,
                             logits: str = "logits", tokens: str = "input_ids", mask: str | None = "attention_mask",
                             providers: Sequence[str] = runtime.CPU, progress: bool = True,
-                            max_logits_bytes: int = LOGITS_BYTES) -> LanguageMetrics:
+                            max_logits_bytes: int = LOGITS_BYTES, park_bytes: int = PARK_BYTES) -> LanguageMetrics:
     """Perplexity of both models, their ratio, next-token top-1 agreement and KL on token batches.
 
     Targets are the input ids shifted by one; positions whose token or next token is padding (``mask``
-    zero) do not count. Models are paths or ModelProtos; each is fed only the inputs it declares. Each ONNX
-    Runtime call gets the rows of a batch whose logits fit in ``max_logits_bytes`` (`rows_per_run`; one row
-    until the vocabulary is known); the metrics are the same however the rows are run.
+    zero) do not count. Models are paths or ModelProtos; each is fed only the inputs it declares. One session
+    at a time: the original runs over a span of batches (until its counted logits reach ``park_bytes``, at
+    least one batch) and those logits wait in an anonymous temporary file; its session goes, the compressed
+    model's runs over the span and is folded with them. Each ONNX Runtime call gets the rows of a batch whose
+    logits fit in ``max_logits_bytes`` (`rows_per_run`; one row until the vocabulary is known); the metrics
+    are the same however the rows are run and the batches spanned.
     """
-    sessions = [runtime.make_session(m, runtime.session_options(arena=False), providers, role=f"{role} model")
-                for m, role in ((original, "original"), (compressed, "compressed"))]
-    for session, role in zip(sessions, ("original", "compressed")):
-        names = [o.name for o in session.get_outputs()]
-        if logits not in names:
-            raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
+    for model, role in ((original, "original"), (compressed, "compressed")):
+        _check_declares(model, logits, role)  # before any run: a model without logits fails here, not after a span
     sums = _Sums()
-    vocab = None  # known once one call has returned logits
-    for index, feed in enumerate(tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False)):
+    span, parked, session = [], None, None
+    for index, feed in enumerate(tqdm(batches, desc="perplexity: original", unit="batch", disable=not progress,
+                                      leave=False)):
         if tokens not in feed:
             raise FwlrError(f"The token data has no '{tokens}' array; save the token ids under the model's input name.")
         ids = np.asarray(feed[tokens])
         targets, keep = next_token_targets(ids, feed.get(mask) if mask else None)
-        batch, start = None, 0
+        if session is None:
+            session, parked = _session(original, "original", logits, providers), _ParkedLogits()
+        _park_batch(session, feed, ids, keep, logits, index, parked, max_logits_bytes)
+        span.append((index, feed, ids, targets, keep))
+        if parked.size >= park_bytes:
+            session = None  # the original's session goes before the compressed model's is made
+            _fold_span(compressed, span, parked, logits, providers, max_logits_bytes, sums, progress)
+            span, parked = [], None
+    session = None
+    if span:
+        _fold_span(compressed, span, parked, logits, providers, max_logits_bytes, sums, progress)
+    return sums.result()
+
+
+class _ParkedLogits:
+    """The original's logits at the counted positions of a span of batches, [n, V] as run (float32 for a float32
+    model), in the order `_BatchSums` folds them, in one anonymous temporary file (io.spill.SpillFile: no name,
+    so nothing is left behind after success, an error or a kill). Written once, read back once, in order."""
+
+    def __init__(self):
+        self.file = SpillFile(prefix="onnx-fwlr-logits-")
+        self.vocab: int | None = None
+        self.dtype = None
+        self.read_at = 0
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+    def park(self, ref: np.ndarray, keep: np.ndarray) -> None:
+        """The counted positions of logits [b, T, V], written in pieces of a fold chunk's rows (no copy of all)."""
+        self.vocab, self.dtype = ref.shape[-1], ref.dtype
+        rows = np.flatnonzero(keep.reshape(-1))
+        flat, step = ref.reshape(-1, self.vocab), max(1, CHUNK_ELEMENTS // self.vocab)
+        for start in range(0, rows.size, step):
+            self.file.append(flat[rows[start:start + step]])
+
+    def take(self, index: np.ndarray) -> np.ndarray:
+        """The next ``index.size`` parked rows: the rows ``ref.reshape(-1, V)[index]`` of the run they came from."""
+        rows = self.file.read(self.read_at, self.dtype, (index.size, self.vocab))
+        self.read_at += rows.nbytes
+        return rows
+
+
+def _check_declares(model, logits: str, role: str) -> None:
+    """The model declares the logits output (read from its graph, weights not loaded)."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        try:
+            model = onnx.load(os.fspath(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - an unreadable model is reported by ONNX Runtime's loader, in one sentence
+            return
+    names = [o.name for o in model.graph.output]
+    if logits not in names:
+        raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
+
+
+def _session(model, role: str, logits: str, providers: Sequence[str]):
+    session = runtime.make_session(model, runtime.session_options(arena=False), providers, role=f"{role} model")
+    names = [o.name for o in session.get_outputs()]
+    if logits not in names:
+        raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
+    return session
+
+
+def _park_batch(session, feed, ids, keep, logits, index, parked: _ParkedLogits, max_logits_bytes: int) -> None:
+    """The original on one batch, a few rows per call; the counted positions' logits parked."""
+    start = 0
+    while start < max(1, len(ids)):
+        vocab = parked.vocab
+        stop = start + (1 if vocab is None else rows_per_run(ids.shape[-1], vocab, limit=max_logits_bytes))
+        ref = _run_logits(session, _rows(feed, len(ids), start, stop), logits, "original", index)
+        if ref.ndim != 3 or ref.shape[:2] != ids[start:stop].shape or vocab not in (None, ref.shape[-1]):
+            raise FwlrError(f"Output '{logits}' of the original model has shape {ref.shape}; perplexity needs logits "
+                            f"[batch, seq, vocab] over the token ids {ids[start:stop].shape}.")
+        parked.park(ref, keep[start:stop])
+        del ref  # before the next call returns its own
+        start = stop
+
+
+def _fold_span(compressed, span, parked: _ParkedLogits, logits, providers, max_logits_bytes, sums, progress) -> None:
+    """The compressed model on the span's batches, in the same order, each folded with the parked logits."""
+    runtime.release_free_memory()  # the original's session is gone: its pages go back before this one is made
+    session = _session(compressed, "compressed", logits, providers)
+    vocab = parked.vocab
+    for index, feed, ids, targets, keep in tqdm(span, desc="perplexity: compressed", unit="batch",
+                                                disable=not progress, leave=False):
+        batch, start = _BatchSums(sums, vocab), 0
         while start < max(1, len(ids)):
-            stop = start + (1 if vocab is None else rows_per_run(ids.shape[-1], vocab, limit=max_logits_bytes))
-            vocab, batch = _fold_rows(sessions, _rows(feed, len(ids), start, stop), ids[start:stop],
-                                      targets[start:stop], keep[start:stop], logits, index, batch, sums)
+            stop = start + rows_per_run(ids.shape[-1], vocab, limit=max_logits_bytes)
+            out = _run_logits(session, _rows(feed, len(ids), start, stop), logits, "compressed", index)
+            expected = ids[start:stop].shape + (vocab,)
+            if out.shape != expected:
+                raise FwlrError(f"Output '{logits}' has shape {expected} (original) and {out.shape} (compressed); "
+                                f"perplexity needs logits [batch, seq, vocab] over the token ids "
+                                f"{ids[start:stop].shape}.")
+            batch.add(parked, out, targets[start:stop], keep[start:stop])
+            del out  # before the next call returns its own
             start = stop
         batch.close()
-    return sums.result()
 
 
 def _rows(feed: Mapping[str, np.ndarray], count: int, start: int, stop: int) -> dict:
@@ -212,19 +312,6 @@ def _rows(feed: Mapping[str, np.ndarray], count: int, start: int, stop: int) -> 
         return dict(feed)
     return {name: value[start:stop] if np.ndim(value) and np.shape(value)[0] == count else value
             for name, value in feed.items()}
-
-
-def _fold_rows(sessions, feed, ids, targets, keep, logits, index, batch, sums):
-    """Both models on some rows of a batch, one after the other, folded into the batch's sums; returns the
-    vocabulary and the batch's `_BatchSums` (made on its first rows). The logits go when this returns."""
-    ref = _run_logits(sessions[0], feed, logits, "original", index)
-    out = _run_logits(sessions[1], feed, logits, "compressed", index)
-    if ref.shape != ids.shape + ref.shape[-1:] or ref.shape != out.shape:
-        raise FwlrError(f"Output '{logits}' has shape {ref.shape} (original) and {out.shape} (compressed); "
-                        f"perplexity needs logits [batch, seq, vocab] over the token ids {ids.shape}.")
-    batch = batch or _BatchSums(sums, ref.shape[-1])
-    batch.add(ref, out, targets, keep)
-    return ref.shape[-1], batch
 
 
 def check_language_model(model, logits: str = "logits") -> None:

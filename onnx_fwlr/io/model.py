@@ -186,27 +186,33 @@ def iter_tensor_bytes(model: onnx.ModelProto, tensor: onnx.TensorProto, chunk: i
 def structure_file(model: onnx.ModelProto, max_ir_version: int | None = None):
     """The path of a temporary copy of a lazily loaded model's structure, written beside its external data
     (readers such as ORT and the C++ checker find external data only relative to a model file, and protobuf
-    cannot serialise more than 2 GB). max_ir_version: lower the copy's IR version to it. Use the path inside."""
+    cannot serialise more than 2 GB). max_ir_version: lower the copy's IR version to it. Use the path inside.
+
+    The copy never holds the bytes of the large tensors (structure_copy, as save_model writes): lazily loaded
+    ones keep pointing at their own files, and those held in memory (a compression's factors, 1 KiB or more)
+    are written one at a time to a temporary data file beside it, removed with it. Copying the model whole and
+    serialising the copy held those tensors' bytes twice more while a session was made (docs/llm.md)."""
     base = external_base(model)
     if base is None:
         raise RuntimeError("structure_file needs a lazily loaded model (one with external data on disk).")
-    structure = onnx.ModelProto()
-    structure.CopyFrom(model)
-    _drop_base(structure)
-    if max_ir_version is not None:
-        structure.ir_version = min(structure.ir_version, max_ir_version)
     try:
         handle, name = tempfile.mkstemp(prefix=".fwlr-session-", suffix=".onnx", dir=base)
     except OSError as exc:
         raise FwlrError(f"could not write a temporary model file in {base} ({_first_line(exc)}); ONNX Runtime "
                         "reads external data only beside a model file: make that folder writable.") from None
+    data_name = name + ".data"
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(structure.SerializeToString())
+        os.close(handle)
+        structure = _write_external(model, Path(data_name), os.path.basename(data_name), lazy=False)
+        if max_ir_version is not None:
+            structure.ir_version = min(structure.ir_version, max_ir_version)
+        Path(name).write_bytes(structure.SerializeToString())
+        del structure
         yield name
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
+        for path in (name, data_name):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
@@ -573,12 +579,15 @@ def external_layout(model: onnx.ModelProto, size_threshold: int = 1024):
         yield tensor, offset, length
 
 
-def _layout(model: onnx.ModelProto, size_threshold: int):
-    """external_layout with each tensor's position among external_data_helper._get_all_tensors(model)."""
+def _layout(model: onnx.ModelProto, size_threshold: int, lazy: bool = True):
+    """external_layout with each tensor's position among external_data_helper._get_all_tensors(model); `lazy`
+    False: the tensors held in memory only (lazily loaded ones stay where they are)."""
     offset = 0
     for position, tensor in enumerate(external_data_helper._get_all_tensors(model)):
-        lazy = external_data_helper.uses_external_data(tensor)
-        length = tensor_nbytes(tensor) if lazy else _moved(tensor, size_threshold)
+        external = external_data_helper.uses_external_data(tensor)
+        if external and not lazy:
+            continue
+        length = tensor_nbytes(tensor) if external else _moved(tensor, size_threshold)
         if length is None:
             continue
         if length >= 1 << 20:
@@ -587,15 +596,17 @@ def _layout(model: onnx.ModelProto, size_threshold: int):
         offset += length
 
 
-def _write_external(model: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024
-                    ) -> onnx.ModelProto:
+def _write_external(model: onnx.ModelProto, data_path: Path, location: str, size_threshold: int = 1024,
+                    lazy: bool = True) -> onnx.ModelProto:
     """Write every moved tensor of `model` (external_layout) into one fresh data file, one tensor at a time, and
-    return the structure to save beside it: a copy that never held those bytes, its tensors pointing at them."""
+    return the structure to save beside it: a copy that never held those bytes, its tensors pointing at them.
+    `lazy` False: only the tensors held in memory; lazily loaded ones keep pointing at their own files (a
+    structure file beside them, for ONNX Runtime)."""
     structure, _ = structure_copy(model, size_threshold)
     _drop_base(structure)
     targets = list(external_data_helper._get_all_tensors(structure))
     with open(data_path, "wb") as data:  # "wb" truncates: onnx.save would append to an existing file
-        for position, tensor, offset, length in _layout(model, size_threshold):
+        for position, tensor, offset, length in _layout(model, size_threshold, lazy):
             data.write(b"\0" * (offset - data.tell()))
             if external_data_helper.uses_external_data(tensor):
                 for block in iter_tensor_bytes(model, tensor):

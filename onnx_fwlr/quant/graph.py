@@ -250,7 +250,9 @@ def _site_swaps(model, site: Site, plan: SitePlan, factors, graphs, namer, dynam
     owner = graphs[site.graph_index]
     main = None  # (op builder inputs, attributes) of the main branch
     if plan.scheme is not None and plan.scheme.kind == "nbits":
-        q = ortquant.quantize_matmul_weight(plan.main_matrix(model, site), plan.scheme, site.weight, site_dtype(site))
+        matrix = np.ascontiguousarray(plan.main_matrix(model, site), dtype=site_dtype(site))  # the float64 read
+        q = ortquant.quantize_matmul_weight(matrix, plan.scheme, site.weight, site_dtype(site))  # goes first
+        del matrix
         renamed = [namer(t.name) for t in q.tensors]
         for tensor, name in zip(q.tensors, renamed):
             tensor.name = name

@@ -204,36 +204,48 @@ def quantize_table(T: np.ndarray, scheme: Scheme, name: str) -> QuantizedWeight:
 
 
 def _made_tensors(graph: onnx.GraphProto, node: onnx.NodeProto, skip: str) -> list[onnx.TensorProto]:
+    """The tensors the quantizer added for `node`, copied out of the scratch graph: a message taken from a graph
+    keeps the whole graph's protobuf arena alive, here the weight's float copy (a vocabulary-wide head: 113 MB
+    held as long as the quantized weight), where the copies hold only their own bytes."""
     by_name = {t.name: t for t in graph.initializer if t.name != skip}
-    return [by_name[i] for i in node.input if i in by_name]
+    made = []
+    for name in node.input:
+        if name in by_name:
+            made.append(onnx.TensorProto())
+            made[-1].CopyFrom(by_name[name])
+    return made
 
 
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """uint8 [..., bytes] holding `bits`-bit values, low nibble first -> int32 [..., count]."""
+def _unpack(packed: np.ndarray, bits: int, count: int, dtype=np.int32) -> np.ndarray:
+    """uint8 [..., bytes] holding `bits`-bit values, low nibble first -> `dtype` [..., count]."""
     if bits == 8:
-        return packed[..., :count].astype(np.int32)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return values[..., :count].astype(np.int32)
+        return packed[..., :count].astype(dtype)
+    values = np.empty((*packed.shape[:-1], 2 * packed.shape[-1]), dtype=dtype)  # written once, no uint8 copy
+    values[..., 0::2] = packed & 0x0F
+    values[..., 1::2] = packed >> 4
+    return np.ascontiguousarray(values[..., :count])
 
 
 def dequantize_matmul_weight(q: QuantizedWeight, float64: bool = True) -> np.ndarray:
     """W [K, N] float64 from MatMulNBits' tensors: (q − zero point) · scale per block of K, in float32 as the
     kernel computes it (zero point 2^(bits−1) when absent). `float64` False: the same numbers as float32 (they
-    are float32 values), half the memory: a vocabulary-wide head's is 113 MB instead of 226. Made in place, so
-    at most one int32 and one float32 copy of the weight at a time."""
+    are float32 values), half the memory: a vocabulary-wide head's is 113 MB instead of 226. Made in place from
+    the unpacked bytes, so one float32 copy of the weight at a time: q and the zero point are integers below
+    256, exact in float32, so q − zero point is the same number as the integer difference converted."""
     attrs = {a.name: helper.get_attribute_value(a) for a in q.node.attribute}
     K, N, bits, block = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
     arrays = [numpy_helper.to_array(t) for t in q.tensors]
     packed, scales = arrays[0], arrays[1].reshape(N, -1).astype(np.float32)
+    zero_points = arrays[2] if len(arrays) > 2 else None
+    del arrays
     blocks = scales.shape[1]
-    values = _unpack(packed.reshape(N, blocks, -1), bits, block)  # [N, blocks, block]
-    if len(arrays) > 2:
-        zero = _unpack(arrays[2].reshape(N, -1), bits, blocks)
+    W = _unpack(packed.reshape(N, blocks, -1), bits, block, np.float32)  # [N, blocks, block]
+    del packed
+    if zero_points is not None:
+        zero = _unpack(zero_points.reshape(N, -1), bits, blocks, np.float32)
     else:
-        zero = np.full((N, blocks), 1 << (bits - 1), dtype=np.int32)
-    values -= zero[:, :, None]
-    W = values.astype(np.float32)
-    del values
+        zero = np.full((N, blocks), 1 << (bits - 1), dtype=np.float32)
+    W -= zero[:, :, None]
     W *= scales[:, :, None]
     W = W.reshape(N, -1)[:, :K].T
     return W.astype(np.float64) if float64 else W

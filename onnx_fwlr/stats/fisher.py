@@ -146,11 +146,12 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",), p
     if not uses:
         raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use `method` whiten.")
     nodes = [_recurrent_node(model, use) for _, use in uses]
-    wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)}
-                 | set(pricing.outputs if pricing is not None else ()))
+    wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
     inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)}
                     | set(pricing.exposed({i.name for i in model.graph.input}) if pricing is not None else ()))
-    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    # the lookups' cotangents on the side: the session stays the sites' own (the same forward values, bit for bit)
+    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs,
+                            side_wrt=pricing.outputs if pricing is not None else ())
     # No memory arena: every exposed tensor is an output, copied out to numpy; an arena would keep a second
     # copy of the largest run's (a decoder's activations for a micro-batch: gigabytes).
     runner.session_options = _session_options()

@@ -53,13 +53,13 @@ class QuantStats:
 
 
 class Pricing:
-    """The statistics QuantStats holds, folded batch by batch from the forward values and cotangents of a pass
-    that someone else runs: the sites' Fisher pass (stats.fisher, so `--quantize` makes one pass over the data)
-    or collect_quant_stats (statistics loaded from a file or measured in shards: no Fisher pass here).
+    """The statistics QuantStats holds, folded from the forward values and cotangents of a pass someone else
+    runs: the sites' Fisher pass (stats.fisher, so `--quantize` makes one pass over the data) or
+    collect_quant_stats (statistics loaded from a file or measured in shards: no Fisher pass here).
 
-    A batch may come in pieces (micro-batches, trailing padding trimmed): each piece's channel ranges are
-    folded at once (maxima and minima: the same whatever the pieces), and a table's lookups and cotangents
-    wait for the batch's end, to be folded as one batch (fold_lookup) whatever the pieces were."""
+    A batch may come in pieces (micro-batches, trailing padding trimmed): each piece's lookups are folded as
+    it comes (fold_lookup), and its channel ranges join the batch's (maxima and minima: the same whatever the
+    pieces), whose dynamic step is folded at the batch's end."""
 
     def __init__(self, tables: list[Table], tensors: list[str]):
         self.tables, self.tensors = list(tables), list(tensors)
@@ -67,7 +67,6 @@ class Pricing:
                                 {name: 0.0 for name in tensors})
         self.batches = 0
         self._ranges: dict = {}  # tensor -> per-channel (high, low) over the batch's pieces so far
-        self._pieces: list = []  # the batch's pieces: (ids per lookup, cotangents per seed, mask, samples)
 
     @property
     def outputs(self) -> list[str]:
@@ -93,18 +92,16 @@ class Pricing:
                 high, low = np.maximum(self._ranges[name][0], high), np.minimum(self._ranges[name][1], low)
             self._ranges[name] = (high, low)
 
-    def add_lookups(self, ids: dict, cotangents: list[dict], mask, samples: int) -> None:
-        """One piece's lookups: its index tensors, each seed's cotangents of the lookups' outputs, its mask."""
-        if self.tables:
-            self._pieces.append((ids, [{o: c[o] for o in self.outputs} for c in cotangents], mask, samples))
-
-    def end_batch(self) -> None:
-        """Fold the batch: its tables' statistics, the dynamic step of each priced tensor over the batch."""
+    def fold_lookups(self, ids: dict, cotangents: list[dict], mask, samples: int) -> None:
+        """One piece's tables: its index tensors (lookup_ids), each seed's cotangents of the lookups' outputs,
+        its mask and its samples."""
         for table in self.tables:
             for ids_name, out in zip(table.ids, table.outputs):
-                for ids, grads, mask, samples in _whole_batch(self._pieces, ids_name, out):
-                    fold_lookup(self.stats.tables[table.name], ids, grads, mask, table.V, samples)
-        self._pieces = []
+                fold_lookup(self.stats.tables[table.name], ids[ids_name], [c[out] for c in cotangents], mask,
+                            table.V, samples)
+
+    def end_batch(self) -> None:
+        """The batch's dynamic step of each priced tensor, from its pieces' ranges."""
         for name, (high, low) in self._ranges.items():
             self.stats.step_squares[name] += (float(max(high.max(), 0.0) - min(low.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
             self.stats.channel_ranges.setdefault(name, []).append((high, low))
@@ -117,44 +114,6 @@ class Pricing:
             raise FwlrError(f"{description}: holds no samples; give at least one batch of calibration data.")
         return QuantStats(self.stats.tables, {name: total / self.batches for name, total in
                                               self.stats.step_squares.items()}, self.stats.channel_ranges)
-
-
-def _whole_batch(pieces: list, ids_name: str, out: str) -> list[tuple]:
-    """(ids, per-seed cotangents, mask, samples) to fold for one lookup of one batch: its pieces joined into the
-    batch when each reads one row per sample and position (the sums fold_lookup makes are then those of the
-    whole batch run at once, to the bit: the pieces' trimmed positions come back as masked padding); each
-    piece as it is otherwise (a lookup shared by the samples: its cotangent is summed over the piece)."""
-    parts = [(ids[ids_name], [c[out] for c in grads], mask, samples) for ids, grads, mask, samples in pieces]
-    if len(parts) < 2 or not all(_per_sample(*part) for part in parts):
-        return parts
-    masks = [mask for _, _, mask, _ in parts]
-    if all(m is None for m in masks):
-        if any(np.shape(ids)[1:] != np.shape(parts[0][0])[1:] for ids, *_ in parts):
-            return parts  # no mask says which positions count: fold each piece as it came
-        joined_mask = None
-    elif not all(m is not None and np.shape(m) == np.shape(ids) for m, (ids, *_) in zip(masks, parts)):
-        return parts
-    length = max(np.shape(ids)[1] if np.ndim(ids) > 1 else 0 for ids, *_ in parts)
-    if masks[0] is not None:
-        joined_mask = np.concatenate([_padded(np.asarray(m), length) for m in masks])
-    ids = np.concatenate([_padded(np.asarray(ids), length) for ids, *_ in parts])
-    seeds = len(parts[0][1])
-    grads = [np.concatenate([_padded(g[s], length) for _, g, _, _ in parts]) for s in range(seeds)]
-    return [(ids, grads, joined_mask, sum(samples for *_, samples in parts))]
-
-
-def _per_sample(ids, grads, mask, samples) -> bool:
-    """Whether fold_lookup reads this piece one sample at a time (ids [samples, ...], cotangents alike)."""
-    return np.ndim(ids) >= 1 and np.shape(ids)[0] == samples and all(g.shape[:-1] == np.shape(ids) for g in grads)
-
-
-def _padded(x: np.ndarray, length: int) -> np.ndarray:
-    """`x` with its positions axis (axis 1) zero-padded to `length`: positions a trimmed piece did not run."""
-    if x.ndim < 2 or x.shape[1] == length:
-        return x
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return np.pad(x, pad)
 
 
 def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: list[str], batches: Batches, *,
@@ -231,7 +190,7 @@ def _passes(model, tables, tensors, loss, output):
         del z
         lookups = pricing.lookup_ids(lambda name: feed[name] if name in feed else values[name])
         cotangents = [runner.backward(values, s, consume=number == len(seeds) - 1) for number, s in enumerate(seeds)]
-        pricing.add_lookups(lookups, cotangents, mask, batch)
+        pricing.fold_lookups(lookups, cotangents, mask, batch)
 
     return forward, backward
 

@@ -247,7 +247,7 @@ class _BatchFolder:
                 if parked is not None:
                     parked.close()
             if self.pricing is not None:
-                self.pricing.add_lookups(lookups, priced, mask, batch)
+                self.pricing.fold_lookups(lookups, priced, mask, batch)
             return
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
@@ -266,7 +266,7 @@ class _BatchFolder:
                 priced.append({name: cotangents[name] for name in self.pricing.outputs})
             del cotangents
         if self.pricing is not None:
-            self.pricing.add_lookups(lookups, priced, mask, batch)
+            self.pricing.fold_lookups(lookups, priced, mask, batch)
 
     def _price_inputs(self, feed: dict, values: dict) -> dict:
         """--quantize's reads of the forward values (quant.calibration.Pricing), before the pass lets them go:

@@ -89,7 +89,7 @@ class QuantizeJob:
     alternate: int
     factors: str = "float16"  # correction factor storage: float16 behind a Cast ORT folds at load, or float32
     tables: list[Table] = field(default_factory=list)
-    table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
+    table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> their TableStats (.loss(ΔT))
     rounding_variance: dict = field(default_factory=dict)  # weight -> dynamic int8's activation rounding variance
     rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
     outliers: tuple = ()  # dynamic int8 may take these counts of its largest input channels out of the rounding
@@ -600,7 +600,7 @@ def _measure_quantization(job: QuantizeJob, tables, inputs, calibration, batch_s
                                 and set(tensors) <= set(measured.step_squares)):
         measured = _quantization_pass(job, tables, tensors, calibration, batch_size, mask_input, shapes,
                                       fisher_options, progress)
-    job.table_loss = {t.name: measured.tables[t.name].loss for t in tables}
+    job.table_loss = {t.name: measured.tables[t.name] for t in tables}
     for site in job.sites:  # priced with each site's weighting when its options are made (_rounding_loss)
         if inputs.get(site.weight):
             job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
@@ -658,7 +658,7 @@ def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[O
         W = _weight(job, site)  # [D, V]: the table transposed
         for scheme in sorted(schemes, key=lambda k: k.label):
             deq = plan.dequantized(W, scheme, site_dtype(site), float64=False)
-            loss = job.table_loss[table.name](compensate.residual(W, deq).T)
+            loss = job.table_loss[table.name].head_loss(W, deq)
             del deq
             pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
         del W
@@ -715,7 +715,8 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             job.choices.append(_tied_options(job, site, options) if tied else options)
             del metric
         for table in _budgeted_tables(job):
-            job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
+            job.choices.append(plan.table_options(table_array(job.prepared.model, table),
+                                                  job.table_loss[table.name].loss,
                                                   _table_schemes(table, job.quantize, job.block_size)))
     return job.choices
 

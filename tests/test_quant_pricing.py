@@ -191,3 +191,29 @@ def test_statistics_from_a_file_price_in_a_pass_of_their_own(tiny, tmp_path, mon
     compress(str(path), quantize="auto", ratio=0.5, stats=str(tmp_path / "stats.npz"), calibration=str(calib),
              batch_size=6, progress=False)
     assert len(calls) == 2  # the two batches of the pass of its own
+
+
+def test_options_let_each_group_go_once_its_last_site_has_its_weighting(monkeypatch):
+    """Grouped statistics (two groups of the sample decoder): each group is folded once and dropped once its
+    last site's weighting is made (the last group, with the LM head, too: not kept through the fit attempts);
+    the file is the one written when they stay."""
+    folds, releases = [], []
+    real_measure, real_release = GroupedFisherStatistics._measure, GroupedFisherStatistics.release
+
+    def measure(self, index):
+        folds.append(index)
+        return real_measure(self, index)
+
+    def release(self):
+        releases.append(self.current)
+        return real_release(self)
+
+    monkeypatch.setattr(GroupedFisherStatistics, "_measure", measure)
+    monkeypatch.setattr(GroupedFisherStatistics, "release", release)
+    options = dict(quantize="auto", ratio=0.3, calibration=str(DECODER_CALIB), progress=False, stats_memory=4_200_000)
+    released, report = compress(str(DECODER), **options)
+    assert report.calibration["groups"] == 2
+    assert folds == [0, 1] and releases == [0, 1]
+    monkeypatch.setattr(quantized_module, "_release_finished_group", lambda job, index: None)
+    kept, _ = compress(str(DECODER), **options)
+    assert released.SerializeToString() == kept.SerializeToString()

@@ -702,8 +702,10 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
     build (job.metrics); only the options (bytes and predicted loss) stay in memory."""
     if job.choices is None:
         job.choices = []
-        for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
+        for index, site in enumerate(tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress,
+                                          leave=False)):
             metric = job.metrics[site.weight]
+            _release_finished_group(job, index)
             tied = site.weight in job.ties
             options = plan.site_options(
                 _weight(job, site), metric, job.site_schemes(site),
@@ -719,6 +721,20 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
                                                   job.table_loss[table.name].loss,
                                                   _table_schemes(table, job.quantize, job.block_size)))
     return job.choices
+
+
+def _release_finished_group(job: QuantizeJob, index: int) -> None:
+    """Once the last site of a group of grouped statistics has its weighting, drop the group's Grams
+    (GroupedFisherStatistics.release): in site order nothing asks for them again (had anything, they would be
+    folded again from the recorded pass, the same sums), and the last group's (the LM head's sketch: 101 MB on
+    SmolLM2) would otherwise stay through the head's options and every fit attempt."""
+    stats = job.prepared.stats
+    group_of = getattr(stats, "group_of", None)
+    if group_of is None or stats.current is None or group_of.get(job.sites[index].weight) != stats.current:
+        return
+    following = job.sites[index + 1] if index + 1 < len(job.sites) else None
+    if following is None or group_of.get(following.weight) != stats.current:
+        stats.release()
 
 
 def _stored(job: QuantizeJob) -> dict[str, int]:

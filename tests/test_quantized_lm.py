@@ -80,8 +80,8 @@ def test_statistics_in_groups_give_the_one_pass_choices(in_memory):
 
 
 def test_released_group_grams_are_folded_again_the_same_without_a_pass():
-    """--quantize's pricing pass runs after release(): the first group's Grams are not held through it, and the
-    options fold them again from the recorded pass (the same sums, no pass more)."""
+    """release() (before a pricing pass of its own, and once the options are past a group): the group's Grams are
+    not held, and asking again folds them from the recorded pass (the same sums, no pass more)."""
     from onnx_fwlr.pipeline.prepare import prepare
     from onnx_fwlr.stats.store import activation_key
 

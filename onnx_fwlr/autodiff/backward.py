@@ -125,11 +125,15 @@ class GradientRunner:
     raise ``FwlrError`` at construction; they never silently become zero. The ONNX Runtime session is
     created on the first ``forward`` (``session_options``: an ``onnxruntime.SessionOptions``, optional),
     so a runner also serves to differentiate values computed elsewhere (``exposed_model``, ``fetch_names``).
+
+    ``side_wrt``: more tensors to differentiate, whose path's forward values the session does not expose: it
+    stays the session of ``wrt`` alone (same fusions, same numbers), and what only their path reads comes
+    from a small second session (autodiff.side_values).
     """
 
     def __init__(self, model: onnx.ModelProto, output: str, wrt: Sequence[str],
                  providers: Sequence[str] = ("CPUExecutionProvider",),
-                 extra_outputs: Sequence[str] = (), session_options=None):
+                 extra_outputs: Sequence[str] = (), session_options=None, side_wrt: Sequence[str] = ()):
         self.output = output
         self.session_options = session_options
         self.wrt = list(dict.fromkeys(wrt))
@@ -145,11 +149,12 @@ class GradientRunner:
         known = set(self._initializers) | {i.name for i in graph.input}
         for n in graph.node:
             known |= set(n.output)
-        missing = [name for name in [output, *self.wrt, *extra_outputs] if name not in known]
+        missing = [name for name in [output, *self.wrt, *side_wrt, *extra_outputs] if name not in known]
         if missing:
             raise FwlrError(f"Tensors {missing} are not in the model graph; pass names of graph inputs, "
                             "initializers or node outputs.")
-        not_float = [w for w in [output, *self.wrt] if self._types.get(w, onnx.TensorProto.FLOAT) not in FLOAT_TYPES]
+        not_float = [w for w in [output, *self.wrt, *side_wrt]
+                     if self._types.get(w, onnx.TensorProto.FLOAT) not in FLOAT_TYPES]
         if not_float:
             raise FwlrError(f"Tensors {not_float} are not floating point, so they have no gradient; "
                             "differentiate with respect to float tensors (e.g. embeddings instead of token ids).")
@@ -157,6 +162,7 @@ class GradientRunner:
         self._steps = self._plan(graph)
         self._values, self._shapes = self._exposure(list(extra_outputs))
         self._products = self._exact_products(graph)
+        self._side = self._side_values(model, side_wrt, list(extra_outputs)) if side_wrt else None
         self._values = [name for name in self._values if name not in self._products]
         self._fetch = self._values + [name + _SHAPE_SUFFIX for name in self._shapes]
         self._extra_constants = [n for n in extra_outputs if n in self._initializers]
@@ -224,6 +230,24 @@ class GradientRunner:
             f"Cannot differentiate {self.output!r} with respect to {affected}: the path goes through "
             f"op types with no gradient rule ({', '.join(ops)}); use an activation-based method "
             "(asvd or whiten) for this model, or choose tensors whose path avoids these ops.")
+
+    def _side_values(self, model, side_wrt: Sequence[str], extra: list[str]):
+        """Plan the walk for ``wrt`` and ``side_wrt`` together while the session keeps ``wrt``'s exposure: the
+        values and shapes only the side path reads come from autodiff.side_values (None when there are none)."""
+        from onnx_fwlr.autodiff.side_values import SideValues
+
+        self.wrt = list(dict.fromkeys([*self.wrt, *side_wrt]))
+        self._steps = self._plan(model.graph)
+        values, shapes = self._exposure(extra)
+        side_values = [n for n in values if n not in self._values and n not in self._products]
+        self._side_shapes = [n for n in shapes if n not in self._values and n not in self._shapes
+                             and n not in side_values and n not in self._products]
+        self._side_names = side_values
+        targets = side_values + self._side_shapes
+        if not targets:
+            return None
+        available = set(self._values) | set(self._products) | set(self._graph_inputs)
+        return SideValues(model, targets, available, self._types)
 
     def _exposure(self, extra: list[str]) -> tuple[list[str], list[str]]:
         """Tensors the backward pass reads: those fetched whole, and those whose shape alone is fetched."""
@@ -314,6 +338,7 @@ class GradientRunner:
         if options is None:  # numpy runs between ORT calls: spinning ORT threads would steal its cores; the
             # Shape nodes appended by exposed_model run early, so the tensors they read are not kept to the end
             options = runtime.session_options(spinning=False, quiet=False, shapes_first=True)
+        self._options = options  # the side session's too (side_wrt)
         return runtime.make_session(self.exposed_model, options, self.providers)
 
     def forward(self, feed: Mapping[str, np.ndarray], lazy: bool = False) -> dict[str, np.ndarray]:
@@ -326,6 +351,12 @@ class GradientRunner:
         values = dict(ort_feed)
         values.update(zip(self._fetch, results))
         values.update((name, self._value({}, name)) for name in self._extra_constants)
+        if self._side is not None:
+            side = self._side.run(lambda name: feed[name] if name in feed else self.value(values, name),
+                                  self._options, self.providers)
+            values.update((name, side[name]) for name in self._side_names)
+            values.update((name + _SHAPE_SUFFIX, np.asarray(side[name].shape, dtype=np.int64))
+                          for name in self._side_shapes)
         if not lazy:
             for name in self._products:  # graph order: a product's factors come first
                 values[name] = self._product(values, name)

@@ -25,8 +25,15 @@ class Scaling:
     diag: np.ndarray | None = None
     chol: np.ndarray | None = None
 
-    def apply_left(self, W: np.ndarray) -> np.ndarray:  # P W
-        return self.diag[:, None] * W if self.diag is not None else self.chol.T @ W
+    def apply_left(self, W: np.ndarray, overwrite: bool = False) -> np.ndarray:  # P W
+        """`overwrite`: W is the caller's own float64 scratch and becomes P W (no second [K, N] array: a
+        Cholesky factor is applied in column blocks, which give the same numbers as one product, _in_blocks)."""
+        if self.diag is not None:
+            if overwrite:
+                W *= self.diag[:, None]
+                return W
+            return self.diag[:, None] * W
+        return _in_blocks(self.chol.T, W) if overwrite else self.chol.T @ W
 
     def solve_left(self, U: np.ndarray) -> np.ndarray:  # P⁻¹ U
         if self.diag is not None:
@@ -46,6 +53,23 @@ class Scaling:
         if self.diag is not None:
             return Vt / self.diag[None, :]
         return scipy.linalg.solve_triangular(self.chol, Vt.T, lower=True, trans="T", check_finite=False).T
+
+
+# Columns per block of an in-place product (Scaling.apply_left): narrower ones, and a narrow last block, send
+# OpenBLAS down other kernels (small-matrix and matrix-vector paths) whose sums round differently; from this
+# width on, every column came out bit for bit as in one product (tests/test_quantized_memory.py: K up to 2048,
+# N up to 49,152 with ragged ends, one and two threads).
+LEFT_BLOCK = 4096
+
+
+def _in_blocks(P: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """W ← P W in place, LEFT_BLOCK columns at a time (the last block takes the remainder: never narrower)."""
+    starts = list(range(0, W.shape[1], LEFT_BLOCK))
+    if len(starts) > 1 and W.shape[1] - starts[-1] < LEFT_BLOCK:
+        starts.pop()
+    for start, end in zip(starts, starts[1:] + [W.shape[1]]):
+        W[:, start:end] = P @ W[:, start:end]
+    return W
 
 
 def diagonal_scaling(values: np.ndarray, floor: float = 1e-6) -> Scaling:
@@ -210,15 +234,15 @@ class Decomposition:
 
 def weighted_matrix(W: np.ndarray, left: Scaling | None = None, right: Scaling | None = None,
                     overwrite: bool = False) -> np.ndarray:
-    """P W Q in float64, refusing NaN/Inf. Q is applied in place on an array made here (P W, or W's float64
-    copy), so a [K, N] weight costs two float64 copies at most; `overwrite`: W (float64) is the caller's scratch
-    and may be scaled in place too."""
+    """P W Q in float64, refusing NaN/Inf. P and Q are applied in place on an array made here (W's float64
+    copy), so a [K, N] weight costs one float64 copy beside W (or two: P W beside the caller's float64 W);
+    `overwrite`: W (float64) is the caller's scratch and is weighted in place (no copy at all)."""
     M = np.asarray(W, dtype=np.float64)
     own = overwrite or M.dtype != np.asarray(W).dtype
     if not np.all(np.isfinite(M)):
         raise FwlrError("the weight contains NaN or Inf; it cannot be factorised (leave it out with `exclude`).")
     if left is not None:
-        M, own = left.apply_left(M), True
+        M, own = left.apply_left(M, overwrite=own), True
     if right is not None:
         M = right.apply_right(M, overwrite=own)
     return M

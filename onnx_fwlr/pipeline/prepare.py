@@ -61,6 +61,7 @@ class Prepared:
     progress: bool = True
     spill: SpillFile | None = None  # where SpilledDecomposition factors are kept (large models)
     ties: list = field(default_factory=list)  # sites.tied.Tie: heads that repeat their embedding table
+    quant_stats: object = None  # quant.calibration.QuantStats the Fisher pass folded (prepare's `pricing`), or None
 
 
 class SiteWeights(Mapping):
@@ -84,7 +85,7 @@ class SiteWeights(Mapping):
 def prepare(
     model, *, method="svd", include=None, exclude=None, keep_attention=False, calibration=None, stats=None,
     batch_size=32, mask_input=None, shapes=None, fisher_options=None, svd="exact", workers=1, stats_memory=None,
-    progress=True, fallback=None, tie_heads=False, executor=None, budget=None,
+    progress=True, fallback=None, tie_heads=False, executor=None, budget=None, pricing=None,
 ) -> Prepared:
     """Load, find sites and gather statistics: everything but the decompositions.
 
@@ -98,6 +99,9 @@ def prepare(
     SVDs can stop at the rank needed. Each is decomposed once: the cache serves every later budget.
     `executor` (pipeline.distributed.Executor): calibration in shards and decompositions on a Ray cluster.
     `budget` (pipeline.budget.Budget): refused before any statistics when the sites' shapes cannot meet it.
+    `pricing(model, sites, method)`: a quant.calibration.Pricing (or None) for the gradient statistics' pass to
+    fold as well (--quantize's tables and int8 ranges); its statistics are `prepared.quant_stats` when a local
+    Fisher pass folded them (statistics loaded or measured in shards leave it None).
     """
     lowrank.use_randomized(1, 1, None, svd)  # rejects an unknown choice before any work
     if workers < 1:
@@ -142,8 +146,11 @@ def prepare(
         prepared.warnings.append("the model has no factorisable MatMul/Gemm weight; nothing was changed.")
         return prepared
     start = time.perf_counter()
+    wanted = pricing(model, sites, method) if pricing is not None else None
     prepared.stats = _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes,
-                                 fisher_options or {}, stats_memory, progress, executor, source)
+                                 fisher_options or {}, stats_memory, progress, executor, source, wanted)
+    if wanted is not None and wanted.batches:
+        prepared.quant_stats = wanted.result(prepared.stats.meta.get("data", "the calibration data"))
     if prepared.stats is not None:
         prepared.timings["calibrate"] = time.perf_counter() - start
         if prepared.stats.meta.get("smoke_test"):
@@ -225,7 +232,7 @@ def _has_stats(method: str, site: Site, stats) -> bool:
 
 
 def _statistics(model, sites, method, calibration, stats, batch_size, mask_input, shapes, fisher_options, stats_memory,
-                progress, executor=None, source=None):
+                progress, executor=None, source=None, pricing=None):
     """The statistics the method needs: loaded, given, or measured now (in shards when `executor` says so);
     None for svd without data."""
     needs = get_method(method).needs
@@ -250,7 +257,8 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
     elif stats is None and calibration is not None and needs:
         batches = open_data(calibration, model, batch_size=batch_size, shapes=shapes)
         if "gradients" in needs:
-            stats = _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory)
+            stats = _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory,
+                                         pricing)
         else:
             stats = collect_activation_stats(model, sites, batches, mask_input=mask_input, progress=progress,
                                              memory_limit=stats_memory)
@@ -278,12 +286,13 @@ def _fisher_groups(sites, fisher_options, stats_memory):
     return None
 
 
-def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory):
+def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_options, stats_memory, pricing=None):
     """Gradient statistics in one pass, held one group of sites at a time when they would not fit `stats_memory`
     together (the Grams of a 1 B decoder take 30 GB; stats.fisher.GroupedFisherStatistics). A model with more
     than LAZY_THRESHOLD bytes of weights holds, by default, at most half its weights' bytes of statistics at a
     time: grouping costs no extra pass (the pass is set aside on disk), so memory stays near the weights ONNX
-    Runtime holds plus one sample's forward values (docs/llm.md, "The memory rule")."""
+    Runtime holds plus one sample's forward values (docs/llm.md, "The memory rule"). `pricing` is folded from
+    the same pass (quant.calibration.Pricing)."""
     from onnx_fwlr.stats import fisher  # imports the backward pass: only when needed
 
     options = dict(mask_input=mask_input, progress=progress, **fisher_options)
@@ -291,8 +300,8 @@ def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_opt
         stats_memory = min(default_memory_limit(), model_weight_bytes(model) // 2)
     groups = _fisher_groups(sites, fisher_options, stats_memory)
     if groups is not None:
-        return fisher.GroupedFisherStatistics(model, sites, groups, batches, options)
-    return fisher.collect_fisher_stats(model, sites, batches, **options)
+        return fisher.GroupedFisherStatistics(model, sites, groups, batches, options, pricing)
+    return fisher.collect_fisher_stats(model, sites, batches, pricing=pricing, **options)
 
 
 def _unmatched_patterns(include, exclude, sites, skipped) -> list[str]:

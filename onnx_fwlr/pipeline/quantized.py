@@ -45,7 +45,7 @@ from onnx_fwlr.pipeline.quantized_store import LazyMetrics, SpillStore, StoredPl
 from onnx_fwlr.pipeline.speed import InputForms, timing_feed
 from onnx_fwlr.quant import compensate, plan
 from onnx_fwlr.quant.budget import minimum_bytes
-from onnx_fwlr.quant.calibration import collect_quant_stats
+from onnx_fwlr.quant.calibration import Pricing, collect_quant_stats
 from onnx_fwlr.quant.embedding import Table, find_tables, table_array
 from onnx_fwlr.quant.graph import Rewrite, rewrite, site_dtype
 from onnx_fwlr.quant.ortquant import INT8_DYNAMIC, Scheme, check_block_size, nbits
@@ -89,7 +89,7 @@ class QuantizeJob:
     alternate: int
     factors: str = "float16"  # correction factor storage: float16 behind a Cast ORT folds at load, or float32
     tables: list[Table] = field(default_factory=list)
-    table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> loss(ΔT)
+    table_loss: dict = field(default_factory=dict)  # budgeted tables: name -> their TableStats (.loss(ΔT))
     rounding_variance: dict = field(default_factory=dict)  # weight -> dynamic int8's activation rounding variance
     rounding_loss: dict = field(default_factory=dict)  # weight -> predicted loss of dynamic int8's activation rounding
     outliers: tuple = ()  # dynamic int8 may take these counts of its largest input channels out of the rounding
@@ -230,9 +230,21 @@ def prepare_quantized(
         check_options(quantize, block_size, method, embeddings, int8, factors, rank_step, alternate)
     check_accuracy_level(accuracy_level, level_timer)
     fisher_options = fisher_options or {}
+
+    def pricing(model, sites, method):  # what _measure_quantization will ask for, folded by the Fisher pass
+        if not budgeted:
+            return None
+        usable = [s for s in sites if not is_recurrent(s) and s.dtype in ("float32", "float16")]
+        schemes = _site_schemes(quantize, block_size, "block" if _lm_int8(model, usable, quantize, int8) else int8)
+        tables = find_tables(model, exclude={s.weight for s in sites}) if embeddings != "keep" else []
+        priced, inputs = _priced(model, method, usable, tables, schemes, embeddings, timed)
+        tensors = sorted({name for names in inputs.values() for name in names})
+        return Pricing(priced, tensors) if priced or tensors else None
+
     prepared = prepare(model, method=method, include=include, exclude=exclude, calibration=calibration,
                        stats=stats, batch_size=batch_size, mask_input=mask_input, shapes=shapes,
-                       fisher_options=fisher_options, progress=progress, fallback=fallback, stats_memory=stats_memory)
+                       fisher_options=fisher_options, progress=progress, fallback=fallback, stats_memory=stats_memory,
+                       pricing=pricing)
     with threadpool_limits(limits=1, user_api="blas"):  # docs/speed.md: numpy between ORT runs, one BLAS thread
         return _prepare_job(prepared, quantize, block_size, method, calibration, embeddings, int8, factors,
                             rank_step, alternate, bias_correction, budgeted, batch_size, mask_input, shapes,
@@ -245,7 +257,7 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
                  timed, accuracy_level, level_timer, merge, feed, source, outliers=()) -> QuantizeJob:
     """prepare_quantized after the statistics: sites, metrics, the quantization pass, the levels."""
     sites, skipped = _quantizable(prepared)
-    lm_int8 = quantize == "auto" and int8 == "dynamic" and bool(sites) and is_language_model(prepared.model)
+    lm_int8 = _lm_int8(prepared.model, sites, quantize, int8)
     if lm_int8:  # dynamic int8 rounds each activation per tensor: a language model's outliers break it
         int8 = "block"
     schemes = _site_schemes(quantize, block_size, int8)
@@ -266,14 +278,14 @@ def _prepare_job(prepared, quantize, block_size, method, calibration, embeddings
         job.warnings.append(LM_INT8_NOTE)
     if embeddings != "keep":
         job.tables = find_tables(prepared.model, exclude={s.weight for s in prepared.sites})
-    gradients = get_method(prepared.method).loss_units
-    if budgeted and not gradients and sites:
+    if budgeted and not get_method(prepared.method).loss_units and sites:
         job.warnings.append(f"{prepared.method} weighs each site's error by its input activations only (no "
                             "gradients): the budget compares sites by their output error, not by the loss, and "
                             "embedding tables follow `embeddings`.")
     if budgeted:
-        priced = job.tables if embeddings == "auto" and not timed and gradients else []
-        _measure_quantization(job, priced, calibration, batch_size, mask_input, shapes, fisher_options, progress)
+        priced, inputs = _priced(prepared.model, prepared.method, sites, job.tables, schemes, embeddings, timed)
+        _measure_quantization(job, priced, inputs if prepared.stats is not None else {}, calibration, batch_size,
+                              mask_input, shapes, fisher_options, progress)
         if priced and alternate == 0:
             job.ties = _tied_pairs(job)
     if timed or accuracy_level != 0:
@@ -549,17 +561,32 @@ def _table_rule(table: Table, quantize: str, embeddings: str, block_size: int, w
     return INT8_DYNAMIC
 
 
-def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mask_input, shapes, fisher_options,
-                          progress) -> None:
-    """The losses the budget needs beyond the sites' statistics, in one pass (quant.calibration): the `tables`'
-    (budgeted ones: --embeddings auto under a byte budget) and dynamic int8's activation rounding (with a K-FAC
-    output Gram)."""
+def _lm_int8(model: onnx.ModelProto, sites: list[Site], quantize: str, int8: str) -> bool:
+    """Whether `quantize` auto offers 8-bit weight-only instead of dynamic int8 (a language model: LM_INT8_NOTE)."""
+    return quantize == "auto" and int8 == "dynamic" and bool(sites) and is_language_model(model)
+
+
+def _priced(model, method: str, sites: list[Site], tables: list[Table], schemes: list[Scheme], embeddings: str,
+            timed: bool) -> tuple[list[Table], dict]:
+    """What a byte budget prices beyond the sites' statistics: the tables (--embeddings auto, with a loss-units
+    method, no latency budget) and, per float32 site, the input tensors of its dynamic int8 rounding (with an
+    output-gradient weighting to price it through). Asked before the Fisher pass (prepare_quantized: the pass
+    folds them) and after it (_measure_quantization), by the same rule."""
+    chosen = get_method(method)
+    priced = tables if embeddings == "auto" and not timed and chosen.loss_units else []
+    if not any(s.kind == "dynamic" for s in schemes) or chosen.output_scaling is None:
+        return priced, {}
+    visible = main_graph_tensors(model)
+    return priced, {s.weight: [u.input for u in s.uses if u.input in visible] for s in sites if s.dtype == "float32"}
+
+
+def _measure_quantization(job: QuantizeJob, tables, inputs, calibration, batch_size, mask_input, shapes,
+                          fisher_options, progress) -> None:
+    """The losses the budget needs beyond the sites' statistics (quant.calibration): the `tables`' (budgeted
+    ones: --embeddings auto under a byte budget) and dynamic int8's activation rounding of the sites' `inputs`
+    (with a K-FAC output Gram). Folded by the sites' Fisher pass when it ran here (prepare's `pricing`);
+    otherwise (statistics loaded from a file or measured in shards) measured in a pass of their own."""
     prepared = job.prepared
-    dynamic = any(s.kind == "dynamic" for s in job.schemes) and prepared.stats is not None and get_method(
-        prepared.method).output_scaling is not None  # rounding priced through the output-gradient weighting
-    visible = main_graph_tensors(prepared.model)
-    inputs = {s.weight: [u.input for u in s.uses if u.input in visible] for s in job.sites
-              if s.dtype == "float32"} if dynamic else {}
     tensors = sorted({name for names in inputs.values() for name in names})
     if not tables and not tensors:
         return
@@ -568,21 +595,31 @@ def _measure_quantization(job: QuantizeJob, tables, calibration, batch_size, mas
                             "rounding: "
                             "tables follow `quantize`, and int8's predicted loss counts its weight error only.")
         return
+    measured = prepared.quant_stats
+    if measured is None or not ({t.name for t in tables} <= set(measured.tables)
+                                and set(tensors) <= set(measured.step_squares)):
+        measured = _quantization_pass(job, tables, tensors, calibration, batch_size, mask_input, shapes,
+                                      fisher_options, progress)
+    job.table_loss = {t.name: measured.tables[t.name] for t in tables}
+    for site in job.sites:  # priced with each site's weighting when its options are made (_rounding_loss)
+        if inputs.get(site.weight):
+            job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
+            _outlier_variances(job, site, inputs[site.weight], measured)
+
+
+def _quantization_pass(job: QuantizeJob, tables, tensors, calibration, batch_size, mask_input, shapes,
+                       fisher_options, progress):
+    """quant.calibration.collect_quant_stats: a pass of its own, seeded like the sites' Fisher pass."""
     from onnx_fwlr.stats.fisher import GroupedFisherStatistics  # the backward pass: imported when needed
 
+    prepared = job.prepared
     batches = open_data(calibration, prepared.model, batch_size=batch_size, shapes=shapes)
     if isinstance(prepared.stats, GroupedFisherStatistics):
         prepared.stats.release()  # the first group's Grams wait on disk while this pass runs (the options fold them)
     meta = prepared.stats.meta
     options = {k: v for k, v in fisher_options.items() if k in ("samples", "seed")}
-    measured = collect_quant_stats(prepared.model, tables, tensors, batches, loss=meta.get("loss"),
-                                   output=meta.get("fisher_output"), mask_input=mask_input, progress=progress,
-                                   **options)
-    job.table_loss = {name: s.loss for name, s in measured.tables.items()}
-    for site in job.sites:  # priced with each site's weighting when its options are made (_rounding_loss)
-        if inputs.get(site.weight):
-            job.rounding_variance[site.weight] = np.mean([measured.rounding_variance(t) for t in inputs[site.weight]])
-            _outlier_variances(job, site, inputs[site.weight], measured)
+    return collect_quant_stats(prepared.model, tables, tensors, batches, loss=meta.get("loss"),
+                               output=meta.get("fisher_output"), mask_input=mask_input, progress=progress, **options)
 
 
 def _outlier_variances(job: QuantizeJob, site: Site, tensors: list[str], measured) -> None:
@@ -621,7 +658,7 @@ def _tied_options(job: QuantizeJob, site: Site, options: list[Option]) -> list[O
         W = _weight(job, site)  # [D, V]: the table transposed
         for scheme in sorted(schemes, key=lambda k: k.label):
             deq = plan.dequantized(W, scheme, site_dtype(site), float64=False)
-            loss = job.table_loss[table.name](compensate.residual(W, deq).T)
+            loss = job.table_loss[table.name].head_loss(W, deq)
             del deq
             pair += [replace(o, storage=o.storage + TIED, loss=o.loss + loss) for o in options if o.key == scheme]
         del W
@@ -665,8 +702,10 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
     build (job.metrics); only the options (bytes and predicted loss) stay in memory."""
     if job.choices is None:
         job.choices = []
-        for site in tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress, leave=False):
+        for index, site in enumerate(tqdm(job.sites, desc="quantize options", unit="site", disable=not job.progress,
+                                          leave=False)):
             metric = job.metrics[site.weight]
+            _release_finished_group(job, index)
             tied = site.weight in job.ties
             options = plan.site_options(
                 _weight(job, site), metric, job.site_schemes(site),
@@ -678,9 +717,24 @@ def _options(job: QuantizeJob) -> list[list[Option]]:
             job.choices.append(_tied_options(job, site, options) if tied else options)
             del metric
         for table in _budgeted_tables(job):
-            job.choices.append(plan.table_options(table_array(job.prepared.model, table), job.table_loss[table.name],
+            job.choices.append(plan.table_options(table_array(job.prepared.model, table),
+                                                  job.table_loss[table.name].loss,
                                                   _table_schemes(table, job.quantize, job.block_size)))
     return job.choices
+
+
+def _release_finished_group(job: QuantizeJob, index: int) -> None:
+    """Once the last site of a group of grouped statistics has its weighting, drop the group's Grams
+    (GroupedFisherStatistics.release): in site order nothing asks for them again (had anything, they would be
+    folded again from the recorded pass, the same sums), and the last group's (the LM head's sketch: 101 MB on
+    SmolLM2) would otherwise stay through the head's options and every fit attempt."""
+    stats = job.prepared.stats
+    group_of = getattr(stats, "group_of", None)
+    if group_of is None or stats.current is None or group_of.get(job.sites[index].weight) != stats.current:
+        return
+    following = job.sites[index + 1] if index + 1 < len(job.sites) else None
+    if following is None or group_of.get(following.weight) != stats.current:
+        stats.release()
 
 
 def _stored(job: QuantizeJob) -> dict[str, int]:

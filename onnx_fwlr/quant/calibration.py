@@ -52,48 +52,99 @@ class QuantStats:
         return float(np.mean(np.square(steps))) / 12.0
 
 
+class Pricing:
+    """The statistics QuantStats holds, folded from the forward values and cotangents of a pass someone else
+    runs: the sites' Fisher pass (stats.fisher, so `--quantize` makes one pass over the data) or
+    collect_quant_stats (statistics loaded from a file or measured in shards: no Fisher pass here).
+
+    A batch may come in pieces (micro-batches, trailing padding trimmed): each piece's lookups are folded as
+    it comes (fold_lookup), and its channel ranges join the batch's (maxima and minima: the same whatever the
+    pieces), whose dynamic step is folded at the batch's end."""
+
+    def __init__(self, tables: list[Table], tensors: list[str]):
+        self.tables, self.tensors = list(tables), list(tensors)
+        self.stats = QuantStats({t.name: TableStats(np.zeros(t.V), np.zeros((t.D, t.D))) for t in tables},
+                                {name: 0.0 for name in tensors})
+        self.batches = 0
+        self._ranges: dict = {}  # tensor -> per-channel (high, low) over the batch's pieces so far
+
+    @property
+    def outputs(self) -> list[str]:
+        """The lookups' outputs, whose cotangents the pass gives (its backward pass differentiates them)."""
+        return sorted({o for t in self.tables for o in t.outputs})
+
+    def exposed(self, fed) -> list[str]:
+        """The forward values to read that are not fed: the lookups' index tensors and the priced tensors."""
+        return sorted({i for t in self.tables for i in t.ids if i not in fed} | {t for t in self.tensors
+                                                                                 if t not in fed})
+
+    def lookup_ids(self, read) -> dict:
+        """Index tensor -> its values, read by `read(name)` (before the pass lets forward values go)."""
+        return {name: read(name) for table in self.tables for name in table.ids}
+
+    def fold_ranges(self, read) -> None:
+        """One piece's per-channel largest and smallest value of each priced tensor, read by `read(name)`."""
+        for name in self.tensors:
+            x = read(name)
+            rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+            high, low = rows.max(axis=0), rows.min(axis=0)
+            if name in self._ranges:
+                high, low = np.maximum(self._ranges[name][0], high), np.minimum(self._ranges[name][1], low)
+            self._ranges[name] = (high, low)
+
+    def fold_lookups(self, ids: dict, cotangents: list[dict], mask, samples: int) -> None:
+        """One piece's tables: its index tensors (lookup_ids), each seed's cotangents of the lookups' outputs,
+        its mask and its samples."""
+        for table in self.tables:
+            for ids_name, out in zip(table.ids, table.outputs):
+                fold_lookup(self.stats.tables[table.name], ids[ids_name], [c[out] for c in cotangents], mask,
+                            table.V, samples)
+
+    def end_batch(self) -> None:
+        """The batch's dynamic step of each priced tensor, from its pieces' ranges."""
+        for name, (high, low) in self._ranges.items():
+            self.stats.step_squares[name] += (float(max(high.max(), 0.0) - min(low.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
+            self.stats.channel_ranges.setdefault(name, []).append((high, low))
+        self._ranges = {}
+        self.batches += 1
+
+    def result(self, description: str) -> QuantStats:
+        """The statistics, each step square the mean over the batches."""
+        if self.batches == 0:
+            raise FwlrError(f"{description}: holds no samples; give at least one batch of calibration data.")
+        return QuantStats(self.stats.tables, {name: total / self.batches for name, total in
+                                              self.stats.step_squares.items()}, self.stats.channel_ranges)
+
+
 def collect_quant_stats(model: onnx.ModelProto, tables: list[Table], tensors: list[str], batches: Batches, *,
                         loss: str | None, output: str | None = None, mask_input=None, samples: int = 1,
                         seed: int = 0, progress: bool = True) -> QuantStats:
     """Table statistics (seeded like the sites' Fisher pass: give its `loss` and `output`) and the dynamic
-    quantization step of every tensor in `tensors`, in one pass. With tables, a batch whose forward values
-    would pass the Fisher pass's activation budget runs in micro-batches (as stats.fisher does: a language
-    model's backward pass over a whole batch took gigabytes); a batch that fits runs whole."""
-    stats = QuantStats({t.name: TableStats(np.zeros(t.V), np.zeros((t.D, t.D))) for t in tables},
-                       {name: 0.0 for name in tensors})
+    quantization step of every tensor in `tensors`, in a pass of their own: for statistics that come without
+    the sites' Fisher pass here (loaded from a file, measured in shards); otherwise the Fisher pass folds them
+    (stats.fisher, `pricing`). With tables, a batch whose forward values would pass the Fisher pass's
+    activation budget runs in micro-batches (as stats.fisher does: a language model's backward pass over a
+    whole batch took gigabytes); a batch that fits runs whole."""
     from onnx_fwlr.io.data import find_token_input
 
+    pricing = Pricing(tables, tensors)
     forward, backward = _passes(model, tables, tensors, loss, output)
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
     rng = np.random.default_rng(seed)
-    count = 0
     size = None if tables and sample_axis_first(model, batches.specs) else 0
     for feed, labels in tqdm(batches, desc="calibrate (quantization)", unit="batch", disable=not progress,
                              leave=False):
         if size is None:
             size = _fitting_size(forward, feed)
-        ranges = {}  # tensor -> per-channel (high, low) over the whole batch (its parts folded)
         for part, part_labels in micro_batches(feed, labels, size or None):
             values = forward(part)
-            for name in tensors:
-                x = values[name]
-                rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-                high, low = rows.max(axis=0), rows.min(axis=0)
-                if name in ranges:
-                    high, low = np.maximum(ranges[name][0], high), np.minimum(ranges[name][1], low)
-                ranges[name] = (high, low)
+            pricing.fold_ranges(values.__getitem__)
             if tables:
-                backward(stats, tables, part, part_labels, values, mask_name, token_name, samples, rng)
+                backward(pricing, part, part_labels, values, mask_name, token_name, samples, rng)
             del values
-        for name, (high, low) in ranges.items():
-            stats.step_squares[name] += (float(max(high.max(), 0.0) - min(low.min(), 0.0)) / DYNAMIC_LEVELS) ** 2
-            stats.channel_ranges.setdefault(name, []).append((high, low))
-        count += 1
-    if count == 0:
-        raise FwlrError(f"{batches.description}: holds no samples; give at least one batch of calibration data.")
-    stats.step_squares = {name: total / count for name, total in stats.step_squares.items()}
-    return stats
+        pricing.end_batch()
+    return pricing.result(batches.description)
 
 
 def _fitting_size(forward, feed: dict) -> int:
@@ -120,15 +171,16 @@ def _passes(model, tables, tensors, loss, output):
         raise RuntimeError("pricing embedding tables needs the loss of the sites' Fisher pass")
     target = losses.find_seed_target(model, default_output(model, output))
     fed = {i.name for i in model.graph.input}
-    extra = sorted({i for t in tables for i in t.ids if i not in fed} | {t for t in tensors if t not in fed})
-    runner = GradientRunner(model, target.tensor, sorted({o for t in tables for o in t.outputs}), extra_outputs=extra)
+    pricing = Pricing(tables, tensors)
+    runner = GradientRunner(model, target.tensor, pricing.outputs, extra_outputs=pricing.exposed(fed))
 
     def forward(feed):
         return {**feed, **runner.forward(feed)}
 
-    def backward(stats, tables, feed, labels, values, mask_name, token_name, samples, rng):
-        """The tables' statistics from one micro-batch; the last seed's backward pass lets each forward value
-        go once it is read for the last time (`values` is the caller's scratch), as the Fisher pass does."""
+    def backward(pricing, feed, labels, values, mask_name, token_name, samples, rng):
+        """The tables' lookups and cotangents from one micro-batch; the last seed's backward pass lets each
+        forward value go once it is read for the last time (`values` is the caller's scratch), as the Fisher
+        pass does."""
         z = values[target.tensor]
         mask = feed.get(mask_name) if mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
@@ -136,12 +188,9 @@ def _passes(model, tables, tensors, loss, output):
                                   tokens=feed.get(token_name) if token_name else None)
         batch = len(z) if z.ndim else 1
         del z
-        lookups = {name: feed[name] if name in feed else values[name] for table in tables for name in table.ids}
+        lookups = pricing.lookup_ids(lambda name: feed[name] if name in feed else values[name])
         cotangents = [runner.backward(values, s, consume=number == len(seeds) - 1) for number, s in enumerate(seeds)]
-        for table in tables:
-            for ids_name, out in zip(table.ids, table.outputs):
-                fold_lookup(stats.tables[table.name], lookups[ids_name], [c[out] for c in cotangents], mask, table.V,
-                            batch)
+        pricing.fold_lookups(lookups, cotangents, mask, batch)
 
     return forward, backward
 

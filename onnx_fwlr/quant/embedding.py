@@ -84,7 +84,16 @@ class TableStats:
     def loss(self, error: np.ndarray) -> float:
         """Predicted loss of a table error ΔT [V, D]: Σ_v f_v Δt_vᵀ G Δt_v."""
         used = np.flatnonzero(self.counts)
-        rows = error[used]
+        return self._rows_loss(used, error[used])
+
+    def head_loss(self, W: np.ndarray, approx: np.ndarray) -> float:
+        """loss((W − approx)ᵀ) for a table read as the head W [D, V] and stored as `approx` [D, V], from the
+        columns of the rows the data read only (the same numbers, C-ordered as loss's rows: no [V, D] residual
+        of a vocabulary-wide table)."""
+        used = np.flatnonzero(self.counts)
+        return self._rows_loss(used, np.ascontiguousarray(np.subtract(W[:, used], approx[:, used], dtype=np.float64).T))
+
+    def _rows_loss(self, used: np.ndarray, rows: np.ndarray) -> float:
         return float(np.sum(self.frequencies()[used] * np.einsum("vd,de,ve->v", rows, self.output_gram(), rows)))
 
 

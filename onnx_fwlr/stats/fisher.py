@@ -135,9 +135,11 @@ def _activation_sums(x3: np.ndarray, keep: np.ndarray | None) -> dict:
             "abs_sum": np.abs(rows).sum(0, dtype=np.float64), "count": float(rows.shape[0])}
 
 
-def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
+def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",), pricing=None):
     """(loss output, seed target, reachable uses, their recurrent nodes, GradientRunner): everything the
-    backward pass needs, built before any data is read (an op without a gradient rule fails here)."""
+    backward pass needs, built before any data is read (an op without a gradient rule fails here). With
+    `pricing` (quant.calibration.Pricing), the runner also gives its lookups' cotangents and exposes the
+    forward values it reads."""
     out_name = default_output(model, output)
     target = losses.find_seed_target(model, out_name)
     uses = _reachable_uses(model, sites)
@@ -145,8 +147,11 @@ def _gradient_setup(model, sites, output, providers=("CPUExecutionProvider",)):
         raise FwlrError("no site is reachable by the backward pass (all inside subgraphs); use `method` whiten.")
     nodes = [_recurrent_node(model, use) for _, use in uses]
     wrt = sorted({name for (_, use), node in zip(uses, nodes) for name in _gradient_tensors(use, node)})
-    inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)})
-    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs)
+    inputs = sorted({name for (_, use), node in zip(uses, nodes) for name in _read_tensors(use, node)}
+                    | set(pricing.exposed({i.name for i in model.graph.input}) if pricing is not None else ()))
+    # the lookups' cotangents on the side: the session stays the sites' own (the same forward values, bit for bit)
+    runner = GradientRunner(model, target.tensor, wrt, providers=providers, extra_outputs=inputs,
+                            side_wrt=pricing.outputs if pricing is not None else ())
     # No memory arena: every exposed tensor is an output, copied out to numpy; an arena would keep a second
     # copy of the largest run's (a decoder's activations for a micro-batch: gigabytes).
     runner.session_options = _session_options()
@@ -204,8 +209,9 @@ class _BatchFolder:
     is freed when the call returns."""
 
     def __init__(self, runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                 sketch_ranks=None, recording=None, fold_weights=None):
+                 sketch_ranks=None, recording=None, fold_weights=None, pricing=None):
         self.runner, self.target, self.out_name, self.uses, self.nodes = runner, target, out_name, uses, nodes
+        self.pricing = pricing  # quant.calibration.Pricing: --quantize's statistics, folded from this pass
         self.recording = recording  # a PassRecording: set the arrays aside instead of folding them
         self.folded = [fold_weights is None or site.weight in fold_weights for site, _ in uses]
         self.sketch_ranks = sketch_ranks or {}  # weight -> rank of its output-side estimator (wide sites only)
@@ -224,7 +230,9 @@ class _BatchFolder:
                                                  class_scores=self.class_scores)
         mask = feed.get(self.mask_name) if self.mask_name else None
         weight = mask if (mask is not None and z.ndim >= 3 and z.shape[:2] == mask.shape) else None
-        self.stats.meta["samples"] += len(z) if z.ndim else 1
+        batch = len(z) if z.ndim else 1
+        self.stats.meta["samples"] += batch
+        lookups = self._price_inputs(feed, values) if self.pricing is not None else None
         if self.recording is not None:
             entry, samples = self._record_inputs(values, mask)
             parked = self.runner.park(values, PARK_RESIDENT)  # before the seeds: they are made beside the values
@@ -234,15 +242,18 @@ class _BatchFolder:
             del z
             self.runner.drop_unread(values)  # the logits: backward needs their shape once the seeds exist
             try:
-                self._record_grads(values, seeds, entry, samples)
+                priced = self._record_grads(values, seeds, entry, samples)
             finally:
                 if parked is not None:
                     parked.close()
+            if self.pricing is not None:
+                self.pricing.fold_lookups(lookups, priced, mask, batch)
             return
         for key in self.keys:
             use, node = next((u, n) for (_, u), n in zip(self.uses, self.nodes) if activation_key(u) == key)
             x3 = _site_rows(values, use, node)
             _fold_input(self.stats, key, x3, mask)
+        priced = []
         for seed_value in seeds:
             cotangents = self.runner.backward(values, seed_value)
             for (site, use), node, folded in zip(self.uses, self.nodes, self.folded):
@@ -251,7 +262,20 @@ class _BatchFolder:
                 X = _site_rows(values, use, node)
                 G = _site_output_grads(values, cotangents, use, node, X.shape[0])
                 _fold_gradient(self.stats, site, X, G, mask, self.sketch_ranks.get(site.weight))
+            if self.pricing is not None:
+                priced.append({name: cotangents[name] for name in self.pricing.outputs})
             del cotangents
+        if self.pricing is not None:
+            self.pricing.fold_lookups(lookups, priced, mask, batch)
+
+    def _price_inputs(self, feed: dict, values: dict) -> dict:
+        """--quantize's reads of the forward values (quant.calibration.Pricing), before the pass lets them go:
+        the priced tensors' channel ranges are folded, the lookups' index tensors returned."""
+        def read(name):
+            return feed[name] if name in feed else self.runner.value(values, name)
+
+        self.pricing.fold_ranges(read)
+        return self.pricing.lookup_ids(read)
 
     # Recording (PassRecording): the batch's site inputs and cotangents are set aside, each as soon as it
     # exists, and the forward values leave memory as early as they can: the site inputs no backward step reads
@@ -270,21 +294,28 @@ class _BatchFolder:
         self.runner.drop_unread(values, keep=[self.target.tensor])
         return entry, samples
 
-    def _record_grads(self, values: dict, seeds, entry: _Entry, samples: list[int]) -> None:
-        """Run the backward pass for each seed, setting each site's output cotangent aside when complete."""
+    def _record_grads(self, values: dict, seeds, entry: _Entry, samples: list[int]) -> list[dict]:
+        """Run the backward pass for each seed, setting each site's output cotangent aside when complete;
+        returns each seed's cotangents of the priced lookups' outputs (none without `pricing`)."""
         by_output: dict = {}
         for i, (_, use) in enumerate(self.uses):
             by_output.setdefault(use.output, []).append(i)
+        lookups = set(self.pricing.outputs) if self.pricing is not None else set()
+        priced = []
         for number, seed_value in enumerate(seeds):
-            refs = [None] * len(self.uses)
+            refs, kept = [None] * len(self.uses), {}
 
-            def emit(name, cotangent, refs=refs):
+            def emit(name, cotangent, refs=refs, kept=kept):
                 for i in by_output.get(name, ()):
                     use = self.uses[i][1]
                     refs[i] = self.recording.put(_site_output_grads({}, {name: cotangent}, use, None, samples[i]))
+                if name in lookups:
+                    kept[name] = cotangent
 
             self.runner.backward(values, seed_value, consume=number == len(seeds) - 1, emit=emit)
             entry.grads.append(refs)
+            priced.append(kept)
+        return priced
 
 
 def _fold_input(stats: Statistics, key: str, x3: np.ndarray, mask) -> None:
@@ -380,6 +411,7 @@ def collect_fisher_stats(
     description: str = "calibrate (fisher)",
     recording: PassRecording | None = None,
     fold_sites: list[Site] | None = None,
+    pricing=None,
 ) -> Statistics:
     """Activation and gradient statistics for every site the backward pass reaches, in one pass over the data.
 
@@ -402,12 +434,14 @@ def collect_fisher_stats(
     `fold_sites`: run the pass over every site in `sites` but fold only these: the forward values ONNX Runtime
     computes depend on which tensors the session exposes (its fusions change), so a group's sums equal one
     whole pass's only when measured in the whole pass's session.
+    `pricing` (quant.calibration.Pricing): also fold --quantize's statistics (embedding tables, dynamic int8's
+    activation ranges) from this pass's values and cotangents, so quantization needs no pass of its own.
     """
     if loss is not None and loss not in losses.LOSSES:
         raise FwlrError(f"unknown loss '{loss}'; choose one of {', '.join(losses.LOSSES)}.")
     if samples < 1:
         raise FwlrError(f"`samples` {samples} is out of range; it must be a positive integer.")
-    out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers)
+    out_name, target, uses, nodes, runner = _gradient_setup(model, sites, output, providers, pricing)
     return_large_blocks_promptly()  # the pass's arrays go back to the system when freed, not to glibc's heap
     mask_name = find_mask_input(batches.specs, mask_input)
     token_name = find_token_input(batches.specs)
@@ -420,7 +454,7 @@ def collect_fisher_stats(
         recording.uses, recording.sketch_ranks = uses, sketch_ranks
     fold_weights = None if fold_sites is None else {site.weight for site in fold_sites}
     fold = _BatchFolder(runner, target, out_name, uses, nodes, mask_name, token_name, loss, samples, rng, stats,
-                        sketch_ranks, recording, fold_weights)
+                        sketch_ranks, recording, fold_weights, pricing)
     if loss is None:
         fold.class_scores = class_scores(model, out_name)
     splittable = sample_axis_first(model, batches.specs)
@@ -436,6 +470,8 @@ def collect_fisher_stats(
                 size = _fitting_micro_batch(runner, feed, micro_batch if splittable else None) or 0
             for part, part_labels in micro_batches(feed, labels, size or None):
                 trimmer(fold, part, part_labels)
+            if pricing is not None:
+                pricing.end_batch()
             stats.meta["batches"] += 1
     chosen_loss = fold.loss
     if stats.meta["batches"] == 0:
@@ -503,10 +539,11 @@ class GroupedFisherStatistics(Statistics):
     A model with recurrent sites (whose statistics re-run the op) measures each group in a pass of its own.
     """
 
-    def __init__(self, model, sites: list[Site], groups: list[list[Site]], batches: Batches, options: dict):
+    def __init__(self, model, sites: list[Site], groups: list[list[Site]], batches: Batches, options: dict,
+                 pricing=None):
         super().__init__(model_fingerprint(model))
-        self._measure_sites = lambda group, text, recording=None: collect_fisher_stats(
-            model, group, batches, description=text, recording=recording, **options)
+        self._measure_sites = lambda group, text, recording=None, pricing=None: collect_fisher_stats(
+            model, group, batches, description=text, recording=recording, pricing=pricing, **options)
         self.groups = groups
         self.group_of = {site.weight: g for g, group in enumerate(groups) for site in group}
         reachable = _reachable_uses(model, sites)
@@ -516,14 +553,16 @@ class GroupedFisherStatistics(Statistics):
         self.current = None
         self._recording = None
         if not any(_recurrent_node(model, use) is not None for _, use in reachable):
-            self._record([site for group in groups for site in group])
+            self._record([site for group in groups for site in group], pricing)
         self._measure(0)
 
-    def _record(self, sites: list[Site]) -> None:
-        """The one pass, set aside (its metadata is the statistics' own)."""
+    def _record(self, sites: list[Site], pricing=None) -> None:
+        """The one pass, set aside (its metadata is the statistics' own); `pricing` folded from it (a pass per
+        group, for recurrent sites, leaves it to a pass of its own: each group's session exposes other values)."""
         start = time.perf_counter()
         self._recording = PassRecording()
-        measured = self._measure_sites(sites, "calibrate (fisher), one pass set aside on disk", self._recording)
+        measured = self._measure_sites(sites, "calibrate (fisher), one pass set aside on disk", self._recording,
+                                       pricing)
         record_pass(self, measured.meta, start)
         self.meta["set_aside_bytes"] = self._recording.file.size
         self.later_seconds = 0.0

@@ -393,17 +393,23 @@ def saved_int4_bytes(work: Path) -> int | None:
     return file_size(work / "ort-int4.onnx") if (work / "ort-int4.onnx").is_file() else None
 
 
-def decode_table(args, wanted) -> None:
-    """tok/s through the cache at batch 1 for the original and every row whose with-past model is in --work
-    (KEY_past.onnx; its prompt runs through KEY.onnx when that is there too, else through the with-past model with
-    an empty cache), each timed alternately with the original (the machine's load drifts): the median ratio of
-    the pairs."""
-    original = (args.dir / f"{args.prefix}_with_past.onnx", args.dir / f"{args.prefix}.onnx")
-    rows = {"original": original}
+def decode_rows(args, wanted) -> dict[str, tuple[Path, Path | None]]:
+    """key -> (with-past model, no-cache model or None) for the original and every row whose with-past model is in
+    --work (KEY_past.onnx; the auto rows too when ORT int4's model is there to size them). The prompt runs through
+    KEY.onnx when that is there, else through the with-past model with an empty cache."""
+    rows = {"original": (args.dir / f"{args.prefix}_with_past.onnx", args.dir / f"{args.prefix}.onnx")}
     for spec in row_specs(args, saved_int4_bytes(args.work)):
         past, no_cache = args.work / f"{spec['key']}_past.onnx", Path(spec["out"])
         if past.is_file() and (wanted is None or spec["key"] in wanted):
             rows[spec["key"]] = (past, no_cache if no_cache.is_file() else None)
+    return rows
+
+
+def decode_table(args, wanted) -> None:
+    """tok/s through the cache at batch 1 for decode_rows, each timed alternately with the original (the
+    machine's load drifts): the median ratio of the pairs."""
+    rows = decode_rows(args, wanted)
+    original = rows["original"]
     print(f"decode, batch 1, 16-token prompt, {args.decode_steps} tokens, {args.decode_threads} thread(s); load "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     results = {}

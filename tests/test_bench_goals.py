@@ -51,3 +51,23 @@ def test_the_decode_goal_needs_speed_and_perplexity_together():
     rows["int4"] = {"key": "int4", "perplexity_ratio": 1.024, "decode_tokens_per_second": 5452.0}
     assert bench.decode_goal(rows).startswith("PASS") and "(int4: 5452.0 tok/s" in bench.decode_goal(rows)
     assert bench.decode_goal({"original": rows["original"]}).startswith("not measured")
+
+
+def test_decode_only_times_the_auto_rows_and_a_with_past_model_without_its_no_cache_form(tmp_path, monkeypatch):
+    """--decode-only picks every KEY_past.onnx in --work: the auto rows (sized by ORT int4's model there) and a
+    with-past model written on its own (its prompt then runs through itself with an empty cache)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    bench = _tool("bench_llm")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    for name in ("ort-int4", "ort-int4_past", "auto-half", "auto-half_past", "kfac-0.8_past", "whiten-0.8"):
+        onnx.save(helper.make_model(graph), tmp_path / f"{name}.onnx")
+    monkeypatch.setattr(sys, "argv", ["bench_llm.py", "--dir", str(tmp_path / "models"), "--work", str(tmp_path)])
+    rows = bench.decode_rows(bench.parse_args(), None)
+    assert list(rows) == ["original", "ort-int4", "kfac-0.8", "auto-half"]  # whiten-0.8 has no with-past form
+    assert rows["auto-half"] == (tmp_path / "auto-half_past.onnx", tmp_path / "auto-half.onnx")
+    assert rows["kfac-0.8"] == (tmp_path / "kfac-0.8_past.onnx", None)
+    assert list(bench.decode_rows(bench.parse_args(), {"auto-half"})) == ["original", "auto-half"]

@@ -118,6 +118,59 @@ def test_also_on_the_sample_decoder_keeps_the_cache_path_at_ratio_0_8(tmp_path, 
     assert (tmp_path / "small_merged.onnx").is_file()
 
 
+def _tied(model, table="E", head="Wlm"):
+    """The model with its head weight [D, V] replaced by a copy of its embedding table [V, D], transposed (as
+    SmolLM2's export stores its tied head)."""
+    tensors = {t.name: t for t in model.graph.initializer}
+    values = onnx.numpy_helper.to_array(tensors[table])
+    tensors[head].CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(values.T), head))
+    return model
+
+
+def test_also_re_ties_the_head_of_the_cache_exports_as_the_compressed_model_did(tmp_path, capsys):
+    """A head re-tied to its table in the compressed model (stored once, not factorised) is re-tied in the
+    with-past export too; the merged model, whose head is read inside its If branches, keeps its copy; greedy
+    decoding through both caches agrees with the compressed model."""
+    from test_decoder import decoder, merged_decoder, token_batch
+
+    for name, model in (("nocache", decoder(False)), ("past", decoder(True)), ("merged", merged_decoder())):
+        onnx.save(_tied(model), tmp_path / f"{name}.onnx")
+    _save_token_npz(tmp_path / "calib.npz", [token_batch(seed=s, padded=False) for s in range(3)])
+    report = tmp_path / "report.json"
+    code = cli("compress", tmp_path / "nocache.onnx", "-o", tmp_path / "small.onnx", "--ratio", "0.8", "--method",
+               "kfac", "--loss", "lm", "--calib", tmp_path / "calib.npz", "--also",
+               f"{tmp_path / 'past.onnx'}={tmp_path / 'small_past.onnx'}", "--also",
+               f"{tmp_path / 'merged.onnx'}={tmp_path / 'small_merged.onnx'}", "--quiet", "--json", report)
+    summary = json.loads(report.read_text())
+    assert code == 0 and len(summary["tied"]) == 1, capsys.readouterr().out
+    assert [item["greedy_matches"] for item in summary["also"]] == [True, True]
+    assert all("Wlm" not in item["weights"] and item["weights"] for item in summary["also"])
+    names = {name: {t.name for t in onnx.load(str(tmp_path / f"{name}.onnx")).graph.initializer}
+             for name in ("small", "small_past", "small_merged")}
+    assert "Wlm" not in names["small"] and "Wlm" not in names["small_past"] and "E" in names["small_past"]
+    assert {"Wlm", "E"} <= names["small_merged"]
+    past = onnx.load(str(tmp_path / "small_past.onnx"))
+    head = next(n for n in past.graph.node if n.output == ["logits"])
+    assert head.input[1] == "E/tied_transpose"  # reads the table, transposed, as the compressed model does
+
+
+def test_also_with_quantize_writes_the_one_quantized_copy_of_a_tied_pair(tmp_path, capsys):
+    """Under --quantize the tied table and head share one quantized copy in the with-past export as well."""
+    for name in ("decoder", "decoder_with_past"):
+        model = _tied(onnx.load(str(SAMPLE / f"{name}.onnx")), "lm.model.embed_tokens.weight", "lm_head.weight")
+        onnx.save(model, tmp_path / f"{name}.onnx")
+    out, past, report = tmp_path / "q.onnx", tmp_path / "q_past.onnx", tmp_path / "r.json"
+    code = cli("compress", tmp_path / "decoder.onnx", "-o", out, "--quantize", "auto", "--ratio", "0.4", "--calib",
+               CALIB, "--also", f"{tmp_path / 'decoder_with_past.onnx'}={past}", "--quiet", "--json", report)
+    summary = json.loads(report.read_text())
+    assert code == 0 and "one copy for the pair" in summary["tied"][0], capsys.readouterr().out
+    assert summary["also"][0]["greedy_matches"]
+    tensors = [{t.name: t.raw_data for t in onnx.load(str(path)).graph.initializer} for path in (out, past)]
+    assert not {"lm_head.weight", "lm.model.embed_tokens.weight"} & set(tensors[1])
+    assert {n: b for n, b in tensors[0].items() if "lm_head" in n or "embed" in n} == \
+        {n: b for n, b in tensors[1].items() if "lm_head" in n or "embed" in n}
+
+
 @pytest.mark.parametrize("mode, flags", [("int4", ["--rank", "8"]), ("int8", ["--ratio", "0.5"]),
                                          ("auto", ["--ratio", "0.4"])])
 def test_also_with_quantize_writes_the_same_quantized_weights_into_the_with_past_export(tmp_path, capsys, mode, flags):

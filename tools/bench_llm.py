@@ -285,7 +285,7 @@ def evaluate(args, path: Path) -> dict:
             "kl": metrics.kl_divergence, "top1_agreement": metrics.top1_agreement, "tokens": metrics.tokens}
 
 
-def decode(args, past: Path, no_cache: Path) -> float | None:
+def decode(args, past: Path, no_cache: Path | None) -> float | None:
     import numpy as np
 
     from onnx_fwlr.evaluate.language import decode_speed
@@ -294,7 +294,7 @@ def decode(args, past: Path, no_cache: Path) -> float | None:
         return None
     with np.load(args.dir / "eval.npz") as rows:
         prompt = rows["input_ids"][:1, :16]
-    return decode_speed(str(past), prompt, args.decode_steps, no_cache=str(no_cache),
+    return decode_speed(str(past), prompt, args.decode_steps, no_cache=None if no_cache is None else str(no_cache),
                         threads=args.decode_threads)["tokens_per_second"]
 
 
@@ -386,15 +386,30 @@ def goals(rows: dict) -> list[str]:
             + ("" if value is None else f" (measured {value:.3f}x)") for text, value, test in checks]
 
 
-def decode_table(args, wanted) -> None:
-    """tok/s through the cache at batch 1 for the original and every row whose with-past model is in --work, each
-    timed alternately with the original (the machine's load drifts): the median ratio of the pairs."""
-    original = (args.dir / f"{args.prefix}_with_past.onnx", args.dir / f"{args.prefix}.onnx")
-    rows = {"original": original}
-    for spec in row_specs(args, None):
-        past = args.work / f"{spec['key']}_past.onnx"
+def saved_int4_bytes(work: Path) -> int | None:
+    """ORT int4's bytes from its model in --work (the auto rows' budgets), None when it was not made there."""
+    from onnx_fwlr.io.model import file_size
+
+    return file_size(work / "ort-int4.onnx") if (work / "ort-int4.onnx").is_file() else None
+
+
+def decode_rows(args, wanted) -> dict[str, tuple[Path, Path | None]]:
+    """key -> (with-past model, no-cache model or None) for the original and every row whose with-past model is in
+    --work (KEY_past.onnx; the auto rows too when ORT int4's model is there to size them). The prompt runs through
+    KEY.onnx when that is there, else through the with-past model with an empty cache."""
+    rows = {"original": (args.dir / f"{args.prefix}_with_past.onnx", args.dir / f"{args.prefix}.onnx")}
+    for spec in row_specs(args, saved_int4_bytes(args.work)):
+        past, no_cache = args.work / f"{spec['key']}_past.onnx", Path(spec["out"])
         if past.is_file() and (wanted is None or spec["key"] in wanted):
-            rows[spec["key"]] = (past, Path(spec["out"]))
+            rows[spec["key"]] = (past, no_cache if no_cache.is_file() else None)
+    return rows
+
+
+def decode_table(args, wanted) -> None:
+    """tok/s through the cache at batch 1 for decode_rows, each timed alternately with the original (the
+    machine's load drifts): the median ratio of the pairs."""
+    rows = decode_rows(args, wanted)
+    original = rows["original"]
     print(f"decode, batch 1, 16-token prompt, {args.decode_steps} tokens, {args.decode_threads} thread(s); load "
           f"{os.getloadavg()[0]:.2f}", flush=True)
     results = {}
@@ -405,8 +420,8 @@ def decode_table(args, wanted) -> None:
         speed = statistics.median(p[0] for p in pairs)
         ratio = statistics.median(p[0] / p[1] for p in pairs)
         results[key] = {"tokens_per_second": speed, "vs_original": ratio, "pairs": pairs}
-        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {len(pairs)} back-to-back pairs)",
-              flush=True)
+        print(f"  {key}: {speed:.1f} tok/s, {ratio:.2f}x the original (median of {len(pairs)} back-to-back pairs; "
+              f"load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"load after: {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"decode": results}, indent=1) + "\n")
@@ -438,10 +453,8 @@ def main():
             results[spec["key"]] = measure(args, spec)
     if "ort-int4" in results and "error" not in results["ort-int4"]:
         int4_bytes = results["ort-int4"]["bytes"]
-    elif (args.work / "ort-int4.onnx").is_file():
-        from onnx_fwlr.io.model import file_size
-
-        int4_bytes = file_size(args.work / "ort-int4.onnx")
+    else:
+        int4_bytes = saved_int4_bytes(args.work)
     for spec in row_specs(args, int4_bytes):
         if spec["key"] not in ORT_ROWS and (wanted is None or spec["key"] in wanted):
             results[spec["key"]] = measure(args, spec)

@@ -5,7 +5,8 @@ model, a with-past model and a merged model whose `If` branches read the weights
 initializers). Calibration runs on the graph whose site inputs ONNX Runtime can expose (the no-cache
 model); `apply_same_factors` then reads the factors the compressed model holds for each weight and applies
 exactly those (same values, same names, the same output shift for bias correction) to another model,
-checking first that the other model's weight is the same matrix.
+checking first that the other model's weight is the same matrix. An LM head that the compression pointed at its
+embedding table (sites.tied: a copy of the table, stored once) is pointed at the table in the other model too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.model import tensor_array
 from onnx_fwlr.rewrite.lowrank import Factors, apply_factors
 from onnx_fwlr.sites.find import Site, find_sites, walk_graphs, weight_matrix
+from onnx_fwlr.sites.tied import find_ties, retie
 
 
 def _tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -55,15 +57,30 @@ def _shift(original, compressed, site: Site, b_name: str, tensors, originals) ->
     return None
 
 
+def retied_heads(original: onnx.ModelProto, compressed: onnx.ModelProto) -> list[str]:
+    """The LM heads (weight names) of ``original`` that ``compressed`` reads as its embedding table, transposed
+    (sites.tied.retie): the head's copy is gone, the table kept."""
+    tensors = _tensors(compressed)
+    sites, _ = find_sites(original)
+    if all(site.weight in tensors or f"{site.weight}/factor_A" in tensors for site in sites):
+        return []  # nothing went missing: no table comparison needed
+    return sorted(tie.head for tie in find_ties(original, sites) if tie.head not in tensors and tie.table in tensors)
+
+
 def read_factors(original: onnx.ModelProto, compressed: onnx.ModelProto) -> dict[str, Factors]:
-    """weight name -> the Factors the compressed model holds for it (weights kept dense are left out)."""
+    """weight name -> the Factors the compressed model holds for it (weights kept dense, and heads re-tied to
+    their embedding table, are left out)."""
     tensors, originals = _tensors(compressed), _tensors(original)
     sites, _ = find_sites(original)
+    heads = None
     factors = {}
     for site in sites:
         a_name, b_name = f"{site.weight}/factor_A", f"{site.weight}/factor_B"
         if a_name not in tensors or b_name not in tensors:
             if site.weight not in tensors:
+                heads = retied_heads(original, compressed) if heads is None else heads
+                if site.weight in heads:
+                    continue
                 raise FwlrError(f"weight '{site.weight}' was replaced by a structure other than a factor pair; "
                                 "only low-rank factors can be applied to another model (compress it with a low-rank "
                                 "method).")
@@ -88,14 +105,17 @@ def apply_same_factors(target, original, compressed) -> tuple[onnx.ModelProto, l
     original, compressed, target = (m if isinstance(m, onnx.ModelProto) else load_model(m)
                                     for m in (original, compressed, target))
     factors = read_factors(original, compressed)
+    heads = retied_heads(original, compressed)
     target_sites, _ = find_sites(target)
     chosen = {weight: factors[weight] for weight in _same_weights(target, original, factors, "factors")}
     if not chosen:
         raise FwlrError("the target model shares no factorised weight (by name) with the compressed model; give the "
                         "models exported from the same checkpoint.")
+    ties = [tie for tie in find_ties(target, target_sites) if tie.head in heads] if heads else []
     result = onnx.ModelProto()
     result.CopyFrom(target)
     apply_factors(result, target_sites, chosen)
+    retie(result, ties)
     return result, sorted(chosen)
 
 

@@ -141,6 +141,7 @@ def prepare(
                                  fisher_options or {}, stats_memory, progress, executor, source)
     if prepared.stats is not None:
         prepared.timings["calibrate"] = time.perf_counter() - start
+        prepared.warnings += getattr(prepared.stats, "warnings", [])  # Ray's group tasks: where they ran
         if prepared.stats.meta.get("smoke_test"):
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
     prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}

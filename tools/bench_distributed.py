@@ -16,8 +16,9 @@ set cut to --samples sentences. State the machine's load (printed) next to the n
 
 `--per-group SIZE` measures the per-group unit instead (kfac, ratio 0.8, `stats_memory` SIZE, so the
 statistics come in groups): locally one Fisher pass set aside on disk and folded group by group, with the
-decompositions in 1 or 2 local processes; on Ray each group's pass and its decompositions are one task (1 and
-2 CPUs). The decoder is the shipped sample decoder, smollm2 /work/cache/smollm2 (tools/export_smollm2.py),
+decompositions in 1 or 2 local processes; on Ray (1 and 2 CPUs) one task records the pass in a temporary file
+and each group task folds its group's sums from it and decomposes the group (`--ray-shared-dir`: the folder
+of that file; default the temporary folder). The "passes" column counts Fisher passes over the data. The decoder is the shipped sample decoder, smollm2 /work/cache/smollm2 (tools/export_smollm2.py),
 llama1b the random 1.1 B LLaMA shape in /work/cache/llama1b (tools/make_random_llama.py --preset 1b).
 `--include REGEX` decomposes only the sites it names (the passes still run through the whole model);
 `--configs` picks configurations by key. A child whose process tree grows past `--max-tree-gb` or runs past
@@ -77,7 +78,7 @@ def child(spec: dict) -> dict:
         ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False,
                  object_store_memory=spec["object_store"], logging_level="error")
         result["ray_start_s"] = time.perf_counter() - start
-    executor = Executor(spec["executor"], None, spec["shards"])
+    executor = Executor(spec["executor"], None, spec["shards"], spec.get("shared_dir"))
     workers = spec["cpus"] if spec["executor"] == "local" else 1
     start = time.perf_counter()
     if spec.get("stats_memory"):  # per-group units (kfac: gradient statistics in groups)
@@ -182,6 +183,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
     parser.add_argument("--max-tree-gb", type=float, default=12.0,
                         help="stop a configuration whose process tree passes this resident size (default 12)")
+    parser.add_argument("--ray-shared-dir", metavar="DIR", help="where Ray's group tasks find the recorded pass")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -195,7 +197,7 @@ def main() -> None:
     rows = []
     print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"{'model':8} {'configuration':28} {'ray start':>9} {'calibrate':>9} {'decompose':>9} {'compress':>9} "
-          f"{'CPU':>7} {'groups':>6} {'tree RSS':>9}  output")
+          f"{'CPU':>7} {'groups':>6} {'passes':>6} {'tree RSS':>9}  output")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
             model, calib = MODELS[name]
@@ -207,7 +209,8 @@ def main() -> None:
                 label, executor, cpus, shards = table[key]
                 spec = {"model": str(model), "calib": calib, "executor": executor, "cpus": cpus, "shards": shards,
                         "include": args.include, "object_store": parse_size(args.object_store),
-                        "stats_memory": parse_size(args.per_group) if args.per_group else None}
+                        "stats_memory": parse_size(args.per_group) if args.per_group else None,
+                        "shared_dir": args.ray_shared_dir if executor == "ray" else None}
                 load = os.getloadavg()[0]
                 row, why = run_child(spec, args.timeout, args.max_tree_gb * 2**30)
                 if row is None:
@@ -220,6 +223,7 @@ def main() -> None:
                 ray_start = "-" if row["ray_start_s"] is None else f"{row['ray_start_s']:.1f} s"
                 print(f"{name:8} {label:28} {ray_start:>9} {row['calibrate_s']:>7.2f} s {row['decompose_s']:>7.2f} s "
                       f"{row['compress_s']:>7.2f} s {row['tree_cpu_s']:>5.0f} s {row.get('groups') or '-':>6} "
+                      f"{row.get('passes') or '-':>6} "
                       f"{row['peak_tree_mib']:>5.0f} MiB  "
                       f"{row['sha256']} (load {load:.1f} -> {row['load_after']:.1f})", flush=True)
     if args.json:

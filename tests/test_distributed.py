@@ -418,6 +418,25 @@ def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
         local = subprocess.run([*arguments, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True)
         assert local.returncode == 0, local.stderr
         assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+        # the decoder's per-group units: the recorded pass in a folder both nodes share, then without one
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        grouped = [sys.executable, "-m", "onnx_fwlr", "compress", str(DECODER), "--calib", str(DECODER_CALIB),
+                   "--method", "kfac", "--ratio", "0.8", "--stats-memory", "1MB"]
+        runs = {}
+        for name, extra in (("shared", ["--ray-shared-dir", str(shared)]), ("here", [])):
+            runs[name] = subprocess.run([*grouped, "-o", str(tmp_path / f"{name}.onnx"), "--executor", "ray",
+                                         "--ray-address", address, *extra], env=env, capture_output=True, text=True,
+                                        timeout=300)
+            assert runs[name].returncode == 0, runs[name].stderr
+        local = subprocess.run([*grouped, "-o", str(tmp_path / "grouped.onnx"), "--quiet"], capture_output=True,
+                               text=True)
+        assert local.returncode == 0, local.stderr
+        expected = (tmp_path / "grouped.onnx").read_bytes()
+        assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "here.onnx").read_bytes() == expected
+        assert "--ray-shared-dir" not in runs["shared"].stdout + runs["shared"].stderr and not any(shared.iterdir())
+        printed = runs["here"].stdout + runs["here"].stderr
+        assert "ran on this machine's node, not on the cluster's 2 nodes; give --ray-shared-dir" in printed
     finally:  # --block: each `ray start` stops the processes it started when it is terminated
         for process in reversed(nodes):
             process.terminate()

@@ -81,13 +81,14 @@ def child(spec: dict) -> dict:
     executor = Executor(spec["executor"], None, spec["shards"], spec.get("shared_dir"))
     workers = spec["cpus"] if spec["executor"] == "local" else 1
     start = time.perf_counter()
-    if spec.get("stats_memory"):  # per-group units (kfac: gradient statistics in groups)
-        limit = spec["stats_memory"] if spec["cpus"] else 1 << 40
+    if spec.get("stats_memory") is not None:  # per-group units (kfac: gradient statistics in groups)
+        limit = (spec["stats_memory"] or None) if spec["cpus"] else 1 << 40  # 0: the default (--per-group default)
         model, report = compress(spec["model"], ratio=0.8, method="kfac", calibration=spec["calib"],
                                  include=spec["include"], stats_memory=limit, workers=max(workers, 1),
                                  executor=executor, progress=False)
         result["groups"] = report.calibration.get("groups")
         result["passes"] = report.calibration.get("passes")
+        result["set_aside_bytes"] = report.calibration.get("set_aside_bytes")
     else:
         model, report = compress(spec["model"], ratio=0.5, method="whiten", calibration=spec["calib"], svd="exact",
                                  include=spec["include"], workers=workers, executor=executor, progress=False)
@@ -167,6 +168,15 @@ def calibration_subset(path: Path, samples: int, folder: str) -> str:
     return str(out)
 
 
+def group_memory(text: str | None) -> int | None:
+    """--per-group's bytes: None without it, 0 for "default" (compress's own default)."""
+    from onnx_fwlr.api import parse_size
+
+    if text is None:
+        return None
+    return 0 if text == "default" else parse_size(text)
+
+
 def main() -> None:
     from onnx_fwlr.api import parse_size
 
@@ -174,7 +184,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["digits", "minilm"], choices=sorted(MODELS))
     parser.add_argument("--samples", type=int, default=512, help="calibration samples (default 512)")
     parser.add_argument("--json", metavar="FILE")
-    parser.add_argument("--per-group", metavar="SIZE", help="per-group units at this stats_memory (e.g. 1MB, 200MB)")
+    parser.add_argument("--per-group", metavar="SIZE",
+                        help="per-group units at this stats_memory (e.g. 1MB, 200MB, or default: compress's own)")
     parser.add_argument("--include", metavar="REGEX", help="decompose only the sites whose weight name matches")
     parser.add_argument("--configs", nargs="+", metavar="KEY",
                         help=f"configurations to run (default all): {', '.join(CONFIGS)}; with --per-group "
@@ -209,7 +220,7 @@ def main() -> None:
                 label, executor, cpus, shards = table[key]
                 spec = {"model": str(model), "calib": calib, "executor": executor, "cpus": cpus, "shards": shards,
                         "include": args.include, "object_store": parse_size(args.object_store),
-                        "stats_memory": parse_size(args.per_group) if args.per_group else None,
+                        "stats_memory": group_memory(args.per_group),
                         "shared_dir": args.ray_shared_dir if executor == "ray" else None}
                 load = os.getloadavg()[0]
                 row, why = run_child(spec, args.timeout, args.max_tree_gb * 2**30)

@@ -230,6 +230,17 @@ def ray_map(fn: Callable, jobs: Iterable, executor: Executor, window: int | None
     finally:  # an error, Ctrl-C or a caller that stopped early: the cluster stops the rest
         for ref in pending:
             ray.cancel(ref, force=True)
+        _settle(ray, pending)
+
+
+def _settle(ray, refs) -> None:
+    """Read the outcome of tasks that already ended (failed ones too), so that Ray does not report their errors
+    as unhandled on stderr after the run's own sentence; tasks still running are not waited for."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001, S110 - an outcome nobody needs: the run has already failed or stopped
+            pass
 
 
 _END = object()

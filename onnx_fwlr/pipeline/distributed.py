@@ -239,7 +239,7 @@ def _settle(ray, refs) -> None:
     for ref in refs:
         try:
             ray.get(ref, timeout=0)
-        except Exception:  # noqa: BLE001, S110 - an outcome nobody needs: the run has already failed or stopped
+        except Exception:  # an outcome nobody needs: the run has already failed or stopped
             pass
 
 

@@ -165,9 +165,12 @@ def run_child(spec: dict, timeout: float, max_tree_bytes: float) -> tuple[dict |
             time.sleep(0.5)
 
     watcher = threading.Thread(target=watch, daemon=True)
+    before = set(Path(tempfile.gettempdir()).glob("onnx-fwlr-pass-*"))
     watcher.start()
     out, err = process.communicate()
     watcher.join()
+    for left in set(Path(tempfile.gettempdir()).glob("onnx-fwlr-pass-*")) - before:
+        left.unlink(missing_ok=True)  # a child stopped outright leaves its recorded pass (docs/distributed.md)
     if stopped or process.returncode:
         return None, (stopped[0] if stopped else f"failed:\n{err[-2000:]}")
     return dict(json.loads(out.strip().splitlines()[-1]), peak_tree_mib=peak[0] / 2**20, peak_own_mib=own[0] / 2**20,

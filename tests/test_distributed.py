@@ -48,10 +48,32 @@ def same_sums(a: Statistics, b: Statistics) -> bool:
     (Executor("spark"), "'spark' is unknown"),
     (Executor("local", "host:1"), "names a Ray cluster"),
     (Executor("local", None, 0), "`shards` 0 is out of range"),
+    (Executor("local", shared_dir="/tmp"), "`ray_shared_dir` is a folder for a Ray cluster's tasks"),
+    (Executor("ray", shared_dir=str(CALIB)), "is not a folder on this machine"),
 ])
 def test_executor_checked_in_one_sentence(executor, words):
     with pytest.raises(FwlrError, match=words):
         executor.check()
+
+
+def test_a_named_spill_file_travels_as_its_path_and_says_when_it_is_not_there(tmp_path):
+    """What a Ray group task receives of the recorded pass: the path and size, reopened read-only on first read;
+    on a node without the file, one sentence naming the shared folder."""
+    import pickle
+
+    from onnx_fwlr.io.spill import SpillFile
+
+    spill = SpillFile(path=tmp_path / "pass")
+    offset = spill.append(np.arange(6, dtype=np.float32).reshape(2, 3))
+    spill.close()
+    copy = pickle.loads(pickle.dumps(spill))
+    assert np.array_equal(copy.read(offset, np.float32, (2, 3)), np.arange(6, dtype=np.float32).reshape(2, 3))
+    elsewhere = pickle.loads(pickle.dumps(spill))
+    (tmp_path / "pass").unlink()
+    with pytest.raises(FwlrError, match="cannot be read here .*`ray_shared_dir`"):
+        elsewhere.read(offset, np.float32, (2, 3))
+    with pytest.raises(TypeError, match="anonymous"):
+        pickle.dumps(SpillFile())
 
 
 def test_local_shards_are_the_sum_of_calibrate_shard_files_merged_in_order(tmp_path):
@@ -253,33 +275,88 @@ def test_killed_workers_are_retried_and_the_output_is_unchanged(ray_cluster, tmp
 DECODER, DECODER_CALIB = SAMPLES / "decoder" / "decoder.onnx", SAMPLES / "decoder" / "calib.npz"
 
 
+def _decoder_options(**more):
+    return dict(ratio=0.8, method="kfac", calibration=str(DECODER_CALIB), stats_memory=1 << 20, progress=False,
+                **more)
+
+
+def _passes(tmp_path) -> list[str]:
+    return [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("onnx-fwlr-pass-")]
+
+
 @needs_ray
-@pytest.mark.parametrize("spill", [False, True], ids=["kept", "spilled"])
-def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, spill):
-    """Statistics that do not fit `stats_memory` together: on Ray each group's Fisher pass and its decompositions
-    are one task (pipeline.distributed.group_unit) and only decompositions and small sums come back; the bytes
-    equal the local run's (one pass set aside and folded per group), decompositions kept in memory or spilled."""
+@pytest.mark.parametrize("spill, recorded", [(False, True), (True, True), (False, False)],
+                         ids=["recorded-kept", "recorded-spilled", "pass-per-group"])
+def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, tmp_path, spill, recorded):
+    """Statistics that do not fit `stats_memory` together: on Ray one task records the Fisher pass in the shared
+    folder and each group task folds its group's sums from it and decomposes the group (fold_unit); without a
+    recording (recurrent sites) each group task runs its own pass (group_unit). Only decompositions and small
+    sums come back; the bytes equal the local run's (one pass set aside and folded per group), decompositions
+    kept in memory or spilled; the recording is removed at the end."""
     from onnx_fwlr.pipeline.distributed import RayGroupStatistics
 
-    options = dict(ratio=0.8, method="kfac", calibration=str(DECODER_CALIB), stats_memory=1 << 20, progress=False)
     if spill:  # in this process, where both runs keep their decompositions
         monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
-    local, local_report = pipeline.compress(str(DECODER), **options)
+    local, local_report = pipeline.compress(str(DECODER), **_decoder_options())
     assert local_report.calibration["groups"] > 2 and local_report.calibration["passes"] == 1
     made = []
     original = distributed.ray_grouped_statistics
 
-    def recorded(*args, **kwargs):
+    def kept(*args, **kwargs):
         made.append(original(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(distributed, "ray_grouped_statistics", recorded)
-    on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray"), **options)
+    monkeypatch.setattr(distributed, "ray_grouped_statistics", kept)
+    if not recorded:  # what a model with recurrent sites does
+        monkeypatch.setattr(RayGroupStatistics, "record", lambda self, executor: None)
+    shared = None if spill else str(tmp_path)  # None: this machine's temporary folder, tasks on this node
+    on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=shared),
+                                       **_decoder_options())
     assert isinstance(made[0], RayGroupStatistics) and not made[0].sums.activations.get("gram")
     assert all("gram" not in sums for sums in made[0].sums.activations.values())  # no Gram reached the driver
     assert all("grad_gram" not in sums for sums in made[0].sums.gradients.values())
-    assert report.calibration["passes"] == report.calibration["groups"] == local_report.calibration["groups"]
+    assert report.calibration["groups"] == local_report.calibration["groups"]
+    assert report.calibration["passes"] == (1 if recorded else report.calibration["groups"])
     assert on_ray.SerializeToString() == local.SerializeToString()
+    made[0].close()
+    assert _passes(tmp_path) == [] and (made[0].path is None) == (not recorded)
+    assert made[0].path is None or (Path(made[0].path).parent == Path(shared or tempfile.gettempdir())
+                                    and not Path(made[0].path).exists())
+
+
+@needs_ray
+def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monkeypatch, tmp_path):
+    """The recording task and the first group task each kill their own worker: the recording is written again
+    from the start (the file is emptied), the group folded again from it; the bytes are unchanged, and the
+    recording is gone afterwards. A group task's own error removes it too."""
+    expected, _ = pipeline.compress(str(DECODER), **_decoder_options())
+    record_marker, fold_marker = tmp_path / "record_killed", tmp_path / "fold_killed"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+
+    def part_written(job):  # what a killed attempt leaves behind: the retry starts the file afresh
+        Path(job.path).write_bytes(b"partial" * 100_000)
+        return distributed.record_unit(job)
+
+    monkeypatch.setattr(distributed, "record_unit", _dying_once(part_written, record_marker))
+    monkeypatch.setattr(distributed, "fold_unit", _dying_once(distributed.fold_unit, fold_marker))
+    on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=str(shared)),
+                                       **_decoder_options())
+    assert on_ray.SerializeToString() == expected.SerializeToString() and report.calibration["passes"] == 1
+    assert record_marker.exists() and fold_marker.exists()  # a worker of each kind really died
+    del on_ray, report
+    import gc
+
+    gc.collect()
+    assert _passes(shared) == []
+
+    def failing(job):
+        raise FwlrError("a group failed.")
+
+    monkeypatch.setattr(distributed, "fold_unit", failing)
+    with pytest.raises(FwlrError, match="a group failed"):
+        pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=str(shared)), **_decoder_options())
+    assert _passes(shared) == []
 
 
 @needs_ray
@@ -341,6 +418,25 @@ def test_two_node_cluster_compresses_the_sample_model_end_to_end(tmp_path):
         local = subprocess.run([*arguments, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True)
         assert local.returncode == 0, local.stderr
         assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+        # the decoder's per-group units: the recorded pass in a folder both nodes share, then without one
+        shared = tmp_path / "shared"
+        shared.mkdir()
+        grouped = [sys.executable, "-m", "onnx_fwlr", "compress", str(DECODER), "--calib", str(DECODER_CALIB),
+                   "--method", "kfac", "--ratio", "0.8", "--stats-memory", "1MB"]
+        runs = {}
+        for name, extra in (("shared", ["--ray-shared-dir", str(shared)]), ("here", [])):
+            runs[name] = subprocess.run([*grouped, "-o", str(tmp_path / f"{name}.onnx"), "--executor", "ray",
+                                         "--ray-address", address, *extra], env=env, capture_output=True, text=True,
+                                        timeout=300)
+            assert runs[name].returncode == 0, runs[name].stderr
+        local = subprocess.run([*grouped, "-o", str(tmp_path / "grouped.onnx"), "--quiet"], capture_output=True,
+                               text=True)
+        assert local.returncode == 0, local.stderr
+        expected = (tmp_path / "grouped.onnx").read_bytes()
+        assert (tmp_path / "shared.onnx").read_bytes() == (tmp_path / "here.onnx").read_bytes() == expected
+        assert "--ray-shared-dir" not in runs["shared"].stdout + runs["shared"].stderr and not any(shared.iterdir())
+        printed = runs["here"].stdout + runs["here"].stderr
+        assert "ran on this machine's node, not on the cluster's 2 nodes; give --ray-shared-dir" in printed
     finally:  # --block: each `ray start` stops the processes it started when it is terminated
         for process in reversed(nodes):
             process.terminate()

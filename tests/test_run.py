@@ -248,7 +248,9 @@ def test_the_executor_is_a_method_option_saved_and_replayed():
     config = RunConfig(model=str(DIGITS), budget=BudgetOptions(ratio=0.5), data=DataOptions(calibration=str(CALIB)),
                        method=MethodOptions(method="whiten", executor=Executor(shards=2)))
     saved = json.loads(json.dumps(config.to_dict()))
-    assert saved["method"]["executor"] == {"kind": "local", "address": None, "shards": 2}
+    assert saved["method"]["executor"] == {"kind": "local", "address": None, "shards": 2, "shared_dir": None}
+    assert RunConfig.from_dict(saved) == config
+    del saved["method"]["executor"]["shared_dir"]  # a config saved before `ray_shared_dir` existed
     assert RunConfig.from_dict(saved) == config
     with pytest.raises(FwlrError, match="`shards` 0 is out of range"):
         MethodOptions(executor=Executor(shards=0))

@@ -27,7 +27,7 @@ FLAGS = {
     "min_top1_agreement": "--min-top1-agreement",
     "output": "--fisher-output", "outputs": "--outputs", "quantize": "--quantize", "rank": "--rank",
     "rank_multiple": "--rank-multiple", "ranks": "--rank NAME=N", "ratio": "--ratio", "ratios": "--ratios",
-    "ray_address": "--ray-address", "shards": "--calib-shards",
+    "ray_address": "--ray-address", "ray_shared_dir": "--ray-shared-dir", "shards": "--calib-shards",
     "refine_lr": "--refine-lr", "refine_steps": "--refine", "reselect": "--reselect", "samples": "--fisher-samples",
     "seed": "--seed", "sequential": "--sequential", "shapes": "--shape", "shard": "--shard", "sizes": "--sizes",
     "stats": "--stats", "stats_memory": "--stats-memory", "steps": "--steps", "svd": "--svd",
@@ -170,15 +170,21 @@ def distributed_arguments(p):
     p.add_argument("--calib-shards", type=int, metavar="N",
                    help="measure calibration in N interleaved shards, N Ray tasks with --executor ray, added up in "
                         "shard order (the same bytes on either executor for the same N; default 1)")
+    p.add_argument("--ray-shared-dir", metavar="DIR",
+                   help="a folder every Ray node mounts at the same path: the one recorded Fisher pass that the group "
+                        "tasks fold is written there (default: this machine's temporary folder, and the group tasks "
+                        "run on this machine's node)")
 
 
 def executor(args):
     """The Executor the distributed options ask for (None: today's one local pass)."""
-    if args.executor == "local" and args.ray_address is None and args.calib_shards is None:
+    if args.executor == "local" and args.ray_address is None and args.calib_shards is None \
+            and args.ray_shared_dir is None:
         return None
     from onnx_fwlr.pipeline.distributed import Executor
 
-    return Executor(args.executor, args.ray_address, 1 if args.calib_shards is None else args.calib_shards)
+    return Executor(args.executor, args.ray_address, 1 if args.calib_shards is None else args.calib_shards,
+                    args.ray_shared_dir)
 
 
 def fisher_options(args) -> dict:

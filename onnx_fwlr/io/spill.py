@@ -1,23 +1,34 @@
-"""Arrays set aside on disk for later in the run, in one anonymous temporary file (no name: nothing to clean up)."""
+"""Arrays set aside on disk for later in the run: in one anonymous temporary file (no name: nothing to clean
+up), or in a named file that other processes, on other machines of a cluster, reopen by path."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 import threading
 
 import numpy as np
 
+from onnx_fwlr.errors import FwlrError
+
 
 class SpillFile:
-    """One anonymous temporary file that arrays are appended to and read back from.
+    """One temporary file that arrays are appended to and read back from.
 
-    It has no name in the file system (on POSIX it is unlinked as it is made), so nothing can remove it from
-    under a running compression (a cleanup of the temporary folder by another process did: a FileNotFoundError
-    in the middle of a SmolLM2 run, when spilled factors were named files), and a run that is killed leaves
-    nothing behind. It is closed when the last object holding it goes: whatever reads it back holds it."""
+    By default it has no name in the file system (on POSIX it is unlinked as it is made), so nothing can remove
+    it from under a running compression (a cleanup of the temporary folder by another process did: a
+    FileNotFoundError in the middle of a SmolLM2 run, when spilled factors were named files), and a run that is
+    killed leaves nothing behind. It is closed when the last object holding it goes: whatever reads it back
+    holds it.
 
-    def __init__(self, prefix: str = "onnx-fwlr-"):
-        self._file = tempfile.TemporaryFile(prefix=prefix)
+    With `path` it is a named file (created, or emptied when it exists: a task run again starts it afresh) that
+    pickles as its path and size: another process reopens it read-only on its first read (a Ray task folding a
+    recorded pass, pipeline.distributed). Whoever chose the path removes the file; `close` makes what was
+    written visible to readers on other machines (NFS's close-to-open consistency)."""
+
+    def __init__(self, prefix: str = "onnx-fwlr-", path: str | os.PathLike | None = None):
+        self.path = None if path is None else os.fspath(path)
+        self._file = tempfile.TemporaryFile(prefix=prefix) if path is None else open(self.path, "w+b")  # noqa: SIM115
         self._end = 0
         self._lock = threading.Lock()
 
@@ -40,8 +51,37 @@ class SpillFile:
         """The array of `dtype` and `shape` written at `offset` (or its leading rows), as a new array."""
         out = np.empty(shape, dtype=dtype)
         with self._lock:
+            if self._file is None:
+                self._file = self._reopen()
             self._file.seek(offset)
             done = self._file.readinto(memoryview(out).cast("B"))
         if done != out.nbytes:
             raise OSError(f"spill file ended early: {done} of {out.nbytes} bytes at offset {offset}")
         return out
+
+    def close(self) -> None:
+        """Close the file (a named one stays on disk, to be read elsewhere; an anonymous one is gone)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def _reopen(self):
+        if self.path is None:
+            raise OSError("an anonymous spill file was read after it was closed")
+        try:
+            return open(self.path, "rb")  # noqa: SIM115 - held until this object goes
+        except OSError as exc:
+            raise FwlrError(f"the file set aside at '{self.path}' cannot be read here ({exc.strerror}); every process "
+                            "that reads it needs the folder it is in (on a Ray cluster: `ray_shared_dir`, a folder "
+                            "every node mounts at the same path).") from None
+
+    def __getstate__(self) -> dict:
+        if self.path is None:
+            raise TypeError("an anonymous spill file cannot leave its process; give it a path")
+        return {"path": self.path, "end": self._end}
+
+    def __setstate__(self, state: dict) -> None:
+        self.path, self._end = state["path"], state["end"]
+        self._file = None  # opened on the first read
+        self._lock = threading.Lock()

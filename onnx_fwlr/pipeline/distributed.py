@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import time
+import uuid
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -35,11 +38,14 @@ INSTALL = 'pip install "onnx_fwlr[ray]"'
 class Executor:
     """Where the work runs: `kind` "local" (this machine's process pool, `workers`) or "ray" (a Ray cluster at
     `address`: host:port, or "auto" for the one `ray start` began on this machine; None: $RAY_ADDRESS, else a
-    fresh cluster on this machine for this run); `shards`: calibration shards."""
+    fresh cluster on this machine for this run); `shards`: calibration shards; `shared_dir`: a folder every node
+    of the cluster mounts at the same path, where a recorded Fisher pass is written for the group tasks to fold
+    (None: this machine's temporary folder, and the group tasks run on this machine's node)."""
 
     kind: str = "local"
     address: str | None = None
     shards: int = 1
+    shared_dir: str | None = None
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -48,6 +54,18 @@ class Executor:
             raise FwlrError("`ray_address` names a Ray cluster; add `executor` ray, or drop the address.")
         if isinstance(self.shards, bool) or not isinstance(self.shards, int) or self.shards < 1:
             raise FwlrError(f"`shards` {self.shards} is out of range; give 1 or more calibration shards.")
+        if self.shared_dir is not None:
+            self._check_shared_dir()
+
+    def _check_shared_dir(self) -> None:
+        folder = self.shared_dir
+        if self.kind != "ray":
+            raise FwlrError("`ray_shared_dir` is a folder for a Ray cluster's tasks; add `executor` ray, or drop it.")
+        if not os.path.isdir(folder):
+            raise FwlrError(f"`ray_shared_dir` '{folder}' is not a folder on this machine; give a folder that every "
+                            "node of the cluster, this one included, mounts at the same path.")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise FwlrError(f"`ray_shared_dir` '{folder}' is not writable here; give a folder the run may write to.")
 
     @property
     def sharded(self) -> bool:
@@ -184,12 +202,15 @@ def _task(ray):
     return _TASKS["call"]
 
 
-def ray_map(fn: Callable, jobs: Iterable, executor: Executor, window: int | None = None) -> Iterator:
+def ray_map(fn: Callable, jobs: Iterable, executor: Executor, window: int | None = None,
+            options: dict | None = None) -> Iterator:
     """fn(job) for every job, as Ray tasks, yielded in job order. Jobs are made as they are submitted and at
     most `window` (default twice the cluster's CPUs) are submitted and not yet handed back: memory stays
-    bounded, and the driver holds one result at a time."""
+    bounded, and the driver holds one result at a time. `options`: Ray's task options (where tasks may run)."""
     ray = connect(executor)
     task = _task(ray)
+    if options:
+        task = task.options(**options)
     if window is None:
         window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     pending: deque = deque()
@@ -209,6 +230,17 @@ def ray_map(fn: Callable, jobs: Iterable, executor: Executor, window: int | None
     finally:  # an error, Ctrl-C or a caller that stopped early: the cluster stops the rest
         for ref in pending:
             ray.cancel(ref, force=True)
+        _settle(ray, pending)
+
+
+def _settle(ray, refs) -> None:
+    """Read the outcome of tasks that already ended (failed ones too), so that Ray does not report their errors
+    as unhandled on stderr after the run's own sentence; tasks still running are not waited for."""
+    for ref in refs:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # an outcome nobody needs: the run has already failed or stopped
+            pass
 
 
 _END = object()
@@ -335,7 +367,64 @@ def check_one_pass(model, sites, gradients: bool, memory_limit, fisher_options) 
                         "calibrate with `executor` local and one shard.")
 
 
-# --- per-group units: a group's statistics pass and its decompositions in one task ---------------------------
+# --- per-group units: a group's statistics and its decompositions in one task -----------------------------
+#
+# With one recorded pass (the default): one task runs the Fisher pass over every site and sets it aside in a
+# named file (stats.fisher.PassRecording), and each group task folds its group's sums from that file and
+# decomposes the group: the local grouped run's functions on the same arrays in the same order, so its bytes,
+# with one pass in all. Models with recurrent sites (which the recording does not hold) run a pass per group.
+
+
+@dataclass(frozen=True)
+class RecordJob:
+    """The one Fisher pass over every site, set aside at `path` (emptied first: a task run again starts afresh)."""
+
+    data: PassData
+    sites: list
+    path: str
+
+
+def record_unit(job: RecordJob):
+    """(the recording, closed and ready to be reopened by path; the pass's metadata)."""
+    from onnx_fwlr.stats.fisher import PassRecording, collect_fisher_stats
+
+    model, batches = job.data.open()
+    recording = PassRecording(job.path)
+    try:
+        measured = collect_fisher_stats(model, job.sites, batches, mask_input=job.data.mask_input, progress=False,
+                                        recording=recording, description="calibrate (fisher), one pass recorded",
+                                        **(job.data.fisher_options or {}))
+    finally:
+        recording.file.close()
+    return recording, measured.meta
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One group of sites folded from the recorded pass, then decomposed. `model`: where the weights are read;
+    `fingerprint`: the model's (stats.store.model_fingerprint hashes every weight: 4.4 GB at 1.1 B, done once
+    on the driver rather than in every task)."""
+
+    model: object
+    fingerprint: str
+    recording: object
+    sites: list
+    site_methods: dict
+
+
+def fold_unit(job: FoldJob):
+    """(the group's small sums, its sites' decompositions with their scalings, in site order), with no ONNX
+    Runtime session: the group's sums come from the recording, the weights from the model's file."""
+    from onnx_fwlr.io.model import load_model
+    from onnx_fwlr.pipeline.decompose import decompose_with_stats
+    from onnx_fwlr.pipeline.prepare import WEIGHTING
+    from onnx_fwlr.stats.fisher import small_sums
+    from onnx_fwlr.stats.store import Statistics
+
+    model = load_model(job.model, copy=False)
+    stats = job.recording.fold(job.sites, Statistics(job.fingerprint))
+    decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
+    return small_sums(stats), decompositions
 
 
 @dataclass(frozen=True)
@@ -366,10 +455,12 @@ def group_unit(job: GroupJob):
 
 class RayGroupStatistics:
     """Gradient statistics measured group by group on a Ray cluster, where each group's sites are decomposed
-    too (group_unit): this process keeps the plan and, as each group comes back, its small sums (means, counts,
-    Fisher diagonals) for bias correction and the report, never a Gram; the decompositions (with their
-    Cholesky scalings) arrive one group at a time and are spilled or kept exactly as the local run's would be.
-    They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks for them)."""
+    too (fold_unit, or group_unit without a recording): this process keeps the plan and, as each group comes
+    back, its small sums (means, counts, Fisher diagonals) for bias correction and the report, never a Gram;
+    the decompositions (with their Cholesky scalings) arrive one group at a time and are spilled or kept exactly
+    as the local run's would be. They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks
+    for them). With a recording, its file is removed when these statistics go (`close`, or at exit) and when a
+    group task fails."""
 
     def __init__(self, model, sites, groups, data: PassData):
         from onnx_fwlr.stats.fisher import reachable_uses
@@ -383,17 +474,61 @@ class RayGroupStatistics:
         self._with_activations = {activation_key(use) for _, use in reachable}
         self.meta = {"passes": 0, "groups": len(groups), "executor": "ray", "samples": 0, "batches": 0}
         self.later_seconds = 0.0
+        self.warnings: list[str] = []
+        self.recording = None
+        self.path = None  # the recorded pass's file
+        self.placement = None  # Ray's task options for the recording's readers: its node, without a shared folder
+        self._remove = None
+
+    def record(self, executor: Executor) -> None:
+        """Run the one recorded pass as a task, into `executor.shared_dir` (every node reads it there) or else this
+        machine's temporary folder (the pass and every group task then run on this machine's node)."""
+        ray = connect(executor)
+        folder = os.path.abspath(executor.shared_dir) if executor.shared_dir else tempfile.gettempdir()
+        self.path = path = os.path.join(folder, f"onnx-fwlr-pass-{uuid.uuid4().hex}")
+        self._remove = weakref.finalize(self, _remove_file, path)  # also at exit, and after a failed pass
+        if executor.shared_dir is None:
+            self.placement = this_node(ray)
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            if nodes > 1:
+                self.warnings.append(f"the recorded Fisher pass is in this machine's temporary folder, so it and all "
+                                     f"{len(self.groups)} group tasks ran on this machine's node, not on the cluster's "
+                                     f"{nodes} nodes; give `ray_shared_dir` (a folder every node mounts) to spread "
+                                     "them.")
+        try:
+            recording, meta = next(ray_map(record_unit, [RecordJob(self.data, self.all_sites, path)], executor,
+                                           options=self.placement))
+        except BaseException:
+            self.close()
+            raise
+        self.recording = recording
+        self.meta.update({**meta, "passes": 1, "groups": len(self.groups), "executor": "ray",
+                          "set_aside_bytes": recording.file.size})
+
+    def close(self) -> None:
+        """Remove the recorded pass's file (nothing to do without one, or when it is gone already)."""
+        if self._remove is not None:
+            self._remove()
 
     def decompose_groups(self, sites, site_methods: dict, executor: Executor):
         """(site, decomposition) for `sites` in their order, one task per group that holds any of them."""
         wanted = {site.weight for site in sites}
         indices = sorted({self.group_of[w] for w in wanted})
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
-        jobs = (GroupJob(self.data, self.all_sites, chosen[g], {s.weight: site_methods[s.weight] for s in chosen[g]})
-                for g in indices)
-        for g, (sums, decompositions) in zip(indices, ray_map(group_unit, jobs, executor)):
-            self._add(sums)
-            yield from zip(chosen[g], decompositions)
+        methods = {g: {s.weight: site_methods[s.weight] for s in chosen[g]} for g in indices}
+        if self.recording is not None:
+            fingerprint = self.sums.fingerprint
+            fn, jobs = fold_unit, (FoldJob(self.data.model, fingerprint, self.recording, chosen[g], methods[g])
+                                   for g in indices)
+        else:
+            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g]) for g in indices)
+        try:
+            for g, (sums, decompositions) in zip(indices, ray_map(fn, jobs, executor, options=self.placement)):
+                self._add(sums)
+                yield from zip(chosen[g], decompositions)
+        except BaseException:
+            self.close()
+            raise
 
     def _add(self, sums) -> None:
         import numpy as np
@@ -401,6 +536,8 @@ class RayGroupStatistics:
         for table, theirs in ((self.sums.activations, sums.activations), (self.sums.gradients, sums.gradients)):
             for key, arrays in theirs.items():
                 table[key] = {name: np.array(value) for name, value in arrays.items()}  # Ray's are read-only
+        if self.recording is not None:
+            return  # the pass's metadata came with the recording
         self.meta["passes"] += 1
         for key in ("loss", "fisher_output", "mask_input", "seed_tensor", "smoke_test", "data", "fisher_samples"):
             if key in sums.meta:
@@ -434,9 +571,31 @@ class RayGroupStatistics:
                         "saved; calibrate with `executor` local to save them.")
 
 
+def this_node(ray) -> dict:
+    """Ray's task options that keep a task on the node this process runs on."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
+
+
+def _remove_file(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def ray_grouped_statistics(source, model, sites, calibration, executor: Executor, groups, *, batch_size=32,
                            shapes=None, mask_input=None, fisher_options=None) -> RayGroupStatistics:
-    """The plan for per-group units on the cluster (nothing is measured until decompositions are asked for)."""
+    """Per-group units on the cluster: the one recorded pass is run now (the group tasks fold it when
+    decompositions are asked for); with recurrent sites, which a recording does not hold, nothing is measured
+    until then, and each group task runs its own pass."""
+    from onnx_fwlr.autodiff.recurrent_vjp import GATES
+    from onnx_fwlr.stats.fisher import reachable_uses
+
     data = PassData(_absolute(source), _absolute(calibration), batch_size, shapes, mask_input,
                     dict(fisher_options or {}))
-    return RayGroupStatistics(model, sites, groups, data)
+    stats = RayGroupStatistics(model, sites, groups, data)
+    if not any(use.op_type in GATES for _, use in reachable_uses(model, sites)):
+        stats.record(executor)
+    return stats

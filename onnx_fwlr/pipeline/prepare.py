@@ -153,6 +153,7 @@ def prepare(
         prepared.quant_stats = wanted.result(prepared.stats.meta.get("data", "the calibration data"))
     if prepared.stats is not None:
         prepared.timings["calibrate"] = time.perf_counter() - start
+        prepared.warnings += getattr(prepared.stats, "warnings", [])  # Ray's group tasks: where they ran
         if prepared.stats.meta.get("smoke_test"):
             prepared.warnings.append("calibrated on random data: a smoke test, not a measurement of quality.")
     prepared.site_methods = {s.weight: method if _has_stats(method, s, prepared.stats) else "svd" for s in sites}
@@ -241,7 +242,7 @@ def _statistics(model, sites, method, calibration, stats, batch_size, mask_input
     groups = None
     if stats is None and calibration is not None and "gradients" in needs and executor is not None \
             and executor.kind == "ray" and executor.shards == 1:
-        groups = _fisher_groups(sites, fisher_options, stats_memory)
+        groups = _fisher_groups(sites, fisher_options, _gradient_memory(model, stats_memory))
     if groups is not None:  # per-group units: each group's pass and decompositions in one task on the cluster
         from onnx_fwlr.pipeline.distributed import ray_grouped_statistics
 
@@ -296,12 +297,18 @@ def _gradient_statistics(model, sites, batches, mask_input, progress, fisher_opt
     from onnx_fwlr.stats import fisher  # imports the backward pass: only when needed
 
     options = dict(mask_input=mask_input, progress=progress, **fisher_options)
-    if stats_memory is None and model_weight_bytes(model) > LAZY_THRESHOLD:
-        stats_memory = min(default_memory_limit(), model_weight_bytes(model) // 2)
-    groups = _fisher_groups(sites, fisher_options, stats_memory)
+    groups = _fisher_groups(sites, fisher_options, _gradient_memory(model, stats_memory))
     if groups is not None:
         return fisher.GroupedFisherStatistics(model, sites, groups, batches, options, pricing)
     return fisher.collect_fisher_stats(model, sites, batches, pricing=pricing, **options)
+
+
+def _gradient_memory(model, stats_memory):
+    """`stats_memory` for gradient statistics: the caller's, else half the weights' bytes for a model over
+    LAZY_THRESHOLD (the memory rule, _gradient_statistics; a Ray group task holds this much too), else None."""
+    if stats_memory is None and model_weight_bytes(model) > LAZY_THRESHOLD:
+        return min(default_memory_limit(), model_weight_bytes(model) // 2)
+    return stats_memory
 
 
 def _unmatched_patterns(include, exclude, sites, skipped) -> list[str]:

@@ -347,10 +347,13 @@ class PassRecording:
     backward pass in all instead of one per group, and no Gram held while the pass runs.
 
     Costs disk, not memory: the tokens times the widths of the distinct site inputs and outputs, in float32
-    (SmolLM2-135M, 64 × 128 tokens: 7.2 GiB; the file is freed when the statistics go)."""
+    (SmolLM2-135M, 64 × 128 tokens: 7.2 GiB; the file is freed when the statistics go).
 
-    def __init__(self):
-        self.file = SpillFile(prefix="onnx-fwlr-pass-")
+    With `path` the file is a named one, and the recording pickles as that path and its table of entries: other
+    processes fold their groups from it (pipeline.distributed's group tasks on a Ray cluster)."""
+
+    def __init__(self, path=None):
+        self.file = SpillFile(prefix="onnx-fwlr-pass-", path=path)
         self.entries: list[_Entry] = []
         self.uses: list = []  # (site, use) in the pass's order
         self.sketch_ranks: dict = {}

@@ -92,3 +92,17 @@ def test_the_quantized_weight_holds_no_copy_of_the_float_weight_and_dequantizing
     weight = measured["weight"]
     assert measured["held"] < weight / 4
     assert weight <= measured["dequantize_peak"] < 1.5 * weight
+
+
+@pytest.mark.parametrize("bits,symmetric,K", [(4, False, 96), (4, True, 96), (8, False, 96), (4, False, 64),
+                                              (8, True, 40)])
+def test_a_wide_weight_quantized_in_column_pieces_is_the_whole_call(bits, symmetric, K):
+    """Pieces of 32 columns (the last one 4), joined along N: the same node and the same tensor bytes as one
+    call of ONNX Runtime's quantizer (an odd count of blocks per column checks the 4-bit zero points' packing;
+    K 40 pads the last block)."""
+    W = np.random.default_rng(bits + K).standard_normal((K, 100)).astype(np.float32)
+    scheme = ortquant.nbits(bits, 32, symmetric)
+    whole = ortquant.quantize_matmul_weight(W, scheme, "w", columns=100)
+    pieces = ortquant.quantize_matmul_weight(W, scheme, "w", columns=32)
+    assert pieces.node.SerializeToString() == whole.node.SerializeToString()
+    assert [t.SerializeToString() for t in pieces.tensors] == [t.SerializeToString() for t in whole.tensors]

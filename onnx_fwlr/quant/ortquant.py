@@ -173,12 +173,40 @@ def _nbits_quantizer(scheme: Scheme, op_type: str):
     return module.DefaultWeightOnlyQuantizer(config)
 
 
-def quantize_matmul_weight(W: np.ndarray, scheme: Scheme, name: str, dtype=np.float32) -> QuantizedWeight:
+QUANTIZE_COLUMNS = 8192  # columns handed to ONNX Runtime's quantizer at once (its copies of W scale with them)
+
+
+def quantize_matmul_weight(W: np.ndarray, scheme: Scheme, name: str, dtype=np.float32,
+                           columns: int = QUANTIZE_COLUMNS) -> QuantizedWeight:
     """MatMulNBits for X @ W (W [K, N] stored as `dtype`: float32, or float16 for a half-precision model, whose
     scales then come out in float16 as the op's activations need), made by ONNX Runtime's quantizer; tensors
-    named from `name`."""
+    named from `name`. A wide W goes to the quantizer `columns` at a time: each output column is quantized on
+    its own (blocks run along K), so the pieces' tensors, joined along N, are the whole call's (tested), while
+    the quantizer's own copies of W (its graph's initializer, the array it reads back, the transposed one) stay
+    a piece's size: a vocabulary-wide head took +620 MiB in one call."""
     if scheme.kind != "nbits":
         raise ValueError(f"{scheme.label} is applied by quantize_dynamic, not node by node")
+    if W.shape[1] > columns:
+        pieces = [_quantize_columns(W[:, j:j + columns], scheme, name, dtype) for j in range(0, W.shape[1], columns)]
+        return _joined(pieces, W.shape[1])
+    return _quantize_columns(W, scheme, name, dtype)
+
+
+def _joined(pieces: list[QuantizedWeight], N: int) -> QuantizedWeight:
+    """One MatMulNBits from column pieces: each tensor's leading axis (N, or N × blocks when flattened) joined."""
+    node = onnx.NodeProto()
+    node.CopyFrom(pieces[0].node)
+    for attribute in node.attribute:
+        if attribute.name == "N":
+            attribute.i = N
+    tensors = []
+    for parts in zip(*(piece.tensors for piece in pieces)):
+        joined = np.concatenate([numpy_helper.to_array(t) for t in parts], axis=0)
+        tensors.append(numpy_helper.from_array(joined, parts[0].name))
+    return QuantizedWeight(node, tensors)
+
+
+def _quantize_columns(W: np.ndarray, scheme: Scheme, name: str, dtype) -> QuantizedWeight:
     W = np.ascontiguousarray(W, dtype=dtype)
     graph = helper.make_graph([helper.make_node("MatMul", ["X", name], ["Y"], name=f"{name}/matmul")], "scratch",
                               [], [], [numpy_helper.from_array(W, name)])

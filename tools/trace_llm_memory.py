@@ -149,7 +149,7 @@ def install_quantized(tracer: Tracer) -> None:
     from onnx_fwlr.quant import ortquant
 
     tracer.wrap(quantized, "prepare")
-    tracer.wrap(quantized, "_measure_quantization", "pricing pass")
+    tracer.wrap(quantized, "_measure_quantization", "pricing (folded by the Fisher pass)")
     tracer.wrap(quantized, "_quantization_pass", "quantization's own pass (no Fisher pass here)")
     tracer.wrap(quantized, "_options", "quantize options")
     tracer.wrap(quantized, "_build", "fit attempt (build)")

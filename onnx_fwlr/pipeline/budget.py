@@ -100,18 +100,20 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
             target = ratio * sum(K * N for K, N in shapes)
-            if not _within(shapes, alloc.global_ranks(energies, shapes, target, multiple=multiple), target):
-                _say_fine_steps(ranks, multiple)
-                multiple = None
             chosen = alloc.global_ranks(energies, shapes, target, multiple=multiple)
+            if not _within(shapes, chosen, target):
+                _say_fine_steps(ranks, multiple)
+                chosen = alloc.global_ranks(energies, shapes, target)
             ranks.notes.update({i: "kept dense: global allocation found its components worth more loss than the "
                                    "parameters factorising would save" for i, r in zip(free, chosen) if r is None})
         else:
             target = ratio * sum(K * N for K, N in shapes)
-            if not _within(shapes, alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)[0], target):
+            uniform = alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)
+            if not _within(shapes, uniform[0], target):
                 _say_fine_steps(ranks, multiple)
                 multiple = None
-            chosen = _floored_uniform(ranks, free, shapes, ratio, multiple)
+                uniform = alloc.floored_uniform_ranks(shapes, ratio)
+            chosen = _floored_uniform(ranks, free, shapes, ratio, multiple, uniform)
     for i, r in zip(free, chosen):
         ranks[i] = r
     return ranks
@@ -165,11 +167,11 @@ def check_reachable(prepared: Prepared, budget: Budget) -> None:
                     f"already makes the model about {least:,} bytes; give at least that, or `exclude` sites.")
 
 
-def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float, multiple: int | None
+def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float, multiple: int | None, uniform
                      ) -> list[int | None]:
-    """Uniform ranks with the floor (alloc.floored_uniform_ranks); says in `choice` which sites it kept dense,
-    or that the budget is too small to keep them dense."""
-    chosen, floored = alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)
+    """Uniform ranks with the floor (`uniform`: alloc.floored_uniform_ranks at `multiple`); says in `choice` which
+    sites it kept dense, or that the budget is too small to keep them dense."""
+    chosen, floored = uniform
     floor = alloc.MIN_UNIFORM_RANK
     for j in floored:
         rank = alloc.uniform_ranks([shapes[j]], ratio, multiple)[0]

@@ -174,6 +174,9 @@ def _folded_gemm_bias(model, use: WeightUse, shift, dtype, graph, namer, base) -
     return name
 
 
+BIAS_CORRECTION = re.compile(r"/bias_correction(_\d+)?$")  # the names this rewrite gives shifts and their Adds
+
+
 def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outputs: set[str]) -> None:
     """Merge `y = Add(z, shift)` into a following `Add(y, bias)` whose bias is a [N] constant read only there.
 
@@ -186,7 +189,7 @@ def _fold_bias_corrections(model: onnx.ModelProto, graph: onnx.GraphProto, outpu
             readers.setdefault(name, []).append(node)
     drop, folded_shifts = set(), set()
     for node in graph.node:
-        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.name) or node.output[0] in outputs:
+        if node.op_type != "Add" or not BIAS_CORRECTION.search(node.name) or node.output[0] in outputs:
             continue
         following = readers.get(node.output[0], [])
         if len(following) != 1 or following[0].op_type != "Add":
@@ -216,7 +219,7 @@ def _share_bias_corrections(graph: onnx.GraphProto) -> None:
     first: dict[tuple, str] = {}
     dropped = set()
     for node in graph.node:
-        if node.op_type != "Add" or not re.search(r"/bias_correction(_\d+)?$", node.input[1]):
+        if node.op_type != "Add" or not BIAS_CORRECTION.search(node.input[1]):
             continue
         shift = constants.get(node.input[1])
         if shift is None or not shift.raw_data:

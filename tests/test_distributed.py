@@ -76,6 +76,24 @@ def test_a_named_spill_file_travels_as_its_path_and_says_when_it_is_not_there(tm
         pickle.dumps(SpillFile())
 
 
+def test_an_adopted_spill_file_loses_its_name_and_stays_readable(tmp_path):
+    """What a Ray driver does with a group task's spilled factors: the file's name goes at once (nothing left
+    to clean up), its bytes stay readable through the object, which now refuses to travel."""
+    import pickle
+
+    from onnx_fwlr.io.spill import SpillFile
+
+    written = SpillFile(path=tmp_path / "factors")
+    offset = written.append(np.arange(12, dtype=np.float32).reshape(3, 4))
+    written.close()
+    received = pickle.loads(pickle.dumps(written))
+    received.adopt()
+    assert list(tmp_path.iterdir()) == []
+    assert np.array_equal(received.read(offset, np.float32, (2, 4)), np.arange(8, dtype=np.float32).reshape(2, 4))
+    with pytest.raises(TypeError, match="anonymous"):
+        pickle.dumps(received)
+
+
 def test_local_shards_are_the_sum_of_calibrate_shard_files_merged_in_order(tmp_path):
     for i in range(3):
         assert main(["calibrate", str(MODEL), "--calib", str(CALIB), "--shard", f"{i}/3", "--quiet",
@@ -284,6 +302,10 @@ def _passes(tmp_path) -> list[str]:
     return [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("onnx-fwlr-pass-")]
 
 
+def _group_files(tmp_path) -> list[str]:
+    return [p.name for p in Path(tmp_path).iterdir() if p.name.startswith("onnx-fwlr-factors-")]
+
+
 @needs_ray
 @pytest.mark.parametrize("spill, recorded", [(False, True), (True, True), (False, False)],
                          ids=["recorded-kept", "recorded-spilled", "pass-per-group"])
@@ -292,11 +314,15 @@ def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypat
     folder and each group task folds its group's sums from it and decomposes the group (fold_unit); without a
     recording (recurrent sites) each group task runs its own pass (group_unit). Only decompositions and small
     sums come back; the bytes equal the local run's (one pass set aside and folded per group), decompositions
-    kept in memory or spilled; the recording is removed at the end."""
+    kept in memory or spilled (by the group tasks, each into a file this process adopts); the recording is
+    removed at the end."""
+    from onnx_fwlr.io.spill import SpillFile
     from onnx_fwlr.pipeline.distributed import RayGroupStatistics
 
-    if spill:  # in this process, where both runs keep their decompositions
+    if spill:  # in this process, which decides for both runs whether decompositions are spilled
         monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
+    adopted, adopt = [], SpillFile.adopt
+    monkeypatch.setattr(SpillFile, "adopt", lambda self: (adopted.append(self.path), adopt(self))[1])
     local, local_report = pipeline.compress(str(DECODER), **_decoder_options())
     assert local_report.calibration["groups"] > 2 and local_report.calibration["passes"] == 1
     made = []
@@ -318,6 +344,8 @@ def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypat
     assert report.calibration["groups"] == local_report.calibration["groups"]
     assert report.calibration["passes"] == (1 if recorded else report.calibration["groups"])
     assert on_ray.SerializeToString() == local.SerializeToString()
+    assert len(adopted) == (report.calibration["groups"] if spill else 0)  # one spill file per group task
+    assert all(Path(path).parent == Path(tempfile.gettempdir()) and not Path(path).exists() for path in adopted)
     made[0].close()
     assert _passes(tmp_path) == [] and (made[0].path is None) == (not recorded)
     assert made[0].path is None or (Path(made[0].path).parent == Path(shared or tempfile.gettempdir())
@@ -329,6 +357,7 @@ def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monke
     """The recording task and the first group task each kill their own worker: the recording is written again
     from the start (the file is emptied), the group folded again from it; the bytes are unchanged, and the
     recording is gone afterwards. A group task's own error removes it too."""
+    monkeypatch.setattr(decompose, "SPILL_BYTES", 0)  # each group task spills its factors into the shared folder
     expected, _ = pipeline.compress(str(DECODER), **_decoder_options())
     record_marker, fold_marker = tmp_path / "record_killed", tmp_path / "fold_killed"
     shared = tmp_path / "shared"
@@ -338,8 +367,12 @@ def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monke
         Path(job.path).write_bytes(b"partial" * 100_000)
         return distributed.record_unit(job)
 
+    def part_folded(job):
+        Path(job.spill_path).write_bytes(b"partial" * 100_000)
+        return distributed.fold_unit(job)
+
     monkeypatch.setattr(distributed, "record_unit", _dying_once(part_written, record_marker))
-    monkeypatch.setattr(distributed, "fold_unit", _dying_once(distributed.fold_unit, fold_marker))
+    monkeypatch.setattr(distributed, "fold_unit", _dying_once(part_folded, fold_marker))
     on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=str(shared)),
                                        **_decoder_options())
     assert on_ray.SerializeToString() == expected.SerializeToString() and report.calibration["passes"] == 1
@@ -348,15 +381,26 @@ def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monke
     import gc
 
     gc.collect()
-    assert _passes(shared) == []
+    assert _passes(shared) == [] and _group_files(shared) == []
 
-    def failing(job):
-        raise FwlrError("a group failed.")
+    def failing(job):  # the first group spills and comes back; the second writes part of its file and fails
+        if job.sites[0].weight != first_group[0]:
+            Path(job.spill_path).write_bytes(b"partial" * 100_000)
+            raise FwlrError("a group failed.")
+        return distributed.fold_unit(job)
 
+    first_group = []
+    original = distributed.RayGroupStatistics.decompose_groups
+
+    def noting_first_group(self, *args, **kwargs):
+        first_group.append(self.groups[0][0].weight)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.RayGroupStatistics, "decompose_groups", noting_first_group)
     monkeypatch.setattr(distributed, "fold_unit", failing)
     with pytest.raises(FwlrError, match="a group failed"):
         pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=str(shared)), **_decoder_options())
-    assert _passes(shared) == []
+    assert _passes(shared) == [] and _group_files(shared) == []
 
 
 @needs_ray

@@ -66,6 +66,17 @@ class SpillFile:
                 self._file.close()
                 self._file = None
 
+    def adopt(self) -> None:
+        """Open the named file in this process and remove its name: what was written stays readable through this
+        object, which from now on is an anonymous spill file (nothing left on disk to clean up, the space freed
+        when the last holder goes). For the process that reads it last: a Ray driver taking the factors a group
+        task spilled (pipeline.distributed)."""
+        with self._lock:
+            if self._file is None:
+                self._file = self._reopen()
+            path, self.path = self.path, None
+        os.remove(path)
+
     def _reopen(self):
         if self.path is None:
             raise OSError("an anonymous spill file was read after it was closed")

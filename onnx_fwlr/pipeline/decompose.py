@@ -61,7 +61,7 @@ def iter_decompositions(model, sites: list[Site], site_methods: dict[str, str], 
         # pass and its decompositions are one task, so no Gram ever reaches this process
         with tqdm(total=len(sites), desc="decompose (groups on Ray)", unit="site", disable=not progress,
                   leave=False) as bar:
-            for site, dec in stats.decompose_groups(sites, site_methods, executor):
+            for site, dec in stats.decompose_groups(sites, site_methods, executor, ranks):
                 bar.update()
                 yield site, dec
         return
@@ -280,14 +280,16 @@ class SpilledDecomposition(lowrank.Decomposition):
         return np.ascontiguousarray(At.T, dtype=np.float64), np.array(B, dtype=np.float64)
 
 
-def decompose_with_stats(model, sites: list[Site], site_methods: dict, stats, weighting: Weighting) -> list:
+def decompose_with_stats(model, sites: list[Site], site_methods: dict, stats, weighting: Weighting,
+                         spill: SpillFile | None = None) -> list:
     """Every site's exact decomposition from statistics held here, with its scalings, in site order: the jobs and
     function the local path runs (_JobPlanner, decompose_one), so a per-group task on a cluster hands back the
-    numbers the local run has (the caller spills them as the local run would)."""
+    numbers the local run has. `spill`: each is made a SpilledDecomposition there as soon as it is computed, as
+    the local run keeps a large model's (then only spectra stay in memory, and only they travel back)."""
     planner = _JobPlanner(model, sites, site_methods, stats, weighting, {}, "exact")
     results = []
     for i in range(len(sites)):
         dec = decompose_one(planner.job(i))
         dec.left, dec.right = planner.scalings_of(i)
-        results.append(dec)
+        results.append(dec if spill is None else SpilledDecomposition(dec, spill))
     return results

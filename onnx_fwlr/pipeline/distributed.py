@@ -410,21 +410,38 @@ class FoldJob:
     recording: object
     sites: list
     site_methods: dict
+    spill_path: str | None = None  # see group_decompositions
 
 
 def fold_unit(job: FoldJob):
-    """(the group's small sums, its sites' decompositions with their scalings, in site order), with no ONNX
-    Runtime session: the group's sums come from the recording, the weights from the model's file."""
+    """(the group's small sums, its sites' decompositions, in site order), with no ONNX Runtime session: the
+    group's sums come from the recording, the weights from the model's file."""
     from onnx_fwlr.io.model import load_model
-    from onnx_fwlr.pipeline.decompose import decompose_with_stats
-    from onnx_fwlr.pipeline.prepare import WEIGHTING
     from onnx_fwlr.stats.fisher import small_sums
     from onnx_fwlr.stats.store import Statistics
 
     model = load_model(job.model, copy=False)
     stats = job.recording.fold(job.sites, Statistics(job.fingerprint))
-    decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
-    return small_sums(stats), decompositions
+    return small_sums(stats), group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
+
+
+def group_decompositions(model, sites, site_methods, stats, spill_path: str | None) -> list:
+    """The group's decompositions: whole, with their scalings (they travel back through Ray's object store), or
+    with `spill_path` spilled as the local run spills a large model's (pipeline.decompose.SpilledDecomposition:
+    float32 factors) into that named file, which the driver then adopts; only spectra travel back. Through the
+    object store, the 1.1 B model's float64 factors and Cholesky scalings filled Ray's store and then the disk
+    it spilled to (OutOfDiskError)."""
+    from onnx_fwlr.io.spill import SpillFile
+    from onnx_fwlr.pipeline.decompose import decompose_with_stats
+    from onnx_fwlr.pipeline.prepare import WEIGHTING
+
+    if spill_path is None:
+        return decompose_with_stats(model, sites, site_methods, stats, WEIGHTING)
+    spill = SpillFile(path=spill_path)
+    try:
+        return decompose_with_stats(model, sites, site_methods, stats, WEIGHTING, spill=spill)
+    finally:
+        spill.close()  # what was written is visible to the driver, on any node (NFS: close-to-open)
 
 
 @dataclass(frozen=True)
@@ -437,30 +454,29 @@ class GroupJob:
     all_sites: list
     sites: list
     site_methods: dict
+    spill_path: str | None = None  # see group_decompositions
 
 
 def group_unit(job: GroupJob):
-    """(the group's small sums, its sites' decompositions with their scalings, in site order): the Grams never
-    leave the task."""
-    from onnx_fwlr.pipeline.decompose import decompose_with_stats
-    from onnx_fwlr.pipeline.prepare import WEIGHTING
+    """(the group's small sums, its sites' decompositions, in site order): the Grams never leave the task."""
     from onnx_fwlr.stats.fisher import collect_fisher_stats, small_sums
 
     model, batches = job.data.open()
     stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.data.mask_input, progress=False,
                                  fold_sites=job.sites, **(job.data.fisher_options or {}))
-    decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING)
-    return small_sums(stats), decompositions
+    return small_sums(stats), group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
 
 
 class RayGroupStatistics:
     """Gradient statistics measured group by group on a Ray cluster, where each group's sites are decomposed
     too (fold_unit, or group_unit without a recording): this process keeps the plan and, as each group comes
     back, its small sums (means, counts, Fisher diagonals) for bias correction and the report, never a Gram;
-    the decompositions (with their Cholesky scalings) arrive one group at a time and are spilled or kept exactly
-    as the local run's would be. They come from `decompose_groups` (pipeline.decompose.iter_decompositions asks
-    for them). With a recording, its file is removed when these statistics go (`close`, or at exit) and when a
-    group task fails."""
+    the decompositions arrive one group at a time, kept exactly as the local run's would be: on a large model
+    (pipeline.decompose.spill_needed) each group task spills its factors into a file of its own beside the
+    recording, and this process adopts the file (opens it and removes its name); otherwise whole, with their
+    Cholesky scalings, through Ray's object store. They come from `decompose_groups` (pipeline.decompose.
+    iter_decompositions asks for them). The recording's file, and any group's not yet adopted, are removed when
+    these statistics go (`close`, or at exit) and when a group task fails."""
 
     def __init__(self, model, sites, groups, data: PassData):
         from onnx_fwlr.stats.fisher import reachable_uses
@@ -478,7 +494,8 @@ class RayGroupStatistics:
         self.recording = None
         self.path = None  # the recorded pass's file
         self.placement = None  # Ray's task options for the recording's readers: its node, without a shared folder
-        self._remove = None
+        self._files: set[str] = set()  # the recording's and group tasks' files not yet removed or adopted
+        self._remove = weakref.finalize(self, _remove_files, self._files)  # also at exit, and after a failure
 
     def record(self, executor: Executor) -> None:
         """Run the one recorded pass as a task, into `executor.shared_dir` (every node reads it there) or else this
@@ -486,7 +503,7 @@ class RayGroupStatistics:
         ray = connect(executor)
         folder = os.path.abspath(executor.shared_dir) if executor.shared_dir else tempfile.gettempdir()
         self.path = path = os.path.join(folder, f"onnx-fwlr-pass-{uuid.uuid4().hex}")
-        self._remove = weakref.finalize(self, _remove_file, path)  # also at exit, and after a failed pass
+        self._files.add(path)
         if executor.shared_dir is None:
             self.placement = this_node(ray)
             nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -506,29 +523,59 @@ class RayGroupStatistics:
                           "set_aside_bytes": recording.file.size})
 
     def close(self) -> None:
-        """Remove the recorded pass's file (nothing to do without one, or when it is gone already)."""
-        if self._remove is not None:
-            self._remove()
+        """Remove the recorded pass's file and any group's not yet adopted (nothing to do when they are gone)."""
+        _remove_files(self._files)
 
-    def decompose_groups(self, sites, site_methods: dict, executor: Executor):
-        """(site, decomposition) for `sites` in their order, one task per group that holds any of them."""
+    def decompose_groups(self, sites, site_methods: dict, executor: Executor, ranks: dict | None = None):
+        """(site, decomposition) for `sites` in their order, one task per group that holds any of them. `ranks`
+        (weight -> rank or None, as iter_decompositions has them): when only whole spectra are asked for (what
+        is kept for later budgets) on a large model, the tasks spill the factors as the local run would."""
+        from onnx_fwlr.pipeline.decompose import spill_needed
+
         wanted = {site.weight for site in sites}
         indices = sorted({self.group_of[w] for w in wanted})
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
         methods = {g: {s.weight: site_methods[s.weight] for s in chosen[g]} for g in indices}
+        folder = self._group_folder(executor)
+        spill = folder is not None and spill_needed(self.all_sites) and not any((ranks or {}).values())
+        paths = {g: self._group_file(folder, g) if spill else None for g in indices}
         if self.recording is not None:
             fingerprint = self.sums.fingerprint
-            fn, jobs = fold_unit, (FoldJob(self.data.model, fingerprint, self.recording, chosen[g], methods[g])
-                                   for g in indices)
+            fn, jobs = fold_unit, (FoldJob(self.data.model, fingerprint, self.recording, chosen[g], methods[g],
+                                           paths[g]) for g in indices)
         else:
-            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g]) for g in indices)
+            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g], paths[g])
+                                    for g in indices)
         try:
             for g, (sums, decompositions) in zip(indices, ray_map(fn, jobs, executor, options=self.placement)):
                 self._add(sums)
+                if paths[g] is not None:
+                    self._adopt(paths[g], decompositions)
                 yield from zip(chosen[g], decompositions)
         except BaseException:
             self.close()
             raise
+
+    def _group_folder(self, executor: Executor) -> str | None:
+        """Where group tasks spill factors: the shared folder, or this machine's temporary folder when the tasks
+        run on this node (the recording's readers); None (Ray's object store) when tasks may run on any node
+        and there is no shared folder."""
+        if executor.shared_dir:
+            return os.path.abspath(executor.shared_dir)
+        return tempfile.gettempdir() if self.placement is not None else None
+
+    def _group_file(self, folder: str, group: int) -> str:
+        path = os.path.join(folder, f"onnx-fwlr-factors-{group}-{uuid.uuid4().hex}")
+        self._files.add(path)
+        return path
+
+    def _adopt(self, path: str, decompositions) -> None:
+        """Make the group's spill file this process's own (one SpillFile object, shared by the group's
+        decompositions as they were pickled together)."""
+        spills = {id(dec._spill): dec._spill for dec in decompositions}
+        for spill in spills.values():
+            spill.adopt()
+        self._files.discard(path)
 
     def _add(self, sums) -> None:
         import numpy as np
@@ -578,11 +625,13 @@ def this_node(ray) -> dict:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)}
 
 
-def _remove_file(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
+def _remove_files(paths: set) -> None:
+    for path in list(paths):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        paths.discard(path)
 
 
 def ray_grouped_statistics(source, model, sites, calibration, executor: Executor, groups, *, batch_size=32,

@@ -204,8 +204,9 @@ def site_decompositions(prepared: Prepared, ranks: list[int | None] | None, stor
             for stage, seconds in (("decompose", decomposing), ("calibrate", calibrating)):
                 prepared.timings[stage] = prepared.timings.get(stage, 0.0) + seconds
             if store:
-                if spill_needed(prepared.sites):  # spectra in memory, factors on disk (large models)
-                    dec = SpilledDecomposition(dec, _spill_file(prepared))
+                if spill_needed(prepared.sites) and not isinstance(dec, SpilledDecomposition):
+                    dec = SpilledDecomposition(dec, _spill_file(prepared))  # spectra in memory, factors on disk
+                    # (large models; a Ray group task spills its own: pipeline.distributed)
                 prepared.decompositions[site.weight] = dec
         elif store:
             dec = prepared.decompositions.get(site.weight)

@@ -115,6 +115,10 @@ CASES = [
     ("ratio-below-rank-one", ["compress", M, "-o", "out.onnx", "--ratio", "0.01", "--calib", "calib.npz"],
      "--ratio 0.01 is below what rank 1 on every factorised site keeps (1,098 of 84,480 parameters); give a "
      "--ratio of at least 0.013"),
+    ("sweep-ratio-below-rank-one", ["sweep", M, "-o", "swept", "--calib", "calib.npz", "--val", "test.npz",
+                                    "--ratios", "0.5,0.01"],
+     "--ratios entry 0.01 is below what rank 1 on every factorised site keeps (1,098 of 84,480 parameters); give "
+     "ratios of at least 0.013"),
     ("target-size-below-rank-one", ["compress", M, "-o", "out.onnx", "--target-size", "5000"],
      "rank 1 on every factorised site already makes the model about"),
 ]

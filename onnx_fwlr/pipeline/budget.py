@@ -152,19 +152,29 @@ def check_reachable(prepared: Prepared, budget: Budget) -> None:
     if not free:
         return
     ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
-    shapes = [(sites[i].K, sites[i].N) for i in free]
-    total = sum(K * N for K, N in shapes)
-    smallest = sum(alloc.site_params(K, N, alloc.clamp_rank(K, N, 1)) for K, N in shapes)
+    smallest, total = rank_one_params([sites[i] for i in free])
     if ratio >= 1 or smallest <= ratio * total * (1 + 1e-9):
         return
     if budget.ratio is not None:
-        least = math.ceil(smallest / total * 1e4) / 1e4
         raise FwlrError(f"`ratio` {budget.ratio} is below what rank 1 on every factorised site keeps ({smallest:,} of "
-                        f"{total:,} parameters); give a `ratio` of at least {least:g}, or `exclude` sites.")
+                        f"{total:,} parameters); give a `ratio` of at least {least_ratio(smallest, total):g}, or "
+                        "`exclude` sites.")
     _, _, itemsize = _size_terms(prepared, ranks, free)
     least = budget.target_size + math.ceil((smallest - ratio * total) * itemsize)
     raise FwlrError(f"`target_size` {budget.target_size:,} bytes is too small: rank 1 on every factorised site "
                     f"already makes the model about {least:,} bytes; give at least that, or `exclude` sites.")
+
+
+def rank_one_params(sites: list[Site]) -> tuple[int, int]:
+    """(parameters of rank 1 on every site, the sites' parameters): the least any ratio can keep."""
+    shapes = [(site.K, site.N) for site in sites]
+    return (sum(alloc.site_params(K, N, alloc.clamp_rank(K, N, 1)) for K, N in shapes),
+            sum(K * N for K, N in shapes))
+
+
+def least_ratio(smallest: int, total: int) -> float:
+    """The smallest ratio, rounded up to 4 decimals, that keeps `smallest` of `total` parameters."""
+    return math.ceil(smallest / total * 1e4) / 1e4
 
 
 def _floored_uniform(choice: RankChoice, free: list[int], shapes, ratio: float, multiple: int | None, uniform

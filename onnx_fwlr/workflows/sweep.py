@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
+from onnx_fwlr.pipeline.budget import least_ratio, rank_one_params
 from onnx_fwlr.pipeline.compress import METHODS, check_method
 from onnx_fwlr.pipeline.config import BudgetOptions, DataOptions, MethodOptions, RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
@@ -136,6 +137,7 @@ def sweep(
     sites, _ = find_all_sites(original, None, None, fisher=gradients)  # the sites compress finds
     if not sites:
         raise FwlrError("the model has no factorisable MatMul/Gemm weight; there is nothing to sweep.")
+    _check_ratios_reachable(ratios, sites)
     out.mkdir(exist_ok=True)
     result = SweepResult(skipped=skipped)
     stats = _sweep_statistics(original, sites, calibration, needed, batch_size, mask_input, progress,
@@ -163,6 +165,17 @@ def sweep(
     result.metric = frontier_metric(result.rows)
     mark_pareto(result.rows, result.metric)
     return result
+
+
+def _check_ratios_reachable(ratios: list[float], sites) -> None:
+    """Refuse, before any statistics, a ratio that rank 1 on every site already passes (each run would refuse
+    it after the calibration pass)."""
+    smallest, total = rank_one_params(sites)
+    low = [ratio for ratio in ratios if ratio < 1 and smallest > ratio * total * (1 + 1e-9)]
+    if low:
+        raise FwlrError(f"`ratios` entry {min(low):g} is below what rank 1 on every factorised site keeps "
+                        f"({smallest:,} of {total:,} parameters); give ratios of at least "
+                        f"{least_ratio(smallest, total):g}.")
 
 
 def _lowrank_rows(measure, original, configs, methods, ratios, stats, workers, progress, executor=None) -> None:

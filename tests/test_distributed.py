@@ -94,6 +94,30 @@ def test_an_adopted_spill_file_loses_its_name_and_stays_readable(tmp_path):
         pickle.dumps(received)
 
 
+def test_an_object_handed_over_through_a_file_comes_back_equal(tmp_path):
+    """What a Ray group task hands back through a file (io.spill.hand_over): the same arrays bit for bit, in
+    their order (C, Fortran, a transposed view), shared ones still shared, writable; the file's name gone once
+    taken; the part that travels on its own small."""
+    import pickle
+
+    from onnx_fwlr.io.spill import hand_over, take_over
+
+    rng = np.random.default_rng(0)
+    big, shared = rng.standard_normal((300, 70)), rng.standard_normal(5)
+    sent = {"c": big, "f": np.asfortranarray(big), "t": big.T, "shared": [shared, shared],
+            "i8": np.arange(3, dtype=np.int8), "empty": np.zeros((0, 4)), "scalar": np.float32(1.5)}
+    handed = hand_over(sent, str(tmp_path / "result"))
+    assert len(pickle.dumps(handed)) < 2_000 < big.nbytes
+    got = take_over(handed)
+    assert list(tmp_path.iterdir()) == []
+    for key in ("c", "f", "t", "i8", "empty"):
+        assert np.array_equal(got[key], sent[key]) and got[key].dtype == sent[key].dtype
+    assert got["f"].flags.f_contiguous and got["t"].flags.f_contiguous and got["scalar"] == np.float32(1.5)
+    assert got["shared"][0] is got["shared"][1]
+    got["c"][0, 0] = 7.0  # writable, as the local run's arrays are
+    assert got["c"][0, 0] == 7.0
+
+
 def test_local_shards_are_the_sum_of_calibrate_shard_files_merged_in_order(tmp_path):
     for i in range(3):
         assert main(["calibrate", str(MODEL), "--calib", str(CALIB), "--shard", f"{i}/3", "--quiet",
@@ -307,15 +331,19 @@ def _group_files(tmp_path) -> list[str]:
 
 
 @needs_ray
-@pytest.mark.parametrize("spill, recorded", [(False, True), (True, True), (False, False)],
-                         ids=["recorded-kept", "recorded-spilled", "pass-per-group"])
-def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, tmp_path, spill, recorded):
+@pytest.mark.parametrize("spill, recorded, allocation", [(False, True, "global"), (True, True, "global"),
+                                                        (False, False, "global"), (True, True, "uniform")],
+                         ids=["recorded-kept", "recorded-spilled", "pass-per-group", "recorded-handed-over"])
+def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypatch, tmp_path, spill, recorded,
+                                                          allocation):
     """Statistics that do not fit `stats_memory` together: on Ray one task records the Fisher pass in the shared
     folder and each group task folds its group's sums from it and decomposes the group (fold_unit); without a
     recording (recurrent sites) each group task runs its own pass (group_unit). Only decompositions and small
     sums come back; the bytes equal the local run's (one pass set aside and folded per group), decompositions
-    kept in memory or spilled (by the group tasks, each into a file this process adopts); the recording is
-    removed at the end."""
+    kept in memory or spilled (by the group tasks, each into a file this process adopts), or, with ranks known
+    before the decompositions (uniform allocation) on a large model, handed back whole through a file each; the
+    recording is removed at the end."""
+    from onnx_fwlr.io import spill as spill_module
     from onnx_fwlr.io.spill import SpillFile
     from onnx_fwlr.pipeline.distributed import RayGroupStatistics
 
@@ -323,7 +351,9 @@ def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypat
         monkeypatch.setattr(decompose, "SPILL_BYTES", 0)
     adopted, adopt = [], SpillFile.adopt
     monkeypatch.setattr(SpillFile, "adopt", lambda self: (adopted.append(self.path), adopt(self))[1])
-    local, local_report = pipeline.compress(str(DECODER), **_decoder_options())
+    taken, take_over = [], spill_module.take_over
+    monkeypatch.setattr(spill_module, "take_over", lambda handed: (taken.append(handed.path), take_over(handed))[1])
+    local, local_report = pipeline.compress(str(DECODER), **_decoder_options(allocation=allocation))
     assert local_report.calibration["groups"] > 2 and local_report.calibration["passes"] == 1
     made = []
     original = distributed.ray_grouped_statistics
@@ -337,15 +367,18 @@ def test_ray_per_group_units_give_the_local_grouped_model(ray_cluster, monkeypat
         monkeypatch.setattr(RayGroupStatistics, "record", lambda self, executor: None)
     shared = None if spill else str(tmp_path)  # None: this machine's temporary folder, tasks on this node
     on_ray, report = pipeline.compress(str(DECODER), executor=Executor("ray", shared_dir=shared),
-                                       **_decoder_options())
+                                       **_decoder_options(allocation=allocation))
     assert isinstance(made[0], RayGroupStatistics) and not made[0].sums.activations.get("gram")
     assert all("gram" not in sums for sums in made[0].sums.activations.values())  # no Gram reached the driver
     assert all("grad_gram" not in sums for sums in made[0].sums.gradients.values())
     assert report.calibration["groups"] == local_report.calibration["groups"]
     assert report.calibration["passes"] == (1 if recorded else report.calibration["groups"])
     assert on_ray.SerializeToString() == local.SerializeToString()
-    assert len(adopted) == (report.calibration["groups"] if spill else 0)  # one spill file per group task
-    assert all(Path(path).parent == Path(tempfile.gettempdir()) and not Path(path).exists() for path in adopted)
+    groups = report.calibration["groups"]
+    assert (len(adopted), len(taken)) == {(True, "global"): (groups, 0), (True, "uniform"): (0, groups)}.get(
+        (spill, allocation), (0, 0))  # one file per group task
+    assert all(Path(path).parent == Path(tempfile.gettempdir()) and not Path(path).exists()
+               for path in adopted + taken)
     made[0].close()
     assert _passes(tmp_path) == [] and (made[0].path is None) == (not recorded)
     assert made[0].path is None or (Path(made[0].path).parent == Path(shared or tempfile.gettempdir())

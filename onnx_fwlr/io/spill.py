@@ -3,9 +3,12 @@ up), or in a named file that other processes, on other machines of a cluster, re
 
 from __future__ import annotations
 
+import mmap
 import os
+import pickle
 import tempfile
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -96,3 +99,47 @@ class SpillFile:
         self.path, self._end = state["path"], state["end"]
         self._file = None  # opened on the first read
         self._lock = threading.Lock()
+
+
+# --- an object handed from one process to another through a named file -------------------------------------
+
+ALIGN = 64  # each array's bytes start at a multiple of this in the file
+
+
+@dataclass(frozen=True)
+class HandedOver:
+    """An object written to a named file by one process for another to take: its pickle (protocol 5) without
+    the arrays' bytes (small, travels on its own), and where each array's bytes lie in the file."""
+
+    path: str
+    head: bytes
+    spans: tuple[tuple[int, int], ...]
+
+
+def hand_over(obj, path: str) -> HandedOver:
+    """Write `obj`'s arrays to `path` (emptied first: a task run again starts afresh) and return what the
+    taker needs besides the file. The arrays are written as they are (float64 stays float64): the taker gets
+    the same numbers."""
+    buffers = []
+    head = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    spans = []
+    with open(path, "wb") as file:
+        for buffer in buffers:
+            raw = buffer.raw()
+            offset = -(-file.tell() // ALIGN) * ALIGN
+            file.seek(offset)
+            file.write(raw)
+            spans.append((offset, raw.nbytes))
+    return HandedOver(path, head, tuple(spans))
+
+
+def take_over(handed: HandedOver):
+    """The object handed over, its arrays backed by the file mapped copy-on-write (read as they are touched,
+    writable without changing the file); the file's name is removed at once, its space freed when the last
+    array goes."""
+    with open(handed.path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+    os.remove(handed.path)
+    view = memoryview(mapped)
+    return pickle.loads(handed.head, buffers=[view[offset:offset + size] for offset, size in handed.spans])

@@ -411,6 +411,7 @@ class FoldJob:
     sites: list
     site_methods: dict
     spill_path: str | None = None  # see group_decompositions
+    handover_path: str | None = None  # see handed_back
 
 
 def fold_unit(job: FoldJob):
@@ -422,7 +423,18 @@ def fold_unit(job: FoldJob):
 
     model = load_model(job.model, copy=False)
     stats = job.recording.fold(job.sites, Statistics(job.fingerprint))
-    return small_sums(stats), group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
+    decompositions = group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
+    return handed_back((small_sums(stats), decompositions), job.handover_path)
+
+
+def handed_back(result, handover_path: str | None):
+    """The unit's result as it travels back: itself, through Ray's object store, or with `handover_path` its
+    arrays written to that file (io.spill.hand_over: the same float64 numbers) and only the rest through the
+    store. For large models whose decompositions are not kept (ranks known before them: whole decompositions,
+    cut by the driver, where a spill cut at the rank in the task would not give the local bytes)."""
+    from onnx_fwlr.io.spill import hand_over
+
+    return result if handover_path is None else hand_over(result, handover_path)
 
 
 def group_decompositions(model, sites, site_methods, stats, spill_path: str | None) -> list:
@@ -455,6 +467,7 @@ class GroupJob:
     sites: list
     site_methods: dict
     spill_path: str | None = None  # see group_decompositions
+    handover_path: str | None = None  # see handed_back
 
 
 def group_unit(job: GroupJob):
@@ -464,7 +477,8 @@ def group_unit(job: GroupJob):
     model, batches = job.data.open()
     stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.data.mask_input, progress=False,
                                  fold_sites=job.sites, **(job.data.fisher_options or {}))
-    return small_sums(stats), group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
+    decompositions = group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
+    return handed_back((small_sums(stats), decompositions), job.handover_path)
 
 
 class RayGroupStatistics:
@@ -473,8 +487,9 @@ class RayGroupStatistics:
     back, its small sums (means, counts, Fisher diagonals) for bias correction and the report, never a Gram;
     the decompositions arrive one group at a time, kept exactly as the local run's would be: on a large model
     (pipeline.decompose.spill_needed) each group task spills its factors into a file of its own beside the
-    recording, and this process adopts the file (opens it and removes its name); otherwise whole, with their
-    Cholesky scalings, through Ray's object store. They come from `decompose_groups` (pipeline.decompose.
+    recording, and this process adopts the file (opens it and removes its name), or, when ranks are known
+    before the decompositions, hands them back whole through such a file (handed_back); on small models whole,
+    with their Cholesky scalings, through Ray's object store. They come from `decompose_groups` (pipeline.decompose.
     iter_decompositions asks for them). The recording's file, and any group's not yet adopted, are removed when
     these statistics go (`close`, or at exit) and when a group task fails."""
 
@@ -528,8 +543,10 @@ class RayGroupStatistics:
 
     def decompose_groups(self, sites, site_methods: dict, executor: Executor, ranks: dict | None = None):
         """(site, decomposition) for `sites` in their order, one task per group that holds any of them. `ranks`
-        (weight -> rank or None, as iter_decompositions has them): when only whole spectra are asked for (what
-        is kept for later budgets) on a large model, the tasks spill the factors as the local run would."""
+        (weight -> rank or None, as iter_decompositions has them): on a large model, when only whole spectra are
+        asked for (what is kept for later budgets) the tasks spill the factors as the local run would, and
+        otherwise hand the decompositions back through a file."""
+        from onnx_fwlr.io.spill import HandedOver, take_over
         from onnx_fwlr.pipeline.decompose import spill_needed
 
         wanted = {site.weight for site in sites}
@@ -537,20 +554,26 @@ class RayGroupStatistics:
         chosen = {g: [s for s in self.groups[g] if s.weight in wanted] for g in indices}
         methods = {g: {s.weight: site_methods[s.weight] for s in chosen[g]} for g in indices}
         folder = self._group_folder(executor)
-        spill = folder is not None and spill_needed(self.all_sites) and not any((ranks or {}).values())
-        paths = {g: self._group_file(folder, g) if spill else None for g in indices}
+        large = folder is not None and spill_needed(self.all_sites)
+        spill = large and not any((ranks or {}).values())
+        paths = {g: self._group_file(folder, g) if large else None for g in indices}
+        back = {g: (paths[g], None) if spill else (None, paths[g]) for g in indices}  # (spill, hand-over) path
         if self.recording is not None:
             fingerprint = self.sums.fingerprint
             fn, jobs = fold_unit, (FoldJob(self.data.model, fingerprint, self.recording, chosen[g], methods[g],
-                                           paths[g]) for g in indices)
+                                           *back[g]) for g in indices)
         else:
-            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g], paths[g])
+            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g], *back[g])
                                     for g in indices)
         try:
-            for g, (sums, decompositions) in zip(indices, ray_map(fn, jobs, executor, options=self.placement)):
+            for g, result in zip(indices, ray_map(fn, jobs, executor, options=self.placement)):
+                if isinstance(result, HandedOver):
+                    result = take_over(result)
+                sums, decompositions = result
                 self._add(sums)
-                if paths[g] is not None:
-                    self._adopt(paths[g], decompositions)
+                if spill:
+                    self._adopt(decompositions)
+                self._files.discard(paths[g])
                 yield from zip(chosen[g], decompositions)
         except BaseException:
             self.close()
@@ -569,13 +592,13 @@ class RayGroupStatistics:
         self._files.add(path)
         return path
 
-    def _adopt(self, path: str, decompositions) -> None:
+    @staticmethod
+    def _adopt(decompositions) -> None:
         """Make the group's spill file this process's own (one SpillFile object, shared by the group's
         decompositions as they were pickled together)."""
         spills = {id(dec._spill): dec._spill for dec in decompositions}
         for spill in spills.values():
             spill.adopt()
-        self._files.discard(path)
 
     def _add(self, sums) -> None:
         import numpy as np

@@ -87,7 +87,7 @@ def child(spec: dict) -> dict:
         limit = (spec["stats_memory"] or None) if spec["cpus"] else 1 << 40  # 0: the default (--per-group default)
         model, report = compress(spec["model"], ratio=0.8, method="kfac", calibration=spec["calib"],
                                  include=spec["include"], stats_memory=limit, workers=max(workers, 1),
-                                 executor=executor, progress=False)
+                                 executor=executor, allocation=spec.get("allocation"), progress=False)
         result["groups"] = report.calibration.get("groups")
         result["passes"] = report.calibration.get("passes")
         result["set_aside_bytes"] = report.calibration.get("set_aside_bytes")
@@ -207,6 +207,10 @@ def main() -> None:
                         help=f"configurations to run (default all): {', '.join(CONFIGS)}; with --per-group "
                              f"{', '.join(GROUP_CONFIGS)}")
     parser.add_argument("--object-store", default="256MB", help="each Ray cluster's object store (default 256MB)")
+    parser.add_argument("--allocation", choices=("global", "uniform"),
+                        help="with --per-group: the rank allocation (default kfac's own, global); uniform knows "
+                             "the ranks before the decompositions, so large models' group tasks hand theirs back "
+                             "through a file instead of spilling them")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per configuration (default 1800)")
     parser.add_argument("--max-tree-gb", type=float, default=12.0,
                         help="stop a configuration whose process tree's memory (anonymous pages, plus shared memory "
@@ -237,7 +241,7 @@ def main() -> None:
                 label, executor, cpus, shards = table[key]
                 spec = {"model": str(model), "calib": calib, "executor": executor, "cpus": cpus, "shards": shards,
                         "include": args.include, "object_store": parse_size(args.object_store),
-                        "stats_memory": group_memory(args.per_group),
+                        "stats_memory": group_memory(args.per_group), "allocation": args.allocation,
                         "shared_dir": args.ray_shared_dir if executor == "ray" else None}
                 load = os.getloadavg()[0]
                 row, why = run_child(spec, args.timeout, args.max_tree_gb * 2**30)
@@ -246,7 +250,8 @@ def main() -> None:
                     rows.append({"model": name, "configuration": label, "key": key, "failed": why, "load": load})
                     continue
                 row.update(model=name, configuration=label, key=key, samples=args.samples, include=args.include,
-                           stats_memory=args.per_group, load=load, load_after=os.getloadavg()[0])
+                           stats_memory=args.per_group, allocation=args.allocation or "default", load=load,
+                           load_after=os.getloadavg()[0])
                 rows.append(row)
                 ray_start = "-" if row["ray_start_s"] is None else f"{row['ray_start_s']:.1f} s"
                 print(f"{name:8} {label:28} {ray_start:>9} {row['calibrate_s']:>7.2f} s {row['decompose_s']:>7.2f} s "

@@ -269,6 +269,11 @@ class SpilledDecomposition(lowrank.Decomposition):
     def max_rank(self) -> int:
         return self._rank
 
+    @property
+    def spill(self) -> SpillFile:
+        """The file its factors are in."""
+        return self._spill
+
     def keep_components(self, rank: int) -> "SpilledDecomposition":
         return self
 

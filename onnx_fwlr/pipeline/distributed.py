@@ -438,7 +438,7 @@ def handed_back(result, handover_path: str | None):
 
 
 def group_decompositions(model, sites, site_methods, stats, spill_path: str | None) -> list:
-    """The group's decompositions: whole, with their scalings (they travel back through Ray's object store), or
+    """The group's decompositions: whole, with their scalings (handed_back says how they travel), or
     with `spill_path` spilled as the local run spills a large model's (pipeline.decompose.SpilledDecomposition:
     float32 factors) into that named file, which the driver then adopts; only spectra travel back. Through the
     object store, the 1.1 B model's float64 factors and Cholesky scalings filled Ray's store and then the disk
@@ -489,9 +489,9 @@ class RayGroupStatistics:
     (pipeline.decompose.spill_needed) each group task spills its factors into a file of its own beside the
     recording, and this process adopts the file (opens it and removes its name), or, when ranks are known
     before the decompositions, hands them back whole through such a file (handed_back); on small models whole,
-    with their Cholesky scalings, through Ray's object store. They come from `decompose_groups` (pipeline.decompose.
-    iter_decompositions asks for them). The recording's file, and any group's not yet adopted, are removed when
-    these statistics go (`close`, or at exit) and when a group task fails."""
+    with their Cholesky scalings, through Ray's object store. They come from `decompose_groups`
+    (pipeline.decompose.iter_decompositions asks for them). The recording's file, and any group's not yet
+    adopted, are removed when these statistics go (`close`, or at exit) and when a group task fails."""
 
     def __init__(self, model, sites, groups, data: PassData):
         from onnx_fwlr.stats.fisher import reachable_uses
@@ -596,7 +596,7 @@ class RayGroupStatistics:
     def _adopt(decompositions) -> None:
         """Make the group's spill file this process's own (one SpillFile object, shared by the group's
         decompositions as they were pickled together)."""
-        spills = {id(dec._spill): dec._spill for dec in decompositions}
+        spills = {id(dec.spill): dec.spill for dec in decompositions}
         for spill in spills.values():
             spill.adopt()
 

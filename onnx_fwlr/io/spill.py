@@ -138,8 +138,8 @@ def take_over(handed: HandedOver):
     writable without changing the file); the file's name is removed at once, its space freed when the last
     array goes."""
     with open(handed.path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        mapped = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY) if size else b""
+        file_size = os.fstat(file.fileno()).st_size
+        mapped = mmap.mmap(file.fileno(), file_size, access=mmap.ACCESS_COPY) if file_size else b""
     os.remove(handed.path)
     view = memoryview(mapped)
-    return pickle.loads(handed.head, buffers=[view[offset:offset + size] for offset, size in handed.spans])
+    return pickle.loads(handed.head, buffers=[view[offset:offset + length] for offset, length in handed.spans])

@@ -401,7 +401,7 @@ def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monke
         return distributed.record_unit(job)
 
     def part_folded(job):
-        Path(job.spill_path).write_bytes(b"partial" * 100_000)
+        Path(job.result_file).write_bytes(b"partial" * 100_000)
         return distributed.fold_unit(job)
 
     monkeypatch.setattr(distributed, "record_unit", _dying_once(part_written, record_marker))
@@ -418,7 +418,7 @@ def test_recorded_pass_survives_killed_workers_and_is_removed(ray_cluster, monke
 
     def failing(job):  # the first group spills and comes back; the second writes part of its file and fails
         if job.sites[0].weight != first_group[0]:
-            Path(job.spill_path).write_bytes(b"partial" * 100_000)
+            Path(job.result_file).write_bytes(b"partial" * 100_000)
             raise FwlrError("a group failed.")
         return distributed.fold_unit(job)
 

@@ -410,50 +410,43 @@ class FoldJob:
     recording: object
     sites: list
     site_methods: dict
-    spill_path: str | None = None  # see group_decompositions
-    handover_path: str | None = None  # see handed_back
+    result_file: str | None = None  # see group_result
+    spill: bool = False
 
 
 def fold_unit(job: FoldJob):
     """(the group's small sums, its sites' decompositions, in site order), with no ONNX Runtime session: the
     group's sums come from the recording, the weights from the model's file."""
     from onnx_fwlr.io.model import load_model
-    from onnx_fwlr.stats.fisher import small_sums
     from onnx_fwlr.stats.store import Statistics
 
     model = load_model(job.model, copy=False)
-    stats = job.recording.fold(job.sites, Statistics(job.fingerprint))
-    decompositions = group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
-    return handed_back((small_sums(stats), decompositions), job.handover_path)
+    return group_result(model, job, job.recording.fold(job.sites, Statistics(job.fingerprint)))
 
 
-def handed_back(result, handover_path: str | None):
-    """The unit's result as it travels back: itself, through Ray's object store, or with `handover_path` its
-    arrays written to that file (io.spill.hand_over: the same float64 numbers) and only the rest through the
-    store. For large models whose decompositions are not kept (ranks known before them: whole decompositions,
-    cut by the driver, where a spill cut at the rank in the task would not give the local bytes)."""
-    from onnx_fwlr.io.spill import hand_over
-
-    return result if handover_path is None else hand_over(result, handover_path)
-
-
-def group_decompositions(model, sites, site_methods, stats, spill_path: str | None) -> list:
-    """The group's decompositions: whole, with their scalings (handed_back says how they travel), or
-    with `spill_path` spilled as the local run spills a large model's (pipeline.decompose.SpilledDecomposition:
-    float32 factors) into that named file, which the driver then adopts; only spectra travel back. Through the
-    object store, the 1.1 B model's float64 factors and Cholesky scalings filled Ray's store and then the disk
-    it spilled to (OutOfDiskError)."""
-    from onnx_fwlr.io.spill import SpillFile
+def group_result(model, job, stats):
+    """(the group's small sums, its sites' decompositions) as they travel back to the driver. Without
+    `job.result_file`: whole decompositions with their scalings, through Ray's object store. With it, on a
+    large model: `job.spill` — each decomposition spilled into that file as the local run spills a large
+    model's (pipeline.decompose.SpilledDecomposition: float32 factors), which the driver then adopts, so only
+    spectra travel; else (ranks known before the decompositions: whole ones, cut by the driver, where a cut at
+    the rank in the task would not give the local bytes) the result's arrays written to that file as they are
+    (io.spill.hand_over) and only the rest through the store. Through the object store, the 1.1 B model's
+    float64 factors and Cholesky scalings filled Ray's store and then the disk it spilled to (OutOfDiskError)."""
+    from onnx_fwlr.io.spill import SpillFile, hand_over
     from onnx_fwlr.pipeline.decompose import decompose_with_stats
     from onnx_fwlr.pipeline.prepare import WEIGHTING
+    from onnx_fwlr.stats.fisher import small_sums
 
-    if spill_path is None:
-        return decompose_with_stats(model, sites, site_methods, stats, WEIGHTING)
-    spill = SpillFile(path=spill_path)
-    try:
-        return decompose_with_stats(model, sites, site_methods, stats, WEIGHTING, spill=spill)
-    finally:
-        spill.close()  # what was written is visible to the driver, on any node (NFS: close-to-open)
+    if job.spill:
+        spill = SpillFile(path=job.result_file)
+        try:
+            decompositions = decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING, spill=spill)
+        finally:
+            spill.close()  # what was written is visible to the driver, on any node (NFS: close-to-open)
+        return small_sums(stats), decompositions
+    result = (small_sums(stats), decompose_with_stats(model, job.sites, job.site_methods, stats, WEIGHTING))
+    return result if job.result_file is None else hand_over(result, job.result_file)
 
 
 @dataclass(frozen=True)
@@ -466,19 +459,18 @@ class GroupJob:
     all_sites: list
     sites: list
     site_methods: dict
-    spill_path: str | None = None  # see group_decompositions
-    handover_path: str | None = None  # see handed_back
+    result_file: str | None = None  # see group_result
+    spill: bool = False
 
 
 def group_unit(job: GroupJob):
     """(the group's small sums, its sites' decompositions, in site order): the Grams never leave the task."""
-    from onnx_fwlr.stats.fisher import collect_fisher_stats, small_sums
+    from onnx_fwlr.stats.fisher import collect_fisher_stats
 
     model, batches = job.data.open()
     stats = collect_fisher_stats(model, job.all_sites, batches, mask_input=job.data.mask_input, progress=False,
                                  fold_sites=job.sites, **(job.data.fisher_options or {}))
-    decompositions = group_decompositions(model, job.sites, job.site_methods, stats, job.spill_path)
-    return handed_back((small_sums(stats), decompositions), job.handover_path)
+    return group_result(model, job, stats)
 
 
 class RayGroupStatistics:
@@ -488,7 +480,7 @@ class RayGroupStatistics:
     the decompositions arrive one group at a time, kept exactly as the local run's would be: on a large model
     (pipeline.decompose.spill_needed) each group task spills its factors into a file of its own beside the
     recording, and this process adopts the file (opens it and removes its name), or, when ranks are known
-    before the decompositions, hands them back whole through such a file (handed_back); on small models whole,
+    before the decompositions, hands them back whole through such a file (group_result); on small models whole,
     with their Cholesky scalings, through Ray's object store. They come from `decompose_groups`
     (pipeline.decompose.iter_decompositions asks for them). The recording's file, and any group's not yet
     adopted, are removed when these statistics go (`close`, or at exit) and when a group task fails."""
@@ -557,13 +549,12 @@ class RayGroupStatistics:
         large = folder is not None and spill_needed(self.all_sites)
         spill = large and not any((ranks or {}).values())
         paths = {g: self._group_file(folder, g) if large else None for g in indices}
-        back = {g: (paths[g], None) if spill else (None, paths[g]) for g in indices}  # (spill, hand-over) path
         if self.recording is not None:
             fingerprint = self.sums.fingerprint
             fn, jobs = fold_unit, (FoldJob(self.data.model, fingerprint, self.recording, chosen[g], methods[g],
-                                           *back[g]) for g in indices)
+                                           paths[g], spill) for g in indices)
         else:
-            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g], *back[g])
+            fn, jobs = group_unit, (GroupJob(self.data, self.all_sites, chosen[g], methods[g], paths[g], spill)
                                     for g in indices)
         try:
             for g, result in zip(indices, ray_map(fn, jobs, executor, options=self.placement)):

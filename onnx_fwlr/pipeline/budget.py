@@ -88,6 +88,7 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
         chosen = [None] * len(free)  # only overrides were given: the other sites stay dense
     else:
         ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
+        target = ratio * sum(K * N for K, N in shapes)
         if ratio >= 1:
             chosen = [None] * len(free)
             ranks.notes.update({i: "" for i in free})  # the warning says why, once
@@ -99,7 +100,6 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
                                 "(inside subgraphs?): use `allocation` uniform or `exclude` them.")
             ensure_decompositions(prepared)  # global allocation compares whole spectra: exact SVDs
             energies = [prepared.decompositions[sites[i].weight].energy for i in free]
-            target = ratio * sum(K * N for K, N in shapes)
             chosen = alloc.global_ranks(energies, shapes, target, multiple=multiple)
             if not _within(shapes, chosen, target):
                 _say_fine_steps(ranks, multiple)
@@ -107,7 +107,6 @@ def choose_ranks(prepared: Prepared, budget: Budget, allocation: str,
             ranks.notes.update({i: "kept dense: global allocation found its components worth more loss than the "
                                    "parameters factorising would save" for i, r in zip(free, chosen) if r is None})
         else:
-            target = ratio * sum(K * N for K, N in shapes)
             uniform = alloc.floored_uniform_ranks(shapes, ratio, multiple=multiple)
             if not _within(shapes, uniform[0], target):
                 _say_fine_steps(ranks, multiple)
@@ -152,9 +151,10 @@ def check_reachable(prepared: Prepared, budget: Budget) -> None:
     if not free:
         return
     ratio = budget.ratio if budget.ratio is not None else ratio_for_size(prepared, budget.target_size, ranks, free)
-    smallest, total = rank_one_params([sites[i] for i in free])
-    if ratio >= 1 or smallest <= ratio * total * (1 + 1e-9):
+    short = rank_one_shortfall([sites[i] for i in free], ratio)
+    if short is None:
         return
+    smallest, total = short
     if budget.ratio is not None:
         raise FwlrError(f"`ratio` {budget.ratio} is below what rank 1 on every factorised site keeps ({smallest:,} of "
                         f"{total:,} parameters); give a `ratio` of at least {least_ratio(smallest, total):g}, or "
@@ -165,11 +165,14 @@ def check_reachable(prepared: Prepared, budget: Budget) -> None:
                     f"already makes the model about {least:,} bytes; give at least that, or `exclude` sites.")
 
 
-def rank_one_params(sites: list[Site]) -> tuple[int, int]:
-    """(parameters of rank 1 on every site, the sites' parameters): the least any ratio can keep."""
+def rank_one_shortfall(sites: list[Site], ratio: float) -> tuple[int, int] | None:
+    """(parameters of rank 1 on every site, the sites' parameters) when that keeps more than `ratio` of them
+    (no rank meets the ratio), else None."""
     shapes = [(site.K, site.N) for site in sites]
-    return (sum(alloc.site_params(K, N, alloc.clamp_rank(K, N, 1)) for K, N in shapes),
-            sum(K * N for K, N in shapes))
+    smallest = [alloc.clamp_rank(K, N, 1) for K, N in shapes]
+    if ratio >= 1 or _within(shapes, smallest, ratio * sum(K * N for K, N in shapes)):
+        return None
+    return sum(alloc.site_params(K, N, r) for (K, N), r in zip(shapes, smallest)), sum(K * N for K, N in shapes)
 
 
 def least_ratio(smallest: int, total: int) -> float:

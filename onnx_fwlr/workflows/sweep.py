@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from onnx_fwlr.errors import FwlrError
 from onnx_fwlr.io.data import open_data
 from onnx_fwlr.io.model import load_model, save_model
-from onnx_fwlr.pipeline.budget import least_ratio, rank_one_params
+from onnx_fwlr.pipeline.budget import least_ratio, rank_one_shortfall
 from onnx_fwlr.pipeline.compress import METHODS, check_method
 from onnx_fwlr.pipeline.config import BudgetOptions, DataOptions, MethodOptions, RunConfig
 from onnx_fwlr.pipeline.defaults import check_data_first
@@ -170,9 +170,9 @@ def sweep(
 def _check_ratios_reachable(ratios: list[float], sites) -> None:
     """Refuse, before any statistics, a ratio that rank 1 on every site already passes (each run would refuse
     it after the calibration pass)."""
-    smallest, total = rank_one_params(sites)
-    low = [ratio for ratio in ratios if ratio < 1 and smallest > ratio * total * (1 + 1e-9)]
+    low = [ratio for ratio in ratios if rank_one_shortfall(sites, ratio) is not None]
     if low:
+        smallest, total = rank_one_shortfall(sites, min(low))
         raise FwlrError(f"`ratios` entry {min(low):g} is below what rank 1 on every factorised site keeps "
                         f"({smallest:,} of {total:,} parameters); give ratios of at least "
                         f"{least_ratio(smallest, total):g}.")

@@ -256,16 +256,17 @@ def _check_declares(model, logits: str, role: str) -> None:
             model = onnx.load(os.fspath(model), load_external_data=False)
         except Exception:  # noqa: BLE001 - an unreadable model is reported by ONNX Runtime's loader, in one sentence
             return
-    names = [o.name for o in model.graph.output]
+    _require_output([o.name for o in model.graph.output], logits, role)
+
+
+def _require_output(names: list[str], logits: str, role: str) -> None:
     if logits not in names:
         raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
 
 
 def _session(model, role: str, logits: str, providers: Sequence[str]):
     session = runtime.make_session(model, runtime.session_options(arena=False), providers, role=f"{role} model")
-    names = [o.name for o in session.get_outputs()]
-    if logits not in names:
-        raise FwlrError(f"The {role} model has no output '{logits}'; name its logits output (outputs: {names}).")
+    _require_output([o.name for o in session.get_outputs()], logits, role)
     return session
 
 
